@@ -1,0 +1,1 @@
+"""Host-side tools: QEMU launch, console, QMP, CLI and the pytest plugin."""
