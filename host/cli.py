@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in the order they appear in --help.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("host.cli_demo",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("host.cli_demo", "host.cli_images")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import pytest
 
+# Linux guest fixtures (image build, VM factory) and the failure-report hook that attaches
+# guest console tails; imported here so pytest registers them with this plugin.
+from host.linux_fixtures import (  # noqa: F401
+    linux_guest_factory,
+    linux_image,
+    pytest_runtest_makereport,
+)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "qemu: needs qemu-system-x86_64")

@@ -1,0 +1,142 @@
+"""Slots per second through Skywalk TX and RX syncs (pure-Python kernel half).
+
+Two numbers per cell:
+  * sync: only the kernel half is timed (``Channel.sync``: prologue validation, per-slot
+    internalize/externalize, owner tracking, finalize; for TX it includes the device's
+    ``on_transmit`` freeing the packets).  Slots are staged outside the timed region.
+  * end-to-end: the user half too (``Channel.send`` of prepared frames, or the device's
+    ``packet_from_bytes`` + ``Port.deliver`` followed by ``Channel.recv``).
+
+Usage: python3 benchmarks/skywalk_sync.py [--seconds 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vdev.skywalk import Channel, Pbufpool, Port, SyncKind
+
+SIZES = (64, 1500)
+BATCHES = (1, 32, 256)
+RING_SLOTS = 1024  # RX releases come back one sync late: room for two batches of 256
+
+
+def _pool() -> Pbufpool:
+    return Pbufpool(num_packets=4096, buf_size=2048, max_frags=4, num_ring_slots=8192)
+
+
+def _stage_tx(ch: Channel, frame: bytes, batch: int) -> None:
+    ring = ch.tx_ring
+    for _ in range(batch):
+        pkt = ch.packet_alloc()
+        assert pkt is not None
+        ch.packet_write(pkt, frame)
+        s = ring.head
+        ch.slot_attach_packet(ring, s, pkt)
+        ring.head = ring.next(s)
+
+
+def tx_sync_rate(size: int, batch: int, seconds: float) -> float:
+    pool = _pool()
+    port = Port(pool, ring_slots=RING_SLOTS, on_transmit=lambda p, pk: pool.free_packets(pk))
+    ch = port.open_channel()
+    frame = b"\xab" * size
+    slots = 0
+    timed = 0.0
+    while timed < seconds:
+        _stage_tx(ch, frame, batch)
+        t0 = time.perf_counter()
+        ch.sync(SyncKind.TX)
+        timed += time.perf_counter() - t0
+        slots += batch
+    ch.close()
+    pool.close()
+    return slots / timed
+
+
+def tx_send_rate(size: int, batch: int, seconds: float) -> float:
+    pool = _pool()
+    port = Port(pool, ring_slots=RING_SLOTS, on_transmit=lambda p, pk: pool.free_packets(pk))
+    ch = port.open_channel()
+    frames = [b"\xab" * size] * batch
+    slots = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        slots += ch.send(frames)
+    rate = slots / (time.perf_counter() - t0)
+    ch.close()
+    pool.close()
+    return rate
+
+
+def rx_sync_rate(size: int, batch: int, seconds: float) -> float:
+    pool = _pool()
+    port = Port(pool, ring_slots=RING_SLOTS)
+    ch = port.open_channel()
+    frame = b"\xcd" * size
+    ring = ch.rx_ring
+    slots = 0
+    timed = 0.0
+    while timed < seconds:
+        pkts = [pool.packet_from_bytes(frame) for _ in range(batch)]
+        assert port.deliver([p for p in pkts if p is not None]) == batch
+        t0 = time.perf_counter()
+        ch.sync(SyncKind.RX)
+        timed += time.perf_counter() - t0
+        # User half (untimed): detach, release, return packets through the FREE ring.
+        s = ring.head
+        while s != ring.tail:
+            pkt = ch.slot_get_packet(ring, s)
+            assert pkt is not None
+            ch.slot_detach_packet(ring, s, pkt)
+            ch.packet_free(pkt)
+            s = ring.next(s)
+        ring.head = s
+        ch.sync(SyncKind.FREE)
+        slots += batch
+    ch.close()
+    pool.close()
+    return slots / timed
+
+
+def rx_recv_rate(size: int, batch: int, seconds: float) -> float:
+    pool = _pool()
+    port = Port(pool, ring_slots=RING_SLOTS)
+    ch = port.open_channel()
+    frame = b"\xcd" * size
+    slots = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pkts = [pool.packet_from_bytes(frame) for _ in range(batch)]
+        port.deliver([p for p in pkts if p is not None])
+        slots += len(ch.recv(max=batch))
+    rate = slots / (time.perf_counter() - t0)
+    ch.close()
+    pool.close()
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=0.5, help="time per cell")
+    args = ap.parse_args()
+    print("| direction | bytes | batch | sync slots/s | end-to-end slots/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, sync_fn, e2e_fn in (
+        ("TX", tx_sync_rate, tx_send_rate),
+        ("RX", rx_sync_rate, rx_recv_rate),
+    ):
+        for size in SIZES:
+            for batch in BATCHES:
+                a = sync_fn(size, batch, args.seconds)
+                b = e2e_fn(size, batch, args.seconds)
+                print(f"| {name} | {size} | {batch} | {a:,.0f} | {b:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

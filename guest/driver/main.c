@@ -1,0 +1,619 @@
+/*
+ * kmain: boot, command line, and the serial command interpreter.
+ *
+ * Every command's reply ends with exactly one status line starting with
+ * "OK " or "ERR "; everything before it is informational (key=value lines
+ * for `stats`, "! ..." lines for violations).  Then the prompt "vdev> ".
+ */
+#include "driver.h"
+
+#define ETHERTYPE_VDEV 0x88b5            /* IEEE local experimental */
+#define MAX_ARGS 8
+
+static uint64_t boot_tsc;
+static uint8_t bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+
+static void put_mac(const uint8_t *m)
+{
+    kprintf("%02x:%02x:%02x:%02x:%02x:%02x", m[0], m[1], m[2], m[3], m[4], m[5]);
+}
+
+/* ---- command line: "key=value" words; others are ignored ---- */
+static int apply_opt(const char *w)
+{
+    uint32_t v;
+    if (streq(w, "legacy"))
+        net_opts.force = FORCE_LEGACY;
+    else if (streq(w, "modern"))
+        net_opts.force = FORCE_MODERN;
+    else if (streq(w, "mmio"))
+        net_opts.force = FORCE_MMIO;
+    else if (!memcmp(w, "transport=", 10)) {
+        w += 10;
+        if (streq(w, "legacy"))
+            net_opts.force = FORCE_LEGACY;
+        else if (streq(w, "modern"))
+            net_opts.force = FORCE_MODERN;
+        else if (streq(w, "mmio"))
+            net_opts.force = FORCE_MMIO;
+        else if (streq(w, "auto"))
+            net_opts.force = FORCE_AUTO;
+        else
+            return -1;
+    } else if (!memcmp(w, "event_idx=", 10) && !parse_uint(w + 10, &v) && v <= 1)
+        net_opts.event_idx = (int)v;
+    else if (!memcmp(w, "mrg_rxbuf=", 10) && !parse_uint(w + 10, &v) && v <= 1)
+        net_opts.mrg_rxbuf = (int)v;
+    else if (!memcmp(w, "qsize=", 6) && !parse_uint(w + 6, &v) && v >= 2 && v <= VQ_MAX)
+        net_opts.qsize = v;
+    else
+        return -1;
+    return 0;
+}
+
+static int split(char *s, char **argv)
+{
+    int n = 0;
+    while (*s && n < MAX_ARGS) {
+        while (*s == ' ' || *s == '\t')
+            *s++ = 0;
+        if (!*s)
+            break;
+        argv[n++] = s;
+        while (*s && *s != ' ' && *s != '\t')
+            s++;
+    }
+    while (*s == ' ' || *s == '\t')
+        *s++ = 0;
+    return n;
+}
+
+static char cmdline[512];
+
+static void parse_boot_cmdline(uint32_t magic, uint32_t info)
+{
+    const char *src = NULL;
+    if (magic == 0x2BADB002 && info) {
+        /* Multiboot info: flags bit 2 => cmdline (physical address) at +16. */
+        if (*(uint32_t *)(uintptr_t)info & 4)
+            src = (const char *)(uintptr_t) * (uint32_t *)(uintptr_t)(info + 16);
+    } else if (magic == 0x336ec578 && info && *(uint32_t *)(uintptr_t)info == 0x336ec578) {
+        /* hvm_start_info: cmdline_paddr (u64) at +24. */
+        src = (const char *)(uintptr_t) * (uint32_t *)(uintptr_t)(info + 24);
+    }
+    if (!src)
+        return;
+    size_t i = 0;
+    for (; src[i] && i + 1 < sizeof(cmdline); i++)
+        cmdline[i] = src[i];
+    cmdline[i] = 0;
+    char copy[512];
+    memcpy(copy, cmdline, i + 1);
+    char *argv[MAX_ARGS];
+    int n = split(copy, argv);
+    for (int k = 0; k < n; k++)
+        apply_opt(argv[k]);
+}
+
+/* ---- frame pattern shared with the host tests ----
+ * dst(6) src(6) type 0x88b5 | "VDEV" seq(le32) size(le32) | byte[o] = seq + o */
+static uint8_t frame_byte(uint32_t o, uint32_t seq, uint32_t size, const uint8_t *dst)
+{
+    if (o < 6)
+        return dst[o];
+    if (o < 12)
+        return vdev_info.mac[o - 6];
+    if (o == 12)
+        return ETHERTYPE_VDEV >> 8;
+    if (o == 13)
+        return ETHERTYPE_VDEV & 0xff;
+    if (o < 18)
+        return (uint8_t)"VDEV"[o - 14];
+    if (o < 22)
+        return (uint8_t)(seq >> (8 * (o - 18)));
+    if (o < 26)
+        return (uint8_t)(size >> (8 * (o - 22)));
+    return (uint8_t)(seq + o);
+}
+
+/* Walk a packet's buflets: calls fn(data, len, offset) per segment. */
+#define FOR_EACH_SEG(pk, bl, data, off)                                                          \
+    for (struct sk_buflet *bl = &(pk)->buf0; bl; bl = (bl->next_idx < POOL_BUFLETS ? buflet_at(bl->next_idx) : NULL)) \
+        for (uint8_t *data = buf_addr(bl->buf_idx) + bl->doff; data; data = NULL)
+
+static void fill_frame(uint32_t p, uint32_t size, uint32_t seq, const uint8_t *dst)
+{
+    struct sk_packet *pk = pkt_md(p);
+    uint32_t off = 0;
+    FOR_EACH_SEG(pk, bl, data, off)
+    {
+        uint32_t room = bl->dlim - bl->doff, n = size - off < room ? size - off : room;
+        for (uint32_t i = 0; i < n; i++)
+            data[i] = frame_byte(off + i, seq, size, dst);
+        bl->dlen = n;
+        off += n;
+    }
+    sk_packet_finalize(p);
+}
+
+/* 1 if a pattern frame is intact, 0 if it is not ours, -1 if ours but bad. */
+static int check_frame(uint32_t p)
+{
+    struct sk_packet *pk = pkt_md(p);
+    uint8_t *d = sk_packet_data(p);
+    if (pk->buf0.dlen < 26 || d[12] != (ETHERTYPE_VDEV >> 8) || d[13] != (ETHERTYPE_VDEV & 0xff) ||
+        memcmp(d + 14, "VDEV", 4))
+        return 0;
+    uint32_t seq = (uint32_t)d[18] | (uint32_t)d[19] << 8 | (uint32_t)d[20] << 16 | (uint32_t)d[21] << 24;
+    uint32_t size = (uint32_t)d[22] | (uint32_t)d[23] << 8 | (uint32_t)d[24] << 16 | (uint32_t)d[25] << 24;
+    if (size != pk->len)
+        return -1;
+    uint32_t off = 0;
+    FOR_EACH_SEG(pk, bl, data, off)
+    {
+        for (uint32_t i = 0; i < bl->dlen; i++) {
+            uint32_t o = off + i;
+            if (o >= 26 && data[i] != (uint8_t)(seq + o))
+                return -1;
+        }
+        off += bl->dlen;
+    }
+    return 1;
+}
+
+/* Called when a wait loop made no progress.  Under TCG a vCPU spinning on
+ * RAM alone can keep QEMU's I/O thread from delivering packets (seen on
+ * microvm); one device register access per round lets it run. */
+static void idle_poll(void)
+{
+    (void)inb(0x3f8 + 5);
+}
+
+static int need_dev(void)
+{
+    if (!net_ready()) {
+        kputs("ERR no device\n");
+        return 0;
+    }
+    return 1;
+}
+
+static int arg_u32(int argc, char **argv, int i, uint32_t def, uint32_t *out)
+{
+    if (i >= argc) {
+        *out = def;
+        return 0;
+    }
+    return parse_uint(argv[i], out);
+}
+
+/* tx COUNT SIZE [BATCH] [DSTMAC] */
+static void cmd_tx(int argc, char **argv)
+{
+    uint32_t count, size, batch;
+    uint8_t dst[6];
+    memcpy(dst, bcast, 6);
+    if (argc < 3 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 0, &size) ||
+        arg_u32(argc, argv, 3, 32, &batch) || (argc > 4 && parse_mac(argv[4], dst))) {
+        kputs("ERR usage: tx COUNT SIZE [BATCH] [DSTMAC]\n");
+        return;
+    }
+    uint32_t max_size = POOL_MAX_FRAGS * POOL_BUF_SIZE - POOL_HEADROOM;
+    if (size < 14 || size > max_size || batch == 0) {
+        kprintf("ERR tx bad size %u (14..%u) or batch %u\n", size, max_size, batch);
+        return;
+    }
+    if (!need_dev())
+        return;
+    struct sk_ring *r = vdev_tx_ring_p;
+    uint64_t p0 = vdev_stats.tx_packets, b0 = vdev_stats.tx_bytes;
+    uint32_t queued = 0, seq = 0;
+    uint64_t stall = time_deadline(5000);
+    while (queued < count) {
+        uint32_t n = sk_available_slot_count(r);
+        if (n > batch)
+            n = batch;
+        if (n > count - queued)
+            n = count - queued;
+        struct sk_slot *prev = NULL, *s;
+        uint32_t done = 0;
+        for (; done < n; done++) {
+            s = sk_get_next_slot(r, prev);
+            uint32_t p;
+            if (!s || sk_packet_alloc(&p, size))
+                break;
+            fill_frame(p, size, seq++, dst);
+            sk_slot_attach_packet(r, s, p);
+            prev = s;
+        }
+        if (prev)
+            sk_advance_slot(r, prev);
+        queued += done;
+        int rc = sk_sync(r);
+        if (rc == -1 && !net_ready()) {
+            kputs("ERR tx device lost\n");
+            return;
+        }
+        if (done)
+            stall = time_deadline(5000);
+        else if (time_expired(stall)) {
+            kprintf("ERR tx stalled sent=%llu queued=%u\n", vdev_stats.tx_packets - p0, queued);
+            return;
+        }
+    }
+    /* Drain: wait until the device has used every posted chain. */
+    uint64_t dl = time_deadline(5000);
+    while (sk_pending(r) || net_tx_in_flight()) {
+        sk_sync(r);
+        if (time_expired(dl)) {
+            kprintf("ERR tx drain timeout sent=%llu in_flight=%u\n", vdev_stats.tx_packets - p0,
+                    net_tx_in_flight());
+            return;
+        }
+    }
+    kprintf("OK tx sent=%llu bytes=%llu\n", vdev_stats.tx_packets - p0, vdev_stats.tx_bytes - b0);
+}
+
+/* rx COUNT [TIMEOUT_MS] */
+static void cmd_rx(int argc, char **argv)
+{
+    uint32_t count, tmo;
+    if (argc < 2 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 5000, &tmo)) {
+        kputs("ERR usage: rx COUNT [TIMEOUT_MS]\n");
+        return;
+    }
+    if (!need_dev())
+        return;
+    struct sk_ring *r = vdev_rx_ring_p;
+    uint32_t got = 0, bad = 0, ours = 0, minl = 0xffffffffu, maxl = 0;
+    uint64_t bytes = 0, dl = time_deadline(tmo);
+    while (got < count) {
+        sk_sync(r);
+        struct sk_slot *prev = NULL, *s;
+        while (got < count && (s = sk_get_next_slot(r, prev)) != NULL) {
+            uint32_t p = sk_slot_get_packet(r, s);
+            if (p != SK_NO_INDEX) {
+                uint32_t len = pkt_md(p)->len;
+                int c = check_frame(p);
+                ours += c != 0;
+                bad += c < 0;
+                bytes += len;
+                minl = len < minl ? len : minl;
+                maxl = len > maxl ? len : maxl;
+                got++;
+            }
+            prev = s;
+        }
+        if (prev)
+            sk_advance_slot(r, prev);
+        if (got < count && time_expired(dl))
+            break;
+        idle_poll();
+    }
+    sk_sync(r);                          /* release what we consumed */
+    if (!got)
+        minl = 0;
+    kprintf("%s rx %sreceived=%u bytes=%llu pattern=%u bad=%u min=%u max=%u\n",
+            got == count ? "OK" : "ERR", got == count ? "" : "timeout ", got, bytes, ours, bad,
+            minl, maxl);
+}
+
+/* echo [COUNT] [TIMEOUT_MS]: zero-copy reflect (RX slot -> TX slot), MACs swapped. */
+static void cmd_echo(int argc, char **argv)
+{
+    uint32_t count, tmo;
+    if (arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, count ? 10000 : 0, &tmo)) {
+        kputs("ERR usage: echo [COUNT] [TIMEOUT_MS]\n");
+        return;
+    }
+    if (!need_dev())
+        return;
+    struct sk_ring *rx = vdev_rx_ring_p, *tx = vdev_tx_ring_p;
+    uint32_t echoed = 0;
+    uint64_t bytes = 0, dl = time_deadline(tmo);
+    const char *why = "count";
+    for (;;) {
+        if (count && echoed >= count)
+            break;
+        if (tmo && time_expired(dl)) {
+            why = "timeout";
+            break;
+        }
+        if (!count && serial_getc() >= 0) {
+            why = "key";
+            break;
+        }
+        sk_sync(rx);
+        struct sk_slot *prev = NULL, *s, *tprev = NULL;
+        while ((!count || echoed < count) && (s = sk_get_next_slot(rx, prev)) != NULL) {
+            struct sk_slot *ts = sk_get_next_slot(tx, tprev);
+            if (!ts)
+                break;                   /* TX ring full: leave the rest for later */
+            uint32_t p = sk_slot_detach_packet(rx, s);
+            prev = s;
+            if (p == SK_NO_INDEX)
+                continue;
+            uint8_t *d = sk_packet_data(p), tmp[6];
+            if (pkt_md(p)->buf0.dlen >= 12) {
+                memcpy(tmp, d, 6);
+                memcpy(d, d + 6, 6);
+                memcpy(d + 6, tmp, 6);
+            }
+            pkt_md(p)->pflags &= (uint16_t)~SK_PKT_VNET_HDR;
+            bytes += pkt_md(p)->len;
+            if (sk_slot_attach_packet(tx, ts, p)) {
+                sk_packet_free(p);
+                continue;
+            }
+            tprev = ts;
+            echoed++;
+        }
+        if (prev)
+            sk_advance_slot(rx, prev);
+        if (tprev)
+            sk_advance_slot(tx, tprev);
+        sk_sync(tx);
+    }
+    uint64_t d2 = time_deadline(2000);
+    while ((sk_pending(tx) || net_tx_in_flight()) && !time_expired(d2))
+        sk_sync(tx);
+    sk_sync(rx);
+    kprintf("%s echo %sechoed=%u bytes=%llu stop=%s\n", (count && echoed < count) ? "ERR" : "OK",
+            (count && echoed < count) ? "timeout " : "", echoed, bytes, why);
+}
+
+#define STAT(name) kprintf(#name "=%llu\n", (uint64_t)vdev_stats.name)
+static void cmd_stats(void)
+{
+    pool_update_gauges();
+    STAT(tx_packets);
+    STAT(tx_bytes);
+    STAT(tx_completions);
+    STAT(tx_syncs);
+    STAT(tx_kicks);
+    STAT(tx_kicks_suppressed);
+    STAT(tx_bad_packets);
+    STAT(tx_ring_full);
+    STAT(rx_packets);
+    STAT(rx_bytes);
+    STAT(rx_buffers);
+    STAT(rx_syncs);
+    STAT(rx_kicks);
+    STAT(rx_kicks_suppressed);
+    STAT(rx_refills);
+    STAT(rx_dropped);
+    STAT(alloc_failures);
+    STAT(resets);
+    STAT(recoveries);
+    STAT(viol_used_id_range);
+    STAT(viol_used_id_not_outstanding);
+    STAT(viol_used_len);
+    STAT(viol_double_completion);
+    STAT(viol_used_idx_jump);
+    STAT(viol_num_buffers);
+    STAT(viol_device_needs_reset);
+    STAT(violations);
+    STAT(pool_packets_in_use);
+    STAT(pool_buflets_in_use);
+    STAT(pool_bufs_in_use);
+    kprintf("tx_ring_head=%u tx_ring_khead=%u tx_ring_tail=%u rx_ring_head=%u rx_ring_khead=%u rx_ring_tail=%u\n",
+            vdev_tx_ring_p->ring_head, vdev_tx_ring_p->ring_khead, vdev_tx_ring_p->ring_tail,
+            vdev_rx_ring_p->ring_head, vdev_rx_ring_p->ring_khead, vdev_rx_ring_p->ring_tail);
+    kprintf("OK stats tx_packets=%llu rx_packets=%llu violations=%llu\n", vdev_stats.tx_packets,
+            vdev_stats.rx_packets, vdev_stats.violations);
+}
+
+static void print_features_line(const char *what)
+{
+    kprintf("OK %s transport=%s device=0x%llx driver=0x%llx event_idx=%u mrg_rxbuf=%u hdr_len=%u "
+            "rx_qsize=%u tx_qsize=%u mac=",
+            what, vt_name(), vdev_info.device_features, vdev_info.driver_features,
+            (uint32_t)(vdev_info.driver_features >> VIRTIO_RING_F_EVENT_IDX) & 1,
+            (uint32_t)(vdev_info.driver_features >> VIRTIO_NET_F_MRG_RXBUF) & 1, vdev_info.hdr_len,
+            vdev_info.rx_qsize, vdev_info.tx_qsize);
+    put_mac(vdev_info.mac);
+    kputs("\n");
+}
+
+/* features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N]: renegotiates on change. */
+static void cmd_features(int argc, char **argv)
+{
+    int force = net_opts.force;
+    for (int i = 1; i < argc; i++) {
+        if (apply_opt(argv[i])) {
+            kprintf("ERR features bad option '%s'\n", argv[i]);
+            return;
+        }
+    }
+    if (net_opts.force != force) {
+        kputs("ERR features transport can only be chosen at boot\n");
+        net_opts.force = force;
+        return;
+    }
+    vdev_info.event_idx = (uint32_t)net_opts.event_idx;
+    vdev_info.mrg_rxbuf = (uint32_t)net_opts.mrg_rxbuf;
+    if (argc > 1 && net_restart(0)) {
+        kputs("ERR features renegotiation failed\n");
+        return;
+    }
+    if (!need_dev())
+        return;
+    print_features_line("features");
+}
+
+/* inject KIND: play a misbehaving device by writing a bogus used entry into
+ * the RX used ring (only safe while no frames are arriving), so recovery can
+ * be tested against a well-behaved backend.  The next sync must detect it,
+ * count it by name and reset the device. */
+static void cmd_inject(int argc, char **argv)
+{
+    struct vq *q = &vdev_rxq;
+    if (argc < 2) {
+        kputs("ERR usage: inject id_range|not_outstanding|len|double|jump|num_buffers\n");
+        return;
+    }
+    if (!need_dev())
+        return;
+    uint16_t idx = q->used->idx, size = q->size;
+    uint32_t id = 0, len = 64;
+    /* A posted head on the RX queue: every buffer there is one descriptor. */
+    for (uint32_t i = 0; i < size; i++)
+        if (q->state[i] == 1) {
+            id = i;
+            break;
+        }
+    int n = 1;
+    struct sk_ring *ring = vdev_rx_ring_p;
+    /* The first entry must look like a sane frame so the later check fires. */
+    struct virtio_net_hdr_mrg *h = (struct virtio_net_hdr_mrg *)buf_addr(q->token[id]);
+    memset(h, 0, sizeof(*h));
+    h->num_buffers = 1;
+    if (streq(argv[1], "id_range"))
+        id = size + 7u;
+    else if (streq(argv[1], "len"))
+        len = POOL_BUF_SIZE + 1;
+    else if (streq(argv[1], "double"))
+        n = 2;
+    else if (streq(argv[1], "jump"))
+        n = q->in_flight + 1 > 0xffff ? 0xffff : q->in_flight + 1;
+    else if (streq(argv[1], "num_buffers"))
+        h->num_buffers = 200;
+    else if (streq(argv[1], "not_outstanding")) {
+        /* On the TX queue: add one chain without publishing it (the device
+         * never sees it, so in_flight is 1 deterministically), then complete
+         * a descriptor that was never posted. */
+        uint32_t p;
+        q = &vdev_txq;
+        ring = vdev_tx_ring_p;
+        size = q->size;
+        idx = q->used->idx;
+        if (sk_packet_alloc(&p, 60)) {
+            kputs("ERR inject no packet\n");
+            return;
+        }
+        struct vq_seg seg = {(uint32_t)(uintptr_t)sk_packet_data(p), 60, 0};
+        if (vq_add(q, &seg, 1, p) < 0) {
+            sk_packet_free(p);
+            kputs("ERR inject txq full\n");
+            return;
+        }
+        id = q->free_head;
+        len = 0;
+    } else {
+        kprintf("ERR inject unknown kind '%s'\n", argv[1]);
+        return;
+    }
+    for (int k = 0; k < n && k < 2; k++) {
+        q->used_ring[(uint16_t)(idx + k) % size].id = id;
+        q->used_ring[(uint16_t)(idx + k) % size].len = len;
+    }
+    barrier();
+    q->used->idx = (uint16_t)(idx + n);
+    uint64_t v0 = vdev_stats.violations, r0 = vdev_stats.recoveries;
+    sk_sync(ring);
+    kprintf("%s inject kind=%s violations=%llu recoveries=%llu\n",
+            vdev_stats.violations > v0 && vdev_stats.recoveries > r0 && net_ready() ? "OK" : "ERR",
+            argv[1], vdev_stats.violations - v0, vdev_stats.recoveries - r0);
+}
+
+static void handle(char *line)
+{
+    char *argv[MAX_ARGS];
+    int argc = split(line, argv);
+    if (argc == 0)
+        return;
+    if (streq(argv[0], "tx"))
+        cmd_tx(argc, argv);
+    else if (streq(argv[0], "rx"))
+        cmd_rx(argc, argv);
+    else if (streq(argv[0], "echo"))
+        cmd_echo(argc, argv);
+    else if (streq(argv[0], "stats"))
+        cmd_stats();
+    else if (streq(argv[0], "features"))
+        cmd_features(argc, argv);
+    else if (streq(argv[0], "inject"))
+        cmd_inject(argc, argv);
+    else if (streq(argv[0], "vq")) {
+        struct vq *qs[2] = {&vdev_rxq, &vdev_txq};
+        for (int i = 0; i < 2; i++)
+            kprintf("%s avail_idx=%u used_idx=%u last_used=%u in_flight=%u num_free=%u "
+                    "used_flags=%u avail_event=%u used_event=%u broken=%u\n",
+                    i ? "txq" : "rxq", qs[i]->avail->idx, qs[i]->used->idx, qs[i]->last_used,
+                    qs[i]->in_flight, qs[i]->num_free, qs[i]->used->flags, *qs[i]->avail_event,
+                    *qs[i]->used_event, (uint32_t)qs[i]->broken);
+        kputs("OK vq\n");
+    } else if (streq(argv[0], "reset")) {
+        if (net_restart(0))
+            kputs("ERR reset failed\n");
+        else
+            kprintf("OK reset resets=%llu\n", vdev_stats.resets);
+    } else if (streq(argv[0], "quit")) {
+        uint32_t code = 0;
+        if (argc > 1 && parse_uint(argv[1], &code)) {
+            kputs("ERR usage: quit CODE\n");
+            return;
+        }
+        kprintf("OK quit code=%u\n", code);
+        debug_exit(code);
+    } else if (streq(argv[0], "help")) {
+        kputs("tx COUNT SIZE [BATCH] [DSTMAC] | rx COUNT [TIMEOUT_MS] | echo [COUNT] [TIMEOUT_MS]\n"
+              "stats | features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N] | reset | quit CODE\n"
+              "vq | inject id_range|not_outstanding|len|double|jump|num_buffers\n");
+        kputs("OK help\n");
+    } else {
+        kprintf("ERR unknown command '%s'\n", argv[0]);
+    }
+}
+
+void kmain(uint32_t magic, uint32_t info);
+void kmain(uint32_t magic, uint32_t info)
+{
+    boot_tsc = rdtsc();
+    serial_init();
+    timer_init();
+    parse_boot_cmdline(magic, info);
+    vdev_info.event_idx = (uint32_t)net_opts.event_idx;
+    vdev_info.mrg_rxbuf = (uint32_t)net_opts.mrg_rxbuf;
+    vdev_info.tsc_per_ms = tsc_per_ms;
+    kprintf("vdev-bare: boot=%s cmdline='%s'\n", magic == 0x2BADB002 ? "multiboot" : "pvh", cmdline);
+    int rc = net_init();
+    if (rc)
+        kprintf("ERR no usable virtio-net device (rc=%d)\n", rc);
+    else
+        print_features_line("boot");
+    vdev_info.boot_ms = time_since_ms(boot_tsc);
+    kprintf("boot_ms=%u tsc_per_ms=%u\n", vdev_info.boot_ms, tsc_per_ms);
+
+    static char line[256];
+    uint32_t len = 0;
+    int last_cr = 0;
+    kputs("vdev> ");
+    for (;;) {
+        int c = serial_getc();
+        if (c < 0) {
+            cpu_relax();
+            continue;
+        }
+        if (c == '\n' && last_cr) {
+            last_cr = 0;
+            continue;                    /* CRLF: the CR already ended the line */
+        }
+        last_cr = c == '\r';
+        if (c == '\r' || c == '\n') {
+            kputs("\n");
+            line[len] = 0;
+            handle(line);
+            len = 0;
+            kputs("vdev> ");
+        } else if (c == 0x7f || c == 0x08) {
+            if (len) {
+                len--;
+                kputs("\b \b");
+            }
+        } else if (c >= 0x20 && c < 0x7f && len + 1 < sizeof(line)) {
+            line[len++] = (char)c;
+            serial_putc((char)c);
+        }
+    }
+}

@@ -1,0 +1,513 @@
+"""``Machine``: one QEMU guest as a context manager (in the style of QEMU's python/qemu/machine).
+
+It builds the command line (q35, shared guest RAM for vhost-user, one netdev per NIC, a
+serial console and a QMP socket on Unix sockets we listen on), starts QEMU, and always
+cleans up: process, sockets and the temp dir go away on normal exit, exceptions, test
+failures and Ctrl-C. QEMU runs in its own session (so Ctrl-C reaches Python, which then shuts
+it down) and with PR_SET_PDEATHSIG, so even a SIGKILLed test runner leaves no QEMU behind.
+
+Example::
+
+    img = images.linux.build_linux()
+    with Machine.linux(img, nics=[Nic.vhost_user("/tmp/vdev.sock")],
+                       kernel_args="vdev.ip=10.0.0.2/24") as m:
+        out, status = m.run("cat /sys/class/net/eth0/address")
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from host.accel import qemu_binary, select_accel
+from host.console import PROMPT, Console, ErrorContext
+from host.errors import GuestCrashed, GuestTimeout, MachineError, tail_lines
+
+if TYPE_CHECKING:
+    from images.linux import LinuxImage
+
+NicKind = Literal["vhost-user", "user", "none"]
+# Kernel options every Linux guest gets: console on the first UART, no reboot loops
+# (panic=-1 reboots, -no-reboot turns that into a QEMU exit), quiet boot.
+LINUX_BASE_ARGS = "console=ttyS0 quiet panic=-1 oops=panic"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One virtio-net-pci NIC and its backend.
+
+    ``kind="vhost-user"``: ``socket`` is the vhost-user Unix socket path. By default QEMU is
+    the client (the device must listen first; with ``reconnect=True`` QEMU waits and
+    reconnects after a backend crash); ``server=True`` makes QEMU listen on the path.
+    ``kind="user"``: QEMU's slirp (guest 10.0.2.15/24, gateway 10.0.2.2), no device needed.
+    ``mac``: defaults to 52:54:00:12:34:(56+index). ``queues > 1`` turns on ``mq``.
+    """
+
+    kind: NicKind = "vhost-user"
+    socket: str | Path | None = None
+    mac: str | None = None
+    mtu: int | None = None
+    queues: int = 1
+    reconnect: bool = False
+    server: bool = False
+    device_props: str = ""  # extra ",key=value" for -device virtio-net-pci
+
+    @classmethod
+    def vhost_user(cls, path: str | Path, **kw: object) -> Nic:
+        return cls(kind="vhost-user", socket=path, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def user(cls, **kw: object) -> Nic:
+        return cls(kind="user", **kw)  # type: ignore[arg-type]
+
+    @staticmethod
+    def coerce(nic: Nic | str | Path) -> Nic:
+        """A plain path means a vhost-user socket."""
+        return nic if isinstance(nic, Nic) else Nic(kind="vhost-user", socket=nic)
+
+
+_LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+
+
+def live_machines() -> list[Machine]:
+    """Machines launched and not yet shut down (for failure reports and atexit cleanup)."""
+    return list(_LIVE)
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    # Last resort when a caller forgot shutdown() or the interpreter is exiting on an
+    # exception outside any context manager. PDEATHSIG covers SIGKILL of this process.
+    for m in list(_LIVE):
+        with contextlib.suppress(Exception):
+            m.shutdown()
+
+
+def default_mac(index: int) -> str:
+    return f"52:54:00:12:34:{0x56 + index:02x}"
+
+
+def _set_pdeathsig() -> None:
+    """Child side of fork: die with the parent, whatever killed it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Machine:
+    """A QEMU x86_64 guest. Use as a context manager; ``launch()`` / ``shutdown()`` also work.
+
+    Parameters (all keyword except the boot files):
+      kernel, initrd, append: what ``-kernel/-initrd/-append`` get (``append`` only with a
+        kernel). ``Machine.linux(image, ...)`` fills them for the vdev Linux image.
+      nics: NICs in PCI order (guest eth0, eth1, ...); a str/Path is a vhost-user socket.
+      memory_mb: guest RAM; always a shared backend, as vhost-user needs.
+      shared_memory: ``"memfd"`` (default) or ``"file"``: RAM in a file under /dev/shm
+        (``memory_path``) that host code can mmap to look at guest memory.
+      machine: ``q35`` (default), ``pc`` or ``microvm`` (virtio-mmio NICs).
+      accel: ``kvm``/``tcg``; default from :func:`host.accel.select_accel`.
+      ready_pattern: regex printed when the guest is usable; ``launch`` waits for it (None:
+        do not wait). ``wait_prompt``: also wait for the shell prompt after it.
+      console_log: where the console log is written (kept after shutdown); default
+        ``console.log`` in the machine's temp dir (removed at shutdown).
+      extra_args: appended to the QEMU command line.
+    """
+
+    def __init__(
+        self,
+        kernel: Path | str | None = None,
+        initrd: Path | str | None = None,
+        append: str = "",
+        *,
+        nics: Sequence[Nic | str | Path] = (),
+        memory_mb: int = 256,
+        cpus: int = 1,
+        shared_memory: Literal["memfd", "file"] = "memfd",
+        machine: str = "q35",
+        accel: str | None = None,
+        ready_pattern: str | None = None,
+        wait_prompt: bool = False,
+        ready_timeout: float = 90.0,
+        console_log: Path | str | None = None,
+        extra_args: Sequence[str] = (),
+        name: str = "vdev",
+    ) -> None:
+        self.kernel = Path(kernel) if kernel is not None else None
+        self.initrd = Path(initrd) if initrd is not None else None
+        self.append = append
+        self.nics = [Nic.coerce(n) for n in nics]
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.shared_memory = shared_memory
+        self.machine_type = machine
+        self.accel = accel
+        self.ready_pattern = ready_pattern
+        self.wait_prompt = wait_prompt
+        self.ready_timeout = ready_timeout
+        self.console_log = Path(console_log) if console_log is not None else None
+        self.extra_args = list(extra_args)
+        self.name = name
+
+        self.temp_dir: Path | None = None
+        self.memory_path: Path | None = None
+        self.cmdline: list[str] = []
+        self.ready_line = ""
+        self.boot_seconds = 0.0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._console: Console | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._console_listener: socket.socket | None = None
+        self._stderr_file: Path | None = None
+        self._shm_dir: Path | None = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def linux(
+        cls,
+        image: LinuxImage,
+        *,
+        nics: Sequence[Nic | str | Path] = (),
+        kernel_args: str = "",
+        **kw: object,
+    ) -> Machine:
+        """A Machine for the vdev Linux image: waits for ``VDEV-READY`` and the prompt.
+
+        ``kernel_args`` are appended to :data:`LINUX_BASE_ARGS`; see ``images/init.sh``
+        for the ``vdev.*`` options (``vdev.ip=``, ``vdev.gw=``, ``vdev.mtu=``, ...).
+        """
+        from host.console import READY_PATTERN
+
+        kw.setdefault("ready_pattern", READY_PATTERN)
+        kw.setdefault("wait_prompt", True)
+        kw.setdefault("name", "linux")
+        return cls(
+            image.kernel,
+            image.initrd,
+            f"{LINUX_BASE_ARGS} {kernel_args}".strip(),
+            nics=nics,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    # ------------------------------------------------------------------ command line
+    def _is_tcg(self) -> bool:
+        return (self.accel or "tcg") == "tcg"
+
+    def build_cmdline(self) -> list[str]:
+        """The QEMU argv (needs ``temp_dir``; ``launch`` sets it)."""
+        qemu = qemu_binary()
+        if qemu is None:
+            raise MachineError(
+                "qemu-system-x86_64 not found: `apt-get install qemu-system-x86` (or set VDEV_QEMU)"
+            )
+        assert self.temp_dir is not None
+        mem = f"{self.memory_mb}M"
+        if self.shared_memory == "file":
+            assert self.memory_path is not None
+            backend = f"memory-backend-file,id=mem,size={mem},mem-path={self.memory_path},share=on"
+        else:
+            backend = f"memory-backend-memfd,id=mem,size={mem},share=on"
+        args = [
+            qemu,
+            "-name", self.name,
+            "-accel", self.accel or "tcg",
+            "-machine", f"{self.machine_type},memory-backend=mem",
+            "-object", backend,
+            "-m", mem,
+            "-smp", str(self.cpus),
+            "-nographic", "-nodefaults", "-no-reboot", "-no-user-config",
+            "-chardev", f"socket,id=con0,path={self.temp_dir / 'console.sock'}",
+            "-serial", "chardev:con0",
+            "-qmp", f"unix:{self.temp_dir / 'qmp.sock'}",
+        ]  # fmt: skip
+        if self.accel == "kvm":
+            args += ["-cpu", "host"]
+        if self.kernel is not None:
+            args += ["-kernel", str(self.kernel)]
+            if self.initrd is not None:
+                args += ["-initrd", str(self.initrd)]
+            if self.append:
+                args += ["-append", self.append]
+        for i, nic in enumerate(self.nics):
+            args += self._nic_args(i, nic)
+        return args + self.extra_args
+
+    def _nic_args(self, i: int, nic: Nic) -> list[str]:
+        mmio = self.machine_type == "microvm"
+        dev = "virtio-net-device" if mmio else "virtio-net-pci"
+        props = [f"netdev=n{i}", f"id=nic{i}", f"mac={nic.mac or default_mac(i)}"]
+        if not mmio:
+            props.append("romfile=")
+        if nic.mtu is not None:
+            props.append(f"host_mtu={nic.mtu}")
+        if nic.kind == "vhost-user":
+            if nic.socket is None:
+                raise ValueError(f"NIC {i}: vhost-user needs a socket path")
+            chardev = f"socket,id=c{i},path={nic.socket}"
+            if nic.server:
+                chardev += ",server=on,wait=off"
+            elif nic.reconnect:
+                chardev += ",reconnect=1"
+            netdev = f"vhost-user,id=n{i},chardev=c{i}"
+            if nic.queues > 1:
+                netdev += f",queues={nic.queues}"
+            if not mmio:
+                # QEMU 7.2 under TCG segfaults at DRIVER_OK with MSI-X vectors on a
+                # vhost-user NIC (irqfd path is KVM-only): vectors=0 avoids it.
+                vectors = 0 if self._is_tcg() else 2 * nic.queues + 2
+                props.append(f"vectors={vectors}")
+            if nic.queues > 1:
+                props.append("mq=on")
+            out = ["-chardev", chardev, "-netdev", netdev]
+        elif nic.kind == "user":
+            out = ["-netdev", f"user,id=n{i}"]
+        else:
+            raise ValueError(f"NIC {i}: unknown kind {nic.kind!r}")
+        dev_arg = ",".join([dev, *props]) + nic.device_props
+        return [*out, "-device", dev_arg]
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Machine:
+        self.launch()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    def _context(self) -> ErrorContext:
+        return ErrorContext(
+            cmdline=self.cmdline,
+            stderr_tail=self.stderr_tail(),
+            log_path=self.console_log_path,
+        )
+
+    def _error(self, cls: type[MachineError], message: str) -> MachineError:
+        ctx = self._context()
+        console_tail = self._console.tail() if self._console else ""
+        return cls(
+            message,
+            cmdline=ctx.cmdline,
+            console_tail=console_tail,
+            stderr_tail=ctx.stderr_tail,
+            log_path=ctx.log_path,
+        )
+
+    @property
+    def console_log_path(self) -> Path | None:
+        """The live console log: ``console_log`` if given, else in the temp dir."""
+        if self.console_log is not None:
+            return self.console_log
+        return self.temp_dir / "console.log" if self.temp_dir else None
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        if self._stderr_file is None:
+            return ""
+        try:
+            return tail_lines(self._stderr_file.read_text(errors="replace"), lines)
+        except OSError:
+            return ""
+
+    def launch(self) -> None:
+        """Start QEMU, attach console and QMP, and wait until the guest is ready."""
+        if self._proc is not None:
+            raise MachineError("machine already launched")
+        t0 = time.monotonic()
+        _LIVE.add(self)
+        try:
+            self._launch()
+            if self.ready_pattern is not None:
+                m = self.console.expect(self.ready_pattern, self.ready_timeout)
+                self.ready_line = m.group(0).strip()
+                if self.wait_prompt:
+                    self.console.expect(re.escape(PROMPT), self.ready_timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.boot_seconds = time.monotonic() - t0
+
+    def _launch(self) -> None:
+        if self.accel is None:
+            self.accel = select_accel()
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"vdev-{self.name}-"))
+        if self.shared_memory == "file":
+            shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else self.temp_dir
+            self._shm_dir = Path(tempfile.mkdtemp(prefix="vdev-ram-", dir=shm_root))
+            self.memory_path = self._shm_dir / "guest.ram"
+        self.cmdline = self.build_cmdline()
+        # Listen before QEMU starts: QEMU connects as a client, so no early output is lost
+        # and no connect-retry loop is needed.
+        self._console_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._console_listener.bind(str(self.temp_dir / "console.sock"))
+        self._console_listener.listen(1)
+        self._qmp = QEMUMonitorProtocol(str(self.temp_dir / "qmp.sock"), server=True)
+        self._stderr_file = self.temp_dir / "qemu.stderr"
+        with open(self._stderr_file, "wb") as err:
+            self._proc = subprocess.Popen(
+                self.cmdline,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+                preexec_fn=_set_pdeathsig,
+            )
+        conn = self._accept_console(timeout=30.0)
+        assert self.console_log_path is not None
+        self.console_log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._console = Console(conn, self.console_log_path, self._context)
+        try:
+            self._qmp.accept(timeout=30.0)
+        except Exception as e:
+            status = self._wait_exit(2.0)
+            if status is not None:
+                raise self._error(
+                    GuestCrashed, f"QEMU exited at startup with status {status}"
+                ) from e
+            raise self._error(MachineError, f"QMP connection failed: {e!r}") from e
+        self._qmp.settimeout(30.0)
+
+    def _wait_exit(self, timeout: float) -> int | None:
+        """QEMU's exit status if it exits within ``timeout``, else None."""
+        assert self._proc is not None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def _accept_console(self, timeout: float) -> socket.socket:
+        assert self._console_listener is not None and self._proc is not None
+        deadline = time.monotonic() + timeout
+        self._console_listener.settimeout(0.1)
+        while True:
+            try:
+                conn, _ = self._console_listener.accept()
+                conn.setblocking(True)
+                return conn
+            except TimeoutError:
+                pass
+            status = self._proc.poll()
+            if status is not None:
+                raise self._error(GuestCrashed, f"QEMU exited at startup with status {status}")
+            if time.monotonic() > deadline:
+                raise self._error(GuestTimeout, f"QEMU did not connect its console in {timeout} s")
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            raise MachineError("machine not launched")
+        return self._console
+
+    @property
+    def qmp(self) -> QEMUMonitorProtocol:
+        if self._qmp is None or self._proc is None:
+            raise MachineError("machine not launched")
+        return self._qmp
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def wait(self, timeout: float) -> int:
+        """Wait for QEMU to exit by itself (e.g. guest ``poweroff -f``); returns its status."""
+        assert self._proc is not None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self._error(GuestTimeout, f"QEMU still running after {timeout} s") from None
+
+    # ------------------------------------------------------------------ guest helpers
+    def run(self, cmd: str, timeout: float = 30.0, check: bool = False) -> tuple[str, int]:
+        """Run a shell command in the guest: (output, exit status). See Console.run."""
+        return self.console.run(cmd, timeout=timeout, check=check)
+
+    def expect(self, pattern: str, timeout: float = 30.0) -> str:
+        """Wait for a regex on the console; returns the matched text."""
+        return self.console.expect(pattern, timeout).group(0)
+
+    # ------------------------------------------------------------------ QMP
+    def qmp_cmd(self, command: str, /, **args: object) -> object:
+        """Execute a QMP command; failures raise MachineError with the usual context."""
+        try:
+            return self.qmp.cmd(command, **args)
+        except Exception as e:
+            raise self._error(MachineError, f"QMP {command} failed: {e!r}") from e
+
+    def set_link(self, nic: int | str, up: bool) -> None:
+        """Link state of NIC ``nic`` (index or QEMU id); the guest sees carrier change."""
+        name = f"nic{nic}" if isinstance(nic, int) else nic
+        self.qmp_cmd("set_link", name=name, up=up)
+
+    def system_reset(self) -> None:
+        self.qmp_cmd("system_reset")
+
+    def quit(self) -> None:
+        """Ask QEMU to exit (QMP ``quit``) and wait for it."""
+        with contextlib.suppress(Exception):
+            self.qmp.cmd("quit")
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(10)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL) and remove every temp file.
+
+        Idempotent and safe at any stage of a failed launch.
+        """
+        _LIVE.discard(self)
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            if self._qmp is not None:
+                with contextlib.suppress(Exception):
+                    self._qmp.settimeout(min(timeout, 5.0))
+                    self._qmp.cmd("quit")
+            for sig, wait_s in ((None, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+                try:
+                    proc.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+        if self._console is not None:
+            with contextlib.suppress(Exception):
+                self._console.close()
+        if self._console_listener is not None:
+            self._console_listener.close()
+            self._console_listener = None
+        if self._shm_dir is not None:
+            shutil.rmtree(self._shm_dir, ignore_errors=True)
+            self._shm_dir = None
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        # Keep _proc and temp_dir set so exitcode and error messages still work afterwards.

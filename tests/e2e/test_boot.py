@@ -1,0 +1,213 @@
+"""Boot the vdev Linux guest and drive it: console run(), network config, guest tools, QMP.
+
+No vhost-user device is involved: the NIC is QEMU's own slirp backend behind a
+virtio-net-pci, which proves the module load order and eth0 configuration of the image.
+One guest serves the whole module (boots cost seconds under TCG); the last tests boot
+their own short-lived guests to check failure reporting and cleanup.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from host.errors import CommandFailed, GuestCrashed, GuestTimeout, MachineError
+from host.linux_fixtures import LinuxGuestFactory
+from host.machine import Machine, Nic
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+GUEST_ARGS = "vdev.ip=10.0.2.15/24 vdev.gw=10.0.2.2"
+
+
+def counters(output: str, prefix: str) -> dict[str, int]:
+    """``key=value`` integers from the tool's result line (``prefix k=v k=v ...``)."""
+    for line in reversed(output.splitlines()):
+        if line.startswith(prefix + " ") and "=" in line:
+            return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+    raise AssertionError(f"no {prefix!r} line in:\n{output}")
+
+
+@pytest.fixture(scope="module")
+def guest(linux_guest_factory: LinuxGuestFactory) -> Machine:
+    return linux_guest_factory(nics=[Nic.user()], kernel_args=GUEST_ARGS)
+
+
+def test_ready_line_reports_eth0_with_carrier(guest: Machine) -> None:
+    assert "ifaces=eth0" in guest.ready_line
+    assert "carrier=eth0:1" in guest.ready_line
+    out, status = guest.run("readlink /sys/class/net/eth0/device/driver; lsmod")
+    assert status == 0
+    assert out.splitlines()[0].endswith("/virtio_net")
+    for mod in ("virtio_ring", "virtio_pci", "net_failover", "virtio_net"):
+        assert re.search(rf"^{mod}\s", out, re.M), out
+
+
+def test_run_returns_output_and_status(guest: Machine) -> None:
+    assert guest.run("echo hello; echo err >&2; exit 3") == ("hello\nerr\n", 3)
+    assert guest.run("printf abc") == ("abc", 0)
+    assert guest.run("true") == ("", 0)
+    # Quotes, newlines, syntax errors and long lines must not desynchronise the console.
+    assert guest.run("if true; then\n  echo 'a \"b\" $c'\nfi") == ('a "b" $c\n', 0)
+    out, status = guest.run("if then fi")
+    assert status == 2 and "syntax error" in out
+    long_arg = "x" * 5000
+    assert guest.run(f"echo {long_arg} | wc -c") == ("5001\n", 0)
+    # A command reading stdin gets EOF instead of hanging on the console.
+    assert guest.run("cat") == ("", 0)
+    assert guest.run("echo still in sync") == ("still in sync\n", 0)
+
+
+def test_run_check_raises_with_context(guest: Machine) -> None:
+    with pytest.raises(CommandFailed) as info:
+        guest.run("echo nope; exit 5", check=True)
+    assert info.value.status == 5 and info.value.output == "nope\n"
+    assert "qemu-system-x86_64" in str(info.value)
+
+
+def test_eth0_configured_from_kernel_cmdline(guest: Machine) -> None:
+    out, _ = guest.run("ip addr show eth0; ip route; cat /sys/class/net/eth0/mtu")
+    assert "inet 10.0.2.15/24" in out
+    assert "link/ether 52:54:00:12:34:56" in out
+    assert "default via 10.0.2.2 dev eth0" in out
+    assert out.splitlines()[-1] == "1500"
+    out, status = guest.run("ping -c 1 -W 5 10.0.2.2", timeout=20)
+    assert status == 0, out
+
+
+def test_pktgen_udp_through_the_nic(guest: Machine) -> None:
+    before = int(guest.run("cat /sys/class/net/eth0/statistics/tx_packets")[0])
+    out, status = guest.run("vdev-pktgen --udp 10.0.2.2:9 --count 200 --size 100")
+    assert status == 0, out
+    c = counters(out, "pktgen")
+    assert (c["tx_packets"], c["tx_bytes"], c["errors"]) == (200, 20000, 0)
+    after = int(guest.run("cat /sys/class/net/eth0/statistics/tx_packets")[0])
+    assert after - before >= 200
+
+
+def test_udp_sink_counts_exactly_on_lo(guest: Machine) -> None:
+    out, status = guest.run(
+        "vdev-sink --udp 9000 --count 1000 --timeout-ms 20000 > /tmp/sink.out 2>&1 &\n"
+        "while ! grep -q ready /tmp/sink.out; do usleep 10000; done\n"
+        "vdev-pktgen --udp 127.0.0.1:9000 --count 1000 --size 64\n"
+        "wait $!; echo sink_status=$?; cat /tmp/sink.out",
+        timeout=40,
+    )
+    assert status == 0, out
+    assert "sink_status=0" in out, out
+    assert counters(out, "pktgen")["tx_packets"] == 1000
+    sink = counters(out, "sink")
+    assert (sink["rx_packets"], sink["rx_bytes"], sink["dups"]) == (1000, 64000, 0), out
+
+
+def test_raw_sink_counts_exactly_on_lo(guest: Machine) -> None:
+    out, status = guest.run(
+        "vdev-sink --raw lo --count 300 --timeout-ms 20000 > /tmp/raw.out 2>&1 &\n"
+        "while ! grep -q ready /tmp/raw.out; do usleep 10000; done\n"
+        "vdev-pktgen --raw lo --dst-mac ff:ff:ff:ff:ff:ff --count 300 --size 60\n"
+        "wait $!; echo sink_status=$?; cat /tmp/raw.out",
+        timeout=40,
+    )
+    assert status == 0 and "sink_status=0" in out, out
+    assert counters(out, "pktgen")["tx_packets"] == 300
+    sink = counters(out, "sink")
+    assert (sink["rx_packets"], sink["rx_bytes"], sink["dups"]) == (300, 18000, 0), out
+
+
+def test_sink_times_out_with_status_1(guest: Machine) -> None:
+    out, status = guest.run("vdev-sink --udp 9001 --count 5 --timeout-ms 200")
+    assert status == 1
+    assert counters(out, "sink")["rx_packets"] == 0
+
+
+def wait_carrier(guest: Machine, want: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        out, _ = guest.run("cat /sys/class/net/eth0/carrier")
+        if out.strip() == want:
+            return
+        assert time.monotonic() < deadline, f"carrier stayed {out.strip()}, wanted {want}"
+        time.sleep(0.1)
+
+
+def test_qmp_set_link(guest: Machine) -> None:
+    guest.set_link(0, False)
+    wait_carrier(guest, "0")
+    guest.set_link(0, True)
+    wait_carrier(guest, "1")
+
+
+def test_expect_timeout_carries_cmdline_and_console(guest: Machine) -> None:
+    with pytest.raises(GuestTimeout) as info:
+        guest.expect("this will never be printed", timeout=0.3)
+    text = str(info.value)
+    assert "QEMU command line:" in text and "-netdev user" in text
+    assert "vdev-guest#" in info.value.console_tail
+    assert info.value.log_path is not None
+    assert "VDEV-READY" in info.value.log_path.read_text()
+    assert info.value.cmdline[0].endswith("qemu-system-x86_64")
+
+
+def test_panic_is_reported_and_everything_cleaned_up(linux_image: object) -> None:
+    from images.linux import LinuxImage
+
+    assert isinstance(linux_image, LinuxImage)
+    with pytest.raises(GuestCrashed) as info:
+        with Machine.linux(linux_image, name="panic") as m:
+            pid, temp_dir = m.pid, m.temp_dir
+            assert pid is not None and temp_dir is not None and temp_dir.is_dir()
+            m.console.sendline("echo c > /proc/sysrq-trigger")
+            m.expect("never printed: the panic pattern wins", timeout=60)
+    assert "Kernel panic" in str(info.value) or "sysrq" in str(info.value)
+    assert "QEMU command line:" in str(info.value)
+    assert not temp_dir.exists()
+    assert not os.path.exists(f"/proc/{pid}") or _is_zombie_free(pid)
+
+
+def _is_zombie_free(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return "qemu" not in f.read()
+    except OSError:
+        return True
+
+
+def test_startup_failure_carries_qemu_stderr(linux_image: object, tmp_path: object) -> None:
+    from images.linux import LinuxImage
+
+    assert isinstance(linux_image, LinuxImage)
+    m = Machine.linux(linux_image, nics=["/nonexistent/vdev.sock"], name="nosock")
+    with pytest.raises(MachineError) as info:
+        m.launch()
+    assert "/nonexistent/vdev.sock" in str(info.value)
+    assert not m.is_running()
+    assert m.temp_dir is not None and not m.temp_dir.exists()
+
+
+def test_cmdline_for_vhost_user_nics(tmp_path: Path) -> None:
+    """The vhost-user recipe from the machine notes, without booting anything."""
+    m = Machine(
+        "/k",
+        nics=[
+            "/run/a.sock",
+            Nic.vhost_user(
+                "/run/b.sock", reconnect=True, mtu=9000, queues=2, mac="02:00:00:00:00:02"
+            ),
+        ],
+        accel="tcg",
+        memory_mb=128,
+    )
+    m.temp_dir = tmp_path
+    args = " ".join(m.build_cmdline())
+    assert "-object memory-backend-memfd,id=mem,size=128M,share=on" in args
+    assert "-machine q35,memory-backend=mem" in args
+    assert "-chardev socket,id=c0,path=/run/a.sock -netdev vhost-user,id=n0,chardev=c0" in args
+    assert "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56,romfile=,vectors=0" in args
+    assert "-chardev socket,id=c1,path=/run/b.sock,reconnect=1" in args
+    assert "-netdev vhost-user,id=n1,chardev=c1,queues=2" in args
+    assert "mac=02:00:00:00:00:02,romfile=,host_mtu=9000,vectors=0,mq=on" in args
+    assert "-no-reboot" in args and "-nographic" in args

@@ -1,0 +1,50 @@
+"""Fixtures for the bare-metal driver tests: the built ELF and booted guests.
+
+Until the vdev device exists the guests use QEMU's own virtio-net backend with
+``-netdev socket,udp=...`` (see ``host.bare_console.UdpLink``): the test sends and receives raw
+Ethernet frames as UDP datagrams. Every guest runs under a wall-clock limit and is killed when
+the test ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pytest
+
+from host.bare_console import (
+    BareGuest,
+    Machine,
+    Transport,
+    UdpLink,
+    bare_guest_with_udp,
+)
+
+BootFn = Callable[..., AbstractContextManager[tuple[BareGuest, UdpLink]]]
+
+
+@pytest.fixture(scope="session")
+def bare_elf() -> Path:
+    for tool in ("gcc", "ld"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (apt-get install gcc binutils)")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    from images.bare import build_bare
+
+    return build_bare()
+
+
+@pytest.fixture
+def boot(bare_elf: Path) -> Iterator[BootFn]:
+    """``with boot(machine=..., transport=..., append=...) as (guest, link):``"""
+
+    def _boot(
+        machine: Machine = "pc", transport: Transport = "pci", append: str = ""
+    ) -> AbstractContextManager[tuple[BareGuest, UdpLink]]:
+        return bare_guest_with_udp(bare_elf, machine=machine, transport=transport, append=append)
+
+    yield _boot

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from vdev.skywalk import Channel, LoopbackPort, Pbufpool, Port
+
+
+@pytest.fixture
+def pool() -> Iterator[Pbufpool]:
+    p = Pbufpool(num_packets=512, buf_size=2048, max_frags=4, num_large_bufs=8)
+    yield p
+    if not p._closed:
+        p.close()
+
+
+@pytest.fixture
+def loop(pool: Pbufpool) -> Iterator[tuple[LoopbackPort, Channel, Channel]]:
+    port = Port.loopback(pool, ring_slots=16)
+    a = port.open_channel()
+    b = port.open_channel()
+    yield port, a, b
+    port.close()
+
+
+def assert_no_leak(pool: Pbufpool) -> None:
+    assert pool.stats.in_use == 0, pool.leaks()
+    rep = pool.close()
+    assert not rep.leaked, str(rep)

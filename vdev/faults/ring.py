@@ -1,0 +1,549 @@
+"""Ring- and interrupt-level faults: the device misbehaving toward the driver.
+
+``RingFaultSet`` implements the ``RingFaults`` protocol of ``vdev.net.nic`` and is installed
+as ``nic.ring_faults``.  The NIC asks it
+
+* ``stalled(nic, index)`` before consuming a queue: a ``Stall`` rule leaves TX chains
+  unconsumed / RX buffers unfilled until it ends (then the queue is kicked so work resumes);
+* ``used(nic, index, head, written)`` for every used element: rules may publish it out of
+  order, hold it back (delayed used idx), complete it twice, add a bogus id (out of range or
+  not outstanding) or lie about its length.  When a rule handles the element itself it
+  pushes on the queue directly (``push`` for the real element, ``push_raw`` for bogus or
+  duplicate ones) and returns ``[]``; the NIC's ``flush_used`` publishes them;
+* ``calls(nic, index, wanted)`` for every interrupt decision: suppress, delay, add spurious
+  interrupts, or ignore EVENT_IDX / NO_INTERRUPT and interrupt anyway.
+
+Held used elements are released by timers on the device loop and always with the real
+``push`` (the head is still in flight for the device's trusted bookkeeping), so a delayed
+element is a delay, not a leak.  An element held for a queue that has since been
+restarted is discarded (logged), as the driver reset the ring anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vdev.abi import lib
+from vdev.faults.predicates import PacketInfo
+
+if TYPE_CHECKING:
+    from vdev.faults.rules import Rule
+    from vdev.net.nic import VirtioNet
+    from vdev.virtio.split import SplitQueue
+
+Used = list[tuple[int, int]]
+
+
+class RingAction:
+    """Base class of ring/interrupt actions; ``kind`` says which NIC callback drives it."""
+
+    name = "ring"
+    kind = "used"  # "used", "calls", "stall" or "timer"
+
+    def applicable(self, nic: VirtioNet) -> bool:
+        return True
+
+    def on_used(
+        self,
+        rs: RingFaultSet,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+    ) -> Used | None:
+        return None
+
+    def candidate(self, wanted: bool) -> bool:
+        """Whether an interrupt decision is a candidate for this rule's predicates."""
+        return True
+
+    def on_calls(
+        self, rs: RingFaultSet, rule: Rule, nic: VirtioNet, index: int, count: int, wanted: bool
+    ) -> int:
+        return count
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class Stall(RingAction):
+    """Stop consuming TX / filling RX for ``seconds`` (None: until the rule is removed)."""
+
+    seconds: float | None = None
+    name = "stall"
+    kind = "stall"
+    active: bool = False
+
+    def params(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "active": self.active}
+
+
+@dataclass
+class OutOfOrder(RingAction):
+    """Publish the matched element after the next one (2.7.8: allowed without IN_ORDER).
+
+    If no next element comes within ``hold_ms``, the held one is published alone."""
+
+    hold_ms: float = 1.0
+    name = "out_of_order"
+
+    def applicable(self, nic: VirtioNet) -> bool:
+        # 2.7.9 "In-order use of descriptors": with IN_ORDER the driver may rely on order.
+        return not nic.has(lib.VIRTIO_F_IN_ORDER)
+
+    def on_used(
+        self,
+        rs: RingFaultSet,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+    ) -> Used | None:
+        rs.hold_ooo(rule, nic, index, queue, head, written, self.hold_ms / 1000.0)
+        return []
+
+    def params(self) -> dict[str, Any]:
+        return {"hold_ms": self.hold_ms}
+
+
+@dataclass
+class BadUsedId(RingAction):
+    """Add a used element whose id is out of range (>= queue size) or not outstanding.
+
+    ``replace``: publish the bogus id *instead of* the real one (the real buffer is then
+    never returned, as with a device that lost it)."""
+
+    mode: str = "out_of_range"
+    replace: bool = False
+    name = "bad_used_id"
+
+    def on_used(
+        self,
+        rs: RingFaultSet,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+    ) -> Used | None:
+        size = int(queue.size)
+        rng = rule.state.rng
+        bogus = size + rng.randrange(max(1, min(size, 0x10000 - size)))
+        if self.mode == "not_outstanding":
+            inflight = getattr(queue, "_inflight", None)
+            idle = [i for i in range(size) if i != head and (inflight is None or not inflight[i])]
+            if idle:
+                bogus = idle[rng.randrange(len(idle))]
+        rs.event(rule, nic, index, "bad_used_id", head=head, id=bogus, mode=self.mode)
+        return [(bogus, written)] if self.replace else [(head, written), (bogus, written)]
+
+    def params(self) -> dict[str, Any]:
+        return {"mode": self.mode, "replace": self.replace}
+
+
+class DoubleComplete(RingAction):
+    """Publish the element twice (the second copy written raw)."""
+
+    name = "double_complete"
+
+    def on_used(
+        self,
+        rs: RingFaultSet,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+    ) -> Used | None:
+        queue.push(head, written)
+        queue.push_raw(head, written)
+        rs.event(rule, nic, index, "double_complete", head=head, len=written)
+        return []
+
+
+@dataclass
+class BadUsedLen(RingAction):
+    """Report a used length larger than the buffer (``huge``: writable + extra) or zero."""
+
+    mode: str = "huge"
+    extra: int = 4096
+    name = "bad_used_len"
+
+    def on_used(
+        self,
+        rs: RingFaultSet,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+    ) -> Used | None:
+        if self.mode == "zero":
+            if written == 0:
+                return None  # nothing to lie about (TX elements are 0 already)
+            n = 0
+        else:
+            inflight = getattr(queue, "_inflight", None)
+            writable = inflight[head] - 1 if inflight is not None and inflight[head] else written
+            n = min(0xFFFFFFFF, max(writable, written) + self.extra)
+        rs.event(rule, nic, index, "bad_used_len", head=head, real=written, reported=n)
+        return [(head, n)]
+
+    def params(self) -> dict[str, Any]:
+        return {"mode": self.mode, "extra": self.extra}
+
+
+@dataclass
+class DelayUsed(RingAction):
+    """Hold the element (and every later one, to keep order) ``ms`` before publishing."""
+
+    ms: float = 10.0
+    name = "delay_used"
+
+    def on_used(
+        self,
+        rs: RingFaultSet,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+    ) -> Used | None:
+        rs.hold_delayed(rule, nic, index, queue, head, written, self.ms / 1000.0)
+        return []
+
+    def params(self) -> dict[str, Any]:
+        return {"ms": self.ms}
+
+
+class SuppressIrq(RingAction):
+    """Swallow interrupts the ring rules asked for."""
+
+    name = "suppress_irq"
+    kind = "calls"
+
+    def candidate(self, wanted: bool) -> bool:
+        return wanted
+
+    def on_calls(
+        self, rs: RingFaultSet, rule: Rule, nic: VirtioNet, index: int, count: int, wanted: bool
+    ) -> int:
+        rs.event(rule, nic, index, "suppress_irq")
+        return 0
+
+
+@dataclass
+class DelayIrq(RingAction):
+    """Send the interrupt ``ms`` later instead of now."""
+
+    ms: float = 10.0
+    name = "delay_irq"
+    kind = "calls"
+
+    def candidate(self, wanted: bool) -> bool:
+        return wanted
+
+    def on_calls(
+        self, rs: RingFaultSet, rule: Rule, nic: VirtioNet, index: int, count: int, wanted: bool
+    ) -> int:
+        rs.event(rule, nic, index, "delay_irq", ms=self.ms)
+        rs.call_later(self.ms / 1000.0, lambda: nic.notify(index))
+        return max(0, count - 1)
+
+    def params(self) -> dict[str, Any]:
+        return {"ms": self.ms}
+
+
+@dataclass
+class SpuriousIrq(RingAction):
+    """Extra interrupts: ``extra`` more per decision, or one every ``interval_ms`` (timer)."""
+
+    extra: int = 1
+    interval_ms: float | None = None
+    name = "spurious_irq"
+    kind = "calls"
+
+    def __post_init__(self) -> None:
+        if self.extra < 1:
+            raise ValueError(f"extra: {self.extra} must be >= 1")
+        if self.interval_ms is not None:
+            if self.interval_ms <= 0:
+                raise ValueError(f"interval_ms: {self.interval_ms} must be > 0")
+            self.kind = "timer"
+
+    def on_calls(
+        self, rs: RingFaultSet, rule: Rule, nic: VirtioNet, index: int, count: int, wanted: bool
+    ) -> int:
+        rs.event(rule, nic, index, "spurious_irq", extra=self.extra)
+        return count + self.extra
+
+    def params(self) -> dict[str, Any]:
+        return {"extra": self.extra, "interval_ms": self.interval_ms}
+
+
+class IgnoreEventIdx(RingAction):
+    """Interrupt even when EVENT_IDX (used_event) or NO_INTERRUPT says not to."""
+
+    name = "ignore_event_idx"
+    kind = "calls"
+
+    def candidate(self, wanted: bool) -> bool:
+        return not wanted
+
+    def on_calls(
+        self, rs: RingFaultSet, rule: Rule, nic: VirtioNet, index: int, count: int, wanted: bool
+    ) -> int:
+        rs.event(rule, nic, index, "ignore_event_idx")
+        return max(count, 1)
+
+
+@dataclass
+class _HeldUsed:
+    queue: Any
+    head: int
+    written: int
+    token: int = 0
+
+
+class RingFaultSet:
+    """The ``RingFaults`` implementation of one NIC (see the module docstring)."""
+
+    def __init__(
+        self,
+        rules: Callable[[], list[Rule]],
+        *,
+        emit: Callable[..., Any],
+        now: Callable[[], float],
+        call_later: Callable[[float, Callable[[], None]], None],
+    ) -> None:
+        self._rules = rules
+        self.emit = emit
+        self.now = now
+        self.call_later = call_later
+        self._ooo: dict[int, _HeldUsed] = {}
+        self._delayed: dict[int, list[_HeldUsed]] = {}
+        self._token = 0
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def event(
+        self, rule: Rule | None, nic: VirtioNet, index: int, kind: str, **detail: Any
+    ) -> None:
+        if rule is not None:
+            rule.hits += 1
+        self.emit(kind, rule=rule.id if rule else None, nic=nic.name, queue=index, **detail)
+
+    def _rules_for(self, kind: str, index: int) -> list[Rule]:
+        return [r for r in self._rules() if r.kind == kind and r.queue.covers(index)]
+
+    @staticmethod
+    def _queue(nic: VirtioNet, index: int) -> SplitQueue | None:
+        vring = nic.vrings.get(index)
+        return vring.queue if vring is not None else None
+
+    def _publish(self, nic: VirtioNet, index: int, elems: list[_HeldUsed], why: str) -> None:
+        """Push held elements for real, publish the used idx and interrupt as the ring says."""
+        queue = self._queue(nic, index)
+        pushed = 0
+        for e in elems:
+            if e.queue is not queue or queue is None:
+                self.emit(
+                    "release_failed",
+                    nic=nic.name,
+                    queue=index,
+                    head=e.head,
+                    error="queue restarted",
+                )
+                continue
+            try:
+                queue.push(e.head, e.written)
+                pushed += 1
+            except Exception as exc:  # defunct/closed queue: the driver is gone anyway
+                self.emit("release_failed", nic=nic.name, queue=index, head=e.head, error=str(exc))
+        if not pushed or queue is None:
+            return
+        try:
+            queue.flush_used()
+            wanted = queue.should_notify()
+        except Exception as exc:
+            self.emit("release_failed", nic=nic.name, queue=index, error=str(exc))
+            return
+        for _ in range(self.calls(nic, index, wanted)):
+            nic.notify(index)
+
+    # -- stalls and timers (driven by rule install/removal) ---------------------------------
+
+    def installed(self, rule: Rule, nic: VirtioNet) -> None:
+        action = rule.action
+        if isinstance(action, Stall):
+            action.active = True
+            rule.hits += 1
+            self.emit(
+                "stall",
+                rule=rule.id,
+                nic=nic.name,
+                queue=None,
+                queues=str(rule.queue),
+                seconds=action.seconds,
+            )
+            if action.seconds is not None:
+                self.call_later(action.seconds, lambda: self.unstall(rule, nic))
+        elif isinstance(action, SpuriousIrq) and action.interval_ms is not None:
+            self._tick_spurious(rule, nic, action.interval_ms / 1000.0)
+
+    def removed(self, rule: Rule, nic: VirtioNet) -> None:
+        if isinstance(rule.action, Stall):
+            self.unstall(rule, nic)
+
+    def unstall(self, rule: Rule, nic: VirtioNet) -> None:
+        action = rule.action
+        if not isinstance(action, Stall) or not action.active:
+            return
+        action.active = False
+        self.emit("stall_end", rule=rule.id, nic=nic.name, queues=str(rule.queue))
+        # Resume: the guest kicked while we ignored it (or filled RX buffers); go look.
+        for index in sorted(nic.vrings):
+            if rule.queue.covers(index):
+                nic.kick(index)
+
+    def _tick_spurious(self, rule: Rule, nic: VirtioNet, period: float) -> None:
+        def tick() -> None:
+            if not rule.installed or rule.exhausted:
+                return
+            for index in sorted(nic.vrings):
+                if rule.queue.covers(index):
+                    self.event(rule, nic, index, "spurious_irq", timer=True)
+                    nic.notify(index)
+            self.call_later(period, tick)
+
+        self.call_later(period, tick)
+
+    # -- RingFaults protocol ----------------------------------------------------------------
+
+    def stalled(self, nic: VirtioNet, index: int) -> bool:
+        return any(
+            isinstance(r.action, Stall) and r.action.active for r in self._rules_for("stall", index)
+        )
+
+    def used(self, nic: VirtioNet, index: int, head: int, written: int) -> Used | None:
+        queue = self._queue(nic, index)
+        if queue is None:
+            return None
+        fifo = self._delayed.get(index)
+        if fifo:
+            # A delayed element is pending: later ones queue behind it (publish order kept).
+            fifo.append(_HeldUsed(queue, head, written, fifo[-1].token))
+            return []
+        held = self._ooo.pop(index, None)
+        if held is not None and held.queue is queue:
+            queue.push(head, written)
+            queue.push(held.head, held.written)
+            return []
+        for rule in self._rules_for("used", index):
+            action = rule.action
+            assert isinstance(action, RingAction)
+            if not action.applicable(nic) or not rule.select(PacketInfo(None, self.now())):
+                continue
+            result = action.on_used(self, rule, nic, index, queue, head, written)
+            if result is not None:
+                return result
+        return None
+
+    def calls(self, nic: VirtioNet, index: int, wanted: bool) -> int:
+        count = int(wanted)
+        for rule in self._rules_for("calls", index):
+            action = rule.action
+            assert isinstance(action, RingAction)
+            if not action.candidate(wanted) or not rule.select(PacketInfo(None, self.now())):
+                continue
+            count = action.on_calls(self, rule, nic, index, count, wanted)
+        return count
+
+    # -- holding used elements --------------------------------------------------------------
+
+    def hold_ooo(
+        self,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+        timeout: float,
+    ) -> None:
+        entry = _HeldUsed(queue, head, written)
+        self._ooo[index] = entry
+        self.event(rule, nic, index, "out_of_order", head=head)
+
+        def expire() -> None:
+            if self._ooo.get(index) is entry:
+                del self._ooo[index]
+                self._publish(nic, index, [entry], "out_of_order timeout")
+
+        self.call_later(timeout, expire)
+
+    def hold_delayed(
+        self,
+        rule: Rule,
+        nic: VirtioNet,
+        index: int,
+        queue: Any,
+        head: int,
+        written: int,
+        delay: float,
+    ) -> None:
+        self._token += 1
+        token = self._token
+        self._delayed.setdefault(index, []).append(_HeldUsed(queue, head, written, token))
+        self.event(rule, nic, index, "delay_used", head=head, ms=delay * 1000.0)
+
+        def due() -> None:
+            fifo = self._delayed.get(index, [])
+            ready = [e for e in fifo if e.token <= token]
+            rest = [e for e in fifo if e.token > token]
+            if rest:
+                self._delayed[index] = rest
+            else:
+                self._delayed.pop(index, None)
+            self._publish(nic, index, ready, "delay_used")
+
+        self.call_later(delay, due)
+
+    def held(self) -> int:
+        return len(self._ooo) + sum(len(v) for v in self._delayed.values())
+
+    def flush(self, nic: VirtioNet) -> None:
+        """Publish everything held now (engine shutdown)."""
+        for index, entry in list(self._ooo.items()):
+            del self._ooo[index]
+            self._publish(nic, index, [entry], "flush")
+        for index, fifo in list(self._delayed.items()):
+            del self._delayed[index]
+            self._publish(nic, index, fifo, "flush")
+
+
+__all__ = [
+    "BadUsedId",
+    "BadUsedLen",
+    "DelayIrq",
+    "DelayUsed",
+    "DoubleComplete",
+    "IgnoreEventIdx",
+    "OutOfOrder",
+    "RingAction",
+    "RingFaultSet",
+    "SpuriousIrq",
+    "Stall",
+    "SuppressIrq",
+]

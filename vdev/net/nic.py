@@ -1,0 +1,534 @@
+"""The virtio-net device model behind one vhost-user socket (virtio 1.x, 5.1 "Network Device").
+
+This is the small callback table the vhost-user backend drives (``VhostDevice``): it
+offers features, learns which ones were negotiated, and is told when rings start and stop.
+The data path is two functions:
+
+* ``process_tx``: chains from a guest TX queue are internalized into pbufpool packets (the
+  virtio_net_hdr travels in packet metadata) and handed to the switch;
+* ``deliver``: packets from the switch are written into guest RX buffers (mergeable when
+  MRG_RXBUF is negotiated), and the guest is notified through the call eventfd when the
+  EVENT_IDX / NO_INTERRUPT rules say so.
+
+A guest that breaks the ring contract gets its queue killed with a named ``KillReason``;
+the device, the other queues and the other NICs keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from vdev.abi import lib
+from vdev.net.checksum import complete_checksum
+from vdev.skywalk import Pbufpool
+from vdev.skywalk.errors import DefunctError, KillReason, SyncError
+
+if TYPE_CHECKING:
+    from vdev.vhost.backend import Vring
+    from vdev.virtio.memory import GuestMemory
+    from vdev.virtio.split import Chain, SplitQueue
+
+log = logging.getLogger("vdev.net")
+
+NET_HDR_LEN = 12  # struct virtio_net_hdr_mrg_rxbuf, VERSION_1 or MRG_RXBUF
+LEGACY_HDR_LEN = 10  # 5.1.6.1 "Legacy Interface: Device Operation" without MRG_RXBUF
+MAX_FRAME = 65550  # a 64 KiB GSO frame plus its Ethernet header
+RX_BACKLOG = 512  # frames held per NIC while the guest refills its RX ring
+TX_BUDGET = 256  # chains per TX kick before letting other work run
+
+VHOST_USER_PROTOCOL_F_NET_MTU = 4  # vhost-user.rst, "Protocol features"
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+DEFAULT_FEATURES = (
+    bit(lib.VIRTIO_F_VERSION_1)
+    | bit(lib.VIRTIO_F_ANY_LAYOUT)
+    | bit(lib.VIRTIO_F_NOTIFY_ON_EMPTY)
+    | bit(lib.VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(lib.VIRTIO_RING_F_EVENT_IDX)
+    | bit(lib.VIRTIO_NET_F_MAC)
+    | bit(lib.VIRTIO_NET_F_MTU)
+    | bit(lib.VIRTIO_NET_F_STATUS)
+    | bit(lib.VIRTIO_NET_F_MRG_RXBUF)
+    | bit(lib.VIRTIO_NET_F_CSUM)
+    | bit(lib.VIRTIO_NET_F_GUEST_CSUM)
+    | bit(lib.VIRTIO_NET_F_HOST_TSO4)
+    | bit(lib.VIRTIO_NET_F_HOST_TSO6)
+    | bit(lib.VIRTIO_NET_F_GUEST_TSO4)
+    | bit(lib.VIRTIO_NET_F_GUEST_TSO6)
+)
+
+
+@dataclass
+class QueueStats:
+    """Counters of one virtqueue, as ``vdev serve`` prints them on exit."""
+
+    frames: int = 0
+    bytes: int = 0
+    drops: int = 0
+    notifications: int = 0
+    kills: dict[str, int] = field(default_factory=dict)
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.drops += n
+        self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + n
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "frames": self.frames,
+            "bytes": self.bytes,
+            "drops": self.drops,
+            "drop_reasons": dict(self.drop_reasons),
+            "notifications": self.notifications,
+            "kills": dict(self.kills),
+        }
+
+
+class RingFaults(Protocol):
+    """Ring-level misbehaviour the fault engine installs (``nic.ring_faults``).
+
+    The NIC asks before it consumes a queue and around every used element and call, so a
+    fault can stall a queue, rewrite or duplicate used elements, or drop/add interrupts
+    without the data path knowing about faults.
+    """
+
+    def stalled(self, nic: VirtioNet, index: int) -> bool:
+        """True to leave queue ``index`` untouched for now (TX not consumed, RX not filled)."""
+        ...
+
+    def used(
+        self, nic: VirtioNet, index: int, head: int, written: int
+    ) -> list[tuple[int, int]] | None:
+        """Used elements to publish instead of (head, written); None means publish as is.
+
+        Elements whose head is not the one in flight are written raw (``push_raw``)."""
+        ...
+
+    def calls(self, nic: VirtioNet, index: int, wanted: bool) -> int:
+        """How many call notifications to send now (``wanted``: what the ring rules say)."""
+        ...
+
+
+# Hooks the fault engine (and tests) install on the data path.  A TX hook sees the
+# packets a queue produced and returns the ones to forward; an RX hook likewise before
+# packets are written into guest buffers.  Both own the packets they drop (must free).
+PacketHook = Callable[["VirtioNet", int, list[int]], list[int]]
+
+
+def _flow_key(head: bytes) -> bytes:
+    """IPv4 addresses and L4 ports of a frame (bytes 26-37), or the whole head if short."""
+    return head[26:38] if len(head) >= 38 else head
+
+
+class VirtioNet:
+    """One NIC: device side of a vhost-user connection plus its switch endpoint."""
+
+    def __init__(
+        self,
+        name: str,
+        pool: Pbufpool,
+        forward: Callable[[str, list[int]], None],
+        *,
+        mac: bytes = b"\x52\x54\x00\x12\x34\x56",
+        queue_pairs: int = 1,
+        mtu: int = 1500,
+        features: int = DEFAULT_FEATURES,
+        on_queue_started: Callable[[VirtioNet, Vring], None] | None = None,
+        on_queue_stopped: Callable[[VirtioNet, Vring], None] | None = None,
+    ) -> None:
+        if not 1 <= queue_pairs <= 8:
+            raise ValueError(f"queue_pairs={queue_pairs}: vdev supports 1 to 8 queue pairs")
+        self.name = name
+        self.pool = pool
+        self.forward = forward
+        self.mac = mac
+        self.queue_pairs = queue_pairs
+        self.mtu = mtu
+        self.offered = features | (bit(lib.VIRTIO_NET_F_MQ) if queue_pairs > 1 else 0)
+        self.negotiated = 0
+        self.link_up = True
+        self.vrings: dict[int, Vring] = {}
+        self.stats: dict[int, QueueStats] = {i: QueueStats() for i in range(2 * queue_pairs)}
+        self.backlog: deque[int] = deque()
+        self.tx_hooks: list[PacketHook] = []
+        self.rx_hooks: list[PacketHook] = []
+        self.on_queue_started = on_queue_started
+        self.on_queue_stopped = on_queue_stopped
+        self.kill_log: list[tuple[int, SyncError]] = []
+        # Capture tap: (nic, frame, direction) with direction 1 = from the guest, 2 = to it.
+        self.tap: Callable[[VirtioNet, bytes, int], None] | None = None
+        self.ring_faults: RingFaults | None = None
+        self._rx_rr = 0
+
+    # -- VhostDevice callback table ------------------------------------------------------
+
+    def device_features(self) -> int:
+        return self.offered
+
+    def protocol_features(self) -> int:
+        return bit(VHOST_USER_PROTOCOL_F_NET_MTU)
+
+    def max_queues(self) -> int:
+        # GET_QUEUE_NUM: QEMU's net/vhost-user.c compares the answer with queues= (pairs).
+        return self.queue_pairs
+
+    def features_set(self, features: int) -> None:
+        self.negotiated = features
+
+    def queue_started(self, vring: Vring) -> None:
+        if vring.index >= 2 * self.queue_pairs:
+            log.error(
+                "%s: frontend started queue %d of %d", self.name, vring.index, 2 * self.queue_pairs
+            )
+            return
+        self.vrings[vring.index] = vring
+        log.info(
+            "%s: queue %d started (num=%d base=%d)", self.name, vring.index, vring.num, vring.base
+        )
+        if self.on_queue_started is not None:
+            self.on_queue_started(self, vring)
+        if vring.index % 2 == 1:
+            self.process_tx(vring.index)
+        else:
+            self.drain_rx()
+
+    def queue_stopped(self, vring: Vring) -> None:
+        if self.vrings.get(vring.index) is vring:
+            del self.vrings[vring.index]
+            if self.on_queue_stopped is not None:
+                self.on_queue_stopped(self, vring)
+            log.info("%s: queue %d stopped", self.name, vring.index)
+
+    def memory_changed(self, mem: GuestMemory) -> None:
+        log.info(
+            "%s: guest memory now %d regions, %d bytes", self.name, len(mem.regions), mem.total_size
+        )
+
+    def set_mtu(self, mtu: int) -> None:
+        self.mtu = mtu
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        cfg = self.mac + struct.pack(
+            "<HHH", lib.VIRTIO_NET_S_LINK_UP if self.link_up else 0, self.queue_pairs, self.mtu
+        )
+        return cfg[offset : offset + size].ljust(size, b"\0")
+
+    def disconnected(self) -> None:
+        for vring in list(self.vrings.values()):
+            self.queue_stopped(vring)
+        self.pool.free_packets(list(self.backlog))
+        self.backlog.clear()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def has(self, feature: int) -> bool:
+        return bool(self.negotiated & bit(feature))
+
+    @property
+    def hdr_len(self) -> int:
+        # 5.1.6 "Device Operation": the 12-byte header with VERSION_1 or MRG_RXBUF.
+        if self.has(lib.VIRTIO_F_VERSION_1) or self.has(lib.VIRTIO_NET_F_MRG_RXBUF):
+            return NET_HDR_LEN
+        return LEGACY_HDR_LEN
+
+    def _running(self, index: int) -> SplitQueue | None:
+        vring = self.vrings.get(index)
+        if vring is None or vring.queue is None or not vring.enabled:
+            return None
+        if vring.queue.defunct is not None:
+            return None
+        return vring.queue
+
+    def _kill(self, index: int, err: SyncError) -> None:
+        stats = self.stats[index]
+        stats.kills[err.reason.name] = stats.kills.get(err.reason.name, 0) + 1
+        self.kill_log.append((index, err))
+        log.error("%s: queue %d defunct: %s", self.name, index, err)
+
+    def _push(self, queue: SplitQueue, index: int, head: int, written: int) -> None:
+        faults = self.ring_faults
+        elems = faults.used(self, index, head, written) if faults is not None else None
+        if elems is None:
+            queue.push(head, written)
+            return
+        for h, n in elems:
+            if h == head:
+                queue.push(h, written)
+                if n != written:
+                    queue.patch_last_used(n)  # a lying length, written raw
+            else:
+                queue.push_raw(h, n)
+
+    def _maybe_notify(self, queue: SplitQueue, index: int) -> None:
+        wanted = queue.should_notify()
+        faults = self.ring_faults
+        count = faults.calls(self, index, wanted) if faults is not None else int(wanted)
+        for _ in range(count):
+            self.notify(index)
+
+    def _stalled(self, index: int) -> bool:
+        return self.ring_faults is not None and self.ring_faults.stalled(self, index)
+
+    def notify(self, index: int) -> None:
+        vring = self.vrings.get(index)
+        if vring is None or vring.call_fd is None:
+            return
+        try:
+            os.eventfd_write(vring.call_fd, 1)
+            self.stats[index].notifications += 1
+        except OSError as exc:
+            log.warning("%s: queue %d call fd: %s", self.name, index, exc)
+
+    # -- TX: guest -> switch ---------------------------------------------------------------
+
+    def process_tx(self, index: int) -> int:
+        """Drain one TX queue; returns the number of chains consumed."""
+        vring = self.vrings.get(index)
+        if vring is None or vring.queue is None or vring.queue.defunct is not None:
+            return 0
+        if self._stalled(index):
+            return 0
+        queue = vring.queue
+        stats = self.stats[index]
+        hlen = self.hdr_len
+        pkts: list[int] = []
+        consumed = 0
+        try:
+            while consumed < TX_BUDGET:
+                chain = queue.pop()
+                if chain is None:
+                    break
+                consumed += 1
+                self._push(queue, index, chain.head, 0)
+                # 2.7 "Virtqueue Operation": a disabled TX ring is drained and dropped.
+                if not vring.enabled or not self.link_up:
+                    stats.drop("ring_disabled" if not vring.enabled else "link_down")
+                    continue
+                pkt = self._internalize_tx(chain, hlen, stats)
+                if pkt is not None:
+                    pkts.append(pkt)
+            queue.flush_used()
+            if consumed:
+                self._maybe_notify(queue, index)
+            elif queue.enable_notifications(True):
+                # Buffers arrived while we were re-arming the kick (2.7.10): go again.
+                consumed += self.process_tx(index)
+        except SyncError as err:
+            self._kill(index, err)
+        except DefunctError:
+            pass
+        pkts = self._run_hooks(self.tx_hooks, index, pkts)
+        if pkts:
+            self.forward(self.name, pkts)
+        if consumed >= TX_BUDGET:
+            # More work may be pending; the caller loops until 0.
+            return consumed + self.process_tx(index)
+        return consumed
+
+    def _internalize_tx(self, chain: Chain, hlen: int, stats: QueueStats) -> int | None:
+        if chain.read_len < hlen + 14:
+            stats.drop("runt")
+            return None
+        if chain.read_len - hlen > MAX_FRAME:
+            stats.drop("oversize")
+            return None
+        data = chain.read_bytes()
+        hdr = bytes(data[:hlen]).ljust(NET_HDR_LEN, b"\0")
+        frame = bytes(data[hlen:])
+        flags, gso_type = hdr[0], hdr[1]
+        if flags & lib.VIRTIO_NET_HDR_F_NEEDS_CSUM and gso_type == lib.VIRTIO_NET_HDR_GSO_NONE:
+            # CSUM negotiated: the guest left the checksum to us.  Complete it here so every
+            # consumer (responder, capture, host channels) sees a valid frame; the header
+            # keeps saying NEEDS_CSUM only for GSO frames that travel as pass-through.
+            csum_start, csum_offset = struct.unpack_from("<HH", hdr, 6)
+            frame = complete_checksum(frame, csum_start, csum_offset)
+            hdr = b"\0\0" + hdr[2:]
+        pkt = self.pool.packet_from_bytes(frame, hdr)
+        if pkt is None:
+            stats.drop("pool_exhausted")
+            return None
+        stats.frames += 1
+        stats.bytes += len(frame)
+        if self.tap is not None:
+            self.tap(self, frame, 1)
+        return pkt
+
+    # -- RX: switch -> guest ---------------------------------------------------------------
+
+    @property
+    def endpoint_name(self) -> str:
+        return self.name
+
+    def deliver(self, pkts: list[int]) -> int:
+        """Switch endpoint: take frames for the guest (backlogged while buffers are short)."""
+        rx_running = [i for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)]
+        if not rx_running or not self.link_up:
+            # 2.7 / vhost-user "Ring states": a disabled RX ring gets nothing.
+            self.stats[0].drop("rx_ring_down" if self.link_up else "link_down", len(pkts))
+            return 0
+        room = RX_BACKLOG - len(self.backlog)
+        taken = pkts[:room]
+        if len(taken) < len(pkts):
+            self.stats[rx_running[0]].drop("rx_backlog_full", len(pkts) - len(taken))
+        self.inject_rx(self._run_hooks(self.rx_hooks, rx_running[0], taken))
+        return len(taken)
+
+    def _run_hooks(self, hooks: list[PacketHook], index: int, pkts: list[int]) -> list[int]:
+        for hook in hooks:
+            pkts = hook(self, index, pkts)
+        return pkts
+
+    def inject_tx(self, pkts: list[int]) -> None:
+        """Send packets into the switch as if the guest sent them, past the TX hooks."""
+        if pkts:
+            self.forward(self.name, pkts)
+
+    def inject_rx(self, pkts: list[int]) -> None:
+        """Queue packets for the guest past the RX hooks (a fault releasing held frames)."""
+        self.backlog.extend(pkts)
+        self.drain_rx()
+
+    def _pick_rx_queue(self, flow: bytes) -> int | None:
+        running = [
+            i
+            for i in range(0, 2 * self.queue_pairs, 2)
+            if self._running(i) and not self._stalled(i)
+        ]
+        if not running:
+            return None
+        if len(running) == 1:
+            return running[0]
+        # Spread flows across pairs by a hash of the addresses and ports (no RSS negotiated).
+        return running[zlib.crc32(flow) % len(running)]
+
+    def drain_rx(self) -> None:
+        """Move backlogged frames into guest RX buffers while there is room."""
+        if not self.backlog:
+            return
+        touched: set[int] = set()
+        while self.backlog:
+            pkt = self.backlog[0]
+            head = self.pool.packet_head(pkt, 42)
+            index = self._pick_rx_queue(_flow_key(head))
+            if index is None:
+                break
+            vring = self.vrings[index]
+            queue = vring.queue
+            assert queue is not None
+            try:
+                before = queue.avail_count()
+                done = self._write_rx(queue, index, pkt, self.stats[index])
+                if not done:
+                    # No room: ask for a kick when the guest refills (2.7.10); if buffers
+                    # arrived while re-arming, go round again.
+                    queue.enable_notifications(True)
+                    if queue.avail_count() > before:
+                        continue
+                    break
+            except SyncError as err:
+                self._kill(index, err)
+                continue
+            except DefunctError:
+                continue
+            self.backlog.popleft()
+            self.pool.free_packets([pkt])
+            touched.add(index)
+        for index in touched:
+            vring = self.vrings.get(index)
+            if vring is not None and vring.queue is not None:
+                vring.queue.flush_used()
+                self._maybe_notify(vring.queue, index)
+
+    def _write_rx(self, queue: SplitQueue, index: int, pkt: int, stats: QueueStats) -> bool:
+        """Write one frame into guest buffers; False when the guest has not posted enough."""
+        frame = self.pool.packet_bytes(pkt)
+        vnet = self.pool.packet_vnet(pkt) or bytes(NET_HDR_LEN)
+        if vnet[1] != lib.VIRTIO_NET_HDR_GSO_NONE and not self._guest_gso_ok(vnet[1]):
+            stats.drop("gso_unsupported")
+            return True
+        if vnet[0] & lib.VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.has(lib.VIRTIO_NET_F_GUEST_CSUM):
+            start, offset = struct.unpack_from("<HH", vnet, 6)
+            frame = complete_checksum(frame, start, offset)
+            vnet = b"\0\0" + vnet[2:]
+        hlen = self.hdr_len
+        total = hlen + len(frame)
+        mergeable = self.has(lib.VIRTIO_NET_F_MRG_RXBUF)
+        start_idx = queue.last_avail_idx
+        chains: list[Chain] = []
+        room = 0
+        while room < total:
+            if queue.avail_count() == 0:
+                queue.rewind(start_idx)
+                return False
+            chain = queue.pop()
+            if chain is None:
+                queue.rewind(start_idx)
+                return False
+            chains.append(chain)
+            room += chain.write_len
+            if not mergeable:
+                break
+        if room < total:
+            # One buffer without MRG_RXBUF and it is too small: the frame cannot be
+            # delivered.  Return the buffer unused (len 0) and count the drop.
+            for chain in chains:
+                self._push(queue, index, chain.head, 0)
+            stats.drop("rx_buffer_too_small")
+            return True
+        hdr = vnet[:hlen]
+        if hlen == NET_HDR_LEN:
+            hdr = hdr[:10] + struct.pack("<H", len(chains) if mergeable else 1)
+        data = hdr + frame
+        offset = 0
+        for chain in chains:
+            n = chain.write_into(data[offset:])
+            self._push(queue, index, chain.head, n)
+            offset += n
+        stats.frames += 1
+        stats.bytes += len(frame)
+        if self.tap is not None:
+            self.tap(self, frame, 2)
+        return True
+
+    def _guest_gso_ok(self, gso_type: int) -> bool:
+        kind = gso_type & ~lib.VIRTIO_NET_HDR_GSO_ECN
+        need = {
+            lib.VIRTIO_NET_HDR_GSO_TCPV4: lib.VIRTIO_NET_F_GUEST_TSO4,
+            lib.VIRTIO_NET_HDR_GSO_TCPV6: lib.VIRTIO_NET_F_GUEST_TSO6,
+            lib.VIRTIO_NET_HDR_GSO_UDP: lib.VIRTIO_NET_F_GUEST_UFO,
+        }.get(kind)
+        return need is not None and self.has(need)
+
+    def kick(self, index: int) -> None:
+        """The guest notified queue ``index`` (its kick eventfd fired)."""
+        if index % 2 == 1:
+            self.process_tx(index)
+        else:
+            self.drain_rx()
+
+    def stats_dict(self) -> dict[str, object]:
+        queues = {}
+        for index, qstats in self.stats.items():
+            kind = "rx" if index % 2 == 0 else "tx"
+            queues[f"{kind}{index // 2}"] = qstats.as_dict()
+        return {
+            "name": self.name,
+            "negotiated": hex(self.negotiated),
+            "link_up": self.link_up,
+            "backlog": len(self.backlog),
+            "queues": queues,
+        }
+
+
+__all__ = ["DEFAULT_FEATURES", "KillReason", "QueueStats", "VirtioNet"]

@@ -1,0 +1,148 @@
+"""The device's built-in peer: answers ARP, ICMP echo and UDP echo on its own addresses.
+
+It gives a guest something to ping with no test code at all (the default gateway of the
+guest image points here), and it is the far end of the main demo's UDP bursts.
+Frames are parsed by hand with ``struct``: the formats are fixed and tiny.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+
+from vdev.net.checksum import ones_complement_sum
+from vdev.skywalk import Pbufpool
+
+ETH_P_ARP = 0x0806
+ETH_P_IP = 0x0800
+IPPROTO_ICMP = 1
+IPPROTO_UDP = 17
+
+
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum of ``data``."""
+    return ~ones_complement_sum(data) & 0xFFFF
+
+
+def mac_bytes(mac: str) -> bytes:
+    """Parse ``aa:bb:cc:dd:ee:ff``; ValueError names the bad text."""
+    parts = mac.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"bad MAC address {mac!r}: want six hex pairs like 52:54:00:12:34:56")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"bad MAC address {mac!r}: not hex") from None
+
+
+def mac_str(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass
+class ResponderStats:
+    arp_replies: int = 0
+    icmp_replies: int = 0
+    udp_replies: int = 0
+    udp_sink_packets: int = 0  # UDP frames to the sink port (counted, not answered)
+    udp_sink_bytes: int = 0
+    ignored: int = 0
+
+
+@dataclass
+class Responder:
+    """Switch endpoint with one MAC and IPv4 address; ``send`` is wired by the device."""
+
+    pool: Pbufpool
+    mac: bytes = field(default_factory=lambda: mac_bytes("52:54:00:00:00:fe"))
+    ip: str = "10.0.2.2"
+    udp_echo_ports: tuple[int, ...] = (7,)
+    udp_sink_ports: tuple[int, ...] = (9,)
+    name: str = "responder"
+    stats: ResponderStats = field(default_factory=ResponderStats)
+
+    def __post_init__(self) -> None:
+        self._ip = ipaddress.IPv4Address(self.ip).packed
+        self.outbox: list[int] = []
+
+    def deliver(self, pkts: list[int]) -> int:
+        """Answer what deserves an answer; replies collect in ``outbox`` for the device."""
+        for pkt in pkts:
+            frame = self.pool.packet_bytes(pkt)
+            self.pool.free_packets([pkt])
+            reply = self.answer(frame)
+            if reply is None:
+                continue
+            out = self.pool.packet_from_bytes(reply)
+            if out is not None:
+                self.outbox.append(out)
+        return len(pkts)
+
+    def take_outbox(self) -> list[int]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def answer(self, frame: bytes) -> bytes | None:
+        if len(frame) < 14:
+            self.stats.ignored += 1
+            return None
+        dst, src, ethertype = frame[0:6], frame[6:12], struct.unpack_from("!H", frame, 12)[0]
+        if ethertype == ETH_P_ARP:
+            return self._arp(frame, src)
+        if ethertype == ETH_P_IP and dst == self.mac:
+            return self._ipv4(frame, src)
+        self.stats.ignored += 1
+        return None
+
+    def _arp(self, frame: bytes, src: bytes) -> bytes | None:
+        if len(frame) < 42:
+            self.stats.ignored += 1
+            return None
+        htype, ptype, hlen, plen, op = struct.unpack_from("!HHBBH", frame, 14)
+        sha, spa, _tha, tpa = frame[22:28], frame[28:32], frame[32:38], frame[38:42]
+        if (htype, ptype, hlen, plen, op) != (1, ETH_P_IP, 6, 4, 1) or tpa != self._ip:
+            self.stats.ignored += 1
+            return None
+        self.stats.arp_replies += 1
+        body = struct.pack("!HHBBH", 1, ETH_P_IP, 6, 4, 2) + self.mac + self._ip + sha + spa
+        return src + self.mac + struct.pack("!H", ETH_P_ARP) + body
+
+    def _ipv4(self, frame: bytes, src: bytes) -> bytes | None:
+        ip = frame[14:]
+        if len(ip) < 20 or ip[0] >> 4 != 4:
+            self.stats.ignored += 1
+            return None
+        ihl = (ip[0] & 0xF) * 4
+        total = struct.unpack_from("!H", ip, 2)[0]
+        if ihl < 20 or total < ihl or total > len(ip) or ip[16:20] != self._ip:
+            self.stats.ignored += 1
+            return None
+        proto, peer = ip[9], ip[12:16]
+        payload = ip[ihl:total]
+        if proto == IPPROTO_ICMP and len(payload) >= 8 and payload[0] == 8:
+            self.stats.icmp_replies += 1
+            icmp = b"\0\0\0\0" + payload[4:]
+            icmp = icmp[:2] + struct.pack("!H", inet_checksum(icmp)) + icmp[4:]
+            return self._ip_frame(src, peer, IPPROTO_ICMP, icmp)
+        if proto == IPPROTO_UDP and len(payload) >= 8:
+            sport, dport, ulen = struct.unpack_from("!HHH", payload, 0)
+            data = payload[8:ulen] if 8 <= ulen <= len(payload) else payload[8:]
+            if dport in self.udp_sink_ports:
+                self.stats.udp_sink_packets += 1
+                self.stats.udp_sink_bytes += len(data)
+                return None
+            if dport in self.udp_echo_ports:
+                self.stats.udp_replies += 1
+                # UDP checksum 0 means "none" for IPv4 (RFC 768).
+                udp = struct.pack("!HHHH", dport, sport, 8 + len(data), 0) + data
+                return self._ip_frame(src, peer, IPPROTO_UDP, udp)
+        self.stats.ignored += 1
+        return None
+
+    def _ip_frame(self, dst_mac: bytes, dst_ip: bytes, proto: int, payload: bytes) -> bytes:
+        hdr = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0x4000, 64, proto, 0, self._ip, dst_ip
+        )
+        hdr = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
+        return dst_mac + self.mac + struct.pack("!H", ETH_P_IP) + hdr + payload

@@ -1,0 +1,496 @@
+"""Pbufpool: packets, buflets and buffers in the shared arena, with kernel-trusted bookkeeping.
+
+The arena is shared with untrusted clients, so nothing the pool relies on is stored there:
+which objects are allocated, each packet's buflet chain and buffer indices, data windows,
+lengths, offload fields and the owner of each packet live in Python arrays below.  The
+shared metadata is only the *user copy*: written from the trusted state when a packet is
+handed to a client (externalize) and re-validated when it comes back (internalize, in
+``validate.py``).  A client scribbling on shared memory can therefore only damage data
+bytes it could write anyway, never the pool's accounting.
+
+Owner tracking follows pbufpool.c's user packet pool ("upp"): every packet a channel holds is
+recorded under the channel's owner id, a slot naming a packet the channel does not hold is
+refused, and closing the channel purges everything it held.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+from vdev.abi import lib
+
+from .arena import (
+    MD_W64,
+    NO_INDEX,
+    REDZONE_SEED,
+    Arena,
+    MdOff,
+    PoolConfig,
+)
+from .errors import PoolError
+
+KERNEL = -1  # owner id of packets held by trusted code (device, rings' kernel side)
+_FREE = 0
+_ALLOCATED = 1
+
+
+@dataclass
+class PoolStats:
+    """Counters a test or the device reads to see pressure and leaks."""
+
+    in_use: int = 0
+    high_water: int = 0
+    alloc_failures: int = 0
+    buflets_in_use: int = 0
+    large_in_use: int = 0
+    allocs: int = 0
+    frees: int = 0
+    redzone_faults: int = 0
+
+
+@dataclass
+class LeakReport:
+    """What was still allocated when the pool closed (empty means no leak)."""
+
+    packets: list[int] = field(default_factory=list)
+    by_owner: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def leaked(self) -> bool:
+        return bool(self.packets)
+
+    def __str__(self) -> str:
+        if not self.packets:
+            return "no leaks"
+        owners = ", ".join(f"owner {o}: {n}" for o, n in sorted(self.by_owner.items()))
+        return f"{len(self.packets)} packets leaked ({owners})"
+
+
+class Pbufpool:
+    """A packet pool over one memfd arena (see the module docstring for the trust split)."""
+
+    def __init__(
+        self,
+        num_packets: int = 4096,
+        buf_size: int = 2048,
+        max_frags: int = 4,
+        num_buflets: int | None = None,
+        num_large_bufs: int = 0,
+        large_buf_size: int = 16384,
+        num_ring_slots: int = 8192,
+    ) -> None:
+        self.config = PoolConfig(
+            num_packets,
+            buf_size,
+            max_frags,
+            num_buflets,
+            num_large_bufs,
+            large_buf_size,
+            num_ring_slots,
+        )
+        self.arena = Arena.create(self.config)
+        cfg = self.config
+        p = cfg.num_packets
+        e = cfg.resolved_buflets()
+        self.num_packets = p
+        self.num_ext = e
+        self.max_frags = cfg.max_frags
+        self.buf_size = cfg.buf_size
+        self.large_buf_size = cfg.large_buf_size
+        nb = p + e
+        # Trusted buflet state, indexed by global buflet id: packet i's inline buf0 is id i,
+        # external buflet j is id p + j.  Default buffer g belongs to buflet g for life.
+        self.b_buf = array("I", range(nb))
+        self.b_large = bytearray(nb)
+        self.b_doff = array("I", bytes(4 * nb))
+        self.b_dlen = array("I", bytes(4 * nb))
+        self.b_next = array("I", [NO_INDEX]) * nb
+        # Trusted packet state.
+        self.pkt_state = bytearray(p)
+        self.pkt_owner = array("i", [KERNEL]) * p
+        self.pkt_len = array("I", bytes(4 * p))
+        self.pkt_nbufs = array("H", bytes(2 * p))
+        self.pkt_pflags = array("H", bytes(2 * p))
+        self.pkt_l2 = array("H", bytes(2 * p))
+        self.pkt_cstart = array("H", bytes(2 * p))
+        self.pkt_cstuff = array("H", bytes(2 * p))
+        self.pkt_vnet = bytearray(MdOff.VNET_LEN * p)
+        # Free lists (stacks: recently freed objects are reused first, cache-warm).
+        self._free_pkts = list(range(p - 1, -1, -1))
+        self._free_ext = list(range(e - 1, -1, -1))
+        self._free_large = list(range(cfg.num_large_bufs - 1, -1, -1))
+        self.owners: dict[int, set[int]] = {}
+        self.stats = PoolStats()
+        self._closed = False
+        # Ring region allocator (bump pointer plus exact-size reuse).
+        self._ring_next = 0
+        self._ring_free: dict[int, list[int]] = {}
+        md64 = self.arena.md64
+        for i in range(p):
+            md64[i * MD_W64 + MdOff.REDZONE_W64] = REDZONE_SEED ^ i
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def fd(self) -> int:
+        """The arena memfd: pass it (e.g. with ``pass_fds``) to let another process attach."""
+        return self.arena.fd
+
+    @property
+    def max_packet_len(self) -> int:
+        """Largest frame ``packet_from_bytes`` can ever hold with this configuration."""
+        small = self.buf_size * self.max_frags
+        if self.config.num_large_bufs:
+            return max(small, self.large_buf_size * min(self.max_frags, self.config.num_large_bufs))
+        return small
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolError("pool is closed")
+
+    def _check_idx(self, idx: int) -> None:
+        if not (0 <= idx < self.num_packets) or self.pkt_state[idx] != _ALLOCATED:
+            raise PoolError(f"packet {idx} is not allocated")
+
+    # ----------------------------------------------------------------- alloc / free
+    def alloc_packets(self, n: int, nbufs: int = 1) -> list[int]:
+        """Allocate up to ``n`` packets of ``nbufs`` buflets each (may return fewer).
+
+        Packets come back kernel-owned with empty data windows; shortfalls are counted in
+        ``stats.alloc_failures`` so pool pressure is visible without exceptions.
+        """
+        self._check_open()
+        if not 1 <= nbufs <= self.max_frags:
+            raise PoolError(f"nbufs {nbufs} not in 1..{self.max_frags}")
+        want = n
+        n = min(n, len(self._free_pkts))
+        if nbufs > 1:
+            n = min(n, len(self._free_ext) // (nbufs - 1))
+        out: list[int] = []
+        if n > 0:
+            fp = self._free_pkts
+            out = fp[len(fp) - n :]
+            del fp[len(fp) - n :]
+            out.reverse()
+            for idx in out:
+                self._init_packet(idx, nbufs)
+            self._count_alloc(n, n * (nbufs - 1))
+        if n < want:
+            self.stats.alloc_failures += want - n
+        return out
+
+    def _init_packet(self, idx: int, nbufs: int) -> None:
+        self.pkt_state[idx] = _ALLOCATED
+        self.pkt_owner[idx] = KERNEL
+        self.pkt_len[idx] = 0
+        self.pkt_nbufs[idx] = nbufs
+        self.pkt_pflags[idx] = 0
+        self.pkt_l2[idx] = 0
+        self.pkt_cstart[idx] = 0
+        self.pkt_cstuff[idx] = 0
+        self.b_doff[idx] = 0
+        self.b_dlen[idx] = 0
+        prev = idx
+        fe = self._free_ext
+        p = self.num_packets
+        for _ in range(nbufs - 1):
+            j = fe.pop()
+            g = p + j
+            self.b_next[prev] = j
+            self.b_doff[g] = 0
+            self.b_dlen[g] = 0
+            prev = g
+        self.b_next[prev] = NO_INDEX
+
+    def _count_alloc(self, npkts: int, next_: int) -> None:
+        st = self.stats
+        st.in_use += npkts
+        st.allocs += npkts
+        st.buflets_in_use += next_
+        st.high_water = max(st.high_water, st.in_use)
+
+    def free_packets(self, idxs: list[int]) -> None:
+        """Return kernel-held packets to the pool (double free or client-held is a bug)."""
+        self._check_open()
+        for idx in idxs:
+            self._check_idx(idx)
+            if self.pkt_owner[idx] != KERNEL:
+                raise PoolError(f"packet {idx} is held by owner {self.pkt_owner[idx]}")
+        self._release(idxs)
+
+    def _release(self, idxs: list[int]) -> None:
+        """Free packets already known to be allocated (trusted callers only)."""
+        p = self.num_packets
+        md64 = self.arena.md64
+        fe = self._free_ext
+        fl = self._free_large
+        st = self.stats
+        next_freed = 0
+        large_freed = 0
+        for idx in idxs:
+            if self.pkt_state[idx] != _ALLOCATED:
+                raise PoolError(f"packet {idx} freed twice")
+            self.pkt_state[idx] = _FREE
+            self.pkt_owner[idx] = KERNEL
+            rz = idx * MD_W64 + MdOff.REDZONE_W64
+            if md64[rz] != REDZONE_SEED ^ idx:
+                st.redzone_faults += 1
+                md64[rz] = REDZONE_SEED ^ idx
+            g = idx
+            while True:
+                if self.b_large[g]:
+                    fl.append(self.b_buf[g])
+                    self.b_large[g] = 0
+                    self.b_buf[g] = g
+                    large_freed += 1
+                j = self.b_next[g]
+                self.b_next[g] = NO_INDEX
+                if j == NO_INDEX:
+                    break
+                fe.append(j)
+                next_freed += 1
+                g = p + j
+            self._free_pkts.append(idx)
+        st.in_use -= len(idxs)
+        st.frees += len(idxs)
+        st.buflets_in_use -= next_freed
+        st.large_in_use -= large_freed
+
+    # ----------------------------------------------------------------- data in / out
+    def packet_from_bytes(self, data: bytes, vnet: bytes | None = None) -> int | None:
+        """Allocate a packet holding ``data`` (chaining buflets or large buffers as needed).
+
+        Returns None when the pool is exhausted; a frame that can never fit this pool's
+        configuration (see ``max_packet_len``) is a PoolError, so it is not mistaken for
+        transient pressure.
+        """
+        self._check_open()
+        n = len(data)
+        if vnet is not None and len(vnet) != MdOff.VNET_LEN:
+            raise PoolError(f"vnet header must be {MdOff.VNET_LEN} bytes, got {len(vnet)}")
+        bs = self.buf_size
+        use_large = False
+        nbufs = max(1, -(-n // bs))
+        if nbufs > self.max_frags or (n > bs and self.config.num_large_bufs):
+            nlarge = max(1, -(-n // self.large_buf_size))
+            if self.config.num_large_bufs and nlarge <= self.max_frags:
+                if nlarge <= len(self._free_large):
+                    use_large = True
+                    nbufs = nlarge
+                elif nbufs > self.max_frags:
+                    self.stats.alloc_failures += 1
+                    return None
+            elif nbufs > self.max_frags:
+                raise PoolError(f"frame of {n} bytes exceeds max_packet_len {self.max_packet_len}")
+        got = self.alloc_packets(1, nbufs)
+        if not got:
+            return None
+        idx = got[0]
+        mem = self.arena.mem
+        lay = self.arena.layout
+        p = self.num_packets
+        g = idx
+        pos = 0
+        large = 0
+        while True:
+            if use_large:
+                lb = self._free_large.pop()
+                self.b_buf[g] = lb
+                self.b_large[g] = 1
+                large += 1
+                size = self.large_buf_size
+                base = lay.large_buf_off + lb * size
+            else:
+                size = bs
+                base = lay.buf_off + self.b_buf[g] * bs
+            chunk = min(size, n - pos)
+            if chunk:
+                mem[base : base + chunk] = data[pos : pos + chunk]
+            self.b_doff[g] = 0
+            self.b_dlen[g] = chunk
+            pos += chunk
+            j = self.b_next[g]
+            if j == NO_INDEX:
+                break
+            g = p + j
+        self.stats.large_in_use += large
+        self.pkt_len[idx] = n
+        if vnet is not None:
+            o = idx * MdOff.VNET_LEN
+            self.pkt_vnet[o : o + MdOff.VNET_LEN] = vnet
+            self.pkt_pflags[idx] = lib.SK_PKT_VNET_HDR
+        return idx
+
+    def _buflet_base(self, g: int) -> tuple[int, int]:
+        """Arena offset and size of buflet ``g``'s buffer, from trusted state."""
+        lay = self.arena.layout
+        if self.b_large[g]:
+            return lay.large_buf_off + self.b_buf[g] * self.large_buf_size, self.large_buf_size
+        return lay.buf_off + self.b_buf[g] * self.buf_size, self.buf_size
+
+    def packet_segments(self, idx: int) -> list[memoryview]:
+        """Views of the packet's data windows, as the kernel last validated them."""
+        self._check_open()
+        self._check_idx(idx)
+        mem = self.arena.mem
+        out: list[memoryview] = []
+        g = idx
+        p = self.num_packets
+        while True:
+            base, _ = self._buflet_base(g)
+            d = base + self.b_doff[g]
+            if self.b_dlen[g]:
+                out.append(mem[d : d + self.b_dlen[g]])
+            j = self.b_next[g]
+            if j == NO_INDEX:
+                return out
+            g = p + j
+
+    def packet_bytes(self, idx: int) -> bytes:
+        """A copy of the packet's data (safe to keep after the packet is freed)."""
+        segs = self.packet_segments(idx)
+        if len(segs) == 1:
+            return bytes(segs[0])
+        return b"".join(segs)
+
+    def packet_head(self, idx: int, n: int) -> bytes:
+        """The first ``n`` bytes (fewer if the packet is shorter), e.g. for header parsing."""
+        out = b""
+        for seg in self.packet_segments(idx):
+            out += bytes(seg[: n - len(out)])
+            if len(out) >= n:
+                break
+        return out
+
+    def packet_copy(self, idx: int) -> int | None:
+        """A new kernel-owned packet with the same data and vnet header (None if exhausted)."""
+        return self.packet_from_bytes(self.packet_bytes(idx), self.packet_vnet(idx))
+
+    def stats_dict(self) -> dict[str, int]:
+        """Counters as a plain dict (for JSON status output)."""
+        st = self.stats
+        return {
+            "in_use": st.in_use,
+            "high_water": st.high_water,
+            "alloc_failures": st.alloc_failures,
+            "buflets_in_use": st.buflets_in_use,
+            "large_in_use": st.large_in_use,
+            "allocs": st.allocs,
+            "frees": st.frees,
+            "redzone_faults": st.redzone_faults,
+            "num_packets": self.num_packets,
+        }
+
+    def packet_len(self, idx: int) -> int:
+        self._check_open()
+        self._check_idx(idx)
+        return self.pkt_len[idx]
+
+    def packet_vnet(self, idx: int) -> bytes | None:
+        """The 12-byte virtio_net_hdr stored with the packet, or None if it has none."""
+        self._check_open()
+        self._check_idx(idx)
+        if not self.pkt_pflags[idx] & lib.SK_PKT_VNET_HDR:
+            return None
+        o = idx * MdOff.VNET_LEN
+        return bytes(self.pkt_vnet[o : o + MdOff.VNET_LEN])
+
+    def packet_nbufs(self, idx: int) -> int:
+        self._check_open()
+        self._check_idx(idx)
+        return self.pkt_nbufs[idx]
+
+    # ----------------------------------------------------------------- upp owner tracking
+    def owner_insert(self, owner_id: int, idx: int) -> None:
+        """Record that client ``owner_id`` now holds packet ``idx``."""
+        self._check_idx(idx)
+        if self.pkt_owner[idx] != KERNEL:
+            raise PoolError(f"packet {idx} already held by owner {self.pkt_owner[idx]}")
+        self.pkt_owner[idx] = owner_id
+        self.owners.setdefault(owner_id, set()).add(idx)
+
+    def owner_remove(self, owner_id: int, idx: int) -> bool:
+        """Take packet ``idx`` back from ``owner_id``; False if that owner does not hold it.
+
+        ``idx`` may come straight from shared memory, so any integer is accepted.
+        """
+        if not (0 <= idx < self.num_packets) or self.pkt_state[idx] != _ALLOCATED:
+            return False
+        if self.pkt_owner[idx] != owner_id:
+            return False
+        self.pkt_owner[idx] = KERNEL
+        self.owners[owner_id].discard(idx)
+        return True
+
+    def owner_holds(self, owner_id: int, idx: int) -> bool:
+        return (
+            0 <= idx < self.num_packets
+            and self.pkt_state[idx] == _ALLOCATED
+            and self.pkt_owner[idx] == owner_id
+        )
+
+    def owner_purge(self, owner_id: int) -> int:
+        """Free everything ``owner_id`` holds (the client went away); returns the count."""
+        held = self.owners.pop(owner_id, set())
+        if not held:
+            return 0
+        idxs = sorted(held)
+        for idx in idxs:
+            self.pkt_owner[idx] = KERNEL
+        self._release(idxs)
+        return len(idxs)
+
+    def owner_count(self, owner_id: int) -> int:
+        return len(self.owners.get(owner_id, ()))
+
+    # ----------------------------------------------------------------- ring region
+    def ring_alloc(self, nbytes: int) -> int:
+        """Reserve ``nbytes`` (8-aligned) of the ring region; returns the arena offset."""
+        self._check_open()
+        nbytes = (nbytes + 63) // 64 * 64
+        reuse = self._ring_free.get(nbytes)
+        if reuse:
+            off = reuse.pop()
+        else:
+            if self._ring_next + nbytes > self.arena.layout.ring_region_size:
+                raise PoolError(
+                    f"ring region full ({self.arena.layout.ring_region_size} bytes); "
+                    "raise num_ring_slots"
+                )
+            off = self._ring_next
+            self._ring_next += nbytes
+        lay = self.arena.layout
+        self.arena.mem[lay.ring_off + off : lay.ring_off + off + nbytes] = bytes(nbytes)
+        return lay.ring_off + off
+
+    def ring_release(self, arena_off: int, nbytes: int) -> None:
+        nbytes = (nbytes + 63) // 64 * 64
+        self._ring_free.setdefault(nbytes, []).append(arena_off - self.arena.layout.ring_off)
+
+    # ----------------------------------------------------------------- teardown
+    def leaks(self) -> LeakReport:
+        rep = LeakReport()
+        for idx in range(self.num_packets):
+            if self.pkt_state[idx] == _ALLOCATED:
+                rep.packets.append(idx)
+                o = self.pkt_owner[idx]
+                rep.by_owner[o] = rep.by_owner.get(o, 0) + 1
+        return rep
+
+    def close(self) -> LeakReport:
+        """Unmap the arena and report what was never freed (the caller decides if fatal)."""
+        if self._closed:
+            return LeakReport()
+        rep = self.leaks()
+        self._closed = True
+        self.arena.close()
+        return rep
+
+    def __enter__(self) -> Pbufpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["KERNEL", "LeakReport", "Pbufpool", "PoolStats"]

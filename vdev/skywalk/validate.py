@@ -1,0 +1,446 @@
+"""All per-slot and per-packet work of the kernel half, in one module.
+
+Ring-index validation (the TX and RX rules of channel_ring.c), packet internalize (reading
+and checking the user copy of the metadata before the kernel trusts anything in it) and
+externalize (publishing the kernel's trusted view to the user copy), and the slot loops that
+drive them.  Kept together, with flat integer arguments and typed memoryviews instead of
+objects, so the whole module can be rewritten in C behind cffi without touching the rings.
+
+Every value read from shared memory is treated as an arbitrary integer: it is range-checked
+before it is used as an index, and failures come back as a :class:`KillReason` (or a raised
+:class:`SyncError`), never as an IndexError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableSequence
+
+from vdev.abi import lib
+
+from .arena import (
+    BUF0_W16,
+    BUF0_W32,
+    BUFLET_W16,
+    BUFLET_W32,
+    MD_W16,
+    MD_W32,
+    MD_W64,
+    NO_INDEX,
+    REDZONE_SEED,
+    SD_LEN_MAX,
+    BufletOff,
+    MdOff,
+    SlotOff,
+)
+from .errors import KillReason, SyncError, SyncKind
+from .pool import KERNEL, Pbufpool
+
+SD_VALID: int = lib.SK_SD_VALID
+PKT_VNET_HDR: int = lib.SK_PKT_VNET_HDR
+PKT_CSUM_PARTIAL: int = lib.SK_PKT_CSUM_PARTIAL
+PKT_KNOWN_FLAGS = PKT_VNET_HDR | PKT_CSUM_PARTIAL
+QUM_FINALIZED: int = lib.SK_QUM_FINALIZED
+BUFLET_LARGE: int = lib.SK_BUFLET_LARGE
+VNET_F_NEEDS_CSUM = 1  # virtio 1.x 5.1.6: VIRTIO_NET_HDR_F_NEEDS_CSUM
+
+Failure = tuple[KillReason, str]
+_SI = SlotOff.MD_IDX_W32
+_SF = SlotOff.FLAGS_W16
+_SL = SlotOff.LEN_W16
+
+
+# --------------------------------------------------------------------- ring indices
+def tx_validate(
+    n: int, khead: int, ktail: int, rhead: int, rtail: int, head: int, tail: int
+) -> Failure | None:
+    """TX/FREE rule: ``khead <= rhead <= head <= tail == rtail <= ktail`` modulo wrap.
+
+    ``head`` and ``tail`` are the user's (untrusted) values; the rest are kernel state.
+    """
+    if khead >= n or rhead >= n or rtail >= n or ktail >= n:
+        return KillReason.BASIC_SANITY, f"kernel indices kh {khead} kt {ktail} rh {rhead}"
+    if head >= n:
+        return KillReason.BASIC_SANITY, f"head {head} >= num_slots {n}"
+    if rtail >= rhead:
+        if head < rhead or head > rtail:
+            return KillReason.HEAD_OOB, f"head {head} outside [rhead {rhead}, rtail {rtail}]"
+    elif rtail < head < rhead:
+        return KillReason.HEAD_OOB_WRAPPED, (
+            f"head {head} inside (rtail {rtail}, rhead {rhead}) of a wrapped ring"
+        )
+    if tail != rtail:
+        return KillReason.TAIL_MISMATCH, f"ring tail {tail} != kernel tail {rtail}"
+    return None
+
+
+def rx_validate(n: int, khead: int, ktail: int, rtail: int, head: int, tail: int) -> Failure | None:
+    """RX/ALLOC/EVENT rule: ``khead <= head <= ktail`` modulo wrap, tail unchanged."""
+    if khead >= n or ktail >= n:
+        return KillReason.BASIC_SANITY, f"kernel indices kh {khead} kt {ktail}"
+    if head >= n:
+        return KillReason.BASIC_SANITY, f"head {head} >= num_slots {n}"
+    if ktail >= khead:
+        if head < khead or head > ktail:
+            return KillReason.HEAD_OOB, f"head {head} outside [khead {khead}, ktail {ktail}]"
+    elif ktail < head < khead:
+        return KillReason.HEAD_OOB_WRAPPED, (
+            f"head {head} inside (ktail {ktail}, khead {khead}) of a wrapped ring"
+        )
+    if tail != rtail:
+        return KillReason.TAIL_MISMATCH, f"ring tail {tail} != kernel tail {rtail}"
+    return None
+
+
+# --------------------------------------------------------------------- packets
+def internalize(pool: Pbufpool, idx: int) -> Failure | None:
+    """Check the user copy of packet ``idx`` and, only if all of it is sane, adopt it.
+
+    ``idx`` is trusted (the caller got it from the owner table).  Adopted fields: each
+    buflet's data window, total length, packet flags, L2 length, checksum offsets and the
+    virtio-net header.  Buffer indices, chain links and limits are compared with the trusted
+    copy and never taken from the user.
+    """
+    a = pool.arena
+    md16 = a.md16
+    md32 = a.md32
+    b16 = idx * MD_W16
+    b32 = idx * MD_W32
+    if a.md64[idx * MD_W64 + MdOff.REDZONE_W64] != REDZONE_SEED ^ idx:
+        return KillReason.INTERNALIZE_FAILED, f"packet {idx}: metadata redzone overwritten"
+    maxf = pool.max_frags
+    if md16[b16 + MdOff.BUFS_MAX_W16] != maxf:
+        return KillReason.INTERNALIZE_FAILED, f"packet {idx}: bufs_max changed"
+    cnt = md16[b16 + MdOff.BUFS_CNT_W16]
+    if not 1 <= cnt <= maxf:
+        return KillReason.INTERNALIZE_FAILED, f"packet {idx}: bufs_cnt {cnt} not in 1..{maxf}"
+    if cnt != pool.pkt_nbufs[idx]:
+        return KillReason.BAD_BUFLET_CHAIN, (
+            f"packet {idx}: bufs_cnt {cnt} but the packet has {pool.pkt_nbufs[idx]} buflets"
+        )
+    p = pool.num_packets
+    b_buf = pool.b_buf
+    b_large = pool.b_large
+    b_next = pool.b_next
+    u32 = md32
+    u16 = md16
+    w32 = b32 + BUF0_W32
+    w16 = b16 + BUF0_W16
+    g = idx
+    total = 0
+    doff0 = dlim0 = 0
+    windows: list[int] = []  # doff, dlen pairs, committed only if everything passes
+    for k in range(cnt):
+        large = b_large[g]
+        if u32[w32 + BufletOff.BUF_IDX_W32] != b_buf[g]:
+            return KillReason.INTERNALIZE_FAILED, f"packet {idx} buflet {k}: buffer index changed"
+        if (u16[w16 + BufletOff.FLAGS_W16] & BUFLET_LARGE) != (BUFLET_LARGE if large else 0):
+            return KillReason.INTERNALIZE_FAILED, f"packet {idx} buflet {k}: large flag changed"
+        dlim = pool.large_buf_size if large else pool.buf_size
+        if u32[w32 + BufletOff.DLIM_W32] != dlim:
+            return KillReason.INTERNALIZE_FAILED, f"packet {idx} buflet {k}: dlim changed"
+        doff = u32[w32 + BufletOff.DOFF_W32]
+        dlen = u32[w32 + BufletOff.DLEN_W32]
+        if doff + dlen > dlim:
+            return KillReason.INTERNALIZE_FAILED, (
+                f"packet {idx} buflet {k}: doff {doff} + dlen {dlen} > dlim {dlim}"
+            )
+        nxt = u32[w32 + BufletOff.NEXT_W32]
+        if nxt != b_next[g]:
+            return KillReason.BAD_BUFLET_CHAIN, (
+                f"packet {idx} buflet {k}: next {nxt} != {b_next[g]} (chain rewritten)"
+            )
+        if k == 0:
+            doff0, dlim0 = doff, dlim
+        windows.append(doff)
+        windows.append(dlen)
+        total += dlen
+        if nxt == NO_INDEX:
+            break
+        g = p + nxt
+        u32 = a.bl32
+        u16 = a.bl16
+        w32 = nxt * BUFLET_W32
+        w16 = nxt * BUFLET_W16
+    plen = md32[b32 + MdOff.LEN_W32]
+    if plen != total:
+        return KillReason.INTERNALIZE_FAILED, f"packet {idx}: len {plen} != sum of buflets {total}"
+    headroom = md16[b16 + MdOff.HEADROOM_W16]
+    if headroom != doff0:
+        return KillReason.INTERNALIZE_FAILED, f"packet {idx}: headroom {headroom} != doff {doff0}"
+    l2 = md16[b16 + MdOff.L2_LEN_W16]
+    if headroom + l2 >= dlim0:
+        return KillReason.INTERNALIZE_FAILED, f"packet {idx}: headroom + l2_len >= buffer size"
+    pflags = md16[b16 + MdOff.PFLAGS_W16]
+    if pflags & ~PKT_KNOWN_FLAGS:
+        return KillReason.INTERNALIZE_FAILED, f"packet {idx}: unknown pflags {pflags:#x}"
+    cstart = cstuff = 0
+    if pflags & PKT_CSUM_PARTIAL:
+        cstart = md16[b16 + MdOff.CSUM_START_W16]
+        cstuff = md16[b16 + MdOff.CSUM_STUFF_W16]
+        if cstart >= plen or cstuff + 2 > plen:
+            return KillReason.INTERNALIZE_FAILED, (
+                f"packet {idx}: csum start {cstart} / stuff {cstuff} outside len {plen}"
+            )
+    vb = idx * MD_W32 * 4 + MdOff.VNET_BYTE
+    if pflags & PKT_VNET_HDR:
+        md8 = a.md8
+        if md8[vb] & VNET_F_NEEDS_CSUM:
+            vstart = md8[vb + 6] | md8[vb + 7] << 8
+            voff = md8[vb + 8] | md8[vb + 9] << 8
+            if vstart + voff + 2 > plen:
+                return KillReason.INTERNALIZE_FAILED, (
+                    f"packet {idx}: vnet csum_start {vstart} + csum_offset {voff} outside len"
+                )
+    # Everything checked: adopt the user's windows and offload fields.
+    g = idx
+    b_doff = pool.b_doff
+    b_dlen = pool.b_dlen
+    for k in range(0, len(windows), 2):
+        b_doff[g] = windows[k]
+        b_dlen[g] = windows[k + 1]
+        nxt = b_next[g]
+        g = p + nxt
+    pool.pkt_len[idx] = plen
+    pool.pkt_pflags[idx] = pflags
+    pool.pkt_l2[idx] = l2
+    pool.pkt_cstart[idx] = cstart
+    pool.pkt_cstuff[idx] = cstuff
+    if pflags & PKT_VNET_HDR:
+        o = idx * MdOff.VNET_LEN
+        pool.pkt_vnet[o : o + MdOff.VNET_LEN] = a.md8[vb : vb + MdOff.VNET_LEN]
+    return None
+
+
+def externalize(pool: Pbufpool, idx: int) -> None:
+    """Write the kernel's trusted view of packet ``idx`` into its user copy (and redzone)."""
+    a = pool.arena
+    md16 = a.md16
+    md32 = a.md32
+    b16 = idx * MD_W16
+    b32 = idx * MD_W32
+    a.md64[idx * MD_W64 + MdOff.REDZONE_W64] = REDZONE_SEED ^ idx
+    md32[b32 + MdOff.IDX_W32] = idx
+    md32[b32 + MdOff.LEN_W32] = pool.pkt_len[idx]
+    md16[b16 + MdOff.QFLAGS_W16] = QUM_FINALIZED
+    pflags = pool.pkt_pflags[idx]
+    md16[b16 + MdOff.PFLAGS_W16] = pflags
+    md16[b16 + MdOff.BUFS_CNT_W16] = pool.pkt_nbufs[idx]
+    md16[b16 + MdOff.BUFS_MAX_W16] = pool.max_frags
+    md16[b16 + MdOff.HEADROOM_W16] = pool.b_doff[idx]
+    md16[b16 + MdOff.L2_LEN_W16] = pool.pkt_l2[idx]
+    md16[b16 + MdOff.CSUM_START_W16] = pool.pkt_cstart[idx]
+    md16[b16 + MdOff.CSUM_STUFF_W16] = pool.pkt_cstuff[idx]
+    vb = b32 * 4 + MdOff.VNET_BYTE
+    if pflags & PKT_VNET_HDR:
+        o = idx * MdOff.VNET_LEN
+        a.md8[vb : vb + MdOff.VNET_LEN] = pool.pkt_vnet[o : o + MdOff.VNET_LEN]
+    else:
+        a.md8[vb : vb + MdOff.VNET_LEN] = bytes(MdOff.VNET_LEN)
+    p = pool.num_packets
+    g = idx
+    u32 = md32
+    u16 = md16
+    w32 = b32 + BUF0_W32
+    w16 = b16 + BUF0_W16
+    while True:
+        large = pool.b_large[g]
+        u32[w32 + BufletOff.BUF_IDX_W32] = pool.b_buf[g]
+        u32[w32 + BufletOff.DOFF_W32] = pool.b_doff[g]
+        u32[w32 + BufletOff.DLEN_W32] = pool.b_dlen[g]
+        u32[w32 + BufletOff.DLIM_W32] = pool.large_buf_size if large else pool.buf_size
+        nxt = pool.b_next[g]
+        u32[w32 + BufletOff.NEXT_W32] = nxt
+        u16[w16 + BufletOff.FLAGS_W16] = BUFLET_LARGE if large else 0
+        u16[w16 + BufletOff.FLAGS_W16 + 1] = 0
+        if nxt == NO_INDEX:
+            return
+        g = p + nxt
+        u32 = a.bl32
+        u16 = a.bl16
+        w32 = nxt * BUFLET_W32
+        w16 = nxt * BUFLET_W16
+
+
+# --------------------------------------------------------------------- slot loops
+def tx_take(
+    pool: Pbufpool,
+    owner: int,
+    r32: memoryview,
+    r16: memoryview,
+    slots_w32: int,
+    n: int,
+    start: int,
+    end: int,
+    sync: SyncKind,
+) -> tuple[list[int], int]:
+    """Take the packets the user attached to slots ``[start, end)`` of a TX ring.
+
+    For each slot: the packet must be held by ``owner`` (UNALLOCATED_PKT), its metadata
+    must name itself (QUM_IDX_MISMATCH) and pass :func:`internalize`.  The slot is reset.
+    On a violation everything taken so far, and the offending packet if it was ours, is
+    freed before :class:`SyncError` is raised: a dead client's packets are not sent.
+    Returns the packets (now kernel-owned) and their byte count.
+    """
+    pkts: list[int] = []
+    nbytes = 0
+    md32 = pool.arena.md32
+    owner_remove = pool.owner_remove
+    s = start
+    while s != end:
+        w = slots_w32 + 2 * s
+        flags = r16[2 * w + _SF]
+        idx = r32[w + _SI]
+        fail: Failure | None = None
+        took = False
+        if not flags & SD_VALID or not owner_remove(owner, idx):
+            fail = (
+                KillReason.UNALLOCATED_PKT,
+                f"slot {s}: packet {idx if flags & SD_VALID else 'none'} not held by the channel",
+            )
+        else:
+            took = True
+            uidx = md32[idx * MD_W32 + MdOff.IDX_W32]
+            if uidx != idx:
+                fail = KillReason.QUM_IDX_MISMATCH, f"slot {s}: metadata {idx} names {uidx}"
+            else:
+                fail = internalize(pool, idx)
+        if fail is not None:
+            if took:
+                pkts.append(idx)
+            pool._release(pkts)
+            raise SyncError(fail[0], sync, f"{fail[1]} (slots [{start}, {end}))")
+        pkts.append(idx)
+        nbytes += pool.pkt_len[idx]
+        r32[w + _SI] = NO_INDEX
+        r16[2 * w + _SF] = 0
+        r16[2 * w + _SL] = 0
+        s = s + 1 if s + 1 < n else 0
+    return pkts, nbytes
+
+
+def free_take(
+    pool: Pbufpool,
+    owner: int,
+    r32: memoryview,
+    r16: memoryview,
+    slots_w32: int,
+    n: int,
+    start: int,
+    end: int,
+) -> list[int]:
+    """Collect the packets the user returns in FREE-ring slots ``[start, end)``.
+
+    Slots without SD_VALID are skipped (nothing handed over).  A slot naming a packet the
+    channel does not hold is UNALLOCATED_PKT; packets collected before it are still freed.
+    """
+    out: list[int] = []
+    s = start
+    while s != end:
+        w = slots_w32 + 2 * s
+        if r16[2 * w + _SF] & SD_VALID:
+            idx = r32[w + _SI]
+            if not pool.owner_remove(owner, idx):
+                pool._release(out)
+                raise SyncError(
+                    KillReason.UNALLOCATED_PKT,
+                    SyncKind.FREE,
+                    f"slot {s}: packet {idx} not held by the channel (slots [{start}, {end}))",
+                )
+            out.append(idx)
+        r32[w + _SI] = NO_INDEX
+        r16[2 * w + _SF] = 0
+        r16[2 * w + _SL] = 0
+        s = s + 1 if s + 1 < n else 0
+    return out
+
+
+def rx_release_check(
+    r32: memoryview,
+    r16: memoryview,
+    slots_w32: int,
+    n: int,
+    start: int,
+    end: int,
+    klen: MutableSequence[int] | None,
+    sync: SyncKind,
+) -> int:
+    """Check the slots the user released (``[start, end)``) were detached; sum their bytes.
+
+    With ``klen`` (the lengths the kernel published per slot), a slot whose ``sd_len`` no
+    longer matches is INCONSISTENT_READY_BYTES: the user's byte accounting disagrees with
+    the kernel's.
+    """
+    nbytes = 0
+    s = start
+    while s != end:
+        w = slots_w32 + 2 * s
+        if r16[2 * w + _SF] & SD_VALID:
+            raise SyncError(
+                KillReason.SLOT_NOT_DETACHED,
+                sync,
+                f"slot {s}: packet {r32[w + _SI]} still attached (released slots [{start}, {end}))",
+            )
+        if klen is not None:
+            ulen = r16[2 * w + _SL]
+            if ulen != klen[s]:
+                raise SyncError(
+                    KillReason.INCONSISTENT_READY_BYTES,
+                    sync,
+                    f"slot {s}: sd_len {ulen} != published {klen[s]} "
+                    f"(released slots [{start}, {end}))",
+                )
+            nbytes += ulen
+        s = s + 1 if s + 1 < n else 0
+    return nbytes
+
+
+def rx_publish(
+    pool: Pbufpool,
+    owner: int,
+    r32: memoryview,
+    r16: memoryview,
+    slots_w32: int,
+    n: int,
+    start: int,
+    end: int,
+    ksd: MutableSequence[int],
+    klen: MutableSequence[int] | None,
+) -> int:
+    """Hand the kernel-held packets in slots ``[start, end)`` to the user; returns bytes.
+
+    Each packet is recorded as held by ``owner``, externalized, and named by its slot
+    (SD_VALID, sd_len); the kernel's slot reference is dropped (user packet pool mode).
+    """
+    nbytes = 0
+    s = start
+    pkt_len = pool.pkt_len
+    owner_insert = pool.owner_insert
+    while s != end:
+        idx = ksd[s]
+        ksd[s] = NO_INDEX
+        owner_insert(owner, idx)
+        externalize(pool, idx)
+        ln = pkt_len[idx]
+        sdl = ln if ln <= SD_LEN_MAX else SD_LEN_MAX
+        w = slots_w32 + 2 * s
+        r32[w + _SI] = idx
+        r16[2 * w + _SF] = SD_VALID
+        r16[2 * w + _SL] = sdl
+        if klen is not None:
+            klen[s] = sdl
+        nbytes += ln
+        s = s + 1 if s + 1 < n else 0
+    return nbytes
+
+
+__all__ = [
+    "KERNEL",
+    "externalize",
+    "free_take",
+    "internalize",
+    "rx_publish",
+    "rx_release_check",
+    "rx_validate",
+    "tx_take",
+    "tx_validate",
+]

@@ -1,0 +1,778 @@
+"""vhost-user backend: per-connection state machine and request dispatch.
+
+libvhost-user style: this object owns no event loop.  The caller polls :meth:`fileno` and
+calls :meth:`handle_readable`, which processes exactly one message and returns False once the
+connection is gone (peer closed, or we dropped it after a protocol error).  One backend
+object serves one connection; a reconnecting front-end gets a fresh object and restores the
+rings' positions with SET_VRING_BASE (QEMU sends the guest's used index there).
+
+Error policy (spec "REPLY_ACK" and "Communication"): a malformed or refused message is logged
+on the ``vdev.vhost`` logger with the request and field; if REPLY_ACK was negotiated and the
+front-end asked for a reply, it gets a non-zero ack and the connection stays up; otherwise the
+connection is closed cleanly (every fd we hold is closed, the device is told).  Nothing a peer
+sends may raise out of :meth:`handle_readable` or leak a file descriptor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from vdev.virtio.memory import GuestMemory, MemoryFault
+
+from .codec import (
+    FLAG_REPLY,
+    HAS_REPLY,
+    VERSION,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    Config,
+    Empty,
+    MemRegionDesc,
+    MemTable,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    VringState,
+    decode_request,
+    encode_config,
+    encode_state,
+    encode_u64,
+    pf_mask,
+    request_name,
+)
+from .connection import Connection, PeerClosed, close_fds
+
+if TYPE_CHECKING:
+    from vdev.virtio.split import SplitQueue
+
+log = logging.getLogger("vdev.vhost")
+
+F_PROTOCOL_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+
+# Protocol features this backend always offers.  MQ: "Back-ends should always implement the
+# VHOST_USER_PROTOCOL_F_MQ protocol feature" ("Multiple queue support").
+BACKEND_PROTOCOL_FEATURES = pf_mask(
+    ProtocolFeature.MQ,
+    ProtocolFeature.RARP,
+    ProtocolFeature.REPLY_ACK,
+    ProtocolFeature.CONFIGURE_MEM_SLOTS,
+    ProtocolFeature.STATUS,
+)
+# Extra protocol features a device may ask for; the backend implements their messages.
+DEVICE_PROTOCOL_FEATURES = pf_mask(
+    ProtocolFeature.MTU, ProtocolFeature.CONFIG, ProtocolFeature.SLAVE_REQ
+)
+
+# What GET_MAX_MEM_SLOTS answers (libvhost-user's VHOST_USER_MAX_RAM_SLOTS).
+MAX_MEM_SLOTS = 32
+MAX_QUEUE_SIZE = 32768
+VHOST_VRING_F_LOG = 1
+
+_ACK_OK = 0
+_ACK_FAIL = 1
+
+
+class VhostDevice(Protocol):
+    """The callback table the device (virtio-net) implements."""
+
+    def device_features(self) -> int:
+        """Virtio feature bits the device offers (the backend ORs in bit 30)."""
+        ...
+
+    def protocol_features(self) -> int:
+        """Extra protocol features the device wants (e.g. MTU); the backend adds its own."""
+        ...
+
+    def max_queues(self) -> int:
+        """Number of virtqueues the device supports (the GET_QUEUE_NUM answer)."""
+        ...
+
+    def features_set(self, features: int) -> None: ...
+
+    def queue_started(self, vring: Vring) -> None:
+        """The ring has memory, num, addr, kick fd and is enabled: process it."""
+        ...
+
+    def queue_stopped(self, vring: Vring) -> None:
+        """Stop touching the ring (before GET_VRING_BASE replies / disable / disconnect)."""
+        ...
+
+    def memory_changed(self, mem: GuestMemory) -> None: ...
+
+    def set_mtu(self, mtu: int) -> None: ...
+
+    def get_config(self, offset: int, size: int) -> bytes: ...
+
+    def disconnected(self) -> None: ...
+
+
+QueueFactory = Callable[..., "SplitQueue"]
+
+
+@dataclass
+class Vring:
+    """One virtqueue as the front-end configured it.
+
+    ``started`` follows "Ring states": set once the ring has num, addresses, a kick fd and
+    guest memory (the queue object exists then); ``enabled`` follows SET_VRING_ENABLE.  The
+    device processes the ring while both hold.  ``call_fd`` may change while the ring runs
+    (QEMU sends SET_VRING_CALL twice): the device must read it live.
+    """
+
+    index: int
+    num: int = 0
+    desc_addr: int = 0
+    avail_addr: int = 0
+    used_addr: int = 0
+    log_addr: int = 0
+    flags: int = 0
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    started: bool = False
+    queue: SplitQueue | None = None
+    addr_set: bool = field(default=False, repr=False)
+    notified: bool = field(default=False, repr=False)  # device got queue_started
+
+    @property
+    def running(self) -> bool:
+        return self.started and self.enabled
+
+
+def _default_queue_factory(*args: Any, **kwargs: Any) -> SplitQueue:
+    from vdev.virtio.split import SplitQueue
+
+    return SplitQueue(*args, **kwargs)
+
+
+def _ring_sizes(num: int) -> tuple[int, int, int]:
+    """Bytes of desc table, avail ring, used ring incl. the EVENT_IDX trailers (2.7)."""
+    return 16 * num, 4 + 2 * num + 2, 4 + 8 * num + 2
+
+
+class VhostUserBackend:
+    """Serve one vhost-user connection for ``device``."""
+
+    def __init__(
+        self,
+        device: VhostDevice,
+        conn: Connection,
+        *,
+        queue_factory: QueueFactory | None = None,
+        max_mem_slots: int = MAX_MEM_SLOTS,
+    ) -> None:
+        self.device = device
+        self.conn = conn
+        self.queue_factory: QueueFactory = queue_factory or _default_queue_factory
+        self.max_mem_slots = max_mem_slots
+        nq = int(device.max_queues())
+        if not 1 <= nq <= VRING_IDX_MASK + 1:
+            raise ValueError(f"device max_queues {nq} is not in 1..256")
+        self.vrings = [Vring(i) for i in range(nq)]
+        self.offered_features = int(device.device_features()) | F_PROTOCOL_FEATURES
+        extra = int(device.protocol_features())
+        if extra & ~DEVICE_PROTOCOL_FEATURES:
+            log.warning(
+                "device asked for unsupported protocol features %#x; not offered",
+                extra & ~DEVICE_PROTOCOL_FEATURES,
+            )
+        self.offered_protocol_features = BACKEND_PROTOCOL_FEATURES | (
+            extra & DEVICE_PROTOCOL_FEATURES
+        )
+        self.features = 0  # acked with SET_FEATURES (virtio bits + bit 30)
+        self.features_acked = False
+        self.protocol_features = 0  # acked with SET_PROTOCOL_FEATURES
+        self.owner = False
+        self.status = 0
+        self.mtu: int | None = None
+        self.mem: GuestMemory | None = None
+        self.backend_req_fd: int | None = None
+        self.closed = False
+        self._handlers: dict[int, Callable[[Message, Any], bytes | None]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_owner,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_fd,
+            Request.SET_VRING_CALL: self._set_vring_fd,
+            Request.SET_VRING_ERR: self._set_vring_fd,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.NET_SET_MTU: self._net_set_mtu,
+            Request.SEND_RARP: self._send_rarp,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
+            Request.SET_SLAVE_REQ_FD: self._set_backend_req_fd,
+            Request.GET_CONFIG: self._get_config,
+        }
+
+    # -- public -----------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    @property
+    def negotiated_features(self) -> int:
+        """Virtio feature bits acked by the front-end (without vhost-user's bit 30)."""
+        return self.features & ~F_PROTOCOL_FEATURES
+
+    def has_protocol_feature(self, bit: ProtocolFeature) -> bool:
+        return bool(self.protocol_features & (1 << bit))
+
+    def handle_readable(self) -> bool:
+        """Read and process one message; False when the connection is closed."""
+        if self.closed:
+            return False
+        try:
+            msg = self.conn.recv_message(block=False)
+        except BlockingIOError:
+            return True  # spurious wakeup: nothing to read yet
+        except PeerClosed:
+            log.info("vhost-user front-end disconnected")
+            self.close()
+            return False
+        except ProtocolError as exc:
+            # A broken frame: the stream cannot be trusted any more, so no ack is possible.
+            log.error("vhost-user: %s; disconnecting", exc)
+            self.close()
+            return False
+        except OSError as exc:
+            log.error("vhost-user: socket error %s; disconnecting", exc)
+            self.close()
+            return False
+        try:
+            return self._dispatch(msg)
+        except Exception:
+            log.exception(
+                "vhost-user: internal error on %s; disconnecting", request_name(msg.request)
+            )
+            close_fds(msg.fds)
+            msg.fds.clear()
+            self.close()
+            return False
+
+    def close(self) -> None:
+        """Stop every ring, release memory and every fd, tell the device.  Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for v in self.vrings:
+            self._stop(v)
+            for name in ("kick_fd", "call_fd", "err_fd"):
+                fd = getattr(v, name)
+                setattr(v, name, None)
+                if fd is not None:
+                    close_fds([fd])
+        if self.backend_req_fd is not None:
+            close_fds([self.backend_req_fd])
+            self.backend_req_fd = None
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        self.conn.close()
+        self._device_call("disconnected")
+
+    # -- dispatch ---------------------------------------------------------------------
+
+    def _device_call(self, name: str, *args: Any) -> Any:
+        """Call a device callback; a device bug is logged, never raised into the loop."""
+        try:
+            return getattr(self.device, name)(*args)
+        except Exception:
+            log.exception("vhost-user: device %s failed", name)
+            return None
+
+    def _dispatch(self, msg: Message) -> bool:
+        ack = (
+            msg.need_reply
+            and self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
+            and msg.request not in HAS_REPLY
+        )
+        reply: bytes | None = None
+        try:
+            handler = self._handlers.get(msg.request)
+            if handler is None:
+                known = msg.request in Request._value2member_map_
+                raise ProtocolError(
+                    msg.request,
+                    "request",
+                    "not supported (its feature is not offered)" if known else "unknown request",
+                )
+            payload = decode_request(msg.request, msg.payload)
+            log.debug("vhost-user <- %s %s fds=%s", request_name(msg.request), payload, msg.fds)
+            reply = handler(msg, payload)
+        except ProtocolError as exc:
+            if ack:
+                # "REPLY_ACK": non-zero on failure; the front-end decides what to do.
+                log.error("vhost-user: %s; failure reply", exc)
+                return self._send_reply(msg.request, encode_u64(_ACK_FAIL))
+            log.error("vhost-user: %s; disconnecting", exc)
+            self.close()
+            return False
+        finally:
+            # Whatever fds the handler did not take ownership of are closed here.
+            close_fds(msg.fds)
+            msg.fds.clear()
+        if reply is not None:
+            return self._send_reply(msg.request, reply)
+        if ack:
+            return self._send_reply(msg.request, encode_u64(_ACK_OK))
+        return True
+
+    def _send_reply(self, request: int, payload: bytes) -> bool:
+        try:
+            self.conn.send_message(request, payload, flags=VERSION | FLAG_REPLY)
+        except (PeerClosed, OSError) as exc:
+            log.info("vhost-user: reply to %s failed: %s", request_name(request), exc)
+            self.close()
+            return False
+        return True
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _vring(self, msg: Message, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise ProtocolError(
+                msg.request, "index", f"vring {index} does not exist ({len(self.vrings)} queues)"
+            )
+        return self.vrings[index]
+
+    @staticmethod
+    def _no_fds(msg: Message) -> None:
+        if msg.fds:
+            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need 0")
+
+    @staticmethod
+    def _fds(msg: Message, n: int) -> None:
+        if len(msg.fds) < n:
+            raise ProtocolError(
+                msg.request, "fds", f"missing fd: {len(msg.fds)} attached, need {n}"
+            )
+        if len(msg.fds) > n:
+            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need {n}")
+
+    def _check_ring_fits(self, request: int, v: Vring, mem: GuestMemory) -> None:
+        """Every ring area must translate inside one region for ``num`` entries (2.7)."""
+        for name, addr, length, align in zip(
+            ("desc_addr", "avail_addr", "used_addr"),
+            (v.desc_addr, v.avail_addr, v.used_addr),
+            _ring_sizes(v.num),
+            (16, 2, 4),
+            strict=True,
+        ):
+            if addr % align:
+                raise ProtocolError(
+                    request, name, f"vring {v.index}: {addr:#x} is not {align}-byte aligned"
+                )
+            try:
+                mem.uva_view(addr, length).release()
+            except MemoryFault as exc:
+                raise ProtocolError(
+                    request, name, f"vring {v.index} (num {v.num}) does not fit: {exc}"
+                ) from None
+
+    def _update(self, request: int, v: Vring) -> None:
+        """Start the ring if it now can ("Ring states"), then tell the device about any
+        change of started-and-enabled."""
+        if (
+            not v.started
+            and v.num
+            and v.addr_set
+            and v.kick_fd is not None
+            and self.mem is not None
+        ):
+            self._check_ring_fits(request, v, self.mem)
+            try:
+                v.queue = self.queue_factory(
+                    self.mem,
+                    v.index,
+                    v.num,
+                    v.desc_addr,
+                    v.avail_addr,
+                    v.used_addr,
+                    features=self.negotiated_features,
+                    last_avail_idx=v.base,
+                )
+            except (MemoryFault, ValueError) as exc:
+                raise ProtocolError(request, "ring", f"vring {v.index}: {exc}") from None
+            v.started = True
+            log.info(
+                "vring %d started: num %d base %d desc %#x avail %#x used %#x",
+                v.index, v.num, v.base, v.desc_addr, v.avail_addr, v.used_addr,
+            )  # fmt: skip
+        if v.running and not v.notified:
+            v.notified = True
+            self._device_call("queue_started", v)
+        elif not v.running and v.notified:
+            v.notified = False
+            self._device_call("queue_stopped", v)
+
+    def _stop(self, v: Vring) -> None:
+        """Stop the ring: device first, then record the position and drop the queue."""
+        if v.notified:
+            v.notified = False
+            self._device_call("queue_stopped", v)
+        if v.queue is not None:
+            q = v.queue
+            v.queue = None
+            try:
+                v.base = int(q.last_avail_idx) & 0xFFFF
+                q.close()
+            except Exception:
+                log.exception("vhost-user: closing queue %d failed", v.index)
+        v.started = False
+
+    def _update_all(self, request: int) -> None:
+        for v in self.vrings:
+            self._update(request, v)
+
+    # -- features ---------------------------------------------------------------------
+
+    def _get_features(self, msg: Message, _p: Empty) -> bytes:
+        self._no_fds(msg)
+        return encode_u64(self.offered_features)
+
+    def _set_features(self, msg: Message, value: int) -> None:
+        self._no_fds(msg)
+        if value & ~self.offered_features:
+            raise ProtocolError(
+                msg.request, "features", f"bits {value & ~self.offered_features:#x} not offered"
+            )
+        self.features = value
+        self.features_acked = True
+        if not value & F_PROTOCOL_FEATURES:
+            # "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES the ring starts directly
+            # in the enabled state.
+            for v in self.vrings:
+                v.enabled = True
+        for v in self.vrings:
+            if v.queue is not None:
+                v.queue.features = self.negotiated_features
+        self._device_call("features_set", self.negotiated_features)
+        self._update_all(msg.request)
+        return None
+
+    def _get_protocol_features(self, msg: Message, _p: Empty) -> bytes:
+        self._no_fds(msg)
+        return encode_u64(self.offered_protocol_features)
+
+    def _set_protocol_features(self, msg: Message, value: int) -> None:
+        self._no_fds(msg)
+        if value & ~self.offered_protocol_features:
+            raise ProtocolError(
+                msg.request,
+                "protocol_features",
+                f"bits {value & ~self.offered_protocol_features:#x} not offered",
+            )
+        self.protocol_features = value
+        return None
+
+    def _set_owner(self, msg: Message, _p: Empty) -> None:
+        self._no_fds(msg)
+        self.owner = True
+        return None
+
+    def _reset_owner(self, msg: Message, _p: Empty) -> None:
+        # Deprecated: "It is recommended that back-ends either ignore this message, or use it
+        # to disable all rings."  We disable them and keep the connection state.
+        self._no_fds(msg)
+        for v in self.vrings:
+            v.enabled = False
+            self._update(msg.request, v)
+        return None
+
+    # -- memory -----------------------------------------------------------------------
+
+    def _map_region(
+        self, request: int, mem: GuestMemory, where: str, r: MemRegionDesc, fd: int
+    ) -> None:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            raise ProtocolError(request, f"{where}.fd", str(exc)) from None
+        # A regular file (memfd, hugetlbfs) shorter than the region would SIGBUS on access.
+        if stat.S_ISREG(st.st_mode) and r.mmap_offset + r.size > st.st_size:
+            raise ProtocolError(
+                request,
+                f"{where}.size",
+                f"mmap_offset {r.mmap_offset:#x}+{r.size:#x} exceeds fd size {st.st_size:#x}",
+            )
+        try:
+            mem.add_region(r.gpa, r.size, r.uva, r.mmap_offset, fd)
+        except ValueError as exc:
+            raise ProtocolError(request, where, str(exc)) from None
+
+    def _install_memory(self, request: int, new: GuestMemory) -> None:
+        """Switch to ``new`` while rings may be running: re-point queues, then drop old."""
+        for v in self.vrings:
+            if v.started:
+                self._check_ring_fits(request, v, new)
+        for v in self.vrings:
+            if v.queue is not None:
+                try:
+                    v.queue.remap(new)
+                except (MemoryFault, ValueError) as exc:  # checked above; defensive
+                    raise ProtocolError(request, "regions", f"vring {v.index}: {exc}") from None
+        old, self.mem = self.mem, new
+        self._device_call("memory_changed", new)
+        if old is not None and old is not new:
+            old.close()
+
+    def _set_mem_table(self, msg: Message, table: MemTable) -> None:
+        # "Memory regions description": one fd per region, same order.
+        self._fds(msg, len(table.regions))
+        new = GuestMemory()
+        try:
+            for i, (r, fd) in enumerate(zip(table.regions, msg.fds, strict=True)):
+                self._map_region(msg.request, new, f"regions[{i}]", r, fd)
+            self._install_memory(msg.request, new)
+        except BaseException:
+            if self.mem is not new:
+                new.close()
+            raise
+        log.info(
+            "memory table: %s",
+            ", ".join(f"gpa {r.gpa:#x}+{r.size:#x} uva {r.uva:#x}" for r in table.regions),
+        )
+        self._update_all(msg.request)
+        return None
+
+    def _get_max_mem_slots(self, msg: Message, _p: Empty) -> bytes:
+        self._no_fds(msg)
+        return encode_u64(self.max_mem_slots)
+
+    def _add_mem_reg(self, msg: Message, r: MemRegionDesc) -> None:
+        # "Exactly one file descriptor from which the memory is mapped is passed".
+        self._fds(msg, 1)
+        if self.mem is not None and len(self.mem.regions) >= self.max_mem_slots:
+            raise ProtocolError(msg.request, "region", f"all {self.max_mem_slots} slots in use")
+        # Adding a mapping never moves an existing one, so running queues stay valid and
+        # the live table can grow in place.
+        if self.mem is None:
+            new = GuestMemory()
+            try:
+                self._map_region(msg.request, new, "region", r, msg.fds[0])
+            except BaseException:
+                new.close()
+                raise
+            self.mem = new
+        else:
+            self._map_region(msg.request, self.mem, "region", r, msg.fds[0])
+        self._device_call("memory_changed", self.mem)
+        self._update_all(msg.request)
+        return None
+
+    def _rem_mem_reg(self, msg: Message, r: MemRegionDesc) -> None:
+        # "No file descriptors SHOULD be passed ... the back-end MAY accept messages with one
+        # file descriptor. If a file descriptor is passed, the back-end MUST close it".
+        if len(msg.fds) > 1:
+            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need 0")
+        mem = self.mem
+        match = None
+        if mem is not None:
+            for region in mem.regions:
+                if (region.gpa, region.size, region.uva) == (r.gpa, r.size, r.uva):
+                    match = region
+        if mem is None or match is None:
+            raise ProtocolError(
+                msg.request, "region", f"gpa {r.gpa:#x}+{r.size:#x} uva {r.uva:#x} is not mapped"
+            )
+        for v in self.vrings:
+            if v.started and any(
+                match.uva <= a < match.uva_end for a in (v.desc_addr, v.avail_addr, v.used_addr)
+            ):
+                raise ProtocolError(
+                    msg.request, "region", f"gpa {r.gpa:#x} holds running vring {v.index}"
+                )
+        mem.remove_region(r.gpa, r.size, r.uva)
+        self._device_call("memory_changed", mem)
+        return None
+
+    # -- vrings -----------------------------------------------------------------------
+
+    def _set_vring_num(self, msg: Message, s: VringState) -> None:
+        self._no_fds(msg)
+        v = self._vring(msg, s.index)
+        # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
+        if not 0 < s.num <= MAX_QUEUE_SIZE or s.num & (s.num - 1):
+            raise ProtocolError(msg.request, "num", f"{s.num} is not a power of 2 <= 32768")
+        if v.started and s.num != v.num:
+            raise ProtocolError(msg.request, "num", f"vring {v.index} is started")
+        v.num = s.num
+        if v.addr_set and self.mem is not None:
+            self._check_ring_fits(msg.request, v, self.mem)
+        self._update(msg.request, v)
+        return None
+
+    def _set_vring_addr(self, msg: Message, a: VringAddr) -> None:
+        self._no_fds(msg)
+        v = self._vring(msg, a.index)
+        if a.flags & ~VHOST_VRING_F_LOG:
+            raise ProtocolError(msg.request, "flags", f"unknown vring flags {a.flags:#x}")
+        if a.flags & VHOST_VRING_F_LOG:
+            raise ProtocolError(msg.request, "flags", "VHOST_VRING_F_LOG: logging not offered")
+        same = (v.desc_addr, v.avail_addr, v.used_addr) == (a.desc, a.avail, a.used)
+        if v.started and not same:
+            raise ProtocolError(msg.request, "desc_addr", f"vring {v.index} is started")
+        if v.num and self.mem is not None:
+            probe = Vring(
+                v.index, num=v.num, desc_addr=a.desc, avail_addr=a.avail, used_addr=a.used
+            )
+            self._check_ring_fits(msg.request, probe, self.mem)
+        v.desc_addr, v.avail_addr, v.used_addr, v.log_addr = a.desc, a.avail, a.used, a.log
+        v.flags = a.flags
+        v.addr_set = True
+        self._update(msg.request, v)
+        return None
+
+    def _set_vring_base(self, msg: Message, s: VringState) -> None:
+        self._no_fds(msg)
+        v = self._vring(msg, s.index)
+        if s.num > 0xFFFF:
+            raise ProtocolError(msg.request, "num", f"base {s.num:#x} is not a 16-bit index")
+        if v.started:
+            raise ProtocolError(msg.request, "num", f"vring {v.index} is started")
+        v.base = s.num
+        return None
+
+    def _get_vring_base(self, msg: Message, s: VringState) -> bytes:
+        self._no_fds(msg)
+        v = self._vring(msg, s.index)
+        # "Ring states": stop the ring upon receiving VHOST_USER_GET_VRING_BASE.  The kick
+        # and call fds go too (as in libvhost-user); a restart sends new ones.
+        self._stop(v)
+        for name in ("kick_fd", "call_fd"):
+            fd = getattr(v, name)
+            setattr(v, name, None)
+            if fd is not None:
+                close_fds([fd])
+        log.info("vring %d stopped at avail idx %d", v.index, v.base)
+        return encode_state(v.index, v.base)
+
+    def _set_vring_fd(self, msg: Message, value: int) -> None:
+        if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+            raise ProtocolError(msg.request, "u64", f"unknown bits {value:#x}")
+        v = self._vring(msg, value & VRING_IDX_MASK)
+        nofd = bool(value & VRING_NOFD_MASK)
+        self._fds(msg, 0 if nofd else 1)
+        fd = None if nofd else msg.fds.pop()
+        if msg.request == Request.SET_VRING_KICK:
+            # The device polls the kick fd: take the ring away while the fd changes.
+            if v.notified:
+                v.notified = False
+                self._device_call("queue_stopped", v)
+            old, v.kick_fd = v.kick_fd, fd
+            if old is not None:
+                close_fds([old])
+            self._update(msg.request, v)
+        elif msg.request == Request.SET_VRING_CALL:
+            # The device reads call_fd live; the old one is closed once replaced.
+            old, v.call_fd = v.call_fd, fd
+            if old is not None:
+                close_fds([old])
+        else:
+            old, v.err_fd = v.err_fd, fd
+            if old is not None:
+                close_fds([old])
+        return None
+
+    def _set_vring_enable(self, msg: Message, s: VringState) -> None:
+        self._no_fds(msg)
+        v = self._vring(msg, s.index)
+        if s.num not in (0, 1):
+            raise ProtocolError(msg.request, "num", f"enable must be 0 or 1, got {s.num}")
+        # QEMU sends this before the rings exist (and before SET_FEATURES): just record it.
+        v.enabled = bool(s.num)
+        self._update(msg.request, v)
+        return None
+
+    def _get_queue_num(self, msg: Message, _p: Empty) -> bytes:
+        self._no_fds(msg)
+        return encode_u64(len(self.vrings))
+
+    # -- device-level -----------------------------------------------------------------
+
+    def _net_set_mtu(self, msg: Message, mtu: int) -> None:
+        self._no_fds(msg)
+        if not self.offered_protocol_features & (1 << ProtocolFeature.MTU):
+            raise ProtocolError(msg.request, "request", "MTU protocol feature not offered")
+        if not 68 <= mtu <= 65535:
+            raise ProtocolError(msg.request, "mtu", f"{mtu} is not in 68..65535")
+        try:
+            self.device.set_mtu(mtu)
+        except ValueError as exc:
+            raise ProtocolError(msg.request, "mtu", str(exc)) from None
+        self.mtu = mtu
+        return None
+
+    def _send_rarp(self, msg: Message, value: int) -> None:
+        self._no_fds(msg)
+        mac = value.to_bytes(8, "little")[:6]
+        log.info("SEND_RARP for %s accepted (ignored)", mac.hex(":"))
+        return None
+
+    def _set_status(self, msg: Message, value: int) -> None:
+        self._no_fds(msg)
+        if value > 0xFF:
+            raise ProtocolError(msg.request, "status", f"{value:#x} is not a u8")
+        # QEMU 7.2 sends SET_STATUS 0 *before* GET_VRING_BASE on stop: status 0 must not
+        # reset the rings, or the reported bases would be lost.
+        self.status = value
+        return None
+
+    def _get_status(self, msg: Message, _p: Empty) -> bytes:
+        self._no_fds(msg)
+        return encode_u64(self.status)
+
+    def _set_backend_req_fd(self, msg: Message, _p: Empty) -> None:
+        self._fds(msg, 1)
+        old, self.backend_req_fd = self.backend_req_fd, msg.fds.pop()
+        if old is not None:
+            close_fds([old])
+        return None
+
+    def _get_config(self, msg: Message, cfg: Config) -> bytes:
+        self._no_fds(msg)
+        # "back-end uses zero length of payload to indicate an error".
+        if not self.has_protocol_feature(ProtocolFeature.CONFIG):
+            log.error("vhost-user: GET_CONFIG without the CONFIG protocol feature")
+            return b""
+        try:
+            data = bytes(self.device.get_config(cfg.offset, cfg.size))
+        except Exception as exc:
+            log.error("vhost-user: GET_CONFIG offset %d size %d: %s", cfg.offset, cfg.size, exc)
+            return b""
+        if len(data) != cfg.size:
+            log.error("vhost-user: device config is %d bytes, asked %d", len(data), cfg.size)
+            return b""
+        return encode_config(cfg.offset, cfg.flags, data)
+
+
+__all__ = [
+    "BACKEND_PROTOCOL_FEATURES",
+    "DEVICE_PROTOCOL_FEATURES",
+    "MAX_MEM_SLOTS",
+    "VhostDevice",
+    "VhostUserBackend",
+    "Vring",
+]

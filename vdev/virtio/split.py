@@ -1,0 +1,465 @@
+"""Device side of a split virtqueue (virtio 1.x 2.7 "Split Virtqueues") under the Skywalk contract.
+
+The guest driver is the untrusted user and the device is the kernel: the avail ring's
+``idx`` is the user's ``head``, :attr:`SplitQueue.last_avail_idx` the kernel's ``rhead``
+(what it last accepted), and the used ring's ``idx`` the published ``tail``.  Every value
+read from the rings is validated before use; a violation raises :class:`SyncError` with a
+named :class:`KillReason` and marks the queue defunct (later calls raise
+:class:`DefunctError`) while the device and its other queues keep running.
+
+Ring memory is reached only through bounded views handed out by :class:`GuestMemory`
+(translated once at construction or :meth:`SplitQueue.remap`), and descriptor buffers only
+through ``GuestMemory.gpa_view``; nothing outside the mapped regions is ever touched.
+
+Layouts come from ``vdev/abi/virtio.h`` through cffi.  All ring fields are little endian
+(VERSION_1, or legacy on a little-endian guest); the host must be little endian too, which
+the constructor checks.
+
+Memory ordering: CPython executes our stores in program order and each cffi store is one
+plain C store.  On x86-64 (TSO) that gives exactly the order 2.7.8 requires (used elements
+before used idx; 2.7.13 on the driver side: ring entry before avail idx).  Weakly ordered
+hosts would need real barriers, which pure Python cannot emit; vdev targets x86-64.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from vdev.abi import ffi, lib
+from vdev.skywalk.errors import DefunctError, KillReason, SyncError, SyncKind
+from vdev.virtio.chain import Chain, ChainViolation, walk_chain
+from vdev.virtio.memory import GuestMemory, MemoryFault
+
+__all__ = [
+    "Chain",
+    "QueueStats",
+    "SplitQueue",
+    "ring_sizes",
+    "vring_need_event",
+]
+
+MAX_QUEUE_SIZE = 32768
+VRING_AVAIL_F_NO_INTERRUPT: int = lib.VRING_AVAIL_F_NO_INTERRUPT
+VRING_USED_F_NO_NOTIFY: int = lib.VRING_USED_F_NO_NOTIFY
+F_INDIRECT_DESC = 1 << lib.VIRTIO_RING_F_INDIRECT_DESC
+F_EVENT_IDX = 1 << lib.VIRTIO_RING_F_EVENT_IDX
+F_NOTIFY_ON_EMPTY = 1 << lib.VIRTIO_F_NOTIFY_ON_EMPTY
+F_ANY_LAYOUT = 1 << lib.VIRTIO_F_ANY_LAYOUT
+F_VERSION_1 = 1 << lib.VIRTIO_F_VERSION_1
+
+_DESC_SIZE: int = ffi.sizeof("struct vring_desc")
+_AVAIL_HDR: int = ffi.sizeof("struct vring_avail_hdr")
+_USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
+_USED_ELEM: int = ffi.sizeof("struct vring_used_elem")
+
+
+def ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor table, avail ring, used ring) for ``size`` entries, with the
+    EVENT_IDX trailer fields (2.7.5, 2.7.6, 2.7.8)."""
+    return (
+        _DESC_SIZE * size,
+        _AVAIL_HDR + 2 * size + 2,
+        _USED_HDR + _USED_ELEM * size + 2,
+    )
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """2.7.10 "Event Suppression": notify iff ``event_idx`` lies in ``[old_idx, new_idx)``
+    modulo 2^16 (the spec's ``(u16)(new - event - 1) < (u16)(new - old)``)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+@dataclass
+class QueueStats:
+    """Counters of one virtqueue (the ring-stats twin of Skywalk's ``RingStats``)."""
+
+    chains: int = 0
+    descriptors: int = 0
+    bytes_read: int = 0  # device-readable bytes of popped chains
+    bytes_written: int = 0  # ``written`` totals of pushed used elements
+    used: int = 0  # used elements pushed
+    flushes: int = 0  # used idx publications
+    notifications_sent: int = 0
+    notifications_suppressed: int = 0
+    kills: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+class SplitQueue:
+    """One split virtqueue as the device (kernel side) sees it.
+
+    ``sync`` names the Skywalk sync the queue plays and so its direction: ``SyncKind.RX``
+    (device writes guest buffers; chains must be all device-writable), ``SyncKind.TX``
+    (device reads; all device-readable), anything else (e.g. ``SyncKind.EVENT`` for the
+    control queue) accepts readable-then-writable chains.  The default follows virtio-net:
+    even index = receiveq (RX), odd = transmitq (TX).
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        index: int,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        features: int,
+        last_avail_idx: int = 0,
+        addr_space: str = "uva",
+        sync: SyncKind | None = None,
+    ) -> None:
+        if sys.byteorder != "little":
+            raise RuntimeError("vdev virtqueues assume a little-endian host")
+        if not (0 < size <= MAX_QUEUE_SIZE) or size & (size - 1):
+            # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
+            raise ValueError(
+                f"virtqueue {index}: size {size} is not a power of two <= {MAX_QUEUE_SIZE}"
+            )
+        if addr_space not in ("uva", "gpa"):
+            raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
+        if not 0 <= last_avail_idx <= 0xFFFF:
+            raise ValueError(f"virtqueue {index}: last_avail_idx {last_avail_idx} is not a u16")
+        self.mem = mem
+        self.index = index
+        self.size = size
+        self._mask = size - 1
+        self.desc_addr = desc_addr
+        self.avail_addr = avail_addr
+        self.used_addr = used_addr
+        self.addr_space = addr_space
+        self.sync: SyncKind = (
+            sync if sync is not None else (SyncKind.RX if index % 2 == 0 else SyncKind.TX)
+        )
+        # The direction made explicit: an RX queue only gets device-writable buffers, a TX
+        # queue only device-readable ones (5.1.6 "Device Operation").
+        self.writable_expected: bool = self.sync is not SyncKind.TX
+        self.readable_allowed: bool = self.sync is not SyncKind.RX
+        self.features = features
+
+        self.last_avail_idx = last_avail_idx
+        self.defunct: SyncError | None = None
+        self._closed = False
+        self.stats = QueueStats()
+        self._seen_avail_idx = last_avail_idx  # avail idx as of the last validated read
+        self._pending_used = 0  # pushed, not yet published
+        self._signalled_used = 0
+        self._signalled_valid = False
+        # Device-private (trusted) record of what the driver handed over: write_len + 1 of
+        # each chain in flight, 0 when the head is not ours.
+        self._inflight = [0] * size
+        # Head popped from each avail slot, so rewind() never re-reads guest memory.
+        self._popped = [0] * size
+        self._bufs: list[Any] = []
+        self._map(mem)
+        # vhost-user resumes from the used idx in guest memory (libvhost-user does the same):
+        # it is what the driver has already seen.
+        self.used_idx: int = int(self._used16[1])
+        self._signalled_used = self.used_idx
+
+    # -- features -----------------------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        return self._features
+
+    @features.setter
+    def features(self, features: int) -> None:
+        """Negotiated features; settable because SET_FEATURES may arrive after the ring was
+        set up (vhost-user "Ring states"), so the derived switches are recomputed here."""
+        self._features = features
+        self.event_idx = bool(features & F_EVENT_IDX)
+        self.indirect = bool(features & F_INDIRECT_DESC)
+        self.notify_on_empty = bool(features & F_NOTIFY_ON_EMPTY)
+        # ANY_LAYOUT is implied by VERSION_1 (2.6.4 "Message Framing"); the ring does not
+        # care, the net layer reads it from here.
+        self.version_1 = bool(features & F_VERSION_1)
+        self.any_layout = self.version_1 or bool(features & F_ANY_LAYOUT)
+
+    # -- mapping ------------------------------------------------------------------------
+
+    def _map(self, mem: GuestMemory) -> None:
+        """Translate the three ring areas in ``mem`` and install cffi pointers onto them."""
+        translate = mem.uva_view if self.addr_space == "uva" else mem.gpa_view
+        desc_len, avail_len, used_len = ring_sizes(self.size)
+        views = []
+        for area, addr, length, align in (
+            ("descriptor table", self.desc_addr, desc_len, 16),
+            ("avail ring", self.avail_addr, avail_len, 2),
+            ("used ring", self.used_addr, used_len, 4),
+        ):
+            # 2.7.2 "Virtqueue Alignment" (Table: Descriptor Table 16, Available 2, Used 4).
+            if addr % align:
+                raise ValueError(
+                    f"virtqueue {self.index}: {area} at {self.addr_space} {addr:#x} is not "
+                    f"{align}-byte aligned"
+                )
+            try:
+                views.append(translate(addr, length))
+            except MemoryFault as exc:
+                raise MemoryFault(
+                    f"virtqueue {self.index}: {area} {self.addr_space} {addr:#x}+{length:#x} "
+                    f"does not fit in guest memory: {exc}"
+                ) from None
+        bufs = [ffi.from_buffer(v) for v in views]
+        self._release()
+        self._views = views
+        self._bufs = bufs
+        self._desc = ffi.cast("struct vring_desc *", bufs[0])
+        # avail as u16s: [0] flags, [1] idx, [2 + i] ring[i], [2 + size] used_event
+        self._avail16 = ffi.cast("uint16_t *", bufs[1])
+        self._used_event_i = 2 + self.size
+        # used as u16s: [0] flags, [1] idx, [2 + 4*size] avail_event; elements after 4 bytes
+        self._used16 = ffi.cast("uint16_t *", bufs[2])
+        self._used_elems = ffi.cast("struct vring_used_elem *", bufs[2] + _USED_HDR)
+        self._avail_event_i = (_USED_HDR + _USED_ELEM * self.size) // 2
+        self.mem = mem
+
+    def _release(self) -> None:
+        for b in self._bufs:
+            ffi.release(b)
+        self._bufs = []
+        for v in getattr(self, "_views", []):
+            v.release()
+        self._views = []
+        self._desc = self._avail16 = self._used16 = self._used_elems = ffi.NULL
+
+    def remap(self, mem: GuestMemory) -> None:
+        """The frontend replaced the memory table while the queue runs (SET_MEM_TABLE):
+        translate the ring addresses again.  On MemoryFault the old mapping stays in use."""
+        if self.defunct is not None or self._closed:
+            self.mem = mem
+            return
+        self._map(mem)
+
+    def close(self) -> int:
+        """Stop using guest memory (GET_VRING_BASE); returns ``last_avail_idx`` to report."""
+        self._release()
+        self._closed = True
+        return self.last_avail_idx
+
+    # -- defunct handling ---------------------------------------------------------------
+
+    def kill(self, err: SyncError) -> None:
+        """Mark the queue defunct: the driver broke the contract and is not trusted again."""
+        if self.defunct is None:
+            self.defunct = err
+            self.stats.kills += 1
+            self._release()
+
+    def _check(self) -> None:
+        if self.defunct is not None or self._closed:
+            what = f"virtqueue {self.index}" + (" (stopped)" if self._closed else "")
+            raise DefunctError(what, self.defunct)
+
+    def _violation(self, reason: KillReason, detail: str) -> SyncError:
+        err = SyncError(reason, self.sync, f"virtqueue {self.index}: {detail}")
+        self.kill(err)
+        return err
+
+    # -- avail side (the user's head) ---------------------------------------------------
+
+    def avail_count(self) -> int:
+        """Chains the driver made available and the device has not taken yet.
+
+        Like Skywalk's txsync prologue validating ``head`` against ``rhead``: the driver can
+        have at most ``size`` chains outstanding, so a jump further than that is HEAD_OOB.
+        """
+        self._check()
+        avail_idx = int(self._avail16[1])
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise self._violation(
+                KillReason.HEAD_OOB,
+                f"avail idx {avail_idx} is {pending} ahead of last_avail_idx "
+                f"{self.last_avail_idx} (queue size {self.size})",
+            )
+        self._seen_avail_idx = avail_idx
+        return pending
+
+    def pop(self) -> Chain | None:
+        """Take the next available chain, validated, or None when the ring is empty."""
+        self._check()
+        last = self.last_avail_idx
+        if self._seen_avail_idx == last and self.avail_count() == 0:
+            return None
+        # 2.7.13.3 / 2.7.6: ring entries before idx were written before idx was published.
+        slot = last & self._mask
+        head = int(self._avail16[2 + slot])
+        if head >= self.size:
+            raise self._violation(
+                KillReason.INTERNALIZE_FAILED,
+                f"avail ring slot {slot} (avail idx {last}) names head {head} "
+                f">= queue size {self.size}",
+            )
+        if self._inflight[head]:
+            raise self._violation(
+                KillReason.INTERNALIZE_FAILED,
+                f"avail ring slot {slot} (avail idx {last}) names head {head}, "
+                "which is still in flight (not yet used)",
+            )
+        try:
+            chain = walk_chain(
+                self._desc,
+                self.size,
+                head,
+                self.mem.gpa_view,
+                indirect_ok=self.indirect,
+                allow_readable=self.readable_allowed,
+                allow_writable=self.writable_expected,
+            )
+        except ChainViolation as exc:
+            raise self._violation(
+                KillReason.INTERNALIZE_FAILED,
+                f"avail slot {slot} (avail idx {last}) head {head}: {exc}",
+            ) from None
+        self.last_avail_idx = (last + 1) & 0xFFFF
+        self._inflight[head] = chain.write_len + 1
+        self._popped[slot] = head
+        st = self.stats
+        st.chains += 1
+        st.descriptors += chain.desc_count
+        st.bytes_read += chain.read_len
+        return chain
+
+    def rewind(self, avail_idx: int) -> None:
+        """Give back the chains popped since ``avail_idx`` (none of them pushed yet).
+
+        The RX path pops several chains for one mergeable frame and returns them when the
+        guest has not posted enough room; they will be popped (and validated) again later.
+        """
+        self._check()
+        n = (self.last_avail_idx - avail_idx) & 0xFFFF
+        if n > self.size:
+            raise ValueError(
+                f"virtqueue {self.index}: cannot rewind from {self.last_avail_idx} to {avail_idx}"
+            )
+        heads = [self._popped[(avail_idx + i) & self._mask] for i in range(n)]
+        if not all(self._inflight[h] for h in heads):
+            raise ValueError(
+                f"virtqueue {self.index}: rewind to {avail_idx}: a chain was already pushed"
+            )
+        for h in heads:
+            self._inflight[h] = 0
+        self.last_avail_idx = avail_idx & 0xFFFF
+        self.stats.chains -= n
+
+    # -- used side (the published tail) -------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Queue a used element (2.7.8): ``written`` bytes of the chain ``head`` were filled.
+
+        The device is trusted, so misuse (a head not in flight, more bytes than the chain's
+        writable space) is a programming error: ValueError, the queue stays alive.
+        """
+        self._check()
+        if not 0 <= head < self.size or not self._inflight[head]:
+            raise ValueError(f"virtqueue {self.index}: head {head} is not in flight")
+        if not 0 <= written < self._inflight[head]:
+            raise ValueError(
+                f"virtqueue {self.index}: head {head}: written {written} exceeds the chain's "
+                f"writable length {self._inflight[head] - 1}"
+            )
+        self._inflight[head] = 0
+        elem = self._used_elems[(self.used_idx + self._pending_used) & self._mask]
+        elem.id = head
+        elem.len = written
+        self._pending_used += 1
+        self.stats.used += 1
+        self.stats.bytes_written += written
+
+    def push_raw(self, head: int, written: int) -> None:
+        """Queue a used element with no checks at all (fault injection: a lying device).
+
+        Device-private state is not touched, so a later legitimate push of ``head`` still
+        works; values are truncated to the 32-bit fields.
+        """
+        self._check()
+        elem = self._used_elems[(self.used_idx + self._pending_used) & self._mask]
+        elem.id = head & 0xFFFF_FFFF
+        elem.len = written & 0xFFFF_FFFF
+        self._pending_used += 1
+
+    def patch_last_used(self, written: int) -> None:
+        """Overwrite the length of the most recently pushed, unpublished element (faults)."""
+        self._check()
+        if not self._pending_used:
+            raise ValueError(f"virtqueue {self.index}: no pushed element to patch")
+        elem = self._used_elems[(self.used_idx + self._pending_used - 1) & self._mask]
+        elem.len = written & 0xFFFF_FFFF
+
+    @property
+    def in_flight(self) -> int:
+        """Chains popped and not yet pushed."""
+        return sum(1 for v in self._inflight if v)
+
+    def flush_used(self) -> None:
+        """Publish the pushed elements by storing the used idx (2.7.8.2: after the elements)."""
+        self._check()
+        if self._pending_used:
+            self.used_idx = (self.used_idx + self._pending_used) & 0xFFFF
+            self._pending_used = 0
+            self._used16[1] = self.used_idx
+            self.stats.flushes += 1
+
+    # -- notifications ------------------------------------------------------------------
+
+    def should_notify(self) -> bool:
+        """Whether to signal the call eventfd after :meth:`flush_used` (2.7.7, 2.7.10).
+
+        NOTIFY_ON_EMPTY (6 "Reserved Feature Bits"): always notify when the device ran out of
+        available buffers.  EVENT_IDX: ``vring_need_event(used_event, new, old)`` with ``old``
+        the used idx at the previous decision (the first decision always notifies).
+        Otherwise: unless the driver set VRING_AVAIL_F_NO_INTERRUPT.  Nothing published since
+        the last decision means nothing to tell.
+        """
+        self._check()
+        new = self.used_idx
+        old = self._signalled_used
+        valid = self._signalled_valid
+        if valid and new == old:
+            return False
+        self._signalled_used = new
+        self._signalled_valid = True
+        if self.notify_on_empty and int(self._avail16[1]) == self.last_avail_idx:
+            notify = True
+        elif self.event_idx:
+            notify = not valid or vring_need_event(int(self._avail16[self._used_event_i]), new, old)
+        else:
+            notify = not (int(self._avail16[0]) & VRING_AVAIL_F_NO_INTERRUPT)
+        if notify:
+            self.stats.notifications_sent += 1
+        else:
+            self.stats.notifications_suppressed += 1
+        return notify
+
+    def enable_notifications(self, enable: bool = True) -> bool:
+        """Ask the driver to kick (or not) when it makes buffers available (2.7.7, 2.7.10).
+
+        Without EVENT_IDX this sets/clears VRING_USED_F_NO_NOTIFY.  With EVENT_IDX, enabling
+        writes ``avail_event = last_avail_idx`` (kick me on the next buffer); disabling does
+        nothing, as the driver only kicks when it crosses avail_event.  After enabling,
+        returns whether buffers arrived meanwhile so the caller can close the race window
+        (re-check before sleeping).
+        """
+        self._check()
+        if self.event_idx:
+            if enable:
+                self._used16[self._avail_event_i] = self.last_avail_idx
+        else:
+            self._used16[0] = 0 if enable else VRING_USED_F_NO_NOTIFY
+        if enable:
+            return self.avail_count() > 0
+        return False
+
+    def __repr__(self) -> str:
+        state = f"defunct={self.defunct.reason.name}" if self.defunct else "live"
+        return (
+            f"SplitQueue(index={self.index}, size={self.size}, sync={self.sync.name}, "
+            f"last_avail_idx={self.last_avail_idx}, used_idx={self.used_idx}, {state})"
+        )
