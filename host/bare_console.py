@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 import pexpect
 
@@ -156,10 +156,15 @@ def qemu_args(
     append: str = "",
     extra: Sequence[str] = (),
     memory_mb: int = 64,
+    monitor: Path | None = None,
 ) -> list[str]:
-    """The QEMU command line for one bare guest with one virtio-net NIC on netdev ``n0``."""
+    """The QEMU command line for one bare guest with one virtio-net NIC on netdev ``n0``.
+
+    ``monitor``: a Unix socket path for QEMU's human monitor (used to read guest RAM).
+    """
+    mon = f"unix:{monitor},server=on,wait=off" if monitor is not None else "none"
     args = [qemu_binary(), "-machine", machine, "-accel", "tcg", "-m", str(memory_mb)]
-    args += ["-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]
+    args += ["-display", "none", "-monitor", mon, "-serial", "stdio", "-no-reboot"]
     args += ["-nodefaults"] if machine != "microvm" else []
     args += ["-kernel", str(elf)]
     if append:
@@ -191,9 +196,18 @@ class BareGuest:
         boot_timeout: float = 10.0,
         wall_limit: float = 120.0,
         log_path: Path | None = None,
+        monitor: Path | None = None,
     ) -> None:
+        self.elf = elf
+        self.monitor = monitor
         self.args = qemu_args(
-            elf, machine=machine, transport=transport, netdev=netdev, append=append, extra=extra
+            elf,
+            machine=machine,
+            transport=transport,
+            netdev=netdev,
+            append=append,
+            extra=extra,
+            monitor=monitor,
         )
         self.boot_timeout = boot_timeout
         self.wall_limit = wall_limit
@@ -296,6 +310,28 @@ class BareGuest:
         self.child = None
         return -1 if self.exit_status is None else int(self.exit_status)
 
+    # -- guest memory --------------------------------------------------------------------
+    def read_memory(self, addr: int, size: int, timeout: float = 10.0) -> bytes:
+        """Guest-physical memory through the monitor's ``pmemsave`` (needs ``monitor=``).
+
+        The driver runs without paging, so an ELF symbol's address is its physical address.
+        """
+        if self.monitor is None:
+            raise BareConsoleError("read_memory needs BareGuest(monitor=...)")
+        out = self.monitor.with_suffix(".mem")
+        out.unlink(missing_ok=True)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.monitor))
+            _read_until(s, b"(qemu) ")
+            s.sendall(f'pmemsave {addr:#x} {size} "{out}"\n'.encode())
+            _read_until(s, b"(qemu) ")
+        data = out.read_bytes()
+        out.unlink()
+        if len(data) != size:
+            raise BareConsoleError(f"pmemsave returned {len(data)} bytes, wanted {size}")
+        return data
+
     # -- helpers -------------------------------------------------------------------------
     def _child(self) -> pexpect.spawn:
         if self.child is None:
@@ -310,6 +346,51 @@ class BareGuest:
         cmdline = " ".join(self.args)
         self.close()
         raise BareConsoleError(f"{message}\nQEMU: {cmdline}\nconsole tail:\n{tail}")
+
+
+def _read_until(s: socket.socket, marker: bytes) -> bytes:
+    buf = b""
+    while marker not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise BareConsoleError(f"monitor closed before {marker!r}")
+        buf += chunk
+    return buf
+
+
+def elf_symbols(elf: Path) -> dict[str, tuple[int, int]]:
+    """Global data symbols of the driver ELF: name -> (guest-physical address, size)."""
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    out: dict[str, tuple[int, int]] = {}
+    with elf.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        if not isinstance(symtab, SymbolTableSection):
+            raise BareConsoleError(f"{elf}: no symbol table")
+        for sym in symtab.iter_symbols():
+            if sym["st_info"]["type"] == "STT_OBJECT" and sym["st_info"]["bind"] == "STB_GLOBAL":
+                out[sym.name] = (int(sym["st_value"]), int(sym["st_size"]))
+    return out
+
+
+STATS_H = Path(__file__).resolve().parent.parent / "guest" / "driver" / "stats.h"
+_CDEF_BLOCK = re.compile(r"/\* CDEF-BEGIN \*/(.*?)/\* CDEF-END \*/", re.S)
+
+
+def driver_ffi() -> Any:
+    """cffi FFI with the shared ABI (skywalk.h, virtio.h) plus the driver's stats.h block."""
+    from cffi import FFI
+
+    from vdev.abi import ffi as abi_ffi
+
+    match = _CDEF_BLOCK.search(STATS_H.read_text())
+    if match is None:
+        raise BareConsoleError(f"{STATS_H}: no CDEF block")
+    ffi = FFI()
+    ffi.include(abi_ffi)
+    ffi.cdef(re.sub(r"\b(0x[0-9a-fA-F]+|\d+)U?L?L?\b", r"\1", match.group(1)))
+    return ffi
 
 
 def _lines(text: object) -> list[str]:
@@ -340,11 +421,18 @@ def bare_guest_with_udp(
     transport: Transport = "pci",
     append: str = "",
     extra: Sequence[str] = (),
+    monitor: Path | None = None,
 ) -> Iterator[tuple[BareGuest, UdpLink]]:
     """A bare guest whose NIC is QEMU's UDP socket backend, plus the host end of the link."""
     link = UdpLink()
     guest = BareGuest(
-        elf, netdev=link.netdev(), machine=machine, transport=transport, append=append, extra=extra
+        elf,
+        netdev=link.netdev(),
+        machine=machine,
+        transport=transport,
+        append=append,
+        extra=extra,
+        monitor=monitor,
     )
     try:
         guest.start()

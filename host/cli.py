@@ -12,7 +12,12 @@ import sys
 from collections.abc import Sequence
 
 # Modules that contribute subcommands, in the order they appear in --help.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("host.cli_demo", "host.cli_images")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "host.cli_demo",
+    "host.cli_serve",
+    "host.cli_images",
+    "host.cli_ctl",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,7 +85,7 @@ struct vdev_info {
 };
 /* CDEF-END */
 
-typedef char vdev_stats_size_check[(sizeof(struct vdev_stats) % 8 == 0) ? 1 : -1];
+typedef char vdev_stats_size_check[(sizeof(struct vdev_stats) == 248) ? 1 : -1];
 typedef char vdev_info_size_check[(sizeof(struct vdev_info) == 88) ? 1 : -1];
 
 #endif

@@ -9,7 +9,7 @@ the test ends.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -43,8 +43,13 @@ def boot(bare_elf: Path) -> Iterator[BootFn]:
     """``with boot(machine=..., transport=..., append=...) as (guest, link):``"""
 
     def _boot(
-        machine: Machine = "pc", transport: Transport = "pci", append: str = ""
+        machine: Machine = "pc",
+        transport: Transport = "pci",
+        append: str = "",
+        extra: Sequence[str] = (),
     ) -> AbstractContextManager[tuple[BareGuest, UdpLink]]:
-        return bare_guest_with_udp(bare_elf, machine=machine, transport=transport, append=append)
+        return bare_guest_with_udp(
+            bare_elf, machine=machine, transport=transport, append=append, extra=extra
+        )
 
     yield _boot

@@ -113,3 +113,35 @@ def test_head_copy_and_stats_dict() -> None:
     assert pool.stats_dict()["in_use"] == 2
     pool.free_packets([idx, cp])
     assert_no_leak(pool)
+
+
+def test_buflet_batch_alloc_free_and_leak_report() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=2, num_buflets=6)
+    bl = pool.alloc_buflets(8)
+    assert len(bl) == 6 and pool.stats.buflets_in_use == 6
+    assert pool.alloc_packets(1, nbufs=2) == []  # no buflet left for a chain
+    pool.free_buflets(bl[:4])
+    with pytest.raises(PoolError):
+        pool.free_buflets([bl[0]])
+    rep = pool.close()
+    assert rep.leaked and rep.buflets == sorted(bl[4:])
+
+
+def test_free_and_deliver_refuse_duplicates() -> None:
+    from vdev.skywalk import Port
+
+    pool = Pbufpool(num_packets=4)
+    a = pool.alloc_packets(2)
+    with pytest.raises(PoolError):
+        pool.free_packets([a[0], a[0]])
+    port = Port(pool, ring_slots=8)
+    ch = port.open_channel()
+    with pytest.raises(PoolError):
+        port.deliver([a[1], a[1]])
+    held = ch.packet_alloc()
+    assert held is not None
+    with pytest.raises(PoolError):
+        port.deliver([held])  # a client-held packet cannot be delivered
+    pool.free_packets(a)
+    ch.close()
+    assert_no_leak(pool)

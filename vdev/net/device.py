@@ -25,8 +25,11 @@ from vdev.net.responder import Responder, mac_bytes
 from vdev.net.switch import Switch
 from vdev.skywalk import Pbufpool
 
+from vdev.vhost.backend import VhostUserBackend
+from vdev.vhost.connection import Connection, Listener
+
 if TYPE_CHECKING:
-    from vdev.vhost.backend import VhostUserBackend, Vring
+    from vdev.vhost.backend import Vring
 
 log = logging.getLogger("vdev.device")
 
@@ -40,7 +43,7 @@ class NicSocket:
     nic: VirtioNet
     path: str
     client: bool
-    listener: socket.socket | None = None
+    listener: Listener | None = None
     backend: VhostUserBackend | None = None
     kick_fds: dict[int, int] = field(default_factory=dict)  # vring index -> fd
     next_connect: float = 0.0
@@ -86,8 +89,6 @@ class Device:
         name: str | None = None,
     ) -> VirtioNet:
         """Serve a NIC on a vhost-user socket (listen, or connect when ``client``)."""
-        from vdev.vhost.connection import listen_unix
-
         index = len(self.sockets)
         mac_b = mac_bytes(mac) if mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
         nic = VirtioNet(
@@ -107,8 +108,8 @@ class Device:
         if client:
             self._try_connect(entry)
         else:
-            entry.listener = listen_unix(path)
-            self.sel.register(entry.listener, selectors.EVENT_READ, lambda: self._accept(entry))
+            entry.listener = Listener(path)
+            self.sel.register(entry.listener.fileno(), selectors.EVENT_READ, lambda: self._accept(entry))
         self.switch.attach(nic)
         self.sockets.append(entry)
         return nic
@@ -132,9 +133,8 @@ class Device:
 
     def _accept(self, entry: NicSocket) -> None:
         assert entry.listener is not None
-        try:
-            conn, _ = entry.listener.accept()
-        except BlockingIOError:
+        conn = entry.listener.accept(0)
+        if conn is None:
             return
         if entry.backend is not None:
             log.warning("%s: dropping the previous frontend for a new one", entry.nic.name)
@@ -150,13 +150,10 @@ class Device:
             log.debug("%s: connect %s: %s (will retry)", entry.nic.name, entry.path, exc)
             self.call_later(0.2, lambda: self._try_connect(entry))
             return
-        self._attach_connection(entry, sock)
+        self._attach_connection(entry, Connection(sock))
 
-    def _attach_connection(self, entry: NicSocket, sock: socket.socket) -> None:
-        from vdev.vhost.backend import VhostUserBackend
-        from vdev.vhost.connection import Connection
-
-        entry.backend = VhostUserBackend(entry.nic, Connection(sock))
+    def _attach_connection(self, entry: NicSocket, conn: Connection) -> None:
+        entry.backend = VhostUserBackend(entry.nic, conn)
         entry.connections += 1
         self.sel.register(
             entry.backend.fileno(), selectors.EVENT_READ, lambda: self._readable(entry)
@@ -313,12 +310,7 @@ class Device:
                 entry.nic.disconnected()
                 if entry.listener is not None:
                     self._unwatch(entry.listener.fileno())
-                    entry.listener.close()
-                    if not entry.client:
-                        try:
-                            os.unlink(entry.path)
-                        except FileNotFoundError:
-                            pass
+                    entry.listener.close()  # removes the socket file
             if self.capture is not None:
                 self.capture.close()
             self.sel.close()

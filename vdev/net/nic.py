@@ -180,8 +180,9 @@ class VirtioNet:
         return bit(VHOST_USER_PROTOCOL_F_NET_MTU)
 
     def max_queues(self) -> int:
-        # GET_QUEUE_NUM: QEMU's net/vhost-user.c compares the answer with queues= (pairs).
-        return self.queue_pairs
+        # Virtqueues the backend must track: RX and TX per pair (QEMU keeps the control
+        # queue).  QEMU compares GET_QUEUE_NUM with queues= (pairs), which this covers.
+        return 2 * self.queue_pairs
 
     def features_set(self, features: int) -> None:
         self.negotiated = features
@@ -308,6 +309,10 @@ class VirtioNet:
             while consumed < TX_BUDGET:
                 chain = queue.pop()
                 if chain is None:
+                    # Re-arm the kick (2.7.10: with EVENT_IDX, avail_event must follow what
+                    # we consumed or the driver stops kicking); if buffers raced in, go on.
+                    if queue.enable_notifications(True):
+                        continue
                     break
                 consumed += 1
                 self._push(queue, index, chain.head, 0)
@@ -321,9 +326,6 @@ class VirtioNet:
             queue.flush_used()
             if consumed:
                 self._maybe_notify(queue, index)
-            elif queue.enable_notifications(True):
-                # Buffers arrived while we were re-arming the kick (2.7.10): go again.
-                consumed += self.process_tx(index)
         except SyncError as err:
             self._kill(index, err)
         except DefunctError:

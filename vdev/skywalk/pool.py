@@ -15,6 +15,7 @@ refused, and closing the channel purges everything it held.
 
 from __future__ import annotations
 
+import logging
 from array import array
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from .arena import (
     PoolConfig,
 )
 from .errors import PoolError
+
+log = logging.getLogger(__name__)
 
 KERNEL = -1  # owner id of packets held by trusted code (device, rings' kernel side)
 _FREE = 0
@@ -55,16 +58,17 @@ class LeakReport:
 
     packets: list[int] = field(default_factory=list)
     by_owner: dict[int, int] = field(default_factory=dict)
+    buflets: list[int] = field(default_factory=list)
 
     @property
     def leaked(self) -> bool:
-        return bool(self.packets)
+        return bool(self.packets or self.buflets)
 
     def __str__(self) -> str:
-        if not self.packets:
+        if not self.leaked:
             return "no leaks"
         owners = ", ".join(f"owner {o}: {n}" for o, n in sorted(self.by_owner.items()))
-        return f"{len(self.packets)} packets leaked ({owners})"
+        return f"{len(self.packets)} packets leaked ({owners}), {len(self.buflets)} spare buflets"
 
 
 class Pbufpool:
@@ -121,6 +125,7 @@ class Pbufpool:
         self._free_ext = list(range(e - 1, -1, -1))
         self._free_large = list(range(cfg.num_large_bufs - 1, -1, -1))
         self.owners: dict[int, set[int]] = {}
+        self._loose: set[int] = set()  # spare buflets handed out by alloc_buflets
         self.stats = PoolStats()
         self._closed = False
         # Ring region allocator (bump pointer plus exact-size reuse).
@@ -212,10 +217,7 @@ class Pbufpool:
     def free_packets(self, idxs: list[int]) -> None:
         """Return kernel-held packets to the pool (double free or client-held is a bug)."""
         self._check_open()
-        for idx in idxs:
-            self._check_idx(idx)
-            if self.pkt_owner[idx] != KERNEL:
-                raise PoolError(f"packet {idx} is held by owner {self.pkt_owner[idx]}")
+        self.check_kernel_held(idxs)
         self._release(idxs)
 
     def _release(self, idxs: list[int]) -> None:
@@ -255,6 +257,40 @@ class Pbufpool:
         st.frees += len(idxs)
         st.buflets_in_use -= next_freed
         st.large_in_use -= large_freed
+
+    def alloc_buflets(self, n: int) -> list[int]:
+        """Allocate up to ``n`` spare external buflets (not attached to any packet)."""
+        self._check_open()
+        fe = self._free_ext
+        k = min(n, len(fe))
+        out = fe[len(fe) - k :]
+        del fe[len(fe) - k :]
+        for j in out:
+            g = self.num_packets + j
+            self.b_doff[g] = 0
+            self.b_dlen[g] = 0
+            self.b_next[g] = NO_INDEX
+        self._loose.update(out)
+        self.stats.buflets_in_use += k
+        if k < n:
+            self.stats.alloc_failures += n - k
+        return out
+
+    def free_buflets(self, idxs: list[int]) -> None:
+        """Return spare buflets from :meth:`alloc_buflets` (anything else is a PoolError)."""
+        self._check_open()
+        for j in idxs:
+            if j not in self._loose:
+                raise PoolError(f"buflet {j} is not a spare allocated buflet")
+        for j in idxs:
+            self._loose.discard(j)
+            g = self.num_packets + j
+            if self.b_large[g]:
+                self._free_large.append(self.b_buf[g])
+                self.b_large[g] = 0
+                self.b_buf[g] = g
+            self._free_ext.append(j)
+        self.stats.buflets_in_use -= len(idxs)
 
     # ----------------------------------------------------------------- data in / out
     def packet_from_bytes(self, data: bytes, vnet: bytes | None = None) -> int | None:
@@ -400,6 +436,15 @@ class Pbufpool:
         self._check_idx(idx)
         return self.pkt_nbufs[idx]
 
+    def check_kernel_held(self, idxs: list[int]) -> None:
+        """PoolError unless every packet is allocated, held by trusted code, and listed once."""
+        if len(set(idxs)) != len(idxs):
+            raise PoolError("the same packet appears twice in one batch")
+        for idx in idxs:
+            self._check_idx(idx)
+            if self.pkt_owner[idx] != KERNEL:
+                raise PoolError(f"packet {idx} is held by owner {self.pkt_owner[idx]}")
+
     # ----------------------------------------------------------------- upp owner tracking
     def owner_insert(self, owner_id: int, idx: int) -> None:
         """Record that client ``owner_id`` now holds packet ``idx``."""
@@ -475,6 +520,7 @@ class Pbufpool:
                 rep.packets.append(idx)
                 o = self.pkt_owner[idx]
                 rep.by_owner[o] = rep.by_owner.get(o, 0) + 1
+        rep.buflets = sorted(self._loose)
         return rep
 
     def close(self) -> LeakReport:
@@ -484,6 +530,8 @@ class Pbufpool:
         rep = self.leaks()
         self._closed = True
         self.arena.close()
+        if rep.leaked:
+            log.warning("pbufpool closed with leaks: %s", rep)
         return rep
 
     def __enter__(self) -> Pbufpool:

@@ -216,6 +216,7 @@ class Port:
         channel does not starve the others.
         """
         with self.lock:
+            self.pool.check_kernel_held(pkts)
             taken = 0
             chans = self.channels
             nch = len(chans)
@@ -233,6 +234,7 @@ class Port:
     def post_event(self, h: ChannelHandle, pkts: list[int]) -> int:
         """Queue kernel-owned event packets for one channel; returns how many were taken."""
         with self.lock:
+            self.pool.check_kernel_held(pkts)
             return h.event.rx_enqueue(pkts)
 
     def _transmit(self, src: ChannelHandle, pkts: list[int], nbytes: int) -> None:

@@ -32,7 +32,7 @@ from .arena import (
     MdOff,
     SlotOff,
 )
-from .errors import KillReason, SyncError, SyncKind
+from .errors import KillReason, PoolError, SyncError, SyncKind
 from .pool import KERNEL, Pbufpool
 
 SD_VALID: int = lib.SK_SD_VALID
@@ -44,6 +44,27 @@ BUFLET_LARGE: int = lib.SK_BUFLET_LARGE
 VNET_F_NEEDS_CSUM = 1  # virtio 1.x 5.1.6: VIRTIO_NET_HDR_F_NEEDS_CSUM
 
 Failure = tuple[KillReason, str]
+
+# Field offsets as plain module constants: the hot loops avoid attribute lookups.
+_MD_BUFS_CNT_W16 = MdOff.BUFS_CNT_W16
+_MD_BUFS_MAX_W16 = MdOff.BUFS_MAX_W16
+_MD_CSUM_START_W16 = MdOff.CSUM_START_W16
+_MD_CSUM_STUFF_W16 = MdOff.CSUM_STUFF_W16
+_MD_HEADROOM_W16 = MdOff.HEADROOM_W16
+_MD_IDX_W32 = MdOff.IDX_W32
+_MD_L2_LEN_W16 = MdOff.L2_LEN_W16
+_MD_LEN_W32 = MdOff.LEN_W32
+_MD_PFLAGS_W16 = MdOff.PFLAGS_W16
+_MD_QFLAGS_W16 = MdOff.QFLAGS_W16
+_MD_REDZONE_W64 = MdOff.REDZONE_W64
+_MD_VNET_BYTE = MdOff.VNET_BYTE
+_MD_VNET_LEN = MdOff.VNET_LEN
+_BL_BUF_IDX_W32 = BufletOff.BUF_IDX_W32
+_BL_DLEN_W32 = BufletOff.DLEN_W32
+_BL_DLIM_W32 = BufletOff.DLIM_W32
+_BL_DOFF_W32 = BufletOff.DOFF_W32
+_BL_FLAGS_W16 = BufletOff.FLAGS_W16
+_BL_NEXT_W32 = BufletOff.NEXT_W32
 _SI = SlotOff.MD_IDX_W32
 _SF = SlotOff.FLAGS_W16
 _SL = SlotOff.LEN_W16
@@ -105,12 +126,12 @@ def internalize(pool: Pbufpool, idx: int) -> Failure | None:
     md32 = a.md32
     b16 = idx * MD_W16
     b32 = idx * MD_W32
-    if a.md64[idx * MD_W64 + MdOff.REDZONE_W64] != REDZONE_SEED ^ idx:
+    if a.md64[idx * MD_W64 + _MD_REDZONE_W64] != REDZONE_SEED ^ idx:
         return KillReason.INTERNALIZE_FAILED, f"packet {idx}: metadata redzone overwritten"
     maxf = pool.max_frags
-    if md16[b16 + MdOff.BUFS_MAX_W16] != maxf:
+    if md16[b16 + _MD_BUFS_MAX_W16] != maxf:
         return KillReason.INTERNALIZE_FAILED, f"packet {idx}: bufs_max changed"
-    cnt = md16[b16 + MdOff.BUFS_CNT_W16]
+    cnt = md16[b16 + _MD_BUFS_CNT_W16]
     if not 1 <= cnt <= maxf:
         return KillReason.INTERNALIZE_FAILED, f"packet {idx}: bufs_cnt {cnt} not in 1..{maxf}"
     if cnt != pool.pkt_nbufs[idx]:
@@ -128,31 +149,35 @@ def internalize(pool: Pbufpool, idx: int) -> Failure | None:
     g = idx
     total = 0
     doff0 = dlim0 = 0
-    windows: list[int] = []  # doff, dlen pairs, committed only if everything passes
+    dlen0 = 0
+    more: list[int] | None = None  # doff, dlen of buflets 1.., committed only if all pass
     for k in range(cnt):
         large = b_large[g]
-        if u32[w32 + BufletOff.BUF_IDX_W32] != b_buf[g]:
+        if u32[w32 + _BL_BUF_IDX_W32] != b_buf[g]:
             return KillReason.INTERNALIZE_FAILED, f"packet {idx} buflet {k}: buffer index changed"
-        if (u16[w16 + BufletOff.FLAGS_W16] & BUFLET_LARGE) != (BUFLET_LARGE if large else 0):
+        if (u16[w16 + _BL_FLAGS_W16] & BUFLET_LARGE) != (BUFLET_LARGE if large else 0):
             return KillReason.INTERNALIZE_FAILED, f"packet {idx} buflet {k}: large flag changed"
         dlim = pool.large_buf_size if large else pool.buf_size
-        if u32[w32 + BufletOff.DLIM_W32] != dlim:
+        if u32[w32 + _BL_DLIM_W32] != dlim:
             return KillReason.INTERNALIZE_FAILED, f"packet {idx} buflet {k}: dlim changed"
-        doff = u32[w32 + BufletOff.DOFF_W32]
-        dlen = u32[w32 + BufletOff.DLEN_W32]
+        doff = u32[w32 + _BL_DOFF_W32]
+        dlen = u32[w32 + _BL_DLEN_W32]
         if doff + dlen > dlim:
             return KillReason.INTERNALIZE_FAILED, (
                 f"packet {idx} buflet {k}: doff {doff} + dlen {dlen} > dlim {dlim}"
             )
-        nxt = u32[w32 + BufletOff.NEXT_W32]
+        nxt = u32[w32 + _BL_NEXT_W32]
         if nxt != b_next[g]:
             return KillReason.BAD_BUFLET_CHAIN, (
                 f"packet {idx} buflet {k}: next {nxt} != {b_next[g]} (chain rewritten)"
             )
         if k == 0:
-            doff0, dlim0 = doff, dlim
-        windows.append(doff)
-        windows.append(dlen)
+            doff0, dlen0, dlim0 = doff, dlen, dlim
+        elif more is None:
+            more = [doff, dlen]
+        else:
+            more.append(doff)
+            more.append(dlen)
         total += dlen
         if nxt == NO_INDEX:
             break
@@ -161,27 +186,27 @@ def internalize(pool: Pbufpool, idx: int) -> Failure | None:
         u16 = a.bl16
         w32 = nxt * BUFLET_W32
         w16 = nxt * BUFLET_W16
-    plen = md32[b32 + MdOff.LEN_W32]
+    plen = md32[b32 + _MD_LEN_W32]
     if plen != total:
         return KillReason.INTERNALIZE_FAILED, f"packet {idx}: len {plen} != sum of buflets {total}"
-    headroom = md16[b16 + MdOff.HEADROOM_W16]
+    headroom = md16[b16 + _MD_HEADROOM_W16]
     if headroom != doff0:
         return KillReason.INTERNALIZE_FAILED, f"packet {idx}: headroom {headroom} != doff {doff0}"
-    l2 = md16[b16 + MdOff.L2_LEN_W16]
+    l2 = md16[b16 + _MD_L2_LEN_W16]
     if headroom + l2 >= dlim0:
         return KillReason.INTERNALIZE_FAILED, f"packet {idx}: headroom + l2_len >= buffer size"
-    pflags = md16[b16 + MdOff.PFLAGS_W16]
+    pflags = md16[b16 + _MD_PFLAGS_W16]
     if pflags & ~PKT_KNOWN_FLAGS:
         return KillReason.INTERNALIZE_FAILED, f"packet {idx}: unknown pflags {pflags:#x}"
     cstart = cstuff = 0
     if pflags & PKT_CSUM_PARTIAL:
-        cstart = md16[b16 + MdOff.CSUM_START_W16]
-        cstuff = md16[b16 + MdOff.CSUM_STUFF_W16]
+        cstart = md16[b16 + _MD_CSUM_START_W16]
+        cstuff = md16[b16 + _MD_CSUM_STUFF_W16]
         if cstart >= plen or cstuff + 2 > plen:
             return KillReason.INTERNALIZE_FAILED, (
                 f"packet {idx}: csum start {cstart} / stuff {cstuff} outside len {plen}"
             )
-    vb = idx * MD_W32 * 4 + MdOff.VNET_BYTE
+    vb = idx * MD_W32 * 4 + _MD_VNET_BYTE
     if pflags & PKT_VNET_HDR:
         md8 = a.md8
         if md8[vb] & VNET_F_NEEDS_CSUM:
@@ -192,22 +217,24 @@ def internalize(pool: Pbufpool, idx: int) -> Failure | None:
                     f"packet {idx}: vnet csum_start {vstart} + csum_offset {voff} outside len"
                 )
     # Everything checked: adopt the user's windows and offload fields.
-    g = idx
     b_doff = pool.b_doff
     b_dlen = pool.b_dlen
-    for k in range(0, len(windows), 2):
-        b_doff[g] = windows[k]
-        b_dlen[g] = windows[k + 1]
-        nxt = b_next[g]
-        g = p + nxt
+    b_doff[idx] = doff0
+    b_dlen[idx] = dlen0
+    if more is not None:
+        g = idx
+        for k in range(0, len(more), 2):
+            g = p + b_next[g]
+            b_doff[g] = more[k]
+            b_dlen[g] = more[k + 1]
     pool.pkt_len[idx] = plen
     pool.pkt_pflags[idx] = pflags
     pool.pkt_l2[idx] = l2
     pool.pkt_cstart[idx] = cstart
     pool.pkt_cstuff[idx] = cstuff
     if pflags & PKT_VNET_HDR:
-        o = idx * MdOff.VNET_LEN
-        pool.pkt_vnet[o : o + MdOff.VNET_LEN] = a.md8[vb : vb + MdOff.VNET_LEN]
+        o = idx * _MD_VNET_LEN
+        pool.pkt_vnet[o : o + _MD_VNET_LEN] = a.md8[vb : vb + _MD_VNET_LEN]
     return None
 
 
@@ -218,24 +245,22 @@ def externalize(pool: Pbufpool, idx: int) -> None:
     md32 = a.md32
     b16 = idx * MD_W16
     b32 = idx * MD_W32
-    a.md64[idx * MD_W64 + MdOff.REDZONE_W64] = REDZONE_SEED ^ idx
-    md32[b32 + MdOff.IDX_W32] = idx
-    md32[b32 + MdOff.LEN_W32] = pool.pkt_len[idx]
-    md16[b16 + MdOff.QFLAGS_W16] = QUM_FINALIZED
+    a.md64[idx * MD_W64 + _MD_REDZONE_W64] = REDZONE_SEED ^ idx
+    md32[b32 + _MD_IDX_W32] = idx
+    md32[b32 + _MD_LEN_W32] = pool.pkt_len[idx]
+    md16[b16 + _MD_QFLAGS_W16] = QUM_FINALIZED
     pflags = pool.pkt_pflags[idx]
-    md16[b16 + MdOff.PFLAGS_W16] = pflags
-    md16[b16 + MdOff.BUFS_CNT_W16] = pool.pkt_nbufs[idx]
-    md16[b16 + MdOff.BUFS_MAX_W16] = pool.max_frags
-    md16[b16 + MdOff.HEADROOM_W16] = pool.b_doff[idx]
-    md16[b16 + MdOff.L2_LEN_W16] = pool.pkt_l2[idx]
-    md16[b16 + MdOff.CSUM_START_W16] = pool.pkt_cstart[idx]
-    md16[b16 + MdOff.CSUM_STUFF_W16] = pool.pkt_cstuff[idx]
-    vb = b32 * 4 + MdOff.VNET_BYTE
-    if pflags & PKT_VNET_HDR:
-        o = idx * MdOff.VNET_LEN
-        a.md8[vb : vb + MdOff.VNET_LEN] = pool.pkt_vnet[o : o + MdOff.VNET_LEN]
-    else:
-        a.md8[vb : vb + MdOff.VNET_LEN] = bytes(MdOff.VNET_LEN)
+    md16[b16 + _MD_PFLAGS_W16] = pflags
+    md16[b16 + _MD_BUFS_CNT_W16] = pool.pkt_nbufs[idx]
+    md16[b16 + _MD_BUFS_MAX_W16] = pool.max_frags
+    md16[b16 + _MD_HEADROOM_W16] = pool.b_doff[idx]
+    md16[b16 + _MD_L2_LEN_W16] = pool.pkt_l2[idx]
+    md16[b16 + _MD_CSUM_START_W16] = pool.pkt_cstart[idx]
+    md16[b16 + _MD_CSUM_STUFF_W16] = pool.pkt_cstuff[idx]
+    vb = b32 * 4 + _MD_VNET_BYTE
+    if pflags & PKT_VNET_HDR:  # without the flag the user copy's vnet bytes mean nothing
+        o = idx * _MD_VNET_LEN
+        a.md8[vb : vb + _MD_VNET_LEN] = pool.pkt_vnet[o : o + _MD_VNET_LEN]
     p = pool.num_packets
     g = idx
     u32 = md32
@@ -244,14 +269,13 @@ def externalize(pool: Pbufpool, idx: int) -> None:
     w16 = b16 + BUF0_W16
     while True:
         large = pool.b_large[g]
-        u32[w32 + BufletOff.BUF_IDX_W32] = pool.b_buf[g]
-        u32[w32 + BufletOff.DOFF_W32] = pool.b_doff[g]
-        u32[w32 + BufletOff.DLEN_W32] = pool.b_dlen[g]
-        u32[w32 + BufletOff.DLIM_W32] = pool.large_buf_size if large else pool.buf_size
+        u32[w32 + _BL_BUF_IDX_W32] = pool.b_buf[g]
+        u32[w32 + _BL_DOFF_W32] = pool.b_doff[g]
+        u32[w32 + _BL_DLEN_W32] = pool.b_dlen[g]
+        u32[w32 + _BL_DLIM_W32] = pool.large_buf_size if large else pool.buf_size
         nxt = pool.b_next[g]
-        u32[w32 + BufletOff.NEXT_W32] = nxt
-        u16[w16 + BufletOff.FLAGS_W16] = BUFLET_LARGE if large else 0
-        u16[w16 + BufletOff.FLAGS_W16 + 1] = 0
+        u32[w32 + _BL_NEXT_W32] = nxt
+        u16[w16 + _BL_FLAGS_W16] = BUFLET_LARGE if large else 0
         if nxt == NO_INDEX:
             return
         g = p + nxt
@@ -299,7 +323,7 @@ def tx_take(
             )
         else:
             took = True
-            uidx = md32[idx * MD_W32 + MdOff.IDX_W32]
+            uidx = md32[idx * MD_W32 + _MD_IDX_W32]
             if uidx != idx:
                 fail = KillReason.QUM_IDX_MISMATCH, f"slot {s}: metadata {idx} names {uidx}"
             else:
@@ -366,9 +390,10 @@ def rx_release_check(
 ) -> int:
     """Check the slots the user released (``[start, end)``) were detached; sum their bytes.
 
-    With ``klen`` (the lengths the kernel published per slot), a slot whose ``sd_len`` no
-    longer matches is INCONSISTENT_READY_BYTES: the user's byte accounting disagrees with
-    the kernel's.
+    With ``klen`` (the packet lengths the kernel published per slot), a slot whose ``sd_len``
+    no longer matches (lengths above 65535 are published clamped) is
+    INCONSISTENT_READY_BYTES: the user's byte accounting disagrees with the kernel's.  The
+    sum returned is of the kernel's lengths, so ready_bytes stays exact.
     """
     nbytes = 0
     s = start
@@ -382,14 +407,15 @@ def rx_release_check(
             )
         if klen is not None:
             ulen = r16[2 * w + _SL]
-            if ulen != klen[s]:
+            ln = klen[s]
+            if ulen != (ln if ln <= SD_LEN_MAX else SD_LEN_MAX):
                 raise SyncError(
                     KillReason.INCONSISTENT_READY_BYTES,
                     sync,
-                    f"slot {s}: sd_len {ulen} != published {klen[s]} "
+                    f"slot {s}: sd_len {ulen} != published {min(ln, SD_LEN_MAX)} "
                     f"(released slots [{start}, {end}))",
                 )
-            nbytes += ulen
+            nbytes += ln
         s = s + 1 if s + 1 < n else 0
     return nbytes
 
@@ -414,11 +440,15 @@ def rx_publish(
     nbytes = 0
     s = start
     pkt_len = pool.pkt_len
-    owner_insert = pool.owner_insert
+    pkt_owner = pool.pkt_owner
+    owned = pool.owners.setdefault(owner, set())
     while s != end:
         idx = ksd[s]
         ksd[s] = NO_INDEX
-        owner_insert(owner, idx)
+        if pkt_owner[idx] != KERNEL:  # trusted code queued a client's packet: a bug
+            raise PoolError(f"packet {idx} queued while held by owner {pkt_owner[idx]}")
+        pkt_owner[idx] = owner
+        owned.add(idx)
         externalize(pool, idx)
         ln = pkt_len[idx]
         sdl = ln if ln <= SD_LEN_MAX else SD_LEN_MAX
@@ -427,7 +457,7 @@ def rx_publish(
         r16[2 * w + _SF] = SD_VALID
         r16[2 * w + _SL] = sdl
         if klen is not None:
-            klen[s] = sdl
+            klen[s] = ln
         nbytes += ln
         s = s + 1 if s + 1 < n else 0
     return nbytes

@@ -7,6 +7,7 @@ from .backend import VhostDevice, VhostUserBackend, Vring
 from .codec import Message, ProtocolError, ProtocolFeature, Request
 from .connection import Connection, Listener, PeerClosed, connect
 from .frontend import FrontendConfig, FrontendMemory, VhostUserError, VhostUserFrontend
+from .server import VhostUserServer
 
 __all__ = [
     "Connection",
@@ -22,6 +23,7 @@ __all__ = [
     "VhostUserBackend",
     "VhostUserError",
     "VhostUserFrontend",
+    "VhostUserServer",
     "Vring",
     "connect",
 ]

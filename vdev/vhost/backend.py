@@ -170,7 +170,11 @@ class VhostUserBackend:
         *,
         queue_factory: QueueFactory | None = None,
         max_mem_slots: int = MAX_MEM_SLOTS,
+        without_protocol_features: int = 0,
     ) -> None:
+        """``without_protocol_features`` masks protocol features out of the offer (e.g.
+        CONFIGURE_MEM_SLOTS, to make QEMU use SET_MEM_TABLE); ``queue_factory`` replaces
+        SplitQueue (tests)."""
         self.device = device
         self.conn = conn
         self.queue_factory: QueueFactory = queue_factory or _default_queue_factory
@@ -186,9 +190,9 @@ class VhostUserBackend:
                 "device asked for unsupported protocol features %#x; not offered",
                 extra & ~DEVICE_PROTOCOL_FEATURES,
             )
-        self.offered_protocol_features = BACKEND_PROTOCOL_FEATURES | (
-            extra & DEVICE_PROTOCOL_FEATURES
-        )
+        self.offered_protocol_features = (
+            BACKEND_PROTOCOL_FEATURES | (extra & DEVICE_PROTOCOL_FEATURES)
+        ) & ~without_protocol_features
         self.features = 0  # acked with SET_FEATURES (virtio bits + bit 30)
         self.features_acked = False
         self.protocol_features = 0  # acked with SET_PROTOCOL_FEATURES

@@ -46,21 +46,28 @@ class Bench:
     engine: FaultEngine
     forwarded: list[bytes] = field(default_factory=list)
 
-    def tx(self, frames: list[bytes]) -> list[bytes]:
-        """Run frames through the TX hooks (queue 1); return what was forwarded now."""
-        before = len(self.forwarded)
+    def _packets(self, frames: list[bytes]) -> list[int]:
         pkts = [self.pool.packet_from_bytes(f, bytes(12)) for f in frames]
-        assert all(p is not None for p in pkts)
-        out = self.nic._run_hooks(self.nic.tx_hooks, 1, [p for p in pkts if p is not None])
-        self.nic.inject_tx(out)
+        assert all(p is not None for p in pkts), "test pool too small"
+        return [p for p in pkts if p is not None]
+
+    def tx(self, frames: list[bytes], batch: int = 32) -> list[bytes]:
+        """Run frames through the TX hooks (queue 1) in batches, as process_tx would;
+        return what was forwarded meanwhile."""
+        before = len(self.forwarded)
+        for i in range(0, len(frames), batch):
+            pkts = self._packets(frames[i : i + batch])
+            self.nic.inject_tx(self.nic._run_hooks(self.nic.tx_hooks, 1, pkts))
         return self.forwarded[before:]
 
-    def rx(self, frames: list[bytes]) -> list[bytes]:
+    def rx(self, frames: list[bytes], batch: int = 32) -> list[bytes]:
         """Run frames through the RX hooks (queue 0); return what reached the backlog."""
-        pkts = [self.pool.packet_from_bytes(f, bytes(12)) for f in frames]
-        out = self.nic._run_hooks(self.nic.rx_hooks, 0, [p for p in pkts if p is not None])
-        self.nic.inject_rx(out)
-        return self.take_backlog()
+        got: list[bytes] = []
+        for i in range(0, len(frames), batch):
+            pkts = self._packets(frames[i : i + batch])
+            self.nic.inject_rx(self.nic._run_hooks(self.nic.rx_hooks, 0, pkts))
+            got += self.take_backlog()
+        return got
 
     def take_backlog(self) -> list[bytes]:
         got = [self.pool.packet_bytes(p) for p in self.nic.backlog]

@@ -1,0 +1,1 @@
+"""Test-side tools shared by tests, fuzzers, benchmarks and the demo."""
