@@ -119,6 +119,29 @@ class UdpLink:
                 n += 1
         return n
 
+    def qemu_backlog(self) -> int:
+        """Bytes (kernel truesize) waiting in QEMU's UDP socket, from /proc/net/udp.
+
+        QEMU stops reading that socket while the guest has no RX buffers, and the socket
+        drops datagrams once ~rmem_default is queued: waiting for 0 before each burst is
+        the host's flow control.
+        """
+        suffix = f":{self.qemu_port:04X}"
+        with open("/proc/net/udp") as f:
+            for line in f:
+                cols = line.split()
+                if len(cols) > 4 and cols[1].endswith(suffix):
+                    return int(cols[4].split(":")[1], 16)
+        return 0
+
+    def wait_drained(self, timeout: float = 10.0) -> None:
+        """Wait until QEMU has read every datagram sent to it (see ``qemu_backlog``)."""
+        deadline = time.monotonic() + timeout
+        while self.qemu_backlog() > 0:
+            if time.monotonic() > deadline:
+                raise BareConsoleError(f"QEMU did not drain its socket in {timeout} s")
+            time.sleep(0.001)
+
     def close(self) -> None:
         self.sock.close()
 

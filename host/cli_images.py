@@ -1,8 +1,8 @@
 """``vdev images``: build, list and boot the guest images.
 
-  vdev images build [linux|bare|all] [--kernel BZIMAGE [--modules DIR]] [--force]
-  vdev images list
-  vdev images boot [--nic SOCK|user]... [--kernel-args ARGS] [--halt | --interactive]
+vdev images build [linux|bare|all] [--kernel BZIMAGE [--modules DIR]] [--force]
+vdev images list
+vdev images boot [--nic SOCK|user]... [--kernel-args ARGS] [--halt | --interactive]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import host.images_path  # noqa: F401 - makes `images` importable when pip-installed
 from images.tools import ToolError
 
 
@@ -31,6 +32,9 @@ def register(subparsers: Any) -> None:
     b.set_defaults(func=cmd_build)
     ls = sub.add_parser("list", help="list cached images")
     ls.set_defaults(func=cmd_list)
+    pr = sub.add_parser("prune", help="remove old cached images")
+    pr.add_argument("--keep", type=int, default=1, help="newest images to keep per name")
+    pr.set_defaults(func=cmd_prune)
     boot = sub.add_parser("boot", help="boot the Linux image (measures boot time)")
     boot.add_argument(
         "--nic",
@@ -44,7 +48,12 @@ def register(subparsers: Any) -> None:
     mode.add_argument("--halt", action="store_true", help="power off once ready")
     mode.add_argument("--interactive", action="store_true", help="attach to the console")
     boot.set_defaults(func=cmd_boot)
-    p.set_defaults(func=lambda _a: (p.print_help(), 2)[1])
+
+    def usage(_args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(func=usage)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -89,6 +98,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'NAME':<8} {'SIZE':>10}  {'HASH':<16}  {'BUILT (UTC)':<20}  PATH")
     for a in arts:
         print(f"{a.name:<8} {human_size(a.size):>10}  {a.hash[:16]}  {a.built_at:<20}  {a.path}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from images.cache import list_artifacts, prune
+
+    for name in sorted({a.name for a in list_artifacts()}):
+        for path in prune(name, keep=max(args.keep, 0)):
+            print(f"removed {path}")
     return 0
 
 

@@ -8,28 +8,20 @@ must leave them usable for the next test.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+import host.images_path  # noqa: F401 - makes `images` importable when pip-installed
 from host.accel import qemu_binary
 from host.machine import Machine, Nic, live_machines
 
 if TYPE_CHECKING:
     from images.linux import LinuxImage
-
-# The image recipes live in the top-level ``images`` package of the checkout. When vdev is
-# pip-installed (editable) without ``images*`` in the package list, make the checkout's copy
-# importable so that ``pytest`` (not only ``python -m pytest`` from the root) finds it.
-_CHECKOUT = Path(__file__).resolve().parent.parent
-if importlib.util.find_spec("images") is None and (_CHECKOUT / "images" / "__init__.py").exists():
-    sys.path.append(str(_CHECKOUT))
 
 
 def _skip_reason() -> str | None:

@@ -132,6 +132,20 @@ def list_artifacts() -> list[Artifact]:
     return sorted(arts, key=lambda a: a.built_at, reverse=True)
 
 
+def prune(name: str, keep: int = 3) -> list[Path]:
+    """Remove all but the ``keep`` newest artifacts called ``name``; returns what went.
+
+    Keeping a few (not one) leaves images in use by a concurrent test session of an older
+    checkout state alone.
+    """
+    import shutil
+
+    old = [a for a in list_artifacts() if a.name == name][keep:]
+    for a in old:
+        shutil.rmtree(a.path, ignore_errors=True)
+    return [a.path for a in old]
+
+
 def human_size(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -31,6 +31,12 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 
+# pfifo_fast instead of Debian's fq_codel: codel drops packets that wait too long (common
+# under TCG, or with a slow backend) without telling the sender, which breaks exact packet
+# counts. pfifo_fast only tail-drops, and that is reported to the sender as ENOBUFS, which
+# vdev-pktgen retries. Must be set before the interfaces are brought up.
+echo pfifo_fast > /proc/sys/net/core/default_qdisc
+
 # Modules in dependency order (resolved on the host from each .ko's depends= string).
 if [ -s /etc/vdev/modules ]; then
     while read -r mod; do

@@ -33,6 +33,7 @@ from images.tools import ToolError, build_tools, hash_tool_inputs, require_tool
 # Bump when the recipe changes in a way the other inputs do not capture.
 RECIPE_VERSION = "1"
 NAME = "linux"
+KEEP_BUILDS = 3  # older linux-* artifacts are pruned after a build
 META_PACKAGE = "linux-image-cloud-amd64"
 INIT_SCRIPT = Path(__file__).with_name("init.sh")
 BUSYBOX = Path("/bin/busybox")
@@ -429,6 +430,8 @@ def build_linux(
             if dest.exists():
                 shutil.rmtree(dest)
             out.rename(dest)
+        for gone in cache.prune(NAME, keep=KEEP_BUILDS):
+            progress(f"pruned old image {gone.name}")
     art = cache.load_artifact(dest)
     assert art is not None
     progress(f"linux image ready: {dest} ({human_size(art.size)}) in {time.monotonic() - t0:.1f} s")

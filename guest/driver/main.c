@@ -116,17 +116,20 @@ static uint8_t frame_byte(uint32_t o, uint32_t seq, uint32_t size, const uint8_t
     return (uint8_t)(seq + o);
 }
 
-/* Walk a packet's buflets: calls fn(data, len, offset) per segment. */
-#define FOR_EACH_SEG(pk, bl, data, off)                                                          \
-    for (struct sk_buflet *bl = &(pk)->buf0; bl; bl = (bl->next_idx < POOL_BUFLETS ? buflet_at(bl->next_idx) : NULL)) \
-        for (uint8_t *data = buf_addr(bl->buf_idx) + bl->doff; data; data = NULL)
+/* Visit a packet's buflets (buf0, then the external chain), never more than
+ * bufs_cnt of them, so a corrupted next_idx cannot loop us.  k counts. */
+#define FOR_EACH_BUFLET(pk, bl, k)                                                      \
+    for (struct sk_buflet *bl = &(pk)->buf0; bl && (k) < (pk)->bufs_cnt;               \
+         bl = (++(k) < (pk)->bufs_cnt && bl->next_idx < POOL_BUFLETS) ? buflet_at(bl->next_idx) \
+                                                                      : NULL)
 
 static void fill_frame(uint32_t p, uint32_t size, uint32_t seq, const uint8_t *dst)
 {
     struct sk_packet *pk = pkt_md(p);
-    uint32_t off = 0;
-    FOR_EACH_SEG(pk, bl, data, off)
+    uint32_t off = 0, k = 0;
+    FOR_EACH_BUFLET(pk, bl, k)
     {
+        uint8_t *data = buf_addr(bl->buf_idx) + bl->doff;
         uint32_t room = bl->dlim - bl->doff, n = size - off < room ? size - off : room;
         for (uint32_t i = 0; i < n; i++)
             data[i] = frame_byte(off + i, seq, size, dst);
@@ -148,9 +151,12 @@ static int check_frame(uint32_t p)
     uint32_t size = (uint32_t)d[22] | (uint32_t)d[23] << 8 | (uint32_t)d[24] << 16 | (uint32_t)d[25] << 24;
     if (size != pk->len)
         return -1;
-    uint32_t off = 0;
-    FOR_EACH_SEG(pk, bl, data, off)
+    uint32_t off = 0, k = 0;
+    FOR_EACH_BUFLET(pk, bl, k)
     {
+        const uint8_t *data = buf_addr(bl->buf_idx) + bl->doff;
+        if (bl->buf_idx >= POOL_BUFS || bl->doff + bl->dlen > POOL_BUF_SIZE)
+            return -1;
         for (uint32_t i = 0; i < bl->dlen; i++) {
             uint32_t o = off + i;
             if (o >= 26 && data[i] != (uint8_t)(seq + o))

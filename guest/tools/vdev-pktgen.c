@@ -8,7 +8,9 @@
  * --size is the UDP payload size (UDP mode) or the Ethernet frame length without FCS (raw
  * mode). Transient send errors (ENOBUFS, EAGAIN) are retried so that "sent" means handed to
  * the kernel; other errors are counted and reported. Prints one line on stdout:
- *   pktgen tx_packets=N tx_bytes=B errors=E elapsed_us=T pps=P
+ *   pktgen tx_packets=N tx_bytes=B errors=E elapsed_us=T pps=P async_errors=A
+ * (async_errors: ICMP errors for earlier UDP datagrams, e.g. port unreachable; the datagram
+ * whose send reported one is sent again, so tx_packets stays exact.)
  * Exit status: 0 when all N were sent, 1 when some failed, 2 on usage/setup errors. */
 #define _GNU_SOURCE
 #include "vdev_tools.h"
@@ -25,6 +27,7 @@
 #include <unistd.h>
 
 static const char *prog = "vdev-pktgen";
+static unsigned long long async_errors; /* ICMP errors reported for earlier datagrams */
 
 static void usage(void)
 {
@@ -49,6 +52,17 @@ static int send_retry(int fd, const void *buf, size_t len, const struct sockaddr
 			return -1;
 		if (errno == EINTR)
 			continue;
+		if ((errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) &&
+		    vdev_now_us() < deadline) {
+			/* An ICMP error for an EARLIER datagram (reported because of IP_RECVERR);
+			 * this one was not sent. Drain the error queue and send it again. */
+			char cbuf[512];
+			struct msghdr mh = {.msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+			while (recvmsg(fd, &mh, MSG_ERRQUEUE | MSG_DONTWAIT) >= 0)
+				mh.msg_controllen = sizeof(cbuf);
+			async_errors++;
+			continue;
+		}
 		if ((errno == ENOBUFS || errno == EAGAIN) && vdev_now_us() < deadline) {
 			struct pollfd p = {.fd = fd, .events = POLLOUT};
 			poll(&p, 1, 1);
@@ -121,6 +135,10 @@ int main(int argc, char **argv)
 		fd = socket(AF_INET, SOCK_DGRAM, 0);
 		if (fd < 0)
 			vdev_die(prog, strerror(errno));
+		/* Without IP_RECVERR, UDP hides qdisc drops (ENOBUFS) from the sender, and the
+		 * count would silently be short. With it, send_retry sees and retries them. */
+		int one = 1;
+		setsockopt(fd, IPPROTO_IP, IP_RECVERR, &one, sizeof(one));
 		if (src_port) {
 			struct sockaddr_in b = {.sin_family = AF_INET,
 						.sin_port = htons((uint16_t)src_port)};
@@ -184,8 +202,9 @@ int main(int argc, char **argv)
 	}
 	uint64_t elapsed = vdev_now_us() - start;
 	unsigned long long pps = elapsed ? sent * 1000000ull / elapsed : 0;
-	printf("pktgen tx_packets=%llu tx_bytes=%llu errors=%llu elapsed_us=%llu pps=%llu\n", sent,
-	       bytes, errors, (unsigned long long)elapsed, pps);
+	printf("pktgen tx_packets=%llu tx_bytes=%llu errors=%llu elapsed_us=%llu pps=%llu "
+	       "async_errors=%llu\n",
+	       sent, bytes, errors, (unsigned long long)elapsed, pps, async_errors);
 	close(fd);
 	return errors ? 1 : 0;
 }

@@ -8,6 +8,7 @@ their own short-lived guests to check failure reporting and cleanup.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import shutil
@@ -26,7 +27,7 @@ from images.linux import LinuxImage
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
-GUEST_ARGS = "vdev.ip=10.0.2.15/24 vdev.gw=10.0.2.2"
+GUEST_ARGS = "vdev.ip=10.0.2.15/24 vdev.gw=10.0.2.2 vdev.ip1=10.0.3.15/24 vdev.mtu1=1400"
 
 
 def counters(output: str, prefix: str) -> dict[str, int]:
@@ -39,12 +40,16 @@ def counters(output: str, prefix: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def guest(linux_guest_factory: LinuxGuestFactory) -> Machine:
-    return linux_guest_factory(nics=[Nic.user()], kernel_args=GUEST_ARGS)
+    # Two slirp NICs prove per-interface options (eth1); RAM in a /dev/shm file lets the
+    # host look into guest memory.
+    return linux_guest_factory(
+        nics=[Nic.user(), Nic.user()], kernel_args=GUEST_ARGS, shared_memory="file"
+    )
 
 
 def test_ready_line_reports_eth0_with_carrier(guest: Machine) -> None:
-    assert "ifaces=eth0" in guest.ready_line
-    assert "carrier=eth0:1" in guest.ready_line
+    assert "ifaces=eth0,eth1" in guest.ready_line
+    assert "carrier=eth0:1,eth1:1" in guest.ready_line
     out, status = guest.run("readlink /sys/class/net/eth0/device/driver; lsmod")
     assert status == 0
     assert out.splitlines()[0].endswith("/virtio_net")
@@ -82,6 +87,24 @@ def test_eth0_configured_from_kernel_cmdline(guest: Machine) -> None:
     assert out.splitlines()[-1] == "1500"
     out, status = guest.run("ping -c 1 -W 5 10.0.2.2", timeout=20)
     assert status == 0, out
+
+
+def test_second_nic_gets_its_own_options(guest: Machine) -> None:
+    out, _ = guest.run("ip addr show eth1; cat /sys/class/net/eth1/mtu")
+    assert "inet 10.0.3.15/24" in out
+    assert "link/ether 52:54:00:12:34:57" in out
+    assert out.splitlines()[-1] == "1400"
+
+
+def test_host_sees_guest_ram_in_shm_file(guest: Machine) -> None:
+    marker = f"vdev-ram-marker-{os.getpid()}-{time.monotonic_ns()}"
+    # Split in the command so the console echo/pexpect buffers never hold the full marker
+    # anywhere in guest RAM except the tmpfs page we write.
+    guest.run(f"echo {marker[:9]}''{marker[9:]} > /tmp/marker", check=True)
+    assert guest.memory_path is not None
+    assert guest.memory_path.stat().st_size == 256 << 20
+    with open(guest.memory_path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert mm.find(marker.encode()) >= 0
 
 
 def test_pktgen_udp_through_the_nic(guest: Machine) -> None:
@@ -166,6 +189,7 @@ def test_panic_is_reported_and_everything_cleaned_up(linux_image: LinuxImage) ->
             m.expect("never printed: the panic pattern wins", timeout=60)
     assert "Kernel panic" in str(info.value) or "sysrq" in str(info.value)
     assert "QEMU command line:" in str(info.value)
+    assert temp_dir is not None and pid is not None
     assert not temp_dir.exists()
     assert not os.path.exists(f"/proc/{pid}") or _is_zombie_free(pid)
 
@@ -271,3 +295,62 @@ def test_vhost_user_nic_with_testpmd_backend(
     stats, _ = proc.communicate(timeout=20)
     rx = [int(n) for n in re.findall(r"RX-packets:\s*(\d+)", stats)]
     assert rx and max(rx) == 500, stats
+
+
+_CHILD = """
+import sys, threading, time
+from pathlib import Path
+from host.machine import Machine
+from images.linux import LinuxImage
+
+img = LinuxImage(Path(sys.argv[1]), Path(sys.argv[2]), "", "", (), Path("."), True)
+m = Machine.linux(img, name="interrupted")
+
+def report() -> None:
+    while m.pid is None or m.temp_dir is None:
+        time.sleep(0.02)
+    print(m.pid, m.temp_dir, flush=True)
+
+threading.Thread(target=report, daemon=True).start()
+m.launch()
+time.sleep(60)
+"""
+
+
+def _qemu_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_interrupted_runner_leaves_no_qemu(linux_image: LinuxImage, sig: signal.Signals) -> None:
+    """Ctrl-C (KeyboardInterrupt mid-boot) cleans up; SIGKILL of the runner kills QEMU too."""
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(linux_image.kernel), str(linux_image.initrd)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert child.stdout is not None
+        pid_s, temp_dir = child.stdout.readline().split()
+        pid = int(pid_s)
+        time.sleep(0.5)
+        child.send_signal(sig)
+        child.wait(30)
+        deadline = time.monotonic() + 10
+        while _qemu_alive(pid):
+            assert time.monotonic() < deadline, f"QEMU {pid} survived {sig.name}"
+            time.sleep(0.1)
+        if sig == signal.SIGINT:
+            assert not Path(temp_dir).exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)

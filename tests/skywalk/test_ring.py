@@ -253,3 +253,24 @@ def test_channel_info_json_round_trip(pool: Pbufpool) -> None:
     ch = Channel(pool.arena, info, h.sync, closer=h.close)
     assert ch.send([b"x"]) == 1
     ch.close()
+
+
+def test_failing_on_transmit_leaves_ring_consistent() -> None:
+    pool = Pbufpool(num_packets=64)
+    calls: list[list[int]] = []
+
+    def on_tx(port: Port, pkts: list[int]) -> None:
+        calls.append(pkts)
+        pool.free_packets(pkts)
+        if len(calls) == 1:
+            raise RuntimeError("device bug")
+
+    port = Port(pool, ring_slots=N, on_transmit=on_tx)
+    ch = port.open_channel()
+    with pytest.raises(RuntimeError):
+        ch.send([b"a", b"b"])
+    assert not ch.pending(ch.tx_ring)  # finalize ran: khead caught up
+    assert ch.send([b"c"]) == 1  # the channel is not defunct: the fault was the device's
+    assert [len(c) for c in calls] == [2, 1]
+    ch.close()
+    assert_no_leak(pool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import selectors
 import socket
 import threading
 import time
@@ -228,3 +229,34 @@ def test_connect_times_out(tmp_path: Path) -> None:
     with pytest.raises(TimeoutError, match=r"nothing\.sock"):
         connect(tmp_path / "nothing.sock", timeout=0.3, retry_interval=0.05)
     assert time.monotonic() - start < 2
+
+
+def test_backend_spurious_wakeup_does_not_block(no_fd_leak: None) -> None:
+    from vdev.vhost.backend import VhostUserBackend
+
+    from .conftest import FakeDevice
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fdnum = b.fileno()
+    backend = VhostUserBackend(FakeDevice(), Connection(b, io_timeout=5.0))
+    sel = selectors.DefaultSelector()
+    sel.register(backend.fileno(), selectors.EVENT_READ)
+    try:
+        start = time.monotonic()
+        assert backend.handle_readable() is True  # nothing there: returns at once
+        assert time.monotonic() - start < 0.5
+        a.close()
+        assert backend.handle_readable() is False
+        assert backend.closed
+        # The number survives close, so the caller can unregister it (and a new connection
+        # that reuses the number can be registered again).
+        assert backend.fileno() == fdnum
+        sel.unregister(backend.fileno())
+        c, d = socket.socketpair()
+        sel.register(c.fileno(), selectors.EVENT_READ)
+        c.close()
+        d.close()
+    finally:
+        backend.close()
+        a.close()
+        sel.close()

@@ -270,7 +270,7 @@ message = st.tuples(st.one_of(structured(), structured(), raw(), mutated()), fla
 
 
 @settings(
-    max_examples=300,
+    max_examples=200,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

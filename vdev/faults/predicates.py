@@ -118,6 +118,11 @@ class Predicate:
 class All(Predicate):
     parts: list[Predicate]
 
+    def __post_init__(self) -> None:
+        self.needs_frame = any(p.needs_frame for p in self.parts)
+        # A combination counts as a filter only if it has no counters/randomness in it.
+        self.is_filter = all(p.is_filter for p in self.parts)
+
     def test(self, pkt: PacketInfo, state: MatchState) -> bool:
         # Evaluate every part: stateful selectors (Gilbert-Elliott) advance the same way
         # whatever the others say, which keeps outcomes independent of operand order.
@@ -132,6 +137,11 @@ class All(Predicate):
 class Any_(Predicate):
     parts: list[Predicate]
 
+    def __post_init__(self) -> None:
+        self.needs_frame = any(p.needs_frame for p in self.parts)
+        # A combination counts as a filter only if it has no counters/randomness in it.
+        self.is_filter = all(p.is_filter for p in self.parts)
+
     def test(self, pkt: PacketInfo, state: MatchState) -> bool:
         results = [p.test(pkt, state) for p in self.parts]
         return any(results)
@@ -143,6 +153,10 @@ class Any_(Predicate):
 @dataclass
 class Not(Predicate):
     inner: Predicate
+
+    def __post_init__(self) -> None:
+        self.needs_frame = self.inner.needs_frame
+        self.is_filter = self.inner.is_filter
 
     def test(self, pkt: PacketInfo, state: MatchState) -> bool:
         return not self.inner.test(pkt, state)

@@ -23,7 +23,7 @@ from vdev.net.capture import PcapngWriter
 from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
 from vdev.net.switch import Switch
-from vdev.skywalk import Pbufpool
+from vdev.skywalk import Channel, Pbufpool, Port
 
 from vdev.vhost.backend import VhostUserBackend
 from vdev.vhost.connection import Connection, Listener
@@ -45,6 +45,7 @@ class NicSocket:
     client: bool
     listener: Listener | None = None
     backend: VhostUserBackend | None = None
+    backend_fd: int = -1  # the fd registered in the selector (the socket may close first)
     kick_fds: dict[int, int] = field(default_factory=dict)  # vring index -> fd
     next_connect: float = 0.0
     connections: int = 0
@@ -66,6 +67,7 @@ class Device:
         self.responder = Responder(self.pool, mac=mac_bytes(responder_mac), ip=responder_ip)
         self.switch.attach(self.responder)
         self.sockets: list[NicSocket] = []
+        self.ports: dict[str, Port] = {}
         self.sel = selectors.DefaultSelector()
         self.lock = threading.RLock()
         self.capture = PcapngWriter(pcap) if pcap else None
@@ -114,6 +116,29 @@ class Device:
         self.sockets.append(entry)
         return nic
 
+    def open_port(self, name: str, *, ring_slots: int = 256, alloc_nbufs: int = 1) -> Port:
+        """A Skywalk nexus port on the switch, for host channels (this or another process).
+
+        The port shares the device lock: a channel's TX sync forwards through the switch
+        into guest rings from the caller's thread, while the loop thread delivers into the
+        port's RX rings; one re-entrant lock orders both (and guards the pool).
+        """
+        with self.lock:
+            if name in self.ports or name in self.switch.endpoints:
+                raise ValueError(f"an endpoint named {name!r} already exists")
+            port = Port(self.pool, name=name, ring_slots=ring_slots, alloc_nbufs=alloc_nbufs)
+            port.lock = self.lock
+            port.on_transmit = lambda p, pkts: self.forward(p.name, pkts)
+            self.switch.attach(port)
+            self.ports[name] = port
+            return port
+
+    def open_channel(self, name: str = "host", **kw: int) -> Channel:
+        """A host channel in this process on port ``name`` (created if it does not exist)."""
+        with self.lock:
+            port = self.ports.get(name) or self.open_port(name, **kw)
+            return port.open_channel()
+
     @property
     def nics(self) -> list[VirtioNet]:
         return [s.nic for s in self.sockets]
@@ -155,9 +180,8 @@ class Device:
     def _attach_connection(self, entry: NicSocket, conn: Connection) -> None:
         entry.backend = VhostUserBackend(entry.nic, conn)
         entry.connections += 1
-        self.sel.register(
-            entry.backend.fileno(), selectors.EVENT_READ, lambda: self._readable(entry)
-        )
+        entry.backend_fd = entry.backend.fileno()
+        self.sel.register(entry.backend_fd, selectors.EVENT_READ, lambda: self._readable(entry))
         log.info("%s: frontend connected on %s", entry.nic.name, entry.path)
 
     def _readable(self, entry: NicSocket) -> None:
@@ -172,10 +196,8 @@ class Device:
         if backend is None:
             return
         entry.backend = None
-        try:
-            self.sel.unregister(backend.fileno())
-        except (KeyError, ValueError):
-            pass
+        self._unwatch(entry.backend_fd)
+        entry.backend_fd = -1
         backend.close()
         for fd in list(entry.kick_fds.values()):
             self._unwatch(fd)
@@ -311,6 +333,9 @@ class Device:
                 if entry.listener is not None:
                     self._unwatch(entry.listener.fileno())
                     entry.listener.close()  # removes the socket file
+            for port in self.ports.values():
+                port.close()
+                self.switch.detach(port.name)
             if self.capture is not None:
                 self.capture.close()
             self.sel.close()

@@ -483,9 +483,9 @@ class VirtioNet:
                 break
         if room < total:
             # One buffer without MRG_RXBUF and it is too small: the frame cannot be
-            # delivered.  Return the buffer unused (len 0) and count the drop.
-            for chain in chains:
-                self._push(queue, index, chain.head, 0)
+            # delivered.  Hand the buffer back untouched for the next frame and drop this
+            # one (as QEMU's virtqueue_unpop does).
+            queue.rewind(start_idx)
             stats.drop("rx_buffer_too_small")
             return True
         hdr = vnet[:hlen]

@@ -96,7 +96,10 @@ class Switch:
                 batches.setdefault(out, []).append(pkt)
                 continue
             if out == src:
+                # The destination lives behind the sender: no hairpin, counted as a drop.
                 pool.free_packets([pkt])
+                if src_stats is not None:
+                    src_stats.drops += 1
                 continue
             targets = [n for n in self.endpoints if n != src]
             if not targets:

@@ -79,7 +79,7 @@ class UserRing:
         slots_off = off + RING_HDR_SIZE
         if self.n < 2 or slots_off + 8 * self.n > lay.arena_size:
             raise ValueError(f"ring at {off}: {self.n} slots do not fit the arena")
-        self.slots_w32 = (slots_off - lay.ring_off) // 4
+        self.slots_w32: int = (slots_off - lay.ring_off) // 4
         self.off = off
 
     @property
@@ -156,7 +156,12 @@ class Channel:
 
         arena = Arena.attach(fd)
         rs = RemoteSyncer(sync_fd)
-        return cls(arena, info, rs, closer=rs.close)
+
+        def closer() -> None:
+            rs.close()  # the server sees EOF and closes the kernel half
+            arena.close()
+
+        return cls(arena, info, rs, closer=closer)
 
     # ------------------------------------------------------------------ state
     def _check(self) -> None:
@@ -341,6 +346,50 @@ class Channel:
         ring.head = ring.next(s)
         return pkt
 
+    def packet_alloc_batch(self, n: int) -> list[int]:
+        """Take up to ``n`` packets from the ALLOC ring in one pass (one sync if empty)."""
+        self._check()
+        ring = self.alloc_ring
+        avail = ring.available()
+        if avail == 0:
+            self.sync(SyncKind.ALLOC)
+            avail = ring.available()
+        k = min(n, avail)
+        out: list[int] = []
+        r32, r16 = ring.r32, ring.r16
+        s = ring.head
+        base = ring.slots_w32
+        nslots = ring.n
+        for _ in range(k):
+            w = base + 2 * s
+            out.append(r32[w + _SI])
+            r16[2 * w + _SF] = 0  # detach
+            s = s + 1 if s + 1 < nslots else 0
+        ring.head = s
+        return out
+
+    def packet_free_batch(self, pkts: list[int]) -> None:
+        """Return packets through the FREE ring, syncing it whenever it fills up."""
+        self._check()
+        ring = self.free_ring
+        r32, r16 = ring.r32, ring.r16
+        base = ring.slots_w32
+        nslots = ring.n
+        i = 0
+        while i < len(pkts):
+            room = ring.available()
+            if room == 0:
+                self.sync(SyncKind.FREE)
+                continue
+            s = ring.head
+            for pkt in pkts[i : i + room]:
+                w = base + 2 * s
+                r32[w + _SI] = pkt
+                r16[2 * w + _SF] = SD_VALID
+                s = s + 1 if s + 1 < nslots else 0
+            i += room
+            ring.head = s
+
     def packet_free(self, pkt: int) -> None:
         """Return ``pkt`` through the FREE ring (syncing it when full)."""
         self._check()
@@ -363,25 +412,40 @@ class Channel:
         """
         self._check()
         ring = self.tx_ring
+        todo = list(frames)
         sent = 0
-        for frame in frames:
-            if ring.available() == 0:
+        r32, r16 = ring.r32, ring.r16
+        base = ring.slots_w32
+        nslots = ring.n
+        while sent < len(todo):
+            room = ring.available()
+            if room == 0:
                 self.sync(SyncKind.TX)
-                if ring.available() == 0:
+                room = ring.available()
+                if room == 0:
                     break
-            pkt = self.packet_alloc()
-            if pkt is None:
+            pkts = self.packet_alloc_batch(min(room, len(todo) - sent))
+            if not pkts:
                 break
-            try:
-                self.packet_write(pkt, frame)
-            except ValueError:
-                self.packet_free(pkt)
-                self.sync(SyncKind.FREE)
-                raise
             s = ring.head
-            self.slot_attach_packet(ring, s, pkt)
-            ring.head = ring.next(s)
-            sent += 1
+            for i, pkt in enumerate(pkts):
+                frame = todo[sent]
+                try:
+                    self.packet_write(pkt, frame)
+                except ValueError:
+                    ring.head = s
+                    self.packet_free_batch(pkts[i:])
+                    self.sync(SyncKind.FREE)
+                    if self.pending(ring):
+                        self.sync(SyncKind.TX)
+                    raise
+                w = base + 2 * s
+                r32[w + _SI] = pkt
+                r16[2 * w + _SF] = SD_VALID
+                r16[2 * w + _SL] = len(frame) if len(frame) <= 0xFFFF else 0xFFFF
+                s = s + 1 if s + 1 < nslots else 0
+                sent += 1
+            ring.head = s
         if self.pending(ring):
             self.sync(SyncKind.TX)
         return sent
@@ -405,9 +469,8 @@ class Channel:
                     taken.append(pkt)
                 s = ring.next(s)
             ring.head = s
-            for pkt in taken:
-                self.packet_free(pkt)
             if taken:
+                self.packet_free_batch(taken)
                 self.sync(SyncKind.FREE)
             if out or time.monotonic() >= deadline:
                 return out

@@ -100,9 +100,11 @@ class ChannelHandle:
             try:
                 if kind is SyncKind.TX:
                     pkts, nbytes = self.tx.txsync_prologue()
-                    if pkts:
-                        self.port._transmit(self, pkts, nbytes)
-                    self.tx.txsync_finalize()
+                    try:
+                        if pkts:
+                            self.port._transmit(self, pkts, nbytes)
+                    finally:  # the ring stays consistent even if the device callback fails
+                        self.tx.txsync_finalize()
                 elif kind is SyncKind.RX:
                     self.rx.rxsync_prologue()
                     self.rx.rxsync_finalize()
@@ -165,9 +167,11 @@ class Port:
         self._rr = 0
 
     @staticmethod
-    def loopback(pool: Pbufpool, **kw: int | str) -> LoopbackPort:
+    def loopback(
+        pool: Pbufpool, *, name: str = "loopback", ring_slots: int = 256, alloc_nbufs: int = 1
+    ) -> LoopbackPort:
         """A port that delivers what one channel sends to its other channels."""
-        return LoopbackPort(pool, **kw)  # type: ignore[arg-type]
+        return LoopbackPort(pool, name=name, ring_slots=ring_slots, alloc_nbufs=alloc_nbufs)
 
     # ------------------------------------------------------------------ channels
     def open_kernel_channel(

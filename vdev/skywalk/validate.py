@@ -308,36 +308,43 @@ def tx_take(
     pkts: list[int] = []
     nbytes = 0
     md32 = pool.arena.md32
-    owner_remove = pool.owner_remove
+    pkt_owner = pool.pkt_owner
+    pkt_state = pool.pkt_state
+    pkt_len = pool.pkt_len
+    num_packets = pool.num_packets
+    owned = pool.owners.get(owner, set())
     s = start
     while s != end:
         w = slots_w32 + 2 * s
-        flags = r16[2 * w + _SF]
+        w16 = 2 * w
         idx = r32[w + _SI]
-        fail: Failure | None = None
-        took = False
-        if not flags & SD_VALID or not owner_remove(owner, idx):
-            fail = (
+        valid = r16[w16 + _SF] & SD_VALID
+        if not (valid and idx < num_packets and pkt_state[idx] and pkt_owner[idx] == owner):
+            pool._release(pkts)
+            what = idx if valid else "none"
+            raise SyncError(
                 KillReason.UNALLOCATED_PKT,
-                f"slot {s}: packet {idx if flags & SD_VALID else 'none'} not held by the channel",
+                sync,
+                f"slot {s}: packet {what} not held by the channel (slots [{start}, {end}))",
+            )
+        pkt_owner[idx] = KERNEL  # taken back from the user: freed with the rest on failure
+        owned.discard(idx)
+        pkts.append(idx)
+        uidx = md32[idx * MD_W32 + _MD_IDX_W32]
+        if uidx != idx:
+            fail: Failure | None = (
+                KillReason.QUM_IDX_MISMATCH,
+                f"slot {s}: metadata of packet {idx} names {uidx}",
             )
         else:
-            took = True
-            uidx = md32[idx * MD_W32 + _MD_IDX_W32]
-            if uidx != idx:
-                fail = KillReason.QUM_IDX_MISMATCH, f"slot {s}: metadata {idx} names {uidx}"
-            else:
-                fail = internalize(pool, idx)
+            fail = internalize(pool, idx)
         if fail is not None:
-            if took:
-                pkts.append(idx)
             pool._release(pkts)
-            raise SyncError(fail[0], sync, f"{fail[1]} (slots [{start}, {end}))")
-        pkts.append(idx)
-        nbytes += pool.pkt_len[idx]
+            raise SyncError(fail[0], sync, f"slot {s}: {fail[1]} (slots [{start}, {end}))")
+        nbytes += pkt_len[idx]
         r32[w + _SI] = NO_INDEX
-        r16[2 * w + _SF] = 0
-        r16[2 * w + _SL] = 0
+        r16[w16 + _SF] = 0
+        r16[w16 + _SL] = 0
         s = s + 1 if s + 1 < n else 0
     return pkts, nbytes
 

@@ -233,6 +233,9 @@ class VhostUserBackend:
     # -- public -----------------------------------------------------------------------
 
     def fileno(self) -> int:
+        """The connection's fd for the caller's poll loop.  Still the same number after the
+        backend closed it, so ``sel.unregister(backend.fileno())`` works after
+        :meth:`handle_readable` returned False."""
         return self.conn.fileno()
 
     @property
@@ -290,11 +293,13 @@ class VhostUserBackend:
         if self.backend_req_fd is not None:
             close_fds([self.backend_req_fd])
             self.backend_req_fd = None
+        self.conn.close()
+        # The device hears about it while guest memory is still mapped, so it can drop any
+        # buffers (chains, views) it still holds before the regions go away.
+        self._device_call("disconnected")
         if self.mem is not None:
             self.mem.close()
             self.mem = None
-        self.conn.close()
-        self._device_call("disconnected")
 
     # -- dispatch ---------------------------------------------------------------------
 

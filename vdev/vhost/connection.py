@@ -70,12 +70,16 @@ class Connection:
         self.sock = sock
         self.io_timeout = io_timeout
         self.closed = False
+        self._fd = sock.fileno()
         # Always non-blocking at the OS level: waits are explicit polls with a deadline, so
         # a caller's event loop never stalls on a spurious wakeup.
         sock.setblocking(False)
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        """The socket's fd number; unchanged after :meth:`close`, so that a caller whose
+        selector still holds it can unregister it by number once ``handle_readable`` has
+        returned False (the backend closes the connection before returning)."""
+        return self._fd
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -211,9 +215,11 @@ class Listener:
             self.sock.close()
             raise
         self.closed = False
+        self._fd = self.sock.fileno()
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        """Unchanged after :meth:`close` (see :meth:`Connection.fileno`)."""
+        return self._fd
 
     def accept(self, timeout: float | None = 0.0, *, io_timeout: float = 5.0) -> Connection | None:
         """Accept one connection; ``None`` if none arrives within ``timeout`` (0: poll)."""
