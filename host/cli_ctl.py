@@ -28,10 +28,10 @@ def _register_ctl(subparsers: Any) -> None:
         "ctl",
         help="control fault injection on a running device",
         description=(
-            "Send one request to a running device's fault control socket (vdev serve "
-            "--control PATH, or ControlServer in a test). Rules use the same keys as the "
-            "Python API and scenario files, given as KEY=VALUE (VALUE parsed as JSON when "
-            "it is valid JSON, else taken as a string)."
+            "Send one request to a running device's fault control socket (a "
+            "vdev.faults.control.ControlServer, see docs/faults.md). Rules use the same "
+            "keys as the Python API and scenario files, given as KEY=VALUE (VALUE parsed "
+            "as JSON when it is valid JSON, else taken as a string)."
         ),
     )
     p.add_argument(

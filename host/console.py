@@ -151,6 +151,10 @@ class Console:
         self.expect(re.escape(PROMPT), timeout)
         return ready
 
+    def reset_shell_state(self) -> None:
+        """Forget what we set up in the guest shell (after a reset, it is a new shell)."""
+        self._echo_off = False
+
     # ------------------------------------------------------------------ run
     def run(self, cmd: str, timeout: float = 30.0, check: bool = False) -> tuple[str, int]:
         """Run ``cmd`` with ``sh`` in the guest; returns (output, exit status).

@@ -175,6 +175,8 @@ class Machine:
         self._console_listener: socket.socket | None = None
         self._stderr_file: Path | None = None
         self._shm_dir: Path | None = None
+        self._qmp_ready = False
+        self._t0 = 0.0
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -327,25 +329,38 @@ class Machine:
         except OSError:
             return ""
 
-    def launch(self) -> None:
-        """Start QEMU, attach console and QMP, and wait until the guest is ready."""
+    def launch(self, wait: bool = True) -> None:
+        """Start QEMU and attach the console; by default also QMP and wait until ready.
+
+        ``wait=False`` returns as soon as QEMU runs: QEMU sets up netdevs before its
+        monitor and blocks until every vhost-user backend is connected, so a backend that
+        must connect after QEMU starts (``Nic(server=True)``) is started next, then
+        :meth:`wait_ready` is called.
+        """
         if self._proc is not None:
             raise MachineError("machine already launched")
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         _LIVE.add(self)
         try:
-            self._launch()
-            if self.ready_pattern is not None:
-                m = self.console.expect(self.ready_pattern, self.ready_timeout)
-                self.ready_line = m.group(0).strip()
-                if self.wait_prompt:
-                    self.console.expect(re.escape(PROMPT), self.ready_timeout)
+            self._spawn()
+            if wait:
+                self.wait_ready()
         except BaseException:
             self.shutdown()
             raise
-        self.boot_seconds = time.monotonic() - t0
 
-    def _launch(self) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Attach QMP, then wait for ``ready_pattern`` (and the prompt if ``wait_prompt``)."""
+        limit = self.ready_timeout if timeout is None else timeout
+        self._attach_qmp(limit)
+        if self.ready_pattern is not None:
+            m = self.console.expect(self.ready_pattern, limit)
+            self.ready_line = m.group(0).strip()
+            if self.wait_prompt:
+                self.console.expect(re.escape(PROMPT), limit)
+        self.boot_seconds = time.monotonic() - self._t0
+
+    def _spawn(self) -> None:
         if self.accel is None:
             self.accel = select_accel()
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"vdev-{self.name}-"))
@@ -374,16 +389,29 @@ class Machine:
         assert self.console_log_path is not None
         self.console_log_path.parent.mkdir(parents=True, exist_ok=True)
         self._console = Console(conn, self.console_log_path, self._context)
+
+    def _attach_qmp(self, timeout: float) -> None:
+        if self._qmp_ready:
+            return
+        assert self._qmp is not None
         try:
-            self._qmp.accept(timeout=30.0)
+            self._qmp.accept(timeout=timeout)
         except Exception as e:
             status = self._wait_exit(2.0)
             if status is not None:
                 raise self._error(
                     GuestCrashed, f"QEMU exited at startup with status {status}"
                 ) from e
-            raise self._error(MachineError, f"QMP connection failed: {e!r}") from e
+            socks = [str(n.socket) for n in self.nics if n.kind == "vhost-user"]
+            hint = (
+                f" (QEMU starts its monitor only after every vhost-user backend is "
+                f"connected: {', '.join(socks)})"
+                if socks
+                else ""
+            )
+            raise self._error(MachineError, f"QMP did not come up: {e!r}{hint}") from e
         self._qmp.settimeout(30.0)
+        self._qmp_ready = True
 
     def _wait_exit(self, timeout: float) -> int | None:
         """QEMU's exit status if it exits within ``timeout``, else None."""
@@ -418,8 +446,10 @@ class Machine:
 
     @property
     def qmp(self) -> QEMUMonitorProtocol:
+        """The QMP connection (attached on first use after ``launch(wait=False)``)."""
         if self._qmp is None or self._proc is None:
             raise MachineError("machine not launched")
+        self._attach_qmp(self.ready_timeout)
         return self._qmp
 
     @property
@@ -463,8 +493,25 @@ class Machine:
         name = f"nic{nic}" if isinstance(nic, int) else nic
         self.qmp_cmd("set_link", name=name, up=up)
 
-    def system_reset(self) -> None:
+    def system_reset(self, wait_ready: bool = True, timeout: float | None = None) -> None:
+        """Hard-reset the guest (QMP ``system_reset``), by default waiting until it is ready.
+
+        ``-no-reboot`` turns every reset request into a shutdown, QMP's included, and
+        SeaBIOS answers a warm reset with a second (guest) reset of its own. So the reboot
+        action is ``reset`` until the guest is ready again, then back to ``shutdown`` so a
+        later panic still ends QEMU. With ``wait_ready=False`` it stays ``reset``.
+        """
+        self.qmp_cmd("set-action", reboot="reset")
         self.qmp_cmd("system_reset")
+        self.console.reset_shell_state()
+        if not wait_ready or self.ready_pattern is None:
+            return
+        limit = self.ready_timeout if timeout is None else timeout
+        m = self.console.expect(self.ready_pattern, limit)
+        self.ready_line = m.group(0).strip()
+        if self.wait_prompt:
+            self.console.expect(re.escape(PROMPT), limit)
+        self.qmp_cmd("set-action", reboot="shutdown")
 
     def quit(self) -> None:
         """Ask QEMU to exit (QMP ``quit``) and wait for it."""
@@ -482,7 +529,7 @@ class Machine:
         _LIVE.discard(self)
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            if self._qmp is not None:
+            if self._qmp is not None and self._qmp_ready:
                 with contextlib.suppress(Exception):
                     self._qmp.settimeout(min(timeout, 5.0))
                     self._qmp.cmd("quit")
@@ -499,6 +546,7 @@ class Machine:
             with contextlib.suppress(Exception):
                 self._qmp.close()
             self._qmp = None
+            self._qmp_ready = False
         if self._console is not None:
             with contextlib.suppress(Exception):
                 self._console.close()

@@ -42,6 +42,10 @@ BUSYBOX = Path("/bin/busybox")
 WANTED_MODULES = ("virtio_pci", "virtio_mmio", "virtio_net", "af_packet")
 
 Progress = Callable[[str], None]
+_NO_APT_HINT = (
+    "the Linux image gets Debian's cloud kernel through apt; on a host without apt, pass "
+    "--kernel BZIMAGE (and --modules DIR unless virtio/virtio_net are built in)"
+)
 
 
 def _stderr_progress(msg: str) -> None:
@@ -131,7 +135,7 @@ def _resolve_kernel_package_apt() -> tuple[str, str]:
     Falls back to the newest concrete ``linux-image-*-cloud-amd64`` if the meta package is
     not in the lists.
     """
-    require_tool("apt-cache", "apt (Debian/Ubuntu only)")
+    require_tool("apt-cache", "apt", _NO_APT_HINT)
     pkg = ""
     out = subprocess.run(
         ["apt-cache", "depends", META_PACKAGE], capture_output=True, text=True, timeout=60
@@ -174,7 +178,7 @@ def fetch_kernel_deb(pkg: str, version: str, progress: Progress) -> Path:
     if found:
         progress(f"kernel package cached: {found.name} ({human_size(found.stat().st_size)})")
         return found
-    require_tool("apt-get", "apt (Debian/Ubuntu only)")
+    require_tool("apt-get", "apt", _NO_APT_HINT)
     progress(f"downloading {pkg}={version} with apt-get download ...")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(dir=debs) as tmp:
@@ -244,8 +248,19 @@ def index_modules(root: Path) -> dict[str, Path]:
     return idx
 
 
+def read_builtin(root: Path | None) -> set[str]:
+    """Names from ``modules.builtin`` (``kernel/net/packet/af_packet.ko`` -> ``af_packet``)."""
+    if root is None or not (root / "modules.builtin").is_file():
+        return set()
+    lines = (root / "modules.builtin").read_text().split()
+    return {Path(line).name.removesuffix(".ko").replace("-", "_") for line in lines}
+
+
 def resolve_modules(
-    index: dict[str, Path], wanted: tuple[str, ...], progress: Progress
+    index: dict[str, Path],
+    wanted: tuple[str, ...],
+    progress: Progress,
+    builtin: set[str] | frozenset[str] = frozenset(),
 ) -> list[tuple[str, bytes]]:
     """Wanted modules plus dependencies, dependencies first (insmod order).
 
@@ -263,7 +278,10 @@ def resolve_modules(
         path = index.get(name)
         if path is None:
             if not stack:
-                progress(f"module {name}: not found, assuming built in")
+                if name in builtin:
+                    progress(f"module {name}: built into the kernel")
+                else:
+                    progress(f"module {name}: not found, assuming built in")
                 done.add(name)
                 return
             raise ImageError(f"module {stack[-1]} depends on {name}, which is missing")
@@ -398,7 +416,7 @@ def build_linux(
                 shutil.copyfile(kernel, out / "vmlinuz")
             t = time.monotonic()
             index = index_modules(mod_root) if mod_root else {}
-            mods = resolve_modules(index, WANTED_MODULES, progress)
+            mods = resolve_modules(index, WANTED_MODULES, progress, read_builtin(mod_root))
             progress(
                 "modules (load order): "
                 + (", ".join(f"{n} ({human_size(len(d))})" for n, d in mods) or "none")

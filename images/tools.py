@@ -20,10 +20,12 @@ class ToolError(RuntimeError):
     """A host tool is missing or a build step failed; the message says how to fix it."""
 
 
-def require_tool(name: str, package: str) -> str:
+def require_tool(name: str, package: str, hint: str = "") -> str:
+    """Path of a host program, or a ToolError naming the package (or ``hint``) to get it."""
     path = shutil.which(name)
     if path is None:
-        raise ToolError(f"'{name}' not found: install it with `apt-get install {package}`")
+        how = hint or f"install it with `apt-get install {package}`"
+        raise ToolError(f"'{name}' not found: {how}")
     return path
 
 

@@ -16,8 +16,14 @@
 #define BUFLET_OFF ALIGN4K(MD_OFF + POOL_PACKETS * MD_SIZE)
 #define BUF_OFF ALIGN4K(BUFLET_OFF + POOL_BUFLETS * (uint32_t)sizeof(struct sk_buflet))
 #define RING_OFF ALIGN4K(BUF_OFF + POOL_BUFS * POOL_BUF_SIZE)
-#define RING_HDRS 256u                   /* two struct sk_ring, padded */
-#define RING_REGION (RING_HDRS + 2u * RING_MAX_SLOTS * (uint32_t)sizeof(struct sk_slot))
+#define RING_HDR_STRIDE 128u             /* one struct sk_ring (96 bytes), padded */
+#define RING_HDRS (4u * RING_HDR_STRIDE) /* TX, RX, ALLOC, FREE */
+#define SLOT_SIZE ((uint32_t)sizeof(struct sk_slot))
+#define TX_SLOTS_OFF (RING_OFF + RING_HDRS)
+#define RX_SLOTS_OFF (TX_SLOTS_OFF + RING_MAX_SLOTS * SLOT_SIZE)
+#define ALLOC_SLOTS_OFF (RX_SLOTS_OFF + RING_MAX_SLOTS * SLOT_SIZE)
+#define FREE_SLOTS_OFF (ALLOC_SLOTS_OFF + ALLOC_RING_SLOTS * SLOT_SIZE)
+#define RING_REGION (FREE_SLOTS_OFF + FREE_RING_SLOTS * SLOT_SIZE - RING_OFF)
 #define ARENA_SIZE ALIGN4K(RING_OFF + RING_REGION)
 
 /* In its own NOLOAD section, outside the .bss the boot code clears: the
@@ -25,13 +31,14 @@
 uint8_t vdev_arena_mem[ARENA_SIZE] __attribute__((aligned(4096), section(".bss.arena")));
 uint32_t vdev_pool_arena;                /* guest address of struct sk_arena_hdr */
 uint32_t vdev_tx_ring, vdev_rx_ring;     /* guest addresses of struct sk_ring */
-struct sk_ring *vdev_tx_ring_p, *vdev_rx_ring_p;
+uint32_t vdev_alloc_ring, vdev_free_ring;
+struct sk_ring *vdev_tx_ring_p, *vdev_rx_ring_p, *vdev_alloc_ring_p, *vdev_free_ring_p;
 
 /* Trusted allocator state: free stacks and per-object ownership bits. */
 static uint32_t md_free[POOL_PACKETS], md_nfree;
 static uint32_t bl_free[POOL_BUFLETS], bl_nfree;
 static uint32_t buf_free[POOL_BUFS], buf_nfree;
-static uint8_t md_used[POOL_PACKETS], bl_used[POOL_BUFLETS], buf_used[POOL_BUFS];
+static uint8_t md_owner[POOL_PACKETS], bl_used[POOL_BUFLETS], buf_used[POOL_BUFS];
 
 static struct sk_arena_hdr *arena_hdr(void) { return (struct sk_arena_hdr *)vdev_arena_mem; }
 
@@ -63,9 +70,12 @@ static void ring_setup(struct sk_ring *r, uint32_t kind, uint32_t id, uint32_t n
     r->large_buf_off = 0;
     r->slots_off = slots_off;
     r->md_size = MD_SIZE;
-    /* TX starts with every slot but one free for the user; RX starts empty. */
-    r->ring_tail = kind == SK_RING_TX ? nslots - 1 : 0;
-    r->ready_slots = kind == SK_RING_TX ? nslots - 1 : 0;
+    /* Rings the user produces into (TX, FREE) start with every slot but one
+     * free for the user; rings the kernel fills (RX, ALLOC) start empty. */
+    int user_fills = kind == SK_RING_TX || kind == SK_RING_FREE;
+    r->ring_tail = user_fills ? nslots - 1 : 0;
+    r->ready_slots = user_fills ? nslots - 1 : 0;
+    r->alloc_ws = kind == SK_RING_ALLOC ? ALLOC_WS : 0;
 }
 
 /* (Re)build the whole arena.  Used at boot and after a device reset: the
@@ -100,7 +110,7 @@ void pool_init(uint32_t tx_slots, uint32_t rx_slots)
         o->pkt.buf0.buf_idx = SK_NO_INDEX;
         o->pkt.buf0.next_idx = SK_NO_INDEX;
         md_free[i] = POOL_PACKETS - 1 - i;
-        md_used[i] = 0;
+        md_owner[i] = OWN_FREE;
     }
     md_nfree = POOL_PACKETS;
     for (uint32_t i = 0; i < POOL_BUFLETS; i++) {
@@ -119,13 +129,18 @@ void pool_init(uint32_t tx_slots, uint32_t rx_slots)
     if (rx_slots > RING_MAX_SLOTS)
         rx_slots = RING_MAX_SLOTS;
     vdev_tx_ring_p = (struct sk_ring *)(vdev_arena_mem + RING_OFF);
-    vdev_rx_ring_p = (struct sk_ring *)(vdev_arena_mem + RING_OFF + RING_HDRS / 2);
-    ring_setup(vdev_tx_ring_p, SK_RING_TX, 0, tx_slots, RING_OFF + RING_HDRS);
-    ring_setup(vdev_rx_ring_p, SK_RING_RX, 0, rx_slots,
-               RING_OFF + RING_HDRS + RING_MAX_SLOTS * sizeof(struct sk_slot));
+    vdev_rx_ring_p = (struct sk_ring *)(vdev_arena_mem + RING_OFF + RING_HDR_STRIDE);
+    vdev_alloc_ring_p = (struct sk_ring *)(vdev_arena_mem + RING_OFF + 2 * RING_HDR_STRIDE);
+    vdev_free_ring_p = (struct sk_ring *)(vdev_arena_mem + RING_OFF + 3 * RING_HDR_STRIDE);
+    ring_setup(vdev_tx_ring_p, SK_RING_TX, 0, tx_slots, TX_SLOTS_OFF);
+    ring_setup(vdev_rx_ring_p, SK_RING_RX, 0, rx_slots, RX_SLOTS_OFF);
+    ring_setup(vdev_alloc_ring_p, SK_RING_ALLOC, 0, ALLOC_RING_SLOTS, ALLOC_SLOTS_OFF);
+    ring_setup(vdev_free_ring_p, SK_RING_FREE, 0, FREE_RING_SLOTS, FREE_SLOTS_OFF);
     vdev_pool_arena = (uint32_t)(uintptr_t)h;
     vdev_tx_ring = (uint32_t)(uintptr_t)vdev_tx_ring_p;
     vdev_rx_ring = (uint32_t)(uintptr_t)vdev_rx_ring_p;
+    vdev_alloc_ring = (uint32_t)(uintptr_t)vdev_alloc_ring_p;
+    vdev_free_ring = (uint32_t)(uintptr_t)vdev_free_ring_p;
     pool_update_gauges();
 }
 
@@ -185,7 +200,7 @@ int pool_md_alloc(uint32_t *idx)
         return -1;
     }
     uint32_t i = md_free[--md_nfree];
-    md_used[i] = 1;
+    md_owner[i] = OWN_KERNEL;
     struct sk_md_obj *o = md_obj(i);
     memset(&o->pkt, 0, sizeof(o->pkt));
     o->pre.redzone = SK_REDZONE_SEED ^ i;
@@ -199,35 +214,43 @@ int pool_md_alloc(uint32_t *idx)
 
 int pool_md_valid(uint32_t idx)
 {
-    return idx < POOL_PACKETS && md_used[idx] &&
+    return idx < POOL_PACKETS && md_owner[idx] != OWN_FREE &&
            md_obj(idx)->pre.redzone == (SK_REDZONE_SEED ^ idx) && md_obj(idx)->pkt.idx == idx;
 }
 
-/* Allocate a packet whose buflets can hold `bytes` after the headroom
- * (buf0 inline, further buflets external), like os_channel_packet_alloc. */
-int sk_packet_alloc(uint32_t *pidx, uint32_t bytes)
+int pool_md_owner(uint32_t idx)
 {
-    uint32_t p, b;
-    if (pool_md_alloc(&p))
-        return -1;
+    return idx < POOL_PACKETS ? md_owner[idx] : OWN_FREE;
+}
+
+void pool_md_set_owner(uint32_t idx, int owner)
+{
+    if (idx < POOL_PACKETS && md_owner[idx] != OWN_FREE)
+        md_owner[idx] = (uint8_t)owner;
+}
+
+/* Grow a packet's buflet chain until it can hold `bytes` after the headroom.
+ * (Skywalk hands out extra buflets through a buflet alloc ring; this driver
+ * takes that shortcut: the kernel half extends the chain directly.) */
+int pool_packet_extend(uint32_t p, uint32_t bytes)
+{
     struct sk_packet *pk = pkt_md(p);
-    if (pool_buf_alloc(&b)) {
-        sk_packet_free(p);
-        return -1;
-    }
-    pk->buf0.buf_idx = b;
-    pk->buf0.doff = POOL_HEADROOM;
-    pk->buf0.dlim = POOL_BUF_SIZE;
-    pk->headroom = POOL_HEADROOM;
-    pk->bufs_cnt = 1;
-    uint32_t room = POOL_BUF_SIZE - POOL_HEADROOM;
+    uint32_t room = POOL_BUF_SIZE - pk->buf0.doff;
     struct sk_buflet *last = &pk->buf0;
+    for (int n = 1; n < pk->bufs_cnt && last->next_idx < POOL_BUFLETS; n++) {
+        last = buflet_at(last->next_idx);
+        room += POOL_BUF_SIZE;
+    }
     while (room < bytes) {
-        uint32_t bi;
-        if (pk->bufs_cnt >= POOL_MAX_FRAGS || pool_buflet_alloc(&bi) || pool_buf_alloc(&b)) {
-            if (pk->bufs_cnt >= POOL_MAX_FRAGS)
-                vdev_stats.alloc_failures++;
-            sk_packet_free(p);
+        uint32_t bi, b;
+        if (pk->bufs_cnt >= POOL_MAX_FRAGS) {
+            vdev_stats.alloc_failures++;
+            return -1;
+        }
+        if (pool_buflet_alloc(&bi))
+            return -1;
+        if (pool_buf_alloc(&b)) {
+            pool_buflet_free(bi);
             return -1;
         }
         struct sk_buflet *bl = buflet_at(bi);
@@ -238,14 +261,37 @@ int sk_packet_alloc(uint32_t *pidx, uint32_t bytes)
         pk->bufs_cnt++;
         room += POOL_BUF_SIZE;
     }
+    return 0;
+}
+
+/* Kernel-side allocation: metadata plus buf0 (and more buflets for `bytes`). */
+int pool_packet_alloc(uint32_t *pidx, uint32_t bytes)
+{
+    uint32_t p, b;
+    if (pool_md_alloc(&p))
+        return -1;
+    struct sk_packet *pk = pkt_md(p);
+    if (pool_buf_alloc(&b)) {
+        pool_packet_free(p);
+        return -1;
+    }
+    pk->buf0.buf_idx = b;
+    pk->buf0.doff = POOL_HEADROOM;
+    pk->buf0.dlim = POOL_BUF_SIZE;
+    pk->headroom = POOL_HEADROOM;
+    pk->bufs_cnt = 1;
+    if (pool_packet_extend(p, bytes)) {
+        pool_packet_free(p);
+        return -1;
+    }
     *pidx = p;
     return 0;
 }
 
 /* Free a packet and everything its (trusted-bounded) buflet chain names. */
-void sk_packet_free(uint32_t p)
+void pool_packet_free(uint32_t p)
 {
-    if (p >= POOL_PACKETS || !md_used[p])
+    if (p >= POOL_PACKETS || md_owner[p] == OWN_FREE)
         return;
     struct sk_packet *pk = pkt_md(p);
     pool_buf_free(pk->buf0.buf_idx);
@@ -258,8 +304,106 @@ void sk_packet_free(uint32_t p)
     }
     pk->buf0.buf_idx = SK_NO_INDEX;
     pk->buf0.next_idx = SK_NO_INDEX;
-    md_used[p] = 0;
+    md_owner[p] = OWN_FREE;
     md_free[md_nfree++] = p;
+}
+
+/* ---- packet alloc/free through the alloc and free rings (user half) ---- */
+
+/* Take the packet at the alloc ring's head (os_channel_packet_alloc): sync
+ * the ring first when it is empty; ENOMEM-like -1 if it stays empty. */
+int sk_packet_alloc(uint32_t *pidx, uint32_t bytes)
+{
+    struct sk_ring *r = vdev_alloc_ring_p;
+    if (r->ring_head == r->ring_tail)
+        sk_sync(r);
+    if (r->ring_head == r->ring_tail)
+        return -1;
+    struct sk_slot *s = sk_slot_at(r, r->ring_head);
+    uint32_t p = s->sd_md_idx;
+    if (!(s->sd_flags & SK_SD_VALID) || !pool_md_valid(p))
+        return -1;
+    s->sd_flags = 0;                     /* detach: the packet is ours now */
+    s->sd_md_idx = SK_NO_INDEX;
+    r->ring_head = ring_next(r, r->ring_head);
+    if (bytes > POOL_BUF_SIZE - pkt_md(p)->buf0.doff && pool_packet_extend(p, bytes)) {
+        sk_packet_free(p);
+        return -1;
+    }
+    *pidx = p;
+    return 0;
+}
+
+/* Hand a packet back through the free ring (os_channel_packet_free). */
+int sk_packet_free(uint32_t p)
+{
+    struct sk_ring *r = vdev_free_ring_p;
+    if (r->ring_head == r->ring_tail)
+        sk_sync(r);                      /* full: let the kernel reclaim */
+    if (r->ring_head == r->ring_tail)
+        return -1;
+    struct sk_slot *s = sk_slot_at(r, r->ring_head);
+    s->sd_md_idx = p;
+    s->sd_len = 0;
+    s->sd_flags = SK_SD_VALID;
+    r->ring_head = ring_next(r, r->ring_head);
+    return 0;
+}
+
+/* Kernel half of the alloc ring: [khead, head) was taken by the user; top
+ * the ring up to alloc_ws packets.  Packets in the ring already count as the
+ * user's (as in pbufpool.c, they enter the user's upp when attached). */
+static int ksync_alloc(struct sk_ring *r)
+{
+    uint32_t n = r->ring_num_slots, h = r->ring_head;
+    if (h >= n)
+        return -2;
+    for (uint32_t k = r->ring_khead; k != h; k = ring_next(r, k)) {
+        struct sk_slot *s = sk_slot_at(r, k);
+        s->sd_flags = 0;
+        s->sd_md_idx = SK_NO_INDEX;
+    }
+    r->ring_khead = h;
+    uint32_t have = sk_available_slot_count(r);
+    while (have < r->alloc_ws && ring_next(r, r->ring_tail) != r->ring_khead) {
+        uint32_t p;
+        if (pool_packet_alloc(&p, 0))
+            break;
+        pool_md_set_owner(p, OWN_USER);
+        struct sk_slot *s = sk_slot_at(r, r->ring_tail);
+        s->sd_md_idx = p;
+        s->sd_len = 0;
+        s->sd_flags = SK_SD_VALID;
+        r->ring_tail = ring_next(r, r->ring_tail);
+        have++;
+    }
+    r->ready_slots = have;
+    pool_update_gauges();
+    return 0;
+}
+
+/* Kernel half of the free ring: reclaim [khead, head), but only packets the
+ * user really holds (anything else is counted and ignored). */
+static int ksync_free(struct sk_ring *r)
+{
+    uint32_t n = r->ring_num_slots, h = r->ring_head;
+    if (h >= n)
+        return -2;
+    for (uint32_t k = r->ring_khead; k != h; k = ring_next(r, k)) {
+        struct sk_slot *s = sk_slot_at(r, k);
+        uint32_t p = s->sd_md_idx;
+        if ((s->sd_flags & SK_SD_VALID) && pool_md_valid(p) && pool_md_owner(p) == OWN_USER)
+            pool_packet_free(p);
+        else
+            vdev_stats.free_bad++;
+        s->sd_flags = 0;
+        s->sd_md_idx = SK_NO_INDEX;
+    }
+    r->ring_khead = h;
+    r->ring_tail = h == 0 ? n - 1 : h - 1;
+    r->ready_slots = sk_available_slot_count(r);
+    pool_update_gauges();
+    return 0;
 }
 
 /* Sum the buflet lengths into pkt.len and mark the packet finalized. */
@@ -333,7 +477,7 @@ int sk_advance_slot(struct sk_ring *r, struct sk_slot *s)
 uint32_t sk_available_slot_count(struct sk_ring *r)
 {
     int32_t n;
-    if (r->ring_kind == SK_RING_TX) {
+    if (r->ring_kind == SK_RING_TX || r->ring_kind == SK_RING_FREE) {
         n = (int32_t)r->ring_head - (int32_t)r->ring_khead;
         if (n < 0)
             n += (int32_t)r->ring_num_slots;
@@ -381,10 +525,19 @@ uint32_t sk_slot_get_packet(struct sk_ring *r, struct sk_slot *s)
 
 int sk_sync(struct sk_ring *r)
 {
-    if (r->ring_kind == SK_RING_TX) {
+    switch (r->ring_kind) {
+    case SK_RING_TX:
         vdev_stats.tx_syncs++;
         return ksync_tx(r);
+    case SK_RING_RX:
+        vdev_stats.rx_syncs++;
+        return ksync_rx(r);
+    case SK_RING_ALLOC:
+        vdev_stats.alloc_syncs++;
+        return ksync_alloc(r);
+    case SK_RING_FREE:
+        vdev_stats.free_syncs++;
+        return ksync_free(r);
     }
-    vdev_stats.rx_syncs++;
-    return ksync_rx(r);
+    return -2;
 }

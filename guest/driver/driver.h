@@ -74,13 +74,19 @@ void vq_quiesce_events(struct vq *q);
 uintptr_t vq_mem_size(uint16_t size);
 
 /* ---- packet pool + channel, user half (channel.c) ---- */
-#define POOL_PACKETS 1024
+#define POOL_PACKETS 2048
 #define POOL_BUFLETS 2048
-#define POOL_BUFS 2048
+#define POOL_BUFS 4096
 #define POOL_BUF_SIZE 2048
 #define POOL_MAX_FRAGS 8
 #define POOL_HEADROOM 16
 #define RING_MAX_SLOTS 1024
+#define ALLOC_RING_SLOTS 256
+#define FREE_RING_SLOTS 256
+#define ALLOC_WS 192                     /* packets an alloc sync keeps ready */
+
+/* Who holds a metadata object (the trusted "upp" bookkeeping of pbufpool.c). */
+enum { OWN_FREE = 0, OWN_KERNEL = 1, OWN_USER = 2 };
 
 void pool_init(uint32_t tx_slots, uint32_t rx_slots);
 struct sk_packet *pkt_md(uint32_t idx);
@@ -90,16 +96,22 @@ int pool_buf_alloc(uint32_t *buf_idx);
 void pool_buf_free(uint32_t buf_idx);
 int pool_buflet_alloc(uint32_t *idx);
 void pool_buflet_free(uint32_t idx);
-int pool_md_alloc(uint32_t *idx);
+int pool_md_alloc(uint32_t *idx);       /* owner: kernel */
 int pool_md_valid(uint32_t idx);        /* index in range, allocated, redzone ok */
+int pool_md_owner(uint32_t idx);
+void pool_md_set_owner(uint32_t idx, int owner);
+int pool_packet_alloc(uint32_t *pidx, uint32_t bytes);   /* kernel side, no rings */
+int pool_packet_extend(uint32_t pidx, uint32_t bytes);   /* add buflets up to bytes */
+void pool_packet_free(uint32_t pidx);
 void pool_update_gauges(void);
 
+/* User half: packets come from the alloc ring and go back through the free ring. */
 int sk_packet_alloc(uint32_t *pidx, uint32_t bytes);
-void sk_packet_free(uint32_t pidx);
+int sk_packet_free(uint32_t pidx);
 void sk_packet_finalize(uint32_t pidx);
 uint8_t *sk_packet_data(uint32_t pidx);  /* first byte of buf0's data window */
 
-extern struct sk_ring *vdev_tx_ring_p, *vdev_rx_ring_p;
+extern struct sk_ring *vdev_tx_ring_p, *vdev_rx_ring_p, *vdev_alloc_ring_p, *vdev_free_ring_p;
 struct sk_slot *sk_slot_at(struct sk_ring *r, uint32_t i);
 uint32_t sk_slot_index(struct sk_ring *r, struct sk_slot *s);
 struct sk_slot *sk_get_next_slot(struct sk_ring *r, struct sk_slot *prev);

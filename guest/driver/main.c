@@ -389,6 +389,9 @@ static void cmd_stats(void)
     STAT(rx_refills);
     STAT(rx_dropped);
     STAT(alloc_failures);
+    STAT(alloc_syncs);
+    STAT(free_syncs);
+    STAT(free_bad);
     STAT(resets);
     STAT(recoveries);
     STAT(viol_used_id_range);
@@ -405,6 +408,9 @@ static void cmd_stats(void)
     kprintf("tx_ring_head=%u tx_ring_khead=%u tx_ring_tail=%u rx_ring_head=%u rx_ring_khead=%u rx_ring_tail=%u\n",
             vdev_tx_ring_p->ring_head, vdev_tx_ring_p->ring_khead, vdev_tx_ring_p->ring_tail,
             vdev_rx_ring_p->ring_head, vdev_rx_ring_p->ring_khead, vdev_rx_ring_p->ring_tail);
+    kprintf("alloc_ring_ready=%u free_ring_pending=%u\n", sk_available_slot_count(vdev_alloc_ring_p),
+            (vdev_free_ring_p->ring_head - vdev_free_ring_p->ring_khead + vdev_free_ring_p->ring_num_slots) %
+                vdev_free_ring_p->ring_num_slots);
     kprintf("OK stats tx_packets=%llu rx_packets=%llu violations=%llu\n", vdev_stats.tx_packets,
             vdev_stats.rx_packets, vdev_stats.violations);
 }
@@ -522,6 +528,34 @@ static void cmd_inject(int argc, char **argv)
             argv[1], vdev_stats.violations - v0, vdev_stats.recoveries - r0);
 }
 
+/* pool COUNT [SIZE]: take COUNT packets from the alloc ring (syncing it as it
+ * runs dry), then give them all back through the free ring (syncing it as it
+ * fills).  Exercises the user-packet-pool rings and shows nothing leaks. */
+static void cmd_pool(int argc, char **argv)
+{
+    static uint32_t held[POOL_PACKETS];
+    uint32_t count, size;
+    if (argc < 2 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 0, &size) ||
+        count > POOL_PACKETS) {
+        kprintf("ERR usage: pool COUNT [SIZE] (COUNT <= %u)\n", POOL_PACKETS);
+        return;
+    }
+    if (!need_dev())
+        return;
+    uint32_t got = 0, freed = 0;
+    while (got < count && sk_packet_alloc(&held[got], size) == 0)
+        got++;
+    pool_update_gauges();
+    uint64_t peak = vdev_stats.pool_packets_in_use;
+    for (uint32_t i = 0; i < got; i++)
+        freed += sk_packet_free(held[i]) == 0;
+    sk_sync(vdev_free_ring_p);
+    pool_update_gauges();
+    kprintf("%s pool allocated=%u freed=%u peak_in_use=%llu in_use=%llu alloc_ring_ready=%u\n",
+            got == count && freed == got ? "OK" : "ERR", got, freed, peak,
+            vdev_stats.pool_packets_in_use, sk_available_slot_count(vdev_alloc_ring_p));
+}
+
 static void handle(char *line)
 {
     char *argv[MAX_ARGS];
@@ -538,6 +572,8 @@ static void handle(char *line)
         cmd_stats();
     else if (streq(argv[0], "features"))
         cmd_features(argc, argv);
+    else if (streq(argv[0], "pool"))
+        cmd_pool(argc, argv);
     else if (streq(argv[0], "inject"))
         cmd_inject(argc, argv);
     else if (streq(argv[0], "vq")) {
@@ -565,7 +601,7 @@ static void handle(char *line)
     } else if (streq(argv[0], "help")) {
         kputs("tx COUNT SIZE [BATCH] [DSTMAC] | rx COUNT [TIMEOUT_MS] | echo [COUNT] [TIMEOUT_MS]\n"
               "stats | features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N] | reset | quit CODE\n"
-              "vq | inject id_range|not_outstanding|len|double|jump|num_buffers\n");
+              "pool COUNT [SIZE] | vq | inject id_range|not_outstanding|len|double|jump|num_buffers\n");
         kputs("OK help\n");
     } else {
         kprintf("ERR unknown command '%s'\n", argv[0]);

@@ -209,7 +209,7 @@ static void tx_reap(void)
         if (vq_peek_used(q, 0, &tok, &len))
             return;
         vq_consume(q, 1);
-        sk_packet_free(tok);
+        pool_packet_free(tok);
         vdev_stats.tx_completions++;
     }
 }
@@ -218,7 +218,8 @@ static void tx_reap(void)
  * buflets into a descriptor chain.  Returns 1 posted, 0 no room, -1 bad. */
 static int tx_post(uint32_t p)
 {
-    if (!pool_md_valid(p))
+    /* Only a packet the user holds may be sent (Skywalk: UNALLOCATED_PKT). */
+    if (!pool_md_valid(p) || pool_md_owner(p) != OWN_USER)
         return -1;
     struct sk_packet *pk = pkt_md(p);
     struct vq_seg segs[POOL_MAX_FRAGS];
@@ -250,6 +251,7 @@ static int tx_post(uint32_t p)
         memcpy(hdr, &pk->vnet, hdr_len > 10 ? 10 : hdr_len);
     if (vq_add(&vdev_txq, segs, pk->bufs_cnt, p) < 0)
         return 0;
+    pool_md_set_owner(p, OWN_KERNEL);    /* the device has it until used */
     vdev_stats.tx_packets++;
     vdev_stats.tx_bytes += total;
     return 1;
@@ -273,9 +275,11 @@ int ksync_tx(struct sk_ring *r)
             break;
         }
         if (res < 0) {
+            /* Dropped, as the kernel drops a packet that fails internalize;
+             * freed only if it really was the user's. */
             vdev_stats.tx_bad_packets++;
-            if (s->sd_flags & SK_SD_VALID)
-                sk_packet_free(s->sd_md_idx);
+            if ((s->sd_flags & SK_SD_VALID) && pool_md_owner(s->sd_md_idx) == OWN_USER)
+                pool_packet_free(s->sd_md_idx);
         }
         s->sd_flags = 0;                 /* ownership moved to the device */
         s->sd_md_idx = SK_NO_INDEX;
@@ -311,7 +315,7 @@ static void rx_build(struct sk_ring *r, uint32_t nb, const uint32_t *bufs, const
         if (pool_buflet_alloc(&bi)) {
             for (uint32_t j = i; j < nb; j++)
                 pool_buf_free(bufs[j]);
-            sk_packet_free(p);
+            pool_packet_free(p);
             vdev_stats.rx_dropped++;
             return;
         }
@@ -324,6 +328,9 @@ static void rx_build(struct sk_ring *r, uint32_t nb, const uint32_t *bufs, const
         last = bl;
         pk->bufs_cnt++;
     }
+    /* The packet is loaned to the user through the RX slot: it may detach it
+     * (and e.g. send it); whatever is still attached at release is freed. */
+    pool_md_set_owner(p, OWN_USER);
     memcpy(&pk->vnet, buf_addr(bufs[0]), hdr_len > 12 ? 12 : hdr_len);
     pk->pflags |= SK_PKT_VNET_HDR;
     sk_packet_finalize(p);
@@ -350,9 +357,11 @@ int ksync_rx(struct sk_ring *r)
     /* Slots the user released: [khead, head).  Detached slots are skipped. */
     for (uint32_t k = r->ring_khead; k != h; k = ring_next(r, k)) {
         struct sk_slot *s = sk_slot_at(r, k);
-        if (s->sd_flags & SK_SD_VALID) {
-            r->ready_bytes -= pkt_md(s->sd_md_idx)->len <= r->ready_bytes ? pkt_md(s->sd_md_idx)->len : r->ready_bytes;
-            sk_packet_free(s->sd_md_idx);
+        uint32_t p = s->sd_md_idx;
+        if ((s->sd_flags & SK_SD_VALID) && pool_md_valid(p) && pool_md_owner(p) == OWN_USER) {
+            uint32_t len = pkt_md(p)->len;
+            r->ready_bytes -= len <= r->ready_bytes ? len : r->ready_bytes;
+            pool_packet_free(p);
         }
         s->sd_flags = 0;
         s->sd_md_idx = SK_NO_INDEX;

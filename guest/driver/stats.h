@@ -8,7 +8,8 @@
  *
  * Symbols: vdev_stats (struct vdev_stats), vdev_info (struct vdev_info),
  * vdev_pool_arena (uint32_t: guest address of the struct sk_arena_hdr),
- * vdev_tx_ring / vdev_rx_ring (uint32_t: guest address of struct sk_ring),
+ * vdev_tx_ring / vdev_rx_ring / vdev_alloc_ring / vdev_free_ring (uint32_t:
+ * guest address of each struct sk_ring),
  * vdev_arena_mem (the arena bytes themselves).
  */
 #ifndef VDEV_GUEST_STATS_H
@@ -45,6 +46,9 @@ struct vdev_stats {
     uint64_t rx_refills;                 /* buffers posted */
     uint64_t rx_dropped;                 /* frames dropped for lack of metadata */
     uint64_t alloc_failures;
+    uint64_t alloc_syncs;                /* alloc ring refills */
+    uint64_t free_syncs;                 /* free ring drains */
+    uint64_t free_bad;                   /* free ring slots naming a packet the user lacks */
     uint64_t resets;                     /* device resets (command or recovery) */
     uint64_t recoveries;                 /* resets caused by a device violation */
     uint64_t viol_used_id_range;
@@ -85,7 +89,7 @@ struct vdev_info {
 };
 /* CDEF-END */
 
-typedef char vdev_stats_size_check[(sizeof(struct vdev_stats) == 248) ? 1 : -1];
+typedef char vdev_stats_size_check[(sizeof(struct vdev_stats) == 272) ? 1 : -1];
 typedef char vdev_info_size_check[(sizeof(struct vdev_info) == 88) ? 1 : -1];
 
 #endif

@@ -169,6 +169,14 @@ def test_qmp_set_link(guest: Machine) -> None:
     wait_carrier(guest, "1")
 
 
+def test_system_reset_reboots_to_a_fresh_shell(guest: Machine) -> None:
+    guest.run("touch /tmp/before-reset", check=True)
+    guest.system_reset()
+    assert "ifaces=eth0,eth1" in guest.ready_line
+    assert guest.run("ls /tmp/before-reset")[1] != 0  # a fresh initramfs
+    assert guest.run("echo again") == ("again\n", 0)
+
+
 def test_expect_timeout_carries_cmdline_and_console(guest: Machine) -> None:
     with pytest.raises(GuestTimeout) as info:
         guest.expect("this will never be printed", timeout=0.3)
@@ -350,6 +358,8 @@ def test_interrupted_runner_leaves_no_qemu(linux_image: LinuxImage, sig: signal.
             time.sleep(0.1)
         if sig == signal.SIGINT:
             assert not Path(temp_dir).exists()
+        else:  # nobody could clean up after SIGKILL: remove the test's litter
+            shutil.rmtree(temp_dir, ignore_errors=True)
     finally:
         if child.poll() is None:
             child.kill()

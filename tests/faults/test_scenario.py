@@ -267,3 +267,31 @@ do = "clear"
         dev.close()
     assert not report.ok
     assert "only 0 of 1000 packets" in report.steps[0].detail
+
+
+def test_play_and_print(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from vdev.faults.scenario import play_and_print
+
+    good = tmp_path / "s.toml"
+    good.write_text(
+        '[scenario]\nname = "p"\n[[step]]\ndo = "link_down"\n[[step]]\ndo = "link_up"\n'
+        '[[expect]]\nevent = "link_up"\nequals = 1\n'
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[step]]\ndo = 'fly'\n")
+    dev = device_with_nic(str(tmp_path))
+    try:
+        out = io.StringIO()
+        assert play_and_print(good, dev, out=out) == 0
+        assert out.getvalue().startswith("scenario p: PASS")
+        out = io.StringIO()
+        assert play_and_print(good, dev, as_json=True, out=out) == 0  # counts are per run
+        assert json.loads(out.getvalue())["events"] == {"link_down": 1, "link_up": 1}
+        out = io.StringIO()
+        assert play_and_print(bad, dev, out=out) == 2
+        assert "bad.toml:2: step[1]: do: 'fly'" in out.getvalue()
+    finally:
+        dev.close()

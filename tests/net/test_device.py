@@ -14,9 +14,6 @@ import pytest
 from vdev.abi import lib
 from vdev.net.device import Device
 from vdev.skywalk import Channel
-from vdev.testing.frontend import VirtioNetFrontend
-
-from .conftest import FrontendFactory, open_fds
 from vdev.testing.frames import (
     GUEST_MAC,
     HOST_MAC,
@@ -27,6 +24,9 @@ from vdev.testing.frames import (
     seq_of,
     udp,
 )
+from vdev.testing.frontend import VirtioNetFrontend
+
+from .conftest import FrontendFactory, open_fds
 
 
 def drain_channel(ch: Channel, want: int, timeout: float = 5.0) -> list[bytes]:

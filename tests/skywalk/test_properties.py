@@ -186,3 +186,92 @@ def corrupt_and_sync(
     port.close()
     assert pool.stats.in_use == 0, pool.leaks()
     assert not pool.close().leaked
+
+
+victim_op = st.one_of(
+    st.tuples(st.just("send"), st.integers(0, 2), st.integers(0, 6)),
+    st.tuples(st.just("recv"), st.integers(0, 2), st.integers(1, 8)),
+    st.tuples(st.just("deliver"), st.integers(0, 2), st.integers(0, 6)),
+    st.tuples(st.just("hold"), st.integers(0, 2), st.integers(1, 3)),
+    st.tuples(
+        st.just("corrupt"),
+        st.just(2),
+        st.tuples(
+            st.integers(0, 1000),
+            st.integers(0, 10_000),
+            st.sampled_from([1, 2, 4]),
+            st.integers(0, 0xFFFFFFFF),
+        ),
+    ),
+    st.tuples(st.just("vsync"), st.just(2), st.sampled_from(list(SyncKind))),
+)
+
+
+@SETTINGS
+@given(st.lists(victim_op, max_size=25))
+def test_corruption_interleaved_with_traffic(ops: list[tuple[str, int, object]]) -> None:
+    """Channel 2 scribbles on its rings, its packets and kernel-held packets' user copies
+    between legal operations; channels 0 and 1 never notice, channel 2 only ever sees a
+    named SyncError then DefunctError, and nothing leaks."""
+    pool = Pbufpool(num_packets=96, max_frags=3)
+    port = Port.loopback(pool, ring_slots=N, alloc_nbufs=2)
+    chans = [port.open_channel() for _ in range(3)]
+    victim = chans[2]
+    corrupted = False
+    killed = False
+    held: list[int] = []
+    base = H.base(pool.arena)
+    lay = pool.arena.layout
+    for name, who, arg in ops:
+        ch = chans[who]
+        if who == 2 and (corrupted or killed) and name not in ("corrupt", "vsync", "deliver"):
+            continue  # after scribbling, the victim only syncs (the kernel-facing path)
+        try:
+            if name == "send":
+                assert isinstance(arg, int)
+                ch.send([bytes([who]) * (10 + i) for i in range(arg)])
+            elif name == "recv":
+                assert isinstance(arg, int)
+                ch.recv(max=arg)
+            elif name == "deliver":
+                assert isinstance(arg, int)
+                pkts = [pool.packet_from_bytes(b"D" * 20) for _ in range(arg)]
+                ok = [p for p in pkts if p is not None]
+                pool.free_packets(ok[port.deliver(ok) :])
+            elif name == "hold":
+                assert isinstance(arg, int)
+                got = [p for p in (ch.packet_alloc() for _ in range(arg)) if p is not None]
+                if who == 2:
+                    held += got
+                else:
+                    for p in got:
+                        ch.packet_free(p)
+                    ch.sync(SyncKind.FREE)
+            elif name == "corrupt":
+                assert isinstance(arg, tuple)
+                r, off, size, value = arg
+                regions = _regions(victim, held) if not killed else []
+                regions += [
+                    (lay.md_off + i * MD_SIZE, MD_SIZE)
+                    for i in range(pool.num_packets)
+                    if pool.pkt_state[i] and pool.pkt_owner[i] == -1
+                ]
+                if regions:
+                    start, length = regions[r % len(regions)]
+                    o = start + off % max(1, length - size + 1)
+                    o -= o % size
+                    ctype = {1: "uint8_t *", 2: "uint16_t *", 4: "uint32_t *"}[size]
+                    ffi.cast(ctype, base + o)[0] = value & ((1 << (8 * size)) - 1)
+                    corrupted = True
+            else:
+                assert isinstance(arg, SyncKind)
+                ch.sync(arg)
+        except SyncError as err:
+            assert who == 2 and not killed, err
+            assert isinstance(err.reason, KillReason)
+            killed = True
+        except DefunctError:
+            assert who == 2 and killed
+    port.close()
+    assert pool.stats.in_use == 0, pool.leaks()
+    assert not pool.close().leaked

@@ -274,3 +274,29 @@ def test_failing_on_transmit_leaves_ring_consistent() -> None:
     assert [len(c) for c in calls] == [2, 1]
     ch.close()
     assert_no_leak(pool)
+
+
+def test_legal_offload_fields_pass_internalize() -> None:
+    from vdev.abi import lib
+
+    pool = Pbufpool(num_packets=32)
+    seen: list[tuple[bytes | None, int]] = []
+
+    def on_tx(port: Port, pkts: list[int]) -> None:
+        seen.extend((pool.packet_vnet(i), pool.pkt_cstart[i]) for i in pkts)
+        pool.free_packets(pkts)
+
+    port = Port(pool, ring_slots=N, on_transmit=on_tx)
+    ch = port.open_channel()
+    p, s = H.stage_tx(ch, b"o" * 70)
+    q = H.pkt(ch.arena, p)
+    q.pflags = lib.SK_PKT_VNET_HDR | lib.SK_PKT_CSUM_PARTIAL
+    q.csum_start, q.csum_stuff = 34, 50
+    q.vnet.flags, q.vnet.csum_start, q.vnet.csum_offset = 1, 34, 16  # ends at 52 <= 70
+    q.l2_len = 14
+    ch.advance_slot(ch.tx_ring, s)
+    ch.sync(SyncKind.TX)
+    vnet = seen[0][0]
+    assert vnet is not None and vnet[0] == 1 and seen[0][1] == 34
+    ch.close()
+    assert_no_leak(pool)

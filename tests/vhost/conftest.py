@@ -27,6 +27,7 @@ class FakeDevice:
         self.protocol = protocol
         self.events: list[tuple[Any, ...]] = []
         self.started: dict[int, Vring] = {}
+        self.enabled_at_start: list[tuple[int, bool]] = []
         self.mtu: int | None = None
         self.lock = threading.Lock()
 
@@ -49,6 +50,7 @@ class FakeDevice:
     def queue_started(self, vring: Vring) -> None:
         assert vring.queue is not None and vring.kick_fd is not None
         self.started[vring.index] = vring
+        self.enabled_at_start.append((vring.index, vring.enabled))
         self._log("queue_started", vring.index)
 
     def queue_stopped(self, vring: Vring) -> None:

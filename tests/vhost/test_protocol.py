@@ -60,10 +60,12 @@ def test_qemu_sequence(server: BackendServer, device: FakeDevice, add_mem_reg: b
             assert b.status == 0xF
             assert [(r.gpa, r.size) for r in b.mem.regions] == [(0, 0xA0000), (0xC0000, 0xF40000)]
             assert all(r.uva != r.gpa for r in b.mem.regions)
-            # Rings ran only after SET_VRING_ENABLE 1 ("Ring states").
+            # "Ring states": each ring started (disabled) at its KICK, and was announced
+            # again when SET_VRING_ENABLE 1 enabled it.
             names = device.names()
-            assert names.count("queue_started") == 2
+            assert names.count("queue_started") == 4
             assert names.index("queue_started") > names.index("features_set")
+            assert device.enabled_at_start == [(0, False), (1, False), (0, True), (1, True)]
             assert sorted(device.started) == [0, 1]
             for r in rings:
                 v = b.vrings[r.index]
@@ -257,17 +259,25 @@ def test_reply_ack_not_negotiated_means_no_ack(server: BackendServer) -> None:
         assert fe.recv_reply().request == Request.GET_FEATURES
 
 
-def test_enable_before_rings_and_disable(server: BackendServer, device: FakeDevice) -> None:
+def test_disable_keeps_ring_started(server: BackendServer, device: FakeDevice) -> None:
     with _connect(server) as fe, FrontendMemory() as mem:
         rings = qemu_start(fe, mem, num=16)
         try:
             fe.set_vring_enable(0, False)
             server.wait_idle()
-            assert sorted(device.started) == [1]
-            assert server.backend.vrings[0].started  # started but disabled
+            # Started but disabled: still the device's (it must discard TX, supply no RX).
+            assert sorted(device.started) == [0, 1]
+            v = server.backend.vrings[0]
+            assert v.started and not v.enabled and not v.running
+            assert "queue_stopped" not in device.names()
+            n = device.names().count("queue_started")
             fe.set_vring_enable(0, True)
             server.wait_idle()
-            assert sorted(device.started) == [0, 1]
+            assert v.running
+            assert device.names().count("queue_started") == n + 1  # announced again
+            fe.set_vring_enable(0, True)  # already enabled: no new announcement
+            server.wait_idle()
+            assert device.names().count("queue_started") == n + 1
         finally:
             close_rings(rings)
 
@@ -291,10 +301,12 @@ def test_mtu_and_rarp_and_config(tmp_path: object, no_fd_leak: None) -> None:
     dev = FakeDevice(protocol=(1 << ProtocolFeature.MTU) | (1 << ProtocolFeature.CONFIG))
     srv = BackendServer(Path(str(tmp_path)) / "s.sock", dev)
     try:
-        with VhostUserFrontend.connect(srv.path, FrontendConfig(mtu=True)) as fe:
+        cfg = FrontendConfig(mtu=True, host_mtu=1500)
+        with VhostUserFrontend.connect(srv.path, cfg) as fe, FrontendMemory() as mem:
             fe.handshake()
             assert fe.protocol_features & (1 << ProtocolFeature.MTU)
-            fe.request(Request.NET_SET_MTU, encode_u64(1500))
+            fe.start(mem)
+            assert fe.sent.index(Request.NET_SET_MTU) < fe.sent.index(Request.SET_FEATURES)
             with pytest.raises(VhostUserError, match="failed"):
                 fe.request(Request.NET_SET_MTU, encode_u64(9500))  # device refuses
             fe.request(Request.SEND_RARP, encode_u64(0x665544332211))

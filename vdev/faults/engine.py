@@ -142,6 +142,10 @@ class FaultEngine:
         self._ids = itertools.count(1)
         self.device_faults: dict[str, DeviceFault] = {}
         if device is not None:
+            if device in _ENGINES:
+                raise ValueError(
+                    "this device already has a FaultEngine: use FaultEngine.for_device(device)"
+                )
             _ENGINES[device] = self
 
     @classmethod
@@ -225,6 +229,20 @@ class FaultEngine:
             for d in list(self.device_faults.values()):
                 d.remove()
 
+    def close(self) -> None:
+        """Remove every rule, publish held used elements, unhook the NICs, close the log.
+
+        Call it before ``device.close()`` when rules may still hold frames, so the pool's
+        leak report stays clean."""
+        with self.lock:
+            self.clear()
+            for nf in list(self._nics.values()):
+                nf.detach()
+            self._nics.clear()
+            if self.device is not None and _ENGINES.get(self.device) is self:
+                del _ENGINES[self.device]
+        self.log.close()
+
     def _device_fault(self, kind: str, undo: Callable[[], None], **info: Any) -> DeviceFault:
         fid = str(info.pop("fault_id", None) or self.next_id("d"))
         if fid in self.device_faults or any(r.id == fid for r in self.rules()):
@@ -286,6 +304,8 @@ class FaultEngine:
 class NicFaults:
     """The fault API of one NIC (``engine.nic(i)`` or ``nic.faults``)."""
 
+    attached: bool = False  # hooks installed on the NIC
+
     def __init__(self, engine: FaultEngine, nic: VirtioNet) -> None:
         self.engine = engine
         self.nic = nic
@@ -299,10 +319,26 @@ class NicFaults:
             call_later=engine.call_later,
         )
         self._link_fault: DeviceFault | None = None
+        other = getattr(nic, "faults", None)
+        if isinstance(other, NicFaults) and other.engine is not engine and other.attached:
+            raise ValueError(f"{nic.name} already belongs to another FaultEngine")
+        self.attached = True
         nic.tx_hooks.append(self._tx_hook)
         nic.rx_hooks.append(self._rx_hook)
         nic.ring_faults = self.ring
         setattr(nic, "faults", self)  # noqa: B010  # no such attribute on VirtioNet
+
+    def detach(self) -> None:
+        """Take the hooks out of the NIC (the engine is closing)."""
+        nic = self.nic
+        self.ring.flush(nic)
+        if self._tx_hook in nic.tx_hooks:
+            nic.tx_hooks.remove(self._tx_hook)
+        if self._rx_hook in nic.rx_hooks:
+            nic.rx_hooks.remove(self._rx_hook)
+        if nic.ring_faults is self.ring:
+            nic.ring_faults = None
+        self.attached = False
 
     # -- hooks ----------------------------------------------------------------------------
 

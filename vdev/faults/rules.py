@@ -107,7 +107,7 @@ class Rule:
 
     @property
     def kind(self) -> str:
-        """ "data" for packet actions, else the ring action's kind (used/calls/stall/timer)."""
+        """Either "data" (packet actions) or the ring action kind: used, calls, stall, timer."""
         return "data" if isinstance(self.action, A.Action) else self.action.kind
 
     @property

@@ -5,7 +5,7 @@ Format (full reference in docs/faults.md; examples in scenarios/)::
     [scenario]
     name = "flaky-link"
     seed = 42              # engine seed: rule RNGs derive from it
-    duration = 10.0        # keep running until t = 10 s after the last step (optional)
+    duration = 10.0        # run until t = 10 s even if the steps finish earlier (optional)
 
     [[rule]]               # installed at t = 0; same keys as the Python API
     id = "loss"
@@ -32,13 +32,15 @@ data only: nothing is evaluated or imported.
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TextIO, TypeGuard
 
 from vdev.faults.engine import DeviceFault, FaultEngine
 from vdev.faults.rules import Rule, SpecError, build_rule
@@ -495,6 +497,7 @@ class _Player:
         self._sleep = sleep
         self.deadline = self.t0 + sc.timeout
         self.base_packets: dict[str, dict[str, int]] = {}
+        self.base_events = dict(engine.log.counts)  # event expectations count this run only
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -531,10 +534,8 @@ class _Player:
         return rule
 
     def run(self) -> None:
-        for name in [nf.nic.name for nf in self.engine.nics]:
-            self.base_packets[name] = dict(self.engine.nic(name).packets)
-        for nic in self.device.nics:
-            self.base_packets.setdefault(nic.name, dict(self.engine.nic(nic).packets))
+        for nic in self.device.nics:  # after_packets counts from the start of this run
+            self.base_packets[nic.name] = dict(self.engine.nic(nic).packets)
         for spec in self.sc.rules:
             self.add_rule(spec, 0)
         last = 0.0
@@ -547,8 +548,6 @@ class _Player:
                     ok, detail = False, f"{type(exc).__name__}: {exc}"
             last = self.now()
             self.steps.append(StepResult(step.index, step.do, round(last, 3), ok, detail))
-            if not ok and step.do in ("wait_console",):
-                continue
         if self.sc.duration is not None:
             self.wait_until(lambda: self.now() >= (self.sc.duration or 0.0), self.sc.duration + 1)
 
@@ -638,7 +637,7 @@ class _Player:
             rule = self.installed.get(exp.rule)
             value = rule.hits if rule is not None else None
         elif exp.event is not None:
-            value = self.engine.log.counts.get(exp.event, 0)
+            value = self.engine.log.counts.get(exp.event, 0) - self.base_events.get(exp.event, 0)
         else:
             assert exp.stat is not None
             value = _stat_path(self.device, self.engine, exp.stat)
@@ -718,13 +717,44 @@ def play(
             player.expects.append(player.check(exp))
         rules = [r.describe() for r in player.seen_rules]
         rules += [f.describe() for f in player.installed.values() if isinstance(f, DeviceFault)]
-        events = dict(eng.log.counts)
+        events = {
+            k: v - player.base_events.get(k, 0)
+            for k, v in eng.log.counts.items()
+            if v - player.base_events.get(k, 0)
+        }
         if not keep_rules:
             for item in player.installed.values():
                 item.remove()
     return Report(
         sc.name, eng.seed, player.now(), rules, player.steps, player.expects, events, error
     )
+
+
+def play_and_print(
+    path: str | Path,
+    device: Device,
+    console: Any = None,
+    qmp: Any = None,
+    *,
+    as_json: bool = False,
+    out: TextIO | None = None,
+) -> int:
+    """What ``vdev run/sandbox --scenario FILE`` do: load, play, print, return the status.
+
+    2 when the file is invalid (the error names file, line and key), else the report's
+    exit code (1 when a step or an expectation failed)."""
+    stream = out if out is not None else sys.stdout
+    try:
+        sc = load_scenario(path)
+    except ScenarioError as exc:
+        print(f"scenario: {exc}", file=sys.stderr if out is None else stream)
+        return 2
+    report = play(sc, device, console, qmp)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2, default=str), file=stream)
+    else:
+        print(report.format(), file=stream)
+    return report.exit_code
 
 
 def summary(sc: Scenario) -> str:
@@ -758,5 +788,6 @@ __all__ = [
     "load_scenario",
     "parse_scenario",
     "play",
+    "play_and_print",
     "summary",
 ]

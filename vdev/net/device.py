@@ -24,7 +24,6 @@ from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
 from vdev.net.switch import Switch
 from vdev.skywalk import Channel, Pbufpool, Port
-
 from vdev.vhost.backend import VhostUserBackend
 from vdev.vhost.connection import Connection, Listener
 
@@ -111,7 +110,9 @@ class Device:
             self._try_connect(entry)
         else:
             entry.listener = Listener(path)
-            self.sel.register(entry.listener.fileno(), selectors.EVENT_READ, lambda: self._accept(entry))
+            self.sel.register(
+                entry.listener.fileno(), selectors.EVENT_READ, lambda: self._accept(entry)
+            )
         self.switch.attach(nic)
         self.sockets.append(entry)
         return nic

@@ -60,6 +60,9 @@ class MdOff:
     CSUM_START_W16 = (_PKT + _off("struct sk_packet", "csum_start")) // 2
     CSUM_STUFF_W16 = (_PKT + _off("struct sk_packet", "csum_stuff")) // 2
     VNET_BYTE = _VNET
+    VNET_FLAGS_BYTE = _VNET + _off("struct sk_vnet_hdr", "flags")
+    VNET_CSUM_START_W16 = (_VNET + _off("struct sk_vnet_hdr", "csum_start")) // 2
+    VNET_CSUM_OFFSET_W16 = (_VNET + _off("struct sk_vnet_hdr", "csum_offset")) // 2
     VNET_LEN = 12  # the virtio_net_hdr_mrg_rxbuf part; the rest is padding
     BUF0_BYTE = _B0
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from array import array
 
-from vdev.abi import lib
+from vdev.abi import ffi, lib
 
 from . import validate
-from .arena import NO_INDEX, RING_HDR_SIZE, SD_LEN_MAX, SLOT_SIZE, RingOff
+from .arena import NO_INDEX, RING_HDR_SIZE, SD_LEN_MAX, SLOT_SIZE, RingOff, SlotOff
 from .errors import KillReason, SyncError, SyncKind
 from .pool import Pbufpool
 from .stats import RingStats
@@ -81,15 +81,12 @@ class KernelRing:
         self.alloc_ws = self.lim
         self.alloc_nbufs = 1
         self.stats = RingStats()
-        cdata = pool.arena.mm
         hdr = self.h32
         self.r32[hdr + RingOff.NUM_SLOTS_W32] = num_slots
         self.r32[hdr + RingOff.KIND_W32] = kind
         self.r32[hdr + RingOff.ID_W32] = ring_id
         # The remaining header copies are written with cffi (cold path, once per ring).
-        from vdev.abi import ffi
-
-        h = ffi.cast("struct sk_ring *", ffi.from_buffer(cdata) + self.off)
+        h = ffi.cast("struct sk_ring *", ffi.from_buffer(pool.arena.mm) + self.off)
         h.buf_size = pool.buf_size
         h.large_buf_size = pool.large_buf_size
         h.max_frags = pool.max_frags
@@ -101,7 +98,7 @@ class KernelRing:
         h.md_size = ffi.sizeof("struct sk_md_obj")
         del h
         for s in range(num_slots):
-            self.r32[self.slots_w32 + 2 * s] = NO_INDEX
+            self.r32[self.slots_w32 + 2 * s + SlotOff.MD_IDX_W32] = NO_INDEX
         self._publish()
 
     # ------------------------------------------------------------------ helpers

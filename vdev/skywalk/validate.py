@@ -58,6 +58,9 @@ _MD_PFLAGS_W16 = MdOff.PFLAGS_W16
 _MD_QFLAGS_W16 = MdOff.QFLAGS_W16
 _MD_REDZONE_W64 = MdOff.REDZONE_W64
 _MD_VNET_BYTE = MdOff.VNET_BYTE
+_MD_VNET_FLAGS_BYTE = MdOff.VNET_FLAGS_BYTE
+_MD_VNET_CSUM_START_W16 = MdOff.VNET_CSUM_START_W16
+_MD_VNET_CSUM_OFFSET_W16 = MdOff.VNET_CSUM_OFFSET_W16
 _MD_VNET_LEN = MdOff.VNET_LEN
 _BL_BUF_IDX_W32 = BufletOff.BUF_IDX_W32
 _BL_DLEN_W32 = BufletOff.DLEN_W32
@@ -206,12 +209,11 @@ def internalize(pool: Pbufpool, idx: int) -> Failure | None:
             return KillReason.INTERNALIZE_FAILED, (
                 f"packet {idx}: csum start {cstart} / stuff {cstuff} outside len {plen}"
             )
-    vb = idx * MD_W32 * 4 + _MD_VNET_BYTE
+    vb = b32 * 4 + _MD_VNET_BYTE
     if pflags & PKT_VNET_HDR:
-        md8 = a.md8
-        if md8[vb] & VNET_F_NEEDS_CSUM:
-            vstart = md8[vb + 6] | md8[vb + 7] << 8
-            voff = md8[vb + 8] | md8[vb + 9] << 8
+        if a.md8[b32 * 4 + _MD_VNET_FLAGS_BYTE] & VNET_F_NEEDS_CSUM:
+            vstart = md16[b16 + _MD_VNET_CSUM_START_W16]
+            voff = md16[b16 + _MD_VNET_CSUM_OFFSET_W16]
             if vstart + voff + 2 > plen:
                 return KillReason.INTERNALIZE_FAILED, (
                     f"packet {idx}: vnet csum_start {vstart} + csum_offset {voff} outside len"

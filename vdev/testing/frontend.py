@@ -216,7 +216,9 @@ class VirtioNetFrontend:
         """Frames received on any RX queue (headers stripped, mergeable buffers joined)."""
         return [frame for _hdr, frame in self.recv_with_hdr(max_frames, timeout)]
 
-    def recv_with_hdr(self, max_frames: int = 1 << 30, timeout: float = 1.0) -> list[tuple[bytes, bytes]]:
+    def recv_with_hdr(
+        self, max_frames: int = 1 << 30, timeout: float = 1.0
+    ) -> list[tuple[bytes, bytes]]:
         deadline = time.monotonic() + timeout
         frames: list[tuple[bytes, bytes]] = []
         pending: dict[int, list[bytes]] = {i: [] for i in range(0, 2 * self.queue_pairs, 2)}

@@ -98,11 +98,20 @@ class VhostDevice(Protocol):
     def features_set(self, features: int) -> None: ...
 
     def queue_started(self, vring: Vring) -> None:
-        """The ring has memory, num, addr, kick fd and is enabled: process it."""
+        """The ring started ("Ring states": memory, num, addresses and a kick fd): watch
+        ``vring.kick_fd`` and process ``vring.queue``.
+
+        Also called again, for an already started ring, each time it becomes enabled
+        (SET_VRING_ENABLE 1), so the device can flush pending RX: must be idempotent.
+        ``vring.enabled`` is read live: while it is False the ring is "started but
+        disabled" and the device must process and discard TX and supply no RX.
+        """
         ...
 
     def queue_stopped(self, vring: Vring) -> None:
-        """Stop touching the ring (before GET_VRING_BASE replies / disable / disconnect)."""
+        """The ring stopped: before GET_VRING_BASE replies (read ``queue.last_avail_idx``
+        after this), when its kick fd is replaced (queue_started follows) and on disconnect.
+        Stop touching the ring and its kick fd.  Disabling a ring does not stop it."""
         ...
 
     def memory_changed(self, mem: GuestMemory) -> None: ...
@@ -122,9 +131,11 @@ class Vring:
     """One virtqueue as the front-end configured it.
 
     ``started`` follows "Ring states": set once the ring has num, addresses, a kick fd and
-    guest memory (the queue object exists then); ``enabled`` follows SET_VRING_ENABLE.  The
-    device processes the ring while both hold.  ``call_fd`` may change while the ring runs
-    (QEMU sends SET_VRING_CALL twice): the device must read it live.
+    guest memory (the queue object exists then) and cleared by GET_VRING_BASE; ``enabled``
+    follows SET_VRING_ENABLE (rings start disabled when VHOST_USER_F_PROTOCOL_FEATURES is
+    negotiated, enabled otherwise).  A started ring is processed; while disabled, TX is
+    discarded and no RX supplied.  ``call_fd`` may change while the ring runs (QEMU sends
+    SET_VRING_CALL twice): the device must read it live.
     """
 
     index: int
@@ -401,8 +412,7 @@ class VhostUserBackend:
                 ) from None
 
     def _update(self, request: int, v: Vring) -> None:
-        """Start the ring if it now can ("Ring states"), then tell the device about any
-        change of started-and-enabled."""
+        """Start the ring if it now can ("Ring states") and tell the device once."""
         if (
             not v.started
             and v.num
@@ -429,12 +439,17 @@ class VhostUserBackend:
                 "vring %d started: num %d base %d desc %#x avail %#x used %#x",
                 v.index, v.num, v.base, v.desc_addr, v.avail_addr, v.used_addr,
             )  # fmt: skip
-        if v.running and not v.notified:
+        if v.started and not v.notified:
             v.notified = True
             self._device_call("queue_started", v)
-        elif not v.running and v.notified:
-            v.notified = False
-            self._device_call("queue_stopped", v)
+
+    def _set_enabled(self, request: int, v: Vring, enabled: bool) -> None:
+        """Record SET_VRING_ENABLE; a started ring that becomes enabled is announced again."""
+        was_enabled, was_notified = v.enabled, v.notified
+        v.enabled = enabled
+        self._update(request, v)
+        if enabled and not was_enabled and was_notified:
+            self._device_call("queue_started", v)
 
     def _stop(self, v: Vring) -> None:
         """Stop the ring: device first, then record the position and drop the queue."""
@@ -473,7 +488,7 @@ class VhostUserBackend:
             # "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES the ring starts directly
             # in the enabled state.
             for v in self.vrings:
-                v.enabled = True
+                self._set_enabled(msg.request, v, True)
         for v in self.vrings:
             if v.queue is not None:
                 v.queue.features = self.negotiated_features
@@ -506,8 +521,7 @@ class VhostUserBackend:
         # to disable all rings."  We disable them and keep the connection state.
         self._no_fds(msg)
         for v in self.vrings:
-            v.enabled = False
-            self._update(msg.request, v)
+            self._set_enabled(msg.request, v, False)
         return None
 
     # -- memory -----------------------------------------------------------------------
@@ -711,8 +725,7 @@ class VhostUserBackend:
         if s.num not in (0, 1):
             raise ProtocolError(msg.request, "num", f"enable must be 0 or 1, got {s.num}")
         # QEMU sends this before the rings exist (and before SET_FEATURES): just record it.
-        v.enabled = bool(s.num)
-        self._update(msg.request, v)
+        self._set_enabled(msg.request, v, bool(s.num))
         return None
 
     def _get_queue_num(self, msg: Message, _p: Empty) -> bytes:

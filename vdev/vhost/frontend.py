@@ -162,7 +162,8 @@ class FrontendConfig:
     mem_slots: bool = True  # CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS)
     add_mem_reg: bool = False  # share memory with ADD_MEM_REG instead of SET_MEM_TABLE
     backend_req: bool = False  # SET_SLAVE_REQ_FD, if the backend offers it
-    mtu: bool = False
+    mtu: bool = False  # negotiate the MTU protocol feature
+    host_mtu: int | None = None  # QEMU's host_mtu=: sent with NET_SET_MTU at start
     rarp: bool = True
     num_queues: int = 2  # RX + TX: QEMU keeps the control queue to itself
     features: int | None = None  # virtio features to ack; None: everything offered
@@ -177,7 +178,7 @@ class VringSetup:
     base: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class VhostUserFrontend:
     """The master side of one vhost-user connection."""
 
@@ -380,7 +381,10 @@ class VhostUserFrontend:
             )
 
     def start(self, mem: FrontendMemory, features: int | None = None) -> None:
-        """What QEMU does at DRIVER_OK before the rings: features, status, memory."""
+        """What QEMU does at DRIVER_OK before the rings: [NET_SET_MTU], features, status,
+        memory."""
+        if self.config.host_mtu is not None and self._negotiated(ProtocolFeature.MTU):
+            self.request(Request.NET_SET_MTU, encode_u64(self.config.host_mtu))
         self.set_features(features)
         self.share_memory(mem)
 
