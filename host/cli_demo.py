@@ -78,7 +78,8 @@ def _step(report: Report, title: str) -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     from host.cli_serve import format_stats
-    from host.machine import Machine, MachineError, Nic
+    from host.errors import MachineError
+    from host.machine import Machine, Nic
     from images.linux import build_linux
     from vdev.net.device import Device
 

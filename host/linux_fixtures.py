@@ -64,6 +64,7 @@ class LinuxGuestFactory:
         self,
         nics: Sequence[Nic | str | Path] = (),
         kernel_args: str = "",
+        wait: bool = True,
         **machine_kw: object,
     ) -> Machine:
         """Boot a guest and wait for its shell prompt; returns the running Machine.
@@ -72,13 +73,15 @@ class LinuxGuestFactory:
         eth0, eth1, ... order. ``kernel_args``: ``vdev.*`` options for the guest's /init
         (``vdev.ip=10.0.0.2/24 vdev.mtu=9000 vdev.ip1=...``) and any kernel options.
         Other keywords go to :class:`Machine` (``memory_mb``, ``shared_memory``, ...).
+        ``wait=False``: return once QEMU runs (see :meth:`Machine.launch`); the caller
+        starts its backend and then calls ``wait_ready()``.
         """
         idx = len(self.machines)
         machine_kw.setdefault("console_log", self.log_dir / f"console-{idx}.log")
         machine_kw.setdefault("name", f"linux{idx}")
         m = Machine.linux(self.image, nics=nics, kernel_args=kernel_args, **machine_kw)
         self.machines.append(m)
-        m.launch()
+        m.launch(wait=wait)
         return m
 
     def close(self) -> None:

@@ -529,11 +529,16 @@ class Machine:
         _LIVE.discard(self)
         proc = self._proc
         if proc is not None and proc.poll() is None:
+            steps: list[tuple[signal.Signals | None, float]] = []
             if self._qmp is not None and self._qmp_ready:
                 with contextlib.suppress(Exception):
                     self._qmp.settimeout(min(timeout, 5.0))
                     self._qmp.cmd("quit")
-            for sig, wait_s in ((None, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+                    steps.append((None, timeout))
+            # Without a monitor QEMU may be stuck in startup (waiting for a vhost-user
+            # backend), where it ignores SIGTERM: do not wait long before SIGKILL.
+            steps += [(signal.SIGTERM, 3.0 if steps else 1.0), (signal.SIGKILL, 10.0)]
+            for sig, wait_s in steps:
                 if sig is not None:
                     with contextlib.suppress(ProcessLookupError):
                         proc.send_signal(sig)

@@ -364,3 +364,22 @@ def test_interrupted_runner_leaves_no_qemu(linux_image: LinuxImage, sig: signal.
         if child.poll() is None:
             child.kill()
             child.wait(10)
+
+
+def test_qemu_as_vhost_user_server_waits_for_the_backend(
+    linux_image: LinuxImage, tmp_path: Path
+) -> None:
+    """launch(wait=False) returns while QEMU waits for a backend on its server socket."""
+    sock = tmp_path / "server.sock"
+    m = Machine.linux(linux_image, nics=[Nic.vhost_user(sock, server=True)], name="server")
+    try:
+        m.launch(wait=False)
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert m.is_running() and time.monotonic() < deadline, m.stderr_tail()
+            time.sleep(0.05)
+        with pytest.raises(MachineError, match="vhost-user backend"):
+            m.wait_ready(timeout=1.0)
+    finally:
+        m.shutdown()
+    assert not m.is_running()

@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from vdev.faults import FaultEngine, ManualClock
+from vdev.faults import FaultEngine, ManualClock, NicFaults
 from vdev.net.nic import VirtioNet
 from vdev.skywalk.pool import Pbufpool
 
@@ -52,6 +52,11 @@ class Bench:
     clock: ManualClock
     engine: FaultEngine
     forwarded: list[bytes] = field(default_factory=list)
+
+    @property
+    def nf(self) -> NicFaults:
+        """The typed way to the NIC's fault API (``nic.faults`` is the untyped shortcut)."""
+        return self.engine.nic(self.nic)
 
     def _packets(self, frames: list[bytes]) -> list[int]:
         pkts = [self.pool.packet_from_bytes(f, bytes(12)) for f in frames]
@@ -162,6 +167,10 @@ class RingBench:
     def nic(self) -> VirtioNet:
         return self.bench.nic
 
+    @property
+    def nf(self) -> NicFaults:
+        return self.bench.nf
+
     def complete(self, index: int, heads: list[int], written: int = 0) -> None:
         """What process_tx / _write_rx do for each chain, then the end-of-batch flush."""
         q = self.queues[index]
@@ -190,7 +199,7 @@ def make_ring_bench(seed: Any = 0) -> RingBench:
         fd = os.eventfd(0, os.EFD_NONBLOCK)
         b.nic.vrings[index] = FakeVring(q, index, call_fd=fd)  # type: ignore[assignment]
     kicks: list[int] = []
-    b.nic.kick = kicks.append  # type: ignore[method-assign]
+    b.nic.kick = kicks.append  # type: ignore[method-assign,assignment]
     return RingBench(b, queues, kicks)
 
 

@@ -15,6 +15,7 @@ import pytest
 from faults_helpers import device_with_nic, push_tx, udp_frame
 
 from host import cli_ctl
+from vdev.faults import FaultEngine
 from vdev.faults.control import ControlServer, request
 
 
@@ -141,3 +142,14 @@ def test_vdev_ctl_client(served: tuple[Any, str], capsys: pytest.CaptureFixture[
     assert rc == 0 and json.loads(out) == {"ok": True, "pong": True}
     rc, _, err = ctl(path + ".missing", "ping", capsys=capsys)
     assert rc == 2
+
+
+def test_large_reply_is_buffered_not_blocking(served: tuple[Any, str]) -> None:
+    dev, path = served
+    engine = FaultEngine.for_device(dev)
+    with dev.lock:
+        for i in range(20000):
+            engine.log.emit("drop", rule="bulk", nic="nic0", queue=1, n=i)
+    reply = request(path, {"cmd": "events", "limit": 20000}, timeout=10)
+    assert len(reply["events"]) == 20000  # ~2 MB: sent in pieces as the client reads
+    assert request(path, {"cmd": "ping"})["ok"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from faults_helpers import Bench, arp_frame, make_bench, tcp_frame, udp_frame
@@ -22,7 +23,7 @@ def numbered(n: int) -> list[bytes]:
 
 
 def test_drop_probability_exact_for_seed(bench: Bench) -> None:
-    rule = bench.nic.faults.drop(p=0.1, queue="tx", seed=7)
+    rule = bench.nf.drop(p=0.1, queue="tx", seed=7)
     out = bench.tx(numbered(1000))
     assert (rule.hits, rule.seen, len(out)) == (101, 1000, 899)
     assert bench.nic.stats[1].drop_reasons == {"fault": 101}
@@ -30,7 +31,7 @@ def test_drop_probability_exact_for_seed(bench: Bench) -> None:
 
 
 def test_drop_nth_every_and_limit(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     with nf.drop(nth=[3, 5]) as r:
         out = bench.tx(numbered(10))
     assert dports(out) == [0, 1, 3, 5, 6, 7, 8, 9]  # 3rd and 5th (1-based) gone
@@ -46,7 +47,7 @@ def test_drop_nth_every_and_limit(bench: Bench) -> None:
 
 
 def test_gilbert_elliott_bursty_loss(bench: Bench) -> None:
-    rule = bench.nic.faults.drop(gilbert={"p_gb": 0.05, "p_bg": 0.3}, seed=7)
+    rule = bench.nf.drop(gilbert={"p_gb": 0.05, "p_bg": 0.3}, seed=7)
     out = bench.tx(numbered(1000))
     assert rule.hits == 97
     kept = set(dports(out))
@@ -56,9 +57,9 @@ def test_gilbert_elliott_bursty_loss(bench: Bench) -> None:
 
 
 def test_filters_ethertype_proto_ports_pattern(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     mixed = [arp_frame(), udp_frame(dport=53), tcp_frame(dport=80), udp_frame(sport=53, dport=9)]
-    cases = [
+    cases: list[tuple[dict[str, Any], int]] = [
         ({"ethertype": "arp"}, 1),
         ({"ethertype": 0x0800}, 3),
         ({"ip_proto": "tcp"}, 1),
@@ -77,7 +78,7 @@ def test_filters_ethertype_proto_ports_pattern(bench: Bench) -> None:
 
 
 def test_time_window(bench: Bench) -> None:
-    rule = bench.nic.faults.drop(window=[1.0, 2.0])
+    rule = bench.nf.drop(window=[1.0, 2.0])
     assert len(bench.tx(numbered(5))) == 5
     bench.clock.advance(1.5)
     assert len(bench.tx(numbered(5))) == 0
@@ -87,7 +88,7 @@ def test_time_window(bench: Bench) -> None:
 
 
 def test_corrupt_offsets_and_random_flips(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     frame = udp_frame()
     with nf.corrupt(offsets=[20, 21], mask=0xFF):
         (out,) = bench.tx([frame])
@@ -105,7 +106,7 @@ def test_corrupt_offsets_and_random_flips(bench: Bench) -> None:
 
 
 def test_truncate_pad_oversize(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     with nf.truncate(length=20) as rule:
         out = bench.tx([udp_frame(), b"\x00" * 14])
     assert [len(o) for o in out] == [20, 14]
@@ -123,14 +124,14 @@ def test_truncate_pad_oversize(bench: Bench) -> None:
 
 
 def test_duplicate(bench: Bench) -> None:
-    with bench.nic.faults.duplicate(nth=1, copies=2) as rule:
+    with bench.nf.duplicate(nth=1, copies=2) as rule:
         out = bench.tx(numbered(3))
     assert dports(out) == [0, 0, 0, 1, 2]
     assert rule.hits == 1
 
 
 def test_reorder_release_after_n_and_timeout(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     with nf.reorder(nth=1, after=2):
         out = bench.tx(numbered(5))
     assert dports(out) == [1, 2, 0, 3, 4]
@@ -147,14 +148,14 @@ def test_reorder_release_after_n_and_timeout(bench: Bench) -> None:
 
 
 def test_reorder_flushed_on_remove(bench: Bench) -> None:
-    rule = bench.nic.faults.reorder(nth=1, after=10)
+    rule = bench.nf.reorder(nth=1, after=10)
     assert bench.tx(numbered(2)) == [udp_frame(dport=1)]
     rule.remove()
     assert dports(bench.forwarded[-1:]) == [0]
 
 
 def test_delay_with_jitter(bench: Bench) -> None:
-    with bench.nic.faults.delay(ms=10, jitter_ms=5, seed=4) as rule:
+    with bench.nf.delay(ms=10, jitter_ms=5, seed=4) as rule:
         assert bench.tx(numbered(5)) == []
         bench.clock.advance(0.0049)
         assert bench.forwarded == []
@@ -167,7 +168,7 @@ def test_delay_with_jitter(bench: Bench) -> None:
 
 
 def test_rate_limit_pps_and_bps(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     with nf.rate_limit(pps=10, burst=5) as rule:
         assert len(bench.tx(numbered(20))) == 5
         bench.clock.advance(1.0)
@@ -182,7 +183,7 @@ def test_rate_limit_pps_and_bps(bench: Bench) -> None:
 
 
 def test_rx_direction_and_queue_selection(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     with nf.drop(queue="rx", every=2) as rule:
         assert len(bench.tx(numbered(10))) == 10
         assert dports(bench.rx(numbered(10))) == [0, 2, 4, 6, 8]
@@ -194,7 +195,7 @@ def test_rx_direction_and_queue_selection(bench: Bench) -> None:
 
 
 def test_rules_compose_in_order(bench: Bench) -> None:
-    nf = bench.nic.faults
+    nf = bench.nf
     dup = nf.duplicate(every=2)
     drop = nf.drop(every=3)
     out = bench.tx(numbered(6))
@@ -210,7 +211,7 @@ def test_predicate_objects_compose() -> None:
         queue=parse_queue("tx"),
         predicates=[(P.Ethertype(0x0806) | P.IpProto(6)) & ~P.Nth((1,))],
     )
-    b.nic.faults.add(rule)
+    b.nf.add(rule)
     out = b.tx([arp_frame(), tcp_frame(), arp_frame(), udp_frame()])
     assert rule.hits == 2 and len(out) == 2
     assert rule.describe()["match"] == {
@@ -223,7 +224,7 @@ def test_capture_comment_on_affected_frame(tmp_path: object) -> None:
     b = make_bench()
     written: list[tuple[str, bytes, int, str]] = []
     b.engine.log.capture = lambda nic, frame, d, comment: written.append((nic, frame, d, comment))
-    with b.nic.faults.drop(nth=2, id="lossy"):
+    with b.nf.drop(nth=2, id="lossy"):
         b.tx(numbered(3))
     assert written == [("nic0", udp_frame(dport=1), 1, "vdev-fault drop rule=lossy")]
 
@@ -237,7 +238,7 @@ def test_capture_into_pcapng(tmp_path: object) -> None:
     cap = PcapngWriter(str(path))
     b = make_bench()
     b.engine.log.capture = lambda nic, frame, d, comment: cap.write(nic, frame, d, comment)
-    with b.nic.faults.corrupt(offsets=[14]):
+    with b.nf.corrupt(offsets=[14]):
         b.tx([udp_frame()])
     cap.close()
     data = path.read_bytes()
@@ -265,3 +266,11 @@ def test_bad_specs_name_the_key(spec: dict[str, object], key: str) -> None:
     with pytest.raises(SpecError) as info:
         build_rule(spec)
     assert info.value.key == key or str(info.value).startswith(key), str(info.value)
+
+
+def test_nic_faults_shortcut(bench: Bench) -> None:
+    assert getattr(bench.nic, "faults") is bench.nf  # noqa: B009  # untyped convenience
+    with pytest.raises(ValueError, match="another FaultEngine"):
+        from vdev.faults import FaultEngine
+
+        FaultEngine(clock=bench.clock).nic(bench.nic)

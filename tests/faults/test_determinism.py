@@ -10,7 +10,7 @@ from faults_helpers import make_bench, make_ring_bench, numbered_frames
 
 def workload(seed: object, log: Path) -> tuple[list[bytes], list[bytes]]:
     b = make_bench(seed=seed, log=str(log))
-    nf = b.nic.faults
+    nf = b.nf
     nf.drop(p=0.05)  # rule seeds derive from the engine seed
     nf.corrupt(p=0.1, flips=2, queue="rx")
     nf.delay(p=0.2, ms=3, jitter_ms=2, queue="tx")
@@ -46,8 +46,8 @@ def test_same_seed_same_log(tmp_path: Path) -> None:
 def test_ring_faults_deterministic() -> None:
     def run() -> list[str]:
         rb = make_ring_bench(seed=9)
-        rb.nic.faults.bad_used_id(queue="rx", p=0.3, mode="not_outstanding")
-        rb.nic.faults.suppress_irq(queue="rx", p=0.5)
+        rb.nf.bad_used_id(queue="rx", p=0.3, mode="not_outstanding")
+        rb.nf.suppress_irq(queue="rx", p=0.5)
         for i in range(0, 8):
             rb.complete(0, [i], written=10)
             rb.irq(0)

@@ -9,7 +9,7 @@ from vdev.abi import lib
 
 def test_out_of_order_swaps_with_next_and_times_out() -> None:
     rb = make_ring_bench()
-    rule = rb.nic.faults.out_of_order(queue="tx", every=2)
+    rule = rb.nf.out_of_order(queue="tx", every=2)
     rb.complete(1, [0, 1, 2, 3, 4])
     q = rb.queues[1]
     # 1 (2nd candidate) goes out behind 2; 2 is not a candidate (it carried 1); 4 is held.
@@ -23,7 +23,7 @@ def test_out_of_order_swaps_with_next_and_times_out() -> None:
 def test_out_of_order_not_with_in_order() -> None:
     rb = make_ring_bench()
     rb.nic.negotiated |= 1 << lib.VIRTIO_F_IN_ORDER
-    rule = rb.nic.faults.out_of_order(queue="tx")
+    rule = rb.nf.out_of_order(queue="tx")
     rb.complete(1, [0, 1, 2])
     assert [c[1] for c in rb.queues[1].calls if c[0] == "push"] == [0, 1, 2]
     assert rule.hits == 0
@@ -31,7 +31,7 @@ def test_out_of_order_not_with_in_order() -> None:
 
 def test_bad_used_id_modes() -> None:
     rb = make_ring_bench()
-    nf = rb.nic.faults
+    nf = rb.nf
     with nf.bad_used_id(queue="rx", nth=2, seed=5) as rule:
         rb.complete(0, [0, 1, 2], written=100)
     assert rb.queues[0].calls == [
@@ -52,7 +52,7 @@ def test_bad_used_id_modes() -> None:
 
 def test_double_complete_and_lying_lengths() -> None:
     rb = make_ring_bench()
-    nf = rb.nic.faults
+    nf = rb.nf
     with nf.double_complete(queue="rx", nth=1):
         rb.complete(0, [0], written=60)
     assert rb.queues[0].calls[:2] == [("push", 0, 60), ("raw", 0, 60)]
@@ -74,11 +74,11 @@ def test_double_complete_and_lying_lengths() -> None:
 
 def test_delay_used_keeps_order_and_publishes_late() -> None:
     rb = make_ring_bench()
-    rule = rb.nic.faults.delay_used(queue="tx", nth=2, ms=10)
+    rule = rb.nf.delay_used(queue="tx", nth=2, ms=10)
     rb.complete(1, [0, 1, 2])
     q = rb.queues[1]
     assert q.calls == [("push", 0, 0), ("flush",)]
-    assert rb.nic.faults.ring.held() == 2
+    assert rb.nf.ring.held() == 2
     rb.bench.clock.advance(0.009)
     assert len(q.calls) == 2
     rb.bench.clock.advance(0.002)
@@ -88,7 +88,7 @@ def test_delay_used_keeps_order_and_publishes_late() -> None:
 
 def test_stall_window_then_kick() -> None:
     rb = make_ring_bench()
-    rule = rb.nic.faults.stall(queue="tx", seconds=0.5)
+    rule = rb.nf.stall(queue="tx", seconds=0.5)
     assert rb.nic._stalled(1) and not rb.nic._stalled(0)
     assert rb.nic.process_tx(1) == 0
     rb.bench.clock.advance(0.49)
@@ -99,7 +99,7 @@ def test_stall_window_then_kick() -> None:
     assert rule.hits == 1
     kinds = [e.kind for e in rb.bench.engine.log.events]
     assert kinds == ["rule_add", "stall", "stall_end"]
-    with rb.nic.faults.stall(queue="rx"):  # until removed
+    with rb.nf.stall(queue="rx"):  # until removed
         rb.bench.clock.advance(100)
         assert rb.nic._stalled(0)
     assert not rb.nic._stalled(0) and rb.kicks == [1, 0]
@@ -107,7 +107,7 @@ def test_stall_window_then_kick() -> None:
 
 def test_interrupt_faults() -> None:
     rb = make_ring_bench()
-    nf = rb.nic.faults
+    nf = rb.nf
     with nf.suppress_irq(queue="rx", every=2) as r:
         assert [rb.irq(0) for _ in range(4)] == [1, 0, 1, 0]
         assert rb.irq(0, wanted=False) == 0
@@ -127,7 +127,7 @@ def test_interrupt_faults() -> None:
 
 def test_spurious_interrupt_timer() -> None:
     rb = make_ring_bench()
-    with rb.nic.faults.spurious_irq(queue="both", interval_ms=100) as rule:
+    with rb.nf.spurious_irq(queue="both", interval_ms=100) as rule:
         rb.bench.clock.advance(0.35)
     rb.bench.clock.advance(1.0)  # removed: no more
     assert (rb.irqs(0), rb.irqs(1)) == (3, 3)

@@ -21,7 +21,8 @@ from host.bare_console import (
     check_pattern_frame,
     pattern_frame,
 )
-from tests.guest.conftest import BootFn
+
+from .conftest import BootFn
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -240,9 +241,10 @@ def test_reset_mid_traffic(boot: BootFn) -> None:
         finally:
             stop.set()
             sender.join(5)
-        time.sleep(0.1)
-        g.cmd("rx 1000 300", check=False)  # swallow what is still queued
+        link.wait_drained()
+        g.cmd("rx 100000 300", check=False)  # swallow what is still queued
         g.cmd("reset")
+        g.cmd("rx 100000 200", check=False)  # and anything QEMU held across the reset
         link.drain()
         stats = g.stats()
         assert stats["resets"] == 4 and stats["recoveries"] == 0

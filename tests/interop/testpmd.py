@@ -72,6 +72,7 @@ class Testpmd:
         main_lcore: int = 0,
         max_seconds: float = 30.0,
         tag: str = "t",
+        extra: tuple[str, ...] = (),
     ) -> None:
         assert TESTPMD is not None
         self.prefix = unique_prefix(tag)
@@ -107,8 +108,9 @@ class Testpmd:
         ]
         if eth_peer is not None:
             argv.append(f"--eth-peer=0,{eth_peer}")
+        argv += extra
         self.argv = argv
-        self._log = open(log_path, "w")  # noqa: SIM115 (closed in close())
+        self._log = open(log_path, "w")  # closed in close()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -124,9 +126,10 @@ class Testpmd:
             self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             self.close()
-            raise AssertionError(f"testpmd did not exit on SIGINT:\n{self.output()[-2000:]}")
+            tail = self.output()[-2000:]
+            raise AssertionError(f"testpmd did not exit on SIGINT:\n{tail}") from exc
         self.close()
         return parse_forward_stats(self.output())
 

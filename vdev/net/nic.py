@@ -447,10 +447,10 @@ class VirtioNet:
             self.pool.free_packets([pkt])
             touched.add(index)
         for index in touched:
-            vring = self.vrings.get(index)
-            if vring is not None and vring.queue is not None:
-                vring.queue.flush_used()
-                self._maybe_notify(vring.queue, index)
+            done_vring = self.vrings.get(index)
+            if done_vring is not None and done_vring.queue is not None:
+                done_vring.queue.flush_used()
+                self._maybe_notify(done_vring.queue, index)
 
     def _write_rx(self, queue: SplitQueue, index: int, pkt: int, stats: QueueStats) -> bool:
         """Write one frame into guest buffers; False when the guest has not posted enough."""

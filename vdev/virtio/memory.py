@@ -89,7 +89,9 @@ class GuestMemory:
             fd_size = os.fstat(fd).st_size
         except OSError as exc:
             raise ValueError(f"memory region fd {fd} is not usable: {exc}") from exc
-        if fd_size and mmap_offset + size > fd_size:
+        # Always enforce the fd's size: mapping past the end of a memfd (including an empty
+        # one) would turn the first access into SIGBUS, which Python cannot catch.
+        if mmap_offset + size > fd_size:
             raise ValueError(
                 f"memory region mmap_offset {mmap_offset:#x}+{size:#x} exceeds fd size {fd_size:#x}"
             )
