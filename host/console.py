@@ -9,10 +9,12 @@ how it stays reliable with terminal echo and line editing in the way.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +171,9 @@ class Console:
 
         The first call turns terminal echo off (busybox then also skips line editing), so
         the log shows each command once, as a ``[vdev run]`` line written by us, followed
-        by its output, instead of base64 noise redrawn by the line editor.
+        by its output, instead of base64 noise redrawn by the line editor. On timeout the
+        command gets a Ctrl-C before :class:`GuestTimeout` is raised, so a shared guest
+        stays usable for the next test.
         """
         if not self._echo_off:
             self.sendline("stty -echo")
@@ -188,8 +192,13 @@ class Console:
             f"echo __VDEV_S_''{tag}__; sh {f} </dev/null 2>&1; "
             f"printf '\\n__VDEV_E_%s_%d__\\n' {tag} $?; rm -f {f}"
         )
-        self.expect(rf"__VDEV_S_{tag}__\r?\n", timeout)
-        m = self.expect(rf"\r?\n__VDEV_E_{tag}_(\d+)__", timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            self.expect(rf"__VDEV_S_{tag}__\r?\n", timeout)
+            m = self.expect(rf"\r?\n__VDEV_E_{tag}_(\d+)__", max(deadline - time.monotonic(), 0.1))
+        except GuestTimeout:
+            self._interrupt(tag)
+            raise
         output = self.before.replace("\r\n", "\n")
         status = int(m.group(1))
         if check and status != 0:
@@ -204,6 +213,13 @@ class Console:
                 log_path=ctx.log_path or self.log_path,
             )
         return output, status
+
+    def _interrupt(self, tag: str) -> None:
+        """After a timed-out command: Ctrl-C it (the shell owns the tty, so SIGINT reaches
+        it) and wait briefly for its end marker, so the next ``run`` finds a shell again."""
+        with contextlib.suppress(MachineError):
+            self.send("\x03")
+            self.expect(rf"__VDEV_E_{tag}_\d+__", timeout=5.0)
 
     def close(self) -> None:
         self._log.flush()

@@ -42,6 +42,7 @@ size_t strlen(const char *s);
 int streq(const char *a, const char *b);
 int parse_uint(const char *s, uint32_t *out);
 int parse_mac(const char *s, uint8_t mac[6]);
+int hexval(char c);
 uint64_t udiv64(uint64_t n, uint32_t d, uint32_t *rem);
 
 void serial_init(void);

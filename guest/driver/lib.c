@@ -70,7 +70,7 @@ int parse_uint(const char *s, uint32_t *out)
     return 0;
 }
 
-static int hexval(char c)
+int hexval(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';

@@ -260,12 +260,71 @@ static void cmd_tx(int argc, char **argv)
     kprintf("OK tx sent=%llu bytes=%llu\n", vdev_stats.tx_packets - p0, vdev_stats.tx_bytes - b0);
 }
 
-/* rx COUNT [TIMEOUT_MS] */
+/* One informational line per frame: "frame len=N hex=..." (up to 128 bytes). */
+static void dump_frame(uint32_t p)
+{
+    struct sk_packet *pk = pkt_md(p);
+    kprintf("frame len=%u hex=", pk->len);
+    uint32_t shown = 0, k = 0;
+    FOR_EACH_BUFLET(pk, bl, k)
+    {
+        const uint8_t *data = buf_addr(bl->buf_idx) + bl->doff;
+        for (uint32_t i = 0; i < bl->dlen && shown < 128; i++, shown++)
+            kprintf("%02x", data[i]);
+    }
+    kputs("\n");
+}
+
+/* txhex HEX [COUNT]: send an arbitrary frame (e.g. an ARP request built by a
+ * test) COUNT times. */
+static void cmd_txhex(int argc, char **argv)
+{
+    static uint8_t frame[POOL_BUF_SIZE];
+    uint32_t count, n = 0;
+    const char *h = argc > 1 ? argv[1] : "";
+    while (h[0] && h[1] && n < POOL_BUF_SIZE - POOL_HEADROOM) {
+        int hi = hexval(h[0]), lo = hexval(h[1]);
+        if (hi < 0 || lo < 0)
+            break;
+        frame[n++] = (uint8_t)(hi << 4 | lo);
+        h += 2;
+    }
+    if (argc < 2 || *h || n < 14 || arg_u32(argc, argv, 2, 1, &count)) {
+        kputs("ERR usage: txhex HEX [COUNT] (14..2032 bytes)\n");
+        return;
+    }
+    if (!need_dev())
+        return;
+    struct sk_ring *r = vdev_tx_ring_p;
+    uint64_t p0 = vdev_stats.tx_packets, dl = time_deadline(5000);
+    uint32_t queued = 0;
+    while (queued < count && !time_expired(dl)) {
+        struct sk_slot *s = sk_get_next_slot(r, NULL);
+        uint32_t p;
+        if (s && sk_packet_alloc(&p, n) == 0) {
+            memcpy(sk_packet_data(p), frame, n);
+            pkt_md(p)->buf0.dlen = n;
+            sk_packet_finalize(p);
+            sk_slot_attach_packet(r, s, p);
+            sk_advance_slot(r, s);
+            queued++;
+        }
+        sk_sync(r);
+    }
+    while ((sk_pending(r) || net_tx_in_flight()) && !time_expired(dl))
+        sk_sync(r);
+    uint64_t sent = vdev_stats.tx_packets - p0;
+    kprintf("%s txhex sent=%llu bytes=%llu\n", sent == count ? "OK" : "ERR", sent, sent * n);
+}
+
+/* rx COUNT [TIMEOUT_MS] [dump] */
 static void cmd_rx(int argc, char **argv)
 {
     uint32_t count, tmo;
-    if (argc < 2 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 5000, &tmo)) {
-        kputs("ERR usage: rx COUNT [TIMEOUT_MS]\n");
+    int dump = argc > 3 && streq(argv[3], "dump");
+    if (argc < 2 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 5000, &tmo) ||
+        (argc > 3 && !dump)) {
+        kputs("ERR usage: rx COUNT [TIMEOUT_MS] [dump]\n");
         return;
     }
     if (!need_dev())
@@ -281,6 +340,8 @@ static void cmd_rx(int argc, char **argv)
             if (p != SK_NO_INDEX) {
                 uint32_t len = pkt_md(p)->len;
                 int c = check_frame(p);
+                if (dump)
+                    dump_frame(p);
                 ours += c != 0;
                 bad += c < 0;
                 bytes += len;
@@ -572,6 +633,8 @@ static void handle(char *line)
         cmd_stats();
     else if (streq(argv[0], "features"))
         cmd_features(argc, argv);
+    else if (streq(argv[0], "txhex"))
+        cmd_txhex(argc, argv);
     else if (streq(argv[0], "pool"))
         cmd_pool(argc, argv);
     else if (streq(argv[0], "inject"))
@@ -599,7 +662,8 @@ static void handle(char *line)
         kprintf("OK quit code=%u\n", code);
         debug_exit(code);
     } else if (streq(argv[0], "help")) {
-        kputs("tx COUNT SIZE [BATCH] [DSTMAC] | rx COUNT [TIMEOUT_MS] | echo [COUNT] [TIMEOUT_MS]\n"
+        kputs("tx COUNT SIZE [BATCH] [DSTMAC] | txhex HEX [COUNT] | rx COUNT [TIMEOUT_MS] [dump]\n"
+              "echo [COUNT] [TIMEOUT_MS]\n"
               "stats | features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N] | reset | quit CODE\n"
               "pool COUNT [SIZE] | vq | inject id_range|not_outstanding|len|double|jump|num_buffers\n");
         kputs("OK help\n");
@@ -627,7 +691,7 @@ void kmain(uint32_t magic, uint32_t info)
     vdev_info.boot_ms = time_since_ms(boot_tsc);
     kprintf("boot_ms=%u tsc_per_ms=%u\n", vdev_info.boot_ms, tsc_per_ms);
 
-    static char line[256];
+    static char line[4200];
     uint32_t len = 0;
     int last_cr = 0;
     kputs("vdev> ");

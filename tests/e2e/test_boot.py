@@ -72,6 +72,12 @@ def test_run_returns_output_and_status(guest: Machine) -> None:
     assert guest.run("echo still in sync") == ("still in sync\n", 0)
 
 
+def test_run_timeout_interrupts_the_command_and_resyncs(guest: Machine) -> None:
+    with pytest.raises(GuestTimeout):
+        guest.run("sleep 30", timeout=1.0)
+    assert guest.run("echo after timeout") == ("after timeout\n", 0)
+
+
 def test_run_check_raises_with_context(guest: Machine) -> None:
     with pytest.raises(CommandFailed) as info:
         guest.run("echo nope; exit 5", check=True)

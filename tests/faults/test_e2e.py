@@ -109,22 +109,29 @@ def test_double_completion_on_tx(rig: tuple[Device, Any, FaultEngine]) -> None:
     assert rule.hits == 1
 
 
+def wait_for(cond: Any, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_stall_and_delayed_used_idx(rig: tuple[Device, Any, FaultEngine]) -> None:
     _, fe, engine = rig
     txq = fe.txq()
-    with engine.nic(0).stall(queue="tx", seconds=0.3):
+    with engine.nic(0).stall(queue="tx", seconds=0.6):
         fe.send([echo_request(1)])
-        time.sleep(0.15)
+        time.sleep(0.1)
         assert txq.driver.used_pending() == 0  # not consumed while stalled
-        time.sleep(0.4)
-        assert txq.driver.used_pending() == 1  # resumed by the stall end
+        assert wait_for(lambda: txq.driver.used_pending() == 1)  # resumed by the stall end
     fe.reap_tx()
-    with engine.nic(0).delay_used(queue="tx", ms=300, nth=1):
+    with engine.nic(0).delay_used(queue="tx", ms=600, nth=1):
         fe.send([echo_request(2)])
-        time.sleep(0.15)
-        assert txq.driver.used_pending() == 0
-        time.sleep(0.4)
-        assert txq.driver.used_pending() == 1
+        time.sleep(0.1)
+        assert txq.driver.used_pending() == 0  # consumed, but the used idx is not published
+        assert wait_for(lambda: txq.driver.used_pending() == 1)
     assert fe.recv(max_frames=2, timeout=2.0)  # the echoes still arrived
 
 

@@ -406,3 +406,28 @@ def test_vdev_serve_rejects_bad_arguments(tmp_path: Path) -> None:
     )  # fmt: skip
     assert badmac.returncode == 1 and "zz:00" in badmac.stderr
     assert not os.path.exists(sock)
+
+
+def test_repeated_add_mem_reg_is_idempotent(nic_path: str, device: Device) -> None:
+    """QEMU 7.2 re-sends ADD_MEM_REG for mapped regions when it restarts the vhost device
+    (seen when a guest enables a second queue pair); the ring must keep working."""
+    from vdev.vhost.codec import Request, encode_mem_reg
+    from vdev.vhost.frontend import FrontendConfig, VhostUserError
+
+    fe = VirtioNetFrontend(nic_path, config=FrontendConfig(add_mem_reg=True))
+    try:
+        first = fe.mem.regions[0]
+        fe.vhost.request(Request.ADD_MEM_REG, encode_mem_reg(first), [fe.mem.fd])  # no error
+        fe.send([icmp_echo(5)])
+        assert len(fe.recv(1, timeout=2)) == 1
+        # A region that overlaps without being identical is still refused.
+        from dataclasses import replace
+
+        with pytest.raises(VhostUserError):
+            fe.vhost.request(
+                Request.ADD_MEM_REG,
+                encode_mem_reg(replace(first, size=first.size // 2)),
+                [fe.mem.fd],
+            )
+    finally:
+        fe.close()

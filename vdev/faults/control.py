@@ -41,6 +41,8 @@ log = logging.getLogger("vdev.faults.control")
 
 MAX_REQUEST = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024
+# What the selector raises for an fd it no longer knows, or once the device closed it.
+_GONE: tuple[type[Exception], ...] = (KeyError, ValueError, OSError, RuntimeError, AttributeError)
 
 
 class RequestError(Exception):
@@ -179,7 +181,7 @@ class ControlServer:
         if client.closing and not client.outbuf:
             self._drop(client)
             return
-        with contextlib.suppress(KeyError, ValueError):
+        with contextlib.suppress(*_GONE):
             key = self.device.sel.get_key(client.sock)
             if key.events != want:
                 self.device.sel.modify(client.sock, want, key.data)
@@ -188,7 +190,7 @@ class ControlServer:
         fd = client.sock.fileno()
         if fd >= 0:
             self.clients.pop(fd, None)
-            with contextlib.suppress(KeyError, ValueError):
+            with contextlib.suppress(*_GONE):
                 self.device.sel.unregister(client.sock)
         client.sock.close()
 
@@ -196,7 +198,7 @@ class ControlServer:
         with self.device.lock:
             for client in list(self.clients.values()):
                 self._drop(client)
-            with contextlib.suppress(KeyError, ValueError):
+            with contextlib.suppress(*_GONE):
                 self.device.sel.unregister(self.sock)
             self.sock.close()
             with contextlib.suppress(FileNotFoundError):

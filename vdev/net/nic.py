@@ -77,6 +77,7 @@ class QueueStats:
     bytes: int = 0
     drops: int = 0
     notifications: int = 0
+    merged: int = 0  # RX frames that spanned more than one buffer (MRG_RXBUF)
     kills: dict[str, int] = field(default_factory=dict)
     drop_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -91,6 +92,7 @@ class QueueStats:
             "drops": self.drops,
             "drop_reasons": dict(self.drop_reasons),
             "notifications": self.notifications,
+            "merged": self.merged,
             "kills": dict(self.kills),
         }
 
@@ -499,6 +501,8 @@ class VirtioNet:
             offset += n
         stats.frames += 1
         stats.bytes += len(frame)
+        if len(chains) > 1:
+            stats.merged += 1
         if self.tap is not None:
             self.tap(self, frame, 2)
         return True

@@ -587,6 +587,16 @@ class VhostUserBackend:
     def _add_mem_reg(self, msg: Message, r: MemRegionDesc) -> None:
         # "Exactly one file descriptor from which the memory is mapped is passed".
         self._fds(msg, 1)
+        if self.mem is not None and any(
+            (m.gpa, m.size, m.uva, m.mmap_offset) == (r.gpa, r.size, r.uva, r.mmap_offset)
+            for m in self.mem.regions
+        ):
+            # QEMU 7.2 re-sends ADD_MEM_REG for regions the back-end already has when it
+            # restarts the device (e.g. the guest enabling a second queue pair): an
+            # identical region is already mapped, so this is a no-op, not an overlap.
+            log.debug("ADD_MEM_REG: region gpa %#x+%#x already mapped", r.gpa, r.size)
+            self._update_all(msg.request)
+            return None
         if self.mem is not None and len(self.mem.regions) >= self.max_mem_slots:
             raise ProtocolError(msg.request, "region", f"all {self.max_mem_slots} slots in use")
         # Adding a mapping never moves an existing one, so running queues stay valid and

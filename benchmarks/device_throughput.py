@@ -1,0 +1,484 @@
+"""Device throughput: vdev's virtio-net backend next to DPDK's net_vhost, same frontends.
+
+Rows: frontend (the Python ``VirtioNetFrontend`` or DPDK testpmd's ``net_virtio_user``) x
+direction (guest TX -> host, host -> guest RX) x frame size.  For every row the same
+frontend runs against two backends:
+
+* vdev: a device process (this script with ``--worker``) serving the NIC; "host" is a
+  Skywalk host channel on its switch.  Guest TX is counted as frames received on the
+  channel; host -> guest RX as frames the NIC wrote into guest RX buffers (rx0 ``frames``),
+  fed by a host channel that keeps the NIC's RX backlog half full.
+* DPDK: ``dpdk-testpmd --vdev net_vhost0`` in rxonly (guest TX) or txonly (guest RX), counted
+  by testpmd's own per-second Rx-pps / Tx-pps.
+
+Both are counted on the backend side, in steady state: the window starts ``--warmup``
+seconds after the first frame and lasts ``--duration`` seconds.  The frontend is only the
+load: the Python frontend sends 256-frame bursts / receives in a loop in this process,
+testpmd runs txonly / rxonly.
+
+All vdev per-packet work is in ``vdev/net/nic.py`` (``process_tx`` / ``_internalize_tx``,
+``drain_rx`` / ``_write_rx``), ``vdev/virtio/split.py`` and ``vdev/skywalk``; ``--profile``
+runs one extra TX measurement with cProfile on the device loop and prints the top functions.
+
+Usage: python3 benchmarks/device_throughput.py [--duration 3] [--sizes 64,1500] [--quick]
+       [--frontends python,dpdk] [--directions tx,rx] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import os
+import pstats
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vdev.net.device import Device
+from vdev.net.nic import DEFAULT_FEATURES, RX_BACKLOG
+from vdev.skywalk import Pbufpool
+from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
+from vdev.testing.frontend import VirtioNetFrontend
+
+TESTPMD = shutil.which("dpdk-testpmd")
+GUEST_MAC_STR = ":".join(f"{b:02x}" for b in GUEST_MAC)
+HOST_MAC_STR = ":".join(f"{b:02x}" for b in HOST_MAC)
+DIRECTION_NAMES = {"tx": "guest-TX -> host", "rx": "host -> guest-RX"}
+FRONTEND_NAMES = {"python": "python VirtioNetFrontend", "dpdk": "dpdk virtio_user"}
+
+
+# -- the vdev device process -------------------------------------------------------------
+
+
+def worker(sock: str, role: str, size: int, profile: str | None) -> int:
+    """Serve one NIC and count; prints READY, then "S <monotonic> <count>" every 0.1 s.
+
+    role "sink": count frames arriving on a host channel (guest TX direction).
+    role "source": feed the NIC from a host channel, count frames written to the guest.
+    On SIGTERM prints "STATS <json>" (device stats, and the profile if asked) and exits.
+    """
+    pool = Pbufpool(
+        num_packets=16384,
+        buf_size=2048,
+        max_frags=4,
+        num_large_bufs=16,
+        large_buf_size=65536,
+        num_ring_slots=32768,
+    )
+    device = Device(pool=pool)
+    nic = device.add_nic(sock, mac=GUEST_MAC_STR)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    count = 0
+
+    ch = device.open_channel("host", ring_slots=4096 if role == "sink" else 512)
+    if role == "sink":
+        # Teach the switch where HOST_MAC lives (floods once: nic0's RX ring is still down).
+        ch.send([numbered(b"\xff" * 6, HOST_MAC, 0)])
+
+        def pump() -> None:
+            nonlocal count
+            while not stop.is_set():
+                count += len(ch.recv(4096, timeout=0.05))
+
+    else:
+        # As if the guest had sent a frame: the learning switch then unicasts to nic0
+        # instead of flooding a copy of every frame to the responder too.
+        device.switch.fdb[GUEST_MAC] = nic.name
+        frames = [numbered(GUEST_MAC, HOST_MAC, i, size) for i in range(64)]
+
+        def pump() -> None:
+            while not stop.is_set():
+                vring = nic.vrings.get(0)
+                if vring is None or not vring.enabled or len(nic.backlog) >= RX_BACKLOG // 2:
+                    time.sleep(0.0002)
+                    continue
+                ch.send(frames)
+
+    def sampler() -> None:
+        while not stop.is_set():
+            n = count if role == "sink" else nic.stats[0].frames
+            sys.stdout.write(f"S {time.monotonic():.6f} {n}\n")  # one write: one line
+            sys.stdout.flush()
+            stop.wait(0.1)
+
+    print("READY", flush=True)
+    threads = [threading.Thread(target=f, daemon=True) for f in (pump, sampler)]
+    for t in threads:
+        t.start()
+    prof = cProfile.Profile() if profile else None
+    if prof is not None:
+        prof.enable()
+    device.serve_forever(stop)
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile)  # type: ignore[arg-type]
+    for t in threads:
+        t.join(2)
+    stats = device.stats()
+    sys.stdout.flush()
+    ch.close()
+    device.close()
+    print("STATS " + json.dumps(stats), flush=True)
+    return 0
+
+
+# -- child processes with sample streams ---------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Timestamped values read from a child's stdout by a thread."""
+
+    points: list[tuple[float, float]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def first_active(self) -> float | None:
+        with self.lock:
+            return next((t for t, v in self.points if v > 0), None)
+
+
+_PPS = re.compile(r"(Rx|Tx)-pps:\s+(\d+)")
+
+
+def _read(stream: TextIO, samples: Samples, kind: str) -> None:
+    """kind "worker": "S t count" lines; "rx"/"tx": testpmd's periodic Rx-pps / Tx-pps."""
+    for line in stream:
+        now = time.monotonic()
+        with samples.lock:
+            samples.lines.append(line)
+        if kind == "worker":
+            if line.startswith("READY"):
+                samples.ready.set()
+            elif line.startswith("S "):
+                parts = line.split()
+                if len(parts) == 3:
+                    with samples.lock:
+                        samples.points.append((float(parts[1]), float(parts[2])))
+        else:
+            m = _PPS.search(line)
+            if m and m[1].lower() == kind:
+                with samples.lock:
+                    samples.points.append((now, float(m[2])))
+
+
+class Child:
+    """A bounded child process (own process group) whose stdout is sampled."""
+
+    def __init__(self, argv: list[str], kind: str, *, prefix: str | None = None) -> None:
+        self.prefix = prefix
+        self.samples = Samples()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        self.reader = threading.Thread(
+            target=_read, args=(self.proc.stdout, self.samples, kind), daemon=True
+        )
+        self.reader.start()
+
+    def output(self) -> str:
+        with self.samples.lock:
+            return "".join(self.samples.lines)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+        self.reader.join(2)
+        if self.prefix:
+            shutil.rmtree(Path("/var/run/dpdk") / self.prefix, ignore_errors=True)
+
+
+_prefix_counter = 0
+
+
+def testpmd(vdev: str, mode: str, size: int, *, main_lcore: int, peer: str | None) -> Child:
+    """testpmd with one port, bounded by ``timeout``, line-buffered periodic stats."""
+    global _prefix_counter
+    assert TESTPMD is not None
+    _prefix_counter += 1
+    prefix = f"vdevbench{os.getpid()}x{_prefix_counter}"
+    argv = ["timeout", "-s", "INT", "-k", "5", "60", "stdbuf", "-oL", TESTPMD]
+    argv += ["--no-huge", "-m", "512", "--no-pci", "--file-prefix", prefix]
+    argv += ["-l", "0,1", "--main-lcore", str(main_lcore), "--vdev", vdev, "--"]
+    argv += ["--total-num-mbufs", "16384", f"--forward-mode={mode}", f"--txpkts={size}"]
+    argv += ["--stats-period", "1", "-a", "--no-flush-rx"]
+    if peer:
+        argv.append(f"--eth-peer=0,{peer}")
+    kind = "rx" if mode == "rxonly" else "tx"
+    return Child(argv, kind, prefix=prefix)
+
+
+# -- one measurement -----------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    duration: float
+    warmup: float
+    workdir: Path
+    profile: bool = False
+
+
+@dataclass
+class Result:
+    pps: float | None
+    note: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _wait(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+
+
+def _counter_rate(points: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """Rate of a cumulative counter between the samples nearest inside [start, end]."""
+    inside = [(t, v) for t, v in points if start <= t <= end]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return None
+    (t0, v0), (t1, v1) = inside[0], inside[-1]
+    return (v1 - v0) / (t1 - t0)
+
+
+def _pps_mean(points: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """Mean of testpmd's per-second pps samples taken in [start + 0.5, end + 0.6].
+
+    Each sample covers the second before it was printed: at least half of it lies after
+    ``start`` (past the warm-up), and the last one ends at most 0.6 s after ``end``."""
+    inside = [v for t, v in points if start + 0.5 <= t <= end + 0.6]
+    return sum(inside) / len(inside) if inside else None
+
+
+def _python_pump(
+    fe: VirtioNetFrontend, direction: str, size: int, until: Any, timeout: float
+) -> None:
+    """Drive the Python frontend until ``until()`` says the window is over."""
+    frames = [numbered(HOST_MAC, GUEST_MAC, i, size) for i in range(256)]
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        for _ in range(50):
+            if direction == "tx":
+                if fe.send(frames) == 0:
+                    fe.wait_call(fe.txq(), 0.001)
+            else:
+                fe.recv(timeout=0.01)
+
+
+def measure(cfg: Config, frontend: str, direction: str, size: int, backend: str) -> Result:
+    sock = str(cfg.workdir / f"{backend}-{frontend}-{direction}-{size}.sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)
+    children: list[Child] = []
+    fe: VirtioNetFrontend | None = None
+    try:
+        if backend == "vdev":
+            be = Child(
+                [sys.executable, __file__, "--worker", sock, "--role"]
+                + ["sink" if direction == "tx" else "source", "--size", str(size)]
+                + (["--profile-out", str(cfg.workdir / "tx.prof")] if cfg.profile else []),
+                "worker",
+            )
+            children.append(be)
+            _wait(be.samples.ready.is_set, 20, "vdev worker did not start")
+        else:
+            mode = "rxonly" if direction == "tx" else "txonly"
+            be = testpmd(
+                f"net_vhost0,iface={sock},queues=1", mode, size, main_lcore=0, peer=GUEST_MAC_STR
+            )
+            children.append(be)
+            _wait(lambda: os.path.exists(sock), 20, "testpmd net_vhost did not create its socket")
+
+        def window() -> tuple[float, float] | None:
+            first = be.samples.first_active()
+            if first is None:
+                return None
+            return first + cfg.warmup, first + cfg.warmup + cfg.duration
+
+        def over() -> bool:
+            w = window()
+            # testpmd's last pps sample of the window lands up to a second later.
+            return w is not None and time.monotonic() > w[1] + (1.1 if backend == "dpdk" else 0.1)
+
+        total_timeout = 20 + cfg.warmup + cfg.duration
+        if frontend == "python":
+            fe = VirtioNetFrontend(sock, features=DEFAULT_FEATURES, connect_timeout=10)
+            _python_pump(fe, direction, size, over, total_timeout)
+        else:
+            vdev = f"net_virtio_user0,path={sock},queues=1,server=0,mac={GUEST_MAC_STR}"
+            mode = "txonly" if direction == "tx" else "rxonly"
+            peer = HOST_MAC_STR if direction == "tx" else None
+            children.append(testpmd(vdev, mode, size, main_lcore=1, peer=peer))
+            deadline = time.monotonic() + total_timeout
+            while not over() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        w = window()
+        if w is None:
+            return Result(None, "no traffic")
+        with be.samples.lock:
+            points = list(be.samples.points)
+        if backend == "vdev":
+            pps = _counter_rate(points, *w)
+        else:
+            pps = _pps_mean(points, *w)
+        result = Result(pps, "" if pps is not None else "too few samples")
+        # Stop the frontend first, then the backend (its final stats).
+        if fe is not None:
+            fe.close()
+            fe = None
+        for child in reversed(children):
+            child.stop(signal.SIGTERM if child is be and backend == "vdev" else signal.SIGINT)
+        if backend == "vdev":
+            stats_line = next((x for x in be.output().splitlines() if x.startswith("STATS ")), "")
+            if stats_line:
+                result.stats = json.loads(stats_line[6:])
+        return result
+    finally:
+        if fe is not None:
+            fe.close()
+        for child in children:
+            child.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+def fmt_pps(pps: float | None) -> str:
+    if pps is None:
+        return "n/a"
+    if pps >= 1e6:
+        return f"{pps / 1e6:.2f} Mpps"
+    return f"{pps / 1e3:.1f} kpps"
+
+
+def profile_report(path: Path, frames: int, top: int = 15) -> str:
+    out = io.StringIO()
+    st = pstats.Stats(str(path), stream=out)
+    st.sort_stats("tottime").print_stats(top)
+    lines = [f"cProfile of the device loop thread, {frames} frames through tx0"]
+    stats: dict[Any, Any] = st.stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    lines.append(f"{'tottime us/frame':>16} {'cumtime us/frame':>16} {'calls/frame':>11}  function")
+    for (filename, lineno, name), (_cc, nc, tt, ct, _callers) in rows:
+        where = f"{Path(filename).name}:{lineno}({name})" if lineno else name
+        lines.append(
+            f"{tt / frames * 1e6:16.2f} {ct / frames * 1e6:16.2f} {nc / frames:11.2f}  {where}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds after the first frame")
+    p.add_argument("--sizes", default="64,1500", help="comma-separated frame sizes")
+    p.add_argument("--frontends", default="python,dpdk", help="python,dpdk")
+    p.add_argument("--directions", default="tx,rx", help="tx (guest TX), rx (guest RX)")
+    p.add_argument("--backends", default="vdev,dpdk", help="vdev,dpdk")
+    p.add_argument("--quick", action="store_true", help="1 s cells, 64-byte frames only")
+    p.add_argument("--profile", action="store_true", help="also cProfile vdev's TX hot path")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--worker", metavar="SOCK", help=argparse.SUPPRESS)
+    p.add_argument("--role", default="sink", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.role, args.size, args.profile_out)
+    if args.quick:
+        args.duration, args.warmup, args.sizes = 1.0, 0.5, "64"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    frontends = args.frontends.split(",")
+    backends = args.backends.split(",")
+    if TESTPMD is None and ("dpdk" in frontends or "dpdk" in backends):
+        print("dpdk-testpmd not found: DPDK rows and columns are skipped", file=sys.stderr)
+        frontends = [f for f in frontends if f != "dpdk"]
+        backends = [b for b in backends if b != "dpdk"]
+    with tempfile.TemporaryDirectory(prefix="vdevbench") as tmp:
+        cfg = Config(args.duration, args.warmup, Path(tmp))
+        rows: list[dict[str, Any]] = []
+        print(f"{'frontend':26} {'direction':18} {'bytes':>5} {'vdev':>12} {'DPDK':>12} {'ratio':>8}")
+        for frontend in frontends:
+            for direction in args.directions.split(","):
+                for size in sizes:
+                    res = {b: measure(cfg, frontend, direction, size, b) for b in backends}
+                    v, d = res.get("vdev"), res.get("dpdk")
+                    ratio = (
+                        v.pps / d.pps if v and d and v.pps is not None and d.pps else None
+                    )
+                    rows.append(
+                        {
+                            "frontend": frontend,
+                            "direction": direction,
+                            "size": size,
+                            "vdev_pps": v.pps if v else None,
+                            "dpdk_pps": d.pps if d else None,
+                            "ratio": ratio,
+                            "notes": {b: r.note for b, r in res.items() if r.note},
+                            "vdev_stats": v.stats if v else {},
+                        }
+                    )
+                    print(
+                        f"{FRONTEND_NAMES[frontend]:26} {DIRECTION_NAMES[direction]:18} "
+                        f"{size:>5} {fmt_pps(v.pps if v else None):>12} "
+                        f"{fmt_pps(d.pps if d else None):>12} "
+                        f"{(f'{ratio:.4f}' if ratio is not None else 'n/a'):>8}",
+                        flush=True,
+                    )
+        if args.profile:
+            cfg.profile = True
+            frontend = "dpdk" if TESTPMD is not None else "python"
+            res = measure(cfg, frontend, "tx", 64, "vdev")
+            prof = cfg.workdir / "tx.prof"
+            frames = 0
+            if res.stats:
+                frames = int(res.stats["nics"][0]["queues"]["tx0"]["frames"])
+            if prof.exists() and frames:
+                print(f"\nprofile ({FRONTEND_NAMES[frontend]} txonly 64 B, under cProfile: "
+                      f"{fmt_pps(res.pps)})")
+                print(profile_report(prof, frames))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
