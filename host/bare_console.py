@@ -402,16 +402,21 @@ _CDEF_BLOCK = re.compile(r"/\* CDEF-BEGIN \*/(.*?)/\* CDEF-END \*/", re.S)
 
 
 def driver_ffi() -> Any:
-    """cffi FFI with the shared ABI (skywalk.h, virtio.h) plus the driver's stats.h block."""
+    """A fresh cffi FFI with the shared ABI (skywalk.h, virtio.h) plus the driver's stats.h.
+
+    Built from the headers' CDEF text rather than with ``ffi.include(vdev.abi.ffi)``: an
+    include would share (and can disturb) the device's own FFI type objects.
+    """
     from cffi import FFI
 
-    from vdev.abi import ffi as abi_ffi
+    from vdev.abi import HEADERS, cdef_text
 
     match = _CDEF_BLOCK.search(STATS_H.read_text())
     if match is None:
         raise BareConsoleError(f"{STATS_H}: no CDEF block")
     ffi = FFI()
-    ffi.include(abi_ffi)
+    for name in HEADERS:
+        ffi.cdef(cdef_text(name))
     ffi.cdef(re.sub(r"\b(0x[0-9a-fA-F]+|\d+)U?L?L?\b", r"\1", match.group(1)))
     return ffi
 

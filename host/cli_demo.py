@@ -147,7 +147,7 @@ def _wait(pred: Callable[[], bool], timeout: float) -> bool:
 
 def _exercise(report: Report, device: Any, nic: Any, host: Any, machine: Any, seed: int) -> None:
     from vdev.faults import FaultEngine
-    from vdev.testing.frames import udp
+    from vdev.testing.frames import tools_payload, udp
 
     guest = machine.console
     with _step(report, "ping"):
@@ -173,7 +173,7 @@ def _exercise(report: Report, device: Any, nic: Any, host: Any, machine: Any, se
         frames = [
             udp(
                 GUEST_SINK_PORT,
-                i.to_bytes(4, "big").ljust(256, b"\0"),
+                tools_payload(i, 256),
                 dst_mac=gmac,
                 src_mac=bytes.fromhex("0200000000aa"),
                 src_ip=bytes(map(int, HOST_IP.split("."))),

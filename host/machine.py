@@ -120,7 +120,8 @@ class Machine:
       memory_mb: guest RAM; always a shared backend, as vhost-user needs.
       shared_memory: ``"memfd"`` (default) or ``"file"``: RAM in a file under /dev/shm
         (``memory_path``) that host code can mmap to look at guest memory.
-      machine: ``q35`` (default), ``pc`` or ``microvm`` (virtio-mmio NICs).
+      machine: ``q35`` (default) or ``pc``; ``microvm`` builds virtio-mmio NICs, but the
+        Debian kernel under TCG can hang in TSC calibration there (no PIT/HPET): untested.
       accel: ``kvm``/``tcg``; default from :func:`host.accel.select_accel`.
       ready_pattern: regex printed when the guest is usable; ``launch`` waits for it (None:
         do not wait). ``wait_prompt``: also wait for the shell prompt after it.

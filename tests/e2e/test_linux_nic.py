@@ -19,7 +19,7 @@ import pytest
 from vdev.net.device import Device
 from vdev.net.nic import VirtioNet
 from vdev.skywalk import Channel
-from vdev.testing.frames import ETH_TEST, udp
+from vdev.testing.frames import ETH_TEST, tools_payload, udp
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -132,7 +132,7 @@ def test_guest_to_host_channel_exact(rig: Rig) -> None:
 
 
 def test_host_channel_to_guest_exact(rig: Rig) -> None:
-    frames = [to_guest(5000, i.to_bytes(4, "big") + bytes(252)) for i in range(800)]
+    frames = [to_guest(5000, tools_payload(i, 256)) for i in range(800)]
     assert sink_count(rig, 800, frames, 5000) == 800
 
 
@@ -142,8 +142,8 @@ def test_jumbo_frames_both_ways_use_mergeable_rx(rig: Rig) -> None:
     got = host_frames(rig.host, 20, src)
     assert [len(f) for f in got] == [9014] * 20
     merged_before = sum(int(q["merged"]) for q in rig.queues().values())  # type: ignore[call-overload]
-    big = [to_guest(5001, bytes([i]) * 8972) for i in range(30)]  # IP total 9000 = MTU
-    small = [to_guest(5001, bytes(1472)) for _ in range(30)]  # a 1500-byte IP packet
+    big = [to_guest(5001, tools_payload(i, 8972)) for i in range(30)]  # IP total 9000 = MTU
+    small = [to_guest(5001, tools_payload(30 + i, 1472)) for i in range(30)]  # 1500-byte IP
     assert sink_count(rig, 60, big + small, 5001) == 60
     merged = sum(int(q["merged"]) for q in rig.queues().values()) - merged_before  # type: ignore[call-overload]
     assert merged >= 30, "9000-byte frames should span several mergeable RX buffers"
@@ -158,7 +158,7 @@ def test_two_queue_pairs_carry_traffic(rig: Rig) -> None:
         f"taskset -c 1 vdev-pktgen --raw eth0 --dst-mac {HOST_MAC} --count 300 --size 128; wait"
     )
     assert len(host_frames(rig.host, 600, src)) == 600
-    flows = [to_guest(5002, bytes(64), sport=20000 + i) for i in range(200)]
+    flows = [to_guest(5002, tools_payload(i, 64), sport=20000 + i) for i in range(200)]
     assert sink_count(rig, 200, flows, 5002) == 200
     after = {name: int(q["frames"]) for name, q in rig.queues().items()}  # type: ignore[call-overload]
     delta = {name: after[name] - before[name] for name in after}

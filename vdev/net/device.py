@@ -351,7 +351,11 @@ class Device:
 
 
 def default_pool() -> Pbufpool:
-    """A pool sized for a couple of NICs with 256-entry rings and 64 KiB GSO frames."""
+    """A pool sized for a few NICs with 256-entry rings and 64 KiB GSO frames.
+
+    ``max_frags=8`` lets a host channel send jumbo (9000-byte MTU) frames from its alloc
+    ring; the device itself puts anything above one buffer into a large buffer.
+    """
     return Pbufpool(
-        num_packets=8192, buf_size=2048, max_frags=4, num_large_bufs=256, large_buf_size=65536
+        num_packets=8192, buf_size=2048, max_frags=8, num_large_bufs=256, large_buf_size=65536
     )

@@ -58,3 +58,11 @@ def udp(
     """A UDP/IPv4 frame; UDP checksum 0 ("none", RFC 768)."""
     u = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
     return eth(dst_mac, src_mac, 0x0800, ipv4(src_ip, dst_ip, 17, u))
+
+
+TOOLS_MAGIC = 0x56444556  # "VDEV": guest/tools/vdev_tools.h, struct vdev_payload
+
+
+def tools_payload(seq: int, size: int) -> bytes:
+    """A payload the guest's vdev-sink counts: magic and sequence number, padded to ``size``."""
+    return struct.pack("!II", TOOLS_MAGIC, seq).ljust(size, b"\0")
