@@ -192,7 +192,7 @@ def _exercise(report: Report, device: Any, nic: Any, host: Any, machine: Any, se
         report.check("device->guest UDP burst", got == BURST, f"{got}/{BURST} counted by the guest")
 
     with _step(report, "fault injection"):
-        engine = FaultEngine(device)
+        engine = FaultEngine.for_device(device, seed=seed)
         count = 40
         with engine.nic(0).drop(p=0.25, queue="rx", seed=seed) as rule:
             out, _status = guest.run(f"ping -c {count} -i 0.05 -W 1 {RESPONDER_IP}", timeout=60)
