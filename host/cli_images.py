@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import host.images_path  # noqa: F401 - makes `images` importable when pip-installed
 from images.tools import ToolError
 
 

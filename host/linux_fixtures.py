@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-import host.images_path  # noqa: F401 - makes `images` importable when pip-installed
 from host.accel import qemu_binary
 from host.machine import Machine, Nic, live_machines
 

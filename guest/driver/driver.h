@@ -63,6 +63,8 @@ struct vq {
     uint16_t peek_id[VQ_MAX];            /* ids validated by vq_peek_used */
 };
 
+/* vq.state[] per descriptor: never posted, posted as a chain head, completed. */
+enum { DS_FREE = 0, DS_POSTED = 1, DS_COMPLETED = 2 };
 extern struct vq vdev_rxq, vdev_txq;
 void vq_init(struct vq *q, uint16_t index, uint16_t size, void *mem, int event_idx);
 int vq_add(struct vq *q, const struct vq_seg *segs, int n, uint32_t token);

@@ -531,7 +531,7 @@ static void cmd_inject(int argc, char **argv)
     uint32_t id = 0, len = 64;
     /* A posted head on the RX queue: every buffer there is one descriptor. */
     for (uint32_t i = 0; i < size; i++)
-        if (q->state[i] == 1) {
+        if (q->state[i] == DS_POSTED) {
             id = i;
             break;
         }

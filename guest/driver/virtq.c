@@ -9,8 +9,6 @@
  */
 #include "driver.h"
 
-enum { DS_FREE = 0, DS_POSTED = 1, DS_COMPLETED = 2 };
-
 static uintptr_t align_up(uintptr_t v, uintptr_t a) { return (v + a - 1) & ~(a - 1); }
 
 /* 2.7.2 Legacy Interfaces: used ring aligned to 4096 after desc+avail. */

@@ -105,6 +105,7 @@ class Device:
         if self.capture is not None:
             capture = self.capture
             nic.tap = lambda n, frame, direction: capture.write(n.name, frame, direction)
+        nic.defer = lambda fn: self.call_later(0.0, fn)
         entry = NicSocket(nic, path, client)
         if client:
             self._try_connect(entry)

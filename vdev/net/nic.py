@@ -171,6 +171,8 @@ class VirtioNet:
         # Capture tap: (nic, frame, direction) with direction 1 = from the guest, 2 = to it.
         self.tap: Callable[[VirtioNet, bytes, int], None] | None = None
         self.ring_faults: RingFaults | None = None
+        # Set by the device: run a callable from its event loop soon (see process_tx).
+        self.defer: Callable[[Callable[[], None]], None] | None = None
         self._rx_rr = 0
 
     # -- VhostDevice callback table ------------------------------------------------------
@@ -296,7 +298,29 @@ class VirtioNet:
     # -- TX: guest -> switch ---------------------------------------------------------------
 
     def process_tx(self, index: int) -> int:
-        """Drain one TX queue; returns the number of chains consumed."""
+        """Drain one TX queue; returns the number of chains consumed.
+
+        After ``TX_BUDGET`` chains the rest is handed to ``defer`` (the device's event loop),
+        so a guest that keeps its TX ring full cannot hold the device lock forever and
+        starve other queues, NICs and host channels; without ``defer`` this loops here until
+        the queue is empty.  (It used to recurse, one Python frame per 256 chains: a busy
+        enough guest hit RecursionError.)
+        """
+        total = 0
+        while True:
+            consumed = self._process_tx_batch(index)
+            total += consumed
+            if consumed < TX_BUDGET:
+                return total
+            if self.defer is not None:
+                self.defer(lambda: self._continue_tx(index))
+                return total
+
+    def _continue_tx(self, index: int) -> None:
+        self.process_tx(index)
+
+    def _process_tx_batch(self, index: int) -> int:
+        """Consume up to ``TX_BUDGET`` chains of one TX queue and forward them."""
         vring = self.vrings.get(index)
         if vring is None or vring.queue is None or vring.queue.defunct is not None:
             return 0
@@ -335,9 +359,6 @@ class VirtioNet:
         pkts = self._run_hooks(self.tx_hooks, index, pkts)
         if pkts:
             self.forward(self.name, pkts)
-        if consumed >= TX_BUDGET:
-            # More work may be pending; the caller loops until 0.
-            return consumed + self.process_tx(index)
         return consumed
 
     def _internalize_tx(self, chain: Chain, hlen: int, stats: QueueStats) -> int | None:
