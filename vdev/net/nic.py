@@ -303,8 +303,8 @@ class VirtioNet:
         After ``TX_BUDGET`` chains the rest is handed to ``defer`` (the device's event loop),
         so a guest that keeps its TX ring full cannot hold the device lock forever and
         starve other queues, NICs and host channels; without ``defer`` this loops here until
-        the queue is empty.  (It used to recurse, one Python frame per 256 chains: a busy
-        enough guest hit RecursionError.)
+        the queue is empty (a loop, not recursion: a guest that keeps the ring full would
+        otherwise reach RecursionError).
         """
         total = 0
         while True:
