@@ -104,15 +104,18 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
         def pump() -> None:
             while not stop.is_set():
                 vring = nic.vrings.get(0)
-                if vring is None or not vring.enabled or len(nic.backlog) >= RX_BACKLOG // 2:
+                running = vring is not None and vring.enabled and vring.queue is not None
+                if not running or len(nic.backlog) >= RX_BACKLOG // 2:
                     time.sleep(0.0002)
                     continue
                 ch.send(frames)
 
     def sampler() -> None:
         while not stop.is_set():
-            n = count if role == "sink" else nic.stats[0].frames
-            sys.stdout.write(f"S {time.monotonic():.6f} {n}\n")  # one write: one line
+            # Far end (host channel, or frames written to the guest) and the virtqueue.
+            ring = nic.stats[1 if role == "sink" else 0].frames
+            n = count if role == "sink" else ring
+            sys.stdout.write(f"S {time.monotonic():.6f} {n} {ring}\n")  # one write: one line
             sys.stdout.flush()
             stop.wait(0.1)
 
@@ -145,6 +148,7 @@ class Samples:
     """Timestamped values read from a child's stdout by a thread."""
 
     points: list[tuple[float, float]] = field(default_factory=list)
+    ring_points: list[tuple[float, float]] = field(default_factory=list)  # vdev: virtqueue
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -168,9 +172,10 @@ def _read(stream: TextIO, samples: Samples, kind: str) -> None:
                 samples.ready.set()
             elif line.startswith("S "):
                 parts = line.split()
-                if len(parts) == 3:
+                if len(parts) == 4:
                     with samples.lock:
                         samples.points.append((float(parts[1]), float(parts[2])))
+                        samples.ring_points.append((float(parts[1]), float(parts[3])))
         else:
             m = _PPS.search(line)
             if m and m[1].lower() == kind:
@@ -255,7 +260,8 @@ class Config:
 
 @dataclass
 class Result:
-    pps: float | None
+    pps: float | None  # at the far end: host channel (guest TX) or guest RX buffers
+    ring_pps: float | None  # through the virtqueue (vdev: tx0 / rx0 frames)
     note: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -350,14 +356,16 @@ def measure(cfg: Config, frontend: str, direction: str, size: int, backend: str)
                 time.sleep(0.05)
         w = window()
         if w is None:
-            return Result(None, "no traffic")
+            return Result(None, None, "no traffic")
         with be.samples.lock:
             points = list(be.samples.points)
+            ring_points = list(be.samples.ring_points)
         if backend == "vdev":
             pps = _counter_rate(points, *w)
+            ring_pps = _counter_rate(ring_points, *w)
         else:
-            pps = _pps_mean(points, *w)
-        result = Result(pps, "" if pps is not None else "too few samples")
+            pps = ring_pps = _pps_mean(points, *w)
+        result = Result(pps, ring_pps, "" if pps is not None else "too few samples")
         # Stop the frontend first, then the backend (its final stats).
         if fe is not None:
             fe.close()
@@ -405,7 +413,25 @@ def profile_report(path: Path, frames: int, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-HEADER = f"{'frontend':26} {'direction':18} {'bytes':>5} {'vdev':>12} {'DPDK':>12} {'ratio':>8}"
+HEADER = (
+    "| frontend | direction | bytes | vdev, far end | vdev, virtqueue | DPDK net_vhost "
+    "| ratio far end | ratio virtqueue | notes |\n|---|---|---:|---:|---:|---:|---:|---:|---|"
+)
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.4f}" if a is not None and b else "n/a"
+
+
+def row_notes(res: dict[str, Result], direction: str) -> str:
+    notes = [f"{b}: {r.note}" for b, r in res.items() if r.note]
+    v = res.get("vdev")
+    if v is not None and v.stats and direction == "tx":
+        tx0 = v.stats["nics"][0]["queues"]["tx0"]["frames"]
+        drops = v.stats["switch"]["host"]["drops"]
+        if tx0 and drops:
+            notes.append(f"host channel full: {100 * drops / tx0:.0f}% of tx0 dropped")
+    return "; ".join(notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,32 +464,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vdevbench") as tmp:
         cfg = Config(args.duration, args.warmup, Path(tmp))
         rows: list[dict[str, Any]] = []
-        print(
-            f"{'frontend':26} {'direction':18} {'bytes':>5} {'vdev':>12} {'DPDK':>12} {'ratio':>8}"
-        )
+        print(HEADER, flush=True)
         for frontend in frontends:
             for direction in args.directions.split(","):
                 for size in sizes:
                     res = {b: measure(cfg, frontend, direction, size, b) for b in backends}
                     v, d = res.get("vdev"), res.get("dpdk")
-                    ratio = v.pps / d.pps if v and d and v.pps is not None and d.pps else None
+                    vp, vr = (v.pps, v.ring_pps) if v else (None, None)
+                    dp = d.pps if d else None
+                    notes = row_notes(res, direction)
                     rows.append(
                         {
                             "frontend": frontend,
                             "direction": direction,
                             "size": size,
-                            "vdev_pps": v.pps if v else None,
-                            "dpdk_pps": d.pps if d else None,
-                            "ratio": ratio,
-                            "notes": {b: r.note for b, r in res.items() if r.note},
+                            "vdev_pps": vp,
+                            "vdev_ring_pps": vr,
+                            "dpdk_pps": dp,
+                            "notes": notes,
                             "vdev_stats": v.stats if v else {},
                         }
                     )
                     print(
-                        f"{FRONTEND_NAMES[frontend]:26} {DIRECTION_NAMES[direction]:18} "
-                        f"{size:>5} {fmt_pps(v.pps if v else None):>12} "
-                        f"{fmt_pps(d.pps if d else None):>12} "
-                        f"{(f'{ratio:.4f}' if ratio is not None else 'n/a'):>8}",
+                        f"| {FRONTEND_NAMES[frontend]} | {DIRECTION_NAMES[direction]} | {size} "
+                        f"| {fmt_pps(vp)} | {fmt_pps(vr)} | {fmt_pps(dp)} "
+                        f"| {fmt_ratio(vp, dp)} | {fmt_ratio(vr, dp)} | {notes} |",
                         flush=True,
                     )
         if args.profile:

@@ -17,6 +17,8 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "host.cli_serve",
     "host.cli_images",
     "host.cli_ctl",
+    "host.cli_run",
+    "host.cli_sandbox",
 )
 
 

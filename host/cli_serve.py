@@ -46,6 +46,15 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--responder-ip", default="10.0.2.2", help="IPv4 address of the built-in responder"
     )
+    p.add_argument(
+        "--control",
+        metavar="PATH",
+        help="serve the JSON fault-control socket here (mode 0600; see `vdev ctl`)",
+    )
+    p.add_argument("--fault-log", metavar="FILE", help="append injected-fault events as JSON lines")
+    p.add_argument(
+        "--fault-seed", type=int, default=42, help="seed of the fault engine (default 42)"
+    )
     p.add_argument("--json", action="store_true", help="print the final statistics as JSON")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.set_defaults(func=run)
@@ -81,8 +90,18 @@ def run(args: argparse.Namespace) -> int:
         for i, path in enumerate(args.socket):
             mac = args.mac[i] if i < len(args.mac) else None
             device.add_nic(path, mac=mac, queue_pairs=args.queues, mtu=args.mtu, client=args.client)
+        control = None
+        if args.control or args.fault_log:
+            from vdev.faults import FaultEngine
+            from vdev.faults.control import ControlServer
+
+            engine = FaultEngine.for_device(device, seed=args.fault_seed, log=args.fault_log)
+            if args.control:
+                control = ControlServer(device, args.control, engine)
         print(f"vdev serve: {len(args.socket)} NIC(s) on {', '.join(args.socket)}", flush=True)
         device.serve_forever(stop)
+        if control is not None:
+            control.close()
     except (OSError, ValueError) as exc:
         print(f"vdev serve: {exc}", file=sys.stderr)
         device.close()

@@ -8,7 +8,8 @@ Protocol (one JSON object per line each way, UTF-8, over a Unix stream socket of
     <- {"ok": false, "error": "cmd: unknown command 'nope' (one of: add, clear, ...)"}
 
 Any request may carry ``"seq"`` (a JSON scalar), echoed in the reply to match answers.
-Commands are listed in ``COMMANDS``.  Requests are data: each field is type-checked and
+Commands are listed in ``COMMANDS``; an embedding program may add its own with
+``ControlServer.add_command`` (``vdev sandbox`` adds ``introspect``).  Requests are data: each field is type-checked and
 mapped through fixed tables; nothing is evaluated, unpickled or imported from input.
 
 The server runs inside the device loop (its fds are registered in ``device.sel`` with the
@@ -119,6 +120,19 @@ class ControlServer:
         }
         with device.lock:
             device.sel.register(sock, selectors.EVENT_READ, self._accept)
+
+    def add_command(
+        self, name: str, allowed: set[str], fn: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> None:
+        """Register an extra request (e.g. ``vdev sandbox``'s ``introspect``).
+
+        ``allowed``: the request's fields besides ``cmd``/``seq``; ``fn(req)`` runs in the
+        device loop under ``device.lock`` and returns the reply's fields (``ok`` is added;
+        raise ``RequestError`` to refuse).
+        """
+        if name in self.commands:
+            raise ValueError(f"control command {name!r} already exists")
+        self.commands[name] = (set(allowed), fn)
 
     # -- socket plumbing ------------------------------------------------------------------
 

@@ -1,0 +1,568 @@
+"""``vdev sandbox`` (the bare driver against the vdev device) and ``vdev inspect``.
+
+A sandbox is one process holding both ends of a virtio-net link:
+
+* the vdev device (``vdev.net.device.Device``) with one NIC on a vhost-user socket, its
+  loop in a background thread, plus a fault control socket (``vdev.faults.control``) that
+  also answers ``introspect``;
+* QEMU (``host.machine.Machine``, TCG) booting the freestanding driver ELF
+  (``guest/build/vdev-bare.elf``) with ``-kernel``, its serial console on a Unix socket.
+
+``vdev inspect`` asks a running sandbox's control socket for ``introspect``: the device reads
+the driver's rings and counters out of guest RAM through its vhost-user memory map (see
+``host.inspect_guest``) and replies with JSON. ``vdev ctl --socket CTL`` works on the same
+socket (fault rules at run time).
+
+Exit status of ``vdev sandbox``: the driver's ``quit CODE`` makes QEMU exit with
+``(CODE << 1) | 1`` (isa-debug-exit), which is turned back into CODE. A script without
+``quit`` exits 0, or 1 when any command answered ``ERR``. 2: bad usage or no QEMU; 3: the
+guest did not come up or QEMU died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import select
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TextIO
+
+from host.bare_console import PROMPT, Reply, parse_reply
+
+if TYPE_CHECKING:
+    from host.machine import Machine
+    from vdev.faults.control import ControlServer
+    from vdev.net.device import Device
+    from vdev.skywalk import Channel
+
+GUEST_MAC = "52:54:00:12:34:56"
+MACHINES = ("pc", "q35", "microvm")
+CTL_ENV = "VDEV_SANDBOX_CTL"
+ESCAPE = b"\x1d"  # Ctrl-]
+_STATUS = re.compile(r"\n\r*(OK|ERR) [^\r\n]*\r*\n")
+# QEMU 7.2 refuses vhost-user on virtio-mmio (the transport has no notifier support for
+# vhost in that version) -- checked at startup, see _microvm_check.
+MICROVM_UNSUPPORTED = (
+    "--machine microvm: QEMU's virtio-mmio transport cannot carry a vhost-user NIC here "
+    "({reason}); use --machine pc or q35 (virtio-net-pci)"
+)
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not start, or the guest stopped answering."""
+
+
+def default_ctl_path() -> Path:
+    """``$VDEV_SANDBOX_CTL``, else ``$XDG_RUNTIME_DIR/vdev-sandbox.sock``, else /tmp."""
+    env = os.environ.get(CTL_ENV)
+    if env:
+        return Path(env)
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(tempfile.gettempdir())
+    return base / f"vdev-sandbox-{os.getuid()}.sock"
+
+
+@dataclass
+class ScriptResult:
+    replies: list[Reply] = field(default_factory=list)
+    errors: int = 0
+    quit_code: int | None = None
+
+
+class Sandbox:
+    """Device + bare-driver guest; a context manager that always stops QEMU and the device.
+
+    ``cmd()`` runs one console command and parses its ``OK``/``ERR`` status line;
+    ``channel()`` opens a host Skywalk channel on the device's switch (the guest's frames
+    arrive there, frames sent there reach the guest); ``introspect()`` decodes the driver's
+    state out of guest RAM.
+    """
+
+    def __init__(
+        self,
+        *,
+        elf: Path | None = None,
+        machine: str = "pc",
+        append: str = "",
+        pcap: str | None = None,
+        ctl: Path | None = None,
+        mac: str = GUEST_MAC,
+        memory_mb: int = 64,
+        ready_timeout: float = 30.0,
+        console_log: Path | None = None,
+    ) -> None:
+        if machine not in MACHINES:
+            raise SandboxError(f"--machine {machine}: one of {', '.join(MACHINES)}")
+        self.elf = elf
+        self.machine_type = machine
+        self.append = append
+        self.pcap = pcap
+        self.ctl_path = ctl
+        self.mac = mac
+        self.memory_mb = memory_mb
+        self.ready_timeout = ready_timeout
+        self.console_log = console_log
+        self.device: Device | None = None
+        self.machine: Machine | None = None
+        self.control: ControlServer | None = None
+        self.start_to_prompt = 0.0
+        self.exit_status: int | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._syms: Any = None
+        self._cmd_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Sandbox:
+        from host.inspect_guest import DriverSymbols
+        from host.machine import Machine, Nic
+        from vdev.faults.control import ControlServer
+        from vdev.net.device import Device
+
+        if self.elf is None:
+            from images.bare import build_bare
+
+            self.elf = build_bare()
+        self._syms = DriverSymbols.from_elf(self.elf)
+        self._tmp = tempfile.TemporaryDirectory(prefix="vdev-sandbox-")
+        sock = Path(self._tmp.name) / "vhost.sock"
+        t0 = time.monotonic()
+        try:
+            self.device = Device(pcap=self.pcap)
+            self.device.add_nic(str(sock), mac=self.mac)
+            self.device.start()
+            ctl = self.ctl_path or Path(self._tmp.name) / "ctl.sock"
+            self.control = ControlServer(self.device, str(ctl))
+            self.ctl_path = ctl
+            self.control.add_command("introspect", set(), self._introspect_request)
+            self.machine = Machine(
+                self.elf,
+                append=self.append,
+                nics=[Nic.vhost_user(sock, mac=self.mac)],
+                machine=self.machine_type,
+                memory_mb=self.memory_mb,
+                accel="tcg",
+                ready_pattern=re.escape(PROMPT),
+                ready_timeout=self.ready_timeout,
+                console_log=self.console_log,
+                extra_args=["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"],
+                name="sandbox",
+            )
+            try:
+                self.machine.launch()
+            except Exception as exc:
+                raise SandboxError(self._launch_failure(exc)) from exc
+            self.start_to_prompt = time.monotonic() - t0
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _launch_failure(self, exc: Exception) -> str:
+        text = str(exc)
+        if self.machine_type == "microvm":
+            stderr = self.machine.stderr_tail() if self.machine is not None else ""
+            reason = _first_error_line(stderr) or _first_error_line(text) or "no prompt"
+            return MICROVM_UNSUPPORTED.format(reason=reason) + "\n" + text
+        return f"sandbox: the guest did not come up: {text}"
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop QEMU, the control socket and the device; remove the temp dir. Idempotent."""
+        if self.machine is not None:
+            if self.exit_status is None:
+                self.exit_status = self.machine.exitcode
+            self.machine.shutdown(timeout=5.0)
+            if self.exit_status is None:
+                self.exit_status = self.machine.exitcode
+            self.machine = None
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                self.control.close()
+            self.control = None
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _machine(self) -> Machine:
+        if self.machine is None:
+            raise SandboxError("sandbox is not running")
+        return self.machine
+
+    def _device(self) -> Device:
+        if self.device is None:
+            raise SandboxError("sandbox is not running")
+        return self.device
+
+    # ------------------------------------------------------------------ console
+    def send_line(self, line: str) -> None:
+        """Type a command without waiting for its reply (the guest echoes it; consumed)."""
+        con = self._machine().console
+        con.send(line + "\r")
+        con.expect(re.escape(line), 10.0, fail_patterns=())
+
+    def wait_reply(self, timeout: float = 30.0) -> Reply:
+        """Wait for the status line and the next prompt, and parse them."""
+        con = self._machine().console
+        m = con.expect(_STATUS, timeout, fail_patterns=())
+        before = con.before
+        con.expect(re.escape(PROMPT), 10.0, fail_patterns=())
+        lines = [ln.strip("\r") for ln in before.split("\n") if ln.strip()]
+        return parse_reply(m.group(0).strip(), lines)
+
+    def cmd(self, line: str, timeout: float = 30.0, check: bool = True) -> Reply:
+        """One console command; raises SandboxError on ``ERR`` when ``check``."""
+        with self._cmd_lock:
+            self.send_line(line)
+            reply = self.wait_reply(timeout)
+        if check and not reply.ok:
+            raise SandboxError(f"{line!r} failed: {reply.status_line}\n" + "\n".join(reply.lines))
+        return reply
+
+    def stats(self) -> dict[str, int]:
+        """The driver's own ``stats`` command as integers."""
+        return {k: int(v, 0) for k, v in self.cmd("stats").pairs().items()}
+
+    def quit(self, code: int = 0, timeout: float = 10.0) -> int:
+        """``quit CODE``: waits for QEMU to exit; returns the guest's code (CODE), or -1."""
+        m = self._machine()
+        with contextlib.suppress(Exception):
+            m.console.send(f"quit {code}\r")
+        status = m.wait(timeout)
+        self.exit_status = status
+        return guest_code(status)
+
+    # ------------------------------------------------------------------ host side
+    def channel(self, name: str = "host", ring_slots: int = 1024, alloc_nbufs: int = 1) -> Channel:
+        """A host Skywalk channel on the device's switch (in this process)."""
+        return self._device().open_channel(name, ring_slots=ring_slots, alloc_nbufs=alloc_nbufs)
+
+    def guest_memory(self) -> Any:
+        """The vhost-user ``GuestMemory`` of the NIC (live guest RAM), once QEMU connected."""
+        backend = self._device().sockets[0].backend
+        mem = backend.mem if backend is not None else None
+        if mem is None:
+            raise SandboxError("QEMU has not sent its memory table yet")
+        return mem
+
+    def introspect(self) -> dict[str, Any]:
+        """Decode the driver's stats, pool and rings out of guest RAM (see inspect_guest)."""
+        from host.inspect_guest import memory_reader, snapshot
+
+        with self._device().lock:
+            return snapshot(memory_reader(self.guest_memory()), self._syms)
+
+    def _introspect_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        from host.inspect_guest import IntrospectError
+        from vdev.faults.control import RequestError, dump_rings
+
+        try:
+            snap = self.introspect()
+        except (IntrospectError, SandboxError) as exc:
+            raise RequestError(str(exc)) from exc
+        device = self._device()
+        snap["device"] = dump_rings(device.nics[0])
+        snap["elf"] = str(self.elf)
+        return snap
+
+    # ------------------------------------------------------------------ script
+    def run_script(self, lines: Iterable[str], out: TextIO, timeout: float = 60.0) -> ScriptResult:
+        """Send each command (blank lines and ``#`` comments skipped), print the replies.
+
+        ``quit CODE`` ends the script: QEMU's exit status is decoded into ``quit_code``.
+        """
+        res = ScriptResult()
+        for raw in lines:
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            print(f"{PROMPT}{line}", file=out, flush=True)
+            if line.split()[0] == "quit":
+                try:
+                    code = int(line.split()[1], 0) if len(line.split()) > 1 else 0
+                except ValueError:
+                    code = 0
+                res.quit_code = self.quit(code)
+                print(f"(QEMU exited with status {self.exit_status})", file=out, flush=True)
+                return res
+            reply = self.cmd(line, timeout=timeout, check=False)
+            res.replies.append(reply)
+            for info in reply.lines:
+                print(info, file=out)
+            print(reply.status_line, file=out, flush=True)
+            if not reply.ok:
+                res.errors += 1
+        return res
+
+    # ------------------------------------------------------------------ interactive
+    def interact(self, stdin: int = 0, stdout: int = 1) -> int | None:
+        """Bridge the terminal and the guest console until Ctrl-] or QEMU exits.
+
+        Returns the guest's quit code when QEMU exited, else None.
+        """
+        m = self._machine()
+        con = m.console
+        fd = con.child.child_fd
+        pending = con.child.buffer
+        if pending:
+            os.write(stdout, pending.encode())
+        os.write(stdout, PROMPT.encode())
+        restore: Any = None
+        if os.isatty(stdin):
+            import termios
+            import tty
+
+            restore = termios.tcgetattr(stdin)
+            tty.setraw(stdin)
+        stdin_open = True
+        try:
+            while m.is_running():
+                fds = [fd, stdin] if stdin_open else [fd]
+                ready, _, _ = select.select(fds, [], [], 0.2)
+                if fd in ready:
+                    try:
+                        data = os.read(fd, 4096)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        break
+                    os.write(stdout, data)
+                if stdin in ready:
+                    data = os.read(stdin, 1024)
+                    if not data:  # stdin closed: keep showing output until QEMU exits
+                        stdin_open = False
+                        continue
+                    if ESCAPE in data:
+                        data = data.split(ESCAPE)[0]
+                        if data:
+                            os.write(fd, data.replace(b"\n", b"\r"))
+                        return None
+                    os.write(fd, data.replace(b"\n", b"\r"))
+        finally:
+            if restore is not None:
+                import termios
+
+                termios.tcsetattr(stdin, termios.TCSADRAIN, restore)
+        with contextlib.suppress(Exception):
+            status = m.wait(5.0)
+            self.exit_status = status
+            return guest_code(status)
+        return None
+
+
+def guest_code(status: int | None) -> int:
+    """QEMU's exit status after isa-debug-exit back to the driver's ``quit CODE`` (else -1)."""
+    if status is None or status < 0 or status & 1 == 0:
+        return -1
+    return status >> 1
+
+
+def _first_error_line(text: str) -> str:
+    for line in text.splitlines():
+        if "qemu-system" in line or "error" in line.lower() or "vhost" in line:
+            return line.strip()
+    return ""
+
+
+@contextlib.contextmanager
+def running_sandbox(**kw: Any) -> Iterator[Sandbox]:
+    with Sandbox(**kw) as sb:
+        yield sb
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "sandbox",
+        help="run the bare guest driver against the vdev device",
+        description=(
+            "Build the bare driver if needed, start the vdev device (in this process) and "
+            "QEMU booting the driver, then give an interactive console (Ctrl-] leaves) or "
+            "run a script. A control socket (--ctl) serves `vdev inspect` (the driver's "
+            "rings and counters, read from guest RAM) and `vdev ctl` (fault rules)."
+        ),
+    )
+    p.add_argument("--machine", choices=MACHINES, default="pc", help="QEMU machine (default pc)")
+    p.add_argument(
+        "--script",
+        metavar="FILE",
+        help="console commands, one per line (# comments); '-' reads stdin",
+    )
+    p.add_argument("--scenario", metavar="FILE", help="play a fault scenario (TOML) during the run")
+    p.add_argument("--append", default="", metavar="ARGS", help="driver command line (-append)")
+    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of the device's traffic")
+    p.add_argument(
+        "--ctl",
+        metavar="PATH",
+        help=f"control socket for vdev inspect / vdev ctl (default ${CTL_ENV} or "
+        f"{default_ctl_path()})",
+    )
+    p.add_argument("--elf", metavar="FILE", help="driver ELF (default: build guest/driver)")
+    p.add_argument("--log", metavar="FILE", help="keep the console log here")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="per-command reply timeout in --script"
+    )
+    p.set_defaults(func=run_sandbox)
+
+    i = subparsers.add_parser(
+        "inspect",
+        help="show a running sandbox's driver rings and counters (from guest RAM)",
+        description=(
+            "Ask a running `vdev sandbox` for the driver's state: TX/RX/ALLOC/FREE ring "
+            "head/tail/khead, ready slots, pool in-use and the stats counters, read live out "
+            "of guest RAM through the device's vhost-user memory map."
+        ),
+    )
+    i.add_argument(
+        "-s",
+        "--socket",
+        metavar="CTL",
+        help=f"the sandbox's control socket (default ${CTL_ENV} or {default_ctl_path()})",
+    )
+    i.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
+    i.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C"
+    )
+    i.add_argument("--timeout", type=float, default=5.0, help="reply timeout")
+    i.set_defaults(func=run_inspect)
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    from host.accel import qemu_binary
+
+    if qemu_binary() is None:
+        print("vdev sandbox: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    script: list[str] | None = None
+    if args.script is not None:
+        try:
+            text = sys.stdin.read() if args.script == "-" else Path(args.script).read_text()
+        except OSError as exc:
+            print(f"vdev sandbox: --script: {exc}", file=sys.stderr)
+            return 2
+        script = text.splitlines()
+    if args.scenario is not None:
+        from vdev.faults.scenario import ScenarioError, load_scenario
+
+        try:
+            load_scenario(args.scenario)
+        except (ScenarioError, OSError) as exc:
+            print(f"vdev sandbox: --scenario: {exc}", file=sys.stderr)
+            return 2
+    ctl = Path(args.ctl) if args.ctl else default_ctl_path()
+    sb = Sandbox(
+        elf=Path(args.elf) if args.elf else None,
+        machine=args.machine,
+        append=args.append,
+        pcap=args.pcap,
+        ctl=ctl,
+        console_log=Path(args.log) if args.log else None,
+    )
+    try:
+        sb.start()
+    except SandboxError as exc:
+        print(f"vdev sandbox: {exc}", file=sys.stderr)
+        return 3
+    try:
+        assert sb.machine is not None and sb.device is not None
+        info = ""
+        with contextlib.suppress(Exception):
+            info = f" (driver kmain-to-prompt {sb.introspect()['info']['boot_ms']} ms)"
+        print(
+            f"vdev sandbox: {args.machine} guest ready in {sb.start_to_prompt * 1000:.0f} ms"
+            f"{info}; inspect: vdev inspect --socket {sb.ctl_path}",
+            file=sys.stderr,
+            flush=True,
+        )
+        scen: threading.Thread | None = None
+        scen_status: list[int] = []
+        if args.scenario is not None:
+            from vdev.faults.scenario import play_and_print
+
+            device, qmp = sb.device, sb.machine.qmp
+
+            def play() -> None:
+                scen_status.append(play_and_print(args.scenario, device, None, qmp))
+
+            scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
+            scen.start()
+        if script is not None:
+            res = sb.run_script(script, sys.stdout, timeout=args.timeout)
+            code = res.quit_code if res.quit_code is not None else (1 if res.errors else 0)
+            if res.quit_code is not None and res.quit_code < 0:
+                code = 3
+        else:
+            quit_code = sb.interact()
+            code = 0 if quit_code is None else (3 if quit_code < 0 else quit_code)
+        if scen is not None:
+            print("vdev sandbox: waiting for the scenario to finish", file=sys.stderr)
+            scen.join(timeout=600)
+            if scen_status and scen_status[0] and code == 0:
+                code = scen_status[0]
+        return code
+    except Exception as exc:  # MachineError, GuestTimeout, SandboxError...
+        print(f"vdev sandbox: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        sb.close()
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from host.inspect_guest import format_snapshot
+    from vdev.faults.control import request
+
+    path = args.socket or str(default_ctl_path())
+    while True:
+        try:
+            reply = request(path, {"cmd": "introspect"}, timeout=args.timeout)
+        except (OSError, ConnectionError, ValueError) as exc:
+            print(f"vdev inspect: {path}: {exc} (is `vdev sandbox` running?)", file=sys.stderr)
+            return 2
+        if not reply.get("ok"):
+            print(f"vdev inspect: {reply.get('error')}", file=sys.stderr)
+            return 1
+        reply.pop("ok", None)
+        if args.json:
+            print(json.dumps(reply, indent=2), flush=True)
+        else:
+            print(format_snapshot(reply), flush=True)
+            dev = reply.get("device", {})
+            for vr in dev.get("vrings", []):
+                print(
+                    f"device {vr['kind']}{vr['index'] // 2}: last_avail_idx="
+                    f"{vr.get('last_avail_idx')} used_idx={vr.get('used_idx')} "
+                    f"in_flight={vr.get('in_flight')}",
+                    flush=True,
+                )
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+        print(flush=True)

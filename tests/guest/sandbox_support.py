@@ -1,0 +1,103 @@
+"""Shared pieces of the sandbox tests: a module-scoped sandbox and host-channel helpers."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from host.bare_console import check_pattern_frame, pattern_frame
+from host.cli_sandbox import GUEST_MAC, Sandbox
+
+if TYPE_CHECKING:
+    from vdev.skywalk import Channel
+
+GUEST_MAC_B = bytes.fromhex(GUEST_MAC.replace(":", ""))
+HOST_MAC_B = bytes.fromhex("02000000aa01")
+
+
+def require_tools() -> Path:
+    """The driver ELF; skips (with the reason) when QEMU or the compiler is missing."""
+    for tool in ("gcc", "ld"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (apt-get install gcc binutils)")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
+    try:
+        import vdev.net.device  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"vdev device not importable: {exc}")
+    from images.bare import build_bare
+
+    return build_bare()
+
+
+def sandbox_fixture(tmp_path_factory: pytest.TempPathFactory, **kw: object) -> Iterator[Sandbox]:
+    elf = require_tools()
+    log = tmp_path_factory.mktemp("sandbox") / "console.log"
+    sb = Sandbox(elf=elf, console_log=log, **kw)  # type: ignore[arg-type]
+    sb.start()
+    try:
+        yield sb
+    finally:
+        sb.close()
+
+
+def drain(ch: Channel, quiet: float = 0.2, limit: float = 10.0) -> list[bytes]:
+    """Everything the channel receives until nothing arrived for ``quiet`` seconds."""
+    out: list[bytes] = []
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        got = ch.recv(256, timeout=quiet)
+        if not got:
+            break
+        out += got
+    return out
+
+
+class Collector:
+    """Reads a host channel in a thread while the guest transmits (its RX ring is finite)."""
+
+    def __init__(self, ch: Channel) -> None:
+        self.ch = ch
+        self.frames: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.frames += self.ch.recv(256, timeout=0.05)
+
+    def stop(self, quiet: float = 0.3) -> list[bytes]:
+        self._stop.set()
+        self._thread.join(10)
+        self.frames += drain(self.ch, quiet)
+        return self.frames
+
+
+def guest_frames(frames: list[bytes]) -> list[int]:
+    """Sequence numbers of the driver's pattern frames (raises on a broken one)."""
+    return [check_pattern_frame(f) for f in frames if f[12:14] == b"\x88\xb5"]
+
+
+def send_all(ch: Channel, frames: list[bytes], limit: float = 30.0) -> None:
+    """Send every frame, retrying while the channel's TX ring or pool is full."""
+    sent = 0
+    end = time.monotonic() + limit
+    while sent < len(frames):
+        n = ch.send(frames[sent : sent + 64])
+        sent += n
+        if n == 0:
+            if time.monotonic() > end:
+                raise TimeoutError(f"host channel accepted only {sent}/{len(frames)} frames")
+            time.sleep(0.002)
+
+
+def to_guest(count: int, size: int, first: int = 0) -> list[bytes]:
+    return [pattern_frame(first + i, size, dst=GUEST_MAC_B, src=HOST_MAC_B) for i in range(count)]
