@@ -8,9 +8,12 @@ pattern, and the driver's own ``stats`` agree with what the host reads out of gu
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +32,8 @@ from vdev.faults.control import request
 from vdev.skywalk import Channel
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +54,6 @@ def quiet(sandbox: Sandbox, host: Channel) -> Sandbox:
     drain(host, quiet=0.05)
     sandbox.cmd("rx 0")
     return sandbox
-
-
-def rx_frames(sandbox: Sandbox) -> int:
-    nic: Any = sandbox.device.stats()["nics"][0] if sandbox.device else {}
-    return int(nic["queues"]["rx0"]["frames"])
 
 
 def test_start_to_prompt_under_a_second(sandbox: Sandbox) -> None:
@@ -211,3 +211,25 @@ def test_introspection_agrees_with_driver_stats(quiet: Sandbox, host: Channel) -
     tx_vring = next(v for v in reply["device"]["vrings"] if v["kind"] == "tx")
     assert tx_vring["last_avail_idx"] % 65536 == int(vq["avail_idx"], 0) % 65536
     quiet.cmd("rx 10 1000")  # leave the ring empty for the next test
+
+
+def test_vdev_inspect_cli(quiet: Sandbox) -> None:
+    """`vdev inspect --socket CTL` (another process) prints rings, pool and counters."""
+    assert quiet.ctl_path is not None
+    tx_packets = quiet.stats()["tx_packets"]
+    cmd = [sys.executable, "-m", "host.cli", "inspect", "--socket", str(quiet.ctl_path)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    rows = {ln.split()[0]: ln.split() for ln in res.stdout.splitlines() if ln.strip()}
+    assert {"tx", "rx", "alloc", "free", "pool:", "stats:"} <= rows.keys(), res.stdout
+    assert f"tx_packets={tx_packets}" in res.stdout
+    assert "device tx0: last_avail_idx=" in res.stdout
+    js = subprocess.run([*cmd, "--json"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    snap = json.loads(js.stdout)
+    assert snap["stats"]["tx_packets"] == tx_packets and snap["rings"]["tx"]["num_slots"] == 256
+
+
+def test_vdev_inspect_without_sandbox(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "host.cli", "inspect", "--socket", str(tmp_path / "none.sock")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "is `vdev sandbox` running?" in res.stderr

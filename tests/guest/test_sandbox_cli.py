@@ -76,3 +76,30 @@ def test_bad_scenario_is_a_usage_error(tmp_path: Path) -> None:
     bad.write_text("[scenario]\nname = 1\nbogus = 2\n")
     res = sandbox(tmp_path, "quit 0\n", "--scenario", str(bad))
     assert res.returncode == 2 and "--scenario" in res.stderr
+
+
+@pytest.mark.parametrize("leave", ["quit", "escape"])
+def test_interactive_console(tmp_path: Path, leave: str) -> None:
+    """On a terminal: the console is bridged raw; `quit 6` -> exit 6, Ctrl-] -> exit 0."""
+    import pexpect
+
+    elf = require_tools()
+    argv = ["-m", "host.cli", "sandbox", "--elf", str(elf), "--ctl", str(tmp_path / "c.sock")]
+    child = pexpect.spawn(sys.executable, argv, cwd=str(REPO), encoding="utf-8", timeout=30)
+    try:
+        child.expect_exact("vdev> ")
+        child.send("tx 10 60\r")
+        child.expect_exact("OK tx sent=10")
+        child.expect_exact("vdev> ")
+        if leave == "quit":
+            child.send("quit 6\r")
+            want = 6
+        else:
+            child.send("\x1d")
+            want = 0
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == want, child.before
+    finally:
+        if child.isalive():
+            child.close(force=True)

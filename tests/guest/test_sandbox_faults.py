@@ -69,7 +69,7 @@ def provoke(sb: Sandbox, host: Channel, queue: str, tx: str) -> None:
     sb.cmd("rx 0", check=False)
 
 
-UNOUT = "viol_used_id_not_outstanding"
+UNOUT, RANGE = "viol_used_id_not_outstanding", "viol_used_id_range"
 T1, T200 = "tx 1 60 1", "tx 200 60 32"
 # Case notes (what the driver can tell apart, see guest/driver/virtq.c):
 # * bad_used_id replaces the real id (replace=True): an EXTRA used element on a queue whose
@@ -86,8 +86,8 @@ T1, T200 = "tx 1 60 1", "tx 200 60 32"
 # (fault method, keywords, queue, driver counter, tx command, reset first)
 CASES: list[tuple[str, dict[str, Any], str, str, str, bool]] = [
     ("bad_used_id", {"mode": "not_outstanding", "replace": True}, "tx", UNOUT, T1, True),
-    ("bad_used_id", {"mode": "out_of_range", "replace": True}, "tx", "viol_used_id_range", T200, False),
-    ("bad_used_id", {"mode": "out_of_range", "replace": True}, "rx", "viol_used_id_range", T200, False),
+    ("bad_used_id", {"mode": "out_of_range", "replace": True}, "tx", RANGE, T200, False),
+    ("bad_used_id", {"mode": "out_of_range", "replace": True}, "rx", RANGE, T200, False),
     ("double_complete", {}, "rx", "viol_double_completion", T200, False),
     ("double_complete", {}, "tx", "viol_used_idx_jump", T200, False),
     ("bad_used_len", {"mode": "huge"}, "rx", "viol_used_len", T200, False),

@@ -9,8 +9,9 @@ Protocol (one JSON object per line each way, UTF-8, over a Unix stream socket of
 
 Any request may carry ``"seq"`` (a JSON scalar), echoed in the reply to match answers.
 Commands are listed in ``COMMANDS``; an embedding program may add its own with
-``ControlServer.add_command`` (``vdev sandbox`` adds ``introspect``).  Requests are data: each field is type-checked and
-mapped through fixed tables; nothing is evaluated, unpickled or imported from input.
+``ControlServer.add_command`` (``vdev sandbox`` adds ``introspect``).  Requests are data:
+each field is type-checked and mapped through fixed tables; nothing is evaluated, unpickled
+or imported from input.
 
 The server runs inside the device loop (its fds are registered in ``device.sel`` with the
 handler as data, like every other fd of the device), so handlers already hold

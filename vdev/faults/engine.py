@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
+import queue
 import threading
 import time
 import weakref
@@ -117,6 +119,7 @@ class FaultEngine:
     ) -> None:
         self.device = device
         self.seed = seed
+        self.qmp_links = QmpLinkWorker()
         self.clock: Callable[[], float] = clock if clock is not None else time.monotonic
         if call_later is None:
             if device is not None:
@@ -241,6 +244,7 @@ class FaultEngine:
             self._nics.clear()
             if self.device is not None and _ENGINES.get(self.device) is self:
                 del _ENGINES[self.device]
+        self.qmp_links.close()
         self.log.close()
 
     def _device_fault(self, kind: str, undo: Callable[[], None], **info: Any) -> DeviceFault:
@@ -516,13 +520,13 @@ class NicFaults:
                 return self._link_fault
             self.nic.link_up = False
             if qmp is not None:
-                qmp_set_link(qmp, qmp_name or self.nic.name, False)
+                self.engine.qmp_links.submit(qmp, qmp_name or self.nic.name, False)
             self.engine.log.emit("link_down", nic=self.nic.name, qmp=qmp is not None)
 
             def undo() -> None:
                 self.nic.link_up = True
                 if qmp is not None:
-                    qmp_set_link(qmp, qmp_name or self.nic.name, True)
+                    self.engine.qmp_links.submit(qmp, qmp_name or self.nic.name, True)
                 self.engine.log.emit("link_up", nic=self.nic.name, qmp=qmp is not None)
                 self._link_fault = None
                 self.nic.drain_rx()
@@ -563,6 +567,55 @@ class NicFaults:
             yield
         finally:
             self._rules_snapshot = saved
+
+
+_log = logging.getLogger("vdev.faults")
+
+
+class QmpLinkWorker:
+    """Runs QMP ``set_link`` calls in order on one worker thread.
+
+    QEMU answers ``set_link`` on a vhost-user NIC only after stopping or restarting vhost,
+    which needs this device's loop (and lock) to answer GET_VRING_BASE and friends.  A
+    caller that holds the device lock, or the loop thread itself, would deadlock waiting
+    for QMP; so the call is queued here and the link state in the guest follows shortly.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[Any, str, bool] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, qmp: Any, name: str, up: bool) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vdev-qmp-link", daemon=True)
+            self._thread.start()
+        self._queue.put((qmp, name, up))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                qmp_set_link(*item)
+            except Exception as exc:  # QEMU gone, bad NIC name: report, keep serving
+                _log.warning("QMP set_link %s %s failed: %s", item[1], item[2], exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait (bounded) until every queued call has been made; never call with the
+        device lock held (the call may need the device loop)."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._queue.all_tasks_done.wait(remaining)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
 
 
 def qmp_set_link(qmp: Any, name: str, up: bool) -> None:

@@ -712,6 +712,7 @@ def play(
         player.run()
     except (SpecError, OSError, ValueError, RuntimeError) as exc:
         error = f"{type(exc).__name__}: {exc}"
+    eng.qmp_links.flush()
     with eng.lock:
         for exp in sc.expects:
             player.expects.append(player.check(exp))
@@ -725,6 +726,7 @@ def play(
         if not keep_rules:
             for item in player.installed.values():
                 item.remove()
+    eng.qmp_links.flush()  # QMP link changes made by steps or removals have reached QEMU
     return Report(
         sc.name, eng.seed, player.now(), rules, player.steps, player.expects, events, error
     )
