@@ -142,6 +142,10 @@ class Sandbox:
             self.device.add_nic(str(sock), mac=self.mac)
             self.device.start()
             ctl = self.ctl_path or Path(self._tmp.name) / "ctl.sock"
+            if _socket_alive(ctl):
+                raise SandboxError(
+                    f"{ctl}: another sandbox (or device) answers there; pass --ctl PATH"
+                )
             self.control = ControlServer(self.device, str(ctl))
             self.ctl_path = ctl
             self.control.add_command("introspect", set(), self._introspect_request)
@@ -378,6 +382,21 @@ def guest_code(status: int | None) -> int:
     if status is None or status < 0 or status & 1 == 0:
         return -1
     return status >> 1
+
+
+def _socket_alive(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    import socket
+
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def _first_error_line(text: str) -> str:

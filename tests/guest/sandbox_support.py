@@ -66,17 +66,23 @@ class Collector:
     def __init__(self, ch: Channel) -> None:
         self.ch = ch
         self.frames: list[bytes] = []
+        self.error: Exception | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.frames += self.ch.recv(256, timeout=0.05)
+        try:
+            while not self._stop.is_set():
+                self.frames += self.ch.recv(256, timeout=0.05)
+        except Exception as exc:  # channel closed under a failed test: stop quietly
+            self.error = exc
 
     def stop(self, quiet: float = 0.3) -> list[bytes]:
         self._stop.set()
         self._thread.join(10)
+        if self.error is not None:
+            raise self.error
         self.frames += drain(self.ch, quiet)
         return self.frames
 

@@ -129,6 +129,26 @@ def test_tx_backpressure_from_a_stalled_device(quiet: Sandbox, host: Channel) ->
     assert guest_frames(frames) == list(range(count))
 
 
+def test_tx_stalled_error_then_resume(quiet: Sandbox, host: Channel) -> None:
+    """A device that stays stalled past the driver's 5 s limit gets `ERR tx stalled`; the
+    queued frames are not lost: they go out once the device consumes again."""
+    assert quiet.device is not None
+    nf = FaultEngine.for_device(quiet.device).nic(0)
+    col = Collector(host)
+    rule = nf.stall(queue="tx")
+    try:
+        reply = quiet.cmd("tx 600 60 32", timeout=30, check=False)
+    finally:
+        rule.remove()
+    assert not reply.ok and reply.status_line.startswith("ERR tx stalled"), reply.status_line
+    queued = reply.int("queued")
+    assert queued == 255 + 256  # a full Skywalk TX ring on top of a full virtqueue
+    # The next command's syncs post the backlog first (counted in its `sent`: tx_packets).
+    assert quiet.cmd("tx 10 60 1").int("sent") == queued - 256 + 10
+    frames = col.stop()
+    assert guest_frames(frames) == list(range(queued)) + list(range(10))
+
+
 def test_unread_host_channel_drops_at_the_switch(quiet: Sandbox) -> None:
     """A host channel that is not read does not block the guest: like a real switch the
     device drops what the port cannot take (counted), and the guest's TX never stalls."""
