@@ -99,8 +99,15 @@ def test_legal_sequences_never_fail_or_leak(ops: list[tuple[str, int, object]]) 
     assert not pool.close().leaked
 
 
-def _regions(ch: Channel, held: list[int]) -> list[tuple[int, int]]:
-    """(arena offset, length) of everything a client can write that the kernel looks at."""
+def _regions(
+    ch: Channel, held: list[int], pool: Pbufpool | None = None
+) -> list[tuple[int, int]]:
+    """(arena offset, length) of everything a client can write that the kernel looks at.
+
+    With ``pool``, the external buflets of the held packets are included, found through the
+    pool's trusted chain; without it, the first few buflets of the region (single-client
+    tests, where every buflet in use is the client's own).
+    """
     out = []
     for ring in (ch.tx_ring, ch.rx_ring, ch.alloc_ring, ch.free_ring, ch.event_ring):
         out.append((ring.off, RING_HDR_SIZE))
@@ -108,7 +115,14 @@ def _regions(ch: Channel, held: list[int]) -> list[tuple[int, int]]:
     lay = ch.arena.layout
     for p in held:
         out.append((lay.md_off + p * MD_SIZE, MD_SIZE))
-    out.append((lay.buflet_off, 4 * BUFLET_SIZE))
+    if pool is None:
+        out.append((lay.buflet_off, 4 * BUFLET_SIZE))
+        return out
+    for p in held:
+        j = pool.b_next[p]
+        while j != 0xFFFFFFFF:
+            out.append((lay.buflet_off + j * BUFLET_SIZE, BUFLET_SIZE))
+            j = pool.b_next[pool.num_packets + j]
     return out
 
 
@@ -250,7 +264,11 @@ def test_corruption_interleaved_with_traffic(ops: list[tuple[str, int, object]])
             elif name == "corrupt":
                 assert isinstance(arg, tuple)
                 r, off, size, value = arg
-                regions = _regions(victim, held) if not killed else []
+                # Only what channel 2 may legitimately touch: its rings, the packets it
+                # holds (and their buflets), and user copies of kernel-held packets (which
+                # the kernel rewrites before anyone sees them).  Another channel's packets
+                # live in the same arena but are not channel 2's to scribble on.
+                regions = _regions(victim, held, pool) if not killed else []
                 regions += [
                     (lay.md_off + i * MD_SIZE, MD_SIZE)
                     for i in range(pool.num_packets)

@@ -305,3 +305,19 @@ def test_fuzz_backend(
     assert not rec.bad, rec.bad
     leaked = fd_targets(open_fds() - before)
     assert not leaked, leaked
+
+
+def test_kick_without_fd_keeps_the_ring_stopped() -> None:
+    """Found by the fuzzer: SET_VRING_KICK with the invalid-FD flag on a running ring must not
+    hand the device a ring with no kick fd (vdev does not poll)."""
+    with _recording() as rec:
+        h = Harness()
+        try:
+            h.running_state(False)
+            assert 0 in h.device.started
+            h.send(Request.SET_VRING_KICK, encode_u64(0x100), 0, VERSION, False)
+            assert h.alive
+            assert 0 not in h.device.started and 1 in h.device.started
+        finally:
+            h.close()
+    assert not rec.bad, rec.bad

@@ -439,7 +439,15 @@ class VhostUserBackend:
                 "vring %d started: num %d base %d desc %#x avail %#x used %#x",
                 v.index, v.num, v.base, v.desc_addr, v.avail_addr, v.used_addr,
             )  # fmt: skip
-        if v.started and not v.notified:
+        if v.started and v.kick_fd is None:
+            # "Bit 8 is the invalid FD flag ... polling should be used instead of waiting
+            # for the kick" (SET_VRING_KICK): vdev does not poll rings, so the ring stays
+            # stopped until a real kick fd arrives.
+            log.warning("vring %d: kick without fd (polling mode) is not supported", v.index)
+            if v.notified:
+                v.notified = False
+                self._device_call("queue_stopped", v)
+        elif v.started and not v.notified:
             v.notified = True
             self._device_call("queue_started", v)
 
