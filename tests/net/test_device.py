@@ -8,6 +8,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -431,3 +432,31 @@ def test_repeated_add_mem_reg_is_idempotent(nic_path: str, device: Device) -> No
             )
     finally:
         fe.close()
+
+
+def test_long_tx_burst_is_split_across_loop_turns(tmp_path: Path, device: Device) -> None:
+    """A TX ring refilled faster than the device drains it must not recurse (it once did:
+    one nested call per 256 chains) nor hold the device lock for the whole burst."""
+    from vdev.net import nic as nic_mod
+
+    path = str(tmp_path / "burst.sock")
+    nic = device.add_nic(path)
+    deferred: list[object] = []
+    loop_defer = nic.defer
+    assert loop_defer is not None
+
+    def counting_defer(fn: Any) -> None:
+        deferred.append(fn)
+        loop_defer(fn)
+
+    nic.defer = counting_defer
+    device.start()
+    ch = device.open_channel("host", ring_slots=1024)
+    with VirtioNetFrontend(path, ring_size=1024) as fe:
+        frames = [numbered(HOST_MAC, GUEST_MAC, i) for i in range(1000)]
+        with device.lock:  # queue the whole burst before the device sees a kick
+            assert fe.send(frames) == 1000
+        got = drain_channel(ch, 1000)
+    assert [seq_of(f) for f in got] == list(range(1000))
+    assert len(deferred) >= 1000 // nic_mod.TX_BUDGET - 1
+    ch.close()

@@ -99,9 +99,7 @@ def test_legal_sequences_never_fail_or_leak(ops: list[tuple[str, int, object]]) 
     assert not pool.close().leaked
 
 
-def _regions(
-    ch: Channel, held: list[int], pool: Pbufpool | None = None
-) -> list[tuple[int, int]]:
+def _regions(ch: Channel, held: list[int], pool: Pbufpool | None = None) -> list[tuple[int, int]]:
     """(arena offset, length) of everything a client can write that the kernel looks at.
 
     With ``pool``, the external buflets of the held packets are included, found through the
