@@ -1,12 +1,16 @@
 """pytest plugin for vdev (registered through the ``pytest11`` entry point).
 
-Fixtures for a device, a Linux guest and a bare-metal guest are added by the areas that
-provide them; this module is what pytest loads.
+Fixtures: ``linux_image``, ``linux_guest_factory`` (Linux guests on any NICs),
+``vdev_device`` (a running device), ``vdev_linux`` (a Linux guest on ``vdev_device``),
+``bare_guest`` (the freestanding driver in a sandbox). Guests are module-scoped: a test
+module shares one booted VM. See docs/testing.md.
 """
 
 from __future__ import annotations
 
 import pytest
+
+from host.device_fixtures import bare_guest, vdev_device, vdev_linux  # noqa: F401
 
 # Linux guest fixtures (image build, VM factory) and the failure-report hook that attaches
 # guest console tails; imported here so pytest registers them with this plugin.
