@@ -460,3 +460,24 @@ def test_long_tx_burst_is_split_across_loop_turns(tmp_path: Path, device: Device
     assert [seq_of(f) for f in got] == list(range(1000))
     assert len(deferred) >= 1000 // nic_mod.TX_BUDGET - 1
     ch.close()
+
+
+def test_client_mode_connects_and_reconnects(tmp_path: Path, device: Device) -> None:
+    """`vdev serve --client`: the front-end listens (QEMU server=on) and the device dials in,
+    retrying until it is there, and again after the front-end goes away."""
+    import threading
+
+    path = str(tmp_path / "client.sock")
+    device.add_nic(path, client=True)  # nobody listens yet: the device keeps retrying
+    device.start()
+    for round_ in range(2):
+        result: list[VirtioNetFrontend] = []
+        t = threading.Thread(target=lambda: result.append(VirtioNetFrontend(path, server=True)))
+        t.start()
+        t.join(timeout=15)
+        assert result, "device did not connect to the listening front-end"
+        with result[0] as fe:
+            fe.send([icmp_echo(round_)])
+            (reply,) = fe.recv(1, timeout=2)
+            assert struct.unpack_from("!H", reply, 40)[0] == round_
+    assert device.stats()["nics"][0]["connections"] == 2  # type: ignore[index]

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from vdev.abi import lib
-from vdev.vhost.connection import connect
+from vdev.vhost.connection import Listener, connect
 from vdev.vhost.frontend import FrontendConfig, FrontendMemory, VhostUserFrontend
 from vdev.virtio.driver import DriverQueue
 from vdev.virtio.split import ring_sizes
@@ -64,13 +64,26 @@ class VirtioNetFrontend:
         mem_size: int = 64 << 20,
         config: FrontendConfig | None = None,
         connect_timeout: float = 5.0,
+        server: bool = False,
     ) -> None:
+        """``server=True`` listens on ``path`` and waits for the device to connect (QEMU
+        ``server=on`` against ``vdev serve --client``); otherwise connects to the device."""
         self.queue_pairs = queue_pairs
         self.ring_size = ring_size
         cfg = config or FrontendConfig()
         cfg.num_queues = 2 * queue_pairs
         self.mem = FrontendMemory(mem_size)
-        self.vhost = VhostUserFrontend(connect(path, timeout=connect_timeout), cfg)
+        self.listener: Listener | None = None
+        if server:
+            self.listener = Listener(path)
+            try:
+                self.vhost = VhostUserFrontend.accept(self.listener, cfg, timeout=connect_timeout)
+            except BaseException:
+                self.listener.close()
+                self.mem.close()
+                raise
+        else:
+            self.vhost = VhostUserFrontend(connect(path, timeout=connect_timeout), cfg)
         self.queues: dict[int, FrontQueue] = {}
         try:
             self.vhost.handshake()
@@ -273,6 +286,8 @@ class VirtioNetFrontend:
                     pass
         self.queues.clear()
         self.vhost.close()
+        if self.listener is not None:
+            self.listener.close()
         self.mem.close()
 
     def __enter__(self) -> VirtioNetFrontend:
