@@ -16,6 +16,7 @@ ring (the channel) then goes defunct.
 from __future__ import annotations
 
 from array import array
+from collections.abc import MutableSequence
 
 from vdev.abi import ffi, lib
 
@@ -203,20 +204,24 @@ class KernelRing:
         self.rhead = head
         self.khead = head
 
-    def rxsync_finalize(self) -> None:
-        """Externalize what arrived since the last sync and publish the new tail."""
-        nbytes = validate.rx_publish(
+    def _publish_slots(self, start: int, klen: MutableSequence[int] | None) -> int:
+        """Hand the packets in slots ``[start, ktail)`` to the user; returns their bytes."""
+        return validate.rx_publish(
             self.pool,
             self.owner,
             self.r32,
             self.r16,
             self.slots_w32,
             self.n,
-            self.rtail,
+            start,
             self.ktail,
             self.ksd,
-            self.klen,
+            klen,
         )
+
+    def rxsync_finalize(self) -> None:
+        """Externalize what arrived since the last sync and publish the new tail."""
+        nbytes = self._publish_slots(self.rtail, self.klen)
         self.ready_bytes += nbytes
         self.ready_slots = self._count(self.rhead, self.ktail)
         self._publish()
@@ -239,18 +244,7 @@ class KernelRing:
             pkts = self.pool.alloc_packets(want, self.alloc_nbufs)
             start = self.ktail
             self.rx_enqueue(pkts)
-            validate.rx_publish(
-                self.pool,
-                self.owner,
-                self.r32,
-                self.r16,
-                self.slots_w32,
-                self.n,
-                start,
-                self.ktail,
-                self.ksd,
-                None,
-            )
+            self._publish_slots(start, None)
         self.ready_slots = self._count(self.rhead, self.ktail)
         self._publish()
 
@@ -293,18 +287,7 @@ class KernelRing:
         self.khead = head
 
     def event_sync_finalize(self) -> None:
-        validate.rx_publish(
-            self.pool,
-            self.owner,
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rtail,
-            self.ktail,
-            self.ksd,
-            None,
-        )
+        self._publish_slots(self.rtail, None)
         self.ready_slots = self._count(self.rhead, self.ktail)
         self._publish()
 

@@ -83,32 +83,35 @@ def tx_validate(
     """
     if khead >= n or rhead >= n or rtail >= n or ktail >= n:
         return KillReason.BASIC_SANITY, f"kernel indices kh {khead} kt {ktail} rh {rhead}"
-    if head >= n:
-        return KillReason.BASIC_SANITY, f"head {head} >= num_slots {n}"
-    if rtail >= rhead:
-        if head < rhead or head > rtail:
-            return KillReason.HEAD_OOB, f"head {head} outside [rhead {rhead}, rtail {rtail}]"
-    elif rtail < head < rhead:
-        return KillReason.HEAD_OOB_WRAPPED, (
-            f"head {head} inside (rtail {rtail}, rhead {rhead}) of a wrapped ring"
-        )
-    if tail != rtail:
-        return KillReason.TAIL_MISMATCH, f"ring tail {tail} != kernel tail {rtail}"
-    return None
+    return _head_window(n, head, tail, rtail, (rhead, "rhead"), (rtail, "rtail"))
 
 
 def rx_validate(n: int, khead: int, ktail: int, rtail: int, head: int, tail: int) -> Failure | None:
     """RX/ALLOC/EVENT rule: ``khead <= head <= ktail`` modulo wrap, tail unchanged."""
     if khead >= n or ktail >= n:
         return KillReason.BASIC_SANITY, f"kernel indices kh {khead} kt {ktail}"
+    return _head_window(n, head, tail, rtail, (khead, "khead"), (ktail, "ktail"))
+
+
+def _head_window(
+    n: int, head: int, tail: int, rtail: int, lo: tuple[int, str], hi: tuple[int, str]
+) -> Failure | None:
+    """The user's head must lie in ``[lo, hi]`` modulo wrap, and its tail be untouched.
+
+    On an unwrapped window (hi >= lo) anything outside is HEAD_OOB; on a wrapped one the
+    kernel-owned gap (hi, lo) is HEAD_OOB_WRAPPED, as in Skywalk's ring validation macros.
+    """
+    (lo_v, lo_name), (hi_v, hi_name) = lo, hi
     if head >= n:
         return KillReason.BASIC_SANITY, f"head {head} >= num_slots {n}"
-    if ktail >= khead:
-        if head < khead or head > ktail:
-            return KillReason.HEAD_OOB, f"head {head} outside [khead {khead}, ktail {ktail}]"
-    elif ktail < head < khead:
+    if hi_v >= lo_v:
+        if head < lo_v or head > hi_v:
+            return KillReason.HEAD_OOB, (
+                f"head {head} outside [{lo_name} {lo_v}, {hi_name} {hi_v}]"
+            )
+    elif hi_v < head < lo_v:
         return KillReason.HEAD_OOB_WRAPPED, (
-            f"head {head} inside (ktail {ktail}, khead {khead}) of a wrapped ring"
+            f"head {head} inside ({hi_name} {hi_v}, {lo_name} {lo_v}) of a wrapped ring"
         )
     if tail != rtail:
         return KillReason.TAIL_MISMATCH, f"ring tail {tail} != kernel tail {rtail}"
