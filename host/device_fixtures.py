@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -78,15 +79,33 @@ def vdev_linux(
         host.close()
 
 
-@pytest.fixture(scope="module")
-def bare_guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
-    """The freestanding guest driver booted against its own device (a started Sandbox)."""
-    for tool in ("gcc", "ld", "qemu-system-x86_64"):
+def bare_elf_or_skip() -> Path:
+    """The guest driver ELF (built if needed); skips, naming the tool, when one is missing."""
+    for tool, package in (
+        ("gcc", "gcc"),
+        ("ld", "binutils"),
+        ("qemu-system-x86_64", "qemu-system-x86"),
+    ):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (bash scripts/setup.sh installs it)")
-    from host.cli_sandbox import Sandbox
+            pytest.skip(
+                f"{tool} not installed (apt-get install {package}, or bash scripts/setup.sh)"
+            )
     from images.bare import build_bare
 
+    return build_bare()
+
+
+@pytest.fixture(scope="session")
+def bare_elf() -> Path:
+    """The freestanding guest driver ELF, built once per session."""
+    return bare_elf_or_skip()
+
+
+@pytest.fixture(scope="module")
+def bare_guest(bare_elf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """The freestanding guest driver booted against its own device (a started Sandbox)."""
+    from host.cli_sandbox import Sandbox
+
     log = tmp_path_factory.mktemp("bare") / "console.log"
-    with Sandbox(elf=build_bare(), console_log=log) as sb:
+    with Sandbox(elf=bare_elf, console_log=log) as sb:
         yield sb

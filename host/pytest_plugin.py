@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from host.device_fixtures import bare_guest, vdev_device, vdev_linux  # noqa: F401
+from host.device_fixtures import bare_elf, bare_guest, vdev_device, vdev_linux  # noqa: F401
 
 # Linux guest fixtures (image build, VM factory) and the failure-report hook that attaches
 # guest console tails; imported here so pytest registers them with this plugin.

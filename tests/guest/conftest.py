@@ -8,7 +8,6 @@ the test ends.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -26,16 +25,7 @@ from host.bare_console import (
 BootFn = Callable[..., AbstractContextManager[tuple[BareGuest, UdpLink]]]
 
 
-@pytest.fixture(scope="session")
-def bare_elf() -> Path:
-    for tool in ("gcc", "ld"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt-get install gcc binutils)")
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed")
-    from images.bare import build_bare
-
-    return build_bare()
+# ``bare_elf`` (session) comes from the vdev pytest plugin (host/device_fixtures.py).
 
 
 @pytest.fixture

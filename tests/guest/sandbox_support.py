@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -23,18 +22,9 @@ HOST_MAC_B = bytes.fromhex("02000000aa01")
 
 def require_tools() -> Path:
     """The driver ELF; skips (with the reason) when QEMU or the compiler is missing."""
-    for tool in ("gcc", "ld"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt-get install gcc binutils)")
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 not installed (apt-get install qemu-system-x86)")
-    try:
-        import vdev.net.device  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"vdev device not importable: {exc}")
-    from images.bare import build_bare
+    from host.device_fixtures import bare_elf_or_skip
 
-    return build_bare()
+    return bare_elf_or_skip()
 
 
 def sandbox_fixture(tmp_path_factory: pytest.TempPathFactory, **kw: object) -> Iterator[Sandbox]:

@@ -472,7 +472,7 @@ def test_client_mode_connects_and_reconnects(tmp_path: Path, device: Device) -> 
     device.start()
     for round_ in range(2):
         result: list[VirtioNetFrontend] = []
-        t = threading.Thread(target=lambda: result.append(VirtioNetFrontend(path, server=True)))
+        t = threading.Thread(target=lambda r=result: r.append(VirtioNetFrontend(path, server=True)))
         t.start()
         t.join(timeout=15)
         assert result, "device did not connect to the listening front-end"

@@ -31,7 +31,7 @@ from vdev.faults.predicates import PacketInfo
 if TYPE_CHECKING:
     from vdev.faults.rules import Rule
     from vdev.net.nic import VirtioNet
-    from vdev.virtio.split import SplitQueue
+    from vdev.virtio.queue import VirtQueue
 
 Used = list[tuple[int, int]]
 
@@ -348,7 +348,7 @@ class RingFaultSet:
         return [r for r in self._rules() if r.kind == kind and r.queue.covers(index)]
 
     @staticmethod
-    def _queue(nic: VirtioNet, index: int) -> SplitQueue | None:
+    def _queue(nic: VirtioNet, index: int) -> VirtQueue | None:
         vring = nic.vrings.get(index)
         return vring.queue if vring is not None else None
 

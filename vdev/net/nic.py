@@ -33,7 +33,8 @@ from vdev.skywalk.errors import DefunctError, KillReason, SyncError
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring
     from vdev.virtio.memory import GuestMemory
-    from vdev.virtio.split import Chain, SplitQueue
+    from vdev.virtio.chain import Chain
+    from vdev.virtio.queue import VirtQueue
 
 log = logging.getLogger("vdev.net")
 
@@ -247,7 +248,7 @@ class VirtioNet:
             return NET_HDR_LEN
         return LEGACY_HDR_LEN
 
-    def _running(self, index: int) -> SplitQueue | None:
+    def _running(self, index: int) -> VirtQueue | None:
         vring = self.vrings.get(index)
         if vring is None or vring.queue is None or not vring.enabled:
             return None
@@ -261,7 +262,7 @@ class VirtioNet:
         self.kill_log.append((index, err))
         log.error("%s: queue %d defunct: %s", self.name, index, err)
 
-    def _push(self, queue: SplitQueue, index: int, head: int, written: int) -> None:
+    def _push(self, queue: VirtQueue, index: int, head: int, written: int) -> None:
         faults = self.ring_faults
         elems = faults.used(self, index, head, written) if faults is not None else None
         if elems is None:
@@ -275,7 +276,7 @@ class VirtioNet:
             else:
                 queue.push_raw(h, n)
 
-    def _maybe_notify(self, queue: SplitQueue, index: int) -> None:
+    def _maybe_notify(self, queue: VirtQueue, index: int) -> None:
         wanted = queue.should_notify()
         faults = self.ring_faults
         count = faults.calls(self, index, wanted) if faults is not None else int(wanted)
@@ -475,7 +476,7 @@ class VirtioNet:
                 done_vring.queue.flush_used()
                 self._maybe_notify(done_vring.queue, index)
 
-    def _write_rx(self, queue: SplitQueue, index: int, pkt: int, stats: QueueStats) -> bool:
+    def _write_rx(self, queue: VirtQueue, index: int, pkt: int, stats: QueueStats) -> bool:
         """Write one frame into guest buffers; False when the guest has not posted enough."""
         frame = self.pool.packet_bytes(pkt)
         vnet = self.pool.packet_vnet(pkt) or bytes(NET_HDR_LEN)

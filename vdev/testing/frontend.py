@@ -7,6 +7,11 @@ order (``VhostUserFrontend``), memfd guest RAM shared as two regions with gpa !=
 call eventfds, virtio-net headers and mergeable RX buffers.  Because the rings are plain
 guest memory here, a test can also reach in and write hostile values on purpose
 (``frontend.txq(0).driver.set_avail_idx(...)``).
+
+Packed rings (2.8): when VIRTIO_F_RING_PACKED is negotiated (``packed=None``, the default,
+takes it whenever the device offers it; ``packed=True``/``False`` forces it on/off) the
+queues are ``PackedDriverQueue``s, whose hostile helpers are ``write_desc``/``avail_flags``/
+``write_indirect``.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from vdev.abi import lib
 from vdev.vhost.connection import Listener, connect
 from vdev.vhost.frontend import FrontendConfig, FrontendMemory, VhostUserFrontend
 from vdev.virtio.driver import DriverQueue
+from vdev.virtio.packed import F_RING_PACKED, PackedDriverQueue, packed_ring_sizes
 from vdev.virtio.split import ring_sizes
 
 NET_HDR_LEN = 12
 LEGACY_HDR_LEN = 10
+# What QEMU 7.2 sends with SET_VRING_BASE for a fresh packed ring
+# (virtio_queue_packed_get_last_avail_idx): avail index 0, wrap 1; used index 0, wrap 1.
+PACKED_FRESH_BASE = 0x8000 | 0x8000 << 16
 
 
 def bit(n: int) -> int:
@@ -36,7 +45,7 @@ class FrontQueue:
     """One virtqueue as the mock driver holds it: ring, buffers, eventfds."""
 
     index: int
-    driver: DriverQueue
+    driver: DriverQueue | PackedDriverQueue
     kick_fd: int
     call_fd: int
     buf_gpa: int
@@ -65,9 +74,12 @@ class VirtioNetFrontend:
         config: FrontendConfig | None = None,
         connect_timeout: float = 5.0,
         server: bool = False,
+        packed: bool | None = None,
     ) -> None:
         """``server=True`` listens on ``path`` and waits for the device to connect (QEMU
-        ``server=on`` against ``vdev serve --client``); otherwise connects to the device."""
+        ``server=on`` against ``vdev serve --client``); otherwise connects to the device.
+        ``packed``: None negotiates VIRTIO_F_RING_PACKED like any other offered feature,
+        True requires it (ValueError if not offered), False masks it out."""
         self.queue_pairs = queue_pairs
         self.ring_size = ring_size
         cfg = config or FrontendConfig()
@@ -91,6 +103,12 @@ class VirtioNetFrontend:
             want = offered if features is None else features & offered
             if queue_pairs == 1:
                 want &= ~bit(lib.VIRTIO_NET_F_MQ)
+            if packed is False:
+                want &= ~F_RING_PACKED
+            elif packed:
+                if not offered & F_RING_PACKED:
+                    raise ValueError("packed=True but the device does not offer RING_PACKED")
+                want |= F_RING_PACKED
             self.features = self.vhost.set_features(want)
             self.vhost.share_memory(self.mem)
             for index in range(2 * queue_pairs):
@@ -109,6 +127,11 @@ class VirtioNetFrontend:
         return bool(self.features & bit(feature))
 
     @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED negotiated: the queues are packed rings (2.8)."""
+        return bool(self.features & F_RING_PACKED)
+
+    @property
     def hdr_len(self) -> int:
         if self.has(lib.VIRTIO_F_VERSION_1) or self.has(lib.VIRTIO_NET_F_MRG_RXBUF):
             return NET_HDR_LEN
@@ -116,17 +139,29 @@ class VirtioNetFrontend:
 
     def _setup_queue(self, index: int, buf_size: int) -> None:
         n = self.ring_size
-        desc_len, avail_len, used_len = ring_sizes(n)
-        desc = self.mem.alloc(desc_len, 16)
-        avail = self.mem.alloc(avail_len, 2)
-        used = self.mem.alloc(used_len, 4)
+        driver: DriverQueue | PackedDriverQueue
+        base = 0
+        if self.packed:
+            # 2.8.10: descriptor ring (16-byte aligned), then the driver and device event
+            # suppression areas, which vhost-user carries in the avail/used address fields.
+            desc_len, drv_len, dev_len = packed_ring_sizes(n)
+            desc = self.mem.alloc(desc_len, 16)
+            avail = self.mem.alloc(drv_len, 4)
+            used = self.mem.alloc(dev_len, 4)
+            driver = PackedDriverQueue(self.mem, n, desc, avail, used, features=self.features)
+            base = PACKED_FRESH_BASE
+        else:
+            desc_len, avail_len, used_len = ring_sizes(n)
+            desc = self.mem.alloc(desc_len, 16)
+            avail = self.mem.alloc(avail_len, 2)
+            used = self.mem.alloc(used_len, 4)
+            driver = DriverQueue(self.mem, n, desc, avail, used, features=self.features)
         bufs = self.mem.alloc(n * buf_size, 64)
-        driver = DriverQueue(self.mem, n, desc, avail, used, features=self.features)
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         q = FrontQueue(index, driver, kick, call, bufs, buf_size, list(range(n - 1, -1, -1)))
         self.queues[index] = q
-        self.vhost.setup_vring(index, n, desc, avail, used, kick, call)
+        self.vhost.setup_vring(index, n, desc, avail, used, kick, call, base)
 
     def rxq(self, pair: int = 0) -> FrontQueue:
         return self.queues[2 * pair]

@@ -51,7 +51,7 @@ from .codec import (
 from .connection import Connection, PeerClosed, close_fds
 
 if TYPE_CHECKING:
-    from vdev.virtio.split import SplitQueue
+    from vdev.virtio.queue import VirtQueue
 
 log = logging.getLogger("vdev.vhost")
 
@@ -75,6 +75,7 @@ DEVICE_PROTOCOL_FEATURES = pf_mask(
 MAX_MEM_SLOTS = 32
 MAX_QUEUE_SIZE = 32768
 VHOST_VRING_F_LOG = 1
+F_RING_PACKED = 1 << 34  # VIRTIO_F_RING_PACKED (virtio 1.x 2.8 "Packed Virtqueues")
 
 _ACK_OK = 0
 _ACK_FAIL = 1
@@ -123,7 +124,7 @@ class VhostDevice(Protocol):
     def disconnected(self) -> None: ...
 
 
-QueueFactory = Callable[..., "SplitQueue"]
+QueueFactory = Callable[..., "VirtQueue"]
 
 
 @dataclass
@@ -151,7 +152,7 @@ class Vring:
     err_fd: int | None = None
     enabled: bool = False
     started: bool = False
-    queue: SplitQueue | None = None
+    queue: VirtQueue | None = None
     addr_set: bool = field(default=False, repr=False)
     notified: bool = field(default=False, repr=False)  # device got queue_started
 
@@ -160,7 +161,13 @@ class Vring:
         return self.started and self.enabled
 
 
-def _default_queue_factory(*args: Any, **kwargs: Any) -> SplitQueue:
+def _default_queue_factory(*args: Any, **kwargs: Any) -> VirtQueue:
+    """SplitQueue, or PackedQueue when VIRTIO_F_RING_PACKED was negotiated (same arguments:
+    avail/used addresses are the driver/device event suppression areas, 2.8.10)."""
+    if int(kwargs.get("features", 0)) & F_RING_PACKED:
+        from vdev.virtio.packed import PackedQueue
+
+        return PackedQueue(*args, **kwargs)
     from vdev.virtio.split import SplitQueue
 
     return SplitQueue(*args, **kwargs)
@@ -169,6 +176,11 @@ def _default_queue_factory(*args: Any, **kwargs: Any) -> SplitQueue:
 def _ring_sizes(num: int) -> tuple[int, int, int]:
     """Bytes of desc table, avail ring, used ring incl. the EVENT_IDX trailers (2.7)."""
     return 16 * num, 4 + 2 * num + 2, 4 + 8 * num + 2
+
+
+def _packed_ring_sizes(num: int) -> tuple[int, int, int]:
+    """Bytes of descriptor ring, driver and device event suppression areas (2.8.10)."""
+    return 16 * num, 4, 4
 
 
 class VhostUserBackend:
@@ -253,6 +265,11 @@ class VhostUserBackend:
     def negotiated_features(self) -> int:
         """Virtio feature bits acked by the front-end (without vhost-user's bit 30)."""
         return self.features & ~F_PROTOCOL_FEATURES
+
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED negotiated: rings are packed (2.8), bases packed-encoded."""
+        return bool(self.features & F_RING_PACKED)
 
     def has_protocol_feature(self, bit: ProtocolFeature) -> bool:
         return bool(self.protocol_features & (1 << bit))
@@ -392,12 +409,18 @@ class VhostUserBackend:
             raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need {n}")
 
     def _check_ring_fits(self, request: int, v: Vring, mem: GuestMemory) -> None:
-        """Every ring area must translate inside one region for ``num`` entries (2.7)."""
+        """Every ring area must translate inside one region for ``num`` entries (2.7; packed:
+        2.8, the avail/used addresses are the 4-byte driver/device event suppression areas)."""
+        sizes, aligns = (
+            (_packed_ring_sizes(v.num), (16, 4, 4))
+            if self.packed
+            else (_ring_sizes(v.num), (16, 2, 4))
+        )
         for name, addr, length, align in zip(
             ("desc_addr", "avail_addr", "used_addr"),
             (v.desc_addr, v.avail_addr, v.used_addr),
-            _ring_sizes(v.num),
-            (16, 2, 4),
+            sizes,
+            aligns,
             strict=True,
         ):
             if addr % align:
@@ -468,7 +491,12 @@ class VhostUserBackend:
             q = v.queue
             v.queue = None
             try:
-                v.base = int(q.last_avail_idx) & 0xFFFF
+                if self.packed and hasattr(q, "vhost_base"):
+                    # GET_VRING_BASE for packed rings: avail idx/wrap in bits 0-15, used
+                    # idx/wrap in bits 16-31 (QEMU 7.2 reads both).
+                    v.base = int(q.vhost_base) & 0xFFFF_FFFF
+                else:
+                    v.base = int(q.last_avail_idx) & 0xFFFF
                 q.close()
             except Exception:
                 log.exception("vhost-user: closing queue %d failed", v.index)
@@ -654,8 +682,12 @@ class VhostUserBackend:
     def _set_vring_num(self, msg: Message, s: VringState) -> None:
         self._no_fds(msg)
         v = self._vring(msg, s.index)
+        if self.packed:
+            # 2.8 "Packed Virtqueues": any size up to 32768, no power-of-2 requirement.
+            if not 0 < s.num <= MAX_QUEUE_SIZE:
+                raise ProtocolError(msg.request, "num", f"{s.num} is not in 1..32768")
         # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
-        if not 0 < s.num <= MAX_QUEUE_SIZE or s.num & (s.num - 1):
+        elif not 0 < s.num <= MAX_QUEUE_SIZE or s.num & (s.num - 1):
             raise ProtocolError(msg.request, "num", f"{s.num} is not a power of 2 <= 32768")
         if v.started and s.num != v.num:
             raise ProtocolError(msg.request, "num", f"vring {v.index} is started")
@@ -689,7 +721,16 @@ class VhostUserBackend:
     def _set_vring_base(self, msg: Message, s: VringState) -> None:
         self._no_fds(msg)
         v = self._vring(msg, s.index)
-        if s.num > 0xFFFF:
+        # SET_VRING_BASE: for packed rings bits 0-14 are the avail index and bit 15 the avail
+        # wrap counter; QEMU 7.2 also sends the used index/wrap in bits 16-31
+        # (virtio_queue_packed_get_last_avail_idx), which the queue ignores (used resumes at
+        # the avail position, as in DPDK's vhost).
+        if self.packed:
+            if v.num and s.num & 0x7FFF >= v.num:
+                raise ProtocolError(
+                    msg.request, "num", f"packed base {s.num:#x}: index >= ring size {v.num}"
+                )
+        elif s.num > 0xFFFF:
             raise ProtocolError(msg.request, "num", f"base {s.num:#x} is not a 16-bit index")
         if v.started:
             raise ProtocolError(msg.request, "num", f"vring {v.index} is started")

@@ -27,7 +27,7 @@ from cffi import FFI
 from vdev.skywalk.errors import DefunctError, KillReason, SyncError, SyncKind
 from vdev.virtio.chain import U32_MAX, Chain
 from vdev.virtio.memory import GuestMemory, MemoryFault
-from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, QueueStats
+from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, QueueStats
 
 pffi = FFI()
 pffi.cdef(
@@ -47,6 +47,7 @@ RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2
 MAX_PACKED_SIZE = 32768
+F_RING_PACKED = 1 << 34  # 6 "Reserved Feature Bits": VIRTIO_F_RING_PACKED
 MAX_INDIRECT = 65536
 DESC_SIZE: int = pffi.sizeof("struct pvirtq_desc")
 EVENT_SIZE: int = pffi.sizeof("struct pvirtq_event_suppress")
@@ -69,12 +70,26 @@ def packed_need_event(off_wrap: int, new: int, old: int, size: int) -> bool:
     return (new - event - 1) % cycle < (new - old) % cycle
 
 
+def packed_ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor ring, driver event suppression, device event suppression) (2.8)."""
+    return DESC_SIZE * size, EVENT_SIZE, EVENT_SIZE
+
+
 class PackedQueue:
     """Device side of one packed virtqueue (arguments as :class:`SplitQueue`'s; ``driver_addr``
     and ``device_addr`` are the driver and device event suppression areas).
 
-    ``last_avail_idx`` uses vhost-user's packed encoding (bits 0-14 index, bit 15 wrap
-    counter); None means a fresh ring (index 0, wrap counter 1).
+    ``last_avail_idx`` uses vhost-user's packed encoding ("Ring states"/SET_VRING_BASE: bits
+    0-14 index, bit 15 avail wrap counter; bits 16-31, the used index and wrap counter QEMU
+    adds, are ignored: the used side resumes where the avail side is, as in DPDK's vhost);
+    None means a fresh ring (index 0, wrap counter 1).  The :attr:`last_avail_idx` property
+    reads back in the same encoding, so the NIC can use it as an opaque rewind token and the
+    backend as the GET_VRING_BASE answer (see :attr:`vhost_base`).
+
+    The method set is :class:`SplitQueue`'s (``pop``/``push``/``flush_used``/
+    ``should_notify``/``enable_notifications``/``avail_count``/``rewind``/``push_raw``/
+    ``patch_last_used``, ``_inflight`` as a per-id list of ``write_len + 1``), with buffer ids
+    in place of split heads.
     """
 
     def __init__(
@@ -113,30 +128,66 @@ class PackedQueue:
         )
         self.writable_expected = self.sync is not SyncKind.TX
         self.readable_allowed = self.sync is not SyncKind.RX
-        self.event_idx = bool(features & F_EVENT_IDX)
-        self.indirect = bool(features & F_INDIRECT_DESC)
         if last_avail_idx is None:
-            self.last_avail_idx, self.avail_wrap = 0, 1
+            self._avail_idx, self.avail_wrap = 0, 1
         else:
-            self.last_avail_idx, self.avail_wrap = (
+            self._avail_idx, self.avail_wrap = (
                 last_avail_idx & 0x7FFF,
                 (last_avail_idx >> 15) & 1,
             )
-            if self.last_avail_idx >= size:
-                raise ValueError(
-                    f"virtqueue {index}: last_avail_idx {self.last_avail_idx} >= {size}"
-                )
+            if self._avail_idx >= size:
+                raise ValueError(f"virtqueue {index}: last_avail_idx {self._avail_idx} >= {size}")
         # The used side resumes where the avail side is (no buffers in flight across a restart).
-        self.used_idx, self.used_wrap = self.last_avail_idx, self.avail_wrap
+        self.used_idx, self.used_wrap = self._avail_idx, self.avail_wrap
         self.defunct: SyncError | None = None
         self._closed = False
         self.stats = QueueStats()
-        self._inflight: dict[int, tuple[int, int]] = {}  # id -> (descriptors, write_len)
+        # Device-private record per buffer id (trusted): write_len + 1 while in flight, else 0
+        # (the fault engine reads it like SplitQueue's), and the descriptors the buffer used.
+        self._inflight = [0] * size
+        self._ndesc = [0] * size
         self._pending: list[tuple[int, int, int]] = []  # (id, written, descriptors)
+        # (token before the pop, id) of recent pops, so rewind() never re-reads guest memory.
+        self._popped: list[tuple[int, int]] = []
+        # avail_count() cache: chains known available from the current position up to
+        # position _scan_end (a _pos() value); available descriptors stay available until
+        # the device consumes them (2.8.1), so only the tail needs scanning again.
+        self._scan_end: int | None = None
+        self._scan_chains = 0
         self._signalled: int | None = None
         self._bufs: list[Any] = []
         self._views: list[memoryview] = []
         self._map(mem)
+
+    # -- features and state -------------------------------------------------------------
+
+    @property
+    def features(self) -> int:
+        return self._features
+
+    @features.setter
+    def features(self, features: int) -> None:
+        """Settable like SplitQueue's: SET_FEATURES may arrive after the ring was set up."""
+        self._features = features
+        self.event_idx = bool(features & F_EVENT_IDX)
+        self.indirect = bool(features & F_INDIRECT_DESC)
+        self.notify_on_empty = False  # not defined for packed rings (2.8.10 replaces it)
+        self.version_1 = bool(features & F_VERSION_1)
+        self.any_layout = True  # RING_PACKED requires VERSION_1, which implies ANY_LAYOUT
+
+    @property
+    def last_avail_idx(self) -> int:
+        """The next descriptor to read, vhost-user packed encoding (index | wrap << 15)."""
+        return self._avail_idx | self.avail_wrap << 15
+
+    @property
+    def vhost_base(self) -> int:
+        """The GET_VRING_BASE answer (vhost-user.rst "Ring states" / GET_VRING_BASE for packed
+        rings: bits 0-14 last avail index, bit 15 avail wrap counter, bits 16-30 used index,
+        bit 31 used wrap counter; QEMU 7.2's virtio_queue_packed_set_last_avail_idx reads
+        all four)."""
+        used = self.used_idx | self.used_wrap << 15
+        return self.last_avail_idx | used << 16
 
     # -- mapping and life cycle ---------------------------------------------------------
 
@@ -185,7 +236,7 @@ class PackedQueue:
         """Stop; returns the vhost-user packed base (index | wrap << 15)."""
         self._release()
         self._closed = True
-        return self.last_avail_idx | self.avail_wrap << 15
+        return self.last_avail_idx
 
     def kill(self, err: SyncError) -> None:
         if self.defunct is None:
@@ -213,15 +264,47 @@ class PackedQueue:
     def has_avail(self) -> bool:
         """Whether the next descriptor is available (2.8.1)."""
         self._check()
-        return self._is_avail(int(self._ring[self.last_avail_idx].flags), self.avail_wrap)
+        return self._is_avail(int(self._ring[self._avail_idx].flags), self.avail_wrap)
+
+    def avail_count(self) -> int:
+        """Complete chains the driver made available and the device has not taken yet.
+
+        There is no avail idx in a packed ring (2.8.1), so this scans descriptor flags from
+        the current position; a chain counts once its last entry (no NEXT) is available.
+        Bounded by the ring size; a hint only (``pop`` validates everything again).
+        """
+        self._check()
+        size = self.size
+        start = _pos(self._avail_idx, self.avail_wrap, size)
+        if self._scan_end is None:
+            self._scan_end, self._scan_chains = start, 0
+        scanned = (self._scan_end - start) % (2 * size)
+        idx, wrap = self._scan_end % size, 1 if self._scan_end < size else 0
+        ring = self._ring
+        run = 0
+        while scanned + run < size:
+            flags = int(ring[idx].flags)
+            if not self._is_avail(flags, wrap):
+                break
+            run += 1
+            idx += 1
+            if idx == size:
+                idx, wrap = 0, wrap ^ 1
+            if not flags & F_NEXT:
+                scanned += run
+                run = 0
+                self._scan_chains += 1
+                self._scan_end = _pos(idx, wrap, size)
+        return self._scan_chains
 
     def pop(self) -> Chain | None:
         """Take the next available buffer, validated, or None."""
         self._check()
         ring = self._ring
         size = self.size
-        start = idx = self.last_avail_idx
+        start = idx = self._avail_idx
         wrap = self.avail_wrap
+        token = self.last_avail_idx
         first_flags = int(ring[idx].flags)
         if not self._is_avail(first_flags, wrap):
             return None
@@ -309,10 +392,18 @@ class PackedQueue:
         # 2.8.6: the buffer id is in the last descriptor of the chain.
         if buf_id >= size:
             raise self._violation(f"{where}: buffer id {buf_id} >= queue size {size}")
-        if buf_id in self._inflight:
+        if self._inflight[buf_id]:
             raise self._violation(f"{where}: buffer id {buf_id} is still in flight")
-        self.last_avail_idx, self.avail_wrap = idx, wrap
-        self._inflight[buf_id] = (count, write_len)
+        self._avail_idx, self.avail_wrap = idx, wrap
+        self._inflight[buf_id] = write_len + 1
+        self._ndesc[buf_id] = count
+        self._popped.append((token, buf_id))
+        if len(self._popped) > size:
+            del self._popped[: len(self._popped) - size]
+        if self._scan_chains:
+            self._scan_chains -= 1
+        else:
+            self._scan_end = None
         self.stats.chains += 1
         self.stats.descriptors += count
         self.stats.bytes_read += read_len
@@ -351,22 +442,72 @@ class PackedQueue:
             (writable if flags & F_WRITE else readable).append(seg)
         return seen_writable, read_len, write_len
 
+    def rewind(self, avail_idx: int) -> None:
+        """Give back the buffers popped since token ``avail_idx`` (a :attr:`last_avail_idx`
+        value; none of them pushed yet), as SplitQueue.rewind: the RX path pops several
+        buffers for one mergeable frame and returns them when the guest posted too few."""
+        self._check()
+        if avail_idx == self.last_avail_idx:
+            return
+        n = 0
+        for token, _bid in reversed(self._popped):
+            n += 1
+            if token == avail_idx:
+                break
+        else:
+            raise ValueError(
+                f"virtqueue {self.index}: cannot rewind from {self.last_avail_idx:#x} "
+                f"to {avail_idx:#x}"
+            )
+        ids = [bid for _t, bid in self._popped[-n:]]
+        if not all(self._inflight[b] for b in ids):
+            raise ValueError(
+                f"virtqueue {self.index}: rewind to {avail_idx:#x}: a buffer was already pushed"
+            )
+        for b in ids:
+            self._inflight[b] = 0
+            self.stats.descriptors -= self._ndesc[b]
+        del self._popped[-n:]
+        self._avail_idx, self.avail_wrap = avail_idx & 0x7FFF, (avail_idx >> 15) & 1
+        self._scan_end = None
+        self.stats.chains -= n
+
     # -- used side ----------------------------------------------------------------------
 
     def push(self, head: int, written: int) -> None:
-        """Queue a used buffer (published by :meth:`flush_used`)."""
+        """Queue a used buffer (published by :meth:`flush_used`); misuse is ValueError."""
         self._check()
-        entry = self._inflight.pop(head, None)
-        if entry is None:
+        if not 0 <= head < self.size or not self._inflight[head]:
             raise ValueError(f"virtqueue {self.index}: buffer id {head} is not in flight")
-        if not 0 <= written <= entry[1]:
-            self._inflight[head] = entry
+        if not 0 <= written < self._inflight[head]:
             raise ValueError(
-                f"virtqueue {self.index}: id {head}: written {written} exceeds {entry[1]}"
+                f"virtqueue {self.index}: id {head}: written {written} exceeds "
+                f"{self._inflight[head] - 1}"
             )
-        self._pending.append((head, written, entry[0]))
+        self._inflight[head] = 0
+        # 2.8.9 "Used descriptors": one per buffer; the device skips the buffer's
+        # descriptors, so the used position advances by their count.
+        self._pending.append((head, written, self._ndesc[head]))
         self.stats.used += 1
         self.stats.bytes_written += written
+
+    def push_raw(self, head: int, written: int) -> None:
+        """Queue a used descriptor with no checks (fault injection: a lying device).
+
+        Device-private state is untouched; the id is truncated to the 16-bit field and the
+        used position advances by one descriptor (the device cannot know more), so a raw
+        element overwrites the next ring entry, as a buggy device would.
+        """
+        self._check()
+        self._pending.append((head & 0xFFFF, written & 0xFFFF_FFFF, 1))
+
+    def patch_last_used(self, written: int) -> None:
+        """Overwrite the length of the most recently pushed, unpublished element (faults)."""
+        self._check()
+        if not self._pending:
+            raise ValueError(f"virtqueue {self.index}: no pushed element to patch")
+        bid, _n, ndesc = self._pending[-1]
+        self._pending[-1] = (bid, written & 0xFFFF_FFFF, ndesc)
 
     def flush_used(self) -> None:
         """Write the used descriptors (2.8.9); the first one's flags go last, publishing the
@@ -395,7 +536,7 @@ class PackedQueue:
 
     @property
     def in_flight(self) -> int:
-        return len(self._inflight)
+        return sum(1 for v in self._inflight if v)
 
     # -- notifications (2.8.10 "Event Suppression Structure Format") --------------------
 
@@ -426,11 +567,19 @@ class PackedQueue:
             ev.flags = RING_EVENT_FLAGS_DISABLE
             return False
         if self.event_idx:
-            ev.off_wrap = self.last_avail_idx | self.avail_wrap << 15
+            ev.off_wrap = self.last_avail_idx
             ev.flags = RING_EVENT_FLAGS_DESC
         else:
             ev.flags = RING_EVENT_FLAGS_ENABLE
         return self.has_avail()
+
+    def __repr__(self) -> str:
+        state = f"defunct={self.defunct.reason.name}" if self.defunct else "live"
+        return (
+            f"PackedQueue(index={self.index}, size={self.size}, sync={self.sync.name}, "
+            f"avail={self._avail_idx}/{self.avail_wrap}, used={self.used_idx}/{self.used_wrap}, "
+            f"{state})"
+        )
 
 
 class PackedDriverQueue:
