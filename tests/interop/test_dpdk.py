@@ -9,6 +9,9 @@ device's socket.  Frames are counted at both ends and compared:
   that may still sit unconsumed when testpmd stops the port).
 * host channel -> vdev -> testpmd rxonly: exactly N frames sent, exactly N RX-packets.
 * the same txonly run against the ``vdev serve`` CLI, counted from its --json statistics.
+
+The first two run twice: split rings, and packed rings (``packed_vq=1``: virtio_user then
+negotiates VIRTIO_F_RING_PACKED, virtio 1.x 2.8, which the device must have negotiated).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from vdev.net.device import Device
 from vdev.net.nic import VirtioNet
 from vdev.skywalk import Pbufpool
 from vdev.testing.frames import HOST_MAC, numbered
+from vdev.virtio.packed import F_RING_PACKED
 
 from .testpmd import TESTPMD, Testpmd
 
@@ -52,8 +56,23 @@ def mac_str(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
-def virtio_user(path: str) -> str:
-    return f"net_virtio_user0,path={path},queues=1,server=0,mac={VIRTIO_USER_MAC}"
+def virtio_user(path: str, packed: bool = False) -> str:
+    vdev = f"net_virtio_user0,path={path},queues=1,server=0,mac={VIRTIO_USER_MAC}"
+    return vdev + (",packed_vq=1" if packed else "")
+
+
+@pytest.fixture(params=[False, True], ids=["split", "packed"])
+def packed(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def check_ring_kind(device: Device, packed: bool) -> None:
+    """The NIC negotiated exactly the ring layout testpmd was asked for."""
+    negotiated = device.nics[0].negotiated
+    assert bool(negotiated & F_RING_PACKED) == packed, hex(negotiated)
+    vring = device.nics[0].vrings.get(1) or device.nics[0].vrings.get(0)
+    assert vring is not None and vring.queue is not None
+    assert type(vring.queue).__name__ == ("PackedQueue" if packed else "SplitQueue")
 
 
 def queue_stats(stats: dict[str, Any], name: str) -> dict[str, Any]:
@@ -91,7 +110,8 @@ def device(sock: str) -> Iterator[Device]:
         num_ring_slots=32768,
     )
     dev = Device(pool=pool)
-    dev.add_nic(sock, mac=VIRTIO_USER_MAC)
+    nic = dev.add_nic(sock, mac=VIRTIO_USER_MAC)
+    nic.offered |= F_RING_PACKED  # offered whatever the default; packed_vq decides
     dev.start()
     try:
         yield dev
@@ -100,7 +120,9 @@ def device(sock: str) -> Iterator[Device]:
         assert dev.pool.stats.in_use == 0, f"pool leak: {dev.pool.stats_dict()}"
 
 
-def test_testpmd_txonly_to_host_channel(device: Device, sock: str, tmp_path: Path) -> None:
+def test_testpmd_txonly_to_host_channel(
+    device: Device, sock: str, tmp_path: Path, packed: bool
+) -> None:
     ch = device.open_channel("host", ring_slots=4096)
     # Let the switch learn the host MAC, so testpmd's frames are unicast to the channel
     # (the learning frame floods to the responder and to nic0, whose RX ring is still down).
@@ -123,9 +145,13 @@ def test_testpmd_txonly_to_host_channel(device: Device, sock: str, tmp_path: Pat
     drainer.start()
     try:
         with Testpmd(
-            virtio_user(sock), "txonly", tmp_path / "testpmd.log", eth_peer=mac_str(HOST_MAC)
+            virtio_user(sock, packed),
+            "txonly",
+            tmp_path / "testpmd.log",
+            eth_peer=mac_str(HOST_MAC),
         ) as tp:
             wait_queue(device.nics[0], 1)
+            check_ring_kind(device, packed)
             time.sleep(TXONLY_SECONDS)
             final = tp.stop()
         # testpmd has closed the port: nothing more can arrive; collect the rest.
@@ -160,7 +186,9 @@ def test_testpmd_txonly_to_host_channel(device: Device, sock: str, tmp_path: Pat
         assert frame[12:14] == b"\x08\x00"  # testpmd's txonly IPv4/UDP frame
 
 
-def test_host_channel_to_testpmd_rxonly(device: Device, sock: str, tmp_path: Path) -> None:
+def test_host_channel_to_testpmd_rxonly(
+    device: Device, sock: str, tmp_path: Path, packed: bool
+) -> None:
     n_frames = 3000
     nic = device.nics[0]
     ch = device.open_channel("host", ring_slots=1024)
@@ -169,9 +197,10 @@ def test_host_channel_to_testpmd_rxonly(device: Device, sock: str, tmp_path: Pat
     # --no-flush-rx: testpmd otherwise discards what is already in its RX ring when it
     # starts forwarding, i.e. frames vdev delivered between queue enable and that moment.
     with Testpmd(
-        virtio_user(sock), "rxonly", tmp_path / "testpmd.log", extra=("--no-flush-rx",)
+        virtio_user(sock, packed), "rxonly", tmp_path / "testpmd.log", extra=("--no-flush-rx",)
     ) as tp:
         wait_queue(nic, 0)
+        check_ring_kind(device, packed)
         sent = 0
         deadline = time.monotonic() + 15
         while sent < n_frames and time.monotonic() < deadline:

@@ -32,8 +32,8 @@ from vdev.skywalk.errors import DefunctError, KillReason, SyncError
 
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring
-    from vdev.virtio.memory import GuestMemory
     from vdev.virtio.chain import Chain
+    from vdev.virtio.memory import GuestMemory
     from vdev.virtio.queue import VirtQueue
 
 log = logging.getLogger("vdev.net")
@@ -67,6 +67,9 @@ DEFAULT_FEATURES = (
     | bit(lib.VIRTIO_NET_F_HOST_TSO6)
     | bit(lib.VIRTIO_NET_F_GUEST_TSO4)
     | bit(lib.VIRTIO_NET_F_GUEST_TSO6)
+    # 2.8 "Packed Virtqueues": the backend builds PackedQueue when the driver acks it
+    # (QEMU 7.2 with virtio-net-pci packed=on, DPDK virtio_user packed_vq=1).
+    | bit(lib.VIRTIO_F_RING_PACKED)
 )
 
 

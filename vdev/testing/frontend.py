@@ -8,10 +8,12 @@ call eventfds, virtio-net headers and mergeable RX buffers.  Because the rings a
 guest memory here, a test can also reach in and write hostile values on purpose
 (``frontend.txq(0).driver.set_avail_idx(...)``).
 
-Packed rings (2.8): when VIRTIO_F_RING_PACKED is negotiated (``packed=None``, the default,
-takes it whenever the device offers it; ``packed=True``/``False`` forces it on/off) the
-queues are ``PackedDriverQueue``s, whose hostile helpers are ``write_desc``/``avail_flags``/
-``write_indirect``.
+Packed rings (2.8): when VIRTIO_F_RING_PACKED is negotiated the queues are
+``PackedDriverQueue``s, whose hostile helpers are ``write_desc``/``avail_flags``/
+``write_indirect``.  Like QEMU 7.2 (``virtio-net-pci`` has ``packed=off`` by default) the
+frontend does not take packed rings unless asked with ``packed=True`` (bit 34 in
+``features`` alone is not enough, so callers passing the NIC's DEFAULT_FEATURES keep split
+rings).
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class VirtioNetFrontend:
     ) -> None:
         """``server=True`` listens on ``path`` and waits for the device to connect (QEMU
         ``server=on`` against ``vdev serve --client``); otherwise connects to the device.
-        ``packed``: None negotiates VIRTIO_F_RING_PACKED like any other offered feature,
-        True requires it (ValueError if not offered), False masks it out."""
+        ``packed``: True requires VIRTIO_F_RING_PACKED (ValueError if not offered); False
+        and None (QEMU 7.2's default, packed=off) mask it out."""
         self.queue_pairs = queue_pairs
         self.ring_size = ring_size
         cfg = config or FrontendConfig()
@@ -103,9 +105,9 @@ class VirtioNetFrontend:
             want = offered if features is None else features & offered
             if queue_pairs == 1:
                 want &= ~bit(lib.VIRTIO_NET_F_MQ)
-            if packed is False:
+            if not packed:
                 want &= ~F_RING_PACKED
-            elif packed:
+            else:
                 if not offered & F_RING_PACKED:
                     raise ValueError("packed=True but the device does not offer RING_PACKED")
                 want |= F_RING_PACKED

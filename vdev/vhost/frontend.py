@@ -348,7 +348,9 @@ class VhostUserFrontend:
         if features is None:
             features = self.config.features
         if features is None:
-            features = self.backend_features & ~F_PROTOCOL_FEATURES
+            # QEMU 7.2's virtio-net-pci defaults to packed=off: VIRTIO_F_RING_PACKED (bit 34)
+            # is only acked when asked for explicitly.
+            features = self.backend_features & ~F_PROTOCOL_FEATURES & ~(1 << 34)
         features |= self.backend_features & F_PROTOCOL_FEATURES
         self.request(Request.SET_FEATURES, encode_u64(features))
         self.acked_features = features

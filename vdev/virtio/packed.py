@@ -567,7 +567,17 @@ class PackedQueue:
             ev.flags = RING_EVENT_FLAGS_DISABLE
             return False
         if self.event_idx:
-            ev.off_wrap = self.last_avail_idx
+            # 2.8.10 with EVENT_IDX: the driver kicks when it makes available the descriptor
+            # at off_wrap.  Name the first position *past* what is already available, not
+            # our read position: the RX path re-arms while it waits for more buffers than
+            # the driver posted, and the driver has already gone past the read position, so
+            # it would never kick again.  (With nothing available both are the same.)
+            self.avail_count()
+            size = self.size
+            end = self._scan_end
+            if end is None:
+                end = _pos(self._avail_idx, self.avail_wrap, size)
+            ev.off_wrap = (end % size) | (1 if end < size else 0) << 15
             ev.flags = RING_EVENT_FLAGS_DESC
         else:
             ev.flags = RING_EVENT_FLAGS_ENABLE
