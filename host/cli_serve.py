@@ -89,7 +89,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         for i, path in enumerate(args.socket):
             mac = args.mac[i] if i < len(args.mac) else None
-            device.add_nic(path, mac=mac, queue_pairs=args.queues, mtu=args.mtu, client=args.client)
+            try:
+                device.add_nic(
+                    path, mac=mac, queue_pairs=args.queues, mtu=args.mtu, client=args.client
+                )
+            except OSError as exc:
+                raise OSError(f"--socket {path}: {exc.strerror or exc}") from exc
+            except ValueError as exc:
+                raise ValueError(f"--socket {path}: {exc}") from exc
         control = None
         if args.control or args.fault_log:
             from vdev.faults import FaultEngine

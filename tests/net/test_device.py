@@ -407,6 +407,11 @@ def test_vdev_serve_rejects_bad_arguments(tmp_path: Path) -> None:
     )  # fmt: skip
     assert badmac.returncode == 1 and "zz:00" in badmac.stderr
     assert not os.path.exists(sock)
+    nodir = subprocess.run(
+        ["python3", "-m", "host.cli", "serve", "--socket", str(tmp_path / "no" / "x.sock")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert nodir.returncode == 1 and f"--socket {tmp_path / 'no' / 'x.sock'}" in nodir.stderr
 
 
 def test_repeated_add_mem_reg_is_idempotent(nic_path: str, device: Device) -> None:
