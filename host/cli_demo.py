@@ -198,7 +198,7 @@ def _exercise(report: Report, device: Any, nic: Any, host: Any, machine: Any, se
             out, _status = guest.run(f"ping -c {count} -i 0.05 -W 1 {RESPONDER_IP}", timeout=60)
         received = _ping_received(out)
         report.check(
-            "seeded 25% RX loss seen by the guest",
+            f"RX loss p=0.25 seed {seed}: each dropped reply is a lost ping",
             rule.hits > 0 and received == count - rule.hits,
             f"rule dropped {rule.hits} replies, ping got {received}/{count}",
         )
