@@ -90,33 +90,34 @@ class Device:
         name: str | None = None,
     ) -> VirtioNet:
         """Serve a NIC on a vhost-user socket (listen, or connect when ``client``)."""
-        index = len(self.sockets)
-        mac_b = mac_bytes(mac) if mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
-        nic = VirtioNet(
-            name or f"nic{index}",
-            self.pool,
-            self.forward,
-            mac=mac_b,
-            queue_pairs=queue_pairs,
-            mtu=mtu,
-            on_queue_started=self._queue_started,
-            on_queue_stopped=self._queue_stopped,
-        )
-        if self.capture is not None:
-            capture = self.capture
-            nic.tap = lambda n, frame, direction: capture.write(n.name, frame, direction)
-        nic.defer = lambda fn: self.call_later(0.0, fn)
-        entry = NicSocket(nic, path, client)
-        if client:
-            self._try_connect(entry)
-        else:
-            entry.listener = Listener(path)
-            self.sel.register(
-                entry.listener.fileno(), selectors.EVENT_READ, lambda: self._accept(entry)
+        with self.lock:  # the loop may already be running (fixtures add NICs late)
+            index = len(self.sockets)
+            mac_b = mac_bytes(mac) if mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
+            nic = VirtioNet(
+                name or f"nic{index}",
+                self.pool,
+                self.forward,
+                mac=mac_b,
+                queue_pairs=queue_pairs,
+                mtu=mtu,
+                on_queue_started=self._queue_started,
+                on_queue_stopped=self._queue_stopped,
             )
-        self.switch.attach(nic)
-        self.sockets.append(entry)
-        return nic
+            if self.capture is not None:
+                capture = self.capture
+                nic.tap = lambda n, frame, direction: capture.write(n.name, frame, direction)
+            nic.defer = lambda fn: self.call_later(0.0, fn)
+            entry = NicSocket(nic, path, client)
+            if client:
+                self._try_connect(entry)
+            else:
+                entry.listener = Listener(path)
+                self.sel.register(
+                    entry.listener.fileno(), selectors.EVENT_READ, lambda: self._accept(entry)
+                )
+            self.switch.attach(nic)
+            self.sockets.append(entry)
+            return nic
 
     def open_port(self, name: str, *, ring_slots: int = 256, alloc_nbufs: int = 1) -> Port:
         """A Skywalk nexus port on the switch, for host channels (this or another process).
@@ -247,7 +248,10 @@ class Device:
     # -- the loop ------------------------------------------------------------------------
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        self.timers.append((time.monotonic() + delay, fn))
+        """Run ``fn`` on the loop after ``delay`` s; safe from any thread (the loop rebuilds
+        the timer list under the lock, so an unlocked append could be lost)."""
+        with self.lock:
+            self.timers.append((time.monotonic() + delay, fn))
         self.wake()
 
     def wake(self) -> None:
