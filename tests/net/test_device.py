@@ -486,3 +486,22 @@ def test_client_mode_connects_and_reconnects(tmp_path: Path, device: Device) -> 
             (reply,) = fe.recv(1, timeout=2)
             assert struct.unpack_from("!H", reply, 40)[0] == round_
     assert device.stats()["nics"][0]["connections"] == 2  # type: ignore[index]
+
+
+def test_frame_too_big_for_a_small_pool_is_dropped_by_name(tmp_path: Path) -> None:
+    from vdev.skywalk import Pbufpool
+
+    pool = Pbufpool(num_packets=256, buf_size=2048, max_frags=2)  # frames up to 4 KiB
+    with Device(pool=pool) as dev:
+        path = str(tmp_path / "small.sock")
+        dev.add_nic(path)
+        dev.start()
+        ch = dev.open_channel("host", ring_slots=64, alloc_nbufs=2)
+        with VirtioNetFrontend(path, tx_buf_size=8192) as fe:
+            fe.send([numbered(HOST_MAC, GUEST_MAC, 1, 6000), numbered(HOST_MAC, GUEST_MAC, 2, 100)])
+            got = drain_channel(ch, 1)
+        assert [seq_of(f) for f in got] == [2]  # the queue kept going after the drop
+        reasons = dev.stats()["nics"][0]["queues"]["tx0"]["drop_reasons"]  # type: ignore[index]
+        assert reasons == {"too_big_for_pool": 1}
+        ch.close()
+    assert pool.stats.in_use == 0

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from vdev.abi import lib
 from vdev.net.checksum import complete_checksum
 from vdev.skywalk import Pbufpool
-from vdev.skywalk.errors import DefunctError, KillReason, SyncError
+from vdev.skywalk.errors import DefunctError, KillReason, PoolError, SyncError
 
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring
@@ -383,7 +383,11 @@ class VirtioNet:
             csum_start, csum_offset = struct.unpack_from("<HH", hdr, 6)
             frame = complete_checksum(frame, csum_start, csum_offset)
             hdr = b"\0\0" + hdr[2:]
-        pkt = self.pool.packet_from_bytes(frame, hdr)
+        try:
+            pkt = self.pool.packet_from_bytes(frame, hdr)
+        except PoolError:  # larger than this pool can ever hold (a small custom pool)
+            stats.drop("too_big_for_pool")
+            return None
         if pkt is None:
             stats.drop("pool_exhausted")
             return None
