@@ -138,7 +138,9 @@ def _play(machine: Any, device: Any, path: str, as_json: bool) -> int:
 
 
 def _interact(machine: Any) -> int:
+    from host.console import bridge_terminal
+
     print("vdev run: console attached; Ctrl-] detaches and shuts the guest down", file=sys.stderr)
     machine.console.sendline("")
-    machine.console.child.interact(escape_character="\x1d")
+    bridge_terminal(machine.console, machine.is_running)
     return 0

@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import re
-import select
 import sys
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from host.bare_console import PROMPT, Reply, parse_reply
+from host.console import bridge_terminal
 
 if TYPE_CHECKING:
     from host.machine import Machine
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 GUEST_MAC = "52:54:00:12:34:56"
 MACHINES = ("pc", "q35", "microvm")
 CTL_ENV = "VDEV_SANDBOX_CTL"
-ESCAPE = b"\x1d"  # Ctrl-]
 _STATUS = re.compile(r"\n\r*(OK|ERR) [^\r\n]*\r*\n")
 # microvm has no PCI: its NIC is virtio-net-device on virtio-mmio. QEMU 7.2 carries vhost-user
 # over it (legacy mmio, version 1; the driver reports transport=mmio-legacy). Should a QEMU
@@ -328,48 +327,8 @@ class Sandbox:
         Returns the guest's quit code when QEMU exited, else None.
         """
         m = self._machine()
-        con = m.console
-        fd = con.child.child_fd
-        pending = con.child.buffer
-        if pending:
-            os.write(stdout, pending.encode())
-        os.write(stdout, PROMPT.encode())
-        restore: Any = None
-        if os.isatty(stdin):
-            import termios
-            import tty
-
-            restore = termios.tcgetattr(stdin)
-            tty.setraw(stdin)
-        stdin_open = True
-        try:
-            while m.is_running():
-                fds = [fd, stdin] if stdin_open else [fd]
-                ready, _, _ = select.select(fds, [], [], 0.2)
-                if fd in ready:
-                    try:
-                        data = os.read(fd, 4096)
-                    except OSError:
-                        data = b""
-                    if not data:
-                        break
-                    os.write(stdout, data)
-                if stdin in ready:
-                    data = os.read(stdin, 1024)
-                    if not data:  # stdin closed: keep showing output until QEMU exits
-                        stdin_open = False
-                        continue
-                    if ESCAPE in data:
-                        data = data.split(ESCAPE)[0]
-                        if data:
-                            os.write(fd, data.replace(b"\n", b"\r"))
-                        return None
-                    os.write(fd, data.replace(b"\n", b"\r"))
-        finally:
-            if restore is not None:
-                import termios
-
-                termios.tcsetattr(stdin, termios.TCSADRAIN, restore)
+        if not bridge_terminal(m.console, m.is_running, stdin, stdout, PROMPT.encode()):
+            return None
         with contextlib.suppress(Exception):
             status = m.wait(5.0)
             self.exit_status = status

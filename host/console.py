@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import os
 import re
+import select
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -225,3 +226,65 @@ class Console:
         self._log.flush()
         self._log.close()
         self._sock.close()
+
+
+ESCAPE = b"\x1d"  # Ctrl-]: detach from a bridged console
+
+
+def bridge_terminal(
+    console: Console,
+    is_running: Callable[[], bool],
+    stdin: int = 0,
+    stdout: int = 1,
+    greeting: bytes = b"",
+) -> bool:
+    """Bridge a terminal and a guest console until Ctrl-] or the guest's QEMU exits.
+
+    The console is a socket (pexpect ``fdspawn``), which has no ``interact()``: bytes are
+    copied both ways with ``select``; a tty stdin is put in raw mode and restored on every
+    path. Output pexpect already buffered is shown first. Returns True when QEMU exited
+    (or closed the console), False when the user detached with Ctrl-].
+    """
+    fd = console.child.child_fd
+    pending = console.child.buffer
+    if pending:
+        os.write(stdout, pending.encode())
+    if greeting:
+        os.write(stdout, greeting)
+    restore: Any = None
+    if os.isatty(stdin):
+        import termios
+        import tty
+
+        restore = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+    stdin_open = True
+    try:
+        while is_running():
+            fds = [fd, stdin] if stdin_open else [fd]
+            ready, _, _ = select.select(fds, [], [], 0.2)
+            if fd in ready:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    return True
+                os.write(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 1024)
+                if not data:  # stdin closed: keep showing output until QEMU exits
+                    stdin_open = False
+                    continue
+                if ESCAPE in data:
+                    data = data.split(ESCAPE)[0]
+                    if data:
+                        os.write(fd, data.replace(b"\n", b"\r"))
+                    return False
+                os.write(fd, data.replace(b"\n", b"\r"))
+        return True
+    finally:
+        if restore is not None:
+            import termios
+
+            termios.tcsetattr(stdin, termios.TCSADRAIN, restore)

@@ -43,3 +43,21 @@ def test_run_refuses_script_and_scenario_together(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "not both" in proc.stderr
+
+
+def test_run_interactive_console_on_a_terminal(linux_image: object) -> None:
+    """With no script, `vdev run` bridges the terminal to the guest console; Ctrl-] leaves
+    and everything shuts down."""
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "host.cli", "run"], encoding="utf-8", timeout=90)
+    try:
+        child.expect("console attached")
+        child.expect("vdev-guest# ")
+        child.sendline("echo $((6*7))")
+        child.expect("42")
+        child.sendcontrol("]")
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
