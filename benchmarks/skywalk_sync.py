@@ -1,4 +1,4 @@
-"""Slots per second through Skywalk TX and RX syncs (pure-Python kernel half).
+"""Slots per second through Skywalk TX and RX syncs (Python or compiled per-slot path).
 
 Two numbers per cell:
   * sync: only the kernel half is timed (``Channel.sync``: prologue validation, per-slot
@@ -11,7 +11,11 @@ Rates are slots per CPU-second of this process (``time.process_time``), so a mac
 with other work does not distort them much; the wall-clock rate of the sync column is
 printed too.
 
-Usage: python3 benchmarks/skywalk_sync.py [--seconds 0.5]
+``--backend`` picks the implementation of ``vdev/skywalk/validate.py``'s per-slot loops:
+``python`` (the reference), ``c`` (``fastpath.c`` through cffi) or ``both`` (default; one
+table row per backend and cell).
+
+Usage: python3 benchmarks/skywalk_sync.py [--seconds 0.5] [--backend python|c|both]
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdev.skywalk import Channel, Pbufpool, Port, SyncKind
+from vdev.skywalk import Channel, Pbufpool, Port, SyncKind, validate
 
 SIZES = (64, 1500)
 BATCHES = (1, 32, 256)
@@ -130,24 +134,37 @@ def rx_recv_rate(size: int, batch: int, seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=0.5, help="time per cell")
+    ap.add_argument(
+        "--backend",
+        choices=("python", "c", "both"),
+        default="both",
+        help="validate.py per-slot implementation to time",
+    )
     args = ap.parse_args()
+    backends = ["python", "c"] if args.backend == "both" else [args.backend]
+    for b in backends:
+        if validate.set_backend(b) != b:
+            sys.exit(f"backend {b!r} unavailable (is a C compiler installed?)")
     print(
-        "| direction | bytes | batch | sync slots/CPU-s | sync slots/wall-s "
+        "| backend | direction | bytes | batch | sync slots/CPU-s | sync slots/wall-s "
         "| end-to-end slots/CPU-s |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, sync_fn, e2e_fn in (
         ("TX", tx_sync_rate, tx_send_rate),
         ("RX", rx_sync_rate, rx_recv_rate),
     ):
         for size in SIZES:
             for batch in BATCHES:
-                cpu, wall = sync_fn(size, batch, args.seconds)
-                e2e = e2e_fn(size, batch, args.seconds)
-                print(
-                    f"| {name} | {size} | {batch} | {cpu:,.0f} | {wall:,.0f} | {e2e:,.0f} |",
-                    flush=True,
-                )
+                for b in backends:
+                    validate.set_backend(b)
+                    cpu, wall = sync_fn(size, batch, args.seconds)
+                    e2e = e2e_fn(size, batch, args.seconds)
+                    print(
+                        f"| {b} | {name} | {size} | {batch} | {cpu:,.0f} | {wall:,.0f} "
+                        f"| {e2e:,.0f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

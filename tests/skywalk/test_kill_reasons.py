@@ -25,6 +25,9 @@ from vdev.skywalk import (
 from . import hostile as H
 from .conftest import assert_no_leak
 
+# Every test here runs against both validate.py backends (python and compiled C).
+pytestmark = pytest.mark.usefixtures("backend")
+
 
 def _setup(alloc_nbufs: int = 1) -> tuple[Pbufpool, Port, Channel, list[bytes]]:
     pool = Pbufpool(num_packets=128, max_frags=4)
@@ -49,6 +52,7 @@ def _deliver(pool: Pbufpool, port: Port, n: int, size: int = 100) -> None:
 def _expect_kill(
     pool: Pbufpool, port: Port, ch: Channel, kind: SyncKind, reason: KillReason
 ) -> SyncError:
+
     with pytest.raises(SyncError) as ei:
         ch.sync(kind)
     err = ei.value

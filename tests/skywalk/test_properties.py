@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,9 @@ from vdev.skywalk import (
 from vdev.skywalk.arena import BUFLET_SIZE, MD_SIZE, RING_HDR_SIZE, SLOT_SIZE
 
 from . import hostile as H
+
+# Every test here runs against both validate.py backends (python and compiled C).
+pytestmark = pytest.mark.usefixtures("backend")
 
 N = 8
 SETTINGS = settings(

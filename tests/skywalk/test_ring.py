@@ -12,6 +12,9 @@ from vdev.skywalk.validate import rx_validate, tx_validate
 from . import hostile as H
 from .conftest import assert_no_leak
 
+# Every test here runs against both validate.py backends (python and compiled C).
+pytestmark = pytest.mark.usefixtures("backend")
+
 N = 8
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from vdev.abi import lib
 
@@ -69,6 +70,10 @@ class LeakReport:
             return "no leaks"
         owners = ", ".join(f"owner {o}: {n}" for o, n in sorted(self.by_owner.items()))
         return f"{len(self.packets)} packets leaked ({owners}), {len(self.buflets)} spare buflets"
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class Pbufpool:
@@ -128,6 +133,8 @@ class Pbufpool:
         self._loose: set[int] = set()  # spare buflets handed out by alloc_buflets
         self.stats = PoolStats()
         self._closed = False
+        # The compiled fast path's view of this pool (validate.py), released on close.
+        self.fast_ctx: _Closable | None = None
         # Ring region allocator (bump pointer plus exact-size reuse).
         self._ring_next = 0
         self._ring_free: dict[int, list[int]] = {}
@@ -529,6 +536,9 @@ class Pbufpool:
             return LeakReport()
         rep = self.leaks()
         self._closed = True
+        if self.fast_ctx is not None:
+            ctx, self.fast_ctx = self.fast_ctx, None
+            ctx.close()
         self.arena.close()
         if rep.leaked:
             log.warning("pbufpool closed with leaks: %s", rep)

@@ -191,6 +191,7 @@ class KernelRing:
             head,
             self.klen,
             self.sync_kind,
+            self.pool,
         )
         if self.klen is not None:
             if nbytes > self.ready_bytes:
@@ -280,7 +281,15 @@ class KernelRing:
         if fail is not None:
             raise SyncError(fail[0], SyncKind.EVENT, self._detail(fail[1], head, tail))
         validate.rx_release_check(
-            self.r32, self.r16, self.slots_w32, self.n, self.rhead, head, None, SyncKind.EVENT
+            self.r32,
+            self.r16,
+            self.slots_w32,
+            self.n,
+            self.rhead,
+            head,
+            None,
+            SyncKind.EVENT,
+            self.pool,
         )
         self.stats.update(self._count(self.rhead, head), 0)
         self.rhead = head

@@ -1,0 +1,164 @@
+"""Build (or find in the cache) the compiled Skywalk fast path: ``fastpath.c`` via cffi.
+
+The extension is built in cffi API mode (``FFI().set_source`` + ``compile``) and cached
+under ``$VDEV_CACHE_DIR`` (default ``~/.cache/vdev/``) as ``skywalk-fastpath-<hash>.so``,
+where the hash covers the C sources, the shared ABI header, this module, the compiler's
+version line, the Python version/ABI and the cffi version.  A changed input gives a new file
+name, so a stale build is never loaded.  Like ``images/bare.py``, the build runs under a
+file lock in a temporary directory and the result is renamed into place, so concurrent
+sessions never load a half-written library.
+
+Nothing is built at import time of ``vdev``: :func:`load` is called by ``validate.py`` and
+builds once (announcing it on one stderr line); a machine without a compiler gets one
+logged warning and the Python path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.machinery
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SKYWALK_DIR = Path(__file__).resolve().parent
+ABI_DIR = SKYWALK_DIR.parent / "abi"
+C_SOURCE = SKYWALK_DIR / "fastpath.c"
+C_HEADER = SKYWALK_DIR / "fastpath.h"
+ABI_HEADER = ABI_DIR / "skywalk.h"
+MODULE_NAME = "_vdev_skywalk_fastpath"
+CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing")
+
+
+class FastBuildError(RuntimeError):
+    """The extension could not be built (no compiler, compile error, missing cffi)."""
+
+
+def cdef_text() -> str:
+    """The declarations between the FP-CDEF markers of ``fastpath.h`` (fed to ``ffi.cdef``)."""
+    text = C_HEADER.read_text()
+    begin = text.index("/* FP-CDEF-BEGIN */")
+    end = text.index("/* FP-CDEF-END */")
+    return text[begin + len("/* FP-CDEF-BEGIN */") : end]
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("VDEV_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "vdev"
+
+
+def _compiler() -> str | None:
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) or shutil.which("gcc") or shutil.which("cc")
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout.splitlines()[0] if proc.stdout else ""
+
+
+def input_hash(cc: str) -> str:
+    import cffi
+
+    h = hashlib.sha256()
+    for path in (C_SOURCE, C_HEADER, ABI_HEADER, Path(__file__).resolve()):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(" ".join(CFLAGS).encode())
+    h.update(_compiler_version(cc).encode())
+    h.update(sys.version.encode())
+    h.update(str(sysconfig.get_config_var("SOABI")).encode())
+    h.update(cffi.__version__.encode())
+    return h.hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(tmpdir: Path) -> Path:
+    from cffi import FFI
+
+    ffibuilder = FFI()
+    ffibuilder.cdef(cdef_text())
+    ffibuilder.set_source(
+        MODULE_NAME,
+        '#include "fastpath.h"\n',
+        sources=[str(C_SOURCE)],
+        include_dirs=[str(SKYWALK_DIR), str(ABI_DIR)],
+        extra_compile_args=list(CFLAGS),
+    )
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            so = ffibuilder.compile(tmpdir=str(tmpdir), verbose=False)
+    except Exception as exc:
+        raise FastBuildError(f"cffi compile failed: {exc}\n{out.getvalue()}") from exc
+    return Path(so)
+
+
+def build(force: bool = False) -> Path:
+    """Return the cached extension, building it if missing (or if ``force``)."""
+    cc = _compiler()
+    if cc is None:
+        raise FastBuildError("no C compiler on PATH (apt-get install gcc)")
+    cdir = cache_dir()
+    cdir.mkdir(parents=True, exist_ok=True)
+    digest = input_hash(cc)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    target = cdir / f"skywalk-fastpath-{digest}{suffix}"
+    if target.exists() and not force:
+        return target
+    with _lock(cdir / ".skywalk-fastpath.lock"):
+        if target.exists() and not force:
+            return target  # another session built it while we waited
+        print(f"vdev: building the compiled Skywalk fast path into {target}", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=cdir, prefix=".fastpath-") as tmp:
+            so = _compile(Path(tmp))
+            staged = Path(tmp) / target.name
+            shutil.copyfile(so, staged)
+            os.replace(staged, target)
+    return target
+
+
+def load_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
+    if spec is None or spec.loader is None:
+        raise FastBuildError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load() -> ModuleType | None:
+    """The compiled module (``.ffi``, ``.lib``), or None with one warning if unavailable."""
+    try:
+        return load_module(build())
+    except (FastBuildError, OSError, ImportError) as exc:
+        log.warning("compiled Skywalk fast path unavailable, using Python: %s", exc)
+        return None
+
+
+if __name__ == "__main__":
+    print(build(force="--force" in sys.argv))
