@@ -11,15 +11,14 @@ never see a half-written ELF.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+
+from vdev.filelock import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DRIVER_DIR = REPO_ROOT / "guest" / "driver"
@@ -86,16 +85,6 @@ def input_hash(gcc: str, ld: str) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or proc.stderr.strip():
@@ -111,7 +100,7 @@ def build_bare(force: bool = False) -> Path:
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
     elf = BUILD_DIR / ELF_NAME
     stamp = BUILD_DIR / (ELF_NAME + ".hash")
-    with _lock(BUILD_DIR / ".bare.lock"):
+    with file_lock(BUILD_DIR / ".bare.lock"):
         digest = input_hash(gcc, ld)
         if not force and elf.exists() and stamp.exists() and stamp.read_text() == digest:
             return elf

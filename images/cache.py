@@ -10,15 +10,15 @@ concurrent builders (several engineers and test sessions share one checkout).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vdev.filelock import file_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,26 +49,9 @@ class Hasher:
         return self._h.hexdigest()
 
 
-@contextlib.contextmanager
-def build_lock(timeout: float = 600.0) -> Iterator[None]:
+def build_lock(timeout: float = 600.0) -> contextlib.AbstractContextManager[None]:
     """Exclusive lock over the cache while building; bounded so a stuck builder is reported."""
-    path = cache_root() / ".lock"
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"image cache lock {path} held for over {timeout:.0f} s"
-                    ) from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(cache_root() / ".lock", timeout)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ logged warning and the Python path.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -28,9 +27,10 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+
+from vdev.filelock import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +87,6 @@ def input_hash(cc: str) -> str:
     return h.hexdigest()[:24]
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _compile(tmpdir: Path) -> Path:
     from cffi import FFI
 
@@ -130,7 +120,7 @@ def build(force: bool = False) -> Path:
     target = cdir / f"skywalk-fastpath-{digest}{suffix}"
     if target.exists() and not force:
         return target
-    with _lock(cdir / ".skywalk-fastpath.lock"):
+    with file_lock(cdir / ".skywalk-fastpath.lock"):
         if target.exists() and not force:
             return target  # another session built it while we waited
         print(f"vdev: building the compiled Skywalk fast path into {target}", file=sys.stderr)
