@@ -115,7 +115,7 @@ class Predicate:
 
 
 @dataclass
-class All(Predicate):
+class _Combination(Predicate):
     parts: list[Predicate]
 
     def __post_init__(self) -> None:
@@ -123,6 +123,9 @@ class All(Predicate):
         # A combination counts as a filter only if it has no counters/randomness in it.
         self.is_filter = all(p.is_filter for p in self.parts)
 
+
+@dataclass
+class All(_Combination):
     def test(self, pkt: PacketInfo, state: MatchState) -> bool:
         # Evaluate every part: stateful selectors (Gilbert-Elliott) advance the same way
         # whatever the others say, which keeps outcomes independent of operand order.
@@ -134,14 +137,7 @@ class All(Predicate):
 
 
 @dataclass
-class Any_(Predicate):
-    parts: list[Predicate]
-
-    def __post_init__(self) -> None:
-        self.needs_frame = any(p.needs_frame for p in self.parts)
-        # A combination counts as a filter only if it has no counters/randomness in it.
-        self.is_filter = all(p.is_filter for p in self.parts)
-
+class Any_(_Combination):
     def test(self, pkt: PacketInfo, state: MatchState) -> bool:
         results = [p.test(pkt, state) for p in self.parts]
         return any(results)

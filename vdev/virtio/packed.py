@@ -24,10 +24,16 @@ from typing import Any
 
 from cffi import FFI
 
-from vdev.skywalk.errors import DefunctError, KillReason, SyncError, SyncKind
+from vdev.skywalk.errors import KillReason, SyncError, SyncKind
 from vdev.virtio.chain import U32_MAX, Chain
 from vdev.virtio.memory import GuestMemory, MemoryFault
-from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, QueueStats
+from vdev.virtio.split import (
+    F_EVENT_IDX,
+    F_INDIRECT_DESC,
+    F_VERSION_1,
+    QueueLifecycle,
+    QueueStats,
+)
 
 pffi = FFI()
 pffi.cdef(
@@ -75,7 +81,7 @@ def packed_ring_sizes(size: int) -> tuple[int, int, int]:
     return DESC_SIZE * size, EVENT_SIZE, EVENT_SIZE
 
 
-class PackedQueue:
+class PackedQueue(QueueLifecycle):
     """Device side of one packed virtqueue (arguments as :class:`SplitQueue`'s; ``driver_addr``
     and ``device_addr`` are the driver and device event suppression areas).
 
@@ -225,29 +231,11 @@ class PackedQueue:
             v.release()
         self._bufs, self._views = [], []
 
-    def remap(self, mem: GuestMemory) -> None:
-        """Re-translate after SET_MEM_TABLE; on MemoryFault the old mapping stays."""
-        if self.defunct is not None or self._closed:
-            self.mem = mem
-            return
-        self._map(mem)
-
     def close(self) -> int:
         """Stop; returns the vhost-user packed base (index | wrap << 15)."""
         self._release()
         self._closed = True
         return self.last_avail_idx
-
-    def kill(self, err: SyncError) -> None:
-        if self.defunct is None:
-            self.defunct = err
-            self.stats.kills += 1
-            self._release()
-
-    def _check(self) -> None:
-        if self.defunct is not None or self._closed:
-            what = f"virtqueue {self.index}" + (" (stopped)" if self._closed else "")
-            raise DefunctError(what, self.defunct)
 
     def _violation(self, detail: str) -> SyncError:
         err = SyncError(

@@ -90,7 +90,47 @@ class QueueStats:
         return self.bytes_read + self.bytes_written
 
 
-class SplitQueue:
+class QueueLifecycle:
+    """What split and packed queues share once mapped: remap, kill and the defunct check.
+
+    A subclass sets ``index``, ``mem``, ``stats``, ``defunct`` and ``_closed`` and provides
+    ``_map`` (translate the ring areas) and ``_release`` (drop every view of guest memory).
+    """
+
+    index: int
+    mem: GuestMemory
+    stats: QueueStats
+    defunct: SyncError | None
+    _closed: bool
+
+    def _map(self, mem: GuestMemory) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def remap(self, mem: GuestMemory) -> None:
+        """The frontend replaced the memory table while the queue runs (SET_MEM_TABLE):
+        translate the ring addresses again.  On MemoryFault the old mapping stays in use."""
+        if self.defunct is not None or self._closed:
+            self.mem = mem
+            return
+        self._map(mem)
+
+    def kill(self, err: SyncError) -> None:
+        """Mark the queue defunct: the driver broke the contract and is not trusted again."""
+        if self.defunct is None:
+            self.defunct = err
+            self.stats.kills += 1
+            self._release()
+
+    def _check(self) -> None:
+        if self.defunct is not None or self._closed:
+            what = f"virtqueue {self.index}" + (" (stopped)" if self._closed else "")
+            raise DefunctError(what, self.defunct)
+
+
+class SplitQueue(QueueLifecycle):
     """One split virtqueue as the device (kernel side) sees it.
 
     ``sync`` names the Skywalk sync the queue plays and so its direction: ``SyncKind.RX``
@@ -229,33 +269,13 @@ class SplitQueue:
         self._views = []
         self._desc = self._avail16 = self._used16 = self._used_elems = ffi.NULL
 
-    def remap(self, mem: GuestMemory) -> None:
-        """The frontend replaced the memory table while the queue runs (SET_MEM_TABLE):
-        translate the ring addresses again.  On MemoryFault the old mapping stays in use."""
-        if self.defunct is not None or self._closed:
-            self.mem = mem
-            return
-        self._map(mem)
-
     def close(self) -> int:
         """Stop using guest memory (GET_VRING_BASE); returns ``last_avail_idx`` to report."""
         self._release()
         self._closed = True
         return self.last_avail_idx
 
-    # -- defunct handling ---------------------------------------------------------------
-
-    def kill(self, err: SyncError) -> None:
-        """Mark the queue defunct: the driver broke the contract and is not trusted again."""
-        if self.defunct is None:
-            self.defunct = err
-            self.stats.kills += 1
-            self._release()
-
-    def _check(self) -> None:
-        if self.defunct is not None or self._closed:
-            what = f"virtqueue {self.index}" + (" (stopped)" if self._closed else "")
-            raise DefunctError(what, self.defunct)
+    # -- defunct handling (kill and _check: QueueLifecycle) ------------------------------
 
     def _violation(self, reason: KillReason, detail: str) -> SyncError:
         err = SyncError(reason, self.sync, f"virtqueue {self.index}: {detail}")
