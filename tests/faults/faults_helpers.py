@@ -208,16 +208,12 @@ def numbered_frames(n: int) -> list[bytes]:
 
 
 def device_with_nic(tmp_dir: str, num_packets: int = 256) -> Any:
-    """A Device with one NIC and no frontend (no QEMU, no vhost-user connection).
-
-    Device.add_nic would listen on a vhost-user socket; the fault engine only needs the NIC
-    in ``device.nics``, so the entry is built the way add_nic does, without the listener."""
-    from vdev.net.device import Device, NicSocket
+    """A Device with one NIC and no frontend (no QEMU, no vhost-user connection): the NIC
+    listens on ``tmp_dir/nic0.sock`` and nobody connects."""
+    from vdev.net.device import Device
 
     dev = Device(pool=Pbufpool(num_packets=num_packets, buf_size=2048))
-    nic = VirtioNet("nic0", dev.pool, dev.forward)
-    dev.switch.attach(nic)
-    dev.sockets.append(NicSocket(nic, f"{tmp_dir}/nic0.sock", client=True))
+    dev.add_nic(f"{tmp_dir}/nic0.sock")
     return dev
 
 

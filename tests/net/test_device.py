@@ -505,3 +505,40 @@ def test_frame_too_big_for_a_small_pool_is_dropped_by_name(tmp_path: Path) -> No
         assert reasons == {"too_big_for_pool": 1}
         ch.close()
     assert pool.stats.in_use == 0
+
+
+def test_a_new_frontend_replaces_the_connected_one(nic_path: str, device: Device) -> None:
+    """vdev/vhost/server.py's decision: a second connection while one is active replaces it
+    (the old front-end is gone, or going); the first one's rings stop cleanly, its socket is
+    closed, the newcomer is served, and nothing leaks."""
+    from vdev.vhost.codec import Request
+    from vdev.vhost.connection import PeerClosed
+
+    fds_before = open_fds()
+    first = VirtioNetFrontend(nic_path)
+    try:
+        first.send([icmp_echo(1)])
+        assert len(first.recv(1, timeout=2)) == 1
+        nic = device.nics[0]
+        assert sorted(nic.vrings) == [0, 1]
+        with VirtioNetFrontend(nic_path) as second:
+            second.send([icmp_echo(2)])
+            (reply,) = second.recv(1, timeout=2)
+            assert struct.unpack_from("!H", reply, 40)[0] == 2
+            with pytest.raises(PeerClosed):
+                first.vhost.send_raw(Request.GET_FEATURES)
+                first.vhost.recv_reply(timeout=2)
+            entry = device.stats()["nics"][0]  # type: ignore[index]
+            assert (entry["connections"], entry["replaced"]) == (2, 1)
+    finally:
+        first.close()
+
+    def gone() -> bool:
+        with device.lock:  # the loop drops a connection in one callback, under this lock
+            return not device.sockets[0].server.connected
+
+    deadline = time.monotonic() + 2
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert device.nics[0].vrings == {}
+    assert open_fds() - fds_before == set()

@@ -29,6 +29,7 @@ class FakeDevice:
         self.started: dict[int, Vring] = {}
         self.enabled_at_start: list[tuple[int, bool]] = []
         self.mtu: int | None = None
+        self.kicks: list[int] = []
         self.lock = threading.Lock()
 
     def _log(self, *ev: Any) -> None:
@@ -57,6 +58,11 @@ class FakeDevice:
         # The queue must still be there so the device can flush; GET_VRING_BASE reads after.
         self.started.pop(vring.index, None)
         self._log("queue_stopped", vring.index, vring.queue is not None)
+
+    def queue_kicked(self, vring: Vring) -> None:
+        assert self.started.get(vring.index) is vring  # only started rings are kicked
+        self.kicks.append(vring.index)
+        self._log("queue_kicked", vring.index)
 
     def memory_changed(self, mem: GuestMemory) -> None:
         self._log("memory_changed", [(r.gpa, r.size, r.uva) for r in mem.regions])

@@ -150,8 +150,6 @@ class VirtioNet:
         queue_pairs: int = 1,
         mtu: int = 1500,
         features: int = DEFAULT_FEATURES,
-        on_queue_started: Callable[[VirtioNet, Vring], None] | None = None,
-        on_queue_stopped: Callable[[VirtioNet, Vring], None] | None = None,
     ) -> None:
         if not 1 <= queue_pairs <= 8:
             raise ValueError(f"queue_pairs={queue_pairs}: vdev supports 1 to 8 queue pairs")
@@ -169,8 +167,6 @@ class VirtioNet:
         self.backlog: deque[int] = deque()
         self.tx_hooks: list[PacketHook] = []
         self.rx_hooks: list[PacketHook] = []
-        self.on_queue_started = on_queue_started
-        self.on_queue_stopped = on_queue_stopped
         self.kill_log: list[tuple[int, SyncError]] = []
         # Capture tap: (nic, frame, direction) with direction 1 = from the guest, 2 = to it.
         self.tap: Callable[[VirtioNet, bytes, int], None] | None = None
@@ -205,18 +201,15 @@ class VirtioNet:
         log.info(
             "%s: queue %d started (num=%d base=%d)", self.name, vring.index, vring.num, vring.base
         )
-        if self.on_queue_started is not None:
-            self.on_queue_started(self, vring)
-        if vring.index % 2 == 1:
-            self.process_tx(vring.index)
-        else:
-            self.drain_rx()
+        self.kick(vring.index)  # buffers may be waiting already (or RX frames backlogged)
+
+    def queue_kicked(self, vring: Vring) -> None:
+        if self.vrings.get(vring.index) is vring:
+            self.kick(vring.index)
 
     def queue_stopped(self, vring: Vring) -> None:
         if self.vrings.get(vring.index) is vring:
             del self.vrings[vring.index]
-            if self.on_queue_stopped is not None:
-                self.on_queue_stopped(self, vring)
             log.info("%s: queue %d stopped", self.name, vring.index)
 
     def memory_changed(self, mem: GuestMemory) -> None:
@@ -546,7 +539,7 @@ class VirtioNet:
         return need is not None and self.has(need)
 
     def kick(self, index: int) -> None:
-        """The guest notified queue ``index`` (its kick eventfd fired)."""
+        """Process queue ``index``: the guest kicked it, it started, or a fault resumes it."""
         if index % 2 == 1:
             self.process_tx(index)
         else:

@@ -4,7 +4,14 @@ libvhost-user style: this object owns no event loop.  The caller polls :meth:`fi
 calls :meth:`handle_readable`, which processes exactly one message and returns False once the
 connection is gone (peer closed, or we dropped it after a protocol error).  One backend
 object serves one connection; a reconnecting front-end gets a fresh object and restores the
-rings' positions with SET_VRING_BASE (QEMU sends the guest's used index there).
+rings' positions with SET_VRING_BASE (QEMU sends the guest's used index there).  Accepting,
+dialling and reconnecting are :mod:`vdev.vhost.server`'s job.
+
+Kick eventfds belong to this layer too: given a :class:`~vdev.eventloop.Watcher` (the
+caller's loop, libvhost-user's ``set_watch``/``remove_watch``), the backend watches a ring's
+kick fd from the moment the device hears ``queue_started`` until before it hears
+``queue_stopped``, reads the eventfd when it fires and calls the device's ``queue_kicked``.
+The device never touches a kick fd.
 
 Error policy (spec "REPLY_ACK" and "Communication"): a malformed or refused message is logged
 on the ``vdev.vhost`` logger with the request and field; if REPLY_ACK was negotiated and the
@@ -51,6 +58,7 @@ from .codec import (
 from .connection import Connection, PeerClosed, close_fds
 
 if TYPE_CHECKING:
+    from vdev.eventloop import Watcher
     from vdev.virtio.queue import VirtQueue
 
 log = logging.getLogger("vdev.vhost")
@@ -112,7 +120,12 @@ class VhostDevice(Protocol):
     def queue_stopped(self, vring: Vring) -> None:
         """The ring stopped: before GET_VRING_BASE replies (read ``queue.last_avail_idx``
         after this), when its kick fd is replaced (queue_started follows) and on disconnect.
-        Stop touching the ring and its kick fd.  Disabling a ring does not stop it."""
+        Stop touching the ring.  Disabling a ring does not stop it."""
+        ...
+
+    def queue_kicked(self, vring: Vring) -> None:
+        """The driver notified a started ring (its kick eventfd fired; the backend already
+        read it): process ``vring.queue``."""
         ...
 
     def memory_changed(self, mem: GuestMemory) -> None: ...
@@ -191,15 +204,18 @@ class VhostUserBackend:
         device: VhostDevice,
         conn: Connection,
         *,
+        watcher: Watcher | None = None,
         queue_factory: QueueFactory | None = None,
         max_mem_slots: int = MAX_MEM_SLOTS,
         without_protocol_features: int = 0,
     ) -> None:
-        """``without_protocol_features`` masks protocol features out of the offer (e.g.
-        CONFIGURE_MEM_SLOTS, to make QEMU use SET_MEM_TABLE); ``queue_factory`` replaces
-        SplitQueue (tests)."""
+        """``watcher`` watches the kick eventfds (without one, nobody does: the device or
+        test drives the queues itself); ``without_protocol_features`` masks protocol
+        features out of the offer (e.g. CONFIGURE_MEM_SLOTS, to make QEMU use
+        SET_MEM_TABLE); ``queue_factory`` replaces SplitQueue (tests)."""
         self.device = device
         self.conn = conn
+        self.watcher = watcher
         self.queue_factory: QueueFactory = queue_factory or _default_queue_factory
         self.max_mem_slots = max_mem_slots
         nq = int(device.max_queues())
@@ -467,12 +483,9 @@ class VhostUserBackend:
             # for the kick" (SET_VRING_KICK): vdev does not poll rings, so the ring stays
             # stopped until a real kick fd arrives.
             log.warning("vring %d: kick without fd (polling mode) is not supported", v.index)
-            if v.notified:
-                v.notified = False
-                self._device_call("queue_stopped", v)
+            self._announce_stopped(v)
         elif v.started and not v.notified:
-            v.notified = True
-            self._device_call("queue_started", v)
+            self._announce_started(v)
 
     def _set_enabled(self, request: int, v: Vring, enabled: bool) -> None:
         """Record SET_VRING_ENABLE; a started ring that becomes enabled is announced again."""
@@ -482,11 +495,42 @@ class VhostUserBackend:
         if enabled and not was_enabled and was_notified:
             self._device_call("queue_started", v)
 
+    # -- the device's view of a ring: started / kicked / stopped ----------------------------
+
+    def _announce_started(self, v: Vring) -> None:
+        """Tell the device the ring runs and watch its kick fd (until _announce_stopped)."""
+        v.notified = True
+        fd = v.kick_fd
+        if self.watcher is not None and fd is not None:
+            self.watcher.watch(fd, lambda: self._kicked(v, fd))
+        self._device_call("queue_started", v)
+
+    def _announce_stopped(self, v: Vring) -> None:
+        """Stop watching the kick fd, then tell the device (once per start)."""
+        if not v.notified:
+            return
+        v.notified = False
+        if self.watcher is not None and v.kick_fd is not None:
+            self.watcher.unwatch(v.kick_fd)
+        self._device_call("queue_stopped", v)
+
+    def _kicked(self, v: Vring, fd: int) -> None:
+        """The kick eventfd fired: consume it and let the device process the ring."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass  # another reader (or a spurious wakeup) took it: still look at the ring
+        except OSError as exc:
+            log.warning("vring %d: kick fd %d: %s; no longer watched", v.index, fd, exc)
+            if self.watcher is not None:
+                self.watcher.unwatch(fd)
+            return
+        if v.notified and v.kick_fd == fd:
+            self._device_call("queue_kicked", v)
+
     def _stop(self, v: Vring) -> None:
         """Stop the ring: device first, then record the position and drop the queue."""
-        if v.notified:
-            v.notified = False
-            self._device_call("queue_stopped", v)
+        self._announce_stopped(v)
         if v.queue is not None:
             q = v.queue
             v.queue = None
@@ -759,10 +803,8 @@ class VhostUserBackend:
         self._fds(msg, 0 if nofd else 1)
         fd = None if nofd else msg.fds.pop()
         if msg.request == Request.SET_VRING_KICK:
-            # The device polls the kick fd: take the ring away while the fd changes.
-            if v.notified:
-                v.notified = False
-                self._device_call("queue_stopped", v)
+            # The kick fd is watched while the ring runs: take the ring away while it changes.
+            self._announce_stopped(v)
             old, v.kick_fd = v.kick_fd, fd
             if old is not None:
                 close_fds([old])
