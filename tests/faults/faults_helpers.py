@@ -127,6 +127,9 @@ class FakeQueue:
     def push_raw(self, head: int, written: int) -> None:
         self.calls.append(("raw", head, written))
 
+    def inflight_writable(self, head: int) -> int | None:
+        return self._inflight[head] - 1 if self._inflight[head] else None
+
     def patch_last_used(self, written: int) -> None:
         self.calls.append(("patch", written))
 

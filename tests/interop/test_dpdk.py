@@ -33,7 +33,7 @@ from vdev.net.device import Device
 from vdev.net.nic import VirtioNet
 from vdev.skywalk import Pbufpool
 from vdev.testing.frames import HOST_MAC, numbered
-from vdev.virtio.packed import F_RING_PACKED
+from vdev.virtio.queue import F_RING_PACKED
 
 from .testpmd import TESTPMD, Testpmd
 

@@ -27,7 +27,9 @@ from vdev.testing.frames import (
 from vdev.testing.frontend import VirtioNetFrontend
 from vdev.vhost.connection import connect
 from vdev.vhost.frontend import VhostUserFrontend
-from vdev.virtio.packed import F_INDIRECT, F_NEXT, F_RING_PACKED, F_WRITE, PackedDriverQueue
+from vdev.virtio.packed import F_INDIRECT, F_NEXT, F_WRITE
+from vdev.virtio.packed_driver import PackedDriverQueue
+from vdev.virtio.queue import F_RING_PACKED
 
 from .conftest import open_fds
 

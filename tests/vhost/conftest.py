@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from vdev.skywalk.errors import SyncKind
 from vdev.vhost.backend import VhostUserBackend, Vring
 from vdev.vhost.connection import Listener
 from vdev.virtio.memory import GuestMemory
@@ -44,6 +45,9 @@ class FakeDevice:
 
     def max_queues(self) -> int:
         return self.queues
+
+    def queue_direction(self, index: int) -> SyncKind:
+        return SyncKind.TX if index % 2 else SyncKind.RX  # numbered like virtio-net
 
     def features_set(self, features: int) -> None:
         self._log("features_set", features)

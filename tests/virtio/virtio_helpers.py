@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from vdev.abi import lib
+from vdev.net.nic import net_queue_direction
 from vdev.skywalk.errors import SyncKind
 from vdev.virtio.driver import DriverQueue
 from vdev.virtio.memory import GuestMemory
@@ -104,6 +105,6 @@ def make_pair(
         gpa_to_uva(lay.used),
         features=features,
         last_avail_idx=start_idx,
-        sync=sync,
+        sync=sync if sync is not None else net_queue_direction(index),
     )
     return dev, drv

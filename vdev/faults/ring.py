@@ -51,7 +51,7 @@ class RingAction:
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
     ) -> Used | None:
@@ -102,7 +102,7 @@ class OutOfOrder(RingAction):
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
     ) -> Used | None:
@@ -130,7 +130,7 @@ class BadUsedId(RingAction):
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
     ) -> Used | None:
@@ -138,8 +138,7 @@ class BadUsedId(RingAction):
         rng = rule.state.rng
         bogus = size + rng.randrange(max(1, min(size, 0x10000 - size)))
         if self.mode == "not_outstanding":
-            inflight = getattr(queue, "_inflight", None)
-            idle = [i for i in range(size) if i != head and (inflight is None or not inflight[i])]
+            idle = [i for i in range(size) if i != head and queue.inflight_writable(i) is None]
             if idle:
                 bogus = idle[rng.randrange(len(idle))]
         rs.event(rule, nic, index, "bad_used_id", head=head, id=bogus, mode=self.mode)
@@ -160,7 +159,7 @@ class DoubleComplete(RingAction):
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
     ) -> Used | None:
@@ -184,7 +183,7 @@ class BadUsedLen(RingAction):
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
     ) -> Used | None:
@@ -193,9 +192,10 @@ class BadUsedLen(RingAction):
                 return None  # nothing to lie about (TX elements are 0 already)
             n = 0
         else:
-            inflight = getattr(queue, "_inflight", None)
-            writable = inflight[head] - 1 if inflight is not None and inflight[head] else written
-            n = min(0xFFFFFFFF, max(writable, written) + self.extra)
+            writable = queue.inflight_writable(head)
+            n = min(
+                0xFFFFFFFF, max(written if writable is None else writable, written) + self.extra
+            )
         rs.event(rule, nic, index, "bad_used_len", head=head, real=written, reported=n)
         return [(head, n)]
 
@@ -216,7 +216,7 @@ class DelayUsed(RingAction):
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
     ) -> Used | None:
@@ -310,7 +310,7 @@ class IgnoreEventIdx(RingAction):
 
 @dataclass
 class _HeldUsed:
-    queue: Any
+    queue: VirtQueue
     head: int
     written: int
     token: int = 0
@@ -477,7 +477,7 @@ class RingFaultSet:
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
         timeout: float,
@@ -498,7 +498,7 @@ class RingFaultSet:
         rule: Rule,
         nic: VirtioNet,
         index: int,
-        queue: Any,
+        queue: VirtQueue,
         head: int,
         written: int,
         delay: float,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 from vdev.abi import lib
 from vdev.net.checksum import complete_checksum
 from vdev.skywalk import Pbufpool
-from vdev.skywalk.errors import DefunctError, KillReason, PoolError, SyncError
+from vdev.skywalk.errors import DefunctError, KillReason, PoolError, SyncError, SyncKind
 
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring
@@ -132,6 +132,17 @@ class RingFaults(Protocol):
 PacketHook = Callable[["VirtioNet", int, list[int]], list[int]]
 
 
+def is_tx(index: int) -> bool:
+    """Virtqueue ``index`` is a transmitq (5.1.2 "Virtqueues": receiveqN is 2(N-1),
+    transmitqN is 2(N-1)+1)."""
+    return index % 2 == 1
+
+
+def net_queue_direction(index: int) -> SyncKind:
+    """The sync a virtio-net queue plays: TX for a transmitq (the device reads), RX else."""
+    return SyncKind.TX if is_tx(index) else SyncKind.RX
+
+
 def _flow_key(head: bytes) -> bytes:
     """IPv4 addresses and L4 ports of a frame (bytes 26-37), or the whole head if short."""
     return head[26:38] if len(head) >= 38 else head
@@ -187,6 +198,9 @@ class VirtioNet:
         # Virtqueues the backend must track: RX and TX per pair (QEMU keeps the control
         # queue).  QEMU compares GET_QUEUE_NUM with queues= (pairs), which this covers.
         return 2 * self.queue_pairs
+
+    def queue_direction(self, index: int) -> SyncKind:
+        return net_queue_direction(index)
 
     def features_set(self, features: int) -> None:
         self.negotiated = features
@@ -540,7 +554,7 @@ class VirtioNet:
 
     def kick(self, index: int) -> None:
         """Process queue ``index``: the guest kicked it, it started, or a fault resumes it."""
-        if index % 2 == 1:
+        if is_tx(index):
             self.process_tx(index)
         else:
             self.drain_rx()
@@ -548,7 +562,7 @@ class VirtioNet:
     def stats_dict(self) -> dict[str, object]:
         queues = {}
         for index, qstats in self.stats.items():
-            kind = "rx" if index % 2 == 0 else "tx"
+            kind = "tx" if is_tx(index) else "rx"
             queues[f"{kind}{index // 2}"] = qstats.as_dict()
         return {
             "name": self.name,
@@ -559,4 +573,11 @@ class VirtioNet:
         }
 
 
-__all__ = ["DEFAULT_FEATURES", "KillReason", "QueueStats", "VirtioNet"]
+__all__ = [
+    "DEFAULT_FEATURES",
+    "KillReason",
+    "QueueStats",
+    "VirtioNet",
+    "is_tx",
+    "net_queue_direction",
+]

@@ -29,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vdev.skywalk.errors import SyncKind
 from vdev.virtio.memory import GuestMemory, MemoryFault
+from vdev.virtio.queue import F_RING_PACKED, QueueFormat, VirtQueue, queue_format
 
 from .codec import (
     FLAG_REPLY,
@@ -59,7 +61,6 @@ from .connection import Connection, PeerClosed, close_fds
 
 if TYPE_CHECKING:
     from vdev.eventloop import Watcher
-    from vdev.virtio.queue import VirtQueue
 
 log = logging.getLogger("vdev.vhost")
 
@@ -81,9 +82,7 @@ DEVICE_PROTOCOL_FEATURES = pf_mask(
 
 # What GET_MAX_MEM_SLOTS answers (libvhost-user's VHOST_USER_MAX_RAM_SLOTS).
 MAX_MEM_SLOTS = 32
-MAX_QUEUE_SIZE = 32768
 VHOST_VRING_F_LOG = 1
-F_RING_PACKED = 1 << 34  # VIRTIO_F_RING_PACKED (virtio 1.x 2.8 "Packed Virtqueues")
 
 _ACK_OK = 0
 _ACK_FAIL = 1
@@ -102,6 +101,12 @@ class VhostDevice(Protocol):
 
     def max_queues(self) -> int:
         """Number of virtqueues the device supports (the GET_QUEUE_NUM answer)."""
+        ...
+
+    def queue_direction(self, index: int) -> SyncKind:
+        """Which way data flows on virtqueue ``index`` (device knowledge, e.g. virtio-net's
+        even receiveq / odd transmitq): ``SyncKind.RX`` (the device writes: device-writable
+        buffers only), ``SyncKind.TX`` (the device reads) or another kind for both."""
         ...
 
     def features_set(self, features: int) -> None: ...
@@ -137,7 +142,7 @@ class VhostDevice(Protocol):
     def disconnected(self) -> None: ...
 
 
-QueueFactory = Callable[..., "VirtQueue"]
+QueueFactory = Callable[..., VirtQueue]
 
 
 @dataclass
@@ -174,28 +179,6 @@ class Vring:
         return self.started and self.enabled
 
 
-def _default_queue_factory(*args: Any, **kwargs: Any) -> VirtQueue:
-    """SplitQueue, or PackedQueue when VIRTIO_F_RING_PACKED was negotiated (same arguments:
-    avail/used addresses are the driver/device event suppression areas, 2.8.10)."""
-    if int(kwargs.get("features", 0)) & F_RING_PACKED:
-        from vdev.virtio.packed import PackedQueue
-
-        return PackedQueue(*args, **kwargs)
-    from vdev.virtio.split import SplitQueue
-
-    return SplitQueue(*args, **kwargs)
-
-
-def _ring_sizes(num: int) -> tuple[int, int, int]:
-    """Bytes of desc table, avail ring, used ring incl. the EVENT_IDX trailers (2.7)."""
-    return 16 * num, 4 + 2 * num + 2, 4 + 8 * num + 2
-
-
-def _packed_ring_sizes(num: int) -> tuple[int, int, int]:
-    """Bytes of descriptor ring, driver and device event suppression areas (2.8.10)."""
-    return 16 * num, 4, 4
-
-
 class VhostUserBackend:
     """Serve one vhost-user connection for ``device``."""
 
@@ -212,11 +195,12 @@ class VhostUserBackend:
         """``watcher`` watches the kick eventfds (without one, nobody does: the device or
         test drives the queues itself); ``without_protocol_features`` masks protocol
         features out of the offer (e.g. CONFIGURE_MEM_SLOTS, to make QEMU use
-        SET_MEM_TABLE); ``queue_factory`` replaces SplitQueue (tests)."""
+        SET_MEM_TABLE); ``queue_factory`` replaces the negotiated format's queue class
+        (tests)."""
         self.device = device
         self.conn = conn
         self.watcher = watcher
-        self.queue_factory: QueueFactory = queue_factory or _default_queue_factory
+        self.queue_factory = queue_factory
         self.max_mem_slots = max_mem_slots
         nq = int(device.max_queues())
         if not 1 <= nq <= VRING_IDX_MASK + 1:
@@ -286,6 +270,11 @@ class VhostUserBackend:
     def packed(self) -> bool:
         """VIRTIO_F_RING_PACKED negotiated: rings are packed (2.8), bases packed-encoded."""
         return bool(self.features & F_RING_PACKED)
+
+    @property
+    def queue_format(self) -> QueueFormat:
+        """The negotiated ring format (split or packed): layout, size and base rules."""
+        return queue_format(self.features)
 
     def has_protocol_feature(self, bit: ProtocolFeature) -> bool:
         return bool(self.protocol_features & (1 << bit))
@@ -425,29 +414,23 @@ class VhostUserBackend:
             raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need {n}")
 
     def _check_ring_fits(self, request: int, v: Vring, mem: GuestMemory) -> None:
-        """Every ring area must translate inside one region for ``num`` entries (2.7; packed:
-        2.8, the avail/used addresses are the 4-byte driver/device event suppression areas)."""
-        sizes, aligns = (
-            (_packed_ring_sizes(v.num), (16, 4, 4))
-            if self.packed
-            else (_ring_sizes(v.num), (16, 2, 4))
-        )
-        for name, addr, length, align in zip(
-            ("desc_addr", "avail_addr", "used_addr"),
-            (v.desc_addr, v.avail_addr, v.used_addr),
-            sizes,
-            aligns,
-            strict=True,
-        ):
-            if addr % align:
+        """Every ring area of the negotiated format must be aligned and translate inside one
+        region for ``num`` entries (2.7.2; 2.8.10 for packed event suppression areas)."""
+        areas = self.queue_format.ring_areas(v.num)
+        for area, addr in zip(areas, (v.desc_addr, v.avail_addr, v.used_addr), strict=True):
+            if addr % area.align:
                 raise ProtocolError(
-                    request, name, f"vring {v.index}: {addr:#x} is not {align}-byte aligned"
+                    request,
+                    area.field,
+                    f"vring {v.index}: {area.name} {addr:#x} is not {area.align}-byte aligned",
                 )
             try:
-                mem.uva_view(addr, length).release()
+                mem.uva_view(addr, area.length).release()
             except MemoryFault as exc:
                 raise ProtocolError(
-                    request, name, f"vring {v.index} (num {v.num}) does not fit: {exc}"
+                    request,
+                    area.field,
+                    f"vring {v.index} (num {v.num}): {area.name} does not fit: {exc}",
                 ) from None
 
     def _update(self, request: int, v: Vring) -> None:
@@ -460,8 +443,9 @@ class VhostUserBackend:
             and self.mem is not None
         ):
             self._check_ring_fits(request, v, self.mem)
+            make = self.queue_factory or self.queue_format
             try:
-                v.queue = self.queue_factory(
+                v.queue = make(
                     self.mem,
                     v.index,
                     v.num,
@@ -470,6 +454,7 @@ class VhostUserBackend:
                     v.used_addr,
                     features=self.negotiated_features,
                     last_avail_idx=v.base,
+                    sync=self.device.queue_direction(v.index),
                 )
             except (MemoryFault, ValueError) as exc:
                 raise ProtocolError(request, "ring", f"vring {v.index}: {exc}") from None
@@ -535,12 +520,7 @@ class VhostUserBackend:
             q = v.queue
             v.queue = None
             try:
-                if self.packed and hasattr(q, "vhost_base"):
-                    # GET_VRING_BASE for packed rings: avail idx/wrap in bits 0-15, used
-                    # idx/wrap in bits 16-31 (QEMU 7.2 reads both).
-                    v.base = int(q.vhost_base) & 0xFFFF_FFFF
-                else:
-                    v.base = int(q.last_avail_idx) & 0xFFFF
+                v.base = q.vhost_base  # the format's GET_VRING_BASE encoding
                 q.close()
             except Exception:
                 log.exception("vhost-user: closing queue %d failed", v.index)
@@ -726,13 +706,10 @@ class VhostUserBackend:
     def _set_vring_num(self, msg: Message, s: VringState) -> None:
         self._no_fds(msg)
         v = self._vring(msg, s.index)
-        if self.packed:
-            # 2.8 "Packed Virtqueues": any size up to 32768, no power-of-2 requirement.
-            if not 0 < s.num <= MAX_QUEUE_SIZE:
-                raise ProtocolError(msg.request, "num", f"{s.num} is not in 1..32768")
-        # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
-        elif not 0 < s.num <= MAX_QUEUE_SIZE or s.num & (s.num - 1):
-            raise ProtocolError(msg.request, "num", f"{s.num} is not a power of 2 <= 32768")
+        try:
+            self.queue_format.check_size(s.num)  # 2.7: a power of 2; 2.8: any, up to 32768
+        except ValueError as exc:
+            raise ProtocolError(msg.request, "num", str(exc)) from None
         if v.started and s.num != v.num:
             raise ProtocolError(msg.request, "num", f"vring {v.index} is started")
         v.num = s.num
@@ -765,17 +742,10 @@ class VhostUserBackend:
     def _set_vring_base(self, msg: Message, s: VringState) -> None:
         self._no_fds(msg)
         v = self._vring(msg, s.index)
-        # SET_VRING_BASE: for packed rings bits 0-14 are the avail index and bit 15 the avail
-        # wrap counter; QEMU 7.2 also sends the used index/wrap in bits 16-31
-        # (virtio_queue_packed_get_last_avail_idx), which the queue ignores (used resumes at
-        # the avail position, as in DPDK's vhost).
-        if self.packed:
-            if v.num and s.num & 0x7FFF >= v.num:
-                raise ProtocolError(
-                    msg.request, "num", f"packed base {s.num:#x}: index >= ring size {v.num}"
-                )
-        elif s.num > 0xFFFF:
-            raise ProtocolError(msg.request, "num", f"base {s.num:#x} is not a 16-bit index")
+        try:
+            self.queue_format.check_base(s.num, v.num)  # the format's encoding
+        except ValueError as exc:
+            raise ProtocolError(msg.request, "num", str(exc)) from None
         if v.started:
             raise ProtocolError(msg.request, "num", f"vring {v.index} is started")
         v.base = s.num

@@ -1,5 +1,5 @@
-"""Packed virtqueues (virtio 1.x 2.8 "Packed Virtqueues"): device side with validation, and a
-mock driver side for tests.
+"""Packed virtqueues (virtio 1.x 2.8 "Packed Virtqueues"): the device side, with validation.
+The mock driver side lives in ``packed_driver.py`` (as ``driver.py`` holds the split one).
 
 Same Skywalk mapping as the split ring (``split.py``): the guest driver is the untrusted user,
 every descriptor is read once and checked, violations raise ``SyncError`` (INTERNALIZE_FAILED)
@@ -19,7 +19,6 @@ cffi ``cdef`` (no ``struct`` format strings) until the ABI owner moves them ther
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 from cffi import FFI
@@ -27,13 +26,8 @@ from cffi import FFI
 from vdev.skywalk.errors import KillReason, SyncError, SyncKind
 from vdev.virtio.chain import U32_MAX, Chain
 from vdev.virtio.memory import GuestMemory, MemoryFault
-from vdev.virtio.split import (
-    F_EVENT_IDX,
-    F_INDIRECT_DESC,
-    F_VERSION_1,
-    QueueLifecycle,
-    QueueStats,
-)
+from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea, VirtqueueStats
+from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1
 
 pffi = FFI()
 pffi.cdef(
@@ -52,14 +46,12 @@ F_USED = 1 << 15
 RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2
-MAX_PACKED_SIZE = 32768
-F_RING_PACKED = 1 << 34  # 6 "Reserved Feature Bits": VIRTIO_F_RING_PACKED
 MAX_INDIRECT = 65536
 DESC_SIZE: int = pffi.sizeof("struct pvirtq_desc")
 EVENT_SIZE: int = pffi.sizeof("struct pvirtq_event_suppress")
 
 
-def _pos(idx: int, wrap: int, size: int) -> int:
+def ring_pos(idx: int, wrap: int, size: int) -> int:
     """A ring position in the 2*size cycle the (index, wrap counter) pair describes."""
     return idx if wrap else idx + size
 
@@ -67,12 +59,12 @@ def _pos(idx: int, wrap: int, size: int) -> int:
 def packed_need_event(off_wrap: int, new: int, old: int, size: int) -> bool:
     """2.8.10 with EVENT_IDX: was the position named by ``off_wrap`` passed in [old, new)?
 
-    ``new``/``old`` are positions from :func:`_pos`; the comparison is the split ring's
+    ``new``/``old`` are positions from :func:`ring_pos`; the comparison is the split ring's
     vring_need_event, done modulo 2*size instead of 2^16 so the ring size need not be a power
     of two.
     """
     cycle = 2 * size
-    event = _pos(off_wrap & 0x7FFF, off_wrap >> 15, size)
+    event = ring_pos(off_wrap & 0x7FFF, off_wrap >> 15, size)
     return (new - event - 1) % cycle < (new - old) % cycle
 
 
@@ -82,8 +74,9 @@ def packed_ring_sizes(size: int) -> tuple[int, int, int]:
 
 
 class PackedQueue(QueueLifecycle):
-    """Device side of one packed virtqueue (arguments as :class:`SplitQueue`'s; ``driver_addr``
-    and ``device_addr`` are the driver and device event suppression areas).
+    """Device side of one packed virtqueue (a :class:`VirtQueue`, the class a
+    :class:`QueueFormat`; arguments as :class:`SplitQueue`'s, ``driver_addr`` and
+    ``device_addr`` are the driver and device event suppression areas).
 
     ``last_avail_idx`` uses vhost-user's packed encoding ("Ring states"/SET_VRING_BASE: bits
     0-14 index, bit 15 avail wrap counter; bits 16-31, the used index and wrap counter QEMU
@@ -92,11 +85,39 @@ class PackedQueue(QueueLifecycle):
     reads back in the same encoding, so the NIC can use it as an opaque rewind token and the
     backend as the GET_VRING_BASE answer (see :attr:`vhost_base`).
 
-    The method set is :class:`SplitQueue`'s (``pop``/``push``/``flush_used``/
-    ``should_notify``/``enable_notifications``/``avail_count``/``rewind``/``push_raw``/
-    ``patch_last_used``, ``_inflight`` as a per-id list of ``write_len + 1``), with buffer ids
-    in place of split heads.
+    Buffer ids take the place of split heads in the :class:`VirtQueue` methods.
     """
+
+    name = "packed"
+
+    # -- QueueFormat: what the backend checks before a queue exists ------------------------
+
+    @classmethod
+    def ring_areas(cls, size: int) -> tuple[RingArea, RingArea, RingArea]:
+        # 2.8.10: the avail/used address fields carry the 4-byte event suppression areas.
+        desc, driver, device = packed_ring_sizes(size)
+        return (
+            RingArea("descriptor ring", "desc_addr", desc, 16),
+            RingArea("driver event suppression area", "avail_addr", driver, 4),
+            RingArea("device event suppression area", "used_addr", device, 4),
+        )
+
+    @classmethod
+    def check_size(cls, size: int) -> None:
+        # 2.8 "Packed Virtqueues": any size up to 32768, no power-of-2 requirement.
+        if not 0 < size <= MAX_QUEUE_SIZE:
+            raise ValueError(f"packed size {size} is not in 1..{MAX_QUEUE_SIZE}")
+
+    @classmethod
+    def check_base(cls, base: int, size: int) -> None:
+        # SET_VRING_BASE for packed rings: bits 0-14 the avail index, bit 15 its wrap counter;
+        # QEMU 7.2 also sends the used index/wrap in bits 16-31
+        # (virtio_queue_packed_get_last_avail_idx), which the queue ignores (used resumes at
+        # the avail position, as in DPDK's vhost).
+        if not 0 <= base <= 0xFFFF_FFFF:
+            raise ValueError(f"packed base {base:#x} is not 32 bits")
+        if size and base & 0x7FFF >= size:
+            raise ValueError(f"packed base {base:#x}: index >= ring size {size}")
 
     def __init__(
         self,
@@ -110,15 +131,14 @@ class PackedQueue(QueueLifecycle):
         features: int,
         last_avail_idx: int | None = None,
         addr_space: str = "uva",
-        sync: SyncKind | None = None,
+        sync: SyncKind,
     ) -> None:
         if sys.byteorder != "little":
             raise RuntimeError("vdev virtqueues assume a little-endian host")
-        # 2.8 "Packed Virtqueues": any size up to 32768 (no power-of-two requirement).
-        if not 0 < size <= MAX_PACKED_SIZE:
-            raise ValueError(
-                f"virtqueue {index}: packed size {size} is not in 1..{MAX_PACKED_SIZE}"
-            )
+        try:
+            self.check_size(size)
+        except ValueError as exc:
+            raise ValueError(f"virtqueue {index}: {exc}") from None
         if addr_space not in ("uva", "gpa"):
             raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
         self.mem = mem
@@ -129,9 +149,7 @@ class PackedQueue(QueueLifecycle):
         self.device_addr = device_addr
         self.addr_space = addr_space
         self.features = features
-        self.sync: SyncKind = (
-            sync if sync is not None else (SyncKind.RX if index % 2 == 0 else SyncKind.TX)
-        )
+        self.sync: SyncKind = sync
         self.writable_expected = self.sync is not SyncKind.TX
         self.readable_allowed = self.sync is not SyncKind.RX
         if last_avail_idx is None:
@@ -147,16 +165,16 @@ class PackedQueue(QueueLifecycle):
         self.used_idx, self.used_wrap = self._avail_idx, self.avail_wrap
         self.defunct: SyncError | None = None
         self._closed = False
-        self.stats = QueueStats()
+        self.stats = VirtqueueStats()
         # Device-private record per buffer id (trusted): write_len + 1 while in flight, else 0
-        # (the fault engine reads it like SplitQueue's), and the descriptors the buffer used.
+        # (see inflight_writable), and the descriptors the buffer used.
         self._inflight = [0] * size
         self._ndesc = [0] * size
         self._pending: list[tuple[int, int, int]] = []  # (id, written, descriptors)
         # (token before the pop, id) of recent pops, so rewind() never re-reads guest memory.
         self._popped: list[tuple[int, int]] = []
         # avail_count() cache: chains known available from the current position up to
-        # position _scan_end (a _pos() value); available descriptors stay available until
+        # position _scan_end (a ring_pos() value); available descriptors stay available until
         # the device consumes them (2.8.1), so only the tail needs scanning again.
         self._scan_end: int | None = None
         self._scan_chains = 0
@@ -198,24 +216,12 @@ class PackedQueue(QueueLifecycle):
     # -- mapping and life cycle ---------------------------------------------------------
 
     def _map(self, mem: GuestMemory) -> None:
-        translate = mem.uva_view if self.addr_space == "uva" else mem.gpa_view
-        views = []
-        for area, addr, length, align in (
-            ("descriptor ring", self.desc_addr, DESC_SIZE * self.size, 16),
-            ("driver event suppression area", self.driver_addr, EVENT_SIZE, 4),
-            ("device event suppression area", self.device_addr, EVENT_SIZE, 4),
-        ):
-            if addr % align:
-                raise ValueError(
-                    f"virtqueue {self.index}: {area} at {addr:#x} is not {align}-byte aligned"
-                )
-            try:
-                views.append(translate(addr, length))
-            except MemoryFault as exc:
-                raise MemoryFault(
-                    f"virtqueue {self.index}: {area} {self.addr_space} {addr:#x}+{length:#x} "
-                    f"does not fit in guest memory: {exc}"
-                ) from None
+        views = self._translate(
+            mem,
+            self.addr_space,
+            self.ring_areas(self.size),
+            (self.desc_addr, self.driver_addr, self.device_addr),
+        )
         bufs = [pffi.from_buffer(v) for v in views]
         self._release()
         self._views, self._bufs = views, bufs
@@ -263,7 +269,7 @@ class PackedQueue(QueueLifecycle):
         """
         self._check()
         size = self.size
-        start = _pos(self._avail_idx, self.avail_wrap, size)
+        start = ring_pos(self._avail_idx, self.avail_wrap, size)
         if self._scan_end is None:
             self._scan_end, self._scan_chains = start, 0
         scanned = (self._scan_end - start) % (2 * size)
@@ -282,7 +288,7 @@ class PackedQueue(QueueLifecycle):
                 scanned += run
                 run = 0
                 self._scan_chains += 1
-                self._scan_end = _pos(idx, wrap, size)
+                self._scan_end = ring_pos(idx, wrap, size)
         return self._scan_chains
 
     def pop(self) -> Chain | None:
@@ -526,11 +532,17 @@ class PackedQueue(QueueLifecycle):
     def in_flight(self) -> int:
         return sum(1 for v in self._inflight if v)
 
+    def inflight_writable(self, head: int) -> int | None:
+        """Writable bytes of buffer ``head`` while it is in flight, None when it is not."""
+        if not 0 <= head < self.size or not self._inflight[head]:
+            return None
+        return self._inflight[head] - 1
+
     # -- notifications (2.8.10 "Event Suppression Structure Format") --------------------
 
     def should_notify(self) -> bool:
         self._check()
-        new = _pos(self.used_idx, self.used_wrap, self.size)
+        new = ring_pos(self.used_idx, self.used_wrap, self.size)
         old = self._signalled
         if old == new:
             return False
@@ -564,7 +576,7 @@ class PackedQueue(QueueLifecycle):
             size = self.size
             end = self._scan_end
             if end is None:
-                end = _pos(self._avail_idx, self.avail_wrap, size)
+                end = ring_pos(self._avail_idx, self.avail_wrap, size)
             ev.off_wrap = (end % size) | (1 if end < size else 0) << 15
             ev.flags = RING_EVENT_FLAGS_DESC
         else:
@@ -578,164 +590,3 @@ class PackedQueue(QueueLifecycle):
             f"avail={self._avail_idx}/{self.avail_wrap}, used={self.used_idx}/{self.used_wrap}, "
             f"{state})"
         )
-
-
-class PackedDriverQueue:
-    """Driver side of a packed ring (2.8.13 / 2.8.14) for tests; can write hostile values."""
-
-    def __init__(
-        self,
-        mem: Any,
-        size: int,
-        desc_gpa: int,
-        driver_gpa: int,
-        device_gpa: int,
-        *,
-        features: int,
-        indirect_area: tuple[int, int] | None = None,
-    ) -> None:
-        view_fn = getattr(mem, "gpa_view", None)
-        self._view: Callable[[int, int], memoryview] = view_fn if view_fn is not None else mem
-        self.size = size
-        self.features = features
-        self.event_idx = bool(features & F_EVENT_IDX)
-        self._views = [
-            self._view(desc_gpa, DESC_SIZE * size),
-            self._view(driver_gpa, EVENT_SIZE),
-            self._view(device_gpa, EVENT_SIZE),
-        ]
-        for v in self._views:
-            v[:] = bytes(len(v))
-        self._bufs = [pffi.from_buffer(v) for v in self._views]
-        self._ring = pffi.cast("struct pvirtq_desc *", self._bufs[0])
-        self._driver_ev = pffi.cast("struct pvirtq_event_suppress *", self._bufs[1])
-        self._device_ev = pffi.cast("struct pvirtq_event_suppress *", self._bufs[2])
-        self._indirect_area = indirect_area
-        self.indirect_slot = 0 if indirect_area is None else (indirect_area[1] // size) & ~15
-        self.next_avail, self.avail_wrap = 0, 1
-        self.next_used, self.used_wrap = 0, 1
-        self.num_free = size
-        self._free_ids = list(range(size - 1, -1, -1))
-        self._inflight: dict[int, tuple[int, int]] = {}
-        self._unpublished: list[tuple[int, int]] = []  # (ring index, head flags)
-        self._kicked = 0
-
-    def _flags(self, wrap: int) -> int:
-        return F_AVAIL if wrap else F_USED
-
-    def add_chain(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]] = (),
-        indirect: bool = False,
-    ) -> int:
-        segs = [(a, n, 0) for a, n in readable] + [(a, n, F_WRITE) for a, n in writable]
-        if not segs:
-            raise ValueError("a chain needs at least one buffer")
-        write_len = sum(n for a, n in writable)
-        need = 1 if indirect else len(segs)
-        if need > self.num_free or not self._free_ids:
-            raise RuntimeError("packed ring full")
-        buf_id = self._free_ids.pop()
-        if indirect:
-            if self._indirect_area is None or len(segs) * DESC_SIZE > self.indirect_slot:
-                raise RuntimeError("indirect table does not fit")
-            gpa = self._indirect_area[0] + buf_id * self.indirect_slot
-            self.write_indirect(gpa, [(a, n, 0, fl) for a, n, fl in segs])
-            segs = [(gpa, len(segs) * DESC_SIZE, F_INDIRECT)]
-        head = self.next_avail
-        head_flags = 0
-        for i, (a, n, fl) in enumerate(segs):
-            last = i + 1 == len(segs)
-            flags = fl | (0 if last else F_NEXT) | self._flags(self.avail_wrap)
-            d = self._ring[self.next_avail]
-            d.addr, d.len, d.id = a, n, buf_id
-            if i == 0:
-                head_flags = flags
-            else:
-                d.flags = flags
-            self.next_avail += 1
-            if self.next_avail == self.size:
-                self.next_avail = 0
-                self.avail_wrap ^= 1
-        self._unpublished.append((head, head_flags))
-        self.num_free -= len(segs)
-        self._inflight[buf_id] = (len(segs), write_len)
-        return buf_id
-
-    def publish(self) -> None:
-        """Make the added chains available: head flags written last, first chain's last."""
-        for idx, flags in reversed(self._unpublished):
-            self._ring[idx].flags = flags
-        self._unpublished.clear()
-
-    def kick_needed(self) -> bool:
-        new = _pos(self.next_avail, self.avail_wrap, self.size)
-        old, self._kicked = self._kicked, new
-        if new == old:
-            return False
-        flags = int(self._device_ev.flags) & 3
-        if flags == RING_EVENT_FLAGS_DISABLE:
-            return False
-        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
-            return packed_need_event(int(self._device_ev.off_wrap), new, old, self.size)
-        return True
-
-    def get_used(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        while True:
-            d = self._ring[self.next_used]
-            flags = int(d.flags)
-            w = bool(self.used_wrap)
-            if bool(flags & F_AVAIL) != w or bool(flags & F_USED) != w:
-                return out
-            buf_id, ln = int(d.id), int(d.len)
-            entry = self._inflight.pop(buf_id, None)
-            if entry is None:
-                raise RuntimeError(f"used id {buf_id} not in flight")
-            if ln > entry[1]:
-                raise RuntimeError(f"used id {buf_id}: len {ln} > {entry[1]}")
-            self.num_free += entry[0]
-            self._free_ids.append(buf_id)
-            self.next_used += entry[0]
-            if self.next_used >= self.size:
-                self.next_used -= self.size
-                self.used_wrap ^= 1
-            out.append((buf_id, ln))
-
-    def set_used_event(self, off: int, wrap: int) -> None:
-        self._driver_ev.off_wrap = (off & 0x7FFF) | (wrap & 1) << 15
-        self._driver_ev.flags = RING_EVENT_FLAGS_DESC
-
-    def set_no_interrupt(self, suppress: bool = True) -> None:
-        self._driver_ev.flags = RING_EVENT_FLAGS_DISABLE if suppress else RING_EVENT_FLAGS_ENABLE
-
-    # hostile helpers
-    def write_desc(self, i: int, addr: int, length: int, buf_id: int, flags: int) -> None:
-        if not 0 <= i < self.size:
-            raise ValueError(f"descriptor {i} is outside the ring of {self.size}")
-        d = self._ring[i]
-        d.addr, d.len = addr & (2**64 - 1), length & U32_MAX
-        d.id, d.flags = buf_id & 0xFFFF, flags & 0xFFFF
-
-    def avail_flags(self, wrap: int | None = None) -> int:
-        """The AVAIL/USED bits that mark a descriptor available for ``wrap`` (default: now)."""
-        return self._flags(self.avail_wrap if wrap is None else wrap)
-
-    def write_indirect(self, gpa: int, descs: Sequence[tuple[int, int, int, int]]) -> None:
-        """Write ``(addr, len, id, flags)`` entries as an indirect table at ``gpa``."""
-        view = self._view(gpa, len(descs) * DESC_SIZE)
-        buf = pffi.from_buffer(view)
-        table = pffi.cast("struct pvirtq_desc *", buf)
-        for i, (a, n, bid, fl) in enumerate(descs):
-            table[i].addr, table[i].len = a & (2**64 - 1), n & U32_MAX
-            table[i].id, table[i].flags = bid & 0xFFFF, fl & 0xFFFF
-        pffi.release(buf)
-        view.release()
-
-    def close(self) -> None:
-        for b in self._bufs:
-            pffi.release(b)
-        for v in self._views:
-            v.release()
-        self._bufs, self._views = [], []
