@@ -72,7 +72,6 @@ class KernelRing:
         self.tx_like = kind in (RING_TX, RING_FREE)
         self.ktail = self.lim if self.tx_like else 0
         self.rtail = self.ktail
-        self.khead_pre = 0
         self.ready_slots = self.lim if self.tx_like else 0
         self.ready_bytes = self.ready_slots * pool.buf_size if self.tx_like else 0
         # Kernel-attached packets per slot (RX/EVENT/ALLOC, waiting for finalize).
@@ -82,6 +81,13 @@ class KernelRing:
         self.alloc_ws = self.lim
         self.alloc_nbufs = 1
         self.stats = RingStats()
+        self._slot_step = {
+            RING_TX: self._take_tx,
+            RING_FREE: self._take_free,
+            RING_RX: self._release_slots,
+            RING_EVENT: self._release_slots,
+            RING_ALLOC: self._taken_by_user,
+        }[kind]
         hdr = self.h32
         self.r32[hdr + RingOff.NUM_SLOTS_W32] = num_slots
         self.r32[hdr + RingOff.KIND_W32] = kind
@@ -126,17 +132,58 @@ class KernelRing:
         """Slots the kernel can still fill (RX/EVENT/ALLOC): one slot stays empty."""
         return self.lim - self._count(self.khead, self.ktail)
 
-    # ------------------------------------------------------------------ TX
-    def txsync_prologue(self) -> tuple[list[int], int]:
-        """Validate head/tail, take the packets in ``[rhead, head)``; returns them + bytes."""
+    # ------------------------------------------------------------------ the sync
+    def prologue(self) -> tuple[list[int], int]:
+        """The prologue of this ring's sync kind (channel_ring.c's ``*_sync_prologue``).
+
+        Read the user's head and tail once and validate them against the kernel's state by
+        the ring's rule (TX/FREE: ``khead <= rhead <= head <= tail == rtail <= ktail``;
+        RX/ALLOC/EVENT: ``khead <= head <= ktail``, tail untouched), then run the kind's
+        per-slot step on the slots in ``[rhead, head)`` (``validate.py``), account them and
+        accept ``head``.  Returns the packets a TX sync took (for the nexus) and the bytes
+        accounted; every other kind returns no packets.
+        """
         head, tail = self._user_head_tail()
-        fail = validate.tx_validate(
-            self.n, self.khead, self.ktail, self.rhead, self.rtail, head, tail
-        )
+        if self.tx_like:
+            fail = validate.tx_validate(
+                self.n, self.khead, self.ktail, self.rhead, self.rtail, head, tail
+            )
+        else:
+            fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
         if fail is not None:
-            raise SyncError(fail[0], SyncKind.TX, self._detail(fail[1], head, tail))
-        slots = self._count(self.rhead, head)
-        pkts, nbytes = validate.tx_take(
+            raise SyncError(fail[0], self.sync_kind, self._detail(fail[1], head, tail))
+        pkts, nbytes = self._slot_step(head, tail)
+        self.stats.update(self._count(self.rhead, head), nbytes)
+        self.rhead = head
+        if not self.tx_like:
+            self.khead = head  # the released slots are the kernel's again at once
+        return pkts, nbytes
+
+    def finalize(self) -> None:
+        """The finalize of this ring's sync kind: publish tail, khead and the ready counts.
+
+        TX-like rings: the nexus consumed everything handed over, so khead catches up and
+        the free space returns to the user.  RX-like rings: externalize what the kernel
+        attached since the last sync (an ALLOC ring first refills to its working set).
+        """
+        if self.tx_like:
+            self.khead = self.rhead
+            self.ktail = self.khead - 1 if self.khead else self.lim
+            self.ready_slots = self.lim
+            self.ready_bytes = self.lim * self.pool.buf_size
+        else:
+            if self.kind == RING_ALLOC:
+                self._refill()
+            nbytes = self._publish_slots(self.rtail, self.klen)
+            if self.klen is not None:
+                self.ready_bytes += nbytes
+            self.ready_slots = self._count(self.rhead, self.ktail)
+        self._publish()
+
+    # ------------------------------------------------------------------ per-slot steps
+    def _take_tx(self, head: int, tail: int) -> tuple[list[int], int]:
+        """TX: internalize and take the packets the user attached (ownership moves)."""
+        return validate.tx_take(
             self.pool,
             self.owner,
             self.r32,
@@ -147,21 +194,45 @@ class KernelRing:
             head,
             SyncKind.TX,
         )
-        self.stats.update(slots, nbytes)
-        self.rhead = head
-        self.khead_pre = self.khead
-        return pkts, nbytes
 
-    def txsync_finalize(self) -> None:
-        """The port consumed everything handed over: khead catches up, free space returns."""
-        self.khead = self.rhead
-        self.ktail = self.khead - 1 if self.khead else self.lim
-        used = self._count(self.khead, self.rhead)
-        self.ready_slots = self.lim - used
-        self.ready_bytes = self.ready_slots * self.pool.buf_size
-        self._publish()
+    def _take_free(self, head: int, tail: int) -> tuple[list[int], int]:
+        """FREE: free every packet the user handed back."""
+        pkts = validate.free_take(
+            self.pool, self.owner, self.r32, self.r16, self.slots_w32, self.n, self.rhead, head
+        )
+        self.pool._release(pkts)
+        return [], 0
 
-    # ------------------------------------------------------------------ RX
+    def _release_slots(self, head: int, tail: int) -> tuple[list[int], int]:
+        """RX/EVENT: the slots the user consumed must have been detached; RX also checks
+        each slot's length and the ready-bytes count against what was published."""
+        nbytes = validate.rx_release_check(
+            self.r32,
+            self.r16,
+            self.slots_w32,
+            self.n,
+            self.rhead,
+            head,
+            self.klen,
+            self.sync_kind,
+            self.pool,
+        )
+        if self.klen is None:
+            return [], 0
+        if nbytes > self.ready_bytes:
+            raise SyncError(
+                KillReason.INCONSISTENT_READY_BYTES,
+                self.sync_kind,
+                self._detail(f"released {nbytes} bytes > ready {self.ready_bytes}", head, tail),
+            )
+        self.ready_bytes -= nbytes
+        return [], nbytes
+
+    def _taken_by_user(self, head: int, tail: int) -> tuple[list[int], int]:
+        """ALLOC: the slots before head were taken by the user (the packets are theirs)."""
+        return [], 0
+
+    # ------------------------------------------------------------------ RX side helpers
     def rx_enqueue(self, pkts: list[int], start: int = 0) -> int:
         """Attach kernel-held packets at ktail (nexus side); returns how many fit."""
         room = self.kernel_space()
@@ -174,36 +245,6 @@ class KernelRing:
             kt = kt + 1 if kt + 1 < n else 0
         self.ktail = kt
         return take
-
-    def rxsync_prologue(self) -> None:
-        """Validate head; the slots in ``[rhead, head)`` come back (detached) to the kernel."""
-        head, tail = self._user_head_tail()
-        fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
-        if fail is not None:
-            raise SyncError(fail[0], self.sync_kind, self._detail(fail[1], head, tail))
-        slots = self._count(self.rhead, head)
-        nbytes = validate.rx_release_check(
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rhead,
-            head,
-            self.klen,
-            self.sync_kind,
-            self.pool,
-        )
-        if self.klen is not None:
-            if nbytes > self.ready_bytes:
-                raise SyncError(
-                    KillReason.INCONSISTENT_READY_BYTES,
-                    self.sync_kind,
-                    self._detail(f"released {nbytes} bytes > ready {self.ready_bytes}", head, tail),
-                )
-            self.ready_bytes -= nbytes
-        self.stats.update(slots, nbytes)
-        self.rhead = head
-        self.khead = head
 
     def _publish_slots(self, start: int, klen: MutableSequence[int] | None) -> int:
         """Hand the packets in slots ``[start, ktail)`` to the user; returns their bytes."""
@@ -220,85 +261,11 @@ class KernelRing:
             klen,
         )
 
-    def rxsync_finalize(self) -> None:
-        """Externalize what arrived since the last sync and publish the new tail."""
-        nbytes = self._publish_slots(self.rtail, self.klen)
-        self.ready_bytes += nbytes
-        self.ready_slots = self._count(self.rhead, self.ktail)
-        self._publish()
-
-    # ------------------------------------------------------------------ ALLOC
-    def alloc_sync_prologue(self) -> None:
-        """Validate head; slots before it were taken by the user (already theirs)."""
-        head, tail = self._user_head_tail()
-        fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
-        if fail is not None:
-            raise SyncError(fail[0], SyncKind.ALLOC, self._detail(fail[1], head, tail))
-        self.stats.update(self._count(self.rhead, head), 0)
-        self.rhead = head
-        self.khead = head
-
-    def alloc_sync_finalize(self) -> None:
-        """Refill the ring up to the working set with fresh packets owned by the channel."""
+    def _refill(self) -> None:
+        """ALLOC: attach fresh packets owned by the channel up to the working set."""
         want = min(self.alloc_ws, self.lim) - self._count(self.khead, self.ktail)
         if want > 0:
-            pkts = self.pool.alloc_packets(want, self.alloc_nbufs)
-            start = self.ktail
-            self.rx_enqueue(pkts)
-            self._publish_slots(start, None)
-        self.ready_slots = self._count(self.rhead, self.ktail)
-        self._publish()
-
-    # ------------------------------------------------------------------ FREE
-    def free_sync_prologue(self) -> int:
-        """Validate head/tail (TX rule) and free every packet handed back; returns count."""
-        head, tail = self._user_head_tail()
-        fail = validate.tx_validate(
-            self.n, self.khead, self.ktail, self.rhead, self.rtail, head, tail
-        )
-        if fail is not None:
-            raise SyncError(fail[0], SyncKind.FREE, self._detail(fail[1], head, tail))
-        slots = self._count(self.rhead, head)
-        pkts = validate.free_take(
-            self.pool, self.owner, self.r32, self.r16, self.slots_w32, self.n, self.rhead, head
-        )
-        self.pool._release(pkts)
-        self.stats.update(slots, 0)
-        self.rhead = head
-        return len(pkts)
-
-    def free_sync_finalize(self) -> None:
-        self.khead = self.rhead
-        self.ktail = self.khead - 1 if self.khead else self.lim
-        self.ready_slots = self.lim
-        self._publish()
-
-    # ------------------------------------------------------------------ EVENT
-    def event_sync_prologue(self) -> None:
-        """Validate head; consumed event slots must have been detached by the user."""
-        head, tail = self._user_head_tail()
-        fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
-        if fail is not None:
-            raise SyncError(fail[0], SyncKind.EVENT, self._detail(fail[1], head, tail))
-        validate.rx_release_check(
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rhead,
-            head,
-            None,
-            SyncKind.EVENT,
-            self.pool,
-        )
-        self.stats.update(self._count(self.rhead, head), 0)
-        self.rhead = head
-        self.khead = head
-
-    def event_sync_finalize(self) -> None:
-        self._publish_slots(self.rtail, None)
-        self.ready_slots = self._count(self.rhead, self.ktail)
-        self._publish()
+            self.rx_enqueue(self.pool.alloc_packets(want, self.alloc_nbufs))
 
     # ------------------------------------------------------------------ teardown
     def reclaim(self) -> int:
