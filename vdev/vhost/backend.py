@@ -50,6 +50,7 @@ from .codec import (
     Request,
     VringAddr,
     VringState,
+    check_fds,
     decode_request,
     encode_config,
     encode_state,
@@ -262,6 +263,11 @@ class VhostUserBackend:
         return self.conn.fileno()
 
     @property
+    def supported_requests(self) -> frozenset[int]:
+        """The front-end requests this backend handles (any other is refused)."""
+        return frozenset(self._handlers)
+
+    @property
     def negotiated_features(self) -> int:
         """Virtio feature bits acked by the front-end (without vhost-user's bit 30)."""
         return self.features & ~F_PROTOCOL_FEATURES
@@ -361,6 +367,8 @@ class VhostUserBackend:
                     "not supported (its feature is not offered)" if known else "unknown request",
                 )
             payload = decode_request(msg.request, msg.payload)
+            # Every request's fd count comes from the codec's table, before any handler.
+            check_fds(msg.request, payload, len(msg.fds))
             log.debug("vhost-user <- %s %s fds=%s", request_name(msg.request), payload, msg.fds)
             reply = handler(msg, payload)
         except ProtocolError as exc:
@@ -398,20 +406,6 @@ class VhostUserBackend:
                 msg.request, "index", f"vring {index} does not exist ({len(self.vrings)} queues)"
             )
         return self.vrings[index]
-
-    @staticmethod
-    def _no_fds(msg: Message) -> None:
-        if msg.fds:
-            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need 0")
-
-    @staticmethod
-    def _fds(msg: Message, n: int) -> None:
-        if len(msg.fds) < n:
-            raise ProtocolError(
-                msg.request, "fds", f"missing fd: {len(msg.fds)} attached, need {n}"
-            )
-        if len(msg.fds) > n:
-            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need {n}")
 
     def _check_ring_fits(self, request: int, v: Vring, mem: GuestMemory) -> None:
         """Every ring area of the negotiated format must be aligned and translate inside one
@@ -533,11 +527,9 @@ class VhostUserBackend:
     # -- features ---------------------------------------------------------------------
 
     def _get_features(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.offered_features)
 
     def _set_features(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         if value & ~self.offered_features:
             raise ProtocolError(
                 msg.request, "features", f"bits {value & ~self.offered_features:#x} not offered"
@@ -557,11 +549,9 @@ class VhostUserBackend:
         return None
 
     def _get_protocol_features(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.offered_protocol_features)
 
     def _set_protocol_features(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         if value & ~self.offered_protocol_features:
             raise ProtocolError(
                 msg.request,
@@ -572,14 +562,12 @@ class VhostUserBackend:
         return None
 
     def _set_owner(self, msg: Message, _p: Empty) -> None:
-        self._no_fds(msg)
         self.owner = True
         return None
 
     def _reset_owner(self, msg: Message, _p: Empty) -> None:
         # Deprecated: "It is recommended that back-ends either ignore this message, or use it
         # to disable all rings."  We disable them and keep the connection state.
-        self._no_fds(msg)
         for v in self.vrings:
             self._set_enabled(msg.request, v, False)
         return None
@@ -622,8 +610,7 @@ class VhostUserBackend:
             old.close()
 
     def _set_mem_table(self, msg: Message, table: MemTable) -> None:
-        # "Memory regions description": one fd per region, same order.
-        self._fds(msg, len(table.regions))
+        # "Memory regions description": one fd per region, same order (dispatch counted them).
         new = GuestMemory()
         try:
             for i, (r, fd) in enumerate(zip(table.regions, msg.fds, strict=True)):
@@ -641,12 +628,10 @@ class VhostUserBackend:
         return None
 
     def _get_max_mem_slots(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.max_mem_slots)
 
     def _add_mem_reg(self, msg: Message, r: MemRegionDesc) -> None:
-        # "Exactly one file descriptor from which the memory is mapped is passed".
-        self._fds(msg, 1)
+        # "Exactly one file descriptor from which the memory is mapped is passed" (counted).
         if self.mem is not None and any(
             (m.gpa, m.size, m.uva, m.mmap_offset) == (r.gpa, r.size, r.uva, r.mmap_offset)
             for m in self.mem.regions
@@ -676,10 +661,7 @@ class VhostUserBackend:
         return None
 
     def _rem_mem_reg(self, msg: Message, r: MemRegionDesc) -> None:
-        # "No file descriptors SHOULD be passed ... the back-end MAY accept messages with one
-        # file descriptor. If a file descriptor is passed, the back-end MUST close it".
-        if len(msg.fds) > 1:
-            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need 0")
+        # At most one fd (codec.REQUEST_FDS); dispatch closes it, as the back-end MUST.
         mem = self.mem
         match = None
         if mem is not None:
@@ -704,7 +686,6 @@ class VhostUserBackend:
     # -- vrings -----------------------------------------------------------------------
 
     def _set_vring_num(self, msg: Message, s: VringState) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
         try:
             self.queue_format.check_size(s.num)  # 2.7: a power of 2; 2.8: any, up to 32768
@@ -719,7 +700,6 @@ class VhostUserBackend:
         return None
 
     def _set_vring_addr(self, msg: Message, a: VringAddr) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, a.index)
         if a.flags & ~VHOST_VRING_F_LOG:
             raise ProtocolError(msg.request, "flags", f"unknown vring flags {a.flags:#x}")
@@ -740,7 +720,6 @@ class VhostUserBackend:
         return None
 
     def _set_vring_base(self, msg: Message, s: VringState) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
         try:
             self.queue_format.check_base(s.num, v.num)  # the format's encoding
@@ -752,7 +731,6 @@ class VhostUserBackend:
         return None
 
     def _get_vring_base(self, msg: Message, s: VringState) -> bytes:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
         # "Ring states": stop the ring upon receiving VHOST_USER_GET_VRING_BASE.  The kick
         # and call fds go too (as in libvhost-user); a restart sends new ones.
@@ -769,9 +747,8 @@ class VhostUserBackend:
         if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
             raise ProtocolError(msg.request, "u64", f"unknown bits {value:#x}")
         v = self._vring(msg, value & VRING_IDX_MASK)
-        nofd = bool(value & VRING_NOFD_MASK)
-        self._fds(msg, 0 if nofd else 1)
-        fd = None if nofd else msg.fds.pop()
+        # Dispatch checked the fd count against the invalid-FD flag (codec.REQUEST_FDS).
+        fd = None if value & VRING_NOFD_MASK else msg.fds.pop()
         if msg.request == Request.SET_VRING_KICK:
             # The kick fd is watched while the ring runs: take the ring away while it changes.
             self._announce_stopped(v)
@@ -791,7 +768,6 @@ class VhostUserBackend:
         return None
 
     def _set_vring_enable(self, msg: Message, s: VringState) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
         if s.num not in (0, 1):
             raise ProtocolError(msg.request, "num", f"enable must be 0 or 1, got {s.num}")
@@ -800,13 +776,11 @@ class VhostUserBackend:
         return None
 
     def _get_queue_num(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(len(self.vrings))
 
     # -- device-level -----------------------------------------------------------------
 
     def _net_set_mtu(self, msg: Message, mtu: int) -> None:
-        self._no_fds(msg)
         if not self.offered_protocol_features & (1 << ProtocolFeature.MTU):
             raise ProtocolError(msg.request, "request", "MTU protocol feature not offered")
         if not 68 <= mtu <= 65535:
@@ -819,13 +793,11 @@ class VhostUserBackend:
         return None
 
     def _send_rarp(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         mac = value.to_bytes(8, "little")[:6]
         log.info("SEND_RARP for %s accepted (ignored)", mac.hex(":"))
         return None
 
     def _set_status(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         if value > 0xFF:
             raise ProtocolError(msg.request, "status", f"{value:#x} is not a u8")
         # QEMU 7.2 sends SET_STATUS 0 *before* GET_VRING_BASE on stop: status 0 must not
@@ -834,18 +806,15 @@ class VhostUserBackend:
         return None
 
     def _get_status(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.status)
 
     def _set_backend_req_fd(self, msg: Message, _p: Empty) -> None:
-        self._fds(msg, 1)
         old, self.backend_req_fd = self.backend_req_fd, msg.fds.pop()
         if old is not None:
             close_fds([old])
         return None
 
     def _get_config(self, msg: Message, cfg: Config) -> bytes:
-        self._no_fds(msg)
         # "back-end uses zero length of payload to indicate an error".
         if not self.has_protocol_feature(ProtocolFeature.CONFIG):
             log.error("vhost-user: GET_CONFIG without the CONFIG protocol feature")

@@ -301,6 +301,66 @@ REQUEST_KIND: dict[int, Kind] = {
     Request.CHECK_DEVICE_STATE: Kind.EMPTY,
 }
 
+class Fds(enum.Enum):
+    """How many file descriptors a request carries (each request's text in the spec)."""
+
+    NONE = "none"
+    ONE = "one"
+    PER_REGION = "one per region"  # SET_MEM_TABLE, "Memory regions description"
+    UNLESS_NOFD = "one, unless the invalid-FD flag (bit 8) is set"  # SET_VRING_KICK/CALL/ERR
+    # REM_MEM_REG: "No file descriptors SHOULD be passed ... the back-end MAY accept messages
+    # with one file descriptor. If a file descriptor is passed, the back-end MUST close it".
+    AT_MOST_ONE = "none, or one that is closed"
+
+
+# The fds of every request that carries any; every other request carries none.  Dispatch
+# enforces this table (check_fds) before any handler runs, so a handler cannot forget to.
+REQUEST_FDS: dict[int, Fds] = {
+    Request.SET_MEM_TABLE: Fds.PER_REGION,
+    Request.SET_LOG_BASE: Fds.ONE,  # the log's shared memory (LOG_SHMFD)
+    Request.SET_LOG_FD: Fds.ONE,
+    Request.SET_VRING_KICK: Fds.UNLESS_NOFD,
+    Request.SET_VRING_CALL: Fds.UNLESS_NOFD,
+    Request.SET_VRING_ERR: Fds.UNLESS_NOFD,
+    Request.SET_SLAVE_REQ_FD: Fds.ONE,
+    Request.SET_INFLIGHT_FD: Fds.ONE,
+    Request.GPU_SET_SOCKET: Fds.ONE,
+    Request.ADD_MEM_REG: Fds.ONE,  # "Exactly one file descriptor ... is passed"
+    Request.REM_MEM_REG: Fds.AT_MOST_ONE,
+    Request.SET_DEVICE_STATE_FD: Fds.ONE,
+}
+
+
+def fds_rule(request: int) -> Fds:
+    return REQUEST_FDS.get(request, Fds.NONE)
+
+
+def expected_fds(request: int, payload: AnyPayload) -> tuple[int, int]:
+    """The (fewest, most) fds a request with this decoded payload may carry."""
+    rule = fds_rule(request)
+    if rule is Fds.NONE:
+        return 0, 0
+    if rule is Fds.ONE:
+        return 1, 1
+    if rule is Fds.AT_MOST_ONE:
+        return 0, 1
+    if rule is Fds.PER_REGION:
+        n = len(payload.regions) if isinstance(payload, MemTable) else 0
+        return n, n
+    nofd = isinstance(payload, int) and bool(payload & VRING_NOFD_MASK)
+    return (0, 0) if nofd else (1, 1)
+
+
+def check_fds(request: int, payload: AnyPayload, nfds: int) -> None:
+    """ProtocolError naming ``fds`` unless ``nfds`` is what the request may carry."""
+    lo, hi = expected_fds(request, payload)
+    need = f"{lo}" if lo == hi else f"{lo}..{hi}"
+    if nfds < lo:
+        raise ProtocolError(request, "fds", f"missing fd: {nfds} attached, need {need}")
+    if nfds > hi:
+        raise ProtocolError(request, "fds", f"extra fd: {nfds} attached, need {need}")
+
+
 # Requests whose reply is defined by the spec ("Communication", plus the later additions);
 # every other request is answered only through REPLY_ACK.
 HAS_REPLY: frozenset[int] = frozenset(
