@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeGuard
 
+from vdev.errors import VdevError
 from vdev.faults.engine import DeviceFault, FaultEngine
 from vdev.faults.rules import Rule, SpecError, build_rule
 
@@ -67,7 +68,7 @@ STEP_KEYS: dict[str, set[str]] = {
 EXPECT_KEYS = {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals", "name"}
 
 
-class ScenarioError(ValueError):
+class ScenarioError(VdevError, ValueError):
     """A scenario file is invalid: the message starts with ``file:line:`` when known."""
 
 

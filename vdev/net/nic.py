@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from vdev.abi import lib
+from vdev.errors import DefunctError, KillReason, SyncError, SyncKind
 from vdev.net.checksum import complete_checksum
 from vdev.skywalk import Pbufpool
-from vdev.skywalk.errors import DefunctError, KillReason, PoolError, SyncError, SyncKind
+from vdev.skywalk.errors import PoolError
 
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring

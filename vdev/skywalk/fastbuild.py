@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from vdev.errors import VdevError
 from vdev.filelock import file_lock
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ MODULE_NAME = "_vdev_skywalk_fastpath"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing")
 
 
-class FastBuildError(RuntimeError):
+class FastBuildError(VdevError, RuntimeError):
     """The extension could not be built (no compiler, compile error, missing cffi)."""
 
 

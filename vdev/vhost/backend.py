@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vdev.skywalk.errors import SyncKind
+from vdev.errors import SyncKind
 from vdev.virtio.memory import GuestMemory, MemoryFault
 from vdev.virtio.queue import F_RING_PACKED, QueueFormat, VirtQueue, queue_format
 

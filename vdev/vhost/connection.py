@@ -23,6 +23,8 @@ import stat
 import time
 from collections.abc import Iterable, Sequence
 
+from vdev.errors import VdevError
+
 from .codec import (
     HEADER_SIZE,
     VERSION,
@@ -59,7 +61,7 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-class PeerClosed(Exception):
+class PeerClosed(VdevError):
     """The peer closed the connection (EOF or reset)."""
 
 

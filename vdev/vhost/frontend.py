@@ -20,6 +20,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vdev.errors import VdevError
 from vdev.virtio.memory import MemoryFault
 
 from .codec import (
@@ -59,7 +60,7 @@ QEMU_HIGH_START = 0xC0000
 DEFAULT_UVA_BASE = 0x7F3A_0000_0000
 
 
-class VhostUserError(Exception):
+class VhostUserError(VdevError):
     """The backend refused a request (non-zero REPLY_ACK) or answered nonsense."""
 
 

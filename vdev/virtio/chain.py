@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vdev.abi import ffi, lib
+from vdev.errors import VdevError
 from vdev.virtio.memory import MemoryFault
 
 F_NEXT: int = lib.VRING_DESC_F_NEXT
@@ -34,7 +35,7 @@ MAX_INDIRECT = 65536
 GpaView = Callable[[int, int], memoryview]
 
 
-class ChainViolation(Exception):
+class ChainViolation(VdevError):
     """The chain breaks a rule of 2.7.5; ``str()`` is the detail for the SyncError."""
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from vdev.abi import ffi, lib
+from vdev.errors import VdevError
 from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, ring_sizes, vring_need_event
 
 F_NEXT: int = lib.VRING_DESC_F_NEXT
@@ -39,7 +40,7 @@ class HasGpaView(Protocol):
 MemAccess = HasGpaView | Callable[[int, int], memoryview]
 
 
-class DriverError(Exception):
+class DriverError(VdevError):
     """The device broke the contract as seen by the driver, or the driver was misused."""
 
 

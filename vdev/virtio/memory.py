@@ -14,8 +14,10 @@ import mmap
 import os
 from dataclasses import dataclass, field
 
+from vdev.errors import VdevError
 
-class MemoryFault(Exception):
+
+class MemoryFault(VdevError):
     """An address range the guest named is not inside guest memory."""
 
 

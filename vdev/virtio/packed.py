@@ -23,7 +23,7 @@ from typing import Any
 
 from cffi import FFI
 
-from vdev.skywalk.errors import KillReason, SyncError, SyncKind
+from vdev.errors import KillReason, SyncError, SyncKind
 from vdev.virtio.chain import U32_MAX, Chain
 from vdev.virtio.memory import GuestMemory, MemoryFault
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea, VirtqueueStats

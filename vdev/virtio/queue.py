@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vdev.abi import lib
-from vdev.skywalk.errors import DefunctError, SyncError, SyncKind
+from vdev.errors import DefunctError, SyncError, SyncKind
 from vdev.virtio.memory import GuestMemory, MemoryFault
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ import sys
 from typing import Any
 
 from vdev.abi import ffi, lib
-from vdev.skywalk.errors import KillReason, SyncError, SyncKind
+from vdev.errors import KillReason, SyncError, SyncKind
 from vdev.virtio.chain import Chain, ChainViolation, walk_chain
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea, VirtqueueStats
