@@ -75,7 +75,7 @@ DEFAULT_FEATURES = (
 
 
 @dataclass
-class QueueStats:
+class NicQueueStats:
     """Counters of one virtqueue, as ``vdev serve`` prints them on exit."""
 
     frames: int = 0
@@ -175,7 +175,7 @@ class VirtioNet:
         self.negotiated = 0
         self.link_up = True
         self.vrings: dict[int, Vring] = {}
-        self.stats: dict[int, QueueStats] = {i: QueueStats() for i in range(2 * queue_pairs)}
+        self.stats: dict[int, NicQueueStats] = {i: NicQueueStats() for i in range(2 * queue_pairs)}
         self.backlog: deque[int] = deque()
         self.tx_hooks: list[PacketHook] = []
         self.rx_hooks: list[PacketHook] = []
@@ -373,7 +373,7 @@ class VirtioNet:
             self.forward(self.name, pkts)
         return consumed
 
-    def _internalize_tx(self, chain: Chain, hlen: int, stats: QueueStats) -> int | None:
+    def _internalize_tx(self, chain: Chain, hlen: int, stats: NicQueueStats) -> int | None:
         if chain.read_len < hlen + 14:
             stats.drop("runt")
             return None
@@ -491,7 +491,7 @@ class VirtioNet:
                 done_vring.queue.flush_used()
                 self._maybe_notify(done_vring.queue, index)
 
-    def _write_rx(self, queue: VirtQueue, index: int, pkt: int, stats: QueueStats) -> bool:
+    def _write_rx(self, queue: VirtQueue, index: int, pkt: int, stats: NicQueueStats) -> bool:
         """Write one frame into guest buffers; False when the guest has not posted enough."""
         frame = self.pool.packet_bytes(pkt)
         vnet = self.pool.packet_vnet(pkt) or bytes(NET_HDR_LEN)
@@ -577,7 +577,7 @@ class VirtioNet:
 __all__ = [
     "DEFAULT_FEATURES",
     "KillReason",
-    "QueueStats",
+    "NicQueueStats",
     "VirtioNet",
     "is_tx",
     "net_queue_direction",
