@@ -30,6 +30,7 @@ from vdev.errors import DefunctError, KillReason, SyncError, SyncKind
 from vdev.net.checksum import complete_checksum
 from vdev.skywalk import Pbufpool
 from vdev.skywalk.errors import PoolError
+from vdev.vhost.codec import ProtocolFeature
 
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring
@@ -44,8 +45,6 @@ LEGACY_HDR_LEN = 10  # 5.1.6.1 "Legacy Interface: Device Operation" without MRG_
 MAX_FRAME = 65550  # a 64 KiB GSO frame plus its Ethernet header
 RX_BACKLOG = 512  # frames held per NIC while the guest refills its RX ring
 TX_BUDGET = 256  # chains per TX kick before letting other work run
-
-VHOST_USER_PROTOCOL_F_NET_MTU = 4  # vhost-user.rst, "Protocol features"
 
 
 def bit(n: int) -> int:
@@ -193,7 +192,7 @@ class VirtioNet:
         return self.offered
 
     def protocol_features(self) -> int:
-        return bit(VHOST_USER_PROTOCOL_F_NET_MTU)
+        return bit(ProtocolFeature.MTU)  # NET_SET_MTU
 
     def max_queues(self) -> int:
         # Virtqueues the backend must track: RX and TX per pair (QEMU keeps the control

@@ -30,13 +30,13 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from vdev.abi import ABI_DIR
 from vdev.errors import VdevError
 from vdev.filelock import file_lock
 
 log = logging.getLogger(__name__)
 
 SKYWALK_DIR = Path(__file__).resolve().parent
-ABI_DIR = SKYWALK_DIR.parent / "abi"
 C_SOURCE = SKYWALK_DIR / "fastpath.c"
 C_HEADER = SKYWALK_DIR / "fastpath.h"
 ABI_HEADER = ABI_DIR / "skywalk.h"

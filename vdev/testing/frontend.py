@@ -25,14 +25,13 @@ import time
 from dataclasses import dataclass, field
 
 from vdev.abi import lib
+from vdev.net.nic import LEGACY_HDR_LEN, NET_HDR_LEN
 from vdev.vhost.connection import Listener, connect
 from vdev.vhost.frontend import FrontendConfig, FrontendMemory, VhostUserFrontend
 from vdev.virtio.driver import DriverQueue
 from vdev.virtio.packed_driver import PackedDriverQueue
 from vdev.virtio.queue import F_RING_PACKED, queue_format
 
-NET_HDR_LEN = 12
-LEGACY_HDR_LEN = 10
 # What QEMU 7.2 sends with SET_VRING_BASE for a fresh packed ring
 # (virtio_queue_packed_get_last_avail_idx): avail index 0, wrap 1; used index 0, wrap 1.
 PACKED_FRESH_BASE = 0x8000 | 0x8000 << 16

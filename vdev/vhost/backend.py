@@ -34,10 +34,10 @@ from vdev.virtio.memory import GuestMemory, MemoryFault
 from vdev.virtio.queue import F_RING_PACKED, QueueFormat, VirtQueue, queue_format
 
 from .codec import (
+    F_PROTOCOL_FEATURES,
     FLAG_REPLY,
     HAS_REPLY,
     VERSION,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     Config,
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vdev.vhost")
 
-F_PROTOCOL_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 
 # Protocol features this backend always offers.  MQ: "Back-ends should always implement the
 # VHOST_USER_PROTOCOL_F_MQ protocol feature" ("Multiple queue support").

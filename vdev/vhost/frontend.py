@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 
 from vdev.errors import VdevError
 from vdev.virtio.memory import MemoryFault
+from vdev.virtio.queue import F_RING_PACKED
 
 from .codec import (
+    F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     HAS_REPLY,
     VERSION,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     MemRegionDesc,
     Message,
     ProtocolError,
@@ -48,7 +49,6 @@ from .connection import Connection, Listener, close_fds, connect
 
 log = logging.getLogger("vdev.vhost")
 
-F_PROTOCOL_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 STATUS_ACKNOWLEDGE = 1
 STATUS_DRIVER = 2
 STATUS_DRIVER_OK = 4
@@ -351,7 +351,7 @@ class VhostUserFrontend:
         if features is None:
             # QEMU 7.2's virtio-net-pci defaults to packed=off: VIRTIO_F_RING_PACKED (bit 34)
             # is only acked when asked for explicitly.
-            features = self.backend_features & ~F_PROTOCOL_FEATURES & ~(1 << 34)
+            features = self.backend_features & ~F_PROTOCOL_FEATURES & ~F_RING_PACKED
         features |= self.backend_features & F_PROTOCOL_FEATURES
         self.request(Request.SET_FEATURES, encode_u64(features))
         self.acked_features = features

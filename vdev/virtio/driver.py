@@ -21,14 +21,11 @@ from typing import Any, Protocol
 
 from vdev.abi import ffi, lib
 from vdev.errors import VdevError
+from vdev.virtio.chain import DESC_SIZE as _DESC_SIZE
+from vdev.virtio.chain import F_INDIRECT, F_NEXT, F_WRITE
 from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, ring_sizes, vring_need_event
-
-F_NEXT: int = lib.VRING_DESC_F_NEXT
-F_WRITE: int = lib.VRING_DESC_F_WRITE
-F_INDIRECT: int = lib.VRING_DESC_F_INDIRECT
-_DESC_SIZE: int = ffi.sizeof("struct vring_desc")
-_USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
-_USED_ELEM: int = ffi.sizeof("struct vring_used_elem")
+from vdev.virtio.split import USED_ELEM as _USED_ELEM
+from vdev.virtio.split import USED_HDR as _USED_HDR
 
 Segment = tuple[int, int]  # (gpa, len)
 

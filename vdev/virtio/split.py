@@ -28,7 +28,7 @@ from typing import Any
 
 from vdev.abi import ffi, lib
 from vdev.errors import KillReason, SyncError, SyncKind
-from vdev.virtio.chain import Chain, ChainViolation, walk_chain
+from vdev.virtio.chain import DESC_SIZE, Chain, ChainViolation, walk_chain
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea, VirtqueueStats
 
@@ -47,19 +47,18 @@ F_NOTIFY_ON_EMPTY = 1 << lib.VIRTIO_F_NOTIFY_ON_EMPTY
 F_ANY_LAYOUT = 1 << lib.VIRTIO_F_ANY_LAYOUT
 F_VERSION_1 = 1 << lib.VIRTIO_F_VERSION_1
 
-_DESC_SIZE: int = ffi.sizeof("struct vring_desc")
-_AVAIL_HDR: int = ffi.sizeof("struct vring_avail_hdr")
-_USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
-_USED_ELEM: int = ffi.sizeof("struct vring_used_elem")
+AVAIL_HDR: int = ffi.sizeof("struct vring_avail_hdr")
+USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
+USED_ELEM: int = ffi.sizeof("struct vring_used_elem")
 
 
 def ring_sizes(size: int) -> tuple[int, int, int]:
     """Bytes of (descriptor table, avail ring, used ring) for ``size`` entries, with the
     EVENT_IDX trailer fields (2.7.5, 2.7.6, 2.7.8)."""
     return (
-        _DESC_SIZE * size,
-        _AVAIL_HDR + 2 * size + 2,
-        _USED_HDR + _USED_ELEM * size + 2,
+        DESC_SIZE * size,
+        AVAIL_HDR + 2 * size + 2,
+        USED_HDR + USED_ELEM * size + 2,
     )
 
 
@@ -203,8 +202,8 @@ class SplitQueue(QueueLifecycle):
         self._used_event_i = 2 + self.size
         # used as u16s: [0] flags, [1] idx, [2 + 4*size] avail_event; elements after 4 bytes
         self._used16 = ffi.cast("uint16_t *", bufs[2])
-        self._used_elems = ffi.cast("struct vring_used_elem *", bufs[2] + _USED_HDR)
-        self._avail_event_i = (_USED_HDR + _USED_ELEM * self.size) // 2
+        self._used_elems = ffi.cast("struct vring_used_elem *", bufs[2] + USED_HDR)
+        self._avail_event_i = (USED_HDR + USED_ELEM * self.size) // 2
         self.mem = mem
 
     def _release(self) -> None:
