@@ -1,8 +1,9 @@
 """vhost-user front-end (master side): what tests, fuzzers and benchmarks use instead of QEMU.
 
-:class:`VhostUserFrontend` replays QEMU 7.2's message order for a vhost-user NIC (see
-``machine-notes.md``, "vhost-user NIC"), with switches for each optional protocol feature, so
-a backend is exercised exactly as QEMU would exercise it.  :meth:`VhostUserFrontend.send_raw`
+:class:`VhostUserFrontend` replays QEMU 7.2's message order for a vhost-user NIC (recorded in
+``tests/vhost/helpers.py``, ``QEMU_HANDSHAKE``/``RING_SETUP``, and checked against a real QEMU
+by ``tests/vhost/test_qemu.py``), with switches for each optional protocol feature, so a
+backend is exercised exactly as QEMU would exercise it.  :meth:`VhostUserFrontend.send_raw`
 and :meth:`VhostUserFrontend.recv_reply` bypass every rule for hostile tests.
 
 :class:`FrontendMemory` is the "guest RAM": one memfd shared as one region or, like QEMU with
