@@ -24,8 +24,18 @@ from typing import Any
 from cffi import FFI
 
 from vdev.errors import KillReason, SyncError, SyncKind
-from vdev.virtio.chain import U32_MAX, Chain
-from vdev.virtio.memory import GuestMemory, MemoryFault
+
+# The packed descriptor flags keep the split ring's values (2.8, "struct pvirtq_desc").
+from vdev.virtio.chain import (
+    F_INDIRECT,
+    F_NEXT,
+    F_WRITE,
+    Chain,
+    ChainViolation,
+    Segments,
+    indirect_table,
+)
+from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea, VirtqueueStats
 from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1
 
@@ -37,17 +47,13 @@ pffi.cdef(
     """
 )
 
-F_NEXT = 1
-F_WRITE = 2
-F_INDIRECT = 4
 F_AVAIL = 1 << 7
 F_USED = 1 << 15
 # 2.8.10 "Event Suppression Structure Format"
 RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2
-MAX_INDIRECT = 65536
-DESC_SIZE: int = pffi.sizeof("struct pvirtq_desc")
+DESC_SIZE: int = pffi.sizeof("struct pvirtq_desc")  # 16, as an indirect table entry
 EVENT_SIZE: int = pffi.sizeof("struct pvirtq_event_suppress")
 
 
@@ -295,101 +301,80 @@ class PackedQueue(QueueLifecycle):
         """Take the next available buffer, validated, or None."""
         self._check()
         ring = self._ring
-        size = self.size
-        start = idx = self._avail_idx
+        start = self._avail_idx
         wrap = self.avail_wrap
-        token = self.last_avail_idx
-        first_flags = int(ring[idx].flags)
+        first_flags = int(ring[start].flags)
         if not self._is_avail(first_flags, wrap):
             return None
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        read_len = write_len = 0
-        seen_writable = False
+        where = f"avail desc {start} (wrap {wrap})"
+        try:
+            return self._walk(start, wrap, first_flags)
+        except ChainViolation as exc:
+            raise self._violation(f"{where}: {exc}") from None
+
+    def _walk(self, start: int, wrap: int, first_flags: int) -> Chain:
+        """2.8.6 "Next Flag: Descriptor Chaining": the chain is consecutive ring entries
+        linked by NEXT, each marked available, the buffer id in the last one; the buffers are
+        checked by the shared :class:`Segments`, INDIRECT by :func:`indirect_table`."""
+        ring = self._ring
+        size = self.size
+        token = self.last_avail_idx
+        segs = Segments(
+            self.mem.gpa_view,
+            allow_readable=self.readable_allowed,
+            allow_writable=self.writable_expected,
+        )
+        idx = start
         count = 0
         buf_id = 0
         indirect = False
-        where = f"avail desc {start} (wrap {wrap})"
         while True:
             d = ring[idx]
             # 2.8.13: flags are written last by the driver; read them before the rest.
             flags = int(d.flags) if count else first_flags
             if count and not self._is_avail(flags, wrap):
-                raise self._violation(
-                    f"{where}: chain entry {idx} is not available (flags {flags:#x}, wrap {wrap})"
+                raise ChainViolation(
+                    f"chain entry {idx} is not available (flags {flags:#x}, wrap {wrap})"
                 )
             addr, length, buf_id = int(d.addr), int(d.len), int(d.id)
             count += 1
             if count > size:
-                raise self._violation(f"{where}: chain longer than the queue size {size}")
+                raise ChainViolation(f"chain longer than the queue size {size}")
             if flags & F_INDIRECT:
                 # 2.8.7 "Indirect Flag: Scatter-Gather Support"
-                if not self.indirect:
-                    raise self._violation(f"{where}: desc {idx} INDIRECT not negotiated")
-                if flags & F_NEXT:
-                    raise self._violation(f"{where}: desc {idx} has both INDIRECT and NEXT")
-                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
-                    raise self._violation(
-                        f"{where}: desc {idx} indirect table len {length} is not a non-zero "
-                        f"multiple of {DESC_SIZE} (at most {MAX_INDIRECT} entries)"
-                    )
-                try:
-                    tview = self.mem.gpa_view(addr, length)
-                except MemoryFault as exc:
-                    raise self._violation(
-                        f"{where}: indirect table {addr:#x}+{length:#x} outside guest memory: {exc}"
-                    ) from None
+                tview, n = indirect_table(
+                    self.mem.gpa_view, f"desc {idx}", addr, length, flags, indirect_ok=self.indirect
+                )
                 tbuf = pffi.from_buffer(tview)
                 try:
                     table = pffi.cast("struct pvirtq_desc *", tbuf)
-                    for i in range(length // DESC_SIZE):
+                    for i in range(n):
                         t = table[i]
                         tf, ta, tl = int(t.flags), int(t.addr), int(t.len)
                         if tf & F_INDIRECT:
-                            raise self._violation(f"{where}: nested indirect at table entry {i}")
+                            raise ChainViolation(f"nested indirect at table entry {i}")
                         # NEXT is meaningless inside a packed indirect table: the table's
                         # length delimits the chain.
-                        seen_writable, read_len, write_len = self._segment(
-                            f"{where}: indirect entry {i}",
-                            ta,
-                            tl,
-                            tf,
-                            seen_writable,
-                            readable,
-                            writable,
-                            read_len,
-                            write_len,
-                        )
+                        segs.add("indirect entry", i, ta, tl, tf)
                 finally:
                     pffi.release(tbuf)
                 indirect = True
             else:
-                seen_writable, read_len, write_len = self._segment(
-                    f"{where}: desc {idx}",
-                    addr,
-                    length,
-                    flags,
-                    seen_writable,
-                    readable,
-                    writable,
-                    read_len,
-                    write_len,
-                )
+                segs.add("desc", idx, addr, length, flags)
             idx += 1
             if idx == size:
                 idx = 0
                 wrap ^= 1
             if not flags & F_NEXT:
                 break
-        if read_len > U32_MAX or write_len > U32_MAX:
-            raise self._violation(f"{where}: total length overflows 32 bits")
+        chain = segs.finish(buf_id, count, indirect, where="chain")
         # 2.8.6: the buffer id is in the last descriptor of the chain.
         if buf_id >= size:
-            raise self._violation(f"{where}: buffer id {buf_id} >= queue size {size}")
+            raise ChainViolation(f"buffer id {buf_id} >= queue size {size}")
         if self._inflight[buf_id]:
-            raise self._violation(f"{where}: buffer id {buf_id} is still in flight")
+            raise ChainViolation(f"buffer id {buf_id} is still in flight")
         self._avail_idx, self.avail_wrap = idx, wrap
-        self._inflight[buf_id] = write_len + 1
+        self._inflight[buf_id] = chain.write_len + 1
         self._ndesc[buf_id] = count
         self._popped.append((token, buf_id))
         if len(self._popped) > size:
@@ -400,41 +385,8 @@ class PackedQueue(QueueLifecycle):
             self._scan_end = None
         self.stats.chains += 1
         self.stats.descriptors += count
-        self.stats.bytes_read += read_len
-        return Chain(buf_id, readable, writable, read_len, write_len, count, indirect)
-
-    def _segment(
-        self,
-        where: str,
-        addr: int,
-        length: int,
-        flags: int,
-        seen_writable: bool,
-        readable: list[memoryview],
-        writable: list[memoryview],
-        read_len: int,
-        write_len: int,
-    ) -> tuple[bool, int, int]:
-        if flags & F_WRITE:
-            if not self.writable_expected:
-                raise self._violation(f"{where} is device-writable on a queue the device reads")
-            seen_writable = True
-            write_len += length
-        else:
-            if not self.readable_allowed:
-                raise self._violation(f"{where} is device-readable on a queue the device writes")
-            if seen_writable:
-                raise self._violation(f"{where} is device-readable after a device-writable one")
-            read_len += length
-        if length:
-            try:
-                seg = self.mem.gpa_view(addr, length)
-            except MemoryFault as exc:
-                raise self._violation(
-                    f"{where}: buffer {addr:#x}+{length:#x} outside guest memory: {exc}"
-                ) from None
-            (writable if flags & F_WRITE else readable).append(seg)
-        return seen_writable, read_len, write_len
+        self.stats.bytes_read += chain.read_len
+        return chain
 
     def rewind(self, avail_idx: int) -> None:
         """Give back the buffers popped since token ``avail_idx`` (a :attr:`last_avail_idx`
@@ -590,3 +542,22 @@ class PackedQueue(QueueLifecycle):
             f"avail={self._avail_idx}/{self.avail_wrap}, used={self.used_idx}/{self.used_wrap}, "
             f"{state})"
         )
+
+
+__all__ = [
+    "DESC_SIZE",
+    "EVENT_SIZE",
+    "F_AVAIL",
+    "F_INDIRECT",
+    "F_NEXT",
+    "F_USED",
+    "F_WRITE",
+    "RING_EVENT_FLAGS_DESC",
+    "RING_EVENT_FLAGS_DISABLE",
+    "RING_EVENT_FLAGS_ENABLE",
+    "PackedQueue",
+    "packed_need_event",
+    "packed_ring_sizes",
+    "pffi",
+    "ring_pos",
+]
