@@ -8,7 +8,7 @@ name, so a stale build is never loaded.  Like ``images/bare.py``, the build runs
 file lock in a temporary directory and the result is renamed into place, so concurrent
 sessions never load a half-written library.
 
-Nothing is built at import time of ``vdev``: :func:`load` is called by ``validate.py`` and
+Nothing is built at import time of ``vdev``: :func:`load` is called by ``fastglue.py`` and
 builds once (announcing it on one stderr line); a machine without a compiler gets one
 logged warning and the Python path.
 """

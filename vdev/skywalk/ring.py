@@ -200,7 +200,7 @@ class KernelRing:
         pkts = validate.free_take(
             self.pool, self.owner, self.r32, self.r16, self.slots_w32, self.n, self.rhead, head
         )
-        self.pool._release(pkts)
+        self.pool.free_taken(pkts)
         return [], 0
 
     def _release_slots(self, head: int, tail: int) -> tuple[list[int], int]:
@@ -274,7 +274,7 @@ class KernelRing:
         for s in range(self.n):
             self.ksd[s] = NO_INDEX
         if held:
-            self.pool._release(held)
+            self.pool.free_taken(held)
         return len(held)
 
     def release(self) -> None:
