@@ -2,45 +2,32 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from vdev.faults import FaultEngine, ManualClock, NicFaults
 from vdev.net.nic import VirtioNet
 from vdev.skywalk.pool import Pbufpool
+from vdev.testing import frames
 
 DST = b"\x52\x54\x00\x12\x34\x56"
 SRC = b"\x52\x54\x00\x00\x00\xfe"
 
 
+# The fault tests' frames, from vdev.testing.frames: guest (this NIC's MAC) to the
+# responder's MAC, ip id 0 and IP checksums left 0 (the faults never look at them).
 def udp_frame(sport: int = 1000, dport: int = 2000, payload: bytes = b"x" * 32) -> bytes:
-    """Ethernet + IPv4 + UDP (checksums left 0: the faults never look at them)."""
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(udp),
-        0,
-        0,
-        64,
-        17,
-        0,
-        bytes([10, 0, 2, 15]),
-        bytes([10, 0, 2, 2]),
-    )
-    return DST + SRC + b"\x08\x00" + ip + udp
+    """Ethernet + IPv4 + UDP."""
+    return frames.udp(dport, payload, sport, DST, SRC, ip_id=0, ip_checksum=False)
 
 
 def tcp_frame(sport: int = 1000, dport: int = 80) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, 0x02, 1024, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, bytes(4), bytes(4))
-    return DST + SRC + b"\x08\x00" + ip + tcp
+    """Ethernet + IPv4 (addresses 0) + TCP SYN."""
+    return frames.tcp(dport, sport, DST, SRC, bytes(4), bytes(4), ip_id=0, ip_checksum=False)
 
 
 def arp_frame() -> bytes:
-    return b"\xff" * 6 + SRC + b"\x08\x06" + bytes(28)
+    return frames.eth(b"\xff" * 6, SRC, 0x0806, bytes(28))
 
 
 @dataclass
