@@ -23,6 +23,7 @@ from vdev.abi import ffi, lib
 from vdev.errors import VdevError
 from vdev.virtio.chain import DESC_SIZE as _DESC_SIZE
 from vdev.virtio.chain import F_INDIRECT, F_NEXT, F_WRITE
+from vdev.virtio.memory import release_views
 from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, ring_sizes, vring_need_event
 from vdev.virtio.split import USED_ELEM as _USED_ELEM
 from vdev.virtio.split import USED_HDR as _USED_HDR
@@ -324,9 +325,4 @@ class DriverQueue:
 
     def close(self) -> None:
         """Release the views onto guest memory."""
-        for b in self._bufs:
-            ffi.release(b)
-        for v in self._views:
-            v.release()
-        self._bufs = []
-        self._views = []
+        release_views(ffi, self._bufs, self._views)

@@ -18,9 +18,6 @@ cffi ``cdef`` (no ``struct`` format strings) until the ABI owner moves them ther
 
 from __future__ import annotations
 
-import sys
-from typing import Any
-
 from cffi import FFI
 
 from vdev.errors import KillReason, SyncError, SyncKind
@@ -35,8 +32,8 @@ from vdev.virtio.chain import (
     Segments,
     indirect_table,
 )
-from vdev.virtio.memory import GuestMemory
-from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea, VirtqueueStats
+from vdev.virtio.memory import GuestMemory, release_views
+from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
 from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1
 
 pffi = FFI()
@@ -139,25 +136,10 @@ class PackedQueue(QueueLifecycle):
         addr_space: str = "uva",
         sync: SyncKind,
     ) -> None:
-        if sys.byteorder != "little":
-            raise RuntimeError("vdev virtqueues assume a little-endian host")
-        try:
-            self.check_size(size)
-        except ValueError as exc:
-            raise ValueError(f"virtqueue {index}: {exc}") from None
-        if addr_space not in ("uva", "gpa"):
-            raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
-        self.mem = mem
-        self.index = index
-        self.size = size
+        self._setup(mem, index, size, addr_space, features, sync)
         self.desc_addr = desc_addr
         self.driver_addr = driver_addr
         self.device_addr = device_addr
-        self.addr_space = addr_space
-        self.features = features
-        self.sync: SyncKind = sync
-        self.writable_expected = self.sync is not SyncKind.TX
-        self.readable_allowed = self.sync is not SyncKind.RX
         if last_avail_idx is None:
             self._avail_idx, self.avail_wrap = 0, 1
         else:
@@ -169,12 +151,7 @@ class PackedQueue(QueueLifecycle):
                 raise ValueError(f"virtqueue {index}: last_avail_idx {self._avail_idx} >= {size}")
         # The used side resumes where the avail side is (no buffers in flight across a restart).
         self.used_idx, self.used_wrap = self._avail_idx, self.avail_wrap
-        self.defunct: SyncError | None = None
-        self._closed = False
-        self.stats = VirtqueueStats()
-        # Device-private record per buffer id (trusted): write_len + 1 while in flight, else 0
-        # (see inflight_writable), and the descriptors the buffer used.
-        self._inflight = [0] * size
+        # Descriptors each buffer id in flight used (next to _inflight, _setup's).
         self._ndesc = [0] * size
         self._pending: list[tuple[int, int, int]] = []  # (id, written, descriptors)
         # (token before the pop, id) of recent pops, so rewind() never re-reads guest memory.
@@ -185,8 +162,6 @@ class PackedQueue(QueueLifecycle):
         self._scan_end: int | None = None
         self._scan_chains = 0
         self._signalled: int | None = None
-        self._bufs: list[Any] = []
-        self._views: list[memoryview] = []
         self._map(mem)
 
     # -- features and state -------------------------------------------------------------
@@ -237,11 +212,7 @@ class PackedQueue(QueueLifecycle):
         self.mem = mem
 
     def _release(self) -> None:
-        for b in self._bufs:
-            pffi.release(b)
-        for v in self._views:
-            v.release()
-        self._bufs, self._views = [], []
+        release_views(pffi, self._bufs, self._views)
 
     def close(self) -> int:
         """Stop; returns the vhost-user packed base (index | wrap << 15)."""

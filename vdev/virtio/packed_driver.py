@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vdev.virtio.chain import U32_MAX
+from vdev.virtio.memory import release_views
 from vdev.virtio.packed import (
     DESC_SIZE,
     EVENT_SIZE,
@@ -182,11 +183,7 @@ class PackedDriverQueue:
         view.release()
 
     def close(self) -> None:
-        for b in self._bufs:
-            pffi.release(b)
-        for v in self._views:
-            v.release()
-        self._bufs, self._views = [], []
+        release_views(pffi, self._bufs, self._views)
 
 
 __all__ = ["PackedDriverQueue"]

@@ -22,8 +22,9 @@ else readable-then-writable), because "even index = receiveq" is virtio-net know
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vdev.abi import lib
 from vdev.errors import DefunctError, SyncError, SyncKind
@@ -196,6 +197,49 @@ class QueueLifecycle:
     stats: VirtqueueStats
     defunct: SyncError | None
     _closed: bool
+
+    @classmethod
+    def check_size(cls, size: int) -> None:
+        raise NotImplementedError
+
+    def _setup(
+        self,
+        mem: GuestMemory,
+        index: int,
+        size: int,
+        addr_space: str,
+        features: int,
+        sync: SyncKind,
+    ) -> None:
+        """Construction both formats share: host byte order, the format's size rule, the
+        address space, the direction the device gave, and a live queue with nothing in
+        flight."""
+        if sys.byteorder != "little":
+            raise RuntimeError("vdev virtqueues assume a little-endian host")
+        try:
+            self.check_size(size)
+        except ValueError as exc:
+            raise ValueError(f"virtqueue {index}: {exc}") from None
+        if addr_space not in ("uva", "gpa"):
+            raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
+        self.mem = mem
+        self.index = index
+        self.size = size
+        self.addr_space = addr_space
+        self.sync = sync
+        # The direction made explicit: an RX queue only gets device-writable buffers, a TX
+        # queue only device-readable ones (5.1.6 "Device Operation").
+        self.writable_expected = sync is not SyncKind.TX
+        self.readable_allowed = sync is not SyncKind.RX
+        self.defunct = None
+        self._closed = False
+        self.stats = VirtqueueStats()
+        # Device-private (trusted) record of what the driver handed over: write_len + 1 of
+        # each chain (split head / packed buffer id) in flight, 0 when it is not ours.
+        self._inflight = [0] * size
+        self._bufs: list[Any] = []
+        self._views: list[memoryview] = []
+        self.features = features  # a property in each format: its switches follow
 
     def _map(self, mem: GuestMemory) -> None:
         raise NotImplementedError

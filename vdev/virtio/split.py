@@ -23,14 +23,11 @@ hosts would need real barriers, which pure Python cannot emit; vdev targets x86-
 
 from __future__ import annotations
 
-import sys
-from typing import Any
-
 from vdev.abi import ffi, lib
 from vdev.errors import KillReason, SyncError, SyncKind
 from vdev.virtio.chain import DESC_SIZE, Chain, ChainViolation, walk_chain
-from vdev.virtio.memory import GuestMemory
-from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea, VirtqueueStats
+from vdev.virtio.memory import GuestMemory, release_views
+from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
 
 __all__ = [
     "Chain",
@@ -96,7 +93,7 @@ class SplitQueue(QueueLifecycle):
     def check_size(cls, size: int) -> None:
         # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
         if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
-            raise ValueError(f"{size} is not a power of two <= {MAX_QUEUE_SIZE}")
+            raise ValueError(f"size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
 
     @classmethod
     def check_base(cls, base: int, size: int) -> None:
@@ -118,45 +115,20 @@ class SplitQueue(QueueLifecycle):
         addr_space: str = "uva",
         sync: SyncKind,
     ) -> None:
-        if sys.byteorder != "little":
-            raise RuntimeError("vdev virtqueues assume a little-endian host")
-        try:
-            self.check_size(size)
-        except ValueError as exc:
-            raise ValueError(f"virtqueue {index}: size {exc}") from None
-        if addr_space not in ("uva", "gpa"):
-            raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
+        self._setup(mem, index, size, addr_space, features, sync)
         if not 0 <= last_avail_idx <= 0xFFFF:
             raise ValueError(f"virtqueue {index}: last_avail_idx {last_avail_idx} is not a u16")
-        self.mem = mem
-        self.index = index
-        self.size = size
         self._mask = size - 1
         self.desc_addr = desc_addr
         self.avail_addr = avail_addr
         self.used_addr = used_addr
-        self.addr_space = addr_space
-        self.sync: SyncKind = sync
-        # The direction made explicit: an RX queue only gets device-writable buffers, a TX
-        # queue only device-readable ones (5.1.6 "Device Operation").
-        self.writable_expected: bool = self.sync is not SyncKind.TX
-        self.readable_allowed: bool = self.sync is not SyncKind.RX
-        self.features = features
-
         self.last_avail_idx = last_avail_idx
-        self.defunct: SyncError | None = None
-        self._closed = False
-        self.stats = VirtqueueStats()
         self._seen_avail_idx = last_avail_idx  # avail idx as of the last validated read
         self._pending_used = 0  # pushed, not yet published
         self._signalled_used = 0
         self._signalled_valid = False
-        # Device-private (trusted) record of what the driver handed over: write_len + 1 of
-        # each chain in flight, 0 when the head is not ours.
-        self._inflight = [0] * size
         # Head popped from each avail slot, so rewind() never re-reads guest memory.
         self._popped = [0] * size
-        self._bufs: list[Any] = []
         self._map(mem)
         # vhost-user resumes from the used idx in guest memory (libvhost-user does the same):
         # it is what the driver has already seen.
@@ -207,12 +179,7 @@ class SplitQueue(QueueLifecycle):
         self.mem = mem
 
     def _release(self) -> None:
-        for b in self._bufs:
-            ffi.release(b)
-        self._bufs = []
-        for v in getattr(self, "_views", []):
-            v.release()
-        self._views = []
+        release_views(ffi, self._bufs, self._views)
         self._desc = self._avail16 = self._used16 = self._used_elems = ffi.NULL
 
     def close(self) -> int:
