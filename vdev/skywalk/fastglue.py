@@ -204,6 +204,31 @@ def externalize(pool: Pbufpool, idx: int) -> None:
     ctx.scratch.append(sc)
 
 
+def _take(
+    fn: Any,
+    pool: Pbufpool,
+    ctx: _FastPool,
+    owner: int,
+    slots_w32: int,
+    n: int,
+    start: int,
+    end: int,
+) -> tuple[int, Any, _Scratch, list[int]] | None:
+    """Run ``fp_tx_take`` / ``fp_free_take`` on slots ``[start, end)``: the code, the result,
+    its scratch (the caller returns it) and the packets taken, already out of the owner's
+    set; None if C refused the (trusted) arguments and the Python loop must run."""
+    sc = ctx.take(_span(n, start, end))
+    ret = sc.ret
+    code = fn(ctx.c, owner, ctx.ring_base, ctx.ring_bytes, slots_w32, n, start, end, sc.out, ret)
+    if code == C.BADARGS:
+        ctx.scratch.append(sc)
+        return None
+    pkts: list[int] = _fast.ffi.unpack(sc.out, ret.count)
+    if pkts:
+        pool.owners.get(owner, set()).difference_update(pkts)
+    return code, ret, sc, pkts
+
+
 def tx_take(
     pool: Pbufpool,
     owner: int,
@@ -216,20 +241,12 @@ def tx_take(
     sync: SyncKind,
 ) -> tuple[list[int], int]:
     ctx = _ctx(pool)
-    if start == end or r32 is not ctx.ring32:
+    done = None
+    if start != end and r32 is ctx.ring32:
+        done = _take(_fast.lib.fp_tx_take, pool, ctx, owner, slots_w32, n, start, end)
+    if done is None:
         return slotwork.tx_take(pool, owner, r32, r16, slots_w32, n, start, end, sync)
-    fast = _fast
-    sc = ctx.take(_span(n, start, end))
-    ret = sc.ret
-    code = fast.lib.fp_tx_take(
-        ctx.c, owner, ctx.ring_base, ctx.ring_bytes, slots_w32, n, start, end, sc.out, ret
-    )
-    if code == C.BADARGS:
-        ctx.scratch.append(sc)
-        return slotwork.tx_take(pool, owner, r32, r16, slots_w32, n, start, end, sync)
-    pkts: list[int] = fast.ffi.unpack(sc.out, ret.count)
-    if pkts:
-        pool.owners.get(owner, set()).difference_update(pkts)
+    code, ret, sc, pkts = done
     if code == C.OK:
         nbytes = int(ret.nbytes)
         ctx.scratch.append(sc)
@@ -259,20 +276,12 @@ def free_take(
     end: int,
 ) -> list[int]:
     ctx = _ctx(pool)
-    if start == end or r32 is not ctx.ring32:
+    done = None
+    if start != end and r32 is ctx.ring32:
+        done = _take(_fast.lib.fp_free_take, pool, ctx, owner, slots_w32, n, start, end)
+    if done is None:
         return slotwork.free_take(pool, owner, r32, r16, slots_w32, n, start, end)
-    fast = _fast
-    sc = ctx.take(_span(n, start, end))
-    ret = sc.ret
-    code = fast.lib.fp_free_take(
-        ctx.c, owner, ctx.ring_base, ctx.ring_bytes, slots_w32, n, start, end, sc.out, ret
-    )
-    if code == C.BADARGS:
-        ctx.scratch.append(sc)
-        return slotwork.free_take(pool, owner, r32, r16, slots_w32, n, start, end)
-    pkts: list[int] = fast.ffi.unpack(sc.out, ret.count)
-    if pkts:
-        pool.owners[owner].difference_update(pkts)
+    code, ret, sc, pkts = done
     if code == C.OK:
         ctx.scratch.append(sc)
         return pkts
