@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from test_virtio_packed import make_packed
-from virtio_helpers import DATA_HIGH, DATA_LOW, make_pair
+from virtio_helpers import DATA_HIGH, DATA_LOW, FEATURES, gpa_to_uva, layout, make_pair
 
 from vdev.skywalk.errors import SyncKind
 from vdev.virtio.memory import GuestMemory
@@ -106,3 +106,37 @@ def test_packed_inflight_and_vhost_base(mem: GuestMemory) -> None:
     assert dev.inflight_writable(ids[0]) is None and dev.inflight_writable(ids[1]) == 7
     # GET_VRING_BASE: avail index 2 with wrap 1 in bits 0-15, used index 1 wrap 1 above.
     assert dev.vhost_base == (2 | 1 << 15) | (1 | 1 << 15) << 16
+
+
+@pytest.mark.parametrize(("base", "resumed"), [(0, 300), (7, 7), (300, 300), (299, 299)])
+def test_split_base_zero_on_a_used_ring_resumes_at_the_used_idx(
+    mem: GuestMemory, base: int, resumed: int
+) -> None:
+    """SET_VRING_BASE 0 on a ring whose used idx moved on (DPDK virtio_user's reconnect in
+    server mode) resumes at the used idx; any other base is the front-end's word."""
+    dev, drv = make_pair(mem, 1, 8, start_idx=300)  # 300 chains taken and used before
+    head = drv.add_chain([(DATA_LOW, 10)])
+    drv.publish()
+    lay = layout(1, 8)
+    again = SplitQueue(
+        mem,
+        1,
+        8,
+        gpa_to_uva(lay.desc),
+        gpa_to_uva(lay.avail),
+        gpa_to_uva(lay.used),
+        features=FEATURES,
+        last_avail_idx=base,
+        sync=SyncKind.TX,
+    )
+    assert again.last_avail_idx == resumed and again.used_idx == 300
+    if resumed == 300:
+        chain = again.pop()
+        assert chain is not None and chain.head == head
+    again.close()
+    dev.close()
+
+
+def test_split_base_zero_on_a_fresh_ring_stays_zero(mem: GuestMemory) -> None:
+    dev, _drv = make_pair(mem, 1, 8)
+    assert dev.last_avail_idx == dev.used_idx == 0

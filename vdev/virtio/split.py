@@ -23,11 +23,15 @@ hosts would need real barriers, which pure Python cannot emit; vdev targets x86-
 
 from __future__ import annotations
 
+import logging
+
 from vdev.abi import ffi, lib
 from vdev.errors import KillReason, SyncError, SyncKind
 from vdev.virtio.chain import DESC_SIZE, Chain, ChainViolation, walk_chain
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
+
+log = logging.getLogger("vdev.virtio")
 
 __all__ = [
     "Chain",
@@ -134,6 +138,19 @@ class SplitQueue(QueueLifecycle):
         # it is what the driver has already seen.
         self.used_idx: int = int(self._used16[1])
         self._signalled_used = self.used_idx
+        if self.last_avail_idx == 0 and self.used_idx != 0:
+            # SET_VRING_BASE ("Ring states") says "a fresh ring" but the used ring has moved
+            # on: a front-end that re-establishes a lost connection may send 0 (DPDK
+            # virtio_user in server mode does).  The used idx is then the truth: every chain
+            # it counts was taken and completed (this device completes chains in the order
+            # it takes them) and nothing after it was.  DPDK's vhost library resumes there on
+            # any mismatch (vhost_user_set_vring_addr), libvhost-user for in-order devices;
+            # a non-zero base is always honoured.
+            log.warning(
+                "virtqueue %d: base 0 but used idx %d in guest memory; resuming at %d",
+                index, self.used_idx, self.used_idx,
+            )  # fmt: skip
+            self.last_avail_idx = self._seen_avail_idx = self.used_idx
 
     # -- features -----------------------------------------------------------------------
 
