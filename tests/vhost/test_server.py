@@ -56,10 +56,26 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def test_server_mode_serves_connections_in_turn(tmp_path: Path, no_fd_leak: None) -> None:
+Served = tuple[FakeDevice, SelectorLoop, VhostUserServer]
+
+
+@pytest.fixture
+def served(tmp_path: Path, no_fd_leak: None) -> Iterator[Served]:
+    """A fake device served in server mode on a fresh loop; closed (in this thread, once
+    the test has stopped the loop) and checked to leave no watch behind."""
     dev = FakeDevice()
     loop = SelectorLoop()
+    before = set(loop.sel.get_map())
     srv = VhostUserServer(dev, tmp_path / "s.sock", loop)
+    yield dev, loop, srv
+    srv.close()
+    assert set(loop.sel.get_map()) == before  # no listener, connection or kick fd left
+    loop.close()
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_server_mode_serves_connections_in_turn(served: Served) -> None:
+    dev, loop, srv = served
     with running(loop), FrontendMemory() as mem:
         for round_ in range(2):
             with VhostUserFrontend.connect(srv.path) as fe:
@@ -71,17 +87,12 @@ def test_server_mode_serves_connections_in_turn(tmp_path: Path, no_fd_leak: None
             wait_for(lambda: not srv.connected, "disconnect not seen")
             assert dev.names().count("disconnected") == round_ + 1
         assert srv.connections == 2 and srv.replaced == 0
-    srv.close()  # the loop has stopped: this thread owns it now
-    loop.close()
-    assert not (tmp_path / "s.sock").exists()
 
 
-def test_a_new_connection_replaces_the_active_one(tmp_path: Path, no_fd_leak: None) -> None:
+def test_a_new_connection_replaces_the_active_one(served: Served) -> None:
     """Decision (vdev/vhost/server.py): a front-end connects again only after giving up on
     its old connection, which this side may not have seen die; the newcomer wins."""
-    dev = FakeDevice()
-    loop = SelectorLoop()
-    srv = VhostUserServer(dev, tmp_path / "s.sock", loop)
+    dev, loop, srv = served
     with running(loop), FrontendMemory() as mem:
         with VhostUserFrontend.connect(srv.path) as first:
             rings = qemu_start(first, mem, num=32)
@@ -106,8 +117,6 @@ def test_a_new_connection_replaces_the_active_one(tmp_path: Path, no_fd_leak: No
             finally:
                 close_rings(rings)
         wait_for(lambda: not srv.connected, "disconnect not seen")
-    srv.close()  # the loop has stopped: this thread owns it now
-    loop.close()
 
 
 class ManualLoop:
@@ -184,13 +193,10 @@ def test_client_mode_reconnects(tmp_path: Path, no_fd_leak: None) -> None:
         loop.close()
 
 
-def test_kick_fds_are_watched_while_rings_run(tmp_path: Path, no_fd_leak: None) -> None:
+def test_kick_fds_are_watched_while_rings_run(served: Served) -> None:
     """The backend watches each ring's kick eventfd from queue_started until before
     queue_stopped, consumes it when it fires and calls the device's queue_kicked."""
-    dev = FakeDevice()
-    loop = SelectorLoop()
-    before = set(loop.sel.get_map())
-    srv = VhostUserServer(dev, tmp_path / "s.sock", loop)
+    dev, loop, srv = served
     with running(loop), FrontendMemory() as mem:
         with VhostUserFrontend.connect(srv.path) as fe:
             rings = qemu_start(fe, mem, num=32)
@@ -215,6 +221,3 @@ def test_kick_fds_are_watched_while_rings_run(tmp_path: Path, no_fd_leak: None) 
                 assert dev.kicks.count(1) == 1
             finally:
                 close_rings(rings)
-    srv.close()  # the loop has stopped: this thread owns it now
-    assert set(loop.sel.get_map()) == before  # no listener, connection or kick fd left
-    loop.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from test_virtio_packed import make_packed
-from virtio_helpers import DATA_HIGH, DATA_LOW, FEATURES, gpa_to_uva, layout, make_pair
+from virtio_helpers import DATA_HIGH, DATA_LOW, device_queue, make_pair
 
 from vdev.skywalk.errors import SyncKind
 from vdev.virtio.memory import GuestMemory
@@ -117,18 +117,7 @@ def test_split_base_zero_on_a_used_ring_resumes_at_the_used_idx(
     dev, drv = make_pair(mem, 1, 8, start_idx=300)  # 300 chains taken and used before
     head = drv.add_chain([(DATA_LOW, 10)])
     drv.publish()
-    lay = layout(1, 8)
-    again = SplitQueue(
-        mem,
-        1,
-        8,
-        gpa_to_uva(lay.desc),
-        gpa_to_uva(lay.avail),
-        gpa_to_uva(lay.used),
-        features=FEATURES,
-        last_avail_idx=base,
-        sync=SyncKind.TX,
-    )
+    again = device_queue(mem, 1, 8, base=base, sync=SyncKind.TX)
     assert again.last_avail_idx == resumed and again.used_idx == 300
     if resumed == 300:
         chain = again.pop()

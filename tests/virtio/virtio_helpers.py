@@ -96,7 +96,23 @@ def make_pair(
         start_idx=start_idx,
         indirect_area=(INDIRECT_BASE + (index % 8) * per_queue, per_queue),
     )
-    dev = SplitQueue(
+    dev = device_queue(mem, index, size, features=features, base=start_idx, sync=sync)
+    return dev, drv
+
+
+def device_queue(
+    mem: GuestMemory,
+    index: int,
+    size: int,
+    *,
+    features: int = FEATURES,
+    base: int = 0,
+    sync: SyncKind | None = None,
+) -> SplitQueue:
+    """The device queue over the ring ``layout(index, size)`` (through uva), starting at
+    ``base`` (SET_VRING_BASE), numbered like virtio-net unless ``sync`` says otherwise."""
+    lay = layout(index, size)
+    return SplitQueue(
         mem,
         index,
         size,
@@ -104,7 +120,6 @@ def make_pair(
         gpa_to_uva(lay.avail),
         gpa_to_uva(lay.used),
         features=features,
-        last_avail_idx=start_idx,
+        last_avail_idx=base,
         sync=sync if sync is not None else net_queue_direction(index),
     )
-    return dev, drv
