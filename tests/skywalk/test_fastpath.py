@@ -237,45 +237,23 @@ def test_backends_agree_on_random_states(
         calls: list[tuple[str, Callable[[], object]]] = [
             (
                 "tx_take",
-                lambda: validate.tx_take(
-                    pool,
-                    tx.owner,
-                    tx.r32,
-                    tx.r16,
-                    tx.slots_w32,
-                    tx.n,
-                    tx.rhead,
-                    _head(tx),
-                    SyncKind.TX,
-                ),
+                lambda: validate.tx_take(tx.slots, tx.rhead, _head(tx), SyncKind.TX),
             ),
             (
                 "free_take",
-                lambda: validate.free_take(
-                    pool, fr.owner, fr.r32, fr.r16, fr.slots_w32, fr.n, fr.rhead, _head(fr)
-                ),
+                lambda: validate.free_take(fr.slots, fr.rhead, _head(fr)),
             ),
             (
                 "rx_release_check",
                 lambda: validate.rx_release_check(
-                    rx.r32,
-                    rx.r16,
-                    rx.slots_w32,
-                    rx.n,
-                    rx.rhead,
-                    _head(rx),
-                    rx.klen,
-                    SyncKind.RX,
-                    pool,
+                    rx.slots, rx.rhead, _head(rx), rx.klen, SyncKind.RX
                 ),
             ),
             (
-                "rx_release_check(no pool)",
+                # Views other than the arena's own ring view: C borrows their buffer.
+                "rx_release_check(foreign view)",
                 lambda: validate.rx_release_check(
-                    evr.r32,
-                    evr.r16,
-                    evr.slots_w32,
-                    evr.n,
+                    evr.slots._replace(r32=memoryview(evr.r32), r16=memoryview(evr.r16)),
                     evr.rhead,
                     _head(evr),
                     None,
@@ -284,18 +262,7 @@ def test_backends_agree_on_random_states(
             ),
             (
                 "rx_publish",
-                lambda: validate.rx_publish(
-                    pool,
-                    rx.owner,
-                    rx.r32,
-                    rx.r16,
-                    rx.slots_w32,
-                    rx.n,
-                    rx.rtail,
-                    rx.ktail,
-                    rx.ksd,
-                    rx.klen,
-                ),
+                lambda: validate.rx_publish(rx.slots, rx.rtail, rx.ktail, rx.ksd, rx.klen),
             ),
             ("internalize", lambda: validate.internalize(pool, idx)),
             ("externalize", lambda: validate.externalize(pool, idx)),
@@ -315,9 +282,7 @@ def test_legal_tx_take_agrees_and_succeeds() -> None:
     out = _differential(
         pool,
         list(h.rings.values()),
-        lambda: validate.tx_take(
-            pool, tx.owner, tx.r32, tx.r16, tx.slots_w32, tx.n, tx.rhead, _head(tx), SyncKind.TX
-        ),
+        lambda: validate.tx_take(tx.slots, tx.rhead, _head(tx), SyncKind.TX),
         "tx_take",
     )
     assert out[0] == "ok"

@@ -21,7 +21,7 @@ from typing import Any, NoReturn, cast
 from . import fastbuild, slotwork
 from .errors import PoolError, SyncKind
 from .pool import Pbufpool
-from .slotwork import Failure
+from .slotwork import Failure, Slots
 
 _fast: Any = None  # the compiled module (.ffi, .lib), set by load()
 _tried = False
@@ -205,18 +205,12 @@ def externalize(pool: Pbufpool, idx: int) -> None:
 
 
 def _take(
-    fn: Any,
-    pool: Pbufpool,
-    ctx: _FastPool,
-    owner: int,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
+    fn: Any, ring: Slots, ctx: _FastPool, start: int, end: int
 ) -> tuple[int, Any, _Scratch, list[int]] | None:
     """Run ``fp_tx_take`` / ``fp_free_take`` on slots ``[start, end)``: the code, the result,
     its scratch (the caller returns it) and the packets taken, already out of the owner's
     set; None if C refused the (trusted) arguments and the Python loop must run."""
+    pool, owner, _r32, _r16, slots_w32, n = ring
     sc = ctx.take(_span(n, start, end))
     ret = sc.ret
     code = fn(ctx.c, owner, ctx.ring_base, ctx.ring_bytes, slots_w32, n, start, end, sc.out, ret)
@@ -229,23 +223,14 @@ def _take(
     return code, ret, sc, pkts
 
 
-def tx_take(
-    pool: Pbufpool,
-    owner: int,
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-    sync: SyncKind,
-) -> tuple[list[int], int]:
+def tx_take(ring: Slots, start: int, end: int, sync: SyncKind) -> tuple[list[int], int]:
+    pool = ring.pool
     ctx = _ctx(pool)
     done = None
-    if start != end and r32 is ctx.ring32:
-        done = _take(_fast.lib.fp_tx_take, pool, ctx, owner, slots_w32, n, start, end)
+    if start != end and ring.r32 is ctx.ring32:
+        done = _take(_fast.lib.fp_tx_take, ring, ctx, start, end)
     if done is None:
-        return slotwork.tx_take(pool, owner, r32, r16, slots_w32, n, start, end, sync)
+        return slotwork.tx_take(ring, start, end, sync)
     code, ret, sc, pkts = done
     if code == C.OK:
         nbytes = int(ret.nbytes)
@@ -265,22 +250,14 @@ def tx_take(
     raise slotwork.slot_failure(sync, s, fail, start, end)
 
 
-def free_take(
-    pool: Pbufpool,
-    owner: int,
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-) -> list[int]:
+def free_take(ring: Slots, start: int, end: int) -> list[int]:
+    pool = ring.pool
     ctx = _ctx(pool)
     done = None
-    if start != end and r32 is ctx.ring32:
-        done = _take(_fast.lib.fp_free_take, pool, ctx, owner, slots_w32, n, start, end)
+    if start != end and ring.r32 is ctx.ring32:
+        done = _take(_fast.lib.fp_free_take, ring, ctx, start, end)
     if done is None:
-        return slotwork.free_take(pool, owner, r32, r16, slots_w32, n, start, end)
+        return slotwork.free_take(ring, start, end)
     code, ret, sc, pkts = done
     if code == C.OK:
         ctx.scratch.append(sc)
@@ -299,27 +276,20 @@ def _klen_buf(klen: MutableSequence[int] | None, n: int) -> Any:
 
 
 def rx_release_check(
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-    klen: MutableSequence[int] | None,
-    sync: SyncKind,
-    pool: Pbufpool | None = None,
+    ring: Slots, start: int, end: int, klen: MutableSequence[int] | None, sync: SyncKind
 ) -> int:
+    pool, _owner, r32, r16, slots_w32, n = ring
     d = end - start
     if (d + n if d < 0 else d) < C_MIN_RX_SLOTS:
-        return slotwork.rx_release_check(r32, r16, slots_w32, n, start, end, klen, sync)
+        return slotwork.rx_release_check(ring, start, end, klen, sync)
     fast = _fast
     kbuf = _klen_buf(klen, n)
     if kbuf is False:
-        return slotwork.rx_release_check(r32, r16, slots_w32, n, start, end, klen, sync)
+        return slotwork.rx_release_check(ring, start, end, klen, sync)
     if kbuf is None:
         kbuf = fast.ffi.NULL
-    ctx = _ctx(pool) if pool is not None else None
-    if ctx is not None and r32 is ctx.ring32:
+    ctx = _ctx(pool)
+    if r32 is ctx.ring32:
         sc = ctx.take(1)
         ret = sc.ret
         code = fast.lib.fp_rx_release_check(
@@ -332,7 +302,7 @@ def rx_release_check(
     else:
         # Any other view of slots: borrow its buffer for the call (r16 must alias r32).
         if r32.nbytes != r16.nbytes or not r32.c_contiguous or r32.readonly:
-            return slotwork.rx_release_check(r32, r16, slots_w32, n, start, end, klen, sync)
+            return slotwork.rx_release_check(ring, start, end, klen, sync)
         ret = fast.ffi.new("struct fp_ret *")
         with fast.ffi.from_buffer("uint8_t[]", r32) as base:
             code = fast.lib.fp_rx_release_check(
@@ -341,7 +311,7 @@ def rx_release_check(
         if code == C.OK:
             return int(ret.nbytes)
     if code == C.BADARGS:
-        return slotwork.rx_release_check(r32, r16, slots_w32, n, start, end, klen, sync)
+        return slotwork.rx_release_check(ring, start, end, klen, sync)
     s = int(ret.slot)
     if code == C.NOT_DETACHED:
         raise slotwork.not_detached(sync, s, int(ret.v[0]), start, end)
@@ -349,27 +319,19 @@ def rx_release_check(
 
 
 def rx_publish(
-    pool: Pbufpool,
-    owner: int,
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-    ksd: MutableSequence[int],
-    klen: MutableSequence[int] | None,
+    ring: Slots, start: int, end: int, ksd: MutableSequence[int], klen: MutableSequence[int] | None
 ) -> int:
+    pool, owner, r32, _r16, slots_w32, n = ring
     d = end - start
     if (d + n if d < 0 else d) < C_MIN_RX_SLOTS:
-        return slotwork.rx_publish(pool, owner, r32, r16, slots_w32, n, start, end, ksd, klen)
+        return slotwork.rx_publish(ring, start, end, ksd, klen)
     ctx = _ctx(pool)
     if r32 is not ctx.ring32:
-        return slotwork.rx_publish(pool, owner, r32, r16, slots_w32, n, start, end, ksd, klen)
+        return slotwork.rx_publish(ring, start, end, ksd, klen)
     kbuf = _klen_buf(klen, n)
     sbuf = _klen_buf(ksd, n)
     if kbuf is False or not sbuf:
-        return slotwork.rx_publish(pool, owner, r32, r16, slots_w32, n, start, end, ksd, klen)
+        return slotwork.rx_publish(ring, start, end, ksd, klen)
     fast = _fast
     sc = ctx.take(_span(n, start, end))
     ret = sc.ret
@@ -389,7 +351,7 @@ def rx_publish(
     )
     if code == C.BADARGS:
         ctx.scratch.append(sc)
-        return slotwork.rx_publish(pool, owner, r32, r16, slots_w32, n, start, end, ksd, klen)
+        return slotwork.rx_publish(ring, start, end, ksd, klen)
     owned = pool.owners.setdefault(owner, set())
     if ret.count:
         owned.update(fast.ffi.unpack(sc.out, ret.count))

@@ -24,6 +24,7 @@ from . import validate
 from .arena import NO_INDEX, RING_HDR_SIZE, SD_LEN_MAX, SLOT_SIZE, RingOff, SlotOff
 from .errors import KillReason, SyncError, SyncKind
 from .pool import Pbufpool
+from .slotwork import Slots
 from .stats import RingStats
 
 RING_TX: int = lib.SK_RING_TX
@@ -66,6 +67,8 @@ class KernelRing:
         self.r64 = pool.arena.ring64
         self.h32 = (self.off - lay.ring_off) // 4
         self.slots_w32 = (self.slots_off - lay.ring_off) // 4
+        # What the per-slot functions (validate.py's backend) see of this ring.
+        self.slots = Slots(pool, owner, self.r32, self.r16, self.slots_w32, num_slots)
         self.khead = 0
         self.rhead = 0
         # TX-like rings start with every usable slot owned by the user; RX-like ones empty.
@@ -183,40 +186,18 @@ class KernelRing:
     # ------------------------------------------------------------------ per-slot steps
     def _take_tx(self, head: int, tail: int) -> tuple[list[int], int]:
         """TX: internalize and take the packets the user attached (ownership moves)."""
-        return validate.tx_take(
-            self.pool,
-            self.owner,
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rhead,
-            head,
-            SyncKind.TX,
-        )
+        return validate.tx_take(self.slots, self.rhead, head, SyncKind.TX)
 
     def _take_free(self, head: int, tail: int) -> tuple[list[int], int]:
         """FREE: free every packet the user handed back."""
-        pkts = validate.free_take(
-            self.pool, self.owner, self.r32, self.r16, self.slots_w32, self.n, self.rhead, head
-        )
+        pkts = validate.free_take(self.slots, self.rhead, head)
         self.pool.free_taken(pkts)
         return [], 0
 
     def _release_slots(self, head: int, tail: int) -> tuple[list[int], int]:
         """RX/EVENT: the slots the user consumed must have been detached; RX also checks
         each slot's length and the ready-bytes count against what was published."""
-        nbytes = validate.rx_release_check(
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rhead,
-            head,
-            self.klen,
-            self.sync_kind,
-            self.pool,
-        )
+        nbytes = validate.rx_release_check(self.slots, self.rhead, head, self.klen, self.sync_kind)
         if self.klen is None:
             return [], 0
         if nbytes > self.ready_bytes:
@@ -248,18 +229,7 @@ class KernelRing:
 
     def _publish_slots(self, start: int, klen: MutableSequence[int] | None) -> int:
         """Hand the packets in slots ``[start, ktail)`` to the user; returns their bytes."""
-        return validate.rx_publish(
-            self.pool,
-            self.owner,
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            start,
-            self.ktail,
-            self.ksd,
-            klen,
-        )
+        return validate.rx_publish(self.slots, start, self.ktail, self.ksd, klen)
 
     def _refill(self) -> None:
         """ALLOC: attach fresh packets owned by the channel up to the working set."""

@@ -2,9 +2,10 @@
 
 Packet internalize (reading and checking the user copy of the metadata before the kernel
 trusts anything in it), externalize (publishing the kernel's trusted view to the user copy)
-and the slot loops that drive them, with flat integer arguments and typed memoryviews
-instead of objects.  ``fastpath.c`` implements every function here check for check
-(``fastglue.py`` wraps it with the same signatures); ``validate.py`` binds one of the two.
+and the slot loops that drive them.  A loop gets its ring as :class:`Slots` (the pool, the
+owner, typed views and plain integers; no ring object), the numbers ``fastpath.c`` takes.
+``fastpath.c`` implements every function here check for check (``fastglue.py`` wraps it
+with the same signatures); ``validate.py`` binds one of the two.
 
 Every value read from shared memory is treated as an arbitrary integer: it is range-checked
 before it is used as an index, and failures come back as a :class:`KillReason` (or a raised
@@ -15,6 +16,7 @@ and both backends build them from the same table, so reasons and details are ide
 from __future__ import annotations
 
 from collections.abc import MutableSequence
+from typing import NamedTuple
 
 from vdev.abi import lib
 
@@ -152,6 +154,21 @@ def ready_bytes_mismatch(
         sync,
         f"slot {slot}: sd_len {ulen} != published {published} (released slots [{start}, {end}))",
     )
+
+
+class Slots(NamedTuple):
+    """One ring's slot array as the per-slot functions see it (all kernel-trusted): the
+    pool, the owner id of the channel the ring belongs to, the arena's ring region as 32-
+    and 16-bit views, where the slot array starts (in 32-bit words) and how many slots it
+    has.  Built once per ring (``KernelRing.slots``); the compiled backend passes the same
+    numbers to ``fastpath.c``.  A tuple, so a loop unpacks it into locals in one step."""
+
+    pool: Pbufpool
+    owner: int
+    r32: memoryview
+    r16: memoryview
+    slots_w32: int
+    n: int
 
 
 # --------------------------------------------------------------------- packets
@@ -317,17 +334,7 @@ def externalize(pool: Pbufpool, idx: int) -> None:
 
 
 # --------------------------------------------------------------------- slot loops
-def tx_take(
-    pool: Pbufpool,
-    owner: int,
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-    sync: SyncKind,
-) -> tuple[list[int], int]:
+def tx_take(ring: Slots, start: int, end: int, sync: SyncKind) -> tuple[list[int], int]:
     """Take the packets the user attached to slots ``[start, end)`` of a TX ring.
 
     For each slot: the packet must be held by ``owner`` (UNALLOCATED_PKT), its metadata
@@ -336,6 +343,7 @@ def tx_take(
     freed before :class:`SyncError` is raised: a dead client's packets are not sent.
     Returns the packets (now kernel-owned) and their byte count.
     """
+    pool, owner, r32, r16, slots_w32, n = ring
     pkts: list[int] = []
     nbytes = 0
     md32 = pool.arena.md32
@@ -369,21 +377,13 @@ def tx_take(
     return pkts, nbytes
 
 
-def free_take(
-    pool: Pbufpool,
-    owner: int,
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-) -> list[int]:
+def free_take(ring: Slots, start: int, end: int) -> list[int]:
     """Collect the packets the user returns in FREE-ring slots ``[start, end)``.
 
     Slots without SD_VALID are skipped (nothing handed over).  A slot naming a packet the
     channel does not hold is UNALLOCATED_PKT; packets collected before it are still freed.
     """
+    pool, owner, r32, r16, slots_w32, n = ring
     out: list[int] = []
     s = start
     while s != end:
@@ -402,15 +402,7 @@ def free_take(
 
 
 def rx_release_check(
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-    klen: MutableSequence[int] | None,
-    sync: SyncKind,
-    pool: Pbufpool | None = None,
+    ring: Slots, start: int, end: int, klen: MutableSequence[int] | None, sync: SyncKind
 ) -> int:
     """Check the slots the user released (``[start, end)``) were detached; sum their bytes.
 
@@ -419,6 +411,7 @@ def rx_release_check(
     INCONSISTENT_READY_BYTES: the user's byte accounting disagrees with the kernel's.  The
     sum returned is of the kernel's lengths, so ready_bytes stays exact.
     """
+    _pool, _owner, r32, r16, slots_w32, n = ring
     nbytes = 0
     s = start
     while s != end:
@@ -436,22 +429,14 @@ def rx_release_check(
 
 
 def rx_publish(
-    pool: Pbufpool,
-    owner: int,
-    r32: memoryview,
-    r16: memoryview,
-    slots_w32: int,
-    n: int,
-    start: int,
-    end: int,
-    ksd: MutableSequence[int],
-    klen: MutableSequence[int] | None,
+    ring: Slots, start: int, end: int, ksd: MutableSequence[int], klen: MutableSequence[int] | None
 ) -> int:
     """Hand the kernel-held packets in slots ``[start, end)`` to the user; returns bytes.
 
     Each packet is recorded as held by ``owner``, externalized, and named by its slot
     (SD_VALID, sd_len); the kernel's slot reference is dropped (user packet pool mode).
     """
+    pool, owner, r32, r16, slots_w32, n = ring
     nbytes = 0
     s = start
     pkt_len = pool.pkt_len
@@ -481,6 +466,7 @@ def rx_publish(
 __all__ = [
     "INTERNALIZE_CHECKS",
     "Failure",
+    "Slots",
     "externalize",
     "free_take",
     "internalize",
