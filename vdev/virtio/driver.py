@@ -24,9 +24,10 @@ from vdev.errors import VdevError
 from vdev.virtio.chain import DESC_SIZE as _DESC_SIZE
 from vdev.virtio.chain import F_INDIRECT, F_NEXT, F_WRITE
 from vdev.virtio.memory import release_views
-from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, ring_sizes, vring_need_event
+from vdev.virtio.queue import F_EVENT_IDX, F_INDIRECT_DESC
 from vdev.virtio.split import USED_ELEM as _USED_ELEM
 from vdev.virtio.split import USED_HDR as _USED_HDR
+from vdev.virtio.split import ring_sizes, vring_need_event
 
 Segment = tuple[int, int]  # (gpa, len)
 

@@ -34,7 +34,6 @@ from vdev.virtio.chain import (
 )
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
-from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1
 
 pffi = FFI()
 pffi.cdef(
@@ -166,18 +165,8 @@ class PackedQueue(QueueLifecycle):
 
     # -- features and state -------------------------------------------------------------
 
-    @property
-    def features(self) -> int:
-        return self._features
-
-    @features.setter
-    def features(self, features: int) -> None:
-        """Settable like SplitQueue's: SET_FEATURES may arrive after the ring was set up."""
-        self._features = features
-        self.event_idx = bool(features & F_EVENT_IDX)
-        self.indirect = bool(features & F_INDIRECT_DESC)
+    def _format_features(self, features: int) -> None:
         self.notify_on_empty = False  # not defined for packed rings (2.8.10 replaces it)
-        self.version_1 = bool(features & F_VERSION_1)
         self.any_layout = True  # RING_PACKED requires VERSION_1, which implies ANY_LAYOUT
 
     @property

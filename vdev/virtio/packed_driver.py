@@ -26,7 +26,7 @@ from vdev.virtio.packed import (
     pffi,
     ring_pos,
 )
-from vdev.virtio.split import F_EVENT_IDX
+from vdev.virtio.queue import F_EVENT_IDX
 
 
 class PackedDriverQueue:

@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 
 # 2.7 / 2.8: "Queue Size ... The maximum Queue Size value is 32768".
 MAX_QUEUE_SIZE = 32768
-F_RING_PACKED = 1 << lib.VIRTIO_F_RING_PACKED  # 6 "Reserved Feature Bits"
+# 6 "Reserved Feature Bits": the ring features both formats read.
+F_RING_PACKED = 1 << lib.VIRTIO_F_RING_PACKED
+F_INDIRECT_DESC = 1 << lib.VIRTIO_RING_F_INDIRECT_DESC
+F_EVENT_IDX = 1 << lib.VIRTIO_RING_F_EVENT_IDX
+F_VERSION_1 = 1 << lib.VIRTIO_F_VERSION_1
 
 
 @dataclass(frozen=True)
@@ -239,7 +243,25 @@ class QueueLifecycle:
         self._inflight = [0] * size
         self._bufs: list[Any] = []
         self._views: list[memoryview] = []
-        self.features = features  # a property in each format: its switches follow
+        self.features = features
+
+    @property
+    def features(self) -> int:
+        return self._features
+
+    @features.setter
+    def features(self, features: int) -> None:
+        """Negotiated features; settable because SET_FEATURES may arrive after the ring was
+        set up (vhost-user "Ring states"), so the derived switches are recomputed here."""
+        self._features = features
+        self.event_idx = bool(features & F_EVENT_IDX)
+        self.indirect = bool(features & F_INDIRECT_DESC)
+        self.version_1 = bool(features & F_VERSION_1)
+        self._format_features(features)
+
+    def _format_features(self, features: int) -> None:
+        """The switches that differ between the formats (NOTIFY_ON_EMPTY, ANY_LAYOUT)."""
+        raise NotImplementedError
 
     def _map(self, mem: GuestMemory) -> None:
         raise NotImplementedError
@@ -296,7 +318,10 @@ class QueueLifecycle:
 
 
 __all__ = [
+    "F_EVENT_IDX",
+    "F_INDIRECT_DESC",
     "F_RING_PACKED",
+    "F_VERSION_1",
     "MAX_QUEUE_SIZE",
     "QueueFormat",
     "QueueLifecycle",

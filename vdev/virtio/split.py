@@ -42,11 +42,8 @@ __all__ = [
 
 VRING_AVAIL_F_NO_INTERRUPT: int = lib.VRING_AVAIL_F_NO_INTERRUPT
 VRING_USED_F_NO_NOTIFY: int = lib.VRING_USED_F_NO_NOTIFY
-F_INDIRECT_DESC = 1 << lib.VIRTIO_RING_F_INDIRECT_DESC
-F_EVENT_IDX = 1 << lib.VIRTIO_RING_F_EVENT_IDX
 F_NOTIFY_ON_EMPTY = 1 << lib.VIRTIO_F_NOTIFY_ON_EMPTY
 F_ANY_LAYOUT = 1 << lib.VIRTIO_F_ANY_LAYOUT
-F_VERSION_1 = 1 << lib.VIRTIO_F_VERSION_1
 
 AVAIL_HDR: int = ffi.sizeof("struct vring_avail_hdr")
 USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
@@ -154,21 +151,10 @@ class SplitQueue(QueueLifecycle):
 
     # -- features -----------------------------------------------------------------------
 
-    @property
-    def features(self) -> int:
-        return self._features
-
-    @features.setter
-    def features(self, features: int) -> None:
-        """Negotiated features; settable because SET_FEATURES may arrive after the ring was
-        set up (vhost-user "Ring states"), so the derived switches are recomputed here."""
-        self._features = features
-        self.event_idx = bool(features & F_EVENT_IDX)
-        self.indirect = bool(features & F_INDIRECT_DESC)
+    def _format_features(self, features: int) -> None:
         self.notify_on_empty = bool(features & F_NOTIFY_ON_EMPTY)
         # ANY_LAYOUT is implied by VERSION_1 (2.6.4 "Message Framing"); the ring does not
         # care, the net layer reads it from here.
-        self.version_1 = bool(features & F_VERSION_1)
         self.any_layout = self.version_1 or bool(features & F_ANY_LAYOUT)
 
     # -- mapping ------------------------------------------------------------------------
