@@ -84,13 +84,6 @@ class KernelRing:
         self.alloc_ws = self.lim
         self.alloc_nbufs = 1
         self.stats = RingStats()
-        self._slot_step = {
-            RING_TX: self._take_tx,
-            RING_FREE: self._take_free,
-            RING_RX: self._release_slots,
-            RING_EVENT: self._release_slots,
-            RING_ALLOC: self._taken_by_user,
-        }[kind]
         hdr = self.h32
         self.r32[hdr + RingOff.NUM_SLOTS_W32] = num_slots
         self.r32[hdr + RingOff.KIND_W32] = kind
@@ -155,7 +148,31 @@ class KernelRing:
             fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
         if fail is not None:
             raise SyncError(fail[0], self.sync_kind, self._detail(fail[1], head, tail))
-        pkts, nbytes = self._slot_step(head, tail)
+        # The kind's per-slot step on [rhead, head) (validate.py's backend).
+        kind = self.kind
+        pkts: list[int] = []
+        nbytes = 0
+        if kind == RING_TX:  # internalize and take what the user attached
+            pkts, nbytes = validate.tx_take(self.slots, self.rhead, head, SyncKind.TX)
+        elif kind == RING_FREE:  # free every packet the user handed back
+            self.pool.free_taken(validate.free_take(self.slots, self.rhead, head))
+        elif kind != RING_ALLOC:
+            # RX/EVENT: the slots the user consumed must have been detached; RX also checks
+            # each slot's length, and the bytes against the ready count it was published.
+            klen = self.klen
+            released = validate.rx_release_check(self.slots, self.rhead, head, klen, self.sync_kind)
+            if klen is not None:
+                if released > self.ready_bytes:
+                    raise SyncError(
+                        KillReason.INCONSISTENT_READY_BYTES,
+                        self.sync_kind,
+                        self._detail(
+                            f"released {released} bytes > ready {self.ready_bytes}", head, tail
+                        ),
+                    )
+                self.ready_bytes -= released
+                nbytes = released
+        # (ALLOC: the slots before head were taken by the user; the packets are theirs.)
         self.stats.update(self._count(self.rhead, head), nbytes)
         self.rhead = head
         if not self.tx_like:
@@ -182,36 +199,6 @@ class KernelRing:
                 self.ready_bytes += nbytes
             self.ready_slots = self._count(self.rhead, self.ktail)
         self._publish()
-
-    # ------------------------------------------------------------------ per-slot steps
-    def _take_tx(self, head: int, tail: int) -> tuple[list[int], int]:
-        """TX: internalize and take the packets the user attached (ownership moves)."""
-        return validate.tx_take(self.slots, self.rhead, head, SyncKind.TX)
-
-    def _take_free(self, head: int, tail: int) -> tuple[list[int], int]:
-        """FREE: free every packet the user handed back."""
-        pkts = validate.free_take(self.slots, self.rhead, head)
-        self.pool.free_taken(pkts)
-        return [], 0
-
-    def _release_slots(self, head: int, tail: int) -> tuple[list[int], int]:
-        """RX/EVENT: the slots the user consumed must have been detached; RX also checks
-        each slot's length and the ready-bytes count against what was published."""
-        nbytes = validate.rx_release_check(self.slots, self.rhead, head, self.klen, self.sync_kind)
-        if self.klen is None:
-            return [], 0
-        if nbytes > self.ready_bytes:
-            raise SyncError(
-                KillReason.INCONSISTENT_READY_BYTES,
-                self.sync_kind,
-                self._detail(f"released {nbytes} bytes > ready {self.ready_bytes}", head, tail),
-            )
-        self.ready_bytes -= nbytes
-        return [], nbytes
-
-    def _taken_by_user(self, head: int, tail: int) -> tuple[list[int], int]:
-        """ALLOC: the slots before head were taken by the user (the packets are theirs)."""
-        return [], 0
 
     # ------------------------------------------------------------------ RX side helpers
     def rx_enqueue(self, pkts: list[int], start: int = 0) -> int:
