@@ -113,6 +113,9 @@ def test_qemu_handshake_start_and_reconnect(
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         _wait(lambda: sorted(dev.started) == [0, 1], 60, "rings never started")
+        # QEMU sets DRIVER_OK (GET_STATUS, then SET_STATUS) after the last ring's setup:
+        # wait for that message too instead of racing it.
+        _wait(lambda: srv.backend is not None and srv.backend.status & 4 != 0, 10, "no DRIVER_OK")
         b1 = srv.backend
         assert b1 is not None
         backends.append(b1)
