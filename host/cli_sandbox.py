@@ -103,6 +103,13 @@ class Sandbox:
     ) -> None:
         if machine not in MACHINES:
             raise SandboxError(f"--machine {machine}: one of {', '.join(MACHINES)}")
+        from host.sandbox_options import DriverOptions, OptionError
+
+        try:
+            self.options = DriverOptions.parse(append)
+            self._device_props = self.options.device_props(machine)
+        except OptionError as exc:
+            raise SandboxError(str(exc)) from None
         self.elf = elf
         self.machine_type = machine
         self.append = append
@@ -137,8 +144,9 @@ class Sandbox:
         sock = Path(self._tmp.name) / "vhost.sock"
         t0 = time.monotonic()
         try:
+            accel = self._accel()
             self.device = Device(pcap=self.pcap)
-            self.device.add_nic(str(sock), mac=self.mac)
+            self.device.add_nic(str(sock), mac=self.mac, queue_pairs=self.options.queue_pairs)
             self.device.start()
             ctl = self.ctl_path or Path(self._tmp.name) / "ctl.sock"
             if _socket_alive(ctl):
@@ -151,10 +159,17 @@ class Sandbox:
             self.machine = Machine(
                 self.elf,
                 append=self.append,
-                nics=[Nic.vhost_user(sock, mac=self.mac)],
+                nics=[
+                    Nic.vhost_user(
+                        sock,
+                        mac=self.mac,
+                        queues=self.options.queue_pairs,
+                        device_props=self._device_props,
+                    )
+                ],
                 machine=self.machine_type,
                 memory_mb=self.memory_mb,
-                accel="tcg",
+                accel=accel,
                 ready_pattern=re.escape(PROMPT),
                 ready_timeout=self.ready_timeout,
                 console_log=self.console_log,
@@ -170,6 +185,19 @@ class Sandbox:
             self.close()
             raise
         return self
+
+    def _accel(self) -> str:
+        """TCG, except for ``msix=1``: MSI-X on a vhost-user NIC needs KVM in QEMU 7.2."""
+        if not self.options.msix:
+            return "tcg"
+        from host.accel import kvm_works
+
+        if not kvm_works():
+            raise SandboxError(
+                "--append msix=1: MSI-X with a vhost-user NIC needs KVM (QEMU 7.2 under TCG "
+                "crashes at DRIVER_OK) and KVM does not run guests on this host"
+            )
+        return "kvm"
 
     def _launch_failure(self, exc: Exception) -> str:
         text = str(exc)

@@ -53,6 +53,7 @@ struct irq_opts {
     int mmio_irq;                        /* virtio_mmio.device=...:N or mmio_irq=N; -1 auto */
 };
 extern struct irq_opts irq_opts;
+extern uint64_t vdev_ticks, vdev_halts;
 
 void irq_init(void);                     /* IDT, PIC remap (all masked); once at boot */
 int irq_route_nic(void);                 /* program the controller for the NIC's line(s) */

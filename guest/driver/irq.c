@@ -41,6 +41,7 @@ struct irq_frame {
 extern const uint32_t isr_table[65];
 static struct idt_gate idt[256];
 static int mode = VDEV_IRQ_POLL;
+uint64_t vdev_ticks, vdev_halts;         /* exported: they move while the driver idles */
 static uint32_t nic_irq = 0xffffffffu;   /* PIC IRQ of the NIC (INTX_PIC) */
 static uintptr_t lapic;                  /* local APIC MMIO base, 0 until enabled */
 
@@ -285,7 +286,7 @@ int irq_route_nic(void)
 void irq_idle(void)
 {
     if (mode != VDEV_IRQ_POLL) {
-        vdev_stats.irq_waits++;
+        vdev_halts++;
         sti_hlt();
     } else {
         cpu_relax();
@@ -320,7 +321,7 @@ void irq_dispatch(struct irq_frame *f)
             }
         }
         if (irq == 0)
-            vdev_stats.timer_ticks++;
+            vdev_ticks++;
         else if (irq == nic_irq && mode == VDEV_IRQ_INTX_PIC)
             net_irq_intx();
         pic_eoi(irq);

@@ -751,10 +751,8 @@ static void cmd_stats(void)
     STAT(irq_unarmed);
     STAT(irq_isr_zero);
     STAT(irq_lost);
-    STAT(irq_waits);
     STAT(rx_irqs);
     STAT(tx_irqs);
-    STAT(timer_ticks);
     STAT(link_changes);
     STAT(link_up);
     STAT(ctrl_cmds);
@@ -969,11 +967,11 @@ static void cmd_vq(void)
 static void cmd_irq(void)
 {
     kprintf("OK irq mode=%s line=%u wd_ms=%u total=%llu queue=%llu config=%llu rx=%llu tx=%llu "
-            "spurious=%llu unarmed=%llu isr_zero=%llu lost=%llu ticks=%llu\n",
+            "spurious=%llu unarmed=%llu isr_zero=%llu lost=%llu ticks=%llu halts=%llu\n",
             irq_mode_name(), vdev_info.irq_line, irq_opts.wd_ms, vdev_stats.irq_total,
             vdev_stats.irq_queue, vdev_stats.irq_config, vdev_stats.rx_irqs, vdev_stats.tx_irqs,
             vdev_stats.irq_spurious, vdev_stats.irq_unarmed, vdev_stats.irq_isr_zero,
-            vdev_stats.irq_lost, vdev_stats.timer_ticks);
+            vdev_stats.irq_lost, vdev_ticks, vdev_halts);
 }
 
 /* link [up|down [TIMEOUT_MS]]: the link state the config interrupts reported;

@@ -875,7 +875,7 @@ int net_wait(uint32_t what, uint64_t deadline)
             sti();
             return 1;
         }
-        vdev_stats.irq_waits++;
+        vdev_halts++;
         sti_hlt();
         if (cfg_pending)
             net_poll_events();

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,3 +97,33 @@ def send_all(ch: Channel, frames: list[bytes], limit: float = 30.0) -> None:
 
 def to_guest(count: int, size: int, first: int = 0) -> list[bytes]:
     return [pattern_frame(first + i, size, dst=GUEST_MAC_B, src=HOST_MAC_B) for i in range(count)]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0, step: float = 0.01) -> bool:
+    """Poll ``pred`` until it holds or ``timeout`` seconds pass; returns its last value."""
+    end = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(step)
+
+
+def driver_stats(sb: Sandbox) -> dict[str, int]:
+    """The driver's counters read from guest RAM (no console round trip)."""
+    stats: dict[str, int] = sb.introspect()["stats"]
+    return stats
+
+
+def send_one_at_a_time(
+    sb: Sandbox, ch: Channel, count: int, size: int, counter: str, first: int = 0
+) -> None:
+    """Send frames one by one, each after the driver's ``counter`` moved for the previous
+    one: no two device notifications can then merge into one interrupt."""
+    base = driver_stats(sb)[counter]
+    for k in range(count):
+        send_all(ch, to_guest(1, size, first=first + k))
+        want = base + k + 1
+        if not wait_for(lambda: driver_stats(sb)[counter] >= want, timeout=10):
+            raise TimeoutError(f"{counter} stayed below {want} after frame {k}")
