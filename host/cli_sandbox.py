@@ -31,15 +31,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from host.bare_console import PROMPT, Reply, parse_reply
 from host.console import bridge_terminal
+from host.sandbox_script import ScriptResult
 
 if TYPE_CHECKING:
+    from host.device_watch import DeviceWatch
+    from host.host_peer import HostPeer
     from host.machine import Machine
     from vdev.faults.control import ControlServer
     from vdev.net.device import Device
@@ -70,13 +72,6 @@ def default_ctl_path() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(tempfile.gettempdir())
     return base / f"vdev-sandbox-{os.getuid()}.sock"
-
-
-@dataclass
-class ScriptResult:
-    replies: list[Reply] = field(default_factory=list)
-    errors: int = 0
-    quit_code: int | None = None
 
 
 class Sandbox:
@@ -127,9 +122,11 @@ class Sandbox:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._syms: Any = None
         self._cmd_lock = threading.Lock()
+        self.watch: DeviceWatch | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Sandbox:
+        from host.device_watch import DeviceWatch
         from host.inspect_guest import DriverSymbols
         from host.machine import Machine, Nic
         from vdev.faults.control import ControlServer
@@ -148,6 +145,7 @@ class Sandbox:
             self.device = Device(pcap=self.pcap)
             self.device.add_nic(str(sock), mac=self.mac, queue_pairs=self.options.queue_pairs)
             self.device.start()
+            self.watch = DeviceWatch(self.device, self._qemu_alive)
             ctl = self.ctl_path or Path(self._tmp.name) / "ctl.sock"
             if _socket_alive(ctl):
                 raise SandboxError(
@@ -185,6 +183,10 @@ class Sandbox:
             self.close()
             raise
         return self
+
+    def _qemu_alive(self) -> bool:
+        m = self.machine
+        return m is not None and m.is_running()
 
     def _accel(self) -> str:
         """TCG, except for ``msix=1``: MSI-X on a vhost-user NIC needs KVM in QEMU 7.2."""
@@ -231,6 +233,9 @@ class Sandbox:
             with contextlib.suppress(Exception):
                 self.control.close()
             self.control = None
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.device is not None:
             self.device.close()
             self.device = None
@@ -320,33 +325,27 @@ class Sandbox:
         return snap
 
     # ------------------------------------------------------------------ script
-    def run_script(self, lines: Iterable[str], out: TextIO, timeout: float = 60.0) -> ScriptResult:
-        """Send each command (blank lines and ``#`` comments skipped), print the replies.
+    def run_script(
+        self,
+        lines: Iterable[str],
+        out: TextIO,
+        timeout: float = 60.0,
+        peer: HostPeer | None = None,
+    ) -> ScriptResult:
+        """Run script lines (``host.sandbox_script``: guest commands, ``host``/``fault``
+        lines through ``peer``, ``&``/``wait``, ``quit CODE``), printing the transcript.
 
-        ``quit CODE`` ends the script: QEMU's exit status is decoded into ``quit_code``.
-        """
-        res = ScriptResult()
-        for raw in lines:
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            print(f"{PROMPT}{line}", file=out, flush=True)
-            if line.split()[0] == "quit":
-                try:
-                    code = int(line.split()[1], 0) if len(line.split()) > 1 else 0
-                except ValueError:
-                    code = 0
-                res.quit_code = self.quit(code)
-                print(f"(QEMU exited with status {self.exit_status})", file=out, flush=True)
-                return res
-            reply = self.cmd(line, timeout=timeout, check=False)
-            res.replies.append(reply)
-            for info in reply.lines:
-                print(info, file=out)
-            print(reply.status_line, file=out, flush=True)
-            if not reply.ok:
-                res.errors += 1
-        return res
+        The device is checked after every line; a failure stops the script
+        (``ScriptResult.failure``)."""
+        from host.sandbox_script import ScriptRunner
+
+        return ScriptRunner(self, out, timeout=timeout, peer=peer, watch=self.watch).run(lines)
+
+    def host_peer(self) -> HostPeer:
+        """A host peer (host channel + faults) for ``host``/``fault`` script lines."""
+        from host.host_peer import HostPeer
+
+        return HostPeer(self._device(), bytes.fromhex(self.mac.replace(":", "")))
 
     # ------------------------------------------------------------------ interactive
     def interact(self, stdin: int = 0, stdout: int = 1) -> int | None:
@@ -355,7 +354,14 @@ class Sandbox:
         Returns the guest's quit code when QEMU exited, else None.
         """
         m = self._machine()
-        if not bridge_terminal(m.console, m.is_running, stdin, stdout, PROMPT.encode()):
+        watch = self.watch
+
+        def running() -> bool:  # the bridge ends when QEMU exits or the device fails
+            return m.is_running() and (watch is None or watch.check() is None)
+
+        if not bridge_terminal(m.console, running, stdin, stdout, PROMPT.encode()):
+            return None
+        if watch is not None and watch.failure is not None:
             return None
         with contextlib.suppress(Exception):
             status = m.wait(5.0)
@@ -498,20 +504,23 @@ def sandbox_main(
     timeout: float = 60.0,
     as_json: bool = False,
 ) -> int:
-    """Start a sandbox, run the script (or the interactive console), return the status."""
+    """Start a sandbox, run the script (or the interactive console), return the status
+    (``host.sandbox_script``: 0 ok, 1 ERR, 2 usage, 3 guest lost, 4 device failure,
+    5 scenario failed, or the script's ``quit CODE``)."""
     from host.accel import qemu_binary
+    from host.sandbox_script import EXIT_GUEST, EXIT_USAGE
 
     if qemu_binary() is None:
         print("vdev sandbox: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
               file=sys.stderr)  # fmt: skip
-        return 2
+        return EXIT_USAGE
     lines: list[str] | None = None
     if script is not None:
         try:
             text = sys.stdin.read() if script == "-" else Path(script).read_text()
         except OSError as exc:
             print(f"vdev sandbox: --script: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         lines = text.splitlines()
     if scenario is not None:
         from vdev.faults.scenario import ScenarioError, load_scenario
@@ -520,62 +529,95 @@ def sandbox_main(
             load_scenario(scenario)
         except (ScenarioError, OSError) as exc:
             print(f"vdev sandbox: --scenario: {exc}", file=sys.stderr)
-            return 2
-    sb = Sandbox(
-        elf=Path(elf) if elf else None,
-        machine=machine,
-        append=append,
-        pcap=pcap,
-        ctl=Path(ctl) if ctl else default_ctl_path(),
-        console_log=Path(log) if log else None,
-    )
+            return EXIT_USAGE
+    try:
+        sb = Sandbox(
+            elf=Path(elf) if elf else None,
+            machine=machine,
+            append=append,
+            pcap=pcap,
+            ctl=Path(ctl) if ctl else default_ctl_path(),
+            console_log=Path(log) if log else None,
+        )
+    except SandboxError as exc:  # a bad --machine / --append value
+        print(f"vdev sandbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         sb.start()
     except SandboxError as exc:
         print(f"vdev sandbox: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_USAGE if "--append" in str(exc) else EXIT_GUEST
     try:
-        assert sb.machine is not None and sb.device is not None
-        info = ""
-        with contextlib.suppress(Exception):
-            info = f" (driver kmain-to-prompt {sb.introspect()['info']['boot_ms']} ms)"
-        print(
-            f"vdev sandbox: {machine} guest ready in {sb.start_to_prompt * 1000:.0f} ms"
-            f"{info}; inspect: vdev inspect --socket {sb.ctl_path}",
-            file=sys.stderr,
-            flush=True,
-        )
-        scen: threading.Thread | None = None
-        scen_status: list[int] = []
-        if scenario is not None:
-            from vdev.faults.scenario import play_and_print
-
-            device, qmp, path = sb.device, sb.machine.qmp, scenario
-
-            def play() -> None:
-                scen_status.append(play_and_print(path, device, None, qmp, as_json=as_json))
-
-            scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
-            scen.start()
-        if lines is not None:
-            res = sb.run_script(lines, sys.stdout, timeout=timeout)
-            code = res.quit_code if res.quit_code is not None else (1 if res.errors else 0)
-            if res.quit_code is not None and res.quit_code < 0:
-                code = 3
-        else:
-            quit_code = sb.interact()
-            code = 0 if quit_code is None else (3 if quit_code < 0 else quit_code)
-        if scen is not None:
-            print("vdev sandbox: waiting for the scenario to finish", file=sys.stderr)
-            scen.join(timeout=600)
-            if scen_status and scen_status[0] and code == 0:
-                code = scen_status[0]
-        return code
+        return _session(sb, machine, lines, scenario, timeout, as_json)
     except Exception as exc:  # MachineError, GuestTimeout, SandboxError...
         print(f"vdev sandbox: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_GUEST
     finally:
         sb.close()
+
+
+def _session(
+    sb: Sandbox,
+    machine: str,
+    lines: list[str] | None,
+    scenario: str | None,
+    timeout: float,
+    as_json: bool,
+) -> int:
+    """The part of ``sandbox_main`` that runs with a started sandbox."""
+    import io
+
+    from host.sandbox_script import EXIT_DEVICE, ScriptResult, exit_status
+
+    assert sb.machine is not None and sb.device is not None and sb.watch is not None
+    info = ""
+    with contextlib.suppress(Exception):
+        info = f" (driver kmain-to-prompt {sb.introspect()['info']['boot_ms']} ms)"
+    print(
+        f"vdev sandbox: {machine} guest ready in {sb.start_to_prompt * 1000:.0f} ms"
+        f"{info}; inspect: vdev inspect --socket {sb.ctl_path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    failure = sb.watch.check()  # e.g. a ring refused at DRIVER_OK, during boot
+    if failure is not None:
+        print(f"vdev sandbox: device failure: {failure}", file=sys.stderr)
+        return EXIT_DEVICE
+    scen: threading.Thread | None = None
+    scen_status: list[int] = []
+    report = io.StringIO()  # printed after the transcript, never inside it
+    if scenario is not None:
+        from vdev.faults.scenario import play_and_print
+
+        device, qmp, path = sb.device, sb.machine.qmp, scenario
+
+        def play() -> None:
+            scen_status.append(play_and_print(path, device, None, qmp, as_json=as_json, out=report))
+
+        scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
+        scen.start()
+    if lines is not None:
+        peer = sb.host_peer()
+        try:
+            res = sb.run_script(lines, sys.stdout, timeout=timeout, peer=peer)
+        finally:
+            peer.close()
+    else:
+        res = ScriptResult()
+        quit_code = sb.interact()
+        failure = sb.watch.check()
+        if failure is not None:
+            res.failure = failure
+            print(f"\nvdev sandbox: device failure: {failure}", file=sys.stderr)
+        elif quit_code is not None:
+            res.quit_code = quit_code
+    if scen is not None:
+        if scen.is_alive():
+            print("vdev sandbox: waiting for the scenario to finish", file=sys.stderr)
+        scen.join(timeout=600)
+        sys.stdout.write(report.getvalue())
+        sys.stdout.flush()
+    return exit_status(res, scen_status[0] if scen_status else 0)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
