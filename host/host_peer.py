@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from vdev.net.device import Device
     from vdev.skywalk import Channel
 
-HOST_MAC = bytes.fromhex("02000000aa01")
+HOST_MAC = bytes.fromhex("0200000000aa")  # vdev.testing.frames.HOST_MAC: the host's address
 BROADCAST = b"\xff" * 6
 EXPECT_TIMEOUT = 5.0
 SEND_TIMEOUT = 30.0
