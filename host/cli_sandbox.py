@@ -13,10 +13,11 @@ the driver's rings and counters out of guest RAM through its vhost-user memory m
 ``host.inspect_guest``) and replies with JSON. ``vdev ctl --socket CTL`` works on the same
 socket (fault rules at run time).
 
-Exit status of ``vdev sandbox``: the driver's ``quit CODE`` makes QEMU exit with
-``(CODE << 1) | 1`` (isa-debug-exit), which is turned back into CODE. A script without
-``quit`` exits 0, or 1 when any command answered ``ERR``. 2: bad usage or no QEMU; 3: the
-guest did not come up or QEMU died.
+Exit status of ``vdev sandbox`` (``host.sandbox_script``, docs/sandbox.md): 0 ok, 1 a script
+line answered ``ERR``, 2 usage, 3 the guest did not come up or QEMU died, 4 the device failed
+under the guest (``host.device_watch``), 5 the scenario's verdict failed; the driver's
+``quit CODE`` makes QEMU exit with ``(CODE << 1) | 1`` (isa-debug-exit), turned back into CODE.
+Script lines may also act on the device (``host ...``, ``fault ...``: ``host.host_peer``).
 """
 
 from __future__ import annotations
