@@ -2,9 +2,9 @@
 
 With ``--script`` the file runs as one shell script in the guest (``host.run_script``: output
 streamed, the exit status is the script's, ``--errexit`` stops at the first failure, ``host``
-and ``fault`` lines act on the device); with ``--scenario`` a fault scenario plays against the running guest
-while it pings the responder in the background; with neither, the terminal is attached to
-the guest console until the guest powers off or the user types Ctrl-].
+and ``fault`` lines act on the device); with ``--scenario`` a fault scenario plays against the
+running guest while it pings the responder in the background; with neither, the terminal is
+attached to the guest console until the guest powers off or the user types Ctrl-].
 """
 
 from __future__ import annotations

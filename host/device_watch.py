@@ -41,9 +41,7 @@ class _Capture(logging.Handler):
 class DeviceWatch:
     """``check()`` returns the first device failure since the watch started, else None."""
 
-    def __init__(
-        self, device: Device, qemu_alive: Callable[[], bool], nic_index: int = 0
-    ) -> None:
+    def __init__(self, device: Device, qemu_alive: Callable[[], bool], nic_index: int = 0) -> None:
         self.device = device
         self.qemu_alive = qemu_alive
         self.nic_index = nic_index

@@ -171,7 +171,9 @@ class HostPeer:
         status = "OK" if sent == count else "ERR"
         return [], f"{status} host-send sent={sent} bytes={sent * size}"
 
-    def _match(self, frame: bytes, want_pattern: bool, src: bytes | None, etype: int | None) -> bool:
+    def _match(
+        self, frame: bytes, want_pattern: bool, src: bytes | None, etype: int | None
+    ) -> bool:
         if src is not None and frame[6:12] != src:
             return False
         if etype is not None and int.from_bytes(frame[12:14], "big") != etype:
@@ -200,9 +202,7 @@ class HostPeer:
                 if len(matching) >= count or left <= 0:
                     break
                 self._arrived.wait(min(left, 0.1))
-            self._frames = [
-                f for f in self._frames if not self._match(f, want_pattern, src, etype)
-            ]
+            self._frames = [f for f in self._frames if not self._match(f, want_pattern, src, etype)]
         bad = 0
         seqs: list[int] = []
         if want_pattern:
@@ -282,7 +282,10 @@ class HostPeer:
         lines = []
         for r in rules:
             d = r.describe()
-            lines.append(f"{d['id']} action={d['action']} queue={d['queue']} seen={d['seen']} hits={d['hits']}")
+            lines.append(
+                f"{d['id']} action={d['action']} queue={d['queue']} "
+                f"seen={d['seen']} hits={d['hits']}"
+            )
         return lines, f"OK fault-list rules={len(rules)}"
 
     def _fault_clear(self, args: list[str]) -> tuple[list[str], str]:

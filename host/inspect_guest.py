@@ -398,8 +398,8 @@ def format_snapshot(snap: Mapping[str, Any]) -> str:
 __all__ = [
     "KNOWN_SYMBOLS",
     "DriverSymbols",
-    "decode_queues",
     "IntrospectError",
+    "decode_queues",
     "format_snapshot",
     "memory_reader",
     "ring_state",

@@ -125,7 +125,7 @@ def send_one_at_a_time(
     for k in range(count):
         send_all(ch, to_guest(1, size, first=first + k))
         want = base + k + 1
-        if not wait_for(lambda: driver_stats(sb)[counter] >= want, timeout=10):
+        if not wait_for(lambda want=want: driver_stats(sb)[counter] >= want, timeout=10):
             raise TimeoutError(f"{counter} stayed below {want} after frame {k}")
 
 

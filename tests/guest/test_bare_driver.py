@@ -335,7 +335,9 @@ def test_msix_vectors_with_qemus_own_backend(
         f = g.cmd("features").fields
         assert (f["irq"], f["transport"]) == ("msix", transport)
         assert int(f["irq_line"]) >= 3 and f["mac"] == "52:54:00:12:34:56"
-        vq = {ln.split()[0]: dict(kv.split("=") for kv in ln.split()[1:]) for ln in g.cmd("vq").lines}
+        vq = {
+            ln.split()[0]: dict(kv.split("=") for kv in ln.split()[1:]) for ln in g.cmd("vq").lines
+        }
         assert vq["rxq0"]["msix_vector"] == "1" and vq["txq0"]["msix_vector"] == "2"
         g.send_line("rx 10 20000")
         time.sleep(0.05)

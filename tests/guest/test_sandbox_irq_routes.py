@@ -33,7 +33,9 @@ ROUTES = [
 
 
 @pytest.mark.parametrize(
-    ("machine", "append", "mode", "transport"), ROUTES, ids=[f"{r[0]}-{r[1] or 'default'}" for r in ROUTES]
+    ("machine", "append", "mode", "transport"),
+    ROUTES,
+    ids=[f"{r[0]}-{r[1] or 'default'}" for r in ROUTES],
 )
 def test_route_delivers_every_call(
     tmp_path: Path, machine: str, append: str, mode: str, transport: str

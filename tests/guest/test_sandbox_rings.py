@@ -21,7 +21,6 @@ from tests.guest.sandbox_support import (
     HOST_MAC_B,
     Collector,
     drain,
-    driver_stats,
     guest_frames,
     l4_checksum_ok,
     l4_pseudo_sum,
@@ -233,7 +232,9 @@ class TestMultiqueue:
 
 
 @pytest.fixture(scope="module", params=["indirect=1", "indirect=1 packed=1"])
-def ind(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+def ind(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sandbox]:
     yield from sandbox_fixture(tmp_path_factory, append=request.param)
 
 
@@ -287,7 +288,11 @@ def _posted_descriptors(sb: Sandbox, q: dict[str, Any]) -> list[tuple[int, int, 
     def desc(i: int) -> tuple[int, int, int]:
         e = ring[16 * i : 16 * i + 16]
         fl = e[14:16] if q["packed"] else e[12:14]
-        return int.from_bytes(e[0:8], "little"), int.from_bytes(e[8:12], "little"), int.from_bytes(fl, "little")
+        return (
+            int.from_bytes(e[0:8], "little"),
+            int.from_bytes(e[8:12], "little"),
+            int.from_bytes(fl, "little"),
+        )
 
     if q["packed"]:
         pos = d["last_used"] & 0x7FFF

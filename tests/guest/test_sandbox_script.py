@@ -159,6 +159,7 @@ def test_bad_peer_lines_name_the_problem(
 
 def test_guest_busy_while_a_background_command_runs(sandbox: Sandbox, peer: HostPeer) -> None:
     res, lines = run(sandbox, peer, "rx 2 5000 &\nstats\nhost send 2 100\nwait\n")
+    assert res.errors == 1
     assert lines[0].startswith("ERR guest busy with 'rx 2 5000'")
     assert lines[-1].startswith("OK rx received=2 ")
 

@@ -31,14 +31,20 @@ def my_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert res.returncode == 0, res.stdout + res.stderr
     # -Wall -Wextra -Werror: nothing but the commands themselves on the output.
-    noise = [ln for ln in (res.stdout + res.stderr).splitlines() if not ln.startswith(("gcc ", "ld ", "make"))]
+    noise = [
+        ln
+        for ln in (res.stdout + res.stderr).splitlines()
+        if not ln.startswith(("gcc ", "ld ", "make"))
+    ]
     assert noise == []
     elf = out / "mydriver.elf"
     assert elf.read_bytes()[:5] == b"\x7fELF\x01"  # 32-bit
     return elf
 
 
-def sandbox_cli(tmp_path: Path, elf: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+def sandbox_cli(
+    tmp_path: Path, elf: Path, script: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "script.txt"
     path.write_text(script)
     cmd = [sys.executable, "-m", "host.cli", "sandbox", "--elf", str(elf), "--script", str(path)]
@@ -85,7 +91,11 @@ def test_fault_scenario_acts_on_the_template(my_elf: Path, tmp_path: Path) -> No
         '[[expect]]\nrule = "d"\nmin_hits = 1\n'
     )
     res = sandbox_cli(
-        tmp_path, my_elf, "tx 20 100\nhost expect 19 5 pattern\nsleep 0.4\n", "--scenario", str(scen)
+        tmp_path,
+        my_elf,
+        "tx 20 100\nhost expect 19 5 pattern\nsleep 0.4\n",
+        "--scenario",
+        str(scen),
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "OK host-expect received=19 bytes=1900 bad=0 in_order=1" in res.stdout
