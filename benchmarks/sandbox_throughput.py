@@ -120,6 +120,10 @@ def bench_rx(sb: Sandbox, ch: Channel, count: int, size: int) -> Row:
     c1 = counters(sb)
     got = reply.int("received")
     assert reply.int("bad") == 0, reply.status_line
+    if got < count and sb.device is not None:
+        nic = sb.device.nics[0]
+        reasons = {i: dict(q.drop_reasons) for i, q in nic.stats.items() if q.drop_reasons}
+        print(f"  (rx {size}: {count - got} not received; device drop reasons {reasons})")
     return Row(
         "host->guest",
         size,
