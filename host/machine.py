@@ -101,6 +101,14 @@ def _shutdown_all() -> None:
             m.shutdown()
 
 
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|.)")
+
+
+def _printable(text: str) -> str:
+    """``text`` without terminal escapes and control characters (for one-line messages)."""
+    return "".join(c for c in _ANSI.sub("", text) if c.isprintable()).strip()
+
+
 def default_mac(index: int) -> str:
     return f"52:54:00:12:34:{0x56 + index:02x}"
 
@@ -177,6 +185,7 @@ class Machine:
         self.cmdline: list[str] = []
         self.ready_line = ""
         self.boot_seconds = 0.0
+        self.accel_seconds = 0.0  # spent choosing the accelerator (a KVM probe, if one ran)
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: Console | None = None
         self._qmp: QEMUMonitorProtocol | None = None
@@ -359,10 +368,12 @@ class Machine:
         """
         if self._proc is not None:
             raise MachineError("machine already launched")
-        self._t0 = time.monotonic()
+        t_choose = time.monotonic()
         _LIVE.add(self)
         try:
             self._choose_accel()
+            self._t0 = time.monotonic()
+            self.accel_seconds = self._t0 - t_choose
             try:
                 self._spawn()
                 if wait:
@@ -466,10 +477,11 @@ class Machine:
         choice = self._accel_choice
         reason = self._kvm_fault(exc)
         if reason is None or choice is None or not choice.fallback:
-            if reason is not None and choice is not None and choice.forced:
+            env = accel_policy.ACCEL_ENV
+            if reason is not None and choice is not None and choice.reason.startswith(env):
                 exc.message += (
-                    f" [KVM failed ({reason}); KVM was forced ({choice.reason}), so there is "
-                    f"no TCG fallback: unset {accel_policy.ACCEL_ENV} or set it to tcg]"
+                    f" [KVM failed ({reason}); {choice.reason} forces KVM, so there is no TCG "
+                    f"fallback: unset {env} or set {env}=tcg]"
                 )
                 exc.args = (exc.message,)
             raise exc
@@ -532,7 +544,7 @@ class Machine:
             if console.received() != seen:
                 seen, last_change = console.received(), now
             elif now - last_change >= stall:
-                last = console.tail(1).strip() or "(nothing)"
+                last = _printable(console.tail(1)) or "(nothing)"
                 raise self._error(
                     GuestStalled,
                     f"no console output for {stall:g} s under KVM (last line: {last!r})",

@@ -1,0 +1,463 @@
+"""Accelerator choice and the KVM -> TCG fallback, with a stand-in QEMU.
+
+``VDEV_QEMU`` points at a wrapper script written into tmp_path. Launched with ``-accel tcg``
+it execs the real QEMU; launched with ``-accel kvm`` it either behaves like a working KVM
+(execs the real QEMU under TCG) or simulates one of the KVM failures seen on real hosts:
+
+* ``silent``: QEMU is up (console, QMP) but the vCPU never runs (``-S``): the probe hangs, or
+  the guest never prints;
+* ``regdump``: KVM reports an internal error with a register dump and QEMU exits;
+* ``msr``: the nested-KVM MSR assertion kills QEMU at once.
+
+``phase`` says which KVM launches misbehave: ``all``, only the ``probe`` (name
+``kvm-probe``), or only the real ``run`` (so the probe passes and the run-time fallback is
+what saves the run). Every launch is logged, so the tests count probes, retries and
+relaunches. Guests are the bare driver ELF (a ~0.3 s boot under TCG) and, for the panic
+cases, the real Linux image under TCG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from host import accel
+from host.bare_console import PROMPT
+from host.errors import GuestCrashed, MachineError
+from host.machine import Machine
+from images.linux import LinuxImage
+
+pytestmark = [pytest.mark.qemu]
+
+REPO = Path(__file__).resolve().parents[2]
+FALLBACK = "falling back to TCG"
+
+STAND_IN = '''\
+#!{python}
+"""Stand-in QEMU for vdev's accelerator tests (mode {mode}, phase {phase})."""
+import ctypes, os, re, signal, subprocess, sys, time
+
+REAL, MODE, PHASE, LOG = {real!r}, {mode!r}, {phase!r}, {log!r}
+args = sys.argv[1:]
+
+
+def value(flag):
+    return args[args.index(flag) + 1] if flag in args else ""
+
+
+kvm = value("-accel") == "kvm" or any("accel=kvm" in a for a in args)
+name = value("-name")
+with open(LOG, "a") as f:
+    f.write(("kvm" if kvm else "tcg") + " " + name + "\\n")
+
+
+def as_tcg(extra=()):
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in ("-accel", "-cpu"):
+            out += ["-accel", "tcg"] if args[i] == "-accel" else []
+            i += 2
+            continue
+        out.append(re.sub(r"vectors=\\d+", "vectors=0", args[i]))
+        i += 1
+    return [REAL, *out, *extra]
+
+
+probe = name == "kvm-probe"
+misbehave = kvm and (PHASE == "all" or (PHASE == "probe") == probe and PHASE != "none")
+if not misbehave:
+    os.execv(REAL, as_tcg() if kvm else [REAL, *args])
+if MODE == "msr":
+    sys.stderr.write(
+        "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69\\n"
+        "qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: "
+        "Assertion `ret == cpu->kvm_msr_buf->nmsrs' failed.\\n"
+    )
+    sys.stderr.flush()
+    os.abort()
+if MODE == "silent":
+    os.execv(REAL, as_tcg(["-S"]))  # console and QMP come up; the vCPU never runs
+if MODE == "regdump":
+
+    def pdeathsig():
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+    child = subprocess.Popen(as_tcg(["-S"]), preexec_fn=pdeathsig)
+    time.sleep(1.0)
+    child.kill()
+    child.wait()
+    sys.stderr.write(
+        "KVM internal error. Suberror: 1\\n"
+        "emulation failure\\n"
+        "RAX=0000000000000000 RBX=0000000000000000 RCX=0000000000000000 RDX=0000000000000000\\n"
+        "RIP=ffffffff8103a2b1 RFL=00010046 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\\n"
+        "Code=f0 48 0f c7 0e <0f> 94 c0 c3\\n"
+    )
+    sys.exit(1)
+sys.exit("stand-in: unknown mode " + MODE)
+'''
+
+
+class StandIn:
+    """The wrapper script and its launch log."""
+
+    def __init__(self, tmp_path: Path, mode: str, phase: str) -> None:
+        real = shutil.which("qemu-system-x86_64")
+        if real is None:
+            pytest.skip("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        self.log = tmp_path / "launches.log"
+        self.path = tmp_path / "qemu-stand-in"
+        self.path.write_text(
+            STAND_IN.format(
+                python=sys.executable, real=real, mode=mode, phase=phase, log=str(self.log)
+            )
+        )
+        self.path.chmod(0o755)
+
+    def launches(self) -> list[str]:
+        """``kvm NAME`` / ``tcg NAME`` per QEMU start, in order."""
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+
+@pytest.fixture
+def host_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private accel cache, a /dev/kvm that opens, short bounds, no VDEV_ACCEL."""
+    kvm = tmp_path / "kvm"
+    kvm.write_text("")
+    monkeypatch.setattr(accel, "KVM_DEVICE", str(kvm))
+    monkeypatch.setattr(accel, "PROBE_TIMEOUT_S", 6.0)
+    monkeypatch.setattr(accel, "KVM_STALL_S", 1.5)
+    monkeypatch.delenv("VDEV_ACCEL", raising=False)
+    cache = tmp_path / "accel.json"
+    monkeypatch.setenv("VDEV_ACCEL_CACHE", str(cache))
+    return cache
+
+
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, phase: str) -> StandIn:
+    s = StandIn(tmp_path, mode, phase)
+    monkeypatch.setenv("VDEV_QEMU", str(s.path))
+    return s
+
+
+@pytest.fixture(scope="module")
+def elf() -> Path:
+    from host.device_fixtures import bare_elf_or_skip
+
+    return bare_elf_or_skip()
+
+
+def bare(elf: Path, **kw: object) -> Machine:
+    kw.setdefault("ready_timeout", 30.0)
+    return Machine(
+        elf, machine="pc", memory_mb=64, ready_pattern=re.escape(PROMPT), name="bare", **kw
+    )  # type: ignore[arg-type]
+
+
+def fallback_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if FALLBACK in line]
+
+
+def only_verdict(cache: Path) -> dict[str, object]:
+    raw = json.loads(cache.read_text())
+    assert raw["format"] == accel.CACHE_FORMAT
+    (verdict,) = raw["verdicts"].values()
+    assert isinstance(verdict, dict)
+    return verdict
+
+
+def assert_guest_answers(m: Machine) -> None:
+    m.console.send("help\r")
+    m.console.expect(r"OK help", 10.0, fail_patterns=())
+
+
+# ------------------------------------------------------------------------------ fallback
+FAILURES = {
+    "silent": "no console output for 1.5 s under KVM",
+    "regdump": "KVM internal error",
+    "msr": "failed to set MSR 0x10a to 0x69",
+}
+
+
+@pytest.mark.parametrize("mode", sorted(FAILURES))
+def test_probe_failure_uses_tcg_says_so_once_and_caches_it(
+    elf: Path,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+) -> None:
+    """(a) the probe hangs, (b) reports an internal error, (d) dies at once: TCG, told once."""
+    qemu = stand_in(tmp_path, monkeypatch, mode, "all")
+    with bare(elf) as m:
+        assert m.accel == "tcg"
+        assert_guest_answers(m)
+    assert qemu.launches() == ["kvm kvm-probe", "tcg bare"]  # probed once, never retried
+    (line,) = fallback_lines(capsys.readouterr().err)
+    assert "KVM probe failed" in line and FAILURES[mode] in line and str(host_env) in line
+    verdict = only_verdict(host_env)
+    assert verdict["accel"] == "tcg" and verdict["source"] == "probe"
+    assert FAILURES[mode] in str(verdict["reason"])
+    # The next launch trusts the cache: no probe, no KVM attempt, no second line.
+    with bare(elf) as m2:
+        assert m2.accel == "tcg" and "cached probe verdict" in m2.accel_reason
+    assert qemu.launches() == ["kvm kvm-probe", "tcg bare", "tcg bare"]
+    assert fallback_lines(capsys.readouterr().err) == []
+
+
+@pytest.mark.parametrize("mode", sorted(FAILURES))
+def test_runtime_kvm_failure_relaunches_once_under_tcg(
+    elf: Path,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+) -> None:
+    """The probe passes but the real KVM run fails: one relaunch under TCG, told once."""
+    qemu = stand_in(tmp_path, monkeypatch, mode, "run")
+    with bare(elf) as m:
+        assert m.accel == "tcg" and "fell back from KVM" in m.accel_reason
+        assert_guest_answers(m)
+    assert qemu.launches() == ["kvm kvm-probe", "kvm bare", "tcg bare"]
+    (line,) = fallback_lines(capsys.readouterr().err)
+    assert "KVM guest failed" in line and FAILURES[mode] in line
+    verdict = only_verdict(host_env)
+    assert verdict["accel"] == "tcg" and verdict["source"] == "runtime"
+    assert FAILURES[mode] in str(verdict["reason"])
+    with bare(elf) as m2:
+        assert m2.accel == "tcg"
+    assert qemu.launches()[3:] == ["tcg bare"]
+    assert fallback_lines(capsys.readouterr().err) == []
+
+
+def test_sandbox_with_the_device_survives_the_fallback(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The vhost-user device serves the relaunched TCG QEMU after the stuck KVM one."""
+    from host.cli_sandbox import Sandbox
+    from tests.guest.sandbox_support import drain, guest_frames
+
+    qemu = stand_in(tmp_path, monkeypatch, "silent", "run")
+    with Sandbox(elf=elf) as sb:
+        assert sb.machine is not None and sb.machine.accel == "tcg"
+        host = sb.channel("host")
+        try:
+            assert sb.cmd("tx 20 80").int("sent") == 20
+            assert guest_frames(drain(host)) == list(range(20))
+        finally:
+            host.close()
+    assert qemu.launches() == ["kvm kvm-probe", "kvm sandbox", "tcg sandbox"]
+
+
+# ------------------------------------------------------------------------------ KVM works
+def test_working_kvm_is_used_and_probed_once(
+    elf: Path,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "none")  # "none": KVM never misbehaves
+    for _ in range(3):
+        with bare(elf) as m:
+            assert m.accel == "kvm"
+            assert "-cpu" in m.cmdline and "host" in m.cmdline
+            assert_guest_answers(m)
+    assert qemu.launches() == ["kvm kvm-probe", "kvm bare", "kvm bare", "kvm bare"]
+    verdict = only_verdict(host_env)
+    assert verdict["accel"] == "kvm" and "ready marker" in str(verdict["reason"])
+    assert fallback_lines(capsys.readouterr().err) == []
+
+
+def test_verdict_is_keyed_by_qemu_and_image(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "none")
+    with bare(elf):
+        pass
+    # Same QEMU, same image: cached. A rebuilt QEMU (new mtime): probed again.
+    with bare(elf):
+        pass
+    st = qemu.path.stat()
+    os.utime(qemu.path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with bare(elf):
+        pass
+    # Another image (same bytes plus one): probed again.
+    other = tmp_path / "other.elf"
+    other.write_bytes(elf.read_bytes() + b"\0")
+    with bare(other):
+        pass
+    probes = [x for x in qemu.launches() if x.endswith("kvm-probe")]
+    assert len(probes) == 3, qemu.launches()
+    assert len(json.loads(host_env.read_text())["verdicts"]) == 3
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        '{"key": "boot:/usr/bin/qemu:1:2", "accel": "kvm"}',  # the old probe's format
+        "[1, 2]",
+        "",
+    ],
+    ids=["corrupt", "old-format", "not-an-object", "empty"],
+)
+def test_unusable_cache_file_means_probe_again(
+    elf: Path,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    content: str,
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "all")
+    host_env.write_text(content)
+    with bare(elf) as m:
+        assert m.accel == "tcg"
+    assert qemu.launches()[0] == "kvm kvm-probe"
+    assert only_verdict(host_env)["accel"] == "tcg"  # rewritten in the new format
+
+
+def test_verdict_from_another_boot_is_not_trusted(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "none")
+    with bare(elf):
+        pass
+    raw = json.loads(host_env.read_text())
+    raw["boot_id"] = "another-boot"
+    host_env.write_text(json.dumps(raw))
+    with bare(elf):
+        pass
+    assert [x for x in qemu.launches() if x.endswith("kvm-probe")] == ["kvm kvm-probe"] * 2
+
+
+# ------------------------------------------------------------------------------ overrides
+@pytest.mark.parametrize("mode", ["msr", "regdump"])
+def test_forced_kvm_fails_loudly_without_fallback(
+    elf: Path,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, mode, "all")
+    monkeypatch.setenv("VDEV_ACCEL", "kvm")
+    m = bare(elf)
+    with pytest.raises(MachineError) as info:
+        m.launch()
+    text = str(info.value)
+    assert FAILURES[mode] in text
+    assert "VDEV_ACCEL=kvm forces KVM" in text and "no TCG fallback" in text
+    assert qemu.launches() == ["kvm bare"]  # no probe, no relaunch
+    assert fallback_lines(capsys.readouterr().err) == []
+    assert not host_env.exists()  # nothing cached
+    assert not m.is_running()
+
+
+def test_forced_tcg_skips_the_probe(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "all")
+    monkeypatch.setenv("VDEV_ACCEL", "tcg")
+    with bare(elf) as m:
+        assert m.accel == "tcg" and m.accel_reason == "VDEV_ACCEL=tcg"
+    assert qemu.launches() == ["tcg bare"]
+    assert not host_env.exists()
+
+
+def test_bad_vdev_accel_is_one_line_error(
+    elf: Path, host_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VDEV_ACCEL", "hvf")
+    with pytest.raises(MachineError) as info:
+        bare(elf).launch()
+    assert str(info.value) == "VDEV_ACCEL='hvf': expected 'kvm' or 'tcg'"
+
+
+def test_no_kvm_device_means_tcg_without_probe(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "all")
+    monkeypatch.setattr(accel, "KVM_DEVICE", str(tmp_path / "no-such-kvm"))
+    with bare(elf) as m:
+        assert m.accel == "tcg" and "does not exist" in m.accel_reason
+    assert qemu.launches() == ["tcg bare"]
+
+
+# ------------------------------------------------------------------------------ real panics
+def test_panic_under_tcg_fails_the_run_and_is_not_blamed_on_kvm(
+    linux_image: LinuxImage,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "all")
+    m = Machine.linux(linux_image, kernel_args="rdinit=/nonexistent", name="panic")
+    with pytest.raises(GuestCrashed) as info:
+        m.launch()
+    assert "Kernel panic" in info.value.console_tail
+    assert "after KVM failed" not in str(info.value)
+    assert qemu.launches() == ["kvm kvm-probe", "tcg panic"]  # the TCG run is not retried
+    assert len(fallback_lines(capsys.readouterr().err)) == 1  # the probe's, nothing more
+    assert only_verdict(host_env)["source"] == "probe"
+
+
+def test_real_panic_under_kvm_is_not_retried_or_cached(
+    linux_image: LinuxImage,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A working KVM and a guest that panics by itself: the panic is the verdict."""
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "none")
+    # The stand-in's "KVM" is TCG, where a quiet Linux boot is silent for seconds.
+    monkeypatch.setattr(accel, "KVM_STALL_S", 30.0)
+    monkeypatch.setattr(accel, "PROBE_TIMEOUT_S", 60.0)
+    m = Machine.linux(linux_image, kernel_args="rdinit=/nonexistent", name="panic")
+    with pytest.raises(GuestCrashed) as info:
+        m.launch()
+    assert "Kernel panic" in info.value.console_tail
+    assert qemu.launches() == ["kvm kvm-probe", "kvm panic"]
+    assert fallback_lines(capsys.readouterr().err) == []
+    assert not host_env.exists() or json.loads(host_env.read_text())["verdicts"] == {}
+
+
+# ------------------------------------------------------------------------------ the CLI
+_CLI = textwrap.dedent(
+    """
+    import sys
+    import host.accel
+    host.accel.KVM_DEVICE = sys.argv[1]
+    from host.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def test_cli_boot_falls_back_and_says_so_once(
+    linux_image: LinuxImage, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vdev images boot`` (the Linux image, no VDEV_ACCEL) on a host whose KVM dumps
+    registers at run time: it boots under TCG and says so in one line."""
+    qemu = stand_in(tmp_path, monkeypatch, "regdump", "run")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", _CLI, accel.KVM_DEVICE, "images", "boot", "--halt"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = fallback_lines(proc.stderr)
+    assert "KVM internal error" in line
+    assert "accel tcg" in proc.stderr and "Traceback" not in proc.stderr
+    assert qemu.launches() == ["kvm kvm-probe", "kvm linux", "tcg linux"]
+    assert only_verdict(host_env)["accel"] == "tcg"
