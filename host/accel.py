@@ -8,7 +8,7 @@ synthetic probe tells the truth, so:
 
 * the **probe** boots the real workload, the image the :class:`~host.machine.Machine` is
   about to run, under KVM without NICs, until its ready marker, within ``PROBE_TIMEOUT_S``
-  (the probe itself is :meth:`host.machine.Machine._probe_kvm`; this module decides when to
+  (the probe itself is :meth:`host.machine.Machine.probe_kvm`; this module decides when to
   run it and what its outcome means);
 * the verdict is **cached** per host boot id, QEMU binary (path, mtime, size), machine type
   and image content, in one small JSON file (:func:`cache_path`), so the good path costs a
@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -377,29 +377,40 @@ def choose(
     )
 
 
-def describe(choices: Sequence[tuple[str, Workload]], qemu: str | None = None) -> list[str]:
-    """Lines for ``vdev doctor``: per workload, the accelerator and why (without probing)."""
-    lines: list[str] = []
-    forced = env_accel()
-    qemu = qemu or qemu_binary()
-    for name, workload in choices:
-        if forced is not None:
-            lines.append(f"{name}: {forced} ({ACCEL_ENV}={forced})")
-            continue
-        if qemu is None:
-            lines.append(f"{name}: tcg (QEMU not found)")
-            continue
-        why = kvm_unavailable()
-        if why is not None:
-            lines.append(f"{name}: tcg ({why})")
-            continue
-        key = cache_key(qemu, workload)
-        verdict = lookup(key) if key else None
+def reprobe(workload: Workload, probe: Callable[[], Verdict | None]) -> Verdict | None:
+    """Run ``probe`` now (``vdev doctor --probe``) and cache a conclusive verdict."""
+    qemu = qemu_binary()
+    key = cache_key(qemu, workload) if qemu is not None else None
+    with _locked() as path:
+        verdict = probe()
         if verdict is None:
-            lines.append(f"{name}: not probed yet (the first boot probes KVM) key={key}")
-        else:
-            lines.append(
-                f"{name}: {verdict.accel} ({verdict.source} verdict from {verdict.when()}: "
-                f"{verdict.reason}) key={key}"
-            )
-    return lines
+            return None
+        verdict = Verdict(verdict.accel, verdict.reason, "probe", time.time(), workload.label())
+        if key is not None:
+            _write_unlocked(path, key, verdict)
+        return verdict
+
+
+def explain(workload: Workload) -> tuple[str, str]:
+    """What :func:`choose` would answer for ``workload`` without probing: (accel, why).
+
+    The accel is ``"?"`` when KVM has not been probed for it on this boot yet.
+    """
+    forced = env_accel()
+    if forced is not None:
+        return forced, f"{ACCEL_ENV}={forced}"
+    qemu = qemu_binary()
+    if qemu is None:
+        return "tcg", "QEMU not found"
+    why = kvm_unavailable()
+    if why is not None:
+        return "tcg", why
+    key = cache_key(qemu, workload)
+    if key is None:
+        return "tcg", "no kernel image to probe KVM with"
+    verdict = lookup(key)
+    if verdict is None:
+        return "?", f"the first boot (or `vdev doctor --probe`) probes KVM; cache key {key}"
+    return verdict.accel, (
+        f"{verdict.source} verdict from {verdict.when()}: {verdict.reason} (cache key {key})"
+    )

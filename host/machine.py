@@ -420,7 +420,7 @@ class Machine:
                 raise MachineError(f"accel={requested!r}: expected 'kvm' or 'tcg'")
             choice = accel_policy.Choice(requested, "requested by the caller", forced=True)
         else:
-            probe = self._probe_kvm if self.ready_pattern is not None else None
+            probe = self.probe_kvm if self.ready_pattern is not None else None
             try:
                 choice = accel_policy.choose(self._workload(), probe)
             except accel_policy.AccelError as exc:
@@ -429,7 +429,7 @@ class Machine:
         self.accel = choice.accel
         self.accel_reason = choice.reason
 
-    def _probe_kvm(self) -> accel_policy.Verdict | None:
+    def probe_kvm(self) -> accel_policy.Verdict | None:
         """Boot this Machine's image under KVM without NICs until its ready marker.
 
         The real workload (kernel, initrd, command line, machine type, memory), because a
