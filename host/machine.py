@@ -452,9 +452,13 @@ class Machine:
         t0 = time.monotonic()
         try:
             probe.launch()
+        except GuestTimeout as exc:
+            # The probe's bound is the point: a KVM guest not ready in time is no use.
+            reason = probe._kvm_fault(exc) or f"not ready within {bound:g} s: {exc.message}"
+            return accel_policy.Verdict("tcg", reason)
         except MachineError as exc:
-            reason = probe._kvm_fault(exc)
-            return None if reason is None else accel_policy.Verdict("tcg", reason)
+            fault = probe._kvm_fault(exc)
+            return None if fault is None else accel_policy.Verdict("tcg", fault)
         finally:
             probe.shutdown()
         return accel_policy.Verdict(
@@ -530,7 +534,8 @@ class Machine:
         console = self.console
         if self.accel != "kvm":
             return console.expect(pattern, limit)
-        stall = min(accel_policy.KVM_STALL_S, limit)
+        # Not min(stall, limit): a caller's short timeout is no evidence against KVM.
+        stall = accel_policy.KVM_STALL_S
         deadline = time.monotonic() + limit
         seen, last_change = console.received(), time.monotonic()
         while True:

@@ -21,7 +21,7 @@ import pytest
 
 from host import accel
 from host.bare_console import PROMPT
-from host.errors import GuestCrashed, MachineError
+from host.errors import GuestCrashed, GuestStalled, GuestTimeout, MachineError
 from host.machine import Machine
 from images.linux import LinuxImage
 from tests.e2e.qemu_stand_in import StandIn, accel_host, install
@@ -150,6 +150,38 @@ def test_sandbox_with_the_device_survives_the_fallback(
         finally:
             host.close()
     assert qemu.launches() == ["kvm kvm-probe", "kvm sandbox", "tcg sandbox"]
+
+
+def test_a_short_caller_timeout_under_kvm_is_not_blamed_on_kvm(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silent for less than KVM_STALL_S: the caller's own timeout, raised as it is."""
+    qemu = stand_in(tmp_path, monkeypatch, "silent", "run")
+    m = bare(elf, ready_timeout=0.8)
+    with pytest.raises(GuestTimeout) as info:
+        m.launch()
+    assert not isinstance(info.value, GuestStalled)
+    assert qemu.launches() == ["kvm kvm-probe", "kvm bare"]  # no relaunch
+    assert only_verdict(host_env)["accel"] == "kvm"
+
+
+def test_probe_not_ready_within_its_bound_means_tcg(
+    linux_image: LinuxImage,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A KVM guest that prints but is not ready within PROBE_TIMEOUT_S: TCG it is."""
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "none")  # a "KVM" as slow as TCG
+    monkeypatch.setattr(accel, "PROBE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(accel, "KVM_STALL_S", 30.0)
+    with Machine.linux(linux_image, name="slow") as m:
+        assert m.accel == "tcg"
+    assert qemu.launches() == ["kvm kvm-probe", "tcg slow"]
+    (line,) = fallback_lines(capsys.readouterr().err)
+    assert "not ready within 1 s" in line
+    assert "not ready within 1 s" in str(only_verdict(host_env)["reason"])
 
 
 # ------------------------------------------------------------------------------ KVM works
