@@ -273,14 +273,23 @@ def lookup(key: str) -> Verdict | None:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[Path]:
+def _locked() -> Iterator[Path | None]:
+    """The cache path, with its lock held; None (no lock, no caching) when the cache dir
+    cannot be created or the lock is not free in time: a probe then simply is not shared."""
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.with_name(path.name + ".lock"), _LOCK_TIMEOUT_S):
-        yield path
+    with contextlib.ExitStack() as stack:
+        locked = True
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(file_lock(path.with_name(path.name + ".lock"), _LOCK_TIMEOUT_S))
+        except (OSError, TimeoutError):
+            locked = False
+        yield path if locked else None
 
 
-def _write_unlocked(path: Path, key: str, verdict: Verdict) -> None:
+def _write_unlocked(path: Path | None, key: str, verdict: Verdict) -> None:
+    if path is None:
+        return
     verdicts = _read_file(path)
     verdicts[key] = verdict
     newest = sorted(verdicts.items(), key=lambda kv: kv[1].at)[-MAX_ENTRIES:]
@@ -300,7 +309,7 @@ def _write_unlocked(path: Path, key: str, verdict: Verdict) -> None:
 def record(key: str, verdict: Verdict) -> None:
     """Remember ``verdict`` for ``key`` (atomically, under the cache lock; errors ignored:
     a read-only cache only costs a probe next time)."""
-    with contextlib.suppress(OSError, TimeoutError), _locked() as path:
+    with _locked() as path:
         _write_unlocked(path, key, verdict)
 
 
@@ -353,7 +362,8 @@ def choose(
     verdict = lookup(key)
     if verdict is None and probe is not None:
         with _locked() as path:
-            verdict = _read_file(path).get(key)  # another process may have probed meanwhile
+            # Another process may have probed while we waited for the lock.
+            verdict = _read_file(path).get(key) if path is not None else None
             if verdict is None:
                 verdict = probe()
                 if verdict is None:

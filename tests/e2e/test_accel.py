@@ -387,3 +387,17 @@ def test_cli_boot_falls_back_and_says_so_once(
     assert "accel tcg" in proc.stderr and "Traceback" not in proc.stderr
     assert qemu.launches() == ["kvm kvm-probe", "kvm linux", "tcg linux"]
     assert only_verdict(host_env)["accel"] == "tcg"
+
+
+def test_unwritable_cache_still_boots_and_probes_each_time(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache path that cannot be created costs a probe per launch, never the launch."""
+    qemu = stand_in(tmp_path, monkeypatch, "msr", "all")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("VDEV_ACCEL_CACHE", str(blocker / "sub" / "accel.json"))
+    for _ in range(2):
+        with bare(elf) as m:
+            assert m.accel == "tcg"
+    assert qemu.launches() == ["kvm kvm-probe", "tcg bare"] * 2
