@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -48,11 +49,29 @@ def elf() -> Path:
     return bare_elf_or_skip()
 
 
-def bare(elf: Path, **kw: object) -> Machine:
-    kw.setdefault("ready_timeout", 30.0)
+def bare(elf: Path, ready_timeout: float = 30.0) -> Machine:
+    """The bare driver ELF without a NIC: it prints its prompt ~0.3 s after QEMU starts."""
     return Machine(
-        elf, machine="pc", memory_mb=64, ready_pattern=re.escape(PROMPT), name="bare", **kw
-    )  # type: ignore[arg-type]
+        elf,
+        machine="pc",
+        memory_mb=64,
+        ready_pattern=re.escape(PROMPT),
+        ready_timeout=ready_timeout,
+        name="bare",
+    )
+
+
+E = TypeVar("E", bound=MachineError)
+
+
+def launch_expecting_failure(m: Machine, exc: type[E]) -> pytest.ExceptionInfo[E]:
+    """``m.launch()`` must raise ``exc``; QEMU and the temp dir go away even if it does not."""
+    try:
+        with pytest.raises(exc) as info:
+            m.launch()
+    finally:
+        m.shutdown()
+    return info
 
 
 def fallback_lines(err: str) -> list[str]:
@@ -158,8 +177,7 @@ def test_a_short_caller_timeout_under_kvm_is_not_blamed_on_kvm(
     """Silent for less than KVM_STALL_S: the caller's own timeout, raised as it is."""
     qemu = stand_in(tmp_path, monkeypatch, "silent", "run")
     m = bare(elf, ready_timeout=0.8)
-    with pytest.raises(GuestTimeout) as info:
-        m.launch()
+    info = launch_expecting_failure(m, GuestTimeout)
     assert not isinstance(info.value, GuestStalled)
     assert qemu.launches() == ["kvm kvm-probe", "kvm bare"]  # no relaunch
     assert only_verdict(host_env)["accel"] == "kvm"
@@ -279,8 +297,7 @@ def test_forced_kvm_fails_loudly_without_fallback(
     qemu = stand_in(tmp_path, monkeypatch, mode, "all")
     monkeypatch.setenv("VDEV_ACCEL", "kvm")
     m = bare(elf)
-    with pytest.raises(MachineError) as info:
-        m.launch()
+    info = launch_expecting_failure(m, MachineError)
     text = str(info.value)
     assert FAILURES[mode] in text
     assert "VDEV_ACCEL=kvm forces KVM" in text and "no TCG fallback" in text
@@ -305,8 +322,7 @@ def test_bad_vdev_accel_is_one_line_error(
     elf: Path, host_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VDEV_ACCEL", "hvf")
-    with pytest.raises(MachineError) as info:
-        bare(elf).launch()
+    info = launch_expecting_failure(bare(elf), MachineError)
     assert str(info.value) == "VDEV_ACCEL='hvf': expected 'kvm' or 'tcg'"
 
 
@@ -330,8 +346,7 @@ def test_panic_under_tcg_fails_the_run_and_is_not_blamed_on_kvm(
 ) -> None:
     qemu = stand_in(tmp_path, monkeypatch, "msr", "all")
     m = Machine.linux(linux_image, kernel_args="rdinit=/nonexistent", name="panic")
-    with pytest.raises(GuestCrashed) as info:
-        m.launch()
+    info = launch_expecting_failure(m, GuestCrashed)
     assert "Kernel panic" in info.value.console_tail
     assert "after KVM failed" not in str(info.value)
     assert qemu.launches() == ["kvm kvm-probe", "tcg panic"]  # the TCG run is not retried
@@ -352,8 +367,7 @@ def test_real_panic_under_kvm_is_not_retried_or_cached(
     monkeypatch.setattr(accel, "KVM_STALL_S", 30.0)
     monkeypatch.setattr(accel, "PROBE_TIMEOUT_S", 60.0)
     m = Machine.linux(linux_image, kernel_args="rdinit=/nonexistent", name="panic")
-    with pytest.raises(GuestCrashed) as info:
-        m.launch()
+    info = launch_expecting_failure(m, GuestCrashed)
     assert "Kernel panic" in info.value.console_tail
     assert qemu.launches() == ["kvm kvm-probe", "kvm panic"]
     assert fallback_lines(capsys.readouterr().err) == []
