@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "host.cli_ctl",
     "host.cli_run",
     "host.cli_sandbox",
+    "host.cli_doctor",
 )
 
 

@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
                 )
                 machine.launch()
             try:
-                print(f"   guest up in {report.timings['boot']:.1f} s (QEMU {machine.accel})")
+                print(
+                    f"   guest up in {report.timings['boot']:.1f} s "
+                    f"(QEMU {machine.accel}: {machine.accel_reason})"
+                )
                 _exercise(report, device, nic, host, machine, args.seed)
             finally:
                 with _step(report, "shutdown"):

@@ -91,6 +91,11 @@ class Console:
             return ""
         return tail_lines(text.replace("\r", ""), lines)
 
+    def received(self) -> int:
+        """Bytes of console output logged so far (grows while the guest prints)."""
+        self._log.flush()
+        return os.fstat(self._log.fileno()).st_size
+
     def _error(self, cls: type[MachineError], message: str) -> MachineError:
         ctx = self._context()
         return cls(
