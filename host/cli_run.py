@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from host.cli_args import add_control_option, input_file, mtu, output_path, queue_pairs
+
 GUEST_MAC = "52:54:00:12:34:56"
 
 
@@ -29,22 +31,36 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--image", choices=("linux", "bare"), default="linux", help="guest to boot")
-    p.add_argument("--scenario", metavar="FILE", help="TOML fault scenario to play")
-    p.add_argument("--script", metavar="FILE", help="guest commands, one per line")
-    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of the NIC")
-    p.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs (Linux)")
-    p.add_argument("--mtu", type=int, default=None, help="MTU offered to the guest (host_mtu)")
+    p.add_argument(
+        "--scenario", metavar="FILE", type=input_file, help="TOML fault scenario to play"
+    )
+    p.add_argument("--script", metavar="FILE", type=input_file, help="guest commands, one per line")
+    p.add_argument(
+        "--pcap", metavar="FILE", type=output_path, help="write a pcapng capture of the NIC"
+    )
+    p.add_argument(
+        "--queues", type=queue_pairs, default=1, metavar="N", help="queue pairs 1-8 (Linux)"
+    )
+    p.add_argument(
+        "--mtu", type=mtu, default=None, help="MTU offered to the guest (host_mtu), 68-65535"
+    )
     p.add_argument("--kernel-args", default="", help="extra Linux kernel command line")
-    p.add_argument("--control", metavar="PATH", help="also serve the fault control socket here")
-    p.add_argument("--json", action="store_true", help="scenario report as JSON")
+    add_control_option(p, help="also serve the fault control socket here")
+    p.add_argument(
+        "--json", action="store_true", help="scenario report as JSON (stdout is pure JSON)"
+    )
     p.set_defaults(func=run)
 
 
 def _read_script(path: str) -> list[str]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SystemExit(f"vdev run: --script {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SystemExit(
+            f"vdev run: --script {path}: not UTF-8 text (byte offset {exc.start})"
+        ) from None
     return [
         ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
     ]
@@ -58,9 +74,6 @@ def run(args: argparse.Namespace) -> int:
         return int(cli_sandbox.run_from_run(args))
     if args.script and args.scenario:
         print("vdev run: use --script or --scenario, not both", file=sys.stderr)
-        return 2
-    if not 1 <= args.queues <= 8:
-        print(f"vdev run: --queues {args.queues}: must be 1 to 8", file=sys.stderr)
         return 2
     script = _read_script(args.script) if args.script else None
     if args.scenario:

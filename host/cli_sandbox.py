@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from host.bare_console import PROMPT, Reply, parse_reply
+from host.cli_args import add_control_option, input_file, mtu, output_path, seconds
 from host.console import bridge_terminal
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class Sandbox:
         memory_mb: int = 64,
         ready_timeout: float = 30.0,
         console_log: Path | None = None,
+        mtu: int | None = None,
     ) -> None:
         if machine not in MACHINES:
             raise SandboxError(f"--machine {machine}: one of {', '.join(MACHINES)}")
@@ -112,6 +114,7 @@ class Sandbox:
         self.memory_mb = memory_mb
         self.ready_timeout = ready_timeout
         self.console_log = console_log
+        self.mtu = mtu
         self.device: Device | None = None
         self.machine: Machine | None = None
         self.control: ControlServer | None = None
@@ -131,27 +134,32 @@ class Sandbox:
         if self.elf is None:
             from images.bare import build_bare
 
-            self.elf = build_bare()
-        self._syms = DriverSymbols.from_elf(self.elf)
+            try:
+                self.elf = build_bare()
+            except Exception as exc:  # ToolError (no gcc), a compile error, ...
+                raise SandboxError(f"building the guest driver failed: {exc}") from None
+        try:
+            self._syms = DriverSymbols.from_elf(self.elf)
+        except Exception as exc:  # not an ELF, or not the vdev driver's (no symbols)
+            raise SandboxError(f"--elf {self.elf}: not a vdev driver ELF ({exc})") from None
         self._tmp = tempfile.TemporaryDirectory(prefix="vdev-sandbox-")
         sock = Path(self._tmp.name) / "vhost.sock"
         t0 = time.monotonic()
         try:
             self.device = Device(pcap=self.pcap)
-            self.device.add_nic(str(sock), mac=self.mac)
+            self.device.add_nic(str(sock), mac=self.mac, mtu=self.mtu or 1500)
             self.device.start()
             ctl = self.ctl_path or Path(self._tmp.name) / "ctl.sock"
-            if _socket_alive(ctl):
-                raise SandboxError(
-                    f"{ctl}: another sandbox (or device) answers there; pass --ctl PATH"
-                )
-            self.control = ControlServer(self.device, str(ctl))
+            try:  # refuses a live listener (vdev.socketpath), like every vdev socket
+                self.control = ControlServer(self.device, str(ctl))
+            except OSError as exc:
+                raise SandboxError(f"--control {ctl}: {exc.strerror or exc}") from None
             self.ctl_path = ctl
             self.control.add_command("introspect", set(), self._introspect_request)
             self.machine = Machine(
                 self.elf,
                 append=self.append,
-                nics=[Nic.vhost_user(sock, mac=self.mac)],
+                nics=[Nic.vhost_user(sock, mac=self.mac, mtu=self.mtu)],
                 machine=self.machine_type,
                 memory_mb=self.memory_mb,
                 accel="tcg",
@@ -343,21 +351,6 @@ def guest_code(status: int | None) -> int:
     return status >> 1
 
 
-def _socket_alive(path: Path) -> bool:
-    """Whether something accepts connections on the Unix socket ``path``."""
-    import socket
-
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
 def _first_error_line(text: str) -> str:
     for line in text.splitlines():
         if "qemu-system" in line or "error" in line.lower() or "vhost" in line:
@@ -389,21 +382,38 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--script",
         metavar="FILE",
+        type=input_file,
         help="console commands, one per line (# comments); '-' reads stdin",
     )
-    p.add_argument("--scenario", metavar="FILE", help="play a fault scenario (TOML) during the run")
-    p.add_argument("--append", default="", metavar="ARGS", help="driver command line (-append)")
-    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of the device's traffic")
     p.add_argument(
-        "--ctl",
-        metavar="PATH",
+        "--scenario",
+        metavar="FILE",
+        type=input_file,
+        help="play a fault scenario (TOML) during the run",
+    )
+    p.add_argument("--append", default="", metavar="ARGS", help="driver command line (-append)")
+    p.add_argument(
+        "--pcap",
+        metavar="FILE",
+        type=output_path,
+        help="write a pcapng capture of the device's traffic",
+    )
+    p.add_argument("--mtu", type=mtu, default=None, help="MTU the device offers, 68-65535")
+    add_control_option(
+        p,
+        aliases=("--ctl",),
         help=f"control socket for vdev inspect / vdev ctl (default ${CTL_ENV} or "
         f"{default_ctl_path()})",
     )
-    p.add_argument("--elf", metavar="FILE", help="driver ELF (default: build guest/driver)")
-    p.add_argument("--log", metavar="FILE", help="keep the console log here")
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="per-command reply timeout in --script"
+        "--elf", metavar="FILE", type=input_file, help="driver ELF (default: build guest/driver)"
+    )
+    p.add_argument("--log", metavar="FILE", type=output_path, help="keep the console log here")
+    p.add_argument(
+        "--timeout",
+        type=seconds(positive=True),
+        default=60.0,
+        help="per-command reply timeout in --script",
     )
     p.set_defaults(func=run_sandbox)
 
@@ -416,17 +426,22 @@ def register(subparsers: Any) -> None:
             "of guest RAM through the device's vhost-user memory map."
         ),
     )
-    i.add_argument(
-        "-s",
-        "--socket",
+    add_control_option(
+        i,
+        short=True,
+        aliases=("--socket",),
+        create=False,
         metavar="CTL",
         help=f"the sandbox's control socket (default ${CTL_ENV} or {default_ctl_path()})",
     )
     i.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
     i.add_argument(
-        "--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C"
+        "--watch",
+        type=seconds(positive=True),
+        metavar="SECONDS",
+        help="repeat every SECONDS until Ctrl-C",
     )
-    i.add_argument("--timeout", type=float, default=5.0, help="reply timeout")
+    i.add_argument("--timeout", type=seconds(positive=True), default=5.0, help="reply timeout")
     i.set_defaults(func=run_inspect)
 
 
@@ -437,8 +452,9 @@ def run_sandbox(args: argparse.Namespace) -> int:
         scenario=args.scenario,
         append=args.append,
         pcap=args.pcap,
-        ctl=args.ctl,
+        ctl=args.control,
         elf=args.elf,
+        mtu=args.mtu,
         log=args.log,
         timeout=args.timeout,
     )
@@ -454,6 +470,7 @@ def run_from_run(args: argparse.Namespace) -> int:
         pcap=getattr(args, "pcap", None),
         ctl=getattr(args, "control", None),
         as_json=bool(getattr(args, "json", False)),
+        mtu=getattr(args, "mtu", None),
     )
 
 
@@ -469,6 +486,7 @@ def sandbox_main(
     log: str | None = None,
     timeout: float = 60.0,
     as_json: bool = False,
+    mtu: int | None = None,
 ) -> int:
     """Start a sandbox, run the script (or the interactive console), return the status."""
     from host.accel import qemu_binary
@@ -480,9 +498,15 @@ def sandbox_main(
     lines: list[str] | None = None
     if script is not None:
         try:
-            text = sys.stdin.read() if script == "-" else Path(script).read_text()
+            text = sys.stdin.read() if script == "-" else Path(script).read_text("utf-8")
         except OSError as exc:
-            print(f"vdev sandbox: --script: {exc}", file=sys.stderr)
+            print(f"vdev sandbox: --script {script}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as exc:
+            print(
+                f"vdev sandbox: --script {script}: not UTF-8 text (byte offset {exc.start})",
+                file=sys.stderr,
+            )
             return 2
         lines = text.splitlines()
     if scenario is not None:
@@ -490,8 +514,8 @@ def sandbox_main(
 
         try:
             load_scenario(scenario)
-        except (ScenarioError, OSError) as exc:
-            print(f"vdev sandbox: --scenario: {exc}", file=sys.stderr)
+        except ScenarioError as exc:
+            print(f"vdev sandbox: --scenario {exc}", file=sys.stderr)
             return 2
     sb = Sandbox(
         elf=Path(elf) if elf else None,
@@ -500,6 +524,7 @@ def sandbox_main(
         pcap=pcap,
         ctl=Path(ctl) if ctl else default_ctl_path(),
         console_log=Path(log) if log else None,
+        mtu=mtu,
     )
     try:
         sb.start()
@@ -551,15 +576,30 @@ def sandbox_main(
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    try:
+        return _inspect(args)
+    except BrokenPipeError:
+        # `vdev inspect --watch 1 | head`: the reader has seen enough; stop quietly.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
     from host.inspect_guest import format_snapshot
     from vdev.faults.control import request
 
-    path = args.socket or str(default_ctl_path())
+    path = args.control or str(default_ctl_path())
     while True:
         try:
             reply = request(path, {"cmd": "introspect"}, timeout=args.timeout)
-        except (OSError, ConnectionError, ValueError) as exc:
-            print(f"vdev inspect: {path}: {exc} (is `vdev sandbox` running?)", file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(
+                f"vdev inspect: --control {path}: {why or type(exc).__name__} "
+                "(is `vdev sandbox` running?)",
+                file=sys.stderr,
+            )
             return 2
         if not reply.get("ok"):
             print(f"vdev inspect: {reply.get('error')}", file=sys.stderr)

@@ -163,9 +163,17 @@ def load_scenario(path: str | Path) -> Scenario:
     """Parse and validate a scenario file; ScenarioError names the file, line and key."""
     p = str(path)
     try:
-        text = Path(p).read_text(encoding="utf-8")
+        data = Path(p).read_bytes()
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # TOML 1.0 "Spec": a TOML file must be valid UTF-8
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ScenarioError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "TOML files must be UTF-8"
+        ) from None
     return parse_scenario(text, p)
 
 
