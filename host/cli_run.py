@@ -109,7 +109,13 @@ def run(args: argparse.Namespace) -> int:
             device.start()
             machine = Machine.linux(
                 image,
-                nics=[Nic.vhost_user(sock, mac=GUEST_MAC, queues=args.queues, mtu=args.mtu)],
+                # reconnect=1: after a backend crash (or a device restart) QEMU connects
+                # again and replays the vhost-user setup (scenarios/backend-crash.toml).
+                nics=[
+                    Nic.vhost_user(
+                        sock, mac=GUEST_MAC, queues=args.queues, mtu=args.mtu, reconnect=True
+                    )
+                ],
                 kernel_args=f"vdev.ip=10.0.2.15/24 vdev.gw=10.0.2.2 {args.kernel_args}".strip(),
                 cpus=min(args.queues, 2),
             )
@@ -143,11 +149,11 @@ def _run_script(machine: Any, lines: list[str]) -> int:
 
 
 def _play(machine: Any, device: Any, path: str, as_json: bool) -> int:
-    from vdev.faults.scenario import play_and_print
+    from host.scenario_guest import LinuxGuest, play_cli
 
-    # Background traffic so data-plane rules have something to act on.
-    machine.run("ping -i 0.2 10.0.2.2 > /dev/null 2>&1 &", timeout=10)
-    return int(play_and_print(path, device, machine.console, machine.qmp, as_json=as_json))
+    # The traffic is the scenario's own [traffic] section, played by the same code as in
+    # the tests (host.scenario_guest), so the verdict does not depend on who plays it.
+    return play_cli(path, device, LinuxGuest(machine), prog="vdev run", as_json=as_json)
 
 
 def _interact(machine: Any) -> int:
