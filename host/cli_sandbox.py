@@ -513,10 +513,18 @@ def sandbox_main(
         from vdev.faults.scenario import ScenarioError, load_scenario
 
         try:
-            load_scenario(scenario)
+            sc = load_scenario(scenario)
         except ScenarioError as exc:
             print(f"vdev sandbox: --scenario {exc}", file=sys.stderr)
             return 2
+        from host.scenario_guest import bare_unsupported
+
+        for flow in sc.traffic:
+            why = bare_unsupported(flow)
+            if why is not None:
+                print(f"vdev sandbox: --scenario {scenario}: traffic {flow.index}: {why}",
+                      file=sys.stderr)  # fmt: skip
+                return 2
     sb = Sandbox(
         elf=Path(elf) if elf else None,
         machine=machine,
@@ -538,19 +546,24 @@ def sandbox_main(
             info = f" (driver kmain-to-prompt {sb.introspect()['info']['boot_ms']} ms)"
         print(
             f"vdev sandbox: {machine} guest ready in {sb.start_to_prompt * 1000:.0f} ms"
-            f"{info}; inspect: vdev inspect --socket {sb.ctl_path}",
+            f"{info}; inspect: vdev inspect --control {sb.ctl_path}",
             file=sys.stderr,
             flush=True,
         )
         scen: threading.Thread | None = None
         scen_status: list[int] = []
+        stop = threading.Event()
         if scenario is not None:
-            from vdev.faults.scenario import play_and_print
+            from host.scenario_guest import BareGuest, play_cli
 
-            device, qmp, path = sb.device, sb.machine.qmp, scenario
+            # The scenario's [traffic] and liveness probe drive the driver's console
+            # (host.scenario_guest.BareGuest), interleaved with the script's commands.
+            device, path, guest = sb.device, scenario, BareGuest(sb)
 
             def play() -> None:
-                scen_status.append(play_and_print(path, device, None, qmp, as_json=as_json))
+                scen_status.append(
+                    play_cli(path, device, guest, prog="vdev sandbox", as_json=as_json, stop=stop)
+                )
 
             scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
             scen.start()
@@ -559,12 +572,28 @@ def sandbox_main(
             code = res.quit_code if res.quit_code is not None else (1 if res.errors else 0)
             if res.quit_code is not None and res.quit_code < 0:
                 code = 3
+        elif scen is not None:
+            # The scenario drives the console (traffic, probe): no terminal bridge.
+            print(
+                "vdev sandbox: playing the scenario (use --script FILE to run console commands "
+                "alongside it)",
+                file=sys.stderr,
+            )
+            code = 0
         else:
             quit_code = sb.interact()
             code = 0 if quit_code is None else (3 if quit_code < 0 else quit_code)
         if scen is not None:
             print("vdev sandbox: waiting for the scenario to finish", file=sys.stderr)
-            scen.join(timeout=600)
+            try:
+                deadline = time.monotonic() + 900
+                while scen.is_alive() and time.monotonic() < deadline:
+                    scen.join(timeout=0.2)
+            except KeyboardInterrupt:
+                stop.set()  # the scenario prints its partial report
+                print("vdev sandbox: interrupted: finishing the report", file=sys.stderr)
+                scen.join(timeout=120)
+                return 130
             if scen_status and scen_status[0] and code == 0:
                 code = scen_status[0]
         return code

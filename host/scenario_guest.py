@@ -238,6 +238,16 @@ def _line_of(m: re.Match[str]) -> str:
     return text[start : end if end >= 0 else len(text)].strip()
 
 
+def bare_unsupported(flow: TrafficFlow) -> str | None:
+    """Why the bare driver cannot play ``flow`` (None: it can)."""
+    if flow.kind == "udp":
+        return (
+            'kind "udp" is not supported by the bare driver (it has no IP stack: use '
+            'kind = "frames", or play the scenario on Linux with vdev run)'
+        )
+    return None
+
+
 class BareGuest:
     """The freestanding driver (``vdev sandbox``) as a scenario guest, over its console.
 
@@ -266,12 +276,7 @@ class BareGuest:
         return self.sb.machine.qmp if self.sb.machine is not None else None
 
     def unsupported(self, flow: TrafficFlow) -> str | None:
-        if flow.kind == "udp":
-            return (
-                'traffic kind "udp" is not supported by the bare driver (it has no IP stack: '
-                'use kind = "frames", or play the scenario with vdev run on Linux)'
-            )
-        return None
+        return bare_unsupported(flow)
 
     def begin(self) -> None:
         self.lines = []

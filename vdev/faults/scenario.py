@@ -170,6 +170,9 @@ class _Ctx:
 
     def error(self, table: str, nth: int, key: str | None, message: str) -> ScenarioError:
         line = self.loc.key(table, nth, key)
+        if line is None:  # "traffic = 3": a key, not a table header
+            pat = re.compile(rf"^\s*{re.escape(table)}\s*=")
+            line = next((i for i, ln in enumerate(self.loc.lines, 1) if pat.match(ln)), None)
         where = f"{self.path}:{line}" if line else self.path
         what = f"{table}[{nth}]" if nth else f"[{table}]"
         return ScenarioError(f"{where}: {what}: {message}")

@@ -232,6 +232,15 @@ class _Player:
         fl.state = "done"
         flow, counts = fl.flow, fl.counts
         if flow.rx and self.peer is not None:
+            # A counted flow sends exactly its count: let the peer catch up (bounded; a
+            # squeezed pool or a guest that stopped taking frames may hold it back).
+            deadline = time.monotonic() + 5.0
+            while (
+                flow.count is not None
+                and self.peer.flow_sent(flow) < flow.count
+                and time.monotonic() < deadline
+            ):
+                self.idle(0.01)
             counts.host_sent = self.peer.stop_flow(flow)
         if self.guest is not None:
             try:
