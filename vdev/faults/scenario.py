@@ -42,10 +42,14 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from vdev.faults.rules import SpecError, build_rule
+from vdev.faults.scenario_report import ExpectResult, Report, StepResult
 from vdev.faults.traffic import FlowError, TrafficFlow, parse_flow
+
+if TYPE_CHECKING:
+    from vdev.net.device import Device
 
 TOP_KEYS = {"scenario", "rule", "step", "expect", "traffic", "liveness"}
 LIVENESS_KEYS = {"expect", "within", "answers", "console"}
@@ -550,10 +554,22 @@ def summary(sc: Scenario) -> str:
     return "\n".join(out)
 
 
-# The player and the report live in their own modules; importing them here keeps
-# ``from vdev.faults.scenario import play`` working.
-from vdev.faults.scenario_play import play, play_and_print  # noqa: E402
-from vdev.faults.scenario_report import ExpectResult, Report, StepResult  # noqa: E402
+# The player and the report live in their own modules (scenario_play imports this one);
+# these keep ``from vdev.faults.scenario import play`` working.
+
+
+def play(scenario: Scenario | str | Path, device: Device, *args: Any, **kw: Any) -> Report:
+    """``vdev.faults.scenario_play.play`` (see there)."""
+    from vdev.faults.scenario_play import play as play_impl
+
+    return play_impl(scenario, device, *args, **kw)
+
+
+def play_and_print(path: str | Path, device: Device, *args: Any, **kw: Any) -> int:
+    """``vdev.faults.scenario_play.play_and_print`` (see there)."""
+    from vdev.faults.scenario_play import play_and_print as impl
+
+    return impl(path, device, *args, **kw)
 
 __all__ = [
     "Expect",
