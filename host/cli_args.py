@@ -102,12 +102,22 @@ def output_path(text: str) -> str:
 
 
 def output_dir(text: str) -> str:
-    """An argparse ``type``: a directory we may create (its parent must exist)."""
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text}: exists and is not a directory")
-    parent = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"{text}: directory {parent} does not exist")
+    """An argparse ``type``: a directory we may create (with its parents): nothing on the
+    way may be an existing non-directory."""
+    path = os.path.abspath(text)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "exists" if path == os.path.abspath(text) else f"is under {path}, which exists"
+        raise argparse.ArgumentTypeError(f"{text}: {where} and is not a directory")
+    return text
+
+
+def input_dir(text: str) -> str:
+    """An argparse ``type``: an existing directory."""
+    if not os.path.isdir(text):
+        what = "is not a directory" if os.path.exists(text) else "no such directory"
+        raise argparse.ArgumentTypeError(f"{text}: {what}")
     return text
 
 

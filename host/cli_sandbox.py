@@ -10,7 +10,7 @@ A sandbox is one process holding both ends of a virtio-net link:
 
 ``vdev inspect`` asks a running sandbox's control socket for ``introspect``: the device reads
 the driver's rings and counters out of guest RAM through its vhost-user memory map (see
-``host.inspect_guest``) and replies with JSON. ``vdev ctl --socket CTL`` works on the same
+``host.inspect_guest``) and replies with JSON. ``vdev ctl --control CTL`` works on the same
 socket (fault rules at run time).
 
 Exit status of ``vdev sandbox``: the driver's ``quit CODE`` makes QEMU exit with
@@ -374,7 +374,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Build the bare driver if needed, start the vdev device (in this process) and "
             "QEMU booting the driver, then give an interactive console (Ctrl-] leaves) or "
-            "run a script. A control socket (--ctl) serves `vdev inspect` (the driver's "
+            "run a script. A control socket (--control) serves `vdev inspect` (the driver's "
             "rings and counters, read from guest RAM) and `vdev ctl` (fault rules)."
         ),
     )

@@ -571,6 +571,7 @@ def play_and_print(path: str | Path, device: Device, *args: Any, **kw: Any) -> i
 
     return impl(path, device, *args, **kw)
 
+
 __all__ = [
     "Expect",
     "ExpectResult",
