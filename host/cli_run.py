@@ -47,6 +47,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kernel-args", default="", help="extra Linux kernel command line")
     add_control_option(p, help="also serve the fault control socket here")
     p.add_argument(
+        "--log", metavar="FILE", type=output_path, help="keep the guest console log here"
+    )
+    p.add_argument(
         "--json", action="store_true", help="scenario report as JSON (stdout is pure JSON)"
     )
     p.set_defaults(func=run)
@@ -99,13 +102,23 @@ def run(args: argparse.Namespace) -> int:
     image = build_linux(progress=lambda msg: print(f"vdev run: {msg}", file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="vdev-run-") as tmp:
         sock = Path(tmp) / "nic0.sock"
-        with Device(pcap=args.pcap) as device:
+        try:
+            device = Device(pcap=args.pcap)
+        except OSError as exc:
+            print(f"vdev run: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        with device:
             device.add_nic(str(sock), mac=GUEST_MAC, queue_pairs=args.queues, mtu=args.mtu or 1500)
             control = None
             if args.control:
                 from vdev.faults.control import ControlServer
 
-                control = ControlServer(device, args.control)
+                try:  # refuses a socket another live process listens on (vdev.socketpath)
+                    control = ControlServer(device, args.control)
+                except OSError as exc:
+                    print(f"vdev run: --control {args.control}: {exc.strerror or exc}",
+                          file=sys.stderr)  # fmt: skip
+                    return 1
             device.start()
             machine = Machine.linux(
                 image,
@@ -118,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 ],
                 kernel_args=f"vdev.ip=10.0.2.15/24 vdev.gw=10.0.2.2 {args.kernel_args}".strip(),
                 cpus=min(args.queues, 2),
+                console_log=Path(args.log) if args.log else None,
             )
             try:
                 with machine:
@@ -128,7 +142,10 @@ def run(args: argparse.Namespace) -> int:
                         return _play(machine, device, args.scenario, args.json)
                     return _interact(machine)
             except MachineError as exc:
-                print(f"vdev run: {exc}", file=sys.stderr)
+                if not args.log:  # the default log lives in a temp dir removed on exit
+                    exc.log_path = None
+                hint = "" if args.log else "\n(run with --log FILE to keep the console log)"
+                print(f"vdev run: {exc}{hint}", file=sys.stderr)
                 return 1
             finally:
                 if control is not None:

@@ -471,6 +471,7 @@ def run_from_run(args: argparse.Namespace) -> int:
         ctl=getattr(args, "control", None),
         as_json=bool(getattr(args, "json", False)),
         mtu=getattr(args, "mtu", None),
+        log=getattr(args, "log", None),
     )
 
 
