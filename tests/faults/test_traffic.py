@@ -297,6 +297,8 @@ def test_host_flow_reaches_the_guest_exactly_in_order(
     assert stop[2] - start[2] >= 60 / 400 - 0.05  # stopped once the count was due
     rx0 = report.device["nics"][0]["queues"]["rx0"]
     assert rx0["frames"] >= 60 and report.liveness is not None and report.liveness.ok
+    # The host peer left nothing behind on the device: no port, no switch endpoint.
+    assert not [n for n in [*dev.ports, *dev.switch.endpoints] if n.startswith("scenario-peer")]
 
 
 def test_guest_flow_is_counted_by_the_host_peer(

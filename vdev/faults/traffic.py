@@ -337,6 +337,7 @@ class HostPeer:
         self.mac = mac
         self.ip = ip
         self.clock = clock
+        self.name = name
         self.channel: Channel = device.open_channel(name, ring_slots=256)
         self.lock = threading.Lock()
         self.sending: dict[int, _Sending] = {}
@@ -497,11 +498,17 @@ class HostPeer:
                     self.arp_replies += 1
 
     def close(self) -> None:
-        """Stop the thread and close the channel (the port stays on the switch)."""
+        """Stop the thread, close the channel and take the port off the switch (a device
+        that plays many scenarios does not collect dead ports)."""
         self._stop.set()
         self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
             self.channel.close()
+        with contextlib.suppress(Exception), self.device.lock:
+            port = self.device.ports.pop(self.name, None)
+            if port is not None:
+                port.close()
+                self.device.switch.detach(self.name)
 
 
 __all__ = [
