@@ -537,7 +537,7 @@ class Machine:
         # Not min(stall, limit): a caller's short timeout is no evidence against KVM.
         stall = accel_policy.KVM_STALL_S
         deadline = time.monotonic() + limit
-        seen, last_change = console.received(), time.monotonic()
+        seen, last_change = console.log_offset(), time.monotonic()
         while True:
             step = min(0.5, max(deadline - time.monotonic(), 0.01))
             with contextlib.suppress(GuestTimeout):
@@ -546,8 +546,8 @@ class Machine:
             fault = accel_policy.kvm_fault(self.stderr_tail(200))
             if fault is not None:
                 raise self._error(GuestCrashed, f"KVM failed before the guest was ready: {fault}")
-            if console.received() != seen:
-                seen, last_change = console.received(), now
+            if console.log_offset() != seen:
+                seen, last_change = console.log_offset(), now
             elif now - last_change >= stall:
                 last = _printable(console.tail(1)) or "(nothing)"
                 raise self._error(
