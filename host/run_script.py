@@ -12,7 +12,7 @@ the shell's own output can match them.
 
 Host-side lines: the guest shell gets two functions, ``host`` and ``fault``, so a script
 mixes device-side commands with shell code (``for i in 1 2 3; do host send 10 60; done``)
-with the grammar of ``host.host_peer``. Each call prints a request marker
+with the grammar of ``host.script_peer``. Each call prints a request marker
 ``@@VDEV-REQ <n> <words>@@`` and blocks reading one line from the console tty
 (``/dev/ttyS0``; the script's stdin stays /dev/null). This reader sees the marker, runs the
 line against the device, prints its reply in the transcript and types ``@@VDEV-OK <n>`` or
@@ -30,7 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from host.host_peer import HostPeer
+    from host.script_peer import ScriptPeer
 
 CHUNK = 512
 SCRIPT = "/tmp/.vdev-script"
@@ -62,7 +62,7 @@ def run_guest_script(
     machine: Any,
     text: str,
     *,
-    peer: HostPeer | None,
+    peer: ScriptPeer | None,
     errexit: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     out: TextIO,
@@ -134,7 +134,7 @@ def run_guest_script(
             raise console._error(GuestCrashed, "console closed: QEMU exited") from None
 
 
-def _answer(console: Any, peer: HostPeer | None, n: int, line: str, out: TextIO) -> None:
+def _answer(console: Any, peer: ScriptPeer | None, n: int, line: str, out: TextIO) -> None:
     """Run one host-side line for the guest and type the verdict back to it."""
     print(f"@ {line}", file=out)
     if peer is None:

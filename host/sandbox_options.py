@@ -9,8 +9,9 @@ the same words (one switch, both ends):
 * ``mq=N`` (N > 1): QEMU needs ``mq=on`` and a vhost-user netdev with ``queues=N``, and the
   vdev NIC ``N`` queue pairs;
 * ``msix=1``: QEMU needs MSI-X vectors, which QEMU 7.2 under TCG cannot combine with a
-  vhost-user NIC (it crashes at DRIVER_OK: the irqfd path is KVM-only), so the sandbox
-  runs that guest under KVM and refuses when KVM does not work on this host.
+  vhost-user NIC (it crashes at DRIVER_OK: the irqfd path is KVM-only), so ``host.machine``
+  gives the NIC vectors only under KVM; under TCG the driver finds no MSI-X capability and
+  uses INTx, and the sandbox says so (``Sandbox.msix_note``).
 
 Values the driver would ignore or reject are refused here with a one-line error naming
 the word, so a typo does not boot a driver that silently runs with the defaults.

@@ -5,7 +5,7 @@ Script lines (blank lines and ``#`` comments are skipped):
 * a guest console command (``tx 100 60``, ``rx 10``...): sent, its reply printed;
   ``COMMAND &`` sends it without waiting (the guest is then busy), ``wait`` prints its
   reply, so a host line can run while the guest receives;
-* ``host ...`` / ``fault ...``: the device side (``host.host_peer``);
+* ``host ...`` / ``fault ...``: the device side (``host.script_peer``);
 * ``sleep SECONDS``: pause the script (e.g. while a fault scenario plays);
 * ``quit [CODE]``: ends the script; the guest exits with CODE (isa-debug-exit).
 
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from host.bare_console import PROMPT, Reply
-from host.host_peer import is_peer_line
+from host.script_peer import is_peer_line
 
 if TYPE_CHECKING:
     from host.cli_sandbox import Sandbox
     from host.device_watch import DeviceWatch
-    from host.host_peer import HostPeer
+    from host.script_peer import ScriptPeer
 
 EXIT_OK = 0  # every command answered OK (or `quit 0`, or Ctrl-] on the console)
 EXIT_ERR = 1  # a script command (guest, host or fault line) answered ERR
@@ -89,7 +89,7 @@ class ScriptRunner:
         out: TextIO,
         *,
         timeout: float = 60.0,
-        peer: HostPeer | None = None,
+        peer: ScriptPeer | None = None,
         watch: DeviceWatch | None = None,
         err: TextIO | None = None,
     ) -> None:
@@ -174,7 +174,7 @@ class ScriptRunner:
             self._error(f"ERR guest busy with {self.pending!r}: `wait` first")
             return True
         if background:
-            self.sb.send_line(command)
+            self.sb.begin(command)  # keeps the console: a scenario's traffic waits for `wait`
             self.pending = command
             print("(running in the background: `wait` prints its reply)", file=self.out)
             return True
@@ -183,8 +183,8 @@ class ScriptRunner:
         return True
 
     def _collect(self) -> None:
-        reply = self.sb.wait_reply(self.timeout)
         self.pending = None
+        reply = self.sb.finish(self.timeout)
         self._record(reply)
 
     def _record(self, reply: Reply) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from host.cli_sandbox import Sandbox
-from host.host_peer import HostPeer
+from host.script_peer import ScriptPeer
 from host.sandbox_script import (
     EXIT_DEVICE,
     EXIT_ERR,
@@ -59,8 +59,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 
 
 @pytest.fixture(scope="module")
-def peer(sandbox: Sandbox) -> Iterator[HostPeer]:
-    p = sandbox.host_peer()
+def peer(sandbox: Sandbox) -> Iterator[ScriptPeer]:
+    p = sandbox.script_peer()
     yield p
     p.close()
 
@@ -75,13 +75,13 @@ def fresh_sandbox(factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         gen.close()
 
 
-def run(sb: Sandbox, peer: HostPeer, script: str) -> tuple[ScriptResult, list[str]]:
+def run(sb: Sandbox, peer: ScriptPeer, script: str) -> tuple[ScriptResult, list[str]]:
     out = io.StringIO()
     res = sb.run_script(script.splitlines(), out, timeout=60, peer=peer)
     return res, status_lines(out.getvalue())
 
 
-def test_rx_fed_by_the_host(sandbox: Sandbox, peer: HostPeer) -> None:
+def test_rx_fed_by_the_host(sandbox: Sandbox, peer: ScriptPeer) -> None:
     res, lines = run(sandbox, peer, "host send 40 300\nrx 40 5000\n")
     assert res.errors == 0 and exit_status(res) == EXIT_OK, lines
     assert lines == [
@@ -90,14 +90,14 @@ def test_rx_fed_by_the_host(sandbox: Sandbox, peer: HostPeer) -> None:
     ]
 
 
-def test_big_rx_overlaps_the_host_send(sandbox: Sandbox, peer: HostPeer) -> None:
+def test_big_rx_overlaps_the_host_send(sandbox: Sandbox, peer: ScriptPeer) -> None:
     """More than the guest's ring and the NIC's backlog hold: receive in the background."""
     res, lines = run(sandbox, peer, "rx 2000 30000 &\nhost send 2000 200\nwait\n")
     assert res.errors == 0, lines
     assert lines[-1].startswith("OK rx received=2000 bytes=400000 pattern=2000 bad=0")
 
 
-def test_echo_round_trip_checked_by_the_host(sandbox: Sandbox, peer: HostPeer) -> None:
+def test_echo_round_trip_checked_by_the_host(sandbox: Sandbox, peer: ScriptPeer) -> None:
     script = "host clear\necho 50 20000 &\nhost send 50 120\nwait\nhost expect 50 10 pattern\n"
     res, lines = run(sandbox, peer, script)
     assert res.errors == 0, lines
@@ -105,13 +105,13 @@ def test_echo_round_trip_checked_by_the_host(sandbox: Sandbox, peer: HostPeer) -
     assert lines[-1] == "OK host-expect received=50 bytes=6000 bad=0 in_order=1"
 
 
-def test_guest_tx_counted_by_the_host(sandbox: Sandbox, peer: HostPeer) -> None:
+def test_guest_tx_counted_by_the_host(sandbox: Sandbox, peer: ScriptPeer) -> None:
     res, lines = run(sandbox, peer, "host clear\ntx 500 100 32\nhost expect 500 10 pattern\n")
     assert res.errors == 0, lines
     assert lines[-1] == "OK host-expect received=500 bytes=50000 bad=0 in_order=1"
 
 
-def test_inline_fault_takes_effect_and_is_removed(sandbox: Sandbox, peer: HostPeer) -> None:
+def test_inline_fault_takes_effect_and_is_removed(sandbox: Sandbox, peer: ScriptPeer) -> None:
     script = (
         "fault add action=drop queue=rx nth=[2,4] id=inline\n"
         "host send 10 100\n"
@@ -131,7 +131,7 @@ def test_inline_fault_takes_effect_and_is_removed(sandbox: Sandbox, peer: HostPe
     assert any("drop_reasons=fault:2" in ln for ln in stats.lines), stats.lines
 
 
-def test_host_expect_shortfall_is_an_error(sandbox: Sandbox, peer: HostPeer) -> None:
+def test_host_expect_shortfall_is_an_error(sandbox: Sandbox, peer: ScriptPeer) -> None:
     res, lines = run(sandbox, peer, "host clear\ntx 3 60\nhost expect 5 0.5 pattern\n")
     assert lines[-1] == "ERR host-expect timeout received=3 bytes=180 bad=0 in_order=1"
     assert exit_status(res) == EXIT_ERR
@@ -150,14 +150,14 @@ def test_host_expect_shortfall_is_an_error(sandbox: Sandbox, peer: HostPeer) -> 
     ],
 )
 def test_bad_peer_lines_name_the_problem(
-    sandbox: Sandbox, peer: HostPeer, line: str, error: str
+    sandbox: Sandbox, peer: ScriptPeer, line: str, error: str
 ) -> None:
     res, lines = run(sandbox, peer, line)
     assert len(lines) == 1 and lines[0].startswith(error), lines
     assert res.errors == 1
 
 
-def test_guest_busy_while_a_background_command_runs(sandbox: Sandbox, peer: HostPeer) -> None:
+def test_guest_busy_while_a_background_command_runs(sandbox: Sandbox, peer: ScriptPeer) -> None:
     res, lines = run(sandbox, peer, "rx 2 5000 &\nstats\nhost send 2 100\nwait\n")
     assert res.errors == 1
     assert lines[0].startswith("ERR guest busy with 'rx 2 5000'")

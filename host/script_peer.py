@@ -27,6 +27,7 @@ or ``ERR verb ...`` status line (``host.bare_console.Reply``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import threading
@@ -72,12 +73,13 @@ class PeerError(ValueError):
     """A bad host/fault line: the message names the word (printed as the ERR line)."""
 
 
-class HostPeer:
+class ScriptPeer:
     """A host channel on the device's switch (read by a thread) and the device's faults."""
 
     def __init__(self, device: Device, guest_mac: bytes, name: str = "script-host") -> None:
         self.device = device
         self.guest_mac = guest_mac
+        self.name = name
         self.channel: Channel = device.open_channel(name, ring_slots=2048, alloc_nbufs=8)
         self.sent = 0
         self.received = 0
@@ -102,9 +104,16 @@ class HostPeer:
                     self._arrived.notify_all()
 
     def close(self) -> None:
+        """Stop the reader, close the channel and take the port off the switch (a sandbox
+        that runs many scripts does not collect dead ports)."""
         self._stop.set()
         self._thread.join(5)
         self.channel.close()
+        with contextlib.suppress(Exception), self.device.lock:
+            port = self.device.ports.pop(self.name, None)
+            if port is not None:
+                port.close()
+                self.device.switch.detach(self.name)
 
     # ------------------------------------------------------------------ commands
     def execute(self, line: str) -> Reply:
@@ -295,4 +304,4 @@ class HostPeer:
         return [], f"OK fault-clear removed={n}"
 
 
-__all__ = ["HOST_MAC", "HostPeer", "PeerError", "is_peer_line"]
+__all__ = ["HOST_MAC", "ScriptPeer", "PeerError", "is_peer_line"]
