@@ -304,4 +304,4 @@ class ScriptPeer:
         return [], f"OK fault-clear removed={n}"
 
 
-__all__ = ["HOST_MAC", "ScriptPeer", "PeerError", "is_peer_line"]
+__all__ = ["HOST_MAC", "PeerError", "ScriptPeer", "is_peer_line"]

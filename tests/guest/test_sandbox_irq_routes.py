@@ -87,7 +87,8 @@ def test_msix_with_vhost_user_needs_kvm(tmp_path: Path) -> None:
             assert f["irq"] == "intx-pic"  # no MSI-X capability: vectors=0 under TCG
             note = sb.msix_note()
             assert note is not None and "only under KVM" in note
-            pytest.skip(f"MSI-X on vhost-user needs KVM; this guest ran under TCG ({sb.machine.accel_reason})")
+            why = sb.machine.accel_reason
+            pytest.skip(f"MSI-X on vhost-user needs KVM; this guest ran under TCG ({why})")
         assert f["irq"] == "msix" and int(f["irq_line"]) >= 3
         assert sb.msix_note() is None
         assert [q["msix_vector"] for q in sb.introspect()["queues"]] == [1, 2]

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from host.cli_sandbox import Sandbox
-from host.script_peer import ScriptPeer
 from host.sandbox_script import (
     EXIT_DEVICE,
     EXIT_ERR,
@@ -27,6 +26,7 @@ from host.sandbox_script import (
     ScriptRunner,
     exit_status,
 )
+from host.script_peer import ScriptPeer
 from tests.guest.sandbox_support import require_tools, sandbox_fixture
 from vdev.faults import FaultEngine
 
