@@ -405,10 +405,15 @@ int vq_peek_used(struct vq *q, uint32_t k, uint32_t *token, uint32_t *len)
 
 static void park_used_event(struct vq *q)
 {
-    /* 2.7.10 with EVENT_IDX: interrupt when used idx passes used_event.  Armed:
-     * the next entry; disarmed: one behind the last consumed, which the device
-     * can only pass after a full 2^16 wrap we never let happen. */
-    *q->used_event = (uint16_t)(q->armed ? q->last_used : q->last_used - 1);
+    /* 2.7.10 with EVENT_IDX: the device interrupts when used idx passes
+     * used_event, i.e. when vring_need_event(used_event, new, old) holds for
+     * the [old, new) it just published.  Armed: the next entry.  Disarmed:
+     * half the index space ahead of what we consumed.  (One behind the last
+     * consumed is not enough: the device publishes used idx before it decides,
+     * so we may already have consumed up to `new`, putting last_used - 1 inside
+     * its window.)  Every consume re-parks it, and a ring never holds more than
+     * VQ_MAX entries, so the device never gets that far. */
+    *q->used_event = (uint16_t)(q->armed ? q->last_used : q->last_used + 0x8000);
 }
 
 static void packed_set_event(struct vq *q)
