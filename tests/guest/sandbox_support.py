@@ -136,3 +136,31 @@ def send_one_at_a_time(
             st = driver_stats(sb)
             irq = {key: v for key, v in st.items() if key.startswith(("irq_", "rx_"))}
             raise TimeoutError(f"{counter} stayed below {want} after frame {k}: {irq}")
+
+
+def csum16(data: bytes) -> int:
+    """RFC 1071 one's-complement sum (not inverted), computed here independently of both
+    the driver and the device."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def l4_checksum_ok(frame: bytes) -> bool:
+    """Whether an IPv4 UDP/TCP frame carries a complete, correct L4 checksum."""
+    ihl = (frame[14] & 0xF) * 4
+    ip = frame[14 : 14 + ihl]
+    l4 = frame[14 + ihl : 14 + int.from_bytes(ip[2:4], "big")]
+    pseudo = ip[12:20] + bytes([0, ip[9]]) + len(l4).to_bytes(2, "big")
+    return csum16(pseudo + l4) == 0xFFFF
+
+
+def l4_pseudo_sum(frame: bytes) -> int:
+    """The pseudo-header sum a NEEDS_CSUM frame must carry in its L4 checksum field."""
+    ihl = (frame[14] & 0xF) * 4
+    ip = frame[14 : 14 + ihl]
+    l4len = int.from_bytes(ip[2:4], "big") - ihl
+    return csum16(ip[12:20] + bytes([0, ip[9]]) + l4len.to_bytes(2, "big"))
