@@ -610,7 +610,9 @@ def sandbox_main(
         print(f"vdev sandbox: {exc}", file=sys.stderr)
         return EXIT_GUEST
     try:
-        return _session(sb, machine, lines, scenario, timeout, as_json)
+        return _session(
+            sb, machine, lines, scenario, timeout, as_json, rules=len(sc.rules) if scenario else 0
+        )
     except Exception as exc:  # MachineError, GuestTimeout, SandboxError...
         print(f"vdev sandbox: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_GUEST
@@ -625,8 +627,10 @@ def _session(
     scenario: str | None,
     timeout: float,
     as_json: bool,
+    rules: int = 0,
 ) -> int:
-    """The part of ``sandbox_main`` that runs with a started sandbox."""
+    """The part of ``sandbox_main`` that runs with a started sandbox. ``rules``: how many
+    rules the scenario installs at t=0 (the script starts once they are in place)."""
     import io
 
     from host.sandbox_script import EXIT_DEVICE, exit_status
@@ -674,6 +678,8 @@ def _session(
 
         scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
         scen.start()
+        if lines is not None:
+            _wait_for_rules(sb, rules, scen)
     res = ScriptResult()
     if lines is not None:
         peer = sb.script_peer()
@@ -712,6 +718,19 @@ def _session(
         sys.stdout.write(report.getvalue())
         sys.stdout.flush()
     return exit_status(res, scen_status[0] if scen_status else 0)
+
+
+def _wait_for_rules(sb: Sandbox, count: int, scen: threading.Thread, limit: float = 10.0) -> None:
+    """Hold the script until the scenario's t=0 rules are installed, so its first command
+    meets the faults it was written against (the scenario thread starts concurrently)."""
+    from vdev.faults import FaultEngine
+
+    if count <= 0 or sb.device is None:
+        return
+    engine = FaultEngine.for_device(sb.device)
+    deadline = time.monotonic() + limit
+    while len(engine.rules()) < count and scen.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def run_inspect(args: argparse.Namespace) -> int:

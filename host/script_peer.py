@@ -4,11 +4,14 @@ A sandbox or ``vdev run`` script drives both ends of the link from one file. Gue
 to the guest (the bare driver's console, or a Linux shell); these lines act on the vdev
 device, in the same process:
 
-``host send COUNT SIZE [pattern|zero] [to=MAC|broadcast]``
+``host send COUNT SIZE [pattern|zero] [to=MAC|broadcast] [flood]``
     COUNT frames from a host Skywalk channel on the device's switch toward the guest
     (pattern frames carry vdev's test pattern: ``host.bare_console.pattern_frame``).
     Frames queue in the guest's RX ring and the NIC's backlog (256 + 512 here); for more,
-    start the guest's receiver first (``rx N &`` in a sandbox script).
+    start the guest's receiver first (``rx N &`` in a sandbox script). The sender keeps the
+    NIC's RX backlog at most half full (it waits, up to 30 s, for the guest to take
+    frames), so a guest that is slow for a moment is not flooded into drops; ``flood``
+    sends as fast as the channel takes frames and lets the device drop (``host stats``).
 ``host expect COUNT [TIMEOUT_S] [pattern] [from=MAC] [type=0xNNNN]``
     wait until COUNT matching frames reached the host channel since the previous
     ``expect`` (default timeout 5 s); ``pattern`` also checks every frame's payload and
@@ -150,8 +153,10 @@ class ScriptPeer:
         pos = [a for a in args if "=" not in a]
         kv = dict(a.split("=", 1) for a in args if "=" in a)
         unknown = set(kv) - {"to"}
+        flood = "flood" in pos
+        pos = [p for p in pos if p != "flood"]
         if len(pos) < 2 or len(pos) > 3 or unknown:
-            raise PeerError("usage: host send COUNT SIZE [pattern|zero] [to=MAC|broadcast]")
+            raise PeerError("usage: host send COUNT SIZE [pattern|zero] [to=MAC|broadcast] [flood]")
         try:
             count, size = int(pos[0]), int(pos[1])
         except ValueError:
@@ -170,6 +175,8 @@ class ScriptPeer:
         sent = 0
         deadline = time.monotonic() + SEND_TIMEOUT
         while sent < len(frames):
+            if not flood:
+                self._wait_backlog(deadline)
             n = self.channel.send(frames[sent : sent + 64])
             sent += n
             if n == 0:
@@ -179,6 +186,17 @@ class ScriptPeer:
         self.sent += sent
         status = "OK" if sent == count else "ERR"
         return [], f"{status} host-send sent={sent} bytes={sent * size}"
+
+    def _wait_backlog(self, deadline: float) -> None:
+        """Wait while any NIC's RX backlog is more than half full (the guest is behind)."""
+        from vdev.net.nic import RX_BACKLOG
+
+        while time.monotonic() < deadline:
+            with self.device.lock:
+                depth = max((len(nic.backlog) for nic in self.device.nics), default=0)
+            if depth + 64 <= RX_BACKLOG // 2:
+                return
+            time.sleep(0.001)
 
     def _match(
         self, frame: bytes, want_pattern: bool, src: bytes | None, etype: int | None

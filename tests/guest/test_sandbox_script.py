@@ -97,6 +97,22 @@ def test_big_rx_overlaps_the_host_send(sandbox: Sandbox, peer: ScriptPeer) -> No
     assert lines[-1].startswith("OK rx received=2000 bytes=400000 pattern=2000 bad=0")
 
 
+def test_flood_overruns_an_idle_guest_by_exactly_the_backlog(
+    sandbox: Sandbox, peer: ScriptPeer
+) -> None:
+    """`flood` does not wait for the guest: with the driver idle at its prompt, its 256 RX
+    buffers and the NIC's 512-frame backlog take 768 frames and the device drops the rest
+    (rx_backlog_full). The default (paced) send would have waited for room instead."""
+    assert sandbox.device is not None
+    nic = sandbox.device.nics[0]
+    d0 = nic.stats[0].drop_reasons.get("rx_backlog_full", 0)
+    res, lines = run(sandbox, peer, "host send 1200 100 flood\nrx 1200 3000\n")
+    assert res.errors == 1
+    assert lines[0] == "OK host-send sent=1200 bytes=120000"
+    assert lines[1].startswith("ERR rx timeout received=768 ")
+    assert nic.stats[0].drop_reasons.get("rx_backlog_full", 0) - d0 == 1200 - 768
+
+
 def test_echo_round_trip_checked_by_the_host(sandbox: Sandbox, peer: ScriptPeer) -> None:
     script = "host clear\necho 50 20000 &\nhost send 50 120\nwait\nhost expect 50 10 pattern\n"
     res, lines = run(sandbox, peer, script)
