@@ -120,12 +120,20 @@ def send_one_at_a_time(
     sb: Sandbox, ch: Channel, count: int, size: int, counter: str, first: int = 0
 ) -> None:
     """Send frames one by one so that no two device calls can merge into one interrupt and
-    no frame can be picked up by polling before its interrupt lands: each next frame goes
-    out only after the driver's ``counter`` moved for the previous one, the driver
-    harvested it (``rx_packets``), and it halted again after that (``vdev_halts``), i.e. it
-    is back in its wait with notifications re-armed."""
+    no frame can be picked up by polling before its interrupt lands: each frame goes out
+    once the driver waits with RX notifications armed, and the next only after the
+    driver's ``counter`` moved for it, the driver harvested it (``rx_packets``) and halted
+    again (``vdev_halts``), i.e. it is back in its wait, re-armed."""
     s0 = driver_stats(sb)
+
+    def rx_armed() -> bool:
+        return any(q["kind"] == "rx" and q["armed"] for q in sb.introspect()["queues"])
+
     for k in range(count):
+        # The command has started waiting with RX notifications on (a frame sent earlier
+        # would be found when it arms, and its call would land on a queue not yet armed).
+        if not wait_for(rx_armed, timeout=10):
+            raise TimeoutError(f"the driver's RX queue never armed before frame {k}")
         send_all(ch, to_guest(1, size, first=first + k))
         want, got = s0[counter] + k + 1, s0["rx_packets"] + k + 1
         ok = wait_for(lambda want=want: driver_stats(sb)[counter] >= want, timeout=10)
