@@ -1,9 +1,10 @@
 """``vdev run``: start the device and a guest together.
 
-With ``--script`` the file's lines run as guest shell commands (output printed, exit status
-from the commands); with ``--scenario`` a fault scenario plays against the running guest
-while it pings the responder in the background; with neither, the terminal is attached to
-the guest console until the guest powers off or the user types Ctrl-].
+With ``--script`` the file runs as one shell script in the guest (``host.run_script``: output
+streamed, the exit status is the script's, ``--errexit`` stops at the first failure, ``host``
+and ``fault`` lines act on the device); with ``--scenario`` a fault scenario plays against the
+running guest while it pings the responder in the background; with neither, the terminal is
+attached to the guest console until the guest powers off or the user types Ctrl-].
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from host.cli_args import add_control_option, input_file, mtu, output_path, queue_pairs
+from host.cli_args import add_control_option, input_file, mtu, output_path, queue_pairs, seconds
 
 GUEST_MAC = "52:54:00:12:34:56"
 
@@ -34,7 +35,25 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--scenario", metavar="FILE", type=input_file, help="TOML fault scenario to play"
     )
-    p.add_argument("--script", metavar="FILE", type=input_file, help="guest commands, one per line")
+    p.add_argument(
+        "--script",
+        metavar="FILE",
+        type=input_file,
+        help="Linux: FILE runs as one shell script in the guest (its exit status is vdev run's; "
+        "`host ...`/`fault ...` lines act on the device); bare: driver console commands",
+    )
+    p.add_argument(
+        "--errexit",
+        action="store_true",
+        help="with --script (Linux): stop at the first failing command (set -e)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=seconds(positive=True),
+        default=600.0,
+        metavar="S",
+        help="with --script (Linux): give up after S seconds (default 600)",
+    )
     p.add_argument(
         "--pcap", metavar="FILE", type=output_path, help="write a pcapng capture of the NIC"
     )
@@ -55,26 +74,29 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _read_script(path: str) -> list[str]:
+def _read_script(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SystemExit(f"vdev run: --script {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise SystemExit(
             f"vdev run: --script {path}: not UTF-8 text (byte offset {exc.start})"
         ) from None
-    return [
-        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
-    ]
 
 
 def run(args: argparse.Namespace) -> int:
     if args.image == "bare":
+        if getattr(args, "errexit", False):
+            print("vdev run: --errexit: only for Linux scripts (--image linux)", file=sys.stderr)
+            return 2
         # The bare-metal driver has its own console protocol; the sandbox speaks it.
         from host import cli_sandbox
 
         return int(cli_sandbox.run_from_run(args))
+    if getattr(args, "errexit", False) and not args.script:
+        print("vdev run: --errexit: needs --script FILE", file=sys.stderr)
+        return 2
     if args.script and args.scenario:
         print("vdev run: use --script or --scenario, not both", file=sys.stderr)
         return 2
@@ -137,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                 with machine:
                     print(f"vdev run: guest ready in {machine.boot_seconds:.1f} s", file=sys.stderr)
                     if script is not None:
-                        return _run_script(machine, script)
+                        return _run_script(machine, device, script, args)
                     if args.scenario:
                         return _play(machine, device, args.scenario, args.json)
                     return _interact(machine)
@@ -152,17 +174,23 @@ def run(args: argparse.Namespace) -> int:
                     control.close()
 
 
-def _run_script(machine: Any, lines: list[str]) -> int:
-    status = 0
-    for line in lines:
-        print(f"$ {line}", flush=True)
-        out, rc = machine.run(line, timeout=300)
-        if out:
-            print(out.rstrip("\n"), flush=True)
-        if rc != 0:
-            print(f"[exit {rc}]", flush=True)
-            status = rc
-    return status
+def _run_script(machine: Any, device: Any, text: str, args: argparse.Namespace) -> int:
+    """The whole file as one guest shell script (host/run_script.py); its status is ours."""
+    from host.run_script import run_guest_script
+    from host.script_peer import ScriptPeer
+
+    peer = ScriptPeer(device, bytes.fromhex(GUEST_MAC.replace(":", "")))
+    try:
+        return run_guest_script(
+            machine,
+            text,
+            peer=peer,
+            errexit=bool(getattr(args, "errexit", False)),
+            timeout=float(getattr(args, "timeout", 600.0)),
+            out=sys.stdout,
+        )
+    finally:
+        peer.close()
 
 
 def _play(machine: Any, device: Any, path: str, as_json: bool) -> int:

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from host.errors import MachineError
 from vdev.faults.traffic import (
@@ -382,10 +382,12 @@ def play_cli(
     prog: str,
     as_json: bool = False,
     stop: threading.Event | None = None,
+    out: TextIO | None = None,
 ) -> int:
     """``vdev run/sandbox --scenario``: play with progress on stderr and the report on
-    stdout.  In the main thread the first Ctrl-C ends the run early with a partial report
-    (exit status 130; a second Ctrl-C aborts); elsewhere the caller sets ``stop``."""
+    stdout (or ``out``: ``vdev sandbox --script`` prints it after the transcript).  In the
+    main thread the first Ctrl-C ends the run early with a partial report (exit status 130;
+    a second Ctrl-C aborts); elsewhere the caller sets ``stop``."""
     from vdev.faults.scenario_play import play_and_print
 
     stop = stop if stop is not None else threading.Event()
@@ -410,7 +412,7 @@ def play_cli(
         previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         return play_and_print(
-            path, device, guest=guest, as_json=as_json, progress=progress, stop=stop
+            path, device, guest=guest, as_json=as_json, progress=progress, stop=stop, out=out
         )
     finally:
         if in_main:
