@@ -222,27 +222,36 @@ def test_predicate_objects_compose() -> None:
 
 def test_capture_comment_on_affected_frame(tmp_path: object) -> None:
     b = make_bench()
-    written: list[tuple[str, bytes, int, str]] = []
-    b.engine.log.capture = lambda nic, frame, d, comment: written.append((nic, frame, d, comment))
+    written: list[tuple[str, bytes, int, list[str]]] = []
+    b.nic.tap = lambda nic, frame, d, notes: written.append((nic.name, frame, d, notes))
     with b.nf.drop(nth=2, id="lossy"):
         b.tx(numbered(3))
-    assert written == [("nic0", udp_frame(dport=1), 1, "vdev-fault drop rule=lossy")]
+    assert written == [
+        ("nic0", udp_frame(dport=1), 1, ["vdev-fault drop rule=lossy"]),
+        ("nic0", udp_frame(dport=0), 1, []),
+        ("nic0", udp_frame(dport=2), 1, []),
+    ]
 
 
 def test_capture_into_pcapng(tmp_path: object) -> None:
     from pathlib import Path
+
+    from capture_reader import Record, read_records
 
     from vdev.net.capture import PcapngWriter
 
     path = Path(str(tmp_path)) / "c.pcapng"
     cap = PcapngWriter(str(path))
     b = make_bench()
-    b.engine.log.capture = lambda nic, frame, d, comment: cap.write(nic, frame, d, comment)
+    b.nic.tap = lambda nic, frame, d, notes: cap.write(nic.name, frame, d, notes)
     with b.nf.corrupt(offsets=[14]):
         b.tx([udp_frame()])
     cap.close()
-    data = path.read_bytes()
-    assert b"vdev-fault corrupt rule=r1 flipped=[[14, 1]]" in data
+    f = udp_frame()
+    bad = f[:14] + bytes([f[14] ^ 1]) + f[15:]
+    assert read_records(path) == [
+        Record("nic0", 1, bad, ("vdev-fault corrupt rule=r1 flipped=[[14, 1]]",))
+    ]
 
 
 @pytest.mark.parametrize(
