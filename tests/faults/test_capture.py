@@ -52,7 +52,8 @@ def tb() -> Iterator[tuple[Bench, list[Rec]]]:
     b.engine.clear()
     b.take_backlog()
     b.clock.advance(10.0)
-    assert b.pool.stats.in_use == 0
+    leaks = b.pool.leaks()
+    assert not leaks.leaked, str(leaks)
 
 
 # -- one record per frame, TX and RX, for every data-plane action ---------------------------
@@ -191,7 +192,8 @@ def rig(tmp_path: Path) -> Iterator[tuple[Device, Any, FaultEngine]]:
     fe.close()
     engine.close()
     dev.close()
-    assert dev.pool.stats.in_use == 0
+    leaks = dev.pool.leaks()
+    assert not leaks.leaked, str(leaks)
 
 
 def icmp_seq(frame: bytes) -> int:

@@ -27,7 +27,8 @@ def workload(seed: object, log: Path) -> tuple[list[bytes], list[bytes]]:
     b.engine.clear()
     rx += b.take_backlog()
     b.engine.log.close()
-    assert b.pool.stats.in_use == 0
+    leaks = b.pool.leaks()  # free lists and audit: buflets and large buffers included
+    assert not leaks.leaked, str(leaks)
     return list(b.forwarded), rx
 
 
