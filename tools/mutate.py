@@ -94,13 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", type=Path, help="TOML mutant lists")
     ap.add_argument("--only", nargs="*", default=None, help="mutant ids to run")
+    ap.add_argument("--prefix", default="", help="run only the mutants whose id starts so")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
     ap.add_argument("--expect", choices=["killed"], help="fail if any mutant survives")
     ap.add_argument(
         "--root", type=Path, default=ROOT, help="tree to mutate and test (e.g. an older export)"
     )
     args = ap.parse_args(argv)
-    mutants = load(args.files)
+    mutants = [m for m in load(args.files) if m.id.startswith(args.prefix)]
     if args.only:
         unknown = set(args.only) - {m.id for m in mutants}
         if unknown:
