@@ -20,7 +20,8 @@ Usage: ``python3 tools/mutate.py tools/mutants/*.toml [--only ID ...] [--expect 
 [--root DIR]``; ``--root`` runs against another tree (``git archive REV | tar -x -C DIR``) to
 show which mutants the older tests let survive.
 Compiled-path mutants (``fastpath.c``) rebuild the extension into a private cache directory
-(``VDEV_CACHE_DIR`` under a temp dir), never the user's cache.  With ``--expect killed`` the
+(``VDEV_CACHE_DIR`` under a temp dir), never the user's cache.  Tests run with ``CI=1``
+(derandomized hypothesis, as in CI), so the same mutant gets the same verdict every run.  With ``--expect killed`` the
 exit status is non-zero if any mutant survived.
 """
 
@@ -68,7 +69,8 @@ def run_one(m: Mutant, root: Path, cache: str, timeout: float) -> tuple[str, str
     found = text.count(m.old)
     if found != m.count:
         return "STALE", f"'old' found {found} times, expected {m.count}", 0.0
-    env = dict(os.environ, PYTHONPATH=str(root), VDEV_CACHE_DIR=cache)
+    # CI=1: hypothesis derandomized (tests/conftest.py), so a verdict is reproducible.
+    env = dict(os.environ, PYTHONPATH=str(root), VDEV_CACHE_DIR=cache, CI="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.extra]
     cmd += m.tests
     t0 = time.monotonic()
