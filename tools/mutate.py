@@ -21,8 +21,8 @@ Usage: ``python3 tools/mutate.py tools/mutants/*.toml [--only ID ...] [--expect 
 show which mutants the older tests let survive.
 Compiled-path mutants (``fastpath.c``) rebuild the extension into a private cache directory
 (``VDEV_CACHE_DIR`` under a temp dir), never the user's cache.  Tests run with ``CI=1``
-(derandomized hypothesis, as in CI), so the same mutant gets the same verdict every run.  With ``--expect killed`` the
-exit status is non-zero if any mutant survived.
+(derandomized hypothesis, as in CI), so the same mutant gets the same verdict every run.
+With ``--expect killed`` the exit status is non-zero if any mutant survived.
 """
 
 from __future__ import annotations

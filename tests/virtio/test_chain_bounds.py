@@ -54,7 +54,7 @@ def test_split_direct_chain_past_queue_size_is_a_loop(mem: GuestMemory) -> None:
     for i, (a, n, _fl, nxt) in enumerate(linear(SIZE)):
         drv.write_desc(i, a, n, NEXT, nxt % SIZE)  # the 257th step is descriptor 0 again
     drv.post_head(0)
-    with pytest.raises(SyncError, match="chain loop.*more than 256") as info:
+    with pytest.raises(SyncError, match=r"chain loop.*more than 256") as info:
         dev.pop()
     assert info.value.reason is KillReason.INTERNALIZE_FAILED
 

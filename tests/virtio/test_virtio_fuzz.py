@@ -222,6 +222,7 @@ def resolve(value: Index, size: int) -> int:
         return size + value[1]
     return value % size if value < 8 else value
 
+
 wild_desc_st = st.tuples(addr_st, len_st, flags_st, next_st)
 # Mostly-legal descriptors so that hostile tables also contain chains that work.
 sane_desc_st = st.tuples(
