@@ -1,8 +1,8 @@
 """Hand-written mutation testing: apply one mutant, run the tests that claim to cover it.
 
-A mutant is a literal text replacement in one source file (``old`` must occur exactly
-``count`` times, default once, so a mutant cannot silently miss its target after a
-refactor).  For each mutant the runner applies it, runs ``pytest -x`` on its test paths
+A mutant is a literal text replacement in one source file, or several at once (``also``;
+``old`` must occur exactly ``count`` times, default once, so a mutant cannot silently miss
+its target after a refactor).  For each mutant the runner applies it, runs ``pytest -x`` on its test paths
 (bounded by a timeout), restores the file byte for byte, and reports KILLED (a test failed)
 or SURVIVED (every test passed: the tests do not guard that line).  A mutant that does not
 apply is reported as STALE.
@@ -12,9 +12,10 @@ The mutants live in TOML files (``tools/mutants/*.toml``)::
     [[mutant]]
     id = "ready-bytes-gt"
     file = "vdev/skywalk/validate.py"
-    old = "if ulen != pub:"
-    new = "if ulen > pub:"
+    old = "if ulen != (ln if ln <= SD_LEN_MAX else SD_LEN_MAX):"
+    new = "if ulen > (ln if ln <= SD_LEN_MAX else SD_LEN_MAX):"
     tests = ["tests/skywalk/test_kill_reasons.py"]
+    also = [{file = "vdev/skywalk/fastpath.c", old = "if (ulen != pub)", new = "if (ulen > pub)"}]
 
 Usage: ``python3 tools/mutate.py tools/mutants/*.toml [--only ID ...] [--expect killed]
 [--root DIR]``; ``--root`` runs against another tree (``git archive REV | tar -x -C DIR``) to
@@ -41,7 +42,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
+class Edit:
+    file: str
+    old: str
+    new: str
+    count: int = 1
+
+
+@dataclass
 class Mutant:
+    """One mutant: an edit (``file``/``old``/``new``), or several applied together (``also``:
+    e.g. the same check broken in validate.py AND its C twin, which a differential test
+    comparing the two backends cannot see)."""
+
     id: str
     file: str
     old: str
@@ -50,6 +63,10 @@ class Mutant:
     count: int = 1
     note: str = ""
     extra: list[str] = field(default_factory=list)  # extra pytest arguments (-k ...)
+    also: list[Edit] = field(default_factory=list)
+
+    def edits(self) -> list[Edit]:
+        return [Edit(self.file, self.old, self.new, self.count), *self.also]
 
 
 def load(paths: list[Path]) -> list[Mutant]:
@@ -58,24 +75,30 @@ def load(paths: list[Path]) -> list[Mutant]:
         with path.open("rb") as f:
             data = tomllib.load(f)
         for raw in data.get("mutant", []):
-            out.append(Mutant(**raw))
+            also = [Edit(**e) for e in raw.pop("also", [])]
+            out.append(Mutant(**raw, also=also))
     return out
 
 
 def run_one(m: Mutant, root: Path, cache: str, timeout: float) -> tuple[str, str, float]:
-    target = root / m.file
-    original = target.read_bytes()
-    text = original.decode()
-    found = text.count(m.old)
-    if found != m.count:
-        return "STALE", f"'old' found {found} times, expected {m.count}", 0.0
+    originals: dict[Path, bytes] = {}
+    mutated: dict[Path, str] = {}
+    for e in m.edits():
+        target = root / e.file
+        originals.setdefault(target, target.read_bytes())
+        text = mutated.get(target, originals[target].decode())
+        found = text.count(e.old)
+        if found != e.count:
+            return "STALE", f"{e.file}: 'old' found {found} times, expected {e.count}", 0.0
+        mutated[target] = text.replace(e.old, e.new)
     # CI=1: hypothesis derandomized (tests/conftest.py), so a verdict is reproducible.
     env = dict(os.environ, PYTHONPATH=str(root), VDEV_CACHE_DIR=cache, CI="1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.extra]
     cmd += m.tests
     t0 = time.monotonic()
     try:
-        target.write_text(text.replace(m.old, m.new))
+        for target, text in mutated.items():
+            target.write_text(text)
         try:
             proc = subprocess.run(
                 cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
@@ -83,7 +106,8 @@ def run_one(m: Mutant, root: Path, cache: str, timeout: float) -> tuple[str, str
         except subprocess.TimeoutExpired:
             return "KILLED", f"timeout after {timeout:.0f} s", time.monotonic() - t0
     finally:
-        target.write_bytes(original)
+        for target, original in originals.items():
+            target.write_bytes(original)
     dt = time.monotonic() - t0
     lines = proc.stdout.splitlines()
     if proc.returncode == 0:
