@@ -2,10 +2,10 @@
 
 A mutant is a literal text replacement in one source file, or several at once (``also``;
 ``old`` must occur exactly ``count`` times, default once, so a mutant cannot silently miss
-its target after a refactor).  For each mutant the runner applies it, runs ``pytest -x`` on its test paths
-(bounded by a timeout), restores the file byte for byte, and reports KILLED (a test failed)
-or SURVIVED (every test passed: the tests do not guard that line).  A mutant that does not
-apply is reported as STALE.
+its target after a refactor).  For each mutant the runner applies it, runs ``pytest -x`` on
+its test paths (bounded by a timeout), restores the files byte for byte, and reports KILLED
+(a test failed) or SURVIVED (every test passed: the tests do not guard that line).  A mutant
+that does not apply is reported as STALE.
 
 The mutants live in TOML files (``tools/mutants/*.toml``)::
 

@@ -26,9 +26,7 @@ def rfc1071_sum(data: bytes) -> int:
 data_st = st.one_of(
     st.binary(max_size=300),
     st.integers(1, 400).map(lambda n: b"\xff" * n),  # a carry on almost every word
-    st.lists(st.sampled_from([b"\xff\xff", b"\x80\x00", b"\x00\x01"]), max_size=100).map(
-        b"".join
-    ),
+    st.lists(st.sampled_from([b"\xff\xff", b"\x80\x00", b"\x00\x01"]), max_size=100).map(b"".join),
 )
 
 
