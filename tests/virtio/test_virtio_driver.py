@@ -51,6 +51,8 @@ def test_driver_limits(mem: GuestMemory) -> None:
         drv.add_chain([(DATA_LOW, 1)] * 5)
     with pytest.raises(RingFull, match="indirect slot"):
         drv.add_chain([(DATA_LOW, 1)] * 10_000, indirect=True)
+    with pytest.raises(ValueError, match="longer than the queue size 4"):
+        drv.add_chain([(DATA_LOW, 1)] * 5, indirect=True)  # fits the slot; 2.7.5.3.1 forbids
     with pytest.raises(ValueError):
         drv.write_desc(4, 0, 0, 0, 0)
     with pytest.raises(ValueError):

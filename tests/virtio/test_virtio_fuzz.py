@@ -113,7 +113,8 @@ def test_legal_driver_never_fails(
                 nw = 0
             if nr + nw == 0:
                 nr, nw = (0, 1) if sync is SyncKind.RX else (1, 0)
-            indirect = indirect and indirect_ok
+            # A legal driver never builds a chain longer than the queue (2.7.5.3.1).
+            indirect = indirect and indirect_ok and nr + nw <= size
             need = 1 if indirect else nr + nw
             if drv.num_free < need:
                 continue

@@ -268,7 +268,8 @@ def test_packed_legal_random(size: int, ops: list[tuple[int, int, bool]]) -> Non
     pushed: dict[int, int] = {}
     popped = []
     for kind, n, flag in ops:
-        if kind == 0 and drv.num_free >= (1 if flag else n) and drv._free_ids:
+        # (a legal driver never builds an indirect list longer than the queue: 2.8)
+        if kind == 0 and drv.num_free >= (1 if flag else n) and drv._free_ids and n <= size:
             drv.add_chain([(DATA_LOW, 8)] * (n - 1), [(DATA_HIGH, 16)], indirect=flag)
         elif kind == 1:
             drv.publish()
