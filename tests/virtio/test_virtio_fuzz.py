@@ -206,7 +206,9 @@ len_st = st.one_of(
 flags_st = st.one_of(st.integers(0, 7), st.integers(0, 0xFFFF))
 # Indices relative to the queue size, resolved in the test (the size is drawn separately):
 # ("size", k) is size + k.  Off-by-one bugs live at size - 1 / size / size + 1 and at the
-# u16 maximum; plain integers(0, 0xFFFF) almost never hit them for sizes 1, 2 and 8.
+# u16 maximum; plain integers(0, 0xFFFF) almost never hit them for sizes 1, 2 and 8 (about a
+# third of the examples now put a head or next exactly at size: --hypothesis-show-statistics).
+# With ``head >= size`` made ``>`` in split.py such an example ends in IndexError, not a kill.
 Index = int | tuple[str, int]
 boundary_st: st.SearchStrategy[Index] = st.one_of(
     st.sampled_from([-1, 0, 1]).map(lambda k: ("size", k)), st.just(0xFFFF)

@@ -202,7 +202,8 @@ def test_packed_violations(mem: GuestMemory, descs: list, detail: str) -> None:
 
 
 def test_packed_last_buffer_id_is_accepted(mem: GuestMemory) -> None:
-    """size - 1 is the last valid id (the other end of the id range check)."""
+    """size - 1 is the last valid id (the other end of the id range check; with ``>=`` made
+    ``> size`` the ``id_eq_size`` case fails: ``virtio-packed-buf-id-gt``)."""
     dev, drv = make_packed(mem, 9, size=5)
     _post_raw(drv, [(DATA_LOW, 1, 4, 0)])
     c = dev.pop()
@@ -215,7 +216,8 @@ def test_packed_last_buffer_id_is_accepted(mem: GuestMemory) -> None:
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 def test_packed_readable_after_writable(mem: GuestMemory, indirect: bool) -> None:
     """2.8 "Driver Requirements: Scatter-Gather Support": device-writable elements come
-    after every device-readable one; on a queue that takes both (the control queue)."""
+    after every device-readable one; on a queue that takes both (the control queue).
+    Mutation killed: the check removed (``virtio-packed-readable-after-writable``)."""
     dev, drv = make_packed(mem, 9, size=5, sync=SyncKind.EVENT)
     w_then_r = [(DATA_HIGH, 4, 1, F_WRITE), (DATA_LOW, 4, 1, 0)]
     if indirect:
@@ -233,6 +235,7 @@ def test_packed_readable_after_writable(mem: GuestMemory, indirect: bool) -> Non
 
 
 def test_packed_indirect_not_negotiated(mem: GuestMemory) -> None:
+    """2.8.7: INDIRECT only when negotiated (``virtio-packed-indirect-not-negotiated``)."""
     no_ind = FEATURES & ~(1 << lib.VIRTIO_RING_F_INDIRECT_DESC)
     dev, drv = make_packed(mem, 9, size=5, features=no_ind)
     drv.write_indirect(TABLE, [(DATA_LOW, 4, 0, 0)])
