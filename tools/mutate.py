@@ -112,7 +112,8 @@ def run_one(m: Mutant, root: Path, cache: str, timeout: float) -> tuple[str, str
     lines = proc.stdout.splitlines()
     if proc.returncode == 0:
         return "SURVIVED", lines[-1] if lines else "", dt
-    failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    # pytest's short summary (not captured log lines, which also start with "ERROR")
+    failed = [ln for ln in lines if ln.startswith(("FAILED tests", "ERROR tests"))]
     return "KILLED", (failed[0] if failed else (lines[-1] if lines else "")), dt
 
 
