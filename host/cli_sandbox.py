@@ -5,12 +5,13 @@ A sandbox is one process holding both ends of a virtio-net link:
 * the vdev device (``vdev.net.device.Device``) with one NIC on a vhost-user socket, its
   loop in a background thread, plus a fault control socket (``vdev.faults.control``) that
   also answers ``introspect``;
-* QEMU (``host.machine.Machine``, TCG) booting the freestanding driver ELF
-  (``guest/build/vdev-bare.elf``) with ``-kernel``, its serial console on a Unix socket.
+* QEMU (``host.machine.Machine``; KVM where it boots this ELF, else TCG) booting the
+  freestanding driver ELF (``guest/build/vdev-bare.elf``) with ``-kernel``, its serial
+  console on a Unix socket.
 
 ``vdev inspect`` asks a running sandbox's control socket for ``introspect``: the device reads
 the driver's rings and counters out of guest RAM through its vhost-user memory map (see
-``host.inspect_guest``) and replies with JSON. ``vdev ctl --socket CTL`` works on the same
+``host.inspect_guest``) and replies with JSON. ``vdev ctl --control CTL`` works on the same
 socket (fault rules at run time).
 
 Exit status of ``vdev sandbox``: the driver's ``quit CODE`` makes QEMU exit with
@@ -37,6 +38,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from host.bare_console import PROMPT, Reply, parse_reply
+from host.cli_args import add_control_option, input_file, mtu, output_path, seconds
 from host.console import bridge_terminal
 
 if TYPE_CHECKING:
@@ -100,6 +102,7 @@ class Sandbox:
         memory_mb: int = 64,
         ready_timeout: float = 30.0,
         console_log: Path | None = None,
+        mtu: int | None = None,
     ) -> None:
         if machine not in MACHINES:
             raise SandboxError(f"--machine {machine}: one of {', '.join(MACHINES)}")
@@ -112,6 +115,7 @@ class Sandbox:
         self.memory_mb = memory_mb
         self.ready_timeout = ready_timeout
         self.console_log = console_log
+        self.mtu = mtu
         self.device: Device | None = None
         self.machine: Machine | None = None
         self.control: ControlServer | None = None
@@ -131,30 +135,34 @@ class Sandbox:
         if self.elf is None:
             from images.bare import build_bare
 
-            self.elf = build_bare()
-        self._syms = DriverSymbols.from_elf(self.elf)
+            try:
+                self.elf = build_bare()
+            except Exception as exc:  # ToolError (no gcc), a compile error, ...
+                raise SandboxError(f"building the guest driver failed: {exc}") from None
+        try:
+            self._syms = DriverSymbols.from_elf(self.elf)
+        except Exception as exc:  # not an ELF, or not the vdev driver's (no symbols)
+            raise SandboxError(f"--elf {self.elf}: not a vdev driver ELF ({exc})") from None
         self._tmp = tempfile.TemporaryDirectory(prefix="vdev-sandbox-")
         sock = Path(self._tmp.name) / "vhost.sock"
         t0 = time.monotonic()
         try:
             self.device = Device(pcap=self.pcap)
-            self.device.add_nic(str(sock), mac=self.mac)
+            self.device.add_nic(str(sock), mac=self.mac, mtu=self.mtu or 1500)
             self.device.start()
             ctl = self.ctl_path or Path(self._tmp.name) / "ctl.sock"
-            if _socket_alive(ctl):
-                raise SandboxError(
-                    f"{ctl}: another sandbox (or device) answers there; pass --ctl PATH"
-                )
-            self.control = ControlServer(self.device, str(ctl))
+            try:  # refuses a live listener (vdev.socketpath), like every vdev socket
+                self.control = ControlServer(self.device, str(ctl))
+            except OSError as exc:
+                raise SandboxError(f"--control {ctl}: {exc.strerror or exc}") from None
             self.ctl_path = ctl
             self.control.add_command("introspect", set(), self._introspect_request)
             self.machine = Machine(
                 self.elf,
                 append=self.append,
-                nics=[Nic.vhost_user(sock, mac=self.mac)],
+                nics=[Nic.vhost_user(sock, mac=self.mac, mtu=self.mtu)],
                 machine=self.machine_type,
                 memory_mb=self.memory_mb,
-                accel="tcg",
                 ready_pattern=re.escape(PROMPT),
                 ready_timeout=self.ready_timeout,
                 console_log=self.console_log,
@@ -165,7 +173,8 @@ class Sandbox:
                 self.machine.launch()
             except Exception as exc:
                 raise SandboxError(self._launch_failure(exc)) from exc
-            self.start_to_prompt = time.monotonic() - t0
+            # A one-time KVM probe is not part of the boot.
+            self.start_to_prompt = time.monotonic() - t0 - self.machine.accel_seconds
         except BaseException:
             self.close()
             raise
@@ -343,21 +352,6 @@ def guest_code(status: int | None) -> int:
     return status >> 1
 
 
-def _socket_alive(path: Path) -> bool:
-    """Whether something accepts connections on the Unix socket ``path``."""
-    import socket
-
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
 def _first_error_line(text: str) -> str:
     for line in text.splitlines():
         if "qemu-system" in line or "error" in line.lower() or "vhost" in line:
@@ -381,7 +375,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Build the bare driver if needed, start the vdev device (in this process) and "
             "QEMU booting the driver, then give an interactive console (Ctrl-] leaves) or "
-            "run a script. A control socket (--ctl) serves `vdev inspect` (the driver's "
+            "run a script. A control socket (--control) serves `vdev inspect` (the driver's "
             "rings and counters, read from guest RAM) and `vdev ctl` (fault rules)."
         ),
     )
@@ -389,21 +383,38 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--script",
         metavar="FILE",
+        type=input_file,
         help="console commands, one per line (# comments); '-' reads stdin",
     )
-    p.add_argument("--scenario", metavar="FILE", help="play a fault scenario (TOML) during the run")
-    p.add_argument("--append", default="", metavar="ARGS", help="driver command line (-append)")
-    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of the device's traffic")
     p.add_argument(
-        "--ctl",
-        metavar="PATH",
+        "--scenario",
+        metavar="FILE",
+        type=input_file,
+        help="play a fault scenario (TOML) during the run",
+    )
+    p.add_argument("--append", default="", metavar="ARGS", help="driver command line (-append)")
+    p.add_argument(
+        "--pcap",
+        metavar="FILE",
+        type=output_path,
+        help="write a pcapng capture of the device's traffic",
+    )
+    p.add_argument("--mtu", type=mtu, default=None, help="MTU the device offers, 68-65535")
+    add_control_option(
+        p,
+        aliases=("--ctl",),
         help=f"control socket for vdev inspect / vdev ctl (default ${CTL_ENV} or "
         f"{default_ctl_path()})",
     )
-    p.add_argument("--elf", metavar="FILE", help="driver ELF (default: build guest/driver)")
-    p.add_argument("--log", metavar="FILE", help="keep the console log here")
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="per-command reply timeout in --script"
+        "--elf", metavar="FILE", type=input_file, help="driver ELF (default: build guest/driver)"
+    )
+    p.add_argument("--log", metavar="FILE", type=output_path, help="keep the console log here")
+    p.add_argument(
+        "--timeout",
+        type=seconds(positive=True),
+        default=60.0,
+        help="per-command reply timeout in --script",
     )
     p.set_defaults(func=run_sandbox)
 
@@ -416,17 +427,22 @@ def register(subparsers: Any) -> None:
             "of guest RAM through the device's vhost-user memory map."
         ),
     )
-    i.add_argument(
-        "-s",
-        "--socket",
+    add_control_option(
+        i,
+        short=True,
+        aliases=("--socket",),
+        create=False,
         metavar="CTL",
         help=f"the sandbox's control socket (default ${CTL_ENV} or {default_ctl_path()})",
     )
     i.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
     i.add_argument(
-        "--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C"
+        "--watch",
+        type=seconds(positive=True),
+        metavar="SECONDS",
+        help="repeat every SECONDS until Ctrl-C",
     )
-    i.add_argument("--timeout", type=float, default=5.0, help="reply timeout")
+    i.add_argument("--timeout", type=seconds(positive=True), default=5.0, help="reply timeout")
     i.set_defaults(func=run_inspect)
 
 
@@ -437,8 +453,9 @@ def run_sandbox(args: argparse.Namespace) -> int:
         scenario=args.scenario,
         append=args.append,
         pcap=args.pcap,
-        ctl=args.ctl,
+        ctl=args.control,
         elf=args.elf,
+        mtu=args.mtu,
         log=args.log,
         timeout=args.timeout,
     )
@@ -454,6 +471,8 @@ def run_from_run(args: argparse.Namespace) -> int:
         pcap=getattr(args, "pcap", None),
         ctl=getattr(args, "control", None),
         as_json=bool(getattr(args, "json", False)),
+        mtu=getattr(args, "mtu", None),
+        log=getattr(args, "log", None),
     )
 
 
@@ -469,6 +488,7 @@ def sandbox_main(
     log: str | None = None,
     timeout: float = 60.0,
     as_json: bool = False,
+    mtu: int | None = None,
 ) -> int:
     """Start a sandbox, run the script (or the interactive console), return the status."""
     from host.accel import qemu_binary
@@ -480,19 +500,33 @@ def sandbox_main(
     lines: list[str] | None = None
     if script is not None:
         try:
-            text = sys.stdin.read() if script == "-" else Path(script).read_text()
+            text = sys.stdin.read() if script == "-" else Path(script).read_text("utf-8")
         except OSError as exc:
-            print(f"vdev sandbox: --script: {exc}", file=sys.stderr)
+            print(f"vdev sandbox: --script {script}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError as exc:
+            print(
+                f"vdev sandbox: --script {script}: not UTF-8 text (byte offset {exc.start})",
+                file=sys.stderr,
+            )
             return 2
         lines = text.splitlines()
     if scenario is not None:
         from vdev.faults.scenario import ScenarioError, load_scenario
 
         try:
-            load_scenario(scenario)
-        except (ScenarioError, OSError) as exc:
-            print(f"vdev sandbox: --scenario: {exc}", file=sys.stderr)
+            sc = load_scenario(scenario)
+        except ScenarioError as exc:
+            print(f"vdev sandbox: --scenario {exc}", file=sys.stderr)
             return 2
+        from host.scenario_guest import bare_unsupported
+
+        for flow in sc.traffic:
+            why = bare_unsupported(flow)
+            if why is not None:
+                print(f"vdev sandbox: --scenario {scenario}: traffic {flow.index}: {why}",
+                      file=sys.stderr)  # fmt: skip
+                return 2
     sb = Sandbox(
         elf=Path(elf) if elf else None,
         machine=machine,
@@ -500,6 +534,7 @@ def sandbox_main(
         pcap=pcap,
         ctl=Path(ctl) if ctl else default_ctl_path(),
         console_log=Path(log) if log else None,
+        mtu=mtu,
     )
     try:
         sb.start()
@@ -513,19 +548,24 @@ def sandbox_main(
             info = f" (driver kmain-to-prompt {sb.introspect()['info']['boot_ms']} ms)"
         print(
             f"vdev sandbox: {machine} guest ready in {sb.start_to_prompt * 1000:.0f} ms"
-            f"{info}; inspect: vdev inspect --socket {sb.ctl_path}",
+            f"{info}; inspect: vdev inspect --control {sb.ctl_path}",
             file=sys.stderr,
             flush=True,
         )
         scen: threading.Thread | None = None
         scen_status: list[int] = []
+        stop = threading.Event()
         if scenario is not None:
-            from vdev.faults.scenario import play_and_print
+            from host.scenario_guest import BareGuest, play_cli
 
-            device, qmp, path = sb.device, sb.machine.qmp, scenario
+            # The scenario's [traffic] and liveness probe drive the driver's console
+            # (host.scenario_guest.BareGuest), interleaved with the script's commands.
+            device, path, guest = sb.device, scenario, BareGuest(sb)
 
             def play() -> None:
-                scen_status.append(play_and_print(path, device, None, qmp, as_json=as_json))
+                scen_status.append(
+                    play_cli(path, device, guest, prog="vdev sandbox", as_json=as_json, stop=stop)
+                )
 
             scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
             scen.start()
@@ -534,12 +574,28 @@ def sandbox_main(
             code = res.quit_code if res.quit_code is not None else (1 if res.errors else 0)
             if res.quit_code is not None and res.quit_code < 0:
                 code = 3
+        elif scen is not None:
+            # The scenario drives the console (traffic, probe): no terminal bridge.
+            print(
+                "vdev sandbox: playing the scenario (use --script FILE to run console commands "
+                "alongside it)",
+                file=sys.stderr,
+            )
+            code = 0
         else:
             quit_code = sb.interact()
             code = 0 if quit_code is None else (3 if quit_code < 0 else quit_code)
         if scen is not None:
             print("vdev sandbox: waiting for the scenario to finish", file=sys.stderr)
-            scen.join(timeout=600)
+            try:
+                deadline = time.monotonic() + 900
+                while scen.is_alive() and time.monotonic() < deadline:
+                    scen.join(timeout=0.2)
+            except KeyboardInterrupt:
+                stop.set()  # the scenario prints its partial report
+                print("vdev sandbox: interrupted: finishing the report", file=sys.stderr)
+                scen.join(timeout=120)
+                return 130
             if scen_status and scen_status[0] and code == 0:
                 code = scen_status[0]
         return code
@@ -551,15 +607,30 @@ def sandbox_main(
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    try:
+        return _inspect(args)
+    except BrokenPipeError:
+        # `vdev inspect --watch 1 | head`: the reader has seen enough; stop quietly.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
     from host.inspect_guest import format_snapshot
     from vdev.faults.control import request
 
-    path = args.socket or str(default_ctl_path())
+    path = args.control or str(default_ctl_path())
     while True:
         try:
             reply = request(path, {"cmd": "introspect"}, timeout=args.timeout)
-        except (OSError, ConnectionError, ValueError) as exc:
-            print(f"vdev inspect: {path}: {exc} (is `vdev sandbox` running?)", file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(
+                f"vdev inspect: --control {path}: {why or type(exc).__name__} "
+                "(is `vdev sandbox` running?)",
+                file=sys.stderr,
+            )
             return 2
         if not reply.get("ok"):
             print(f"vdev inspect: {reply.get('error')}", file=sys.stderr)

@@ -91,7 +91,9 @@ class Bench:
         return got
 
 
-def make_bench(seed: Any = 0, log: str | None = None, num_packets: int = 512) -> Bench:
+def make_bench(
+    seed: Any = 0, log: str | None = None, num_packets: int = 512, queue_pairs: int = 1
+) -> Bench:
     pool = Pbufpool(num_packets=num_packets, buf_size=2048)
     clock = ManualClock(100.0)
     forwarded: list[bytes] = []
@@ -100,7 +102,7 @@ def make_bench(seed: Any = 0, log: str | None = None, num_packets: int = 512) ->
         forwarded.extend(pool.packet_bytes(p) for p in pkts)
         pool.free_packets(pkts)
 
-    nic = VirtioNet("nic0", pool, forward)
+    nic = VirtioNet("nic0", pool, forward, queue_pairs=queue_pairs)
     engine = FaultEngine(seed=seed, clock=clock, log=log)
     engine.nic(nic)
     return Bench(pool, nic, clock, engine, forwarded)

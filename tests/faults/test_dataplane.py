@@ -218,9 +218,19 @@ def test_rx_direction_and_queue_selection(bench: Bench) -> None:
         assert dports(bench.rx(numbered(10))) == [0, 2, 4, 6, 8]
     assert rule.hits == 5
     assert nf.packets == {"tx": 10, "rx": 10}
-    with nf.drop(queue="tx1") as rule:  # pair 1 only: the bench's TX queue is pair 0
-        assert len(bench.tx(numbered(3))) == 3
+    # A queue the NIC does not have is refused by name (the rule could never fire).
+    with pytest.raises(SpecError, match=r"queue: 'tx1': nic0 has 1 queue pair\(s\)"):
+        nf.drop(queue="tx1")
+    with pytest.raises(SpecError, match="queue: 3: nic0 has 1 queue pair"):
+        nf.drop(queue=3)
+    assert nf.rules == []
+    two = make_bench(queue_pairs=2)
+    with two.nf.drop(queue="tx1") as rule:  # pair 1 only: the bench's TX queue is pair 0
+        assert len(two.tx(numbered(3))) == 3
     assert rule.hits == 0
+    with two.nf.drop(queue="tx0") as rule:  # the other side of the pair check
+        assert len(two.tx(numbered(3))) == 0
+    assert rule.hits == 3
 
 
 def test_rules_compose_in_order(bench: Bench) -> None:

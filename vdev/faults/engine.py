@@ -376,6 +376,16 @@ class NicFaults:
     def add(self, spec: Mapping[str, Any] | Rule) -> Rule:
         """Install a rule (a ``Rule`` or a spec mapping, see ``rules.build_rule``)."""
         rule = spec if isinstance(spec, Rule) else build_rule(spec)
+        pairs = getattr(self.nic, "queue_pairs", None)
+        if isinstance(pairs, int) and rule.queue.pair is not None and rule.queue.pair >= pairs:
+            # A rule on a queue the NIC does not have could never fire: refuse it by name.
+            asked = spec.get("queue", str(rule.queue)) if isinstance(spec, Mapping) else rule.queue
+            asked = asked if isinstance(asked, int | str) else str(asked)
+            raise SpecError(
+                f"queue: {asked!r}: {self.nic.name} has {pairs} queue pair(s) "
+                f"(rx0..rx{pairs - 1}, tx0..tx{pairs - 1})",
+                "queue",
+            )
         with self.engine.lock:
             if rule.installed:
                 raise SpecError(f"rule {rule.id} is already installed")

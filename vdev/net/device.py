@@ -166,10 +166,33 @@ class Device:
         conn = entry.listener.accept(0)
         if conn is None:
             return
-        if entry.backend is not None:
+        if entry.backend is None:
+            self._attach_connection(entry, conn)
+            return
+        # A frontend is already served here.  The newcomer may be another vdev checking
+        # whether the path is in use (vdev.socketpath connects and closes without a word):
+        # it must not cost the running guest its NIC.  Hold it until it speaks; only a
+        # peer that sends a message (a frontend that restarted) replaces the old one.
+        fd = conn.fileno()
+
+        def first_readable() -> None:
+            self._unwatch(fd)
+            try:
+                peeked = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self.sel.register(fd, selectors.EVENT_READ, first_readable)
+                return
+            except OSError:
+                peeked = b""
+            if not peeked:
+                conn.close()  # connected and left: a liveness probe
+                return
             log.warning("%s: dropping the previous frontend for a new one", entry.nic.name)
             self._disconnect(entry)
-        self._attach_connection(entry, conn)
+            self._attach_connection(entry, conn)
+            self._readable(entry)
+
+        self.sel.register(fd, selectors.EVENT_READ, first_readable)
 
     def _try_connect(self, entry: NicSocket) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
