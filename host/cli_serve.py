@@ -166,7 +166,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     r = stats["responder"]
     lines.append(
         f"responder: arp={r['arp_replies']} icmp={r['icmp_replies']} udp_echo={r['udp_replies']} "
-        f"udp_sink={r['udp_sink_packets']}"
+        f"udp_sink={r['udp_sink_packets']} bad_checksum ip={r['bad_ip_checksum']} "
+        f"icmp={r['bad_icmp_checksum']} udp={r['bad_udp_checksum']}"
     )
     pool = stats["pool"]
     lines.append("pool: " + " ".join(f"{k}={v}" for k, v in pool.items()))

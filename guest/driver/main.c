@@ -512,8 +512,8 @@ static void cmd_txip(int argc, char **argv)
             vdev_stats.tx_gso - gso0, refused);
 }
 
-/* One informational line per frame: "frame len=N hex=..." (up to 128 bytes). */
-static void dump_frame(uint32_t p)
+/* One informational line per frame: "frame len=N hex=..." (the first `limit` bytes). */
+static void dump_frame(uint32_t p, uint32_t limit)
 {
     struct sk_packet *pk = pkt_md(p);
     kprintf("frame len=%u hex=", pk->len);
@@ -521,7 +521,7 @@ static void dump_frame(uint32_t p)
     FOR_EACH_BUFLET(pk, bl, k)
     {
         const uint8_t *data = buf_addr(bl->buf_idx) + bl->doff;
-        for (uint32_t i = 0; i < bl->dlen && shown < 128; i++, shown++)
+        for (uint32_t i = 0; i < bl->dlen && shown < limit; i++, shown++)
             kprintf("%02x", data[i]);
     }
     kputs("\n");
@@ -576,14 +576,15 @@ static void cmd_txhex(int argc, char **argv)
     kprintf("%s txhex sent=%llu bytes=%llu\n", sent == count ? "OK" : "ERR", sent, sent * n);
 }
 
-/* rx COUNT [TIMEOUT_MS] [dump] */
+/* rx COUNT [TIMEOUT_MS] [dump|full]: dump shows each frame's first 128 bytes, full all. */
 static void cmd_rx(int argc, char **argv)
 {
     uint32_t count, tmo;
-    int dump = argc > 3 && streq(argv[3], "dump");
+    int full = argc > 3 && streq(argv[3], "full");
+    int dump = full || (argc > 3 && streq(argv[3], "dump"));
     if (argc < 2 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 5000, &tmo) ||
         (argc > 3 && !dump)) {
-        kputs("ERR usage: rx COUNT [TIMEOUT_MS] [dump]\n");
+        kputs("ERR usage: rx COUNT [TIMEOUT_MS] [dump|full]\n");
         return;
     }
     if (!need_dev())
@@ -600,7 +601,7 @@ static void cmd_rx(int argc, char **argv)
                 uint32_t len = pkt_md(p)->len;
                 int c = check_frame(p);
                 if (dump)
-                    dump_frame(p);
+                    dump_frame(p, full ? 0xffffffffu : 128);
                 ours += c != 0;
                 bad += c < 0;
                 bytes += len;
@@ -1051,7 +1052,7 @@ static void handle(char *line)
         kprintf("OK quit code=%u\n", code);
         debug_exit(code);
     } else if (streq(argv[0], "help")) {
-        kputs("tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] | txhex HEX [COUNT] | rx COUNT [TIMEOUT_MS] [dump]\n"
+        kputs("tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] | txhex HEX [COUNT] | rx COUNT [TIMEOUT_MS] [dump|full]\n"
               "txip udp|tcp COUNT SIZE [BATCH] [mss=N] [flows=K] | echo [COUNT] [TIMEOUT_MS]\n"
               "stats | irq | link [up|down [TIMEOUT_MS]] | vq | reset | quit CODE\n"
               "features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N] [packed=0|1] [mq=N] [indirect=0|1]\n"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vdev.faults import FaultEngine, ManualClock, NicFaults
-from vdev.net.nic import VirtioNet
+from vdev.net.nic import TO_GUEST, VirtioNet
 from vdev.skywalk.pool import Pbufpool
 
 DST = b"\x52\x54\x00\x12\x34\x56"
@@ -82,7 +82,10 @@ class Bench:
         return got
 
     def take_backlog(self) -> list[bytes]:
+        """Deliver the backlog to a pretend guest: each frame's capture record, then free."""
         got = [self.pool.packet_bytes(p) for p in self.nic.backlog]
+        for p in self.nic.backlog:
+            self.nic.record(p, TO_GUEST)
         self.pool.free_packets(list(self.nic.backlog))
         self.nic.backlog.clear()
         return got

@@ -132,15 +132,7 @@ class FaultEngine:
         self.lock: contextlib.AbstractContextManager[Any] = (
             device.lock if device is not None else threading.RLock()
         )
-        capture = device.capture if device is not None else None
-        sink = None
-        if capture is not None:
-            cap = capture
-
-            def sink(nic: str, frame: bytes, direction: int, comment: str) -> None:
-                cap.write(nic, frame, direction, comment)
-
-        self.log = EventLog(log, clock=self.clock, capture=sink)
+        self.log = EventLog(log, clock=self.clock)
         self._nics: dict[str, NicFaults] = {}
         self._ids = itertools.count(1)
         self.device_faults: dict[str, DeviceFault] = {}

@@ -105,7 +105,9 @@ class Device:
             )
             if self.capture is not None:
                 capture = self.capture
-                nic.tap = lambda n, frame, direction: capture.write(n.name, frame, direction)
+                nic.tap = lambda n, frame, direction, notes: capture.write(
+                    n.name, frame, direction, notes
+                )
             nic.defer = lambda fn: self.call_later(0.0, fn)
             entry = NicSocket(nic, path, client)
             if client:

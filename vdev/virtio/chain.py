@@ -125,8 +125,9 @@ def walk_chain(
 
     Rules checked, each a ChainViolation (spec sections in the messages' comments):
     head / next index inside the table; at most ``table_size`` descriptors per table (a longer
-    walk must revisit a descriptor: a loop); INDIRECT only if negotiated, never with NEXT,
-    never inside an indirect table, with a length that is a non-zero multiple of 16;
+    walk must revisit a descriptor: a loop); at most ``table_size`` (the queue size) buffer
+    descriptors in the whole chain, indirect ones included; INDIRECT only if negotiated, never
+    with NEXT, never inside an indirect table, with a length that is a non-zero multiple of 16;
     every buffer inside guest memory; device-readable descriptors before device-writable
     ones, and only the directions the queue allows; total lengths within 32 bits (the used
     ring's ``len`` field).
@@ -161,6 +162,16 @@ def walk_chain(
                 raise ChainViolation(
                     f"chain loop: head {head} reaches more than {limit} descriptors "
                     f"in the {where} table (at {where} {idx}, next {nxt})"
+                )
+            if total - (indirect_buf is not None) > table_size:
+                # 2.7.5.3.1 "Indirect Descriptors", driver requirements: "A driver MUST NOT
+                # create a descriptor chain longer than the Queue Size of the device."  The
+                # direct table cannot get here without a loop (caught above); an indirect
+                # table can be longer than the queue.  The descriptor pointing at the table
+                # describes no buffer and is not counted.
+                raise ChainViolation(
+                    f"chain too long: head {head} has more than {table_size} descriptors, "
+                    f"the queue size (at {where} {idx})"
                 )
             if flags & F_INDIRECT:
                 # 2.7.5.3.1 "Indirect Descriptors", driver requirements.

@@ -315,6 +315,8 @@ class PackedQueue(QueueLifecycle):
             addr, length, buf_id = int(d.addr), int(d.len), int(d.id)
             count += 1
             if count > size:
+                # Defensive: entry ``size`` is the first one again, whose AVAIL bit is for
+                # the other wrap counter, so it fails the availability check first.
                 raise self._violation(f"{where}: chain longer than the queue size {size}")
             if flags & F_INDIRECT:
                 # 2.8.7 "Indirect Flag: Scatter-Gather Support"
@@ -322,10 +324,27 @@ class PackedQueue(QueueLifecycle):
                     raise self._violation(f"{where}: desc {idx} INDIRECT not negotiated")
                 if flags & F_NEXT:
                     raise self._violation(f"{where}: desc {idx} has both INDIRECT and NEXT")
+                if count > 1:
+                    # 2.8 "Driver Requirements: Indirect Descriptors": "A driver MUST NOT
+                    # write direct descriptors with DESC_F_INDIRECT set in a scatter-gather
+                    # list linked by VIRTQ_DESC_F_NEXT."
+                    raise self._violation(
+                        f"{where}: desc {idx} has INDIRECT set after {count - 1} direct "
+                        "descriptors linked by NEXT"
+                    )
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
                     raise self._violation(
                         f"{where}: desc {idx} indirect table len {length} is not a non-zero "
                         f"multiple of {DESC_SIZE} (at most {MAX_INDIRECT} entries)"
+                    )
+                if length // DESC_SIZE > size:
+                    # 2.8 "Driver Requirements: Scatter-Gather Support": "A driver MUST NOT
+                    # create a descriptor list longer than the Queue Size", and for indirect
+                    # tables "longer than allowed by the device": this device allows the
+                    # queue size, as for split rings (2.7.5.3.1).
+                    raise self._violation(
+                        f"{where}: chain too long: indirect table of {length // DESC_SIZE} "
+                        f"entries, more than the queue size {size}"
                     )
                 try:
                     tview = self.mem.gpa_view(addr, length)
@@ -638,6 +657,10 @@ class PackedDriverQueue:
             raise RuntimeError("packed ring full")
         buf_id = self._free_ids.pop()
         if indirect:
+            if len(segs) > self.size:
+                # 2.8 "Driver Requirements: Scatter-Gather Support": not longer than the
+                # Queue Size (the device refuses it: chain too long).
+                raise ValueError(f"{len(segs)} descriptors: longer than the queue size {self.size}")
             if self._indirect_area is None or len(segs) * DESC_SIZE > self.indirect_slot:
                 raise RuntimeError("indirect table does not fit")
             gpa = self._indirect_area[0] + buf_id * self.indirect_slot
