@@ -13,8 +13,13 @@ One sandbox (``host.cli_sandbox.Sandbox``: the device in this process, QEMU boot
 Rates are wall-clock (the machine is shared). Per-direction driver counters (syncs, kicks)
 are taken from the host's view of guest RAM (``Sandbox.introspect``).
 
+``--irq on,off`` runs every cell once per driver mode (``irq=1``: the driver waits for
+interrupts in ``hlt``; ``irq=0``: it busy-polls), on a fresh sandbox each; the "driver irqs"
+column counts the interrupts it attributed to a queue during the cell.
+
 Usage: python3 benchmarks/sandbox_throughput.py [--count 5000] [--sizes 64,1500]
-       [--batches 32] [--machine pc] [--results benchmarks/RESULTS.md]
+       [--batches 32] [--machine pc] [--irq on] [--append ARGS]
+       [--results benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class Row:
     drops: int
     syncs: int
     kicks: int
+    irq: str = "on"
+    irqs: int = 0
+    qemu_cpu_ms: int = 0
 
     @property
     def pps(self) -> float:
@@ -55,8 +63,20 @@ class Row:
 
 
 def counters(sb: Sandbox) -> dict[str, int]:
-    stats: dict[str, int] = sb.introspect()["stats"]
+    stats: dict[str, int] = dict(sb.introspect()["stats"])
+    stats["qemu_cpu_ms"] = qemu_cpu_ms(sb)
     return stats
+
+
+def qemu_cpu_ms(sb: Sandbox) -> int:
+    """User + system CPU time QEMU (all its threads) has used, from /proc (0 if unknown)."""
+    pid = sb.machine.pid if sb.machine is not None else None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return ticks * 1000 // os.sysconf("SC_CLK_TCK")
 
 
 def bench_tx(sb: Sandbox, ch: Channel, count: int, size: int, batch: int) -> Row:
@@ -83,6 +103,8 @@ def bench_tx(sb: Sandbox, ch: Channel, count: int, size: int, batch: int) -> Row
         drops,
         c1["tx_syncs"] - c0["tx_syncs"],
         c1["tx_kicks"] - c0["tx_kicks"],
+        irqs=c1["rx_irqs"] + c1["tx_irqs"] - c0["rx_irqs"] - c0["tx_irqs"],
+        qemu_cpu_ms=c1["qemu_cpu_ms"] - c0["qemu_cpu_ms"],
     )
 
 
@@ -98,6 +120,10 @@ def bench_rx(sb: Sandbox, ch: Channel, count: int, size: int) -> Row:
     c1 = counters(sb)
     got = reply.int("received")
     assert reply.int("bad") == 0, reply.status_line
+    if got < count and sb.device is not None:
+        nic = sb.device.nics[0]
+        reasons = {i: dict(q.drop_reasons) for i, q in nic.stats.items() if q.drop_reasons}
+        print(f"  (rx {size}: {count - got} not received; device drop reasons {reasons})")
     return Row(
         "host->guest",
         size,
@@ -107,19 +133,29 @@ def bench_rx(sb: Sandbox, ch: Channel, count: int, size: int) -> Row:
         count - got,
         c1["rx_syncs"] - c0["rx_syncs"],
         c1["rx_kicks"] - c0["rx_kicks"],
+        irqs=c1["rx_irqs"] + c1["tx_irqs"] - c0["rx_irqs"] - c0["tx_irqs"],
+        qemu_cpu_ms=c1["qemu_cpu_ms"] - c0["qemu_cpu_ms"],
     )
+
+
+def idle_cpu(sb: Sandbox, seconds: float = 2.0) -> float:
+    """Share of one CPU QEMU uses while the driver sits at its prompt."""
+    t0, c0 = time.monotonic(), qemu_cpu_ms(sb)
+    time.sleep(seconds)
+    return (qemu_cpu_ms(sb) - c0) / 1000 / (time.monotonic() - t0)
 
 
 def table(rows: list[Row]) -> str:
     out = [
-        "| direction | bytes | batch | frames | seconds | packets/s | Mbit/s | drops "
-        "| driver syncs | driver kicks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| irq | direction | bytes | batch | frames | seconds | packets/s | Mbit/s | drops "
+        "| driver syncs | driver kicks | driver irqs | QEMU CPU ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
-            f"| {r.direction} | {r.size} | {r.batch} | {r.frames} | {r.seconds:.2f} "
-            f"| {r.pps:,.0f} | {r.mbps:,.1f} | {r.drops} | {r.syncs} | {r.kicks} |"
+            f"| {r.irq} | {r.direction} | {r.size} | {r.batch} | {r.frames} | {r.seconds:.2f} "
+            f"| {r.pps:,.0f} | {r.mbps:,.1f} | {r.drops} | {r.syncs} | {r.kicks} | {r.irqs} "
+            f"| {r.qemu_cpu_ms} |"
         )
     return "\n".join(out)
 
@@ -130,26 +166,40 @@ def main() -> int:
     ap.add_argument("--sizes", default="64,1500", help="frame sizes (comma-separated)")
     ap.add_argument("--batches", default="32", help="driver TX batch sizes (comma-separated)")
     ap.add_argument("--machine", default="pc", choices=("pc", "q35", "microvm"))
+    ap.add_argument("--irq", default="on", help="driver modes: on, off or on,off")
+    ap.add_argument("--append", default="", help="more driver options (--append of vdev sandbox)")
     ap.add_argument("--results", metavar="FILE", help="append a markdown section to FILE")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
+    modes = args.irq.split(",")
+    if any(m not in ("on", "off") for m in modes):
+        ap.error(f"--irq {args.irq}: on, off or on,off")
     rows: list[Row] = []
-    with Sandbox(machine=args.machine) as sb:
-        boot = sb.start_to_prompt
-        ch = sb.channel("bench", ring_slots=2048)
-        bench_tx(sb, ch, 1000, 64, 32)  # warm-up (both sides' caches, the pool)
-        bench_rx(sb, ch, 1000, 64)
-        for size in sizes:
-            for batch in batches:
-                rows.append(bench_tx(sb, ch, args.count, size, batch))
+    idle: list[tuple[str, float]] = []
+    boot = 0.0
+    for mode in modes:
+        append = f"irq={int(mode == 'on')} {args.append}".strip()
+        with Sandbox(machine=args.machine, append=append) as sb:
+            boot = sb.start_to_prompt
+            ch = sb.channel("bench", ring_slots=2048)
+            bench_tx(sb, ch, 1000, 64, 32)  # warm-up (both sides' caches, the pool)
+            bench_rx(sb, ch, 1000, 64)
+            idle.append((mode, idle_cpu(sb)))
+            for size in sizes:
+                for batch in batches:
+                    rows.append(bench_tx(sb, ch, args.count, size, batch))
+                    rows[-1].irq = mode
+                    print(table(rows[-1:]).splitlines()[-1], flush=True)
+                rows.append(bench_rx(sb, ch, args.count, size))
+                rows[-1].irq = mode
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-            rows.append(bench_rx(sb, ch, args.count, size))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = table(rows)
     print()
     print(text)
     print(f"\nstart to first prompt: {boot * 1000:.0f} ms")
+    for mode, share in idle:
+        print(f"idle at the prompt, irq {mode}: QEMU used {share:.0%} of a CPU")
     if args.results:
         cmd = "python3 benchmarks/sandbox_throughput.py " + " ".join(
             a for a in sys.argv[1:] if not a.startswith("--results") and a != args.results

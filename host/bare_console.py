@@ -186,6 +186,9 @@ def qemu_args(
     ``monitor``: a Unix socket path for QEMU's human monitor (used to read guest RAM).
     """
     mon = f"unix:{monitor},server=on,wait=off" if monitor is not None else "none"
+    # Always TCG: this harness is the driver's unit-test rig on QEMU's UDP backend, where
+    # the whole boot takes ~0.1 s under TCG anyway; KVM selection and its run-time fallback
+    # live in host.machine.Machine, which the sandbox and every vhost-user guest use.
     args = [qemu_binary(), "-machine", machine, "-accel", "tcg", "-m", str(memory_mb)]
     args += ["-display", "none", "-monitor", mon, "-serial", "stdio", "-no-reboot"]
     args += ["-nodefaults"] if machine != "microvm" else []

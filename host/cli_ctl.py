@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import time
 from typing import Any
+
+from host.cli_args import Parser, add_control_option, input_file, int_range, seconds
 
 DEFAULT_SOCKET_ENV = "VDEV_CTL_SOCKET"
 
@@ -34,46 +37,70 @@ def _register_ctl(subparsers: Any) -> None:
             "as JSON when it is valid JSON, else taken as a string)."
         ),
     )
-    p.add_argument(
-        "-s",
-        "--socket",
-        default=os.environ.get(DEFAULT_SOCKET_ENV),
-        metavar="PATH",
-        help=f"control socket (default ${DEFAULT_SOCKET_ENV})",
-    )
-    p.add_argument("--json", action="store_true", help="print raw JSON replies")
-    p.add_argument("--timeout", type=float, default=5.0, help="reply timeout in seconds")
+    _common_options(p, default_socket=os.environ.get(DEFAULT_SOCKET_ENV), timeout=5.0)
+    # The same options after the request (`vdev ctl list -s PATH --json`): SUPPRESS keeps
+    # a value given before the request unless it is given again after it.
+    common = Parser(add_help=False)
+    _common_options(common, default_socket=argparse.SUPPRESS, timeout=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="ctl_command", metavar="REQUEST", required=True)
-    sub.add_parser("ping", help="check the device answers")
-    sub.add_parser("list", help="list rules and device faults with hit counts")
-    sub.add_parser("stats", help="device and fault statistics")
-    r = sub.add_parser("rings", help="dump virtqueue state")
+    sub.add_parser("ping", parents=[common], help="check the device answers")
+    sub.add_parser("list", parents=[common], help="list rules and device faults with hit counts")
+    sub.add_parser("stats", parents=[common], help="device and fault statistics")
+    r = sub.add_parser("rings", parents=[common], help="dump virtqueue state")
     r.add_argument("--nic", help="NIC index or name (default: all)")
-    e = sub.add_parser("events", help="fault events (JSON lines)")
-    e.add_argument("--since", type=int, default=0, help="only events after this seq")
-    e.add_argument("--limit", type=int, default=1000)
+    e = sub.add_parser("events", parents=[common], help="fault events (JSON lines)")
+    e.add_argument("--since", type=int_range(0), default=0, help="only events after this seq")
+    e.add_argument("--limit", type=int_range(1), default=1000, help="events per request")
     e.add_argument("-f", "--follow", action="store_true", help="keep polling for new events")
     a = sub.add_parser(
         "add",
+        parents=[common],
         help="add a rule: vdev ctl add action=drop queue=rx p=0.1",
         description="Add a rule. Example: vdev ctl add nic=0 action=corrupt every=10 flips=2",
     )
     a.add_argument("fields", nargs="*", metavar="KEY=VALUE")
     a.add_argument("--rule", metavar="JSON", help="the whole rule as a JSON object")
-    rm = sub.add_parser("remove", help="remove a rule or device fault by id")
+    rm = sub.add_parser("remove", parents=[common], help="remove a rule or device fault by id")
     rm.add_argument("id")
-    sub.add_parser("clear", help="remove every rule and device fault")
-    lk = sub.add_parser("link", help="carrier up/down (device side)")
+    sub.add_parser("clear", parents=[common], help="remove every rule and device fault")
+    lk = sub.add_parser("link", parents=[common], help="carrier up/down (device side)")
     lk.add_argument("state", choices=["up", "down"])
     lk.add_argument("--nic", default="0")
-    po = sub.add_parser("pool", help="shrink the pbufpool to N free packets (remove ID undoes)")
-    po.add_argument("packets", type=int)
+    po = sub.add_parser(
+        "pool", parents=[common], help="shrink the pbufpool to N free packets (remove ID undoes)"
+    )
+    po.add_argument("packets", type=int_range(0), help="free packets to leave in the pool")
     po.add_argument("--id", help="id of the fault (default d<N>)")
-    cr = sub.add_parser("crash", help="drop a NIC's vhost-user connection abruptly")
+    cr = sub.add_parser(
+        "crash", parents=[common], help="drop a NIC's vhost-user connection abruptly"
+    )
     cr.add_argument("--nic", default="0")
-    raw = sub.add_parser("raw", help="send a raw JSON request")
+    raw = sub.add_parser("raw", parents=[common], help="send a raw JSON request")
     raw.add_argument("request", metavar="JSON")
     p.set_defaults(func=run_ctl)
+
+
+def _common_options(p: argparse.ArgumentParser, *, default_socket: Any, timeout: Any) -> None:
+    add_control_option(
+        p,
+        short=True,
+        default=default_socket,
+        aliases=("--socket",),
+        create=False,
+        help=f"the device's control socket (default ${DEFAULT_SOCKET_ENV})",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if default_socket is argparse.SUPPRESS else False,
+        help="print raw JSON replies",
+    )
+    p.add_argument(
+        "--timeout",
+        type=seconds(positive=True),
+        default=timeout,
+        help="reply timeout in seconds (default 5)",
+    )
 
 
 def _register_scenario(subparsers: Any) -> None:
@@ -88,7 +115,7 @@ def _register_scenario(subparsers: Any) -> None:
         help="validate scenario files",
         description="Parse and validate scenario files; errors name the file, line and key.",
     )
-    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("files", nargs="+", metavar="FILE", type=input_file)
     c.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     c.set_defaults(func=run_scenario_check)
 
@@ -162,8 +189,8 @@ def format_rules(reply: dict[str, Any]) -> str:
 def run_ctl(args: argparse.Namespace) -> int:
     from vdev.faults.control import request
 
-    if not args.socket:
-        print(f"vdev ctl: no socket: give --socket or set ${DEFAULT_SOCKET_ENV}", file=sys.stderr)
+    if not args.control:
+        print(f"vdev ctl: no socket: give --control or set ${DEFAULT_SOCKET_ENV}", file=sys.stderr)
         return 2
     try:
         req = build_request(args)
@@ -171,9 +198,9 @@ def run_ctl(args: argparse.Namespace) -> int:
         print(f"vdev ctl: {exc}", file=sys.stderr)
         return 2
     try:
-        reply = request(args.socket, req, timeout=args.timeout)
-    except (OSError, ConnectionError, ValueError) as exc:
-        print(f"vdev ctl: {args.socket}: {exc}", file=sys.stderr)
+        reply = request(args.control, req, timeout=args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"vdev ctl: --control {args.control}: {_why(exc)}", file=sys.stderr)
         return 2
     if not reply.get("ok"):
         print(f"vdev ctl: {reply.get('error', 'request failed')}", file=sys.stderr)
@@ -185,6 +212,15 @@ def run_ctl(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(reply, indent=None if args.json else 2))
     return 0
+
+
+def _why(exc: BaseException) -> str:
+    """An OSError as its message alone (no ``[Errno N]``), anything else as its text."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "no reply (timed out)"
+    return str(exc) or type(exc).__name__
 
 
 def _print_events(args: argparse.Namespace, reply: dict[str, Any]) -> int:
@@ -200,12 +236,12 @@ def _print_events(args: argparse.Namespace, reply: dict[str, Any]) -> int:
         time.sleep(0.5)
         try:
             reply = request(
-                args.socket,
+                args.control,
                 {"cmd": "events", "since": since, "limit": args.limit},
                 timeout=args.timeout,
             )
-        except (OSError, ConnectionError, ValueError) as exc:
-            print(f"vdev ctl: {args.socket}: {exc}", file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            print(f"vdev ctl: --control {args.control}: {_why(exc)}", file=sys.stderr)
             return 2
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from host.cli_args import output_dir, output_path
+
 GUEST_MAC = "52:54:00:12:34:56"
 GUEST_IP = "10.0.2.15"
 RESPONDER_IP = "10.0.2.2"
@@ -60,8 +62,12 @@ def register(subparsers: Any) -> None:
             "inject seeded packet loss, and print per-queue ring statistics and a summary."
         ),
     )
-    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of the NIC")
-    p.add_argument("--keep", metavar="DIR", help="keep the console log and capture in DIR")
+    p.add_argument(
+        "--pcap", metavar="FILE", type=output_path, help="write a pcapng capture of the NIC"
+    )
+    p.add_argument(
+        "--keep", metavar="DIR", type=output_dir, help="keep the console log and capture in DIR"
+    )
     p.add_argument("--seed", type=int, default=7, help="seed of the injected loss (default 7)")
     p.set_defaults(func=run)
 
@@ -106,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
                 )
                 machine.launch()
             try:
-                print(f"   guest up in {report.timings['boot']:.1f} s (QEMU {machine.accel})")
+                print(
+                    f"   guest up in {report.timings['boot']:.1f} s "
+                    f"(QEMU {machine.accel}: {machine.accel_reason})"
+                )
                 _exercise(report, device, nic, host, machine, args.seed)
             finally:
                 with _step(report, "shutdown"):

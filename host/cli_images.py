@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from host.cli_args import input_dir, input_file, int_range
 from images.tools import ToolError
 
 
@@ -25,14 +27,21 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="images_command", metavar="ACTION")
     b = sub.add_parser("build", help="build images (cached by content hash)")
     b.add_argument("which", nargs="?", default="linux", choices=("linux", "bare", "all"))
-    b.add_argument("--kernel", type=Path, help="use this bzImage instead of Debian's kernel")
-    b.add_argument("--modules", type=Path, help="module tree (.ko files) for --kernel")
+    b.add_argument(
+        "--kernel",
+        type=input_file,
+        metavar="BZIMAGE",
+        help="use this bzImage instead of Debian's kernel",
+    )
+    b.add_argument(
+        "--modules", type=input_dir, metavar="DIR", help="module tree (.ko files) for --kernel"
+    )
     b.add_argument("--force", action="store_true", help="rebuild even on a cache hit")
     b.set_defaults(func=cmd_build)
     ls = sub.add_parser("list", help="list cached images")
     ls.set_defaults(func=cmd_list)
     pr = sub.add_parser("prune", help="remove old cached images")
-    pr.add_argument("--keep", type=int, default=1, help="newest images to keep per name")
+    pr.add_argument("--keep", type=int_range(0), default=1, help="newest images to keep per name")
     pr.set_defaults(func=cmd_prune)
     boot = sub.add_parser("boot", help="boot the Linux image (measures boot time)")
     boot.add_argument(
@@ -61,10 +70,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.modules and not args.kernel:
         print("vdev images: --modules needs --kernel", file=sys.stderr)
         return 2
+    if args.kernel:
+        why = _not_a_bzimage(args.kernel)
+        if why:
+            print(f"vdev images build: --kernel {args.kernel}: {why}", file=sys.stderr)
+            return 2
     status = 0
     try:
         if args.which in ("linux", "all"):
-            img = build_linux(kernel=args.kernel, modules_dir=args.modules, force=args.force)
+            kernel = Path(args.kernel) if args.kernel else None
+            modules = Path(args.modules) if args.modules else None
+            img = build_linux(kernel=kernel, modules_dir=modules, force=args.force)
             print(f"linux: {img.path} (kernel {img.kernel_version}, hash {img.hash[:16]})")
         if args.which in ("bare", "all"):
             status = _build_bare()
@@ -72,6 +88,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"vdev images: {e}", file=sys.stderr)
         return 1
     return status
+
+
+def _not_a_bzimage(path: str) -> str | None:
+    """Why ``path`` is not an x86 bzImage (Linux boot protocol: "HdrS" at 0x202), or None."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0x202)
+            magic = f.read(4)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if magic != b"HdrS":
+        return "not an x86 Linux kernel image (no 'HdrS' boot header at offset 0x202)"
+    return None
 
 
 def _build_bare() -> int:
@@ -114,6 +143,15 @@ def cmd_boot(args: argparse.Namespace) -> int:
     from host.machine import Machine, Nic
     from images.linux import build_linux
 
+    for n in args.nic:
+        # QEMU is the vhost-user client here: the device must already listen on the path.
+        if n != "user" and not os.path.exists(n):
+            print(
+                f"vdev images boot: --nic {n}: no such socket (start `vdev serve --socket {n}` "
+                "first, or use --nic user)",
+                file=sys.stderr,
+            )
+            return 2
     nics = [Nic.user() if n == "user" else Nic.vhost_user(n) for n in args.nic]
     kargs = args.kernel_args + (" vdev.halt=1" if args.halt else "")
     try:

@@ -1,9 +1,10 @@
 """``vdev run``: start the device and a guest together.
 
-With ``--script`` the file's lines run as guest shell commands (output printed, exit status
-from the commands); with ``--scenario`` a fault scenario plays against the running guest
-while it pings the responder in the background; with neither, the terminal is attached to
-the guest console until the guest powers off or the user types Ctrl-].
+With ``--script`` the file runs as one shell script in the guest (``host.run_script``: output
+streamed, the exit status is the script's, ``--errexit`` stops at the first failure, ``host``
+and ``fault`` lines act on the device); with ``--scenario`` a fault scenario plays against the
+running guest while it pings the responder in the background; with neither, the terminal is
+attached to the guest console until the guest powers off or the user types Ctrl-].
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from host.cli_args import add_control_option, input_file, mtu, output_path, queue_pairs, seconds
 
 GUEST_MAC = "52:54:00:12:34:56"
 
@@ -29,38 +32,73 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--image", choices=("linux", "bare"), default="linux", help="guest to boot")
-    p.add_argument("--scenario", metavar="FILE", help="TOML fault scenario to play")
-    p.add_argument("--script", metavar="FILE", help="guest commands, one per line")
-    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of the NIC")
-    p.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs (Linux)")
-    p.add_argument("--mtu", type=int, default=None, help="MTU offered to the guest (host_mtu)")
+    p.add_argument(
+        "--scenario", metavar="FILE", type=input_file, help="TOML fault scenario to play"
+    )
+    p.add_argument(
+        "--script",
+        metavar="FILE",
+        type=input_file,
+        help="Linux: FILE runs as one shell script in the guest (its exit status is vdev run's; "
+        "`host ...`/`fault ...` lines act on the device); bare: driver console commands",
+    )
+    p.add_argument(
+        "--errexit",
+        action="store_true",
+        help="with --script (Linux): stop at the first failing command (set -e)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=seconds(positive=True),
+        default=600.0,
+        metavar="S",
+        help="with --script (Linux): give up after S seconds (default 600)",
+    )
+    p.add_argument(
+        "--pcap", metavar="FILE", type=output_path, help="write a pcapng capture of the NIC"
+    )
+    p.add_argument(
+        "--queues", type=queue_pairs, default=1, metavar="N", help="queue pairs 1-8 (Linux)"
+    )
+    p.add_argument(
+        "--mtu", type=mtu, default=None, help="MTU offered to the guest (host_mtu), 68-65535"
+    )
     p.add_argument("--kernel-args", default="", help="extra Linux kernel command line")
-    p.add_argument("--control", metavar="PATH", help="also serve the fault control socket here")
-    p.add_argument("--json", action="store_true", help="scenario report as JSON")
+    add_control_option(p, help="also serve the fault control socket here")
+    p.add_argument(
+        "--log", metavar="FILE", type=output_path, help="keep the guest console log here"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="scenario report as JSON (stdout is pure JSON)"
+    )
     p.set_defaults(func=run)
 
 
-def _read_script(path: str) -> list[str]:
+def _read_script(path: str) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SystemExit(f"vdev run: --script {path}: {exc.strerror or exc}") from None
-    return [
-        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
-    ]
+    except UnicodeDecodeError as exc:
+        raise SystemExit(
+            f"vdev run: --script {path}: not UTF-8 text (byte offset {exc.start})"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
     if args.image == "bare":
+        if getattr(args, "errexit", False):
+            print("vdev run: --errexit: only for Linux scripts (--image linux)", file=sys.stderr)
+            return 2
         # The bare-metal driver has its own console protocol; the sandbox speaks it.
         from host import cli_sandbox
 
         return int(cli_sandbox.run_from_run(args))
+    if getattr(args, "errexit", False) and not args.script:
+        print("vdev run: --errexit: needs --script FILE", file=sys.stderr)
+        return 2
     if args.script and args.scenario:
         print("vdev run: use --script or --scenario, not both", file=sys.stderr)
-        return 2
-    if not 1 <= args.queues <= 8:
-        print(f"vdev run: --queues {args.queues}: must be 1 to 8", file=sys.stderr)
         return 2
     script = _read_script(args.script) if args.script else None
     if args.scenario:
@@ -86,55 +124,81 @@ def run(args: argparse.Namespace) -> int:
     image = build_linux(progress=lambda msg: print(f"vdev run: {msg}", file=sys.stderr))
     with tempfile.TemporaryDirectory(prefix="vdev-run-") as tmp:
         sock = Path(tmp) / "nic0.sock"
-        with Device(pcap=args.pcap) as device:
+        try:
+            device = Device(pcap=args.pcap)
+        except OSError as exc:
+            print(f"vdev run: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        with device:
             device.add_nic(str(sock), mac=GUEST_MAC, queue_pairs=args.queues, mtu=args.mtu or 1500)
             control = None
             if args.control:
                 from vdev.faults.control import ControlServer
 
-                control = ControlServer(device, args.control)
+                try:  # refuses a socket another live process listens on (vdev.socketpath)
+                    control = ControlServer(device, args.control)
+                except OSError as exc:
+                    print(f"vdev run: --control {args.control}: {exc.strerror or exc}",
+                          file=sys.stderr)  # fmt: skip
+                    return 1
             device.start()
             machine = Machine.linux(
                 image,
-                nics=[Nic.vhost_user(sock, mac=GUEST_MAC, queues=args.queues, mtu=args.mtu)],
+                # reconnect=1: after a backend crash (or a device restart) QEMU connects
+                # again and replays the vhost-user setup (scenarios/backend-crash.toml).
+                nics=[
+                    Nic.vhost_user(
+                        sock, mac=GUEST_MAC, queues=args.queues, mtu=args.mtu, reconnect=True
+                    )
+                ],
                 kernel_args=f"vdev.ip=10.0.2.15/24 vdev.gw=10.0.2.2 {args.kernel_args}".strip(),
                 cpus=min(args.queues, 2),
+                console_log=Path(args.log) if args.log else None,
             )
             try:
                 with machine:
                     print(f"vdev run: guest ready in {machine.boot_seconds:.1f} s", file=sys.stderr)
                     if script is not None:
-                        return _run_script(machine, script)
+                        return _run_script(machine, device, script, args)
                     if args.scenario:
                         return _play(machine, device, args.scenario, args.json)
                     return _interact(machine)
             except MachineError as exc:
-                print(f"vdev run: {exc}", file=sys.stderr)
+                if not args.log:  # the default log lives in a temp dir removed on exit
+                    exc.log_path = None
+                hint = "" if args.log else "\n(run with --log FILE to keep the console log)"
+                print(f"vdev run: {exc}{hint}", file=sys.stderr)
                 return 1
             finally:
                 if control is not None:
                     control.close()
 
 
-def _run_script(machine: Any, lines: list[str]) -> int:
-    status = 0
-    for line in lines:
-        print(f"$ {line}", flush=True)
-        out, rc = machine.run(line, timeout=300)
-        if out:
-            print(out.rstrip("\n"), flush=True)
-        if rc != 0:
-            print(f"[exit {rc}]", flush=True)
-            status = rc
-    return status
+def _run_script(machine: Any, device: Any, text: str, args: argparse.Namespace) -> int:
+    """The whole file as one guest shell script (host/run_script.py); its status is ours."""
+    from host.run_script import run_guest_script
+    from host.script_peer import ScriptPeer
+
+    peer = ScriptPeer(device, bytes.fromhex(GUEST_MAC.replace(":", "")))
+    try:
+        return run_guest_script(
+            machine,
+            text,
+            peer=peer,
+            errexit=bool(getattr(args, "errexit", False)),
+            timeout=float(getattr(args, "timeout", 600.0)),
+            out=sys.stdout,
+        )
+    finally:
+        peer.close()
 
 
 def _play(machine: Any, device: Any, path: str, as_json: bool) -> int:
-    from vdev.faults.scenario import play_and_print
+    from host.scenario_guest import LinuxGuest, play_cli
 
-    # Background traffic so data-plane rules have something to act on.
-    machine.run("ping -i 0.2 10.0.2.2 > /dev/null 2>&1 &", timeout=10)
-    return int(play_and_print(path, device, machine.console, machine.qmp, as_json=as_json))
+    # The traffic is the scenario's own [traffic] section, played by the same code as in
+    # the tests (host.scenario_guest), so the verdict does not depend on who plays it.
+    return play_cli(path, device, LinuxGuest(machine), prog="vdev run", as_json=as_json)
 
 
 def _interact(machine: Any) -> int:

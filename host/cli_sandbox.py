@@ -5,18 +5,20 @@ A sandbox is one process holding both ends of a virtio-net link:
 * the vdev device (``vdev.net.device.Device``) with one NIC on a vhost-user socket, its
   loop in a background thread, plus a fault control socket (``vdev.faults.control``) that
   also answers ``introspect``;
-* QEMU (``host.machine.Machine``, TCG) booting the freestanding driver ELF
-  (``guest/build/vdev-bare.elf``) with ``-kernel``, its serial console on a Unix socket.
+* QEMU (``host.machine.Machine``; KVM where it boots this ELF, else TCG) booting the
+  freestanding driver ELF (``guest/build/vdev-bare.elf``) with ``-kernel``, its serial
+  console on a Unix socket.
 
 ``vdev inspect`` asks a running sandbox's control socket for ``introspect``: the device reads
 the driver's rings and counters out of guest RAM through its vhost-user memory map (see
-``host.inspect_guest``) and replies with JSON. ``vdev ctl --socket CTL`` works on the same
+``host.inspect_guest``) and replies with JSON. ``vdev ctl --control CTL`` works on the same
 socket (fault rules at run time).
 
-Exit status of ``vdev sandbox``: the driver's ``quit CODE`` makes QEMU exit with
-``(CODE << 1) | 1`` (isa-debug-exit), which is turned back into CODE. A script without
-``quit`` exits 0, or 1 when any command answered ``ERR``. 2: bad usage or no QEMU; 3: the
-guest did not come up or QEMU died.
+Exit status of ``vdev sandbox`` (``host.sandbox_script``, docs/sandbox.md): 0 ok, 1 a script
+line answered ``ERR``, 2 usage, 3 the guest did not come up or QEMU died, 4 the device failed
+under the guest (``host.device_watch``), 5 the scenario's verdict failed; the driver's
+``quit CODE`` makes QEMU exit with ``(CODE << 1) | 1`` (isa-debug-exit), turned back into CODE.
+Script lines may also act on the device (``host ...``, ``fault ...``: ``host.script_peer``).
 """
 
 from __future__ import annotations
@@ -31,16 +33,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
 from host.bare_console import PROMPT, Reply, parse_reply
+from host.cli_args import add_control_option, input_file, mtu, output_path, seconds
 from host.console import bridge_terminal
+from host.sandbox_script import ScriptResult
 
 if TYPE_CHECKING:
+    from host.device_watch import DeviceWatch
     from host.machine import Machine
+    from host.script_peer import ScriptPeer
     from vdev.faults.control import ControlServer
     from vdev.net.device import Device
     from vdev.skywalk import Channel
@@ -72,13 +77,6 @@ def default_ctl_path() -> Path:
     return base / f"vdev-sandbox-{os.getuid()}.sock"
 
 
-@dataclass
-class ScriptResult:
-    replies: list[Reply] = field(default_factory=list)
-    errors: int = 0
-    quit_code: int | None = None
-
-
 class Sandbox:
     """Device + bare-driver guest; a context manager that always stops QEMU and the device.
 
@@ -100,9 +98,17 @@ class Sandbox:
         memory_mb: int = 64,
         ready_timeout: float = 30.0,
         console_log: Path | None = None,
+        mtu: int | None = None,
     ) -> None:
         if machine not in MACHINES:
             raise SandboxError(f"--machine {machine}: one of {', '.join(MACHINES)}")
+        from host.sandbox_options import DriverOptions, OptionError
+
+        try:
+            self.options = DriverOptions.parse(append)
+            self._device_props = self.options.device_props(machine)
+        except OptionError as exc:
+            raise SandboxError(str(exc)) from None
         self.elf = elf
         self.machine_type = machine
         self.append = append
@@ -112,6 +118,7 @@ class Sandbox:
         self.memory_mb = memory_mb
         self.ready_timeout = ready_timeout
         self.console_log = console_log
+        self.mtu = mtu
         self.device: Device | None = None
         self.machine: Machine | None = None
         self.control: ControlServer | None = None
@@ -120,9 +127,12 @@ class Sandbox:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._syms: Any = None
         self._cmd_lock = threading.Lock()
+        self._held = False  # a background command (`CMD &`) holds the console
+        self.watch: DeviceWatch | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Sandbox:
+        from host.device_watch import DeviceWatch
         from host.inspect_guest import DriverSymbols
         from host.machine import Machine, Nic
         from vdev.faults.control import ControlServer
@@ -131,30 +141,48 @@ class Sandbox:
         if self.elf is None:
             from images.bare import build_bare
 
-            self.elf = build_bare()
-        self._syms = DriverSymbols.from_elf(self.elf)
+            try:
+                self.elf = build_bare()
+            except Exception as exc:  # ToolError (no gcc), a compile error, ...
+                raise SandboxError(f"building the guest driver failed: {exc}") from None
+        try:
+            self._syms = DriverSymbols.from_elf(self.elf)
+        except Exception as exc:  # not an ELF, or not the vdev driver's (no symbols)
+            raise SandboxError(f"--elf {self.elf}: not a vdev driver ELF ({exc})") from None
         self._tmp = tempfile.TemporaryDirectory(prefix="vdev-sandbox-")
         sock = Path(self._tmp.name) / "vhost.sock"
         t0 = time.monotonic()
         try:
             self.device = Device(pcap=self.pcap)
-            self.device.add_nic(str(sock), mac=self.mac)
+            self.device.add_nic(
+                str(sock),
+                mac=self.mac,
+                mtu=self.mtu or 1500,
+                queue_pairs=self.options.queue_pairs,
+            )
             self.device.start()
+            self.watch = DeviceWatch(self.device, self._qemu_alive)
             ctl = self.ctl_path or Path(self._tmp.name) / "ctl.sock"
-            if _socket_alive(ctl):
-                raise SandboxError(
-                    f"{ctl}: another sandbox (or device) answers there; pass --ctl PATH"
-                )
-            self.control = ControlServer(self.device, str(ctl))
+            try:  # refuses a live listener (vdev.socketpath), like every vdev socket
+                self.control = ControlServer(self.device, str(ctl))
+            except OSError as exc:
+                raise SandboxError(f"--control {ctl}: {exc.strerror or exc}") from None
             self.ctl_path = ctl
             self.control.add_command("introspect", set(), self._introspect_request)
             self.machine = Machine(
                 self.elf,
                 append=self.append,
-                nics=[Nic.vhost_user(sock, mac=self.mac)],
+                nics=[
+                    Nic.vhost_user(
+                        sock,
+                        mac=self.mac,
+                        mtu=self.mtu,
+                        queues=self.options.queue_pairs,
+                        device_props=self._device_props,
+                    )
+                ],
                 machine=self.machine_type,
                 memory_mb=self.memory_mb,
-                accel="tcg",
                 ready_pattern=re.escape(PROMPT),
                 ready_timeout=self.ready_timeout,
                 console_log=self.console_log,
@@ -165,11 +193,29 @@ class Sandbox:
                 self.machine.launch()
             except Exception as exc:
                 raise SandboxError(self._launch_failure(exc)) from exc
-            self.start_to_prompt = time.monotonic() - t0
+            # A one-time KVM probe is not part of the boot.
+            self.start_to_prompt = time.monotonic() - t0 - self.machine.accel_seconds
         except BaseException:
             self.close()
             raise
         return self
+
+    def _qemu_alive(self) -> bool:
+        m = self.machine
+        return m is not None and m.is_running()
+
+    def msix_note(self) -> str | None:
+        """Why ``msix=1`` will not give MSI-X here, if it will not: QEMU 7.2 crashes at
+        DRIVER_OK with MSI-X vectors on a vhost-user NIC under TCG, so ``host.machine`` gives
+        the NIC none there (``vectors=0``) and the driver falls back to INTx."""
+        m = self.machine
+        if not self.options.msix or m is None or m.accel == "kvm":
+            return None
+        return (
+            f"--append msix=1: this guest runs under {m.accel} ({m.accel_reason}); a "
+            "vhost-user NIC gets MSI-X vectors only under KVM (QEMU 7.2 crashes with them "
+            "under TCG), so the driver uses INTx"
+        )
 
     def _launch_failure(self, exc: Exception) -> str:
         text = str(exc)
@@ -203,6 +249,9 @@ class Sandbox:
             with contextlib.suppress(Exception):
                 self.control.close()
             self.control = None
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.device is not None:
             self.device.close()
             self.device = None
@@ -238,12 +287,32 @@ class Sandbox:
 
     def cmd(self, line: str, timeout: float = 30.0, check: bool = True) -> Reply:
         """One console command; raises SandboxError on ``ERR`` when ``check``."""
+        if self._held:
+            raise SandboxError(f"{line!r}: the console is busy with a background command")
         with self._cmd_lock:
             self.send_line(line)
             reply = self.wait_reply(timeout)
         if check and not reply.ok:
             raise SandboxError(f"{line!r} failed: {reply.status_line}\n" + "\n".join(reply.lines))
         return reply
+
+    def begin(self, line: str) -> None:
+        """Start a command and keep the console (others' ``cmd`` wait) until ``finish``."""
+        self._cmd_lock.acquire()
+        try:
+            self.send_line(line)
+        except BaseException:
+            self._cmd_lock.release()
+            raise
+        self._held = True
+
+    def finish(self, timeout: float = 30.0) -> Reply:
+        """The reply of the command ``begin`` started; gives the console back."""
+        try:
+            return self.wait_reply(timeout)
+        finally:
+            self._held = False
+            self._cmd_lock.release()
 
     def stats(self) -> dict[str, int]:
         """The driver's own ``stats`` command as integers."""
@@ -292,33 +361,27 @@ class Sandbox:
         return snap
 
     # ------------------------------------------------------------------ script
-    def run_script(self, lines: Iterable[str], out: TextIO, timeout: float = 60.0) -> ScriptResult:
-        """Send each command (blank lines and ``#`` comments skipped), print the replies.
+    def run_script(
+        self,
+        lines: Iterable[str],
+        out: TextIO,
+        timeout: float = 60.0,
+        peer: ScriptPeer | None = None,
+    ) -> ScriptResult:
+        """Run script lines (``host.sandbox_script``: guest commands, ``host``/``fault``
+        lines through ``peer``, ``&``/``wait``, ``quit CODE``), printing the transcript.
 
-        ``quit CODE`` ends the script: QEMU's exit status is decoded into ``quit_code``.
-        """
-        res = ScriptResult()
-        for raw in lines:
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            print(f"{PROMPT}{line}", file=out, flush=True)
-            if line.split()[0] == "quit":
-                try:
-                    code = int(line.split()[1], 0) if len(line.split()) > 1 else 0
-                except ValueError:
-                    code = 0
-                res.quit_code = self.quit(code)
-                print(f"(QEMU exited with status {self.exit_status})", file=out, flush=True)
-                return res
-            reply = self.cmd(line, timeout=timeout, check=False)
-            res.replies.append(reply)
-            for info in reply.lines:
-                print(info, file=out)
-            print(reply.status_line, file=out, flush=True)
-            if not reply.ok:
-                res.errors += 1
-        return res
+        The device is checked after every line; a failure stops the script
+        (``ScriptResult.failure``)."""
+        from host.sandbox_script import ScriptRunner
+
+        return ScriptRunner(self, out, timeout=timeout, peer=peer, watch=self.watch).run(lines)
+
+    def script_peer(self) -> ScriptPeer:
+        """The device side of a script (host channel + faults) for ``host``/``fault`` lines."""
+        from host.script_peer import ScriptPeer
+
+        return ScriptPeer(self._device(), bytes.fromhex(self.mac.replace(":", "")))
 
     # ------------------------------------------------------------------ interactive
     def interact(self, stdin: int = 0, stdout: int = 1) -> int | None:
@@ -327,7 +390,14 @@ class Sandbox:
         Returns the guest's quit code when QEMU exited, else None.
         """
         m = self._machine()
-        if not bridge_terminal(m.console, m.is_running, stdin, stdout, PROMPT.encode()):
+        watch = self.watch
+
+        def running() -> bool:  # the bridge ends when QEMU exits or the device fails
+            return m.is_running() and (watch is None or watch.check() is None)
+
+        if not bridge_terminal(m.console, running, stdin, stdout, PROMPT.encode()):
+            return None
+        if watch is not None and watch.failure is not None:
             return None
         with contextlib.suppress(Exception):
             status = m.wait(5.0)
@@ -341,21 +411,6 @@ def guest_code(status: int | None) -> int:
     if status is None or status < 0 or status & 1 == 0:
         return -1
     return status >> 1
-
-
-def _socket_alive(path: Path) -> bool:
-    """Whether something accepts connections on the Unix socket ``path``."""
-    import socket
-
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 def _first_error_line(text: str) -> str:
@@ -381,7 +436,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Build the bare driver if needed, start the vdev device (in this process) and "
             "QEMU booting the driver, then give an interactive console (Ctrl-] leaves) or "
-            "run a script. A control socket (--ctl) serves `vdev inspect` (the driver's "
+            "run a script. A control socket (--control) serves `vdev inspect` (the driver's "
             "rings and counters, read from guest RAM) and `vdev ctl` (fault rules)."
         ),
     )
@@ -389,21 +444,38 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--script",
         metavar="FILE",
+        type=input_file,
         help="console commands, one per line (# comments); '-' reads stdin",
     )
-    p.add_argument("--scenario", metavar="FILE", help="play a fault scenario (TOML) during the run")
-    p.add_argument("--append", default="", metavar="ARGS", help="driver command line (-append)")
-    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of the device's traffic")
     p.add_argument(
-        "--ctl",
-        metavar="PATH",
+        "--scenario",
+        metavar="FILE",
+        type=input_file,
+        help="play a fault scenario (TOML) during the run",
+    )
+    p.add_argument("--append", default="", metavar="ARGS", help="driver command line (-append)")
+    p.add_argument(
+        "--pcap",
+        metavar="FILE",
+        type=output_path,
+        help="write a pcapng capture of the device's traffic",
+    )
+    p.add_argument("--mtu", type=mtu, default=None, help="MTU the device offers, 68-65535")
+    add_control_option(
+        p,
+        aliases=("--ctl",),
         help=f"control socket for vdev inspect / vdev ctl (default ${CTL_ENV} or "
         f"{default_ctl_path()})",
     )
-    p.add_argument("--elf", metavar="FILE", help="driver ELF (default: build guest/driver)")
-    p.add_argument("--log", metavar="FILE", help="keep the console log here")
     p.add_argument(
-        "--timeout", type=float, default=60.0, help="per-command reply timeout in --script"
+        "--elf", metavar="FILE", type=input_file, help="driver ELF (default: build guest/driver)"
+    )
+    p.add_argument("--log", metavar="FILE", type=output_path, help="keep the console log here")
+    p.add_argument(
+        "--timeout",
+        type=seconds(positive=True),
+        default=60.0,
+        help="per-command reply timeout in --script",
     )
     p.set_defaults(func=run_sandbox)
 
@@ -416,17 +488,22 @@ def register(subparsers: Any) -> None:
             "of guest RAM through the device's vhost-user memory map."
         ),
     )
-    i.add_argument(
-        "-s",
-        "--socket",
+    add_control_option(
+        i,
+        short=True,
+        aliases=("--socket",),
+        create=False,
         metavar="CTL",
         help=f"the sandbox's control socket (default ${CTL_ENV} or {default_ctl_path()})",
     )
     i.add_argument("--json", action="store_true", help="print the raw JSON snapshot")
     i.add_argument(
-        "--watch", type=float, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C"
+        "--watch",
+        type=seconds(positive=True),
+        metavar="SECONDS",
+        help="repeat every SECONDS until Ctrl-C",
     )
-    i.add_argument("--timeout", type=float, default=5.0, help="reply timeout")
+    i.add_argument("--timeout", type=seconds(positive=True), default=5.0, help="reply timeout")
     i.set_defaults(func=run_inspect)
 
 
@@ -437,8 +514,9 @@ def run_sandbox(args: argparse.Namespace) -> int:
         scenario=args.scenario,
         append=args.append,
         pcap=args.pcap,
-        ctl=args.ctl,
+        ctl=args.control,
         elf=args.elf,
+        mtu=args.mtu,
         log=args.log,
         timeout=args.timeout,
     )
@@ -454,6 +532,8 @@ def run_from_run(args: argparse.Namespace) -> int:
         pcap=getattr(args, "pcap", None),
         ctl=getattr(args, "control", None),
         as_json=bool(getattr(args, "json", False)),
+        mtu=getattr(args, "mtu", None),
+        log=getattr(args, "log", None),
     )
 
 
@@ -469,97 +549,215 @@ def sandbox_main(
     log: str | None = None,
     timeout: float = 60.0,
     as_json: bool = False,
+    mtu: int | None = None,
 ) -> int:
-    """Start a sandbox, run the script (or the interactive console), return the status."""
+    """Start a sandbox, run the script (or the interactive console), return the status
+    (``host.sandbox_script``: 0 ok, 1 ERR, 2 usage, 3 guest lost, 4 device failure,
+    5 scenario failed, 130 interrupted, or the script's ``quit CODE``)."""
     from host.accel import qemu_binary
+    from host.sandbox_script import EXIT_GUEST, EXIT_USAGE
 
     if qemu_binary() is None:
         print("vdev sandbox: qemu-system-x86_64 not found (apt-get install qemu-system-x86)",
               file=sys.stderr)  # fmt: skip
-        return 2
+        return EXIT_USAGE
     lines: list[str] | None = None
     if script is not None:
         try:
-            text = sys.stdin.read() if script == "-" else Path(script).read_text()
+            text = sys.stdin.read() if script == "-" else Path(script).read_text("utf-8")
         except OSError as exc:
-            print(f"vdev sandbox: --script: {exc}", file=sys.stderr)
-            return 2
+            print(f"vdev sandbox: --script {script}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except UnicodeDecodeError as exc:
+            print(
+                f"vdev sandbox: --script {script}: not UTF-8 text (byte offset {exc.start})",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         lines = text.splitlines()
     if scenario is not None:
         from vdev.faults.scenario import ScenarioError, load_scenario
 
         try:
-            load_scenario(scenario)
-        except (ScenarioError, OSError) as exc:
-            print(f"vdev sandbox: --scenario: {exc}", file=sys.stderr)
-            return 2
-    sb = Sandbox(
-        elf=Path(elf) if elf else None,
-        machine=machine,
-        append=append,
-        pcap=pcap,
-        ctl=Path(ctl) if ctl else default_ctl_path(),
-        console_log=Path(log) if log else None,
-    )
+            sc = load_scenario(scenario)
+        except ScenarioError as exc:
+            print(f"vdev sandbox: --scenario {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        from host.scenario_guest import bare_unsupported
+
+        for flow in sc.traffic:
+            why = bare_unsupported(flow)
+            if why is not None:
+                print(f"vdev sandbox: --scenario {scenario}: traffic {flow.index}: {why}",
+                      file=sys.stderr)  # fmt: skip
+                return EXIT_USAGE
+    try:
+        sb = Sandbox(
+            elf=Path(elf) if elf else None,
+            machine=machine,
+            append=append,
+            pcap=pcap,
+            ctl=Path(ctl) if ctl else default_ctl_path(),
+            console_log=Path(log) if log else None,
+            mtu=mtu,
+        )
+    except SandboxError as exc:  # a bad --machine / --append value
+        print(f"vdev sandbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         sb.start()
     except SandboxError as exc:
         print(f"vdev sandbox: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_GUEST
     try:
-        assert sb.machine is not None and sb.device is not None
-        info = ""
-        with contextlib.suppress(Exception):
-            info = f" (driver kmain-to-prompt {sb.introspect()['info']['boot_ms']} ms)"
-        print(
-            f"vdev sandbox: {machine} guest ready in {sb.start_to_prompt * 1000:.0f} ms"
-            f"{info}; inspect: vdev inspect --socket {sb.ctl_path}",
-            file=sys.stderr,
-            flush=True,
+        return _session(
+            sb, machine, lines, scenario, timeout, as_json, rules=len(sc.rules) if scenario else 0
         )
-        scen: threading.Thread | None = None
-        scen_status: list[int] = []
-        if scenario is not None:
-            from vdev.faults.scenario import play_and_print
-
-            device, qmp, path = sb.device, sb.machine.qmp, scenario
-
-            def play() -> None:
-                scen_status.append(play_and_print(path, device, None, qmp, as_json=as_json))
-
-            scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
-            scen.start()
-        if lines is not None:
-            res = sb.run_script(lines, sys.stdout, timeout=timeout)
-            code = res.quit_code if res.quit_code is not None else (1 if res.errors else 0)
-            if res.quit_code is not None and res.quit_code < 0:
-                code = 3
-        else:
-            quit_code = sb.interact()
-            code = 0 if quit_code is None else (3 if quit_code < 0 else quit_code)
-        if scen is not None:
-            print("vdev sandbox: waiting for the scenario to finish", file=sys.stderr)
-            scen.join(timeout=600)
-            if scen_status and scen_status[0] and code == 0:
-                code = scen_status[0]
-        return code
     except Exception as exc:  # MachineError, GuestTimeout, SandboxError...
         print(f"vdev sandbox: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_GUEST
     finally:
         sb.close()
 
 
+def _session(
+    sb: Sandbox,
+    machine: str,
+    lines: list[str] | None,
+    scenario: str | None,
+    timeout: float,
+    as_json: bool,
+    rules: int = 0,
+) -> int:
+    """The part of ``sandbox_main`` that runs with a started sandbox. ``rules``: how many
+    rules the scenario installs at t=0 (the script starts once they are in place)."""
+    import io
+
+    from host.sandbox_script import EXIT_DEVICE, exit_status
+
+    assert sb.machine is not None and sb.device is not None and sb.watch is not None
+    info = ""
+    with contextlib.suppress(Exception):
+        info = f" (driver kmain-to-prompt {sb.introspect()['info']['boot_ms']} ms)"
+    print(
+        f"vdev sandbox: {machine} guest ready in {sb.start_to_prompt * 1000:.0f} ms"
+        f"{info}; inspect: vdev inspect --control {sb.ctl_path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    note = sb.msix_note()
+    if note is not None:
+        print(f"vdev sandbox: {note}", file=sys.stderr)
+    failure = sb.watch.check()  # e.g. a ring refused at DRIVER_OK, during boot
+    if failure is not None:
+        print(f"vdev sandbox: device failure: {failure}", file=sys.stderr)
+        return EXIT_DEVICE
+    scen: threading.Thread | None = None
+    scen_status: list[int] = []
+    stop = threading.Event()
+    report = io.StringIO()  # printed after the transcript, never inside it
+    if scenario is not None:
+        from host.scenario_guest import BareGuest, play_cli
+
+        # The scenario's [traffic] and liveness probe drive the driver's console
+        # (host.scenario_guest.BareGuest), interleaved with the script's commands.
+        device, path, guest = sb.device, scenario, BareGuest(sb)
+
+        def play() -> None:
+            scen_status.append(
+                play_cli(
+                    path,
+                    device,
+                    guest,
+                    prog="vdev sandbox",
+                    as_json=as_json,
+                    stop=stop,
+                    out=report if lines is not None else None,
+                )
+            )
+
+        scen = threading.Thread(target=play, name="vdev-scenario", daemon=True)
+        scen.start()
+        if lines is not None:
+            _wait_for_rules(sb, rules, scen)
+    res = ScriptResult()
+    if lines is not None:
+        peer = sb.script_peer()
+        try:
+            res = sb.run_script(lines, sys.stdout, timeout=timeout, peer=peer)
+        finally:
+            peer.close()
+    elif scen is not None:
+        # The scenario drives the console (traffic, probe): no terminal bridge.
+        print(
+            "vdev sandbox: playing the scenario (use --script FILE to run console commands "
+            "alongside it)",
+            file=sys.stderr,
+        )
+    else:
+        quit_code = sb.interact()
+        failure = sb.watch.check()
+        if failure is not None:
+            res.failure = failure
+            print(f"\nvdev sandbox: device failure: {failure}", file=sys.stderr)
+        elif quit_code is not None:
+            res.quit_code = quit_code
+    if scen is not None:
+        if scen.is_alive():
+            print("vdev sandbox: waiting for the scenario to finish", file=sys.stderr)
+        try:
+            deadline = time.monotonic() + 900
+            while scen.is_alive() and time.monotonic() < deadline:
+                scen.join(timeout=0.2)
+        except KeyboardInterrupt:
+            stop.set()  # the scenario prints its partial report
+            print("vdev sandbox: interrupted: finishing the report", file=sys.stderr)
+            scen.join(timeout=120)
+            sys.stdout.write(report.getvalue())
+            return 130
+        sys.stdout.write(report.getvalue())
+        sys.stdout.flush()
+    return exit_status(res, scen_status[0] if scen_status else 0)
+
+
+def _wait_for_rules(sb: Sandbox, count: int, scen: threading.Thread, limit: float = 10.0) -> None:
+    """Hold the script until the scenario's t=0 rules are installed, so its first command
+    meets the faults it was written against (the scenario thread starts concurrently)."""
+    from vdev.faults import FaultEngine
+
+    if count <= 0 or sb.device is None:
+        return
+    engine = FaultEngine.for_device(sb.device)
+    deadline = time.monotonic() + limit
+    while len(engine.rules()) < count and scen.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
+    try:
+        return _inspect(args)
+    except BrokenPipeError:
+        # `vdev inspect --watch 1 | head`: the reader has seen enough; stop quietly.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
     from host.inspect_guest import format_snapshot
     from vdev.faults.control import request
 
-    path = args.socket or str(default_ctl_path())
+    path = args.control or str(default_ctl_path())
     while True:
         try:
             reply = request(path, {"cmd": "introspect"}, timeout=args.timeout)
-        except (OSError, ConnectionError, ValueError) as exc:
-            print(f"vdev inspect: {path}: {exc} (is `vdev sandbox` running?)", file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(
+                f"vdev inspect: --control {path}: {why or type(exc).__name__} "
+                "(is `vdev sandbox` running?)",
+                file=sys.stderr,
+            )
             return 2
         if not reply.get("ok"):
             print(f"vdev inspect: {reply.get('error')}", file=sys.stderr)

@@ -10,6 +10,8 @@ import sys
 import threading
 from typing import Any
 
+from host.cli_args import add_control_option, mtu, output_path, queue_pairs
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -35,9 +37,15 @@ def register(subparsers: Any) -> None:
         metavar="MAC",
         help="MAC address of the NIC at the same position as --socket (default 52:54:00:12:34:5N)",
     )
-    p.add_argument("--queues", type=int, default=1, metavar="N", help="queue pairs per NIC, 1-8")
-    p.add_argument("--mtu", type=int, default=1500, help="MTU offered to the driver (default 1500)")
-    p.add_argument("--pcap", metavar="FILE", help="write a pcapng capture of every NIC")
+    p.add_argument(
+        "--queues", type=queue_pairs, default=1, metavar="N", help="queue pairs per NIC, 1-8"
+    )
+    p.add_argument(
+        "--mtu", type=mtu, default=1500, help="MTU offered to the driver, 68-65535 (default 1500)"
+    )
+    p.add_argument(
+        "--pcap", metavar="FILE", type=output_path, help="write a pcapng capture of every NIC"
+    )
     p.add_argument(
         "--client",
         action="store_true",
@@ -46,16 +54,27 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--responder-ip", default="10.0.2.2", help="IPv4 address of the built-in responder"
     )
-    p.add_argument(
-        "--control",
-        metavar="PATH",
+    # Sockets are checked when they are created (exit 1, like --socket): vdev.socketpath
+    # names a missing directory and refuses a path another live process listens on.
+    add_control_option(
+        p,
+        create=False,
         help="serve the JSON fault-control socket here (mode 0600; see `vdev ctl`)",
     )
-    p.add_argument("--fault-log", metavar="FILE", help="append injected-fault events as JSON lines")
+    p.add_argument(
+        "--fault-log",
+        metavar="FILE",
+        type=output_path,
+        help="append injected-fault events as JSON lines",
+    )
     p.add_argument(
         "--fault-seed", type=int, default=42, help="seed of the fault engine (default 42)"
     )
-    p.add_argument("--json", action="store_true", help="print the final statistics as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final statistics as JSON (stdout is pure JSON; messages go to stderr)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.set_defaults(func=run)
 
@@ -68,12 +87,6 @@ def run(args: argparse.Namespace) -> int:
     if len(args.mac) > len(args.socket):
         print(f"vdev serve: {len(args.mac)} --mac for {len(args.socket)} --socket", file=sys.stderr)
         return 2
-    if not 1 <= args.queues <= 8:
-        print(f"vdev serve: --queues {args.queues}: must be 1 to 8", file=sys.stderr)
-        return 2
-    if not 68 <= args.mtu <= 65535:
-        print(f"vdev serve: --mtu {args.mtu}: must be 68 to 65535", file=sys.stderr)
-        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -83,8 +96,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         device = Device(pcap=args.pcap, responder_ip=args.responder_ip)
-    except (OSError, ValueError) as exc:
-        print(f"vdev serve: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"vdev serve: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"vdev serve: --responder-ip {args.responder_ip}: {exc}", file=sys.stderr)
         return 1
     try:
         for i, path in enumerate(args.socket):
@@ -96,16 +112,29 @@ def run(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise OSError(f"--socket {path}: {exc.strerror or exc}") from exc
             except ValueError as exc:
-                raise ValueError(f"--socket {path}: {exc}") from exc
+                opt = f"--mac {mac}" if mac is not None else f"--socket {path}"
+                raise ValueError(f"{opt}: {exc}") from exc
         control = None
         if args.control or args.fault_log:
             from vdev.faults import FaultEngine
             from vdev.faults.control import ControlServer
 
-            engine = FaultEngine.for_device(device, seed=args.fault_seed, log=args.fault_log)
+            try:
+                engine = FaultEngine.for_device(device, seed=args.fault_seed, log=args.fault_log)
+            except OSError as exc:
+                raise OSError(f"--fault-log {args.fault_log}: {exc.strerror or exc}") from exc
             if args.control:
-                control = ControlServer(device, args.control, engine)
-        print(f"vdev serve: {len(args.socket)} NIC(s) on {', '.join(args.socket)}", flush=True)
+                try:
+                    control = ControlServer(device, args.control, engine)
+                except OSError as exc:
+                    raise OSError(f"--control {args.control}: {exc.strerror or exc}") from exc
+        # A banner, not a result: stderr, so that stdout (with --json) is pure JSON.
+        print(
+            f"vdev serve: {len(args.socket)} NIC(s) on {', '.join(args.socket)}"
+            + (f"; control socket {args.control}" if args.control else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         device.serve_forever(stop)
         if control is not None:
             control.close()
@@ -137,7 +166,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     r = stats["responder"]
     lines.append(
         f"responder: arp={r['arp_replies']} icmp={r['icmp_replies']} udp_echo={r['udp_replies']} "
-        f"udp_sink={r['udp_sink_packets']}"
+        f"udp_sink={r['udp_sink_packets']} bad_checksum ip={r['bad_ip_checksum']} "
+        f"icmp={r['bad_icmp_checksum']} udp={r['bad_udp_checksum']}"
     )
     pool = stats["pool"]
     lines.append("pool: " + " ".join(f"{k}={v}" for k, v in pool.items()))

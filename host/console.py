@@ -91,6 +91,24 @@ class Console:
             return ""
         return tail_lines(text.replace("\r", ""), lines)
 
+    def log_offset(self) -> int:
+        """Where the console log ends now (for ``log_since``)."""
+        self._log.flush()
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        """What the console printed (and was read) since ``log_offset()`` returned ``offset``."""
+        self._log.flush()
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", errors="replace").replace("\r", "")
+        except OSError:
+            return ""
+
     def _error(self, cls: type[MachineError], message: str) -> MachineError:
         ctx = self._context()
         return cls(

@@ -48,6 +48,10 @@ class GuestTimeout(MachineError, TimeoutError):
     """The guest did not print what we waited for in time."""
 
 
+class GuestStalled(GuestTimeout):
+    """Under KVM, the console stopped moving before the guest was ready (a stuck vCPU)."""
+
+
 class GuestCrashed(MachineError):
     """A failure pattern (kernel panic, oops, ...) appeared, or QEMU exited unexpectedly."""
 

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Literal
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from host.accel import qemu_binary, select_accel
+from host import accel as accel_policy
+from host.accel import qemu_binary
 from host.console import PROMPT, Console, ErrorContext
-from host.errors import GuestCrashed, GuestTimeout, MachineError, tail_lines
+from host.errors import GuestCrashed, GuestStalled, GuestTimeout, MachineError, tail_lines
 
 if TYPE_CHECKING:
     from images.linux import LinuxImage
@@ -100,6 +101,14 @@ def _shutdown_all() -> None:
             m.shutdown()
 
 
+_ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|.)")
+
+
+def _printable(text: str) -> str:
+    """``text`` without terminal escapes and control characters (for one-line messages)."""
+    return "".join(c for c in _ANSI.sub("", text) if c.isprintable()).strip()
+
+
 def default_mac(index: int) -> str:
     return f"52:54:00:12:34:{0x56 + index:02x}"
 
@@ -122,7 +131,11 @@ class Machine:
         (``memory_path``) that host code can mmap to look at guest memory.
       machine: ``q35`` (default) or ``pc``; ``microvm`` builds virtio-mmio NICs, but the
         Debian kernel under TCG can hang in TSC calibration there (no PIT/HPET): untested.
-      accel: ``kvm``/``tcg``; default from :func:`host.accel.select_accel`.
+      accel: ``kvm``/``tcg`` forces one (no fallback). Default (None): ``$VDEV_ACCEL`` if
+        set, else KVM only where the cached or freshly probed verdict for this image says
+        it works (:func:`host.accel.choose`), with a one-time relaunch under TCG when the
+        KVM guest fails in a KVM way (see :meth:`launch`). ``accel`` and ``accel_reason``
+        say what was used and why once launched.
       ready_pattern: regex printed when the guest is usable; ``launch`` waits for it (None:
         do not wait). ``wait_prompt``: also wait for the shell prompt after it.
       console_log: where the console log is written (kept after shutdown); default
@@ -157,7 +170,9 @@ class Machine:
         self.cpus = cpus
         self.shared_memory = shared_memory
         self.machine_type = machine
+        self.requested_accel = accel
         self.accel = accel
+        self.accel_reason = ""
         self.ready_pattern = ready_pattern
         self.wait_prompt = wait_prompt
         self.ready_timeout = ready_timeout
@@ -170,14 +185,18 @@ class Machine:
         self.cmdline: list[str] = []
         self.ready_line = ""
         self.boot_seconds = 0.0
+        self.accel_seconds = 0.0  # spent choosing the accelerator (a KVM probe, if one ran)
         self._proc: subprocess.Popen[bytes] | None = None
         self._console: Console | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._console_listener: socket.socket | None = None
         self._stderr_file: Path | None = None
+        self._stderr_kept = ""  # QEMU's stderr, read before shutdown removes the temp dir
         self._shm_dir: Path | None = None
         self._qmp_ready = False
         self._t0 = 0.0
+        self._accel_choice: accel_policy.Choice | None = None
+        self._pending_verdict: accel_policy.Verdict | None = None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -328,7 +347,7 @@ class Machine:
         try:
             return tail_lines(self._stderr_file.read_text(errors="replace"), lines)
         except OSError:
-            return ""
+            return tail_lines(self._stderr_kept, lines)
 
     def launch(self, wait: bool = True) -> None:
         """Start QEMU and attach the console; by default also QMP and wait until ready.
@@ -337,33 +356,210 @@ class Machine:
         monitor and blocks until every vhost-user backend is connected, so a backend that
         must connect after QEMU starts (``Nic(server=True)``) is started next, then
         :meth:`wait_ready` is called.
+
+        The accelerator is chosen first (see ``accel`` in the class docstring). When KVM
+        was chosen automatically and the guest fails in a KVM way before it is ready (QEMU
+        reports a KVM internal/emulation error, dumps registers, hits the MSR assertion,
+        or the console stops moving for ``host.accel.KVM_STALL_S``), QEMU is stopped and
+        relaunched once under TCG, one line on stderr says so, and the verdict is cached
+        once TCG is up. Any other failure (a panic, a timeout under TCG, a bad option) is
+        raised as it is. (With ``Nic(server=True)`` the backend must reconnect to the
+        relaunched QEMU.)
         """
         if self._proc is not None:
             raise MachineError("machine already launched")
-        self._t0 = time.monotonic()
+        t_choose = time.monotonic()
         _LIVE.add(self)
         try:
-            self._spawn()
-            if wait:
-                self.wait_ready()
+            self._choose_accel()
+            self._t0 = time.monotonic()
+            self.accel_seconds = self._t0 - t_choose
+            try:
+                self._spawn()
+                if wait:
+                    self._wait_ready_once(None)
+            except MachineError as exc:
+                self._fall_back_or_raise(exc, wait, None)
         except BaseException:
             self.shutdown()
             raise
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Attach QMP, then wait for ``ready_pattern`` (and the prompt if ``wait_prompt``)."""
+        """Attach QMP, then wait for ``ready_pattern`` (and the prompt if ``wait_prompt``).
+
+        After ``launch(wait=False)``, this is where a KVM failure falls back to TCG.
+        """
+        try:
+            self._wait_ready_once(timeout)
+        except MachineError as exc:
+            self._fall_back_or_raise(exc, True, timeout)
+
+    def _wait_ready_once(self, timeout: float | None) -> None:
         limit = self.ready_timeout if timeout is None else timeout
         self._attach_qmp(limit)
         if self.ready_pattern is not None:
-            m = self.console.expect(self.ready_pattern, limit)
+            m = self._expect_boot(self.ready_pattern, limit)
             self.ready_line = m.group(0).strip()
             if self.wait_prompt:
                 self.console.expect(re.escape(PROMPT), limit)
         self.boot_seconds = time.monotonic() - self._t0
+        choice, verdict = self._accel_choice, self._pending_verdict
+        if verdict is not None and choice is not None and choice.key is not None:
+            # Only now, with TCG up, is it certain the failure was KVM's, not the guest's.
+            accel_policy.record(choice.key, verdict)
+            self._pending_verdict = None
+
+    # ------------------------------------------------------------------ accelerator
+    def _workload(self) -> accel_policy.Workload:
+        return accel_policy.Workload(self.kernel, self.initrd, self.machine_type)
+
+    def _choose_accel(self) -> None:
+        requested = self.requested_accel
+        if requested is not None:
+            if requested not in ("kvm", "tcg"):
+                raise MachineError(f"accel={requested!r}: expected 'kvm' or 'tcg'")
+            choice = accel_policy.Choice(requested, "requested by the caller", forced=True)
+        else:
+            probe = self.probe_kvm if self.ready_pattern is not None else None
+            try:
+                choice = accel_policy.choose(self._workload(), probe)
+            except accel_policy.AccelError as exc:
+                raise MachineError(str(exc)) from None
+        self._accel_choice = choice
+        self.accel = choice.accel
+        self.accel_reason = choice.reason
+
+    def probe_kvm(self) -> accel_policy.Verdict | None:
+        """Boot this Machine's image under KVM without NICs until its ready marker.
+
+        The real workload (kernel, initrd, command line, machine type, memory), because a
+        synthetic program proved nothing on hosts with a broken nested KVM. Returns a KVM
+        verdict when the marker appears, a TCG verdict for a KVM-shaped failure, and None
+        when the guest failed in its own way (say nothing about KVM).
+        """
+        bound = accel_policy.PROBE_TIMEOUT_S
+        probe = Machine(
+            self.kernel,
+            self.initrd,
+            self.append,
+            memory_mb=self.memory_mb,
+            machine=self.machine_type,
+            accel="kvm",
+            ready_pattern=self.ready_pattern,
+            ready_timeout=bound,
+            name="kvm-probe",
+        )
+        t0 = time.monotonic()
+        try:
+            probe.launch()
+        except GuestTimeout as exc:
+            # The probe's bound is the point: a KVM guest not ready in time is no use.
+            reason = probe._kvm_fault(exc) or f"not ready within {bound:g} s: {exc.message}"
+            return accel_policy.Verdict("tcg", reason)
+        except MachineError as exc:
+            fault = probe._kvm_fault(exc)
+            return None if fault is None else accel_policy.Verdict("tcg", fault)
+        finally:
+            probe.shutdown()
+        return accel_policy.Verdict(
+            "kvm", f"the guest reached its ready marker under KVM in {time.monotonic() - t0:.1f} s"
+        )
+
+    def _kvm_fault(self, exc: MachineError) -> str | None:
+        """Why ``exc`` is KVM's fault (QEMU's words, or a stuck console), or None."""
+        if self.accel != "kvm":
+            return None
+        if isinstance(exc, GuestStalled):
+            return exc.message
+        if self._proc is not None and self._proc.poll() is None and isinstance(exc, GuestCrashed):
+            self._wait_exit(2.0)  # the console closed: let QEMU finish writing stderr
+        fault = accel_policy.kvm_fault(self.stderr_tail(200))
+        return f"QEMU: {fault}" if fault is not None else None
+
+    def _fall_back_or_raise(self, exc: MachineError, wait: bool, timeout: float | None) -> None:
+        """Relaunch under TCG after a KVM-shaped failure of an auto-chosen KVM; else raise."""
+        choice = self._accel_choice
+        reason = self._kvm_fault(exc)
+        if reason is None or choice is None or not choice.fallback:
+            env = accel_policy.ACCEL_ENV
+            if reason is not None and choice is not None and choice.reason.startswith(env):
+                exc.message += (
+                    f" [KVM failed ({reason}); {choice.reason} forces KVM, so there is no TCG "
+                    f"fallback: unset {env} or set {env}=tcg]"
+                )
+                exc.args = (exc.message,)
+            raise exc
+        accel_policy.announce(accel_policy.fallback_line(reason, "runtime"))
+        self.shutdown()
+        self._reset_launch_state()
+        if self.console_log is not None:
+            with contextlib.suppress(OSError), open(self.console_log, "a") as log:
+                log.write(f"\n[vdev] KVM failed ({reason}): relaunching under TCG\n")
+        self.accel = "tcg"
+        self.accel_reason = f"fell back from KVM at run time: {reason}"
+        self._accel_choice = accel_policy.Choice("tcg", self.accel_reason, key=choice.key)
+        self._pending_verdict = accel_policy.Verdict(
+            "tcg", reason, "runtime", time.time(), self._workload().label()
+        )
+        _LIVE.add(self)
+        try:
+            self._spawn()
+            if wait:
+                self._wait_ready_once(timeout)
+        except MachineError as tcg_exc:
+            tcg_exc.message += f" (under TCG, after KVM failed: {reason})"
+            tcg_exc.args = (tcg_exc.message,)
+            raise
+
+    def _reset_launch_state(self) -> None:
+        """Forget a stopped QEMU so the same Machine can be spawned again (fallback)."""
+        self._proc = None
+        self._console = None
+        self._console_listener = None
+        self._qmp = None
+        self._qmp_ready = False
+        self._stderr_file = None
+        self._stderr_kept = ""
+        self._shm_dir = None
+        self.temp_dir = None
+        self.memory_path = None
+        self.cmdline = []
+
+    def _expect_boot(self, pattern: str, limit: float) -> re.Match[str]:
+        """Wait for the ready pattern; under KVM also watch QEMU's stderr and the console.
+
+        A KVM internal error may leave QEMU paused rather than exiting, and a stuck vCPU
+        prints nothing: both would otherwise cost the whole ready timeout.
+        """
+        console = self.console
+        if self.accel != "kvm":
+            return console.expect(pattern, limit)
+        # Not min(stall, limit): a caller's short timeout is no evidence against KVM.
+        stall = accel_policy.KVM_STALL_S
+        deadline = time.monotonic() + limit
+        seen, last_change = console.log_offset(), time.monotonic()
+        while True:
+            step = min(0.5, max(deadline - time.monotonic(), 0.01))
+            with contextlib.suppress(GuestTimeout):
+                return console.expect(pattern, step)
+            now = time.monotonic()
+            fault = accel_policy.kvm_fault(self.stderr_tail(200))
+            if fault is not None:
+                raise self._error(GuestCrashed, f"KVM failed before the guest was ready: {fault}")
+            if console.log_offset() != seen:
+                seen, last_change = console.log_offset(), now
+            elif now - last_change >= stall:
+                last = _printable(console.tail(1)) or "(nothing)"
+                raise self._error(
+                    GuestStalled,
+                    f"no console output for {stall:g} s under KVM (last line: {last!r})",
+                )
+            if now >= deadline:
+                raise self._error(
+                    GuestTimeout, f"timed out after {limit:g} s waiting for {pattern!r}"
+                )
 
     def _spawn(self) -> None:
-        if self.accel is None:
-            self.accel = select_accel()
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f"vdev-{self.name}-"))
         if self.shared_memory == "file":
             shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else self.temp_dir
@@ -563,5 +759,8 @@ class Machine:
             shutil.rmtree(self._shm_dir, ignore_errors=True)
             self._shm_dir = None
         if self.temp_dir is not None:
+            if self._stderr_file is not None:
+                with contextlib.suppress(OSError):
+                    self._stderr_kept = self._stderr_file.read_text(errors="replace")
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         # Keep _proc and temp_dir set so exitcode and error messages still work afterwards.

@@ -25,7 +25,7 @@ DRIVER_DIR = REPO_ROOT / "guest" / "driver"
 ABI_DIR = REPO_ROOT / "vdev" / "abi"
 BUILD_DIR = REPO_ROOT / "guest" / "build"
 ELF_NAME = "vdev-bare.elf"
-OBJECTS = ("boot.S", "lib.c", "transport.c", "virtq.c", "channel.c", "net.c", "main.c")
+OBJECTS = ("boot.S", "lib.c", "transport.c", "virtq.c", "channel.c", "net.c", "irq.c", "main.c")
 CFLAGS = (
     "-m32",
     "-march=i686",

@@ -22,7 +22,7 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c "import vdev, cffi, elftools, pexpect, qemu.qmp, hypothesis, pytest_timeout, ruff, mypy" 2>/dev/null \
+if ! python3 -c "import vdev, cffi, elftools, pexpect, qemu.qmp, hypothesis, pytest_timeout, xdist, ruff, mypy" 2>/dev/null \
    || [ pyproject.toml -nt .setup-stamp ] 2>/dev/null; then
     echo "setup: installing vdev and its Python dependencies (pip install -e .[dev])"
     python3 -m pip install -q --disable-pip-version-check -e ".[dev]"

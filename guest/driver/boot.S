@@ -61,6 +61,56 @@ boot_common:
 2:  hlt
     jmp 2b
 
+
+/*
+ * Interrupt entry stubs for vectors 0..63 and 255.  Each pushes a dummy
+ * error code (the CPU pushes a real one for 8, 10-14, 17, 21, 29, 30), then
+ * its vector number, and joins isr_common, which saves the general
+ * registers and calls irq_dispatch(struct irq_frame *).  irq.c fills the
+ * IDT from isr_table.
+ */
+    .section .text
+.macro ISR n
+    .align 8
+isr_\n:
+    .if (\n == 8) || ((\n >= 10) && (\n <= 14)) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    .else
+    pushl $0
+    .endif
+    pushl $\n
+    jmp isr_common
+.endm
+
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    ISR \n
+    .endr
+    .irp n, 32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63
+    ISR \n
+    .endr
+    ISR 255
+
+isr_common:
+    pushal
+    cld
+    pushl %esp                       /* struct irq_frame * */
+    call irq_dispatch
+    addl $4, %esp
+    popal
+    addl $8, %esp                    /* vector and error code */
+    iret
+
+    .section .rodata
+    .align 4
+    .globl isr_table
+isr_table:                           /* 65 entries: vectors 0..63, then 255 */
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .long isr_\n
+    .endr
+    .irp n, 32,33,34,35,36,37,38,39,40,41,42,43,44,45,46,47,48,49,50,51,52,53,54,55,56,57,58,59,60,61,62,63
+    .long isr_\n
+    .endr
+    .long isr_255
+
     .section .rodata
     .align 8
 gdt:

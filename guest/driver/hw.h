@@ -34,6 +34,16 @@ static inline void mmio_w32(uintptr_t a, uint32_t v) { *(volatile uint32_t *)a =
 static inline uint64_t rdtsc(void) { uint32_t lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((uint64_t)hi << 32) | lo; }
 static inline void cpu_relax(void) { __asm__ volatile("pause"); }
 
+/* Interrupt flag.  "sti; hlt" is one window: sti takes effect after the next
+ * instruction, so an interrupt that arrives in between wakes the hlt instead
+ * of being taken before it (the classic lost-wakeup race). */
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline void sti_hlt(void) { __asm__ volatile("sti; hlt" ::: "memory"); }
+static inline uint32_t irq_save(void) { uint32_t f; __asm__ volatile("pushfl; popl %0; cli" : "=r"(f) :: "memory"); return f; }
+static inline void irq_restore(uint32_t f) { if (f & 0x200) sti(); }
+static inline uint64_t rdmsr(uint32_t msr) { uint32_t lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); return ((uint64_t)hi << 32) | lo; }
+
 /* lib.c */
 void *memset(void *d, int c, size_t n);
 void *memcpy(void *d, const void *s, size_t n);
@@ -46,6 +56,7 @@ int hexval(char c);
 uint64_t udiv64(uint64_t n, uint32_t d, uint32_t *rem);
 
 void serial_init(void);
+void serial_rx_irq(int on);     /* COM1 "data ready" interrupt (IRQ4) on/off */
 void serial_putc(char c);
 int serial_getc(void);          /* -1 when nothing is waiting */
 void kputs(const char *s);
@@ -55,6 +66,7 @@ void timer_init(void);
 uint64_t time_deadline(uint32_t ms);
 int time_expired(uint64_t deadline);
 uint32_t time_since_ms(uint64_t tsc0);
+void pit_periodic(uint32_t hz);       /* PIT channel 0 as the tick (IRQ0), after timer_init */
 extern uint32_t tsc_per_ms;
 
 void debug_exit(uint32_t code) __attribute__((noreturn));

@@ -121,6 +121,15 @@ void serial_init(void)
     outb(COM1 + 4, 0x03);       /* DTR, RTS */
 }
 
+/* IER bit 0: interrupt when a received byte is ready.  The handler only
+ * acknowledges the PIC; the byte stays in the UART until serial_getc reads
+ * it, which also drops the interrupt line. */
+void serial_rx_irq(int on)
+{
+    outb(COM1 + 1, on ? 0x01 : 0x00);
+    outb(COM1 + 4, on ? 0x0b : 0x03);   /* OUT2 gates the UART's IRQ line on PC UARTs */
+}
+
 void serial_putc(char c)
 {
     if (c == '\n')
@@ -252,6 +261,19 @@ void timer_init(void)
             return;
         }
     }
+}
+
+/* Channel 0, mode 2 (rate generator): one IRQ0 every 1193182 / hz ticks. */
+void pit_periodic(uint32_t hz)
+{
+    uint32_t div = 1193182u / (hz ? hz : 1);
+    if (div < 2)
+        div = 2;
+    if (div > 0xffff)
+        div = 0xffff;
+    outb(0x43, 0x34);
+    outb(0x40, (uint8_t)div);
+    outb(0x40, (uint8_t)(div >> 8));
 }
 
 uint64_t time_deadline(uint32_t ms)

@@ -19,6 +19,31 @@ static void put_mac(const uint8_t *m)
 }
 
 /* ---- command line: "key=value" words; others are ignored ---- */
+static int opt_bool(const char *w, const char *key, int *out)
+{
+    size_t n = strlen(key);
+    uint32_t v;
+    if (memcmp(w, key, n) || w[n] != '=' || parse_uint(w + n + 1, &v) || v > 1)
+        return 0;
+    *out = (int)v;
+    return 1;
+}
+
+/* QEMU microvm tells Linux where its transports are: "virtio_mmio.device=
+ * 512@0xfeb00000:N"; take the line number N when the loader passes it. */
+static int opt_mmio_device(const char *w)
+{
+    if (memcmp(w, "virtio_mmio.device=", 19))
+        return 0;
+    const char *c = w + 19;
+    while (*c && *c != ':')
+        c++;
+    uint32_t v;
+    if (*c == ':' && !parse_uint(c + 1, &v) && v < 48)
+        irq_opts.mmio_irq = (int)v;
+    return 1;
+}
+
 static int apply_opt(const char *w)
 {
     uint32_t v;
@@ -40,12 +65,25 @@ static int apply_opt(const char *w)
             net_opts.force = FORCE_AUTO;
         else
             return -1;
-    } else if (!memcmp(w, "event_idx=", 10) && !parse_uint(w + 10, &v) && v <= 1)
-        net_opts.event_idx = (int)v;
-    else if (!memcmp(w, "mrg_rxbuf=", 10) && !parse_uint(w + 10, &v) && v <= 1)
-        net_opts.mrg_rxbuf = (int)v;
+    } else if (opt_bool(w, "event_idx", &net_opts.event_idx) ||
+               opt_bool(w, "mrg_rxbuf", &net_opts.mrg_rxbuf) ||
+               opt_bool(w, "packed", &net_opts.packed) ||
+               opt_bool(w, "indirect", &net_opts.indirect) || opt_bool(w, "csum", &net_opts.csum) ||
+               opt_bool(w, "tso", &net_opts.tso) || opt_bool(w, "irq", &irq_opts.on) ||
+               opt_bool(w, "msix", &irq_opts.msix) || opt_mmio_device(w))
+        return 0;
     else if (!memcmp(w, "qsize=", 6) && !parse_uint(w + 6, &v) && v >= 2 && v <= VQ_MAX)
         net_opts.qsize = v;
+    else if (!memcmp(w, "mq=", 3) && !parse_uint(w + 3, &v) && v >= 1 && v <= VDEV_MAX_PAIRS)
+        net_opts.mq = v;
+    else if (!memcmp(w, "irq_wd=", 7) && !parse_uint(w + 7, &v) && v >= 1 && v <= 60000)
+        irq_opts.wd_ms = v;
+    else if (!memcmp(w, "mmio_irq=", 9) && !parse_uint(w + 9, &v) && v < 48)
+        irq_opts.mmio_irq = (int)v;
+    else if (streq(w, "intx=pic"))
+        irq_opts.ioapic = 0;
+    else if (streq(w, "intx=ioapic"))
+        irq_opts.ioapic = 1;
     else
         return -1;
     return 0;
@@ -167,14 +205,6 @@ static int check_frame(uint32_t p)
     return 1;
 }
 
-/* Called when a wait loop made no progress.  Under TCG a vCPU spinning on
- * RAM alone can keep QEMU's I/O thread from delivering packets (seen on
- * microvm); one device register access per round lets it run. */
-static void idle_poll(void)
-{
-    (void)inb(0x3f8 + 5);
-}
-
 static int need_dev(void)
 {
     if (!net_ready()) {
@@ -193,26 +223,56 @@ static int arg_u32(int argc, char **argv, int i, uint32_t def, uint32_t *out)
     return parse_uint(argv[i], out);
 }
 
-/* tx COUNT SIZE [BATCH] [DSTMAC] */
-static void cmd_tx(int argc, char **argv)
+/* Split positional arguments from key=value options (after the verb). */
+static int opts_split(int argc, char **argv, char **pos, char **kv, int *nkv)
 {
-    uint32_t count, size, batch;
-    uint8_t dst[6];
-    memcpy(dst, bcast, 6);
-    if (argc < 3 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 0, &size) ||
-        arg_u32(argc, argv, 3, 32, &batch) || (argc > 4 && parse_mac(argv[4], dst))) {
-        kputs("ERR usage: tx COUNT SIZE [BATCH] [DSTMAC]\n");
-        return;
+    int np = 0;
+    *nkv = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *c = argv[i];
+        while (*c && *c != '=')
+            c++;
+        if (*c == '=')
+            kv[(*nkv)++] = argv[i];
+        else
+            pos[np++] = argv[i];
     }
-    uint32_t max_size = POOL_MAX_FRAGS * POOL_BUF_SIZE - POOL_HEADROOM;
-    if (size < 14 || size > max_size || batch == 0) {
-        kprintf("ERR tx bad size %u (14..%u) or batch %u\n", size, max_size, batch);
-        return;
+    return np;
+}
+
+static int kv_u32(char **kv, int nkv, const char *key, uint32_t def, uint32_t *out)
+{
+    size_t n = strlen(key);
+    *out = def;
+    for (int i = 0; i < nkv; i++)
+        if (!memcmp(kv[i], key, n) && kv[i][n] == '=')
+            return parse_uint(kv[i] + n + 1, out);
+    return 0;
+}
+
+static int kv_known(char **kv, int nkv, const char *const *keys)
+{
+    for (int i = 0; i < nkv; i++) {
+        int ok = 0;
+        for (const char *const *k = keys; *k; k++) {
+            size_t n = strlen(*k);
+            ok |= !memcmp(kv[i], *k, n) && kv[i][n] == '=';
+        }
+        if (!ok)
+            return 0;
     }
-    if (!need_dev())
-        return;
+    return 1;
+}
+
+/* Fill packets for `count` frames into the TX ring (batches of up to `batch`
+ * slots per sync), then wait until the device used every chain.  `fill`
+ * writes frame `seq` into packet p.  Returns 0, or prints the ERR line. */
+typedef int (*fill_fn)(uint32_t p, uint32_t seq, void *ctx);
+
+static int tx_frames(const char *verb, uint32_t count, uint32_t size, uint32_t batch, fill_fn fill,
+                     void *ctx, uint64_t p0)
+{
     struct sk_ring *r = vdev_tx_ring_p;
-    uint64_t p0 = vdev_stats.tx_packets, b0 = vdev_stats.tx_bytes;
     uint32_t queued = 0, seq = 0;
     uint64_t stall = time_deadline(5000);
     while (queued < count) {
@@ -228,7 +288,10 @@ static void cmd_tx(int argc, char **argv)
             uint32_t p;
             if (!s || sk_packet_alloc(&p, size))
                 break;
-            fill_frame(p, size, seq++, dst);
+            if (fill(p, seq++, ctx)) {
+                sk_packet_free(p);
+                break;
+            }
             sk_slot_attach_packet(r, s, p);
             prev = s;
         }
@@ -237,31 +300,220 @@ static void cmd_tx(int argc, char **argv)
         queued += done;
         int rc = sk_sync(r);
         if (rc == -1 && !net_ready()) {
-            kputs("ERR tx device lost\n");
-            return;
+            kprintf("ERR %s device lost\n", verb);
+            return -1;
         }
-        if (done)
+        if (done) {
             stall = time_deadline(5000);
-        else if (time_expired(stall)) {
-            kprintf("ERR tx stalled sent=%llu queued=%u\n", vdev_stats.tx_packets - p0, queued);
-            return;
+        } else if (time_expired(stall)) {
+            kprintf("ERR %s stalled sent=%llu queued=%u\n", verb, vdev_stats.tx_packets - p0, queued);
+            return -1;
+        } else if (!sk_available_slot_count(r)) {
+            net_wait(WAIT_TX, stall);    /* ring full: wait for completions */
         }
     }
     /* Drain: wait until the device has used every posted chain. */
     uint64_t dl = time_deadline(5000);
     while (sk_pending(r) || net_tx_in_flight()) {
         sk_sync(r);
+        if (!sk_pending(r) && !net_tx_in_flight())
+            break;
         if (time_expired(dl)) {
-            kprintf("ERR tx drain timeout sent=%llu in_flight=%u\n", vdev_stats.tx_packets - p0,
+            kprintf("ERR %s drain timeout sent=%llu in_flight=%u\n", verb, vdev_stats.tx_packets - p0,
                     net_tx_in_flight());
-            return;
+            return -1;
         }
+        net_wait(WAIT_TX, dl);
     }
+    return 0;
+}
+
+struct pattern_ctx {
+    uint32_t size, flows;
+    uint8_t dst[6];
+    int dst_given;
+};
+
+static int fill_pattern(uint32_t p, uint32_t seq, void *ctx)
+{
+    struct pattern_ctx *c = ctx;
+    uint8_t dst[6];
+    memcpy(dst, c->dst, 6);
+    if (c->flows > 1 && !c->dst_given) {
+        /* Flow f of `flows`: a locally administered unicast destination the
+         * switch floods, so the TX queue choice (flow hash) varies. */
+        static const uint8_t base[6] = {0x02, 0x00, 0x00, 0x00, 0x00, 0x00};
+        memcpy(dst, base, 6);
+        dst[5] = (uint8_t)(seq % c->flows);
+        dst[4] = (uint8_t)((seq % c->flows) >> 8);
+    }
+    fill_frame(p, c->size, seq, dst);
+    return 0;
+}
+
+/* tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] */
+static void cmd_tx(int argc, char **argv)
+{
+    char *pos[MAX_ARGS], *kv[MAX_ARGS];
+    int nkv, np = opts_split(argc, argv, pos, kv, &nkv);
+    static const char *const keys[] = {"flows", NULL};
+    struct pattern_ctx c;
+    uint32_t count, batch;
+    memcpy(c.dst, bcast, 6);
+    c.dst_given = np > 3;
+    if (np < 2 || parse_uint(pos[0], &count) || parse_uint(pos[1], &c.size) ||
+        arg_u32(np, pos, 2, 32, &batch) || (np > 3 && parse_mac(pos[3], c.dst)) ||
+        !kv_known(kv, nkv, keys) || kv_u32(kv, nkv, "flows", 1, &c.flows) || c.flows == 0) {
+        kputs("ERR usage: tx COUNT SIZE [BATCH] [DSTMAC] [flows=K]\n");
+        return;
+    }
+    uint32_t max_size = POOL_MAX_FRAGS * POOL_BUF_SIZE - POOL_HEADROOM;
+    if (c.size < 14 || c.size > max_size || batch == 0) {
+        kprintf("ERR tx bad size %u (14..%u) or batch %u\n", c.size, max_size, batch);
+        return;
+    }
+    if (!need_dev())
+        return;
+    uint64_t p0 = vdev_stats.tx_packets, b0 = vdev_stats.tx_bytes;
+    if (tx_frames("tx", count, c.size, batch, fill_pattern, &c, p0))
+        return;
     kprintf("OK tx sent=%llu bytes=%llu\n", vdev_stats.tx_packets - p0, vdev_stats.tx_bytes - b0);
 }
 
-/* One informational line per frame: "frame len=N hex=..." (up to 128 bytes). */
-static void dump_frame(uint32_t p)
+/* ---- IPv4 frames with checksum / segmentation offload ---- */
+static const uint8_t ip_src[4] = {10, 0, 2, 15}, ip_dst[4] = {10, 0, 2, 99};
+
+static uint32_t sum16(const uint8_t *p, uint32_t n, uint32_t sum)
+{
+    for (uint32_t i = 0; i + 1 < n; i += 2)
+        sum += (uint32_t)p[i] << 8 | p[i + 1];
+    if (n & 1)
+        sum += (uint32_t)p[n - 1] << 8;
+    return sum;
+}
+
+static uint16_t fold(uint32_t sum)
+{
+    while (sum >> 16)
+        sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+struct ip_ctx {
+    int tcp;
+    uint32_t size, mss, flows;
+};
+
+/* dst broadcast, src our MAC, IPv4 10.0.2.15 -> 10.0.2.99, UDP or TCP from
+ * port 5000 + flow to 9 (discard), payload byte[o] = (seq + o).  The L4
+ * checksum field holds only the pseudo-header sum with NEEDS_CSUM set
+ * (5.1.6.2): the kernel half hands it to the device (CSUM negotiated) or
+ * finishes it itself.  mss < payload: one TSO frame (gso_type TCPV4). */
+static int fill_ip(uint32_t p, uint32_t seq, void *ctx)
+{
+    struct ip_ctx *c = ctx;
+    struct sk_packet *pk = pkt_md(p);
+    uint32_t l4 = c->tcp ? 20 : 8, hl = 14 + 20 + l4;
+    if (c->size < hl || c->size > POOL_BUF_SIZE - POOL_HEADROOM)
+        return -1;
+    uint8_t *d = sk_packet_data(p);
+    memset(d, 0xff, 6);
+    memcpy(d + 6, vdev_info.mac, 6);
+    d[12] = 0x08;
+    d[13] = 0x00;
+    uint8_t *ip = d + 14, *t = ip + 20;
+    uint32_t iplen = c->size - 14, l4len = iplen - 20;
+    memset(ip, 0, 20 + l4);
+    ip[0] = 0x45;
+    ip[2] = (uint8_t)(iplen >> 8);
+    ip[3] = (uint8_t)iplen;
+    ip[4] = (uint8_t)(seq >> 8);
+    ip[5] = (uint8_t)seq;
+    ip[6] = 0x40;                        /* DF */
+    ip[8] = 64;
+    ip[9] = c->tcp ? 6 : 17;
+    memcpy(ip + 12, ip_src, 4);
+    memcpy(ip + 16, ip_dst, 4);
+    uint16_t ipc = (uint16_t)~fold(sum16(ip, 20, 0));
+    ip[10] = (uint8_t)(ipc >> 8);
+    ip[11] = (uint8_t)ipc;
+    uint16_t sport = (uint16_t)(5000 + seq % c->flows);
+    t[0] = (uint8_t)(sport >> 8);
+    t[1] = (uint8_t)sport;
+    t[3] = 9;
+    if (c->tcp) {
+        t[4] = (uint8_t)(seq >> 24);     /* sequence number */
+        t[5] = (uint8_t)(seq >> 16);
+        t[6] = (uint8_t)(seq >> 8);
+        t[7] = (uint8_t)seq;
+        t[12] = 0x50;                    /* data offset 5 */
+        t[13] = 0x18;                    /* PSH, ACK */
+        t[14] = 0xff;
+        t[15] = 0xff;
+    } else {
+        t[4] = (uint8_t)(l4len >> 8);
+        t[5] = (uint8_t)l4len;
+    }
+    for (uint32_t o = hl; o < c->size; o++)
+        d[o] = (uint8_t)(seq + o);
+    /* Pseudo header: addresses, protocol, L4 length (RFC 768 / 793). */
+    uint32_t ps = sum16(ip + 12, 8, 0) + (uint32_t)ip[9] + l4len;
+    uint16_t part = fold(ps);
+    uint32_t off = c->tcp ? 16 : 6;
+    t[off] = (uint8_t)(part >> 8);
+    t[off + 1] = (uint8_t)part;
+    pk->buf0.dlen = c->size;
+    memset(&pk->vnet, 0, sizeof(pk->vnet));
+    pk->vnet.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    pk->vnet.csum_start = 34;
+    pk->vnet.csum_offset = (uint16_t)off;
+    if (c->tcp && c->mss && c->mss < c->size - hl) {
+        pk->vnet.gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
+        pk->vnet.gso_size = (uint16_t)c->mss;
+        pk->vnet.hdr_len = (uint16_t)hl;
+    }
+    pk->pflags |= SK_PKT_VNET_HDR;
+    sk_packet_finalize(p);
+    return 0;
+}
+
+/* txip udp|tcp COUNT SIZE [BATCH] [mss=N] [flows=K] */
+static void cmd_txip(int argc, char **argv)
+{
+    char *pos[MAX_ARGS], *kv[MAX_ARGS];
+    int nkv, np = opts_split(argc, argv, pos, kv, &nkv);
+    static const char *const keys[] = {"mss", "flows", NULL};
+    struct ip_ctx c;
+    uint32_t count, batch;
+    c.tcp = np > 0 && streq(pos[0], "tcp");
+    if (np < 3 || (!c.tcp && !streq(pos[0], "udp")) || parse_uint(pos[1], &count) ||
+        parse_uint(pos[2], &c.size) || arg_u32(np, pos, 3, 32, &batch) || batch == 0 ||
+        !kv_known(kv, nkv, keys) || kv_u32(kv, nkv, "mss", 0, &c.mss) ||
+        kv_u32(kv, nkv, "flows", 1, &c.flows) || c.flows == 0 || (c.mss && !c.tcp)) {
+        kputs("ERR usage: txip udp|tcp COUNT SIZE [BATCH] [mss=N (tcp)] [flows=K]\n");
+        return;
+    }
+    uint32_t hl = 14 + 20 + (c.tcp ? 20u : 8u), max = POOL_BUF_SIZE - POOL_HEADROOM;
+    if (c.size < hl || c.size > max) {
+        kprintf("ERR txip bad size %u (%u..%u)\n", c.size, hl, max);
+        return;
+    }
+    if (!need_dev())
+        return;
+    uint64_t p0 = vdev_stats.tx_packets, b0 = vdev_stats.tx_bytes;
+    uint64_t off0 = vdev_stats.tx_csum_offload, sw0 = vdev_stats.tx_csum_sw;
+    uint64_t gso0 = vdev_stats.tx_gso, bad0 = vdev_stats.tx_gso_refused;
+    if (tx_frames("txip", count, c.size, batch, fill_ip, &c, p0))
+        return;
+    uint64_t sent = vdev_stats.tx_packets - p0, refused = vdev_stats.tx_gso_refused - bad0;
+    kprintf("%s txip sent=%llu bytes=%llu csum_offload=%llu csum_sw=%llu gso=%llu gso_refused=%llu\n",
+            sent == count ? "OK" : "ERR", sent, vdev_stats.tx_bytes - b0,
+            vdev_stats.tx_csum_offload - off0, vdev_stats.tx_csum_sw - sw0,
+            vdev_stats.tx_gso - gso0, refused);
+}
+
+/* One informational line per frame: "frame len=N hex=..." (the first `limit` bytes). */
+static void dump_frame(uint32_t p, uint32_t limit)
 {
     struct sk_packet *pk = pkt_md(p);
     kprintf("frame len=%u hex=", pk->len);
@@ -269,7 +521,7 @@ static void dump_frame(uint32_t p)
     FOR_EACH_BUFLET(pk, bl, k)
     {
         const uint8_t *data = buf_addr(bl->buf_idx) + bl->doff;
-        for (uint32_t i = 0; i < bl->dlen && shown < 128; i++, shown++)
+        for (uint32_t i = 0; i < bl->dlen && shown < limit; i++, shown++)
             kprintf("%02x", data[i]);
     }
     kputs("\n");
@@ -301,6 +553,7 @@ static void cmd_txhex(int argc, char **argv)
     while (queued < count && !time_expired(dl)) {
         struct sk_slot *s = sk_get_next_slot(r, NULL);
         uint32_t p;
+        int progress = 0;
         if (s && sk_packet_alloc(&p, n) == 0) {
             memcpy(sk_packet_data(p), frame, n);
             pkt_md(p)->buf0.dlen = n;
@@ -308,23 +561,30 @@ static void cmd_txhex(int argc, char **argv)
             sk_slot_attach_packet(r, s, p);
             sk_advance_slot(r, s);
             queued++;
+            progress = 1;
         }
         sk_sync(r);
+        if (!progress)
+            net_wait(WAIT_TX, dl);
     }
-    while ((sk_pending(r) || net_tx_in_flight()) && !time_expired(dl))
+    while ((sk_pending(r) || net_tx_in_flight()) && !time_expired(dl)) {
         sk_sync(r);
+        if (sk_pending(r) || net_tx_in_flight())
+            net_wait(WAIT_TX, dl);
+    }
     uint64_t sent = vdev_stats.tx_packets - p0;
     kprintf("%s txhex sent=%llu bytes=%llu\n", sent == count ? "OK" : "ERR", sent, sent * n);
 }
 
-/* rx COUNT [TIMEOUT_MS] [dump] */
+/* rx COUNT [TIMEOUT_MS] [dump|full]: dump shows each frame's first 128 bytes, full all. */
 static void cmd_rx(int argc, char **argv)
 {
     uint32_t count, tmo;
-    int dump = argc > 3 && streq(argv[3], "dump");
+    int full = argc > 3 && streq(argv[3], "full");
+    int dump = full || (argc > 3 && streq(argv[3], "dump"));
     if (argc < 2 || arg_u32(argc, argv, 1, 0, &count) || arg_u32(argc, argv, 2, 5000, &tmo) ||
         (argc > 3 && !dump)) {
-        kputs("ERR usage: rx COUNT [TIMEOUT_MS] [dump]\n");
+        kputs("ERR usage: rx COUNT [TIMEOUT_MS] [dump|full]\n");
         return;
     }
     if (!need_dev())
@@ -341,7 +601,7 @@ static void cmd_rx(int argc, char **argv)
                 uint32_t len = pkt_md(p)->len;
                 int c = check_frame(p);
                 if (dump)
-                    dump_frame(p);
+                    dump_frame(p, full ? 0xffffffffu : 128);
                 ours += c != 0;
                 bad += c < 0;
                 bytes += len;
@@ -355,7 +615,8 @@ static void cmd_rx(int argc, char **argv)
             sk_advance_slot(r, prev);
         if (got < count && time_expired(dl))
             break;
-        idle_poll();
+        if (got < count && !prev)
+            net_wait(WAIT_RX, dl);
     }
     sk_sync(r);                          /* release what we consumed */
     if (!got)
@@ -379,6 +640,7 @@ static void cmd_echo(int argc, char **argv)
     uint32_t echoed = 0;
     uint64_t bytes = 0, dl = time_deadline(tmo);
     const char *why = "count";
+    int idle = 0, tx_full = 0;
     for (;;) {
         if (count && echoed >= count)
             break;
@@ -389,6 +651,11 @@ static void cmd_echo(int argc, char **argv)
         if (!count && serial_getc() >= 0) {
             why = "key";
             break;
+        }
+        if (idle) {
+            uint32_t what = WAIT_RX | (count ? 0 : WAIT_KEY) | (tx_full ? WAIT_TX : 0);
+            if (net_wait(what, tmo ? dl : 0) == 2)
+                continue;                /* a key: seen at the top */
         }
         sk_sync(rx);
         struct sk_slot *prev = NULL, *s, *tprev = NULL;
@@ -406,7 +673,14 @@ static void cmd_echo(int argc, char **argv)
                 memcpy(d, d + 6, 6);
                 memcpy(d + 6, tmp, 6);
             }
-            pkt_md(p)->pflags &= (uint16_t)~SK_PKT_VNET_HDR;
+            /* A partial checksum (GUEST_CSUM) goes back out as one (the MACs
+             * are not covered): the kernel half offloads or finishes it. */
+            if (pkt_md(p)->vnet.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+                pkt_md(p)->vnet.gso_type = VIRTIO_NET_HDR_GSO_NONE;
+                pkt_md(p)->vnet.num_buffers = 0;
+            } else {
+                pkt_md(p)->pflags &= (uint16_t)~SK_PKT_VNET_HDR;
+            }
             bytes += pkt_md(p)->len;
             if (sk_slot_attach_packet(tx, ts, p)) {
                 sk_packet_free(p);
@@ -415,6 +689,8 @@ static void cmd_echo(int argc, char **argv)
             tprev = ts;
             echoed++;
         }
+        tx_full = (prev == NULL && sk_get_next_slot(rx, NULL) != NULL);
+        idle = prev == NULL;
         if (prev)
             sk_advance_slot(rx, prev);
         if (tprev)
@@ -422,8 +698,11 @@ static void cmd_echo(int argc, char **argv)
         sk_sync(tx);
     }
     uint64_t d2 = time_deadline(2000);
-    while ((sk_pending(tx) || net_tx_in_flight()) && !time_expired(d2))
+    while ((sk_pending(tx) || net_tx_in_flight()) && !time_expired(d2)) {
         sk_sync(tx);
+        if (sk_pending(tx) || net_tx_in_flight())
+            net_wait(WAIT_TX, d2);
+    }
     sk_sync(rx);
     kprintf("%s echo %sechoed=%u bytes=%llu stop=%s\n", (count && echoed < count) ? "ERR" : "OK",
             (count && echoed < count) ? "timeout " : "", echoed, bytes, why);
@@ -466,6 +745,27 @@ static void cmd_stats(void)
     STAT(pool_packets_in_use);
     STAT(pool_buflets_in_use);
     STAT(pool_bufs_in_use);
+    STAT(irq_total);
+    STAT(irq_queue);
+    STAT(irq_config);
+    STAT(irq_spurious);
+    STAT(irq_unarmed);
+    STAT(irq_isr_zero);
+    STAT(irq_lost);
+    STAT(rx_irqs);
+    STAT(tx_irqs);
+    STAT(link_changes);
+    STAT(link_up);
+    STAT(ctrl_cmds);
+    STAT(ctrl_errors);
+    STAT(tx_csum_offload);
+    STAT(tx_csum_sw);
+    STAT(tx_gso);
+    STAT(tx_gso_refused);
+    STAT(tx_indirect);
+    STAT(rx_csum_partial);
+    STAT(rx_csum_valid);
+    STAT(rx_gso);
     kprintf("tx_ring_head=%u tx_ring_khead=%u tx_ring_tail=%u rx_ring_head=%u rx_ring_khead=%u rx_ring_tail=%u\n",
             vdev_tx_ring_p->ring_head, vdev_tx_ring_p->ring_khead, vdev_tx_ring_p->ring_tail,
             vdev_rx_ring_p->ring_head, vdev_rx_ring_p->ring_khead, vdev_rx_ring_p->ring_tail);
@@ -476,14 +776,23 @@ static void cmd_stats(void)
             vdev_stats.rx_packets, vdev_stats.violations);
 }
 
+static const char *irq_mode_name(void)
+{
+    static const char *const names[] = {"poll", "intx-pic", "intx-ioapic", "msix"};
+    return vdev_info.irq_mode < 4 ? names[vdev_info.irq_mode] : "?";
+}
+
 static void print_features_line(const char *what)
 {
     kprintf("OK %s transport=%s device=0x%llx driver=0x%llx event_idx=%u mrg_rxbuf=%u hdr_len=%u "
-            "rx_qsize=%u tx_qsize=%u mac=",
+            "rx_qsize=%u tx_qsize=%u packed=%u indirect=%u csum=%u tso=%u mq=%u max_pairs=%u "
+            "irq=%s irq_line=%u mac=",
             what, vt_name(), vdev_info.device_features, vdev_info.driver_features,
             (uint32_t)(vdev_info.driver_features >> VIRTIO_RING_F_EVENT_IDX) & 1,
             (uint32_t)(vdev_info.driver_features >> VIRTIO_NET_F_MRG_RXBUF) & 1, vdev_info.hdr_len,
-            vdev_info.rx_qsize, vdev_info.tx_qsize);
+            vdev_info.rx_qsize, vdev_info.tx_qsize, vdev_info.packed, vdev_info.indirect,
+            vdev_info.csum, vdev_info.tso, vdev_info.pairs, vdev_info.max_pairs, irq_mode_name(),
+            vdev_info.irq_line);
     put_mac(vdev_info.mac);
     kputs("\n");
 }
@@ -527,6 +836,10 @@ static void cmd_inject(int argc, char **argv)
     }
     if (!need_dev())
         return;
+    if (q->packed) {
+        kputs("ERR inject writes split-ring used entries; packed rings are on\n");
+        return;
+    }
     uint16_t idx = q->used->idx, size = q->size;
     uint32_t id = 0, len = 64;
     /* A posted head on the RX queue: every buffer there is one descriptor. */
@@ -617,12 +930,90 @@ static void cmd_pool(int argc, char **argv)
             vdev_stats.pool_packets_in_use, sk_available_slot_count(vdev_alloc_ring_p));
 }
 
+/* One line per virtqueue; the control queue and pairs > 0 first, so that
+ * pair 0's TX line (the keys most callers read) comes last. */
+static void vq_line(const char *name, uint32_t pair, struct vq *q)
+{
+    struct vdev_vq_info *i = q->info;
+    if (!q->size || !i)
+        return;
+    kprintf("%s%u vq=%u size=%u packed=%u avail_idx=%u last_used=%u in_flight=%u num_free=%u "
+            "armed=%u broken=%u posted=%llu completed=%llu kicks=%llu irqs=%llu irq_lost=%llu "
+            "packets=%llu msix_vector=%u",
+            name, pair, q->index, q->size, (uint32_t)q->packed, i->avail_idx, i->last_used,
+            q->in_flight, q->num_free, (uint32_t)q->armed, (uint32_t)q->broken, i->posted,
+            i->completed, i->kicks, i->irqs, i->irq_lost, i->packets, i->msix_vector);
+    if (q->packed)
+        kprintf(" drv_event_flags=%u dev_event_flags=%u dev_event_off_wrap=%u\n",
+                q->drv_event->flags, q->dev_event->flags, q->dev_event->off_wrap);
+    else
+        kprintf(" used_idx=%u used_flags=%u avail_flags=%u avail_event=%u used_event=%u\n",
+                q->used->idx, q->used->flags, q->avail->flags, *q->avail_event, *q->used_event);
+}
+
+static void cmd_vq(void)
+{
+    if (!need_dev())
+        return;
+    if (vdev_ctrlq.size)
+        vq_line("ctrlq", 0, &vdev_ctrlq);
+    for (uint32_t p = net_pairs(); p-- > 0;) {
+        vq_line("rxq", p, &vdev_rxqs[p]);
+        vq_line("txq", p, &vdev_txqs[p]);
+    }
+    kputs("OK vq\n");
+}
+
+/* irq: what the interrupt side has seen (and the mode it runs in). */
+static void cmd_irq(void)
+{
+    kprintf("OK irq mode=%s line=%u wd_ms=%u total=%llu queue=%llu config=%llu rx=%llu tx=%llu "
+            "spurious=%llu unarmed=%llu isr_zero=%llu lost=%llu ticks=%llu halts=%llu\n",
+            irq_mode_name(), vdev_info.irq_line, irq_opts.wd_ms, vdev_stats.irq_total,
+            vdev_stats.irq_queue, vdev_stats.irq_config, vdev_stats.rx_irqs, vdev_stats.tx_irqs,
+            vdev_stats.irq_spurious, vdev_stats.irq_unarmed, vdev_stats.irq_isr_zero,
+            vdev_stats.irq_lost, vdev_ticks, vdev_halts);
+}
+
+/* link [up|down [TIMEOUT_MS]]: the link state the config interrupts reported;
+ * with up/down, wait (halted) until it is that. */
+static void cmd_link(int argc, char **argv)
+{
+    uint32_t tmo = 5000;
+    int want = -1;
+    if (argc > 1) {
+        if (streq(argv[1], "up"))
+            want = 1;
+        else if (streq(argv[1], "down"))
+            want = 0;
+    }
+    if ((argc > 1 && want < 0) || arg_u32(argc, argv, 2, 5000, &tmo) || argc > 3) {
+        kputs("ERR usage: link [up|down [TIMEOUT_MS]]\n");
+        return;
+    }
+    if (!need_dev())
+        return;
+    uint64_t dl = time_deadline(tmo);
+    while (want >= 0 && (int)vdev_stats.link_up != want && !time_expired(dl)) {
+        if (!irq_enabled()) {
+            kputs("ERR link wait needs interrupts (irq=1): config changes arrive as interrupts\n");
+            return;
+        }
+        net_wait(0, dl);
+        net_poll_events();
+    }
+    int ok = want < 0 || (int)vdev_stats.link_up == want;
+    kprintf("%s link %sup=%llu changes=%llu config_irqs=%llu\n", ok ? "OK" : "ERR",
+            ok ? "" : "timeout ", vdev_stats.link_up, vdev_stats.link_changes, vdev_stats.irq_config);
+}
+
 static void handle(char *line)
 {
     char *argv[MAX_ARGS];
     int argc = split(line, argv);
     if (argc == 0)
         return;
+    net_poll_events();
     if (streq(argv[0], "tx"))
         cmd_tx(argc, argv);
     else if (streq(argv[0], "rx"))
@@ -639,16 +1030,15 @@ static void handle(char *line)
         cmd_pool(argc, argv);
     else if (streq(argv[0], "inject"))
         cmd_inject(argc, argv);
-    else if (streq(argv[0], "vq")) {
-        struct vq *qs[2] = {&vdev_rxq, &vdev_txq};
-        for (int i = 0; i < 2; i++)
-            kprintf("%s avail_idx=%u used_idx=%u last_used=%u in_flight=%u num_free=%u "
-                    "used_flags=%u avail_event=%u used_event=%u broken=%u\n",
-                    i ? "txq" : "rxq", qs[i]->avail->idx, qs[i]->used->idx, qs[i]->last_used,
-                    qs[i]->in_flight, qs[i]->num_free, qs[i]->used->flags, *qs[i]->avail_event,
-                    *qs[i]->used_event, (uint32_t)qs[i]->broken);
-        kputs("OK vq\n");
-    } else if (streq(argv[0], "reset")) {
+    else if (streq(argv[0], "txip"))
+        cmd_txip(argc, argv);
+    else if (streq(argv[0], "vq"))
+        cmd_vq();
+    else if (streq(argv[0], "irq"))
+        cmd_irq();
+    else if (streq(argv[0], "link"))
+        cmd_link(argc, argv);
+    else if (streq(argv[0], "reset")) {
         if (net_restart(0))
             kputs("ERR reset failed\n");
         else
@@ -662,14 +1052,17 @@ static void handle(char *line)
         kprintf("OK quit code=%u\n", code);
         debug_exit(code);
     } else if (streq(argv[0], "help")) {
-        kputs("tx COUNT SIZE [BATCH] [DSTMAC] | txhex HEX [COUNT] | rx COUNT [TIMEOUT_MS] [dump]\n"
-              "echo [COUNT] [TIMEOUT_MS]\n"
-              "stats | features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N] | reset | quit CODE\n"
-              "pool COUNT [SIZE] | vq | inject id_range|not_outstanding|len|double|jump|num_buffers\n");
+        kputs("tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] | txhex HEX [COUNT] | rx COUNT [TIMEOUT_MS] [dump|full]\n"
+              "txip udp|tcp COUNT SIZE [BATCH] [mss=N] [flows=K] | echo [COUNT] [TIMEOUT_MS]\n"
+              "stats | irq | link [up|down [TIMEOUT_MS]] | vq | reset | quit CODE\n"
+              "features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N] [packed=0|1] [mq=N] [indirect=0|1]\n"
+              "         [csum=0|1] [tso=0|1] [irq=0|1] [msix=0|1] [intx=pic|ioapic] [irq_wd=MS]\n"
+              "pool COUNT [SIZE] | inject id_range|not_outstanding|len|double|jump|num_buffers\n");
         kputs("OK help\n");
     } else {
         kprintf("ERR unknown command '%s'\n", argv[0]);
     }
+    net_wait_done();
 }
 
 void kmain(uint32_t magic, uint32_t info);
@@ -683,6 +1076,7 @@ void kmain(uint32_t magic, uint32_t info)
     vdev_info.mrg_rxbuf = (uint32_t)net_opts.mrg_rxbuf;
     vdev_info.tsc_per_ms = tsc_per_ms;
     kprintf("vdev-bare: boot=%s cmdline='%s'\n", magic == 0x2BADB002 ? "multiboot" : "pvh", cmdline);
+    irq_init();
     int rc = net_init();
     if (rc)
         kprintf("ERR no usable virtio-net device (rc=%d)\n", rc);
@@ -698,7 +1092,7 @@ void kmain(uint32_t magic, uint32_t info)
     for (;;) {
         int c = serial_getc();
         if (c < 0) {
-            cpu_relax();
+            irq_idle();                  /* hlt until COM1, the tick or the NIC interrupts */
             continue;
         }
         if (c == '\n' && last_cr) {

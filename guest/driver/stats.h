@@ -10,14 +10,18 @@
  * vdev_pool_arena (uint32_t: guest address of the struct sk_arena_hdr),
  * vdev_tx_ring / vdev_rx_ring / vdev_alloc_ring / vdev_free_ring (uint32_t:
  * guest address of each struct sk_ring),
- * vdev_arena_mem (the arena bytes themselves).
+ * vdev_arena_mem (the arena bytes themselves), vdev_vqs (struct vdev_vq_info
+ * [VDEV_MAX_VQS]: one entry per virtqueue the driver set up, in virtqueue
+ * index order with the control queue last; entries with size 0 are unused),
+ * vdev_ticks and vdev_halts (uint64_t: timer interrupts and hlt instructions
+ * so far; kept out of vdev_stats because they move while the driver idles).
  */
 #ifndef VDEV_GUEST_STATS_H
 #define VDEV_GUEST_STATS_H
 
 /* CDEF-BEGIN */
 #define VDEV_STATS_MAGIC 0x53544456      /* "VDTS" little endian */
-#define VDEV_STATS_VERSION 1
+#define VDEV_STATS_VERSION 2
 
 /* vdev_info.transport */
 #define VDEV_TRANSPORT_NONE 0
@@ -25,6 +29,24 @@
 #define VDEV_TRANSPORT_PCI_MODERN 2
 #define VDEV_TRANSPORT_MMIO_LEGACY 3
 #define VDEV_TRANSPORT_MMIO_MODERN 4
+
+/* vdev_info.irq_mode */
+#define VDEV_IRQ_POLL 0                  /* interrupts off: the driver busy-polls */
+#define VDEV_IRQ_INTX_PIC 1              /* INTx through the 8259 PIC */
+#define VDEV_IRQ_INTX_IOAPIC 2           /* INTx (or virtio-mmio's line) through an IOAPIC */
+#define VDEV_IRQ_MSIX 3                  /* MSI-X vectors to the local APIC */
+
+/* vdev_vq_info.flags */
+#define VDEV_VQF_ACTIVE 1                /* set up and in use */
+#define VDEV_VQF_PACKED 2                /* 2.8 Packed Virtqueues (else 2.7 split) */
+#define VDEV_VQF_EVENT_IDX 4
+#define VDEV_VQF_INDIRECT 8              /* chains go through indirect tables */
+#define VDEV_VQF_ARMED 16                /* used-buffer notifications enabled right now */
+#define VDEV_VQF_BROKEN 32               /* a device violation was seen */
+#define VDEV_VQF_CTRL 64                 /* the control virtqueue */
+
+#define VDEV_MAX_PAIRS 8
+#define VDEV_MAX_VQS 17                  /* 8 RX/TX pairs and the control queue */
 
 struct vdev_stats {
     uint32_t magic;
@@ -62,6 +84,53 @@ struct vdev_stats {
     uint64_t pool_packets_in_use;
     uint64_t pool_buflets_in_use;
     uint64_t pool_bufs_in_use;
+    /* interrupts (all zero with irq=0) */
+    uint64_t irq_total;                  /* NIC interrupts taken, any kind */
+    uint64_t irq_queue;                  /* used-buffer notifications (ISR bit 0 / queue vector) */
+    uint64_t irq_config;                 /* configuration-change notifications */
+    uint64_t irq_spurious;               /* a queue notification with no new work anywhere */
+    uint64_t irq_unarmed;                /* new work on a queue whose notifications were off */
+    uint64_t irq_isr_zero;               /* INTx whose ISR status read 0 */
+    uint64_t irq_lost;                   /* watchdog: work waited past irq_wd ms unsignalled */
+    uint64_t rx_irqs;                    /* notifications attributed to RX queues */
+    uint64_t tx_irqs;                    /* ... to TX queues */
+    uint64_t link_changes;               /* link status changes seen through config interrupts */
+    uint64_t link_up;                    /* gauge: 1 while VIRTIO_NET_S_LINK_UP */
+    /* control queue, offloads */
+    uint64_t ctrl_cmds;
+    uint64_t ctrl_errors;
+    uint64_t tx_csum_offload;            /* frames sent with NEEDS_CSUM for the device */
+    uint64_t tx_csum_sw;                 /* checksums the driver completed (CSUM not negotiated) */
+    uint64_t tx_gso;                     /* frames sent with a gso_type (TSO) */
+    uint64_t tx_gso_refused;             /* GSO frames dropped: HOST_TSO not negotiated */
+    uint64_t tx_indirect;                /* chains posted through an indirect table */
+    uint64_t rx_csum_partial;            /* RX frames with NEEDS_CSUM (GUEST_CSUM) */
+    uint64_t rx_csum_valid;              /* RX frames with DATA_VALID */
+    uint64_t rx_gso;                     /* RX frames with a gso_type (GUEST_TSO) */
+};
+
+/* One virtqueue as the driver runs it (exported array vdev_vqs). */
+struct vdev_vq_info {
+    uint32_t index;                      /* virtqueue index (2n RX, 2n+1 TX, 2N control) */
+    uint32_t size;                       /* 0: entry unused */
+    uint32_t flags;                      /* VDEV_VQF_* */
+    uint32_t msix_vector;                /* 0xffff: none */
+    uint32_t desc;                       /* guest-physical ring areas: descriptor table, */
+    uint32_t driver;                     /* avail ring / driver event suppression, */
+    uint32_t device;                     /* used ring / device event suppression */
+    uint32_t avail_idx;                  /* split: next avail idx; packed: next slot | wrap << 15 */
+    uint32_t last_used;                  /* split: used idx consumed; packed: slot | wrap << 15 */
+    uint32_t in_flight;                  /* buffers posted and not yet used */
+    uint32_t num_free;                   /* free descriptors (ring slots) */
+    uint32_t _pad;
+    uint64_t posted;                     /* buffers made available */
+    uint64_t completed;                  /* used buffers accepted */
+    uint64_t kicks;
+    uint64_t kicks_suppressed;
+    uint64_t irqs;                       /* notifications attributed to this queue */
+    uint64_t irq_lost;
+    uint64_t packets;                    /* frames that went through this queue */
+    uint64_t bytes;
 };
 
 struct vdev_info {
@@ -85,11 +154,20 @@ struct vdev_info {
     uint32_t mrg_rxbuf;
     uint32_t boot_ms;                    /* kmain to first prompt */
     uint32_t tsc_per_ms;
-    uint32_t _pad;
+    uint32_t irq_mode;                   /* VDEV_IRQ_* in effect */
+    uint32_t irq_line;                   /* INTx: PIC IRQ or IOAPIC GSI; MSI-X: vectors used */
+    uint32_t irq_wd_ms;                  /* lost-interrupt watchdog bound */
+    uint32_t max_pairs;                  /* the device's max_virtqueue_pairs (1 without MQ) */
+    uint32_t pairs;                      /* queue pairs in use */
+    uint32_t packed;                     /* 1: packed rings negotiated */
+    uint32_t indirect;                   /* 1: TX chains through indirect descriptors */
+    uint32_t csum;                       /* 1: VIRTIO_NET_F_CSUM (+ GUEST_CSUM) negotiated */
+    uint32_t tso;                        /* 1: HOST_TSO4/6 (+ GUEST_TSO4/6) negotiated */
 };
 /* CDEF-END */
 
-typedef char vdev_stats_size_check[(sizeof(struct vdev_stats) == 272) ? 1 : -1];
-typedef char vdev_info_size_check[(sizeof(struct vdev_info) == 88) ? 1 : -1];
+typedef char vdev_stats_size_check[(sizeof(struct vdev_stats) == 440) ? 1 : -1];
+typedef char vdev_info_size_check[(sizeof(struct vdev_info) == 120) ? 1 : -1];
+typedef char vdev_vq_info_size_check[(sizeof(struct vdev_vq_info) == 112) ? 1 : -1];
 
 #endif

@@ -13,7 +13,9 @@ static struct {
     uintptr_t common, isr, devcfg, notify;
     uint32_t notify_mult;
     uintptr_t mmio;
-    uint16_t notify_off[2];
+    uint16_t notify_off[VDEV_MAX_VQS];
+    uint8_t msix_cap;                    /* config offset of the MSI-X capability, 0: none */
+    int msix_on;
 } t;
 
 /* ---- PCI configuration mechanism #1 (ports 0xCF8/0xCFC) ---- */
@@ -65,6 +67,8 @@ static int pci_modern_caps(int b, int d, int f)
     t.common = t.isr = t.devcfg = t.notify = 0;
     while (off && guard--) {
         uint8_t id = pci_r8(b, d, f, off), type = pci_r8(b, d, f, off + 3);
+        if (id == 0x11 && !t.msix_cap)
+            t.msix_cap = (uint8_t)off;   /* MSI-X (PCI 3.0 6.8.2) */
         if (id == 0x09) {                /* vendor-specific: virtio_pci_cap */
             int bar = pci_r8(b, d, f, off + 4);
             uint32_t boff = pci_r32(b, d, f, off + 8);
@@ -151,6 +155,8 @@ static int probe_pci(int force)
 #define MMIO_QUEUE_PFN 0x040             /* legacy only */
 #define MMIO_QUEUE_READY 0x044
 #define MMIO_QUEUE_NOTIFY 0x050
+#define MMIO_INTERRUPT_STATUS 0x060
+#define MMIO_INTERRUPT_ACK 0x064
 #define MMIO_STATUS 0x070
 #define MMIO_QUEUE_DESC_LOW 0x080
 #define MMIO_QUEUE_DESC_HIGH 0x084
@@ -209,9 +215,11 @@ int vt_is_modern(void)
 #define CC_DF 4
 #define CC_GFSEL 8
 #define CC_GF 12
+#define CC_MSIX_CONFIG 16
 #define CC_STATUS 20
 #define CC_QSEL 22
 #define CC_QSIZE 24
+#define CC_QMSIX 26
 #define CC_QENABLE 28
 #define CC_QNOTIFY_OFF 30
 #define CC_QDESC 32
@@ -339,7 +347,8 @@ int vt_queue_setup(uint16_t q, uint16_t size, uintptr_t desc, uintptr_t avail, u
         mmio_w32(t.common + CC_QDRIVER + 4, 0);
         mmio_w32(t.common + CC_QDEVICE, (uint32_t)used);
         mmio_w32(t.common + CC_QDEVICE + 4, 0);
-        t.notify_off[q & 1] = mmio_r16(t.common + CC_QNOTIFY_OFF);
+        if (q < VDEV_MAX_VQS)
+            t.notify_off[q] = mmio_r16(t.common + CC_QNOTIFY_OFF);
         mmio_w16(t.common + CC_QENABLE, 1);
         return 0;
     case T_MMIO1:
@@ -372,7 +381,7 @@ void vt_notify(uint16_t q)
         break;
     case T_MODERN:
         /* 4.1.4.4 Notification structure layout: cap.offset + queue_notify_off * multiplier. */
-        mmio_w16(t.notify + (uintptr_t)t.notify_off[q & 1] * t.notify_mult, q);
+        mmio_w16(t.notify + (uintptr_t)t.notify_off[q < VDEV_MAX_VQS ? q : 0] * t.notify_mult, q);
         break;
     case T_MMIO1:
     case T_MMIO2:
@@ -385,8 +394,10 @@ uint8_t vt_cfg8(uint32_t off)
 {
     switch (t.kind) {
     case T_LEGACY:
-        /* Without MSI-X enabled the device-specific config starts at 20. */
-        return inb((uint16_t)(t.io + VIRTIO_PCI_CONFIG_NO_MSIX + off));
+        /* 4.1.4.8: the device-specific config starts at 20, or at 24 while
+         * MSI-X is enabled (the two vector registers come first). */
+        return inb((uint16_t)(t.io + (t.msix_on ? VIRTIO_PCI_CONFIG_MSIX : VIRTIO_PCI_CONFIG_NO_MSIX) +
+                              off));
     case T_MODERN:
         return mmio_r8(t.devcfg + off);
     case T_MMIO1:
@@ -394,4 +405,134 @@ uint8_t vt_cfg8(uint32_t off)
         return mmio_r8(t.mmio + MMIO_CONFIG + off);
     }
     return 0;
+}
+
+uint16_t vt_cfg16(uint32_t off)
+{
+    return (uint16_t)(vt_cfg8(off) | (uint16_t)vt_cfg8(off + 1) << 8);
+}
+
+int vt_is_pci(void)
+{
+    return t.kind == T_LEGACY || t.kind == T_MODERN;
+}
+
+uint32_t vt_mmio_index(void)
+{
+    return t.mmio ? (uint32_t)(t.mmio - 0xfeb00000u) / 0x200u : 0;
+}
+
+/* INTx acknowledge.  4.1.4.5.1: reading the ISR status resets it and drops
+ * the interrupt line; 4.2.2: virtio-mmio reports in InterruptStatus and is
+ * acknowledged by writing the same bits to InterruptACK. */
+uint8_t vt_read_isr(void)
+{
+    switch (t.kind) {
+    case T_LEGACY:
+        return inb((uint16_t)(t.io + VIRTIO_PCI_ISR));
+    case T_MODERN:
+        return mmio_r8(t.isr);
+    case T_MMIO1:
+    case T_MMIO2: {
+        uint32_t v = mmio_r32(t.mmio + MMIO_INTERRUPT_STATUS);
+        if (v)
+            mmio_w32(t.mmio + MMIO_INTERRUPT_ACK, v);
+        return (uint8_t)v;
+    }
+    }
+    return 0;
+}
+
+/* The INTx line: PCI Interrupt Line (0x3c, written by the firmware: an
+ * 8259 IRQ on pc and q35, which is also the IOAPIC pin there).  virtio-mmio
+ * has no config space; the caller supplies its pin. */
+int vt_intx_line(uint32_t *line, int *gsi)
+{
+    if (!vt_is_pci())
+        return -1;
+    uint8_t pin = pci_r8(t.bus, t.dev, t.fn, 0x3d), l = pci_r8(t.bus, t.dev, t.fn, 0x3c);
+    if (pin == 0 || l == 0 || l >= 16)
+        return -1;
+    *line = l;
+    *gsi = l;
+    return 0;
+}
+
+/* ---- MSI-X (PCI Local Bus 3.0, 6.8.2; virtio 4.1.4.3 / 4.1.5.1.2) ---- */
+int vt_msix_on(void)
+{
+    return t.msix_on;
+}
+
+/* Program `want` table entries to deliver vectors first_vector + n to the
+ * boot CPU's local APIC (message address 0xfee00000, fixed, edge), then
+ * enable MSI-X.  Returns the number of entries programmed (0: no MSI-X). */
+int vt_msix_enable(uint32_t want, uint8_t first_vector)
+{
+    if (!vt_is_pci() || !t.msix_cap)
+        return 0;
+    int b = t.bus, d = t.dev, f = t.fn, c = t.msix_cap;
+    uint16_t ctrl = pci_r16(b, d, f, c + 2);
+    uint32_t size = (ctrl & 0x7ffu) + 1, tbl = pci_r32(b, d, f, c + 4);
+    uintptr_t base = pci_mem_bar(b, d, f, (int)(tbl & 7));
+    if (!base)
+        return 0;
+    uintptr_t table = base + (tbl & ~7u);
+    uint32_t n = want < size ? want : size;
+    /* Function mask while the table is written (6.8.2.3). */
+    pci_w16(b, d, f, c + 2, (uint16_t)(ctrl | 0x4000));
+    for (uint32_t i = 0; i < size; i++) {
+        uintptr_t e = table + 16u * i;
+        if (i < n) {
+            mmio_w32(e + 0, 0xfee00000u);    /* destination: APIC id 0, physical */
+            mmio_w32(e + 4, 0);
+            mmio_w32(e + 8, (uint32_t)first_vector + i);
+            mmio_w32(e + 12, 0);             /* unmasked */
+        } else {
+            mmio_w32(e + 12, 1);             /* masked */
+        }
+    }
+    pci_w16(b, d, f, c + 2, (uint16_t)((ctrl & ~0x4000u) | 0x8000u));
+    /* INTx is disabled while MSI-X is on (PCI command bit 10 for good measure). */
+    pci_w16(b, d, f, 0x04, (uint16_t)(pci_r16(b, d, f, 0x04) | 0x400));
+    t.msix_on = 1;
+    return (int)n;
+}
+
+void vt_msix_disable(void)
+{
+    if (!vt_is_pci() || !t.msix_cap)
+        return;
+    int b = t.bus, d = t.dev, f = t.fn, c = t.msix_cap;
+    pci_w16(b, d, f, c + 2, (uint16_t)(pci_r16(b, d, f, c + 2) & ~0x8000u));
+    pci_w16(b, d, f, 0x04, (uint16_t)(pci_r16(b, d, f, 0x04) & ~0x400u));
+    t.msix_on = 0;
+}
+
+uint16_t vt_set_config_vector(uint16_t v)
+{
+    switch (t.kind) {
+    case T_LEGACY:
+        outw((uint16_t)(t.io + VIRTIO_MSI_CONFIG_VECTOR), v);
+        return inw((uint16_t)(t.io + VIRTIO_MSI_CONFIG_VECTOR));
+    case T_MODERN:
+        mmio_w16(t.common + CC_MSIX_CONFIG, v);
+        return mmio_r16(t.common + CC_MSIX_CONFIG);
+    }
+    return VIRTIO_MSI_NO_VECTOR;
+}
+
+uint16_t vt_set_queue_vector(uint16_t q, uint16_t v)
+{
+    switch (t.kind) {
+    case T_LEGACY:
+        outw((uint16_t)(t.io + VIRTIO_PCI_QUEUE_SEL), q);
+        outw((uint16_t)(t.io + VIRTIO_MSI_QUEUE_VECTOR), v);
+        return inw((uint16_t)(t.io + VIRTIO_MSI_QUEUE_VECTOR));
+    case T_MODERN:
+        mmio_w16(t.common + CC_QSEL, q);
+        mmio_w16(t.common + CC_QMSIX, v);
+        return mmio_r16(t.common + CC_QMSIX);
+    }
+    return VIRTIO_MSI_NO_VECTOR;
 }

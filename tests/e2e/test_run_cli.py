@@ -27,9 +27,11 @@ def test_run_script_prints_output_and_returns_status(linux_image: object, tmp_pa
         [sys.executable, "-m", "host.cli", "run", "--script", str(script), "--pcap", str(pcap)],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stderr[-2000:]  # the script's own status: its last command
     out = proc.stdout
-    assert "$ ping -c 2 -W 2 10.0.2.2" in out and "2 packets received" in out
+    # One shell script (host/run_script.py): the output of each command in order, no
+    # per-line echo; comments are the shell's, never printed.
+    assert out.index("1\n") < out.index("2 packets received")
     assert "[exit 3]" in out and "# the guest" not in out
     assert pcap.stat().st_size > 200  # the capture has the pings
 

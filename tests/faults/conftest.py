@@ -14,4 +14,5 @@ def bench() -> Iterator[Bench]:
     b.take_backlog()
     b.clock.advance(10.0)
     b.engine.log.close()
-    assert b.pool.stats.in_use == 0, "a fault leaked pool packets"
+    leaks = b.pool.leaks()  # free lists and audit: buflets and large buffers included
+    assert not leaks.leaked, f"a fault leaked pool objects: {leaks}"

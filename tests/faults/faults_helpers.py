@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vdev.faults import FaultEngine, ManualClock, NicFaults
-from vdev.net.nic import VirtioNet
+from vdev.net.nic import TO_GUEST, VirtioNet
 from vdev.skywalk.pool import Pbufpool
 from vdev.testing import frames
 
@@ -69,13 +69,18 @@ class Bench:
         return got
 
     def take_backlog(self) -> list[bytes]:
+        """Deliver the backlog to a pretend guest: each frame's capture record, then free."""
         got = [self.pool.packet_bytes(p) for p in self.nic.backlog]
+        for p in self.nic.backlog:
+            self.nic.record(p, TO_GUEST)
         self.pool.free_packets(list(self.nic.backlog))
         self.nic.backlog.clear()
         return got
 
 
-def make_bench(seed: Any = 0, log: str | None = None, num_packets: int = 512) -> Bench:
+def make_bench(
+    seed: Any = 0, log: str | None = None, num_packets: int = 512, queue_pairs: int = 1
+) -> Bench:
     pool = Pbufpool(num_packets=num_packets, buf_size=2048)
     clock = ManualClock(100.0)
     forwarded: list[bytes] = []
@@ -84,7 +89,7 @@ def make_bench(seed: Any = 0, log: str | None = None, num_packets: int = 512) ->
         forwarded.extend(pool.packet_bytes(p) for p in pkts)
         pool.free_packets(pkts)
 
-    nic = VirtioNet("nic0", pool, forward)
+    nic = VirtioNet("nic0", pool, forward, queue_pairs=queue_pairs)
     engine = FaultEngine(seed=seed, clock=clock, log=log)
     engine.nic(nic)
     return Bench(pool, nic, clock, engine, forwarded)

@@ -44,6 +44,8 @@ def rig(tmp_path: Path) -> Iterator[tuple[Device, Any, FaultEngine]]:
     fe.close()
     engine.log.close()
     dev.close()
+    leaks = dev.pool.leaks()  # free lists and audit: buflets and large buffers included
+    assert not leaks.leaked, str(leaks)
 
 
 def test_rx_drop_and_corrupt_reach_the_driver(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from faults_helpers import make_ring_bench
 
 from vdev.abi import lib
@@ -30,14 +32,26 @@ def test_out_of_order_not_with_in_order() -> None:
 
 
 def test_bad_used_id_modes() -> None:
+    """The bogus id is pinned per mode against an independent model of the draw (the rule's
+    random.Random(str(seed)): first the out-of-range offset, then, for not_outstanding, an
+    index into the ids neither in flight nor the head), not just "one of the idle ones".
+
+    Mutations killed (tools/mutants/section5.toml ``ring-*``): the idle list keeping buffers
+    still in flight, or keeping the head; out-of-range ids starting inside the ring.  The
+    old ``bogus in (0, 1, 2)`` accepted 3 of the 7 ids a mutated pick could return.
+    """
+    size = 8  # FakeQueue: every id starts in flight
     rb = make_ring_bench()
     nf = rb.nf
     with nf.bad_used_id(queue="rx", nth=2, seed=5) as rule:
         rb.complete(0, [0, 1, 2], written=100)
+    model = random.Random("5")
+    out_of_range = size + model.randrange(size)
+    assert out_of_range == 13 and out_of_range >= size
     assert rb.queues[0].calls == [
         ("push", 0, 100),
         ("push", 1, 100),
-        ("raw", 13, 100),
+        ("raw", out_of_range, 100),
         ("push", 2, 100),
         ("flush",),
     ]
@@ -45,9 +59,24 @@ def test_bad_used_id_modes() -> None:
     rb.queues[0].calls.clear()
     with nf.bad_used_id(queue="rx", mode="not_outstanding", nth=1, replace=True, seed=5):
         rb.complete(0, [3])
+    # Model: 0, 1, 2 completed above; 3 is the head; 4..7 are still in flight.
+    model = random.Random("5")
+    model.randrange(size)  # the out-of-range draw comes first in every mode
+    idle = [0, 1, 2]
+    want = idle[model.randrange(len(idle))]
     ((kind, bogus, _), _flush) = rb.queues[0].calls
-    assert kind == "raw" and bogus in (0, 1, 2)  # completed earlier: not outstanding
+    assert (kind, bogus) == ("raw", want)
+    assert not rb.queues[0]._inflight[bogus]  # not outstanding: the driver has it back
     assert rb.queues[0]._inflight[3]  # replaced: the real buffer is never returned
+    # Every draw of the mode stays outside the in-flight set, for many seeds.
+    for seed in range(40):
+        rb2 = make_ring_bench()
+        with rb2.nf.bad_used_id(queue="rx", mode="not_outstanding", nth=4, seed=seed):
+            rb2.complete(0, [0, 1, 2, 3], written=10)
+        (raw,) = [c for c in rb2.queues[0].calls if c[0] == "raw"]
+        m = random.Random(str(seed))
+        m.randrange(size)
+        assert raw[1] == [0, 1, 2][m.randrange(3)], seed
 
 
 def test_double_complete_and_lying_lengths() -> None:

@@ -113,6 +113,27 @@ def udp_echo_request(payload: bytes, sport: int = 40000) -> bytes:
     return RESPONDER_MAC + GUEST_MAC + b"\x08\x00" + ip + udp
 
 
+def check_echo(frame: bytes, payload: bytes) -> None:
+    """The responder's UDP echo, byte for byte where it is defined, parsed with dpkt: addresses
+    and ports swapped, the exact payload, a valid IPv4 header checksum (dpkt recomputes it).
+
+    Mutation killed: the responder echoing zeros of the right length (tools/mutants/
+    section5-qemu.toml ``bare-echo-zeros``); the old test only compared lengths."""
+    import dpkt
+
+    assert len(frame) == 14 + 20 + 8 + len(payload)
+    eth = dpkt.ethernet.Ethernet(frame)
+    assert (eth.dst, eth.src, eth.type) == (GUEST_MAC, RESPONDER_MAC, 0x0800)
+    ip = eth.data
+    assert (ip.src, ip.dst, ip.p, ip.len) == (RESPONDER_IP, GUEST_IP, 17, 28 + len(payload))
+    udp = ip.data
+    assert (udp.sport, udp.dport, udp.ulen, udp.sum) == (7, 40000, 8 + len(payload), 0)
+    assert bytes(udp.data) == payload
+    sent_sum = ip.sum
+    ip.sum = 0  # serialising recomputes it (and fills in the UDP sum: read above, first)
+    assert dpkt.ip.IP(bytes(ip)).sum == sent_sum
+
+
 def dumped(reply_lines: list[str]) -> list[bytes]:
     return [bytes.fromhex(ln.split("hex=")[1]) for ln in reply_lines if ln.startswith("frame ")]
 
@@ -128,12 +149,15 @@ def test_responder_round_trips(bare_elf: Path, vdev: VdevServe, append: str) -> 
         assert arp[:6] == GUEST_MAC and arp[12:14] == b"\x08\x06"
         assert arp[20:22] == b"\x00\x02" and arp[28:32] == RESPONDER_IP  # ARP reply
         for size in (18, 600, 1400):
-            payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+            # No zero runs: a zero-filled echo must not match (it did with the old payload).
+            payload = bytes((7 * i + 1) & 0xFF or 0x5A for i in range(size))
             g.cmd(f"txhex {udp_echo_request(payload).hex()} 10")
-            got = g.cmd("rx 10 3000")
+            got = g.cmd("rx 10 3000 full")
             assert got.int("received") == 10
-            # the echo is at least as long as what was sent (min Ethernet padding aside)
-            assert got.int("min") >= 14 + 20 + 8 + size
+            echoes = dumped(got.lines)
+            assert len(echoes) == 10
+            for echo in echoes:
+                check_echo(echo, payload)
         g.cmd("tx 300 60 32")
         stats = g.stats()
         assert stats["violations"] == 0

@@ -103,3 +103,28 @@ def test_interactive_console(tmp_path: Path, leave: str) -> None:
     finally:
         if child.isalive():
             child.close(force=True)
+
+
+def test_interactive_console_ends_on_a_device_failure(tmp_path: Path) -> None:
+    """The device drops the vhost-user connection under an interactive session (`vdev ctl
+    crash`): the bridge ends, the reason is printed and the status is 4."""
+    import pexpect
+
+    elf = require_tools()
+    ctl = tmp_path / "c.sock"
+    argv = ["-m", "host.cli", "sandbox", "--elf", str(elf), "--ctl", str(ctl)]
+    child = pexpect.spawn(sys.executable, argv, cwd=str(REPO), encoding="utf-8", timeout=30)
+    try:
+        child.expect_exact("vdev> ")
+        crash = subprocess.run(
+            [sys.executable, "-m", "host.cli", "ctl", "--socket", str(ctl), "crash", "--nic", "0"],
+            cwd=REPO, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert crash.returncode == 0, crash.stderr
+        child.expect_exact("device failure: the device dropped its vhost-user connection")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 4, child.before
+    finally:
+        if child.isalive():
+            child.close(force=True)

@@ -28,10 +28,15 @@ _counter = 0
 
 
 def unique_prefix(tag: str) -> str:
-    """An EAL --file-prefix no other testpmd on this machine uses."""
+    """An EAL --file-prefix no other testpmd on this machine uses.
+
+    The pid makes it unique per process (each pytest-xdist worker is one); the worker id
+    (``gw0``...) only makes /var/run/dpdk readable while a parallel run is going.
+    """
     global _counter
     _counter += 1
-    return f"vdev{tag}{os.getpid()}x{_counter}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return f"vdev{tag}{worker}{os.getpid()}x{_counter}"
 
 
 @dataclass

@@ -55,23 +55,51 @@ def test_legacy_driver_10_byte_header(frontend: FrontendFactory, device: Device)
     assert reply[34] == 0 and struct.unpack_from("!H", reply, 40)[0] == 3
 
 
+def rfc1071(data: bytes) -> int:
+    """Brute-force RFC 1071 oracle: add 16-bit words one by one, folding every carry back in
+    at once (the "end-around carry"), then complement.  Independent of vdev.net.checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    acc = 0
+    for i in range(0, len(data), 2):
+        acc += (data[i] << 8) | data[i + 1]
+        acc = (acc & 0xFFFF) + (acc >> 16)
+    return ~acc & 0xFFFF
+
+
 def test_tx_checksum_offload_is_completed(frontend: FrontendFactory, device: Device) -> None:
     """With CSUM the guest seeds the UDP checksum with the pseudo-header sum (as Linux does)
-    and the device finishes it: the result must verify like any received UDP datagram."""
-    from vdev.net.checksum import ones_complement_sum
+    and the device finishes it: the result must equal what dpkt computes for the datagram.
+
+    Verified against dpkt and a brute-force RFC 1071 sum, not vdev's own function: a broken
+    end-around carry in ``ones_complement_sum`` (0x7aa6 where dpkt says 0x7aa4) passed the
+    old self-check.  The payload (0xff bytes) makes the word sum carry many times over.
+    Mutation killed: tools/mutants/section5.toml ``csum-*``.
+    """
+    import dpkt
 
     ch = device.open_channel("host")
     fe = frontend()
     assert fe.has(lib.VIRTIO_NET_F_CSUM)
-    frame = bytearray(udp(5000, b"payload!", dst_mac=HOST_MAC))
+    payload = b"\xff" * 40 + b"payload!"
+    frame = bytearray(udp(5000, payload, dst_mac=HOST_MAC))
     udp_len = len(frame) - 34
     pseudo = bytes(frame[26:34]) + struct.pack("!BBH", 0, 17, udp_len)
-    frame[40:42] = struct.pack("!H", ones_complement_sum(pseudo))
+    raw = sum(struct.unpack(f"!{len(payload) // 2}H", payload))
+    assert raw >> 16 >= 10  # the end-around carry is exercised, many times
+    seed = ~rfc1071(pseudo) & 0xFFFF  # the folded pseudo-header sum, not complemented
+    frame[40:42] = struct.pack("!H", seed)
     vnet = struct.pack("<BBHHHHH", lib.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 6, 0)
     fe.send([bytes(frame)], vnet=vnet)
     (got,) = drain_channel(ch, 1)
     assert got[:40] == frame[:40] and got[42:] == frame[42:]
-    assert ones_complement_sum(pseudo + got[34:]) == 0xFFFF  # checksum verifies
+    ip = dpkt.ethernet.Ethernet(got).data
+    completed = ip.data.sum
+    ip.data.sum = 0
+    ip.sum = 0
+    want = dpkt.ip.IP(bytes(ip)).data.sum  # dpkt computes the UDP checksum itself
+    assert completed == want
+    assert completed == rfc1071(pseudo + got[34:40] + b"\0\0" + got[42:])
     ch.close()
 
 

@@ -25,7 +25,9 @@ def loop(pool: Pbufpool) -> Iterator[tuple[LoopbackPort, Channel, Channel]]:
 
 
 def assert_no_leak(pool: Pbufpool) -> None:
+    """Nothing allocated and the accounting sound (free lists, chains, large buffers)."""
     assert pool.stats.in_use == 0, pool.leaks()
+    assert pool.audit() == []
     rep = pool.close()
     assert not rep.leaked, str(rep)
 

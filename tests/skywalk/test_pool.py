@@ -145,3 +145,82 @@ def test_free_and_deliver_refuse_duplicates() -> None:
     pool.free_packets(a)
     ch.close()
     assert_no_leak(pool)
+
+
+# -- accounting against the free lists ---------------------------------------------------------
+# Mutations these catch (tools/mutants/section5.toml, pool-*): ``_release`` not returning a
+# chained buflet (``fe.append(j)`` removed) or a large buffer (``fl.append(...)`` removed),
+# ``free_buflets`` or ``_release`` not returning the buflet/packet itself.  Before the stats
+# were read from the free lists, the first two survived the skywalk, net and faults suites:
+# ``in_use``/``buflets_in_use`` read 0 and ``close()`` reported no leak.
+
+
+def test_alloc_free_cycles_give_everything_back() -> None:
+    pool = Pbufpool(num_packets=32, max_frags=2, num_buflets=20, num_large_bufs=4,
+                    large_buf_size=4096)  # fmt: skip
+    for _ in range(3):
+        got = pool.alloc_packets(20, nbufs=2)
+        assert len(got) == 20 and pool.stats.buflets_in_use == 20
+        pool.free_packets(got)
+        assert (pool.stats.in_use, pool.stats.buflets_in_use) == (0, 0)
+        big = [pool.packet_from_bytes(bytes(5000)) for _ in range(2)]  # 2 large buffers each
+        assert None not in big and pool.stats.large_in_use == 4
+        pool.free_packets([b for b in big if b is not None])
+        assert pool.stats.large_in_use == 0
+        spare = pool.alloc_buflets(20)
+        assert len(spare) == 20 and pool.stats.buflets_in_use == 20
+        pool.free_buflets(spare)
+        assert pool.audit() == []
+    assert_no_leak(pool)
+
+
+def test_stats_and_leak_report_see_a_lost_buflet() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=2, num_buflets=8)
+    got = pool.alloc_packets(4, nbufs=2)
+    pool.free_packets(got)
+    lost = pool._free_ext.pop()  # what a free path that forgets a chained buflet leaves
+    assert pool.stats.in_use == 0 and pool.stats.buflets_in_use == 1
+    assert pool.audit() == [f"1 buflets neither free nor held (lost): [{lost}]"]
+    with pytest.raises(PoolError, match="lost"):
+        pool.check()
+    rep = pool.close()
+    assert rep.leaked and rep.packets == [] and rep.buflets_in_use == 1
+    assert "1 external buflets" in str(rep) and "lost" in str(rep)
+
+
+def test_stats_and_leak_report_see_a_lost_large_buffer() -> None:
+    pool = Pbufpool(num_packets=8, num_large_bufs=2, large_buf_size=8192)
+    idx = pool.packet_from_bytes(bytes(3000))
+    assert idx is not None and pool.stats.large_in_use == 1
+    pool.free_packets([idx])
+    lost = pool._free_large.pop()
+    assert pool.stats.large_in_use == 1
+    assert pool.audit() == [f"1 large buffers neither free nor held (lost): [{lost}]"]
+    rep = pool.close()
+    assert rep.leaked and rep.packets == [] and rep.large_in_use == 1
+    assert "1 large buffers not on the free lists" in str(rep)
+
+
+def test_audit_finds_shared_double_free_and_stale_objects() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=2, num_buflets=8, num_large_bufs=2)
+    a, b = pool.alloc_packets(2, nbufs=2)
+    assert pool.audit() == []
+    pool.b_next[b] = pool.b_next[a]  # two chains through one buflet (and one lost)
+    problems = pool.audit()
+    assert any("buflet" in p and f"packet {b}" in p and f"packet {a}" in p for p in problems)
+    assert any("lost" in p for p in problems)
+    pool.b_next[b] = pool._free_ext[-1]  # a chain through a free buflet
+    assert any("held by the free list" in p for p in pool.audit())
+    pool._free_pkts.append(a)  # allocated and on the free list
+    assert f"packet {a} is allocated and on the free list" in pool.audit()
+    pool._free_pkts.append(a)
+    assert "packet free list holds duplicates" in pool.audit()
+    pool.pkt_nbufs[a] = 3
+    assert f"packet {a}: chain of 2 buflets, nbufs says 3" in pool.audit()
+    pool.close()
+    stale = Pbufpool(num_packets=4, num_large_bufs=2)
+    idx = stale.packet_from_bytes(bytes(3000))
+    assert idx is not None
+    stale.b_large[stale._free_pkts[-1]] = 1  # a free packet that still says "large"
+    assert any("still hold large buffers" in p for p in stale.audit())
+    stale.close()

@@ -221,3 +221,33 @@ def test_kick_fds_are_watched_while_rings_run(served: Served) -> None:
                 assert dev.kicks.count(1) == 1
             finally:
                 close_rings(rings)
+
+
+def test_a_silent_newcomer_does_not_replace_the_active_one(served: Served) -> None:
+    """A peer that connects and leaves without a word (vdev.socketpath.live_listener's
+    liveness probe) costs the running front-end nothing; one that stays silent is held, and
+    closed with the server."""
+    import socket
+
+    dev, loop, srv = served
+    with running(loop), FrontendMemory() as mem:
+        with VhostUserFrontend.connect(srv.path) as fe:
+            rings = qemu_start(fe, mem, num=32)
+            try:
+                wait_for(lambda: sorted(dev.started) == [0, 1], "rings never started")
+                backend = srv.backend
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                probe.connect(srv.path)
+                probe.close()  # connected and left
+                silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                silent.connect(srv.path)  # connected and says nothing
+                wait_for(lambda: len(srv._held) == 1, "silent peer not held")
+                assert fe.get_vring_base(1) == 0  # the served front-end is still served
+                assert srv.backend is backend and srv.replaced == 0 and srv.connections == 1
+                assert sorted(dev.started) == [0]  # only ring 1 was stopped, by us
+            finally:
+                close_rings(rings)
+        wait_for(lambda: not srv.connected, "disconnect not seen")
+    silent.close()
+    # The loop has stopped, so the server still holds its end of the silent connection:
+    # the fixture's close must close it (no_fd_leak checks).

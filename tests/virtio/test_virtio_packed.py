@@ -19,6 +19,7 @@ from virtio_helpers import (
     make_memory,
 )
 
+from vdev.abi import lib
 from vdev.net.nic import net_queue_direction
 from vdev.skywalk.errors import DefunctError, KillReason, SyncError, SyncKind
 from vdev.virtio.memory import GuestMemory
@@ -167,6 +168,10 @@ def _post_raw(drv: PackedDriverQueue, descs: list[tuple[int, int, int, int]]) ->
 
 PACKED_CASES = [
     ("id_range", [(DATA_LOW, 4, 7, 0)], r"buffer id 7 >= queue size 5"),
+    # The first id past the end: with ``>`` for ``>=`` this one reached _inflight[5] and
+    # raised IndexError instead of a named kill.
+    ("id_eq_size", [(DATA_LOW, 4, 5, 0)], r"buffer id 5 >= queue size 5"),
+    ("id_max", [(DATA_LOW, 4, 0xFFFF, 0)], r"buffer id 65535 >= queue size 5"),
     ("not_avail", [(DATA_LOW, 4, 0, F_NEXT)], r"chain entry 1 is not available"),
     ("hole", [(LOW_SIZE, 4, 0, 0)], r"buffer 0xa0000\+0x4 outside guest memory"),
     ("writable_tx", [(DATA_LOW, 4, 0, F_WRITE)], r"device-writable"),
@@ -197,6 +202,55 @@ def test_packed_violations(mem: GuestMemory, descs: list, detail: str) -> None:
     assert c is not None and c.head == bid
 
 
+def test_packed_last_buffer_id_is_accepted(mem: GuestMemory) -> None:
+    """size - 1 is the last valid id (the other end of the id range check; with ``>=`` made
+    ``> size`` the ``id_eq_size`` case fails: ``virtio-packed-buf-id-gt``)."""
+    dev, drv = make_packed(mem, 9, size=5)
+    _post_raw(drv, [(DATA_LOW, 1, 4, 0)])
+    c = dev.pop()
+    assert c is not None and c.head == 4
+    dev.push(4, 0)
+    dev.flush_used()
+    assert dev.defunct is None
+
+
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_packed_readable_after_writable(mem: GuestMemory, indirect: bool) -> None:
+    """2.8 "Driver Requirements: Scatter-Gather Support": device-writable elements come
+    after every device-readable one; on a queue that takes both (the control queue).
+    Mutation killed: the check removed (``virtio-packed-readable-after-writable``)."""
+    dev, drv = make_packed(mem, 9, size=5, sync=SyncKind.EVENT)
+    w_then_r = [(DATA_HIGH, 4, 1, F_WRITE), (DATA_LOW, 4, 1, 0)]
+    if indirect:
+        drv.write_indirect(TABLE, [(a, n, 0, fl) for a, n, _bid, fl in w_then_r])
+        _post_raw(drv, [(TABLE, 32, 1, F_INDIRECT)])
+    else:
+        _post_raw(drv, [(DATA_HIGH, 4, 1, F_WRITE | F_NEXT), (DATA_LOW, 4, 1, 0)])
+    with pytest.raises(SyncError, match="device-readable after a device-writable") as info:
+        dev.pop()
+    assert info.value.reason is KillReason.INTERNALIZE_FAILED
+    ok, odrv = make_packed(mem, 11, size=5, sync=SyncKind.EVENT)  # the legal order passes
+    _post_raw(odrv, [(DATA_LOW, 4, 1, F_NEXT), (DATA_HIGH, 4, 1, F_WRITE)])
+    c = ok.pop()
+    assert c is not None and (c.read_len, c.write_len) == (4, 4)
+
+
+def test_packed_indirect_not_negotiated(mem: GuestMemory) -> None:
+    """2.8.7: INDIRECT only when negotiated (``virtio-packed-indirect-not-negotiated``)."""
+    no_ind = FEATURES & ~(1 << lib.VIRTIO_RING_F_INDIRECT_DESC)
+    dev, drv = make_packed(mem, 9, size=5, features=no_ind)
+    drv.write_indirect(TABLE, [(DATA_LOW, 4, 0, 0)])
+    _post_raw(drv, [(TABLE, 16, 0, F_INDIRECT)])
+    with pytest.raises(SyncError, match="INDIRECT not negotiated") as info:
+        dev.pop()
+    assert info.value.reason is KillReason.INTERNALIZE_FAILED
+    ok, odrv = make_packed(mem, 11, size=5)  # negotiated: the same table is fine
+    odrv.write_indirect(TABLE, [(DATA_LOW, 4, 0, 0)])
+    _post_raw(odrv, [(TABLE, 16, 0, F_INDIRECT)])
+    c = ok.pop()
+    assert c is not None and c.read_len == 4
+
+
 def test_packed_id_twice_and_state(mem: GuestMemory) -> None:
     dev, drv = make_packed(mem, 9, size=5)
     _post_raw(drv, [(DATA_LOW, 1, 2, 0), (DATA_LOW, 1, 2, 0)])
@@ -218,7 +272,8 @@ def test_packed_legal_random(size: int, ops: list[tuple[int, int, bool]]) -> Non
     pushed: dict[int, int] = {}
     popped = []
     for kind, n, flag in ops:
-        if kind == 0 and drv.num_free >= (1 if flag else n) and drv._free_ids:
+        # (a legal driver never builds an indirect list longer than the queue: 2.8)
+        if kind == 0 and drv.num_free >= (1 if flag else n) and drv._free_ids and n <= size:
             drv.add_chain([(DATA_LOW, 8)] * (n - 1), [(DATA_HIGH, 16)], indirect=flag)
         elif kind == 1:
             drv.publish()

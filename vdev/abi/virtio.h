@@ -2,7 +2,8 @@
  * vdev virtio ABI: split-ring and virtio-net layouts shared by the host
  * (cffi, through vdev/abi/__init__.py) and the freestanding guest driver.
  * Field names and bit numbers follow the virtio 1.x specification,
- * sections "Virtqueues" (2.7 Split Virtqueues) and "Network Device".
+ * sections "Virtqueues" (2.7 Split Virtqueues, 2.8 Packed Virtqueues) and
+ * "Network Device".
  * All fields are little endian (VERSION_1 or x86 legacy).
  */
 #ifndef VDEV_ABI_VIRTIO_H
@@ -19,6 +20,16 @@
 #define VRING_AVAIL_F_NO_INTERRUPT 1
 /* 2.7.8 The Virtqueue Used Ring */
 #define VRING_USED_F_NO_NOTIFY 1
+
+/* 2.8.1 Driver and Device Ring Wrap Counters: flag bit numbers in
+ * struct vring_packed_desc.flags (NEXT, WRITE, INDIRECT as above) */
+#define VRING_PACKED_DESC_F_AVAIL 7
+#define VRING_PACKED_DESC_F_USED 15
+/* 2.8.10 Event Suppression Structure Format: vring_packed_desc_event.flags */
+#define VRING_PACKED_EVENT_FLAG_ENABLE 0
+#define VRING_PACKED_EVENT_FLAG_DISABLE 1
+#define VRING_PACKED_EVENT_FLAG_DESC 2
+#define VRING_PACKED_EVENT_F_WRAP_CTR 15
 
 /* 6 Reserved Feature Bits */
 #define VIRTIO_F_NOTIFY_ON_EMPTY 24
@@ -71,6 +82,19 @@
 #define VIRTIO_PCI_STATUS 18
 #define VIRTIO_PCI_ISR 19
 #define VIRTIO_PCI_CONFIG_NO_MSIX 20
+#define VIRTIO_MSI_CONFIG_VECTOR 20     /* only while MSI-X is enabled */
+#define VIRTIO_MSI_QUEUE_VECTOR 22
+#define VIRTIO_PCI_CONFIG_MSIX 24
+#define VIRTIO_MSI_NO_VECTOR 0xffff
+/* 4.1.4.5 ISR status: bit 0 a used buffer, bit 1 a configuration change */
+#define VIRTIO_PCI_ISR_QUEUE 1
+#define VIRTIO_PCI_ISR_CONFIG 2
+
+/* 5.1.6.5 Control Virtqueue */
+#define VIRTIO_NET_OK 0
+#define VIRTIO_NET_ERR 1
+#define VIRTIO_NET_CTRL_MQ 4
+#define VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET 0
 
 /* 2.1 Device Status Field */
 #define VIRTIO_STATUS_ACKNOWLEDGE 1
@@ -104,6 +128,20 @@ struct vring_used_hdr {
     /* struct vring_used_elem ring[num]; uint16_t avail_event (EVENT_IDX) */
 };
 
+/* 2.8.13 Packed Virtqueue Descriptor */
+struct vring_packed_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;                         /* buffer id, echoed by the device when used */
+    uint16_t flags;
+};
+
+/* 2.8.10 Event Suppression Structure Format */
+struct vring_packed_desc_event {
+    uint16_t off_wrap;                   /* descriptor offset | wrap counter << 15 */
+    uint16_t flags;                      /* VRING_PACKED_EVENT_FLAG_* */
+};
+
 /* 5.1.6 Device Operation: header with MRG_RXBUF or VERSION_1 (12 bytes). */
 struct virtio_net_hdr_mrg {
     uint8_t flags;
@@ -127,6 +165,8 @@ struct virtio_net_config {
 #ifndef VDEV_CFFI
 typedef char vdev_vring_desc_size[(sizeof(struct vring_desc) == 16) ? 1 : -1];
 typedef char vdev_net_hdr_size[(sizeof(struct virtio_net_hdr_mrg) == 12) ? 1 : -1];
+typedef char vdev_packed_desc_size[(sizeof(struct vring_packed_desc) == 16) ? 1 : -1];
+typedef char vdev_packed_event_size[(sizeof(struct vring_packed_desc_event) == 4) ? 1 : -1];
 #endif
 
 #endif /* VDEV_ABI_VIRTIO_H */

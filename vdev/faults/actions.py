@@ -9,6 +9,10 @@ which bypass the hooks, so a delayed frame is not delayed twice).
 Modified frames are new pool packets (``packet_from_bytes``) rather than edits in place:
 the pool API we rely on gives copies, and a failed allocation just leaves the frame as it
 was and is logged (``alloc_failed``), instead of corrupting accounting.
+
+Capture: the NIC writes one record per frame at its fate.  An action that modifies, holds
+or duplicates a frame attaches its event's comment to the packet (``VirtioNet.annotate``);
+one that drops a frame writes the frame's record itself, with the comment, then frees it.
 """
 
 from __future__ import annotations
@@ -45,20 +49,31 @@ class ActionContext:
     def direction(self) -> int:
         return FROM_GUEST if self.tx else TO_GUEST
 
-    def event(self, kind: str, frame: bytes | None, **detail: Any) -> None:
+    def event(
+        self, kind: str, frame: bytes | None, *, pkt: int | None = None, **detail: Any
+    ) -> str:
+        """Log one fault; returns its capture comment, also attached to ``pkt`` if given."""
         self.emitted += 1
-        self.emit(
-            kind,
-            rule=self.rule,
-            nic=self.nic.name,
-            queue=self.index,
-            frame=frame,
-            direction=self.direction,
-            **detail,
+        ev = self.emit(
+            kind, rule=self.rule, nic=self.nic.name, queue=self.index, frame=frame, **detail
         )
+        comment = str(ev.comment())
+        if pkt is not None:
+            self.nic.annotate(pkt, comment)
+        return comment
 
-    def replace(self, pkt: int, frame: bytes, *, clear_offload: bool = False) -> int:
-        """A new packet holding ``frame`` (same vnet header) in place of ``pkt``."""
+    def drop(self, pkt: int, kind: str, reason: str) -> None:
+        """Drop ``pkt`` by this rule: log it, count it, record the frame once, free it."""
+        frame = self.nic.pool.packet_bytes(pkt)
+        comment = self.event(kind, frame)
+        self.nic.stats[self.index].drop(reason)
+        self.nic.record(pkt, self.direction, comment, frame)
+        self.nic.pool.free_packets([pkt])
+
+    def replace(self, pkt: int, frame: bytes, *, clear_offload: bool = False) -> int | None:
+        """A new packet holding ``frame`` (same vnet header) in place of ``pkt``, with its
+        capture notes; None (``pkt`` left as it was, the failure noted on it) if the pool
+        cannot hold it."""
         pool = self.nic.pool
         vnet = pool.packet_vnet(pkt)
         if clear_offload and vnet is not None:
@@ -67,13 +82,25 @@ class ActionContext:
         try:
             new = pool.packet_from_bytes(frame, vnet)
         except PoolError as exc:
-            self.event("alloc_failed", None, error=str(exc))
-            return pkt
+            self.event("alloc_failed", None, pkt=pkt, error=str(exc))
+            return None
         if new is None:
-            self.event("alloc_failed", None, error="pool exhausted")
-            return pkt
+            self.event("alloc_failed", None, pkt=pkt, error="pool exhausted")
+            return None
+        self.nic.pass_notes(pkt, new)
         pool.free_packets([pkt])
         return new
+
+    def modify(
+        self, pkt: int, frame: bytes, kind: str, *, clear_offload: bool = False, **detail: Any
+    ) -> list[int]:
+        """Put ``frame`` in place of ``pkt``; the packet that goes on carries the note."""
+        comment = self.event(kind, frame, **detail)
+        new = self.replace(pkt, frame, clear_offload=clear_offload)
+        if new is None:
+            return [pkt]
+        self.nic.annotate(new, comment)
+        return [new]
 
 
 class Action:
@@ -102,10 +129,7 @@ class Drop(Action):
     name = "drop"
 
     def apply(self, ctx: ActionContext, pkt: int) -> list[int]:
-        frame = ctx.nic.pool.packet_bytes(pkt)
-        ctx.event("drop", frame)
-        ctx.nic.stats[ctx.index].drop("fault")
-        ctx.nic.pool.free_packets([pkt])
+        ctx.drop(pkt, "drop", "fault")
         return []
 
 
@@ -141,9 +165,7 @@ class Corrupt(Action):
                 bit = 1 << ctx.rng.randrange(8)
                 data[off] ^= bit
                 flipped.append([off, bit])
-        frame = bytes(data)
-        ctx.event("corrupt", frame, flipped=flipped)
-        return [ctx.replace(pkt, frame)]
+        return ctx.modify(pkt, bytes(data), "corrupt", flipped=flipped)
 
     def params(self) -> dict[str, Any]:
         d: dict[str, Any] = {"flips": self.flips, "skip": self.skip}
@@ -167,9 +189,7 @@ class Truncate(Action):
         frame = ctx.nic.pool.packet_bytes(pkt)
         if len(frame) <= self.length:
             return [pkt]
-        cut = frame[: self.length]
-        ctx.event("truncate", cut, was=len(frame))
-        return [ctx.replace(pkt, cut, clear_offload=True)]
+        return ctx.modify(pkt, frame[: self.length], "truncate", clear_offload=True, was=len(frame))
 
     def params(self) -> dict[str, Any]:
         return {"length": self.length}
@@ -201,8 +221,8 @@ class Pad(Action):
         if target <= len(frame):
             return [pkt]
         grown = frame + bytes([self.fill]) * (target - len(frame))
-        ctx.event("oversize" if self.over_mtu is not None else "pad", grown, was=len(frame))
-        return [ctx.replace(pkt, grown)]
+        kind = "oversize" if self.over_mtu is not None else "pad"
+        return ctx.modify(pkt, grown, kind, was=len(frame))
 
     def params(self) -> dict[str, Any]:
         d: dict[str, Any] = {"bytes": self.nbytes, "fill": self.fill}
@@ -232,10 +252,13 @@ class Duplicate(Action):
         for _ in range(self.copies):
             dup = pool.packet_from_bytes(frame, vnet)
             if dup is None:
-                ctx.event("alloc_failed", None, error="pool exhausted")
+                ctx.event("alloc_failed", None, pkt=pkt, error="pool exhausted")
                 break
+            ctx.nic.pass_notes(pkt, dup, keep=True)  # what happened before, e.g. a corruption
             out.append(dup)
-        ctx.event("duplicate", frame, copies=len(out) - 1)
+        comment = ctx.event("duplicate", frame, pkt=pkt, copies=len(out) - 1)
+        for k, dup in enumerate(out[1:], 1):
+            ctx.nic.annotate(dup, f"{comment} copy={k}")
         return out
 
     def params(self) -> dict[str, Any]:
@@ -268,7 +291,7 @@ class Reorder(Action):
             raise ValueError(f"after: {self.after} must be >= 1")
 
     def apply(self, ctx: ActionContext, pkt: int) -> list[int]:
-        ctx.event("reorder", ctx.nic.pool.packet_bytes(pkt), after=self.after)
+        ctx.event("reorder", ctx.nic.pool.packet_bytes(pkt), pkt=pkt, after=self.after)
         entry = _Held(pkt, self.after + 1, ctx.release)  # +1: tick() runs for this one too
         self._held.append(entry)
 
@@ -320,7 +343,7 @@ class Delay(Action):
     def apply(self, ctx: ActionContext, pkt: int) -> list[int]:
         jitter = ctx.rng.uniform(-self.jitter_ms, self.jitter_ms) if self.jitter_ms else 0.0
         wait = max(0.0, self.ms + jitter) / 1000.0
-        ctx.event("delay", ctx.nic.pool.packet_bytes(pkt), ms=round(wait * 1000, 3))
+        ctx.event("delay", ctx.nic.pool.packet_bytes(pkt), pkt=pkt, ms=round(wait * 1000, 3))
         self._held[pkt] = ctx.release
 
         def due() -> None:
@@ -388,10 +411,7 @@ class RateLimit(Action):
             if self.bps is not None:
                 self._byte_tokens -= size
             return [pkt]
-        frame = ctx.nic.pool.packet_bytes(pkt)
-        ctx.event("rate_limit", frame)
-        ctx.nic.stats[ctx.index].drop("fault_rate_limit")
-        ctx.nic.pool.free_packets([pkt])
+        ctx.drop(pkt, "rate_limit", "fault_rate_limit")
         return []
 
     def params(self) -> dict[str, Any]:

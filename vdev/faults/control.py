@@ -25,14 +25,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import selectors
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vdev import socketpath
 from vdev.errors import VdevError
 from vdev.faults.engine import FaultEngine, engine_stats
 from vdev.faults.rules import SpecError
@@ -92,20 +91,9 @@ class ControlServer:
         self.engine = engine if engine is not None else FaultEngine.for_device(device)
         self.clients: dict[int, _Client] = {}
         self.requests = 0
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket from a previous run
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            # Restrict before listen(): nobody can connect to a socket that is not listening,
-            # so there is no window where another user could get in.
-            os.chmod(path, 0o600)
-            sock.listen(8)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        # Never take over another instance's socket (vdev.socketpath refuses a live
+        # listener and only replaces a stale file); mode 0600 is set before listen().
+        sock, self._ino = socketpath.listen_unix(path, backlog=8, mode=0o600)
         self.sock = sock
         self.commands: dict[str, tuple[set[str], Callable[[dict[str, Any]], dict[str, Any]]]] = {
             "ping": (set(), lambda r: {"pong": True}),
@@ -217,8 +205,7 @@ class ControlServer:
             with contextlib.suppress(*_GONE):
                 self.device.sel.unregister(self.sock)
             self.sock.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            socketpath.release(self.path, self._ino)
 
     def __enter__(self) -> ControlServer:
         return self

@@ -132,15 +132,7 @@ class FaultEngine:
         self.lock: contextlib.AbstractContextManager[Any] = (
             device.lock if device is not None else threading.RLock()
         )
-        capture = device.capture if device is not None else None
-        sink = None
-        if capture is not None:
-            cap = capture
-
-            def sink(nic: str, frame: bytes, direction: int, comment: str) -> None:
-                cap.write(nic, frame, direction, comment)
-
-        self.log = EventLog(log, clock=self.clock, capture=sink)
+        self.log = EventLog(log, clock=self.clock)
         self._nics: dict[str, NicFaults] = {}
         self._ids = itertools.count(1)
         self.device_faults: dict[str, DeviceFault] = {}
@@ -382,6 +374,16 @@ class NicFaults:
     def add(self, spec: Mapping[str, Any] | Rule) -> Rule:
         """Install a rule (a ``Rule`` or a spec mapping, see ``rules.build_rule``)."""
         rule = spec if isinstance(spec, Rule) else build_rule(spec)
+        pairs = getattr(self.nic, "queue_pairs", None)
+        if isinstance(pairs, int) and rule.queue.pair is not None and rule.queue.pair >= pairs:
+            # A rule on a queue the NIC does not have could never fire: refuse it by name.
+            asked = spec.get("queue", str(rule.queue)) if isinstance(spec, Mapping) else rule.queue
+            asked = asked if isinstance(asked, int | str) else str(asked)
+            raise SpecError(
+                f"queue: {asked!r}: {self.nic.name} has {pairs} queue pair(s) "
+                f"(rx0..rx{pairs - 1}, tx0..tx{pairs - 1})",
+                "queue",
+            )
         with self.engine.lock:
             if rule.installed:
                 raise SpecError(f"rule {rule.id} is already installed")

@@ -4,7 +4,8 @@
    test can show exactly what the device did and a rerun with the same seed can be diffed
    line by line (timestamps come from the engine's clock, relative to its start);
 2. counters by kind and by rule (``EventLog.counts``), folded into the engine stats;
-3. a pcapng comment on the affected frame when the device writes a capture, so the frame
+3. a pcapng comment on the affected frame's one capture record when the device writes a
+   capture (the action hands the comment to ``VirtioNet.annotate``/``record``), so the frame
    that was corrupted or dropped is visible in Wireshark next to the traffic around it.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 # Capture direction flags (pcapng epb_flags): 1 inbound = from the guest (TX queues),
-# 2 outbound = to the guest (RX queues), matching what VirtioNet.tap writes.
+# 2 outbound = to the guest (RX queues), as VirtioNet records them.
 FROM_GUEST = 1
 TO_GUEST = 2
 
@@ -55,12 +56,8 @@ class FaultEvent:
         return " ".join(parts)
 
 
-# (nic name, frame, direction, comment) -> None
-CaptureSink = Callable[[str, bytes, int, str], None]
-
-
 class EventLog:
-    """Bounded in-memory log plus optional JSON-lines file and capture sink."""
+    """Bounded in-memory log plus optional JSON-lines file."""
 
     def __init__(
         self,
@@ -68,7 +65,6 @@ class EventLog:
         *,
         clock: Callable[[], float],
         keep: int = 100_000,
-        capture: CaptureSink | None = None,
     ) -> None:
         self.path = path
         self.clock = clock
@@ -76,7 +72,6 @@ class EventLog:
         self.events: deque[FaultEvent] = deque(maxlen=keep)
         self.counts: dict[str, int] = {}
         self.by_rule: dict[str, int] = {}
-        self.capture = capture
         self._seq = 0
         self._file: IO[str] | None = open(path, "a", encoding="utf-8") if path else None
         self.listeners: list[Callable[[FaultEvent], None]] = []
@@ -89,10 +84,9 @@ class EventLog:
         nic: str | None = None,
         queue: int | None = None,
         frame: bytes | None = None,
-        direction: int = 0,
         **detail: Any,
     ) -> FaultEvent:
-        """Record one fault; ``frame`` (with ``direction``) also goes to the capture."""
+        """Record one fault; ``frame`` gives its length (``len`` in the detail)."""
         self._seq += 1
         if frame is not None and "len" not in detail:
             detail["len"] = len(frame)
@@ -104,8 +98,6 @@ class EventLog:
         if self._file is not None:
             self._file.write(json.dumps(ev.as_dict(), sort_keys=True) + "\n")
             self._file.flush()
-        if frame is not None and self.capture is not None and nic is not None:
-            self.capture(nic, frame, direction, ev.comment())
         for listener in self.listeners:
             listener(ev)
         return ev

@@ -1,4 +1,4 @@
-"""Declarative fault scenarios: a TOML timeline of steps, rules and expectations.
+"""Declarative fault scenarios: a TOML timeline of traffic, steps, rules and expectations.
 
 Format (full reference in docs/faults.md; examples in scenarios/)::
 
@@ -7,11 +7,15 @@ Format (full reference in docs/faults.md; examples in scenarios/)::
     seed = 42              # engine seed: rule RNGs derive from it
     duration = 10.0        # run until t = 10 s even if the steps finish earlier (optional)
 
+    [traffic]              # what the guest and the host send meanwhile (or [[traffic]] flows)
+    kind = "ping"          # ping | udp | frames
+    rate = 10              # packets per second (udp/frames: or "flood" with count = N)
+
     [[rule]]               # installed at t = 0; same keys as the Python API
     id = "loss"
     action = "drop"
     queue = "rx"
-    p = 0.05
+    p = 0.05               # optional = true: the rule may never fire without failing the run
 
     [[step]]
     at = 2.0               # or: after = 1.5 (since the previous step), after_packets = 100
@@ -22,34 +26,35 @@ Format (full reference in docs/faults.md; examples in scenarios/)::
     rule = "loss"
     min_hits = 1
 
+    [liveness]             # after the faults end: "recovers" (default) or "breaks"
+    within = 10.0
+
 ``load_scenario(path)`` validates everything up front (unknown keys, wrong types, rule
-specs, references to unknown rule ids) and raises ``ScenarioError`` with ``file:line``
-naming the bad key.  ``play(scenario, device, console, qmp)`` runs the timeline against a
-device and returns a ``Report`` with each rule's hit count and each expectation's verdict;
-``report.ok`` is what ``vdev run --scenario`` turns into its exit status.  TOML values are
+specs, references to unknown rule ids, traffic and liveness) and raises ``ScenarioError``
+with ``file:line`` naming the bad key.  ``vdev.faults.scenario_play.play`` (re-exported
+here) runs it; ``vdev.faults.scenario_report.Report`` is the verdict.  TOML values are
 data only: nothing is evaluated or imported.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import sys
-import time
 import tomllib
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from vdev.errors import VdevError
-from vdev.faults.engine import DeviceFault, FaultEngine
-from vdev.faults.rules import Rule, SpecError, build_rule
+from vdev.faults.rules import SpecError, build_rule
+from vdev.faults.scenario_report import ExpectResult, Report, StepResult
+from vdev.faults.traffic import FlowError, TrafficFlow, parse_flow
 
 if TYPE_CHECKING:
     from vdev.net.device import Device
 
-TOP_KEYS = {"scenario", "rule", "step", "expect"}
+TOP_KEYS = {"scenario", "rule", "step", "expect", "traffic", "liveness"}
+LIVENESS_KEYS = {"expect", "within", "answers", "console"}
+LIVENESS_EXPECT = ("recovers", "breaks", "none")
 SCENARIO_KEYS = {"name", "description", "seed", "duration", "timeout"}
 TRIGGER_KEYS = {"at", "after", "after_packets", "direction", "nic", "timeout"}
 STEP_KEYS: dict[str, set[str]] = {
@@ -63,6 +68,7 @@ STEP_KEYS: dict[str, set[str]] = {
     "restore_pool": {"id"},
     "wait_console": {"pattern"},
     "sleep": {"seconds"},
+    "alive": {"within", "answers"},
     "expect": {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals"},
 }
 EXPECT_KEYS = {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals", "name"}
@@ -98,6 +104,20 @@ class Expect:
 
 
 @dataclass
+class Liveness:
+    """What must hold once the faults are over.
+
+    ``recovers``: the guest answers the host's probe ``answers`` times within ``within``
+    seconds.  ``breaks``: the scenario is meant to break the guest; the console must show
+    ``console`` (a regex) by ``within`` seconds after the end.  ``none``: not checked."""
+
+    expect: str = "recovers"
+    within: float = 15.0
+    answers: int = 3
+    console: str | None = None
+
+
+@dataclass
 class Scenario:
     name: str
     path: str | None = None
@@ -108,6 +128,9 @@ class Scenario:
     rules: list[dict[str, Any]] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     expects: list[Expect] = field(default_factory=list)
+    traffic: list[TrafficFlow] = field(default_factory=list)
+    liveness: Liveness = field(default_factory=Liveness)
+    optional: set[str] = field(default_factory=set)  # rule ids that may never fire
 
 
 class _Locator:
@@ -148,9 +171,13 @@ class _Ctx:
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.loc = _Locator(text)
+        self.optional: set[str] = set()
 
     def error(self, table: str, nth: int, key: str | None, message: str) -> ScenarioError:
         line = self.loc.key(table, nth, key)
+        if line is None:  # "traffic = 3": a key, not a table header
+            pat = re.compile(rf"^\s*{re.escape(table)}\s*=")
+            line = next((i for i, ln in enumerate(self.loc.lines, 1) if pat.match(ln)), None)
         where = f"{self.path}:{line}" if line else self.path
         what = f"{table}[{nth}]" if nth else f"[{table}]"
         return ScenarioError(f"{where}: {what}: {message}")
@@ -164,9 +191,17 @@ def load_scenario(path: str | Path) -> Scenario:
     """Parse and validate a scenario file; ScenarioError names the file, line and key."""
     p = str(path)
     try:
-        text = Path(p).read_text(encoding="utf-8")
+        data = Path(p).read_bytes()
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # TOML 1.0 "Spec": a TOML file must be valid UTF-8
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ScenarioError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "TOML files must be UTF-8"
+        ) from None
     return parse_scenario(text, p)
 
 
@@ -191,7 +226,7 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
             )
             raise ScenarioError(
                 f"{path}:{line or '?'}: {key}: unknown top-level key "
-                f"(allowed: [scenario], [[rule]], [[step]], [[expect]])"
+                f"(allowed: [scenario], [traffic], [[rule]], [[step]], [[expect]], [liveness])"
             )
     head = data.get("scenario", {})
     if not isinstance(head, dict):
@@ -239,14 +274,94 @@ def parse_scenario(text: str, path: str = "<scenario>") -> Scenario:
         raise ctx.error("expect", 0, None, "use [[expect]] tables (an array of tables)")
     for i, raw in enumerate(expects, 1):
         sc.expects.append(_parse_expect(ctx, "expect", i, raw, known_ids, EXPECT_KEYS))
+    sc.traffic = _parse_traffic(ctx, data.get("traffic"))
+    sc.liveness = _parse_liveness(ctx, data.get("liveness"))
+    sc.optional = ctx.optional
     return sc
+
+
+def _parse_traffic(ctx: _Ctx, raw: object) -> list[TrafficFlow]:
+    """``[traffic]`` (one flow) or ``[[traffic]]`` (several), see vdev.faults.traffic."""
+    if raw is None:
+        return []
+    if not isinstance(raw, dict | list):
+        raise ctx.error("traffic", 0, None, "use a [traffic] table or [[traffic]] tables")
+    tables = [(0, raw)] if isinstance(raw, dict) else list(enumerate(raw, 1))
+    flows = []
+    for nth, table in tables:
+        try:
+            flows.append(parse_flow(table, max(nth, 1)))
+        except FlowError as exc:
+            raise ctx.error("traffic", nth, exc.key, str(exc)) from None
+    return flows
+
+
+def _parse_liveness(ctx: _Ctx, raw: object) -> Liveness:
+    if raw is None:
+        return Liveness()
+    if not isinstance(raw, dict):
+        raise ctx.error("liveness", 0, None, "must be a table ([liveness])")
+    for key in raw:
+        if key not in LIVENESS_KEYS:
+            raise ctx.error(
+                "liveness",
+                0,
+                key,
+                f"{key}: unknown key (allowed: {', '.join(sorted(LIVENESS_KEYS))})",
+            )
+    live = Liveness()
+    expect = raw.get("expect", live.expect)
+    if expect not in LIVENESS_EXPECT:
+        raise ctx.error(
+            "liveness", 0, "expect", f"expect: {expect!r} must be {', '.join(LIVENESS_EXPECT)}"
+        )
+    live.expect = str(expect)
+    if "within" in raw:
+        v = raw["within"]
+        if not _number(v) or v <= 0:
+            raise ctx.error("liveness", 0, "within", f"within: {v!r} must be seconds > 0")
+        live.within = float(v)
+    if "answers" in raw:
+        v = raw["answers"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ctx.error("liveness", 0, "answers", f"answers: {v!r} must be an integer >= 1")
+        if live.expect != "recovers":
+            raise ctx.error("liveness", 0, "answers", 'answers: only with expect = "recovers"')
+        live.answers = v
+    if "console" in raw:
+        pat = raw["console"]
+        if live.expect != "breaks":
+            raise ctx.error("liveness", 0, "console", 'console: only with expect = "breaks"')
+        if not isinstance(pat, str) or not pat:
+            raise ctx.error("liveness", 0, "console", "console: must be a regex string")
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise ctx.error(
+                "liveness", 0, "console", f"console: not a valid regex: {exc}"
+            ) from None
+        live.console = pat
+    elif live.expect == "breaks":
+        raise ctx.error(
+            "liveness",
+            0,
+            "expect",
+            'expect = "breaks" needs console = "<regex>": the console line that shows the '
+            "guest broke the way the scenario declares",
+        )
+    return live
 
 
 def _check_rule(ctx: _Ctx, table: str, nth: int, spec: object, known: set[str]) -> None:
     if not isinstance(spec, dict):
         raise ctx.error(table, nth, None, "a rule must be a table")
+    optional = spec.get("optional", False)
+    if not isinstance(optional, bool):
+        raise ctx.error(table, nth, "optional", f"optional: {optional!r} must be true or false")
+    if optional and not isinstance(spec.get("id"), str):
+        raise ctx.error(table, nth, "optional", 'optional = true needs id = "<rule id>"')
     try:
-        rule = build_rule(spec)
+        rule = build_rule(rule_spec(spec))
     except SpecError as exc:
         raise ctx.error(table, nth, exc.key, str(exc)) from None
     nic = spec.get("nic", 0)
@@ -256,6 +371,13 @@ def _check_rule(ctx: _Ctx, table: str, nth: int, spec: object, known: set[str]) 
         if rule.id in known:
             raise ctx.error(table, nth, "id", f"id: {rule.id!r} is defined twice")
         known.add(rule.id)
+        if optional:
+            ctx.optional.add(rule.id)
+
+
+def rule_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A [[rule]] table without the scenario-only keys (``optional``): what build_rule takes."""
+    return {k: v for k, v in spec.items() if k != "optional"}
 
 
 def _parse_step(ctx: _Ctx, nth: int, raw: object, known: set[str]) -> Step:
@@ -345,6 +467,14 @@ def _parse_step(ctx: _Ctx, nth: int, raw: object, known: set[str]) -> Step:
         v = raw.get("seconds")
         if not _number(v) or v < 0:
             raise ctx.error("step", nth, "seconds", f"seconds: {v!r} must be a number >= 0")
+    elif do == "alive":
+        for key, default in (("within", 10.0), ("answers", 3)):
+            v = raw.get(key, default)
+            good = _number(v) and v > 0 if key == "within" else isinstance(v, int) and v >= 1
+            if isinstance(v, bool) or not good:
+                what = "seconds > 0" if key == "within" else "an integer >= 1"
+                raise ctx.error("step", nth, key, f"{key}: {v!r} must be {what}")
+            step.params[key] = v
     elif do == "expect":
         step.params = {"expect": _parse_expect(ctx, "step", nth, params, known, EXPECT_KEYS)}
     return step
@@ -391,383 +521,17 @@ def _parse_expect(
     return exp
 
 
-# -- playing --------------------------------------------------------------------------------
-
-
-@dataclass
-class StepResult:
-    index: int
-    do: str
-    t: float
-    ok: bool
-    detail: str = ""
-
-
-@dataclass
-class ExpectResult:
-    name: str
-    ok: bool
-    value: Any
-    detail: str
-
-
-@dataclass
-class Report:
-    """What ``vdev run --scenario`` prints; ``ok`` False means exit non-zero."""
-
-    name: str
-    seed: int | str
-    duration: float
-    rules: list[dict[str, Any]]
-    steps: list[StepResult]
-    expects: list[ExpectResult]
-    events: dict[str, int]
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.error is None and all(s.ok for s in self.steps) and all(e.ok for e in self.expects)
-        )
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.ok else 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "ok": self.ok,
-            "seed": self.seed,
-            "duration": round(self.duration, 3),
-            "error": self.error,
-            "rules": self.rules,
-            "steps": [vars(s) for s in self.steps],
-            "expects": [vars(e) for e in self.expects],
-            "events": self.events,
-        }
-
-    def format(self) -> str:
-        lines = [
-            f"scenario {self.name}: {'PASS' if self.ok else 'FAIL'} "
-            f"(seed {self.seed}, {self.duration:.1f} s)"
-        ]
-        if self.error:
-            lines.append(f"  error: {self.error}")
-        lines.append("  rules:")
-        for r in self.rules:
-            lines.append(
-                f"    {r['id']:12} {r['action']:16} {r.get('queue', ''):6} "
-                f"hits={r['hits']:<6} seen={r.get('seen', 0)}"
-            )
-        lines.append("  steps:")
-        for s in self.steps:
-            mark = "ok  " if s.ok else "FAIL"
-            lines.append(f"    {mark} {s.index:3} t={s.t:7.3f} {s.do} {s.detail}".rstrip())
-        if self.expects:
-            lines.append("  expectations:")
-            for e in self.expects:
-                lines.append(f"    {'ok  ' if e.ok else 'FAIL'} {e.name}: {e.detail}")
-        if self.events:
-            lines.append(
-                "  events: " + " ".join(f"{k}={v}" for k, v in sorted(self.events.items()))
-            )
-        return "\n".join(lines)
-
-
-class _Player:
-    def __init__(
-        self,
-        sc: Scenario,
-        device: Device,
-        console: Any,
-        qmp: Any,
-        engine: FaultEngine,
-        sleep: Callable[[float], None] | None,
-    ) -> None:
-        self.sc = sc
-        self.device = device
-        self.console = console
-        self.qmp = qmp
-        self.engine = engine
-        self.t0 = time.monotonic()
-        self.installed: dict[str, Rule | DeviceFault] = {}
-        self.seen_rules: list[Rule] = []
-        self.steps: list[StepResult] = []
-        self.expects: list[ExpectResult] = []
-        self._sleep = sleep
-        self.deadline = self.t0 + sc.timeout
-        self.base_packets: dict[str, dict[str, int]] = {}
-        self.base_events = dict(engine.log.counts)  # event expectations count this run only
-
-    def now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def pump(self, seconds: float) -> None:
-        """Let time pass: run the device loop ourselves when nobody else does."""
-        if self._sleep is not None:
-            self._sleep(seconds)
-        elif getattr(self.device, "_thread", None) is None:
-            self.device.poll(max(0.0, seconds))
-        else:
-            time.sleep(max(0.0, seconds))
-
-    def wait_until(self, cond: Callable[[], bool], timeout: float) -> bool:
-        end = min(time.monotonic() + timeout, self.deadline)
-        while not cond():
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            self.pump(min(0.01, left))
-        return True
-
-    def packets(self, step: Step) -> int:
-        nf = self.engine.nic(step.nic)
-        counts = nf.packets
-        base = self.base_packets.setdefault(nf.nic.name, dict(counts))
-        dirs = ("tx", "rx") if step.packets == "both" else (step.packets,)
-        return sum(counts[d] - base.get(d, 0) for d in dirs)
-
-    def add_rule(self, spec: dict[str, Any], nic: int | str) -> Rule:
-        rule = self.engine.nic(spec.get("nic", nic)).add(build_rule(spec))
-        self.installed[rule.id] = rule
-        self.seen_rules.append(rule)
-        return rule
-
-    def run(self) -> None:
-        for nic in self.device.nics:  # after_packets counts from the start of this run
-            self.base_packets[nic.name] = dict(self.engine.nic(nic).packets)
-        for spec in self.sc.rules:
-            self.add_rule(spec, 0)
-        last = 0.0
-        for step in self.sc.steps:
-            ok, detail = self.trigger(step, last)
-            if ok:
-                try:
-                    ok, detail = self.execute(step)
-                except Exception as exc:  # a QMP error, a vanished NIC...: the step failed
-                    ok, detail = False, f"{type(exc).__name__}: {exc}"
-            last = self.now()
-            self.steps.append(StepResult(step.index, step.do, round(last, 3), ok, detail))
-        if self.sc.duration is not None:
-            self.wait_until(lambda: self.now() >= (self.sc.duration or 0.0), self.sc.duration + 1)
-
-    def trigger(self, step: Step, last: float) -> tuple[bool, str]:
-        if step.at is not None:
-            at = step.at
-            ok = self.wait_until(lambda: self.now() >= at, at - self.now() + 1)
-            return ok, "" if ok else f"scenario timeout before t={at}"
-        if step.after is not None:
-            at = last + step.after
-            ok = self.wait_until(lambda: self.now() >= at, step.after + 1)
-            return ok, "" if ok else f"scenario timeout before t={at:.3f}"
-        if step.after_packets is not None:
-            n = step.after_packets
-            ok = self.wait_until(lambda: self.packets(step) >= n, step.timeout)
-            return ok, "" if ok else (
-                f"only {self.packets(step)} of {n} packets after {step.timeout:g} s"
-            )
-        return True, ""
-
-    def execute(self, step: Step) -> tuple[bool, str]:
-        p = step.params
-        eng = self.engine
-        with eng.lock:
-            if step.do == "add":
-                rule = self.add_rule(p["rule"], step.nic)
-                return True, f"rule {rule.id} ({rule.action.name})"
-            if step.do == "remove":
-                target = self.installed.get(p["id"]) or eng.find(p["id"])
-                if target is None:
-                    return False, f"no rule {p['id']!r}"
-                target.remove()
-                return True, p["id"]
-            if step.do == "clear":
-                eng.clear()
-                return True, ""
-            if step.do == "link_down":
-                qmp = self.qmp if p.get("qmp") else None
-                if p.get("qmp") and qmp is None:
-                    return False, "qmp = true but no QMP connection was given"
-                fault = eng.nic(step.nic).link_down(
-                    qmp=qmp, qmp_name=p.get("qmp_name"), fault_id=p.get("id")
-                )
-                self.installed[fault.id] = fault
-                return True, fault.id
-            if step.do == "link_up":
-                eng.nic(step.nic).link_up()
-                return True, ""
-            if step.do == "crash":
-                eng.crash_backend(step.nic)
-                return True, ""
-            if step.do == "shrink_pool":
-                fault = eng.shrink_pool(p["packets"], fault_id=p.get("id"))
-                self.installed[fault.id] = fault
-                return True, f"{fault.id}: {fault.info.get('held')} packets held"
-            if step.do == "restore_pool":
-                faults = [
-                    f
-                    for f in list(eng.device_faults.values())
-                    if f.kind == "pool_limit" and p.get("id") in (None, f.id)
-                ]
-                for f in faults:
-                    f.remove()
-                return True, f"{len(faults)} released"
-            if step.do == "expect":
-                res = self.check(p["expect"])
-                self.expects.append(res)
-                return res.ok, res.detail
-        if step.do == "sleep":
-            secs = float(p["seconds"])
-            end = self.now() + secs
-            self.wait_until(lambda: self.now() >= end, secs + 1)
-            return True, ""
-        if step.do == "wait_console":
-            if self.console is None:
-                return False, "no console to wait on"
-            try:
-                self.console.expect(p["pattern"], timeout=step.timeout)
-            except Exception as exc:  # GuestTimeout, GuestCrashed, pexpect errors
-                return False, f"{type(exc).__name__}: {exc}"
-            return True, f"saw {p['pattern']!r}"
-        return False, f"unhandled step {step.do!r}"
-
-    def check(self, exp: Expect) -> ExpectResult:
-        value: Any
-        if exp.rule is not None:
-            rule = self.installed.get(exp.rule)
-            value = rule.hits if rule is not None else None
-        elif exp.event is not None:
-            value = self.engine.log.counts.get(exp.event, 0) - self.base_events.get(exp.event, 0)
-        else:
-            assert exp.stat is not None
-            value = _stat_path(self.device, self.engine, exp.stat)
-        return _verdict(exp, value)
-
-
-def _stat_path(device: Device, engine: FaultEngine, path: str) -> Any:
-    """A value from ``device.stats()`` by dotted path (list items by index or by name);
-    ``faults.<...>`` reads the engine stats instead."""
-    from vdev.faults.engine import engine_stats
-
-    parts = path.split(".")
-    node: Any
-    if parts[0] == "faults":
-        node, parts = engine_stats(engine), parts[1:]
-    else:
-        node = device.stats()
-    for part in parts:
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        elif isinstance(node, list):
-            found = [n for n in node if isinstance(n, Mapping) and n.get("name") == part]
-            if not found:
-                return None
-            node = found[0]
-        else:
-            return None
-    return node
-
-
-def _verdict(exp: Expect, value: Any) -> ExpectResult:
-    if value is None:
-        return ExpectResult(exp.name, False, None, "no such value")
-    if exp.equals is not None:
-        ok = value == exp.equals
-        return ExpectResult(exp.name, ok, value, f"{value!r} {'==' if ok else '!='} {exp.equals!r}")
-    if not _number(value):
-        return ExpectResult(exp.name, False, value, f"{value!r} is not a number")
-    lo, hi = exp.min, exp.max
-    ok = (lo is None or value >= lo) and (hi is None or value <= hi)
-    rng = f"[{'' if lo is None else f'{lo:g}'}, {'' if hi is None else f'{hi:g}'}]"
-    return ExpectResult(exp.name, ok, value, f"{value} {'in' if ok else 'not in'} {rng}")
-
-
-def play(
-    scenario: Scenario | str | Path,
-    device: Device,
-    console: Any = None,
-    qmp: Any = None,
-    *,
-    engine: FaultEngine | None = None,
-    sleep: Callable[[float], None] | None = None,
-    keep_rules: bool = False,
-) -> Report:
-    """Run a scenario against ``device``; never raises for a failing scenario (see Report).
-
-    ``console``: object with ``expect(pattern, timeout)`` (host.console.Console);
-    ``qmp``: QEMUMonitorProtocol-like (``cmd``) for ``link_down`` steps with ``qmp = true``.
-    When the device loop is not running in a thread, ``play`` runs it while it waits.
-    Rules and device faults the scenario installed are removed at the end unless
-    ``keep_rules``.
-    """
-    sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
-    eng = engine if engine is not None else FaultEngine.for_device(device)
-    if sc.seed is not None:
-        eng.seed = sc.seed
-    player = _Player(sc, device, console, qmp, eng, sleep)
-    error: str | None = None
-    try:
-        player.run()
-    except (SpecError, OSError, ValueError, RuntimeError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    eng.qmp_links.flush()
-    with eng.lock:
-        for exp in sc.expects:
-            player.expects.append(player.check(exp))
-        rules = [r.describe() for r in player.seen_rules]
-        rules += [f.describe() for f in player.installed.values() if isinstance(f, DeviceFault)]
-        events = {
-            k: v - player.base_events.get(k, 0)
-            for k, v in eng.log.counts.items()
-            if v - player.base_events.get(k, 0)
-        }
-        if not keep_rules:
-            for item in player.installed.values():
-                item.remove()
-    eng.qmp_links.flush()  # QMP link changes made by steps or removals have reached QEMU
-    return Report(
-        sc.name, eng.seed, player.now(), rules, player.steps, player.expects, events, error
-    )
-
-
-def play_and_print(
-    path: str | Path,
-    device: Device,
-    console: Any = None,
-    qmp: Any = None,
-    *,
-    as_json: bool = False,
-    out: TextIO | None = None,
-) -> int:
-    """What ``vdev run/sandbox --scenario FILE`` do: load, play, print, return the status.
-
-    2 when the file is invalid (the error names file, line and key), else the report's
-    exit code (1 when a step or an expectation failed)."""
-    stream = out if out is not None else sys.stdout
-    try:
-        sc = load_scenario(path)
-    except ScenarioError as exc:
-        print(f"scenario: {exc}", file=sys.stderr if out is None else stream)
-        return 2
-    report = play(sc, device, console, qmp)
-    if as_json:
-        print(json.dumps(report.as_dict(), indent=2, default=str), file=stream)
-    else:
-        print(report.format(), file=stream)
-    return report.exit_code
-
-
 def summary(sc: Scenario) -> str:
     """One paragraph for ``vdev scenario check``: what the file will do."""
     out = [
         f"{sc.path}: scenario {sc.name!r} OK: {len(sc.rules)} rule(s), "
         f"{len(sc.steps)} step(s), {len(sc.expects)} expectation(s)"
     ]
+    for flow in sc.traffic:
+        out.append(f"  traffic {flow.index}: {flow.describe()}")
     for spec in sc.rules:
-        out.append(f"  rule {spec.get('id', '?')}: {spec['action']} at t=0")
+        opt = " (optional)" if spec.get("id") in sc.optional else ""
+        out.append(f"  rule {spec.get('id', '?')}: {spec['action']} at t=0{opt}")
     for st in sc.steps:
         when = (
             f"at t={st.at:g}"
@@ -779,18 +543,49 @@ def summary(sc: Scenario) -> str:
             else "next"
         )
         out.append(f"  step {st.index}: {st.do} {when}")
+    live = sc.liveness
+    if live.expect == "recovers":
+        out.append(
+            f"  liveness: the guest answers {live.answers} probe(s) within {live.within:g} s"
+        )
+    elif live.expect == "breaks":
+        out.append(f"  liveness: the guest breaks; console shows {live.console!r}")
+    else:
+        out.append("  liveness: not checked")
     return "\n".join(out)
+
+
+# The player and the report live in their own modules (scenario_play imports this one);
+# these keep ``from vdev.faults.scenario import play`` working.
+
+
+def play(scenario: Scenario | str | Path, device: Device, *args: Any, **kw: Any) -> Report:
+    """``vdev.faults.scenario_play.play`` (see there)."""
+    from vdev.faults.scenario_play import play as play_impl
+
+    return play_impl(scenario, device, *args, **kw)
+
+
+def play_and_print(path: str | Path, device: Device, *args: Any, **kw: Any) -> int:
+    """``vdev.faults.scenario_play.play_and_print`` (see there)."""
+    from vdev.faults.scenario_play import play_and_print as impl
+
+    return impl(path, device, *args, **kw)
 
 
 __all__ = [
     "Expect",
+    "ExpectResult",
+    "Liveness",
     "Report",
     "Scenario",
     "ScenarioError",
     "Step",
+    "StepResult",
     "load_scenario",
     "parse_scenario",
     "play",
     "play_and_print",
+    "rule_spec",
     "summary",
 ]

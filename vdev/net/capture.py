@@ -3,12 +3,15 @@
 pcapng (not classic pcap) because a frame can carry a comment (opt_comment) and a
 direction (epb_flags): the fault engine annotates the frames it touched, and tshark shows
 both.  One Interface Description Block per NIC; the writer is tiny and dependency-free.
+The NIC writes one record per frame, at its fate (``VirtioNet.record``), so a dropped or
+corrupted frame appears once, with the notes saying what happened to it.
 """
 
 from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Sequence
 from typing import BinaryIO
 
 LINKTYPE_ETHERNET = 1
@@ -55,8 +58,13 @@ class PcapngWriter:
         return self._interfaces[name]
 
     def write(
-        self, interface: str, frame: bytes, direction: int = 0, comment: str | None = None
+        self,
+        interface: str,
+        frame: bytes,
+        direction: int = 0,
+        comment: str | Sequence[str] | None = None,
     ) -> None:
+        """One Enhanced Packet Block; each comment becomes its own opt_comment option."""
         if self._file.closed:
             return
         if_id = self.interface(interface)
@@ -64,11 +72,12 @@ class PcapngWriter:
         data = frame[: self.snaplen]
         body = struct.pack("<IIIII", if_id, ts >> 32, ts & 0xFFFFFFFF, len(data), len(frame))
         body += _pad4(data)
-        if comment:
-            body += _option(_OPT_COMMENT, comment.encode())
+        comments = [comment] if isinstance(comment, str) else list(comment or ())
+        for text in comments:
+            body += _option(_OPT_COMMENT, text.encode()[:0xFFFF])  # a 16-bit option length
         if direction:
             body += _option(_EPB_FLAGS, struct.pack("<I", direction))
-        if comment or direction:
+        if comments or direction:
             body += _option(_OPT_END, b"")
         self._file.write(_block(0x00000006, body))
         self.frames += 1

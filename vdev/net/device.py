@@ -108,7 +108,9 @@ class Device:
             )
             if self.capture is not None:
                 capture = self.capture
-                nic.tap = lambda n, frame, direction: capture.write(n.name, frame, direction)
+                nic.tap = lambda n, frame, direction, notes: capture.write(
+                    n.name, frame, direction, notes
+                )
             nic.defer = lambda fn: self.call_later(0.0, fn)
             server = VhostUserServer(nic, path, self.loop, client=client, name=nic.name)
             self.switch.attach(nic)

@@ -126,6 +126,12 @@ class RingFaults(Protocol):
         ...
 
 
+# The capture tap: (nic, frame, direction, notes) with direction FROM_GUEST or TO_GUEST
+# (pcapng epb_flags inbound / outbound) and the notes the frame's record carries.
+Tap = Callable[["VirtioNet", bytes, int, list[str]], None]
+FROM_GUEST = 1
+TO_GUEST = 2
+
 # Hooks the fault engine (and tests) install on the data path.  A TX hook sees the
 # packets a queue produced and returns the ones to forward; an RX hook likewise before
 # packets are written into guest buffers.  Both own the packets they drop (must free).
@@ -179,8 +185,13 @@ class VirtioNet:
         self.tx_hooks: list[PacketHook] = []
         self.rx_hooks: list[PacketHook] = []
         self.kill_log: list[tuple[int, SyncError]] = []
-        # Capture tap: (nic, frame, direction) with direction 1 = from the guest, 2 = to it.
-        self.tap: Callable[[VirtioNet, bytes, int], None] | None = None
+        # Capture: every frame that enters this NIC (a TX chain, or a packet taken from the
+        # switch) gets ONE record, written where its fate is settled: forwarded to the
+        # switch, written into guest buffers, or dropped (by a fault rule or by the device,
+        # with the reason).  Faults on the way attach notes to the packet (``annotate``), so
+        # the record says what happened to the frame, once.
+        self.tap: Tap | None = None
+        self._notes: dict[int, list[str]] = {}
         self.ring_faults: RingFaults | None = None
         # Set by the device: run a callable from its event loop soon (see process_tx).
         self.defer: Callable[[Callable[[], None]], None] | None = None
@@ -243,6 +254,7 @@ class VirtioNet:
     def disconnected(self) -> None:
         for vring in list(self.vrings.values()):
             self.queue_stopped(vring)
+        self._record_refused(list(self.backlog), "disconnected")
         self.pool.free_packets(list(self.backlog))
         self.backlog.clear()
 
@@ -306,6 +318,49 @@ class VirtioNet:
         except OSError as exc:
             log.warning("%s: queue %d call fd: %s", self.name, index, exc)
 
+    # -- capture records --------------------------------------------------------------------
+
+    def annotate(self, pkt: int, note: str) -> None:
+        """Add ``note`` (a fault's comment) to the record packet ``pkt`` gets at its fate."""
+        if self.tap is not None:
+            self._notes.setdefault(pkt, []).append(note)
+
+    def pass_notes(self, old: int, new: int, *, keep: bool = False) -> None:
+        """Packet ``new`` carries on for ``old``: a modified copy replacing it, or with
+        ``keep`` a duplicate of it; either way its record shows the notes so far."""
+        if self.tap is not None:
+            notes = self._notes.get(old, []) if keep else self._notes.pop(old, [])
+            self._notes[new] = list(notes)
+
+    def record(
+        self, pkt: int, direction: int, fate: str | None = None, frame: bytes | None = None
+    ) -> None:
+        """Write the one capture record of ``pkt`` (its bytes, or ``frame`` when the device
+        changed them on the way), its notes and, for a dropped frame, its ``fate``."""
+        notes = self._notes.pop(pkt, None) if self._notes else None
+        if self.tap is not None:
+            data = frame if frame is not None else self.pool.packet_bytes(pkt)
+            self.tap(self, data, direction, [*(notes or ()), *((fate,) if fate else ())])
+
+    def _fresh(self, pkts: list[int]) -> None:
+        """Packets entering this NIC start with no notes (a reused index had a past)."""
+        if self._notes:
+            for pkt in pkts:
+                self._notes.pop(pkt, None)
+
+    def _drop_tx_frame(self, stats: NicQueueStats, reason: str, frame: bytes | None) -> None:
+        """A TX frame the device drops before it becomes a packet: counted and recorded."""
+        stats.drop(reason)
+        if self.tap is not None and frame is not None:
+            self.tap(self, frame, FROM_GUEST, [f"vdev-drop reason={reason}"])
+
+    def _forward(self, pkts: list[int]) -> None:
+        """Hand TX packets to the switch: their fate here is "forwarded", so record them."""
+        if self.tap is not None or self._notes:
+            for pkt in pkts:
+                self.record(pkt, FROM_GUEST)
+        self.forward(self.name, pkts)
+
     # -- TX: guest -> switch ---------------------------------------------------------------
 
     def process_tx(self, index: int) -> int:
@@ -355,7 +410,9 @@ class VirtioNet:
                 self._push(queue, index, chain.head, 0)
                 # 2.7 "Virtqueue Operation": a disabled TX ring is drained and dropped.
                 if not vring.enabled or not self.link_up:
-                    stats.drop("ring_disabled" if not vring.enabled else "link_down")
+                    reason = "ring_disabled" if not vring.enabled else "link_down"
+                    frame = bytes(chain.read_bytes()[hlen:]) if self.tap is not None else None
+                    self._drop_tx_frame(stats, reason, frame)
                     continue
                 pkt = self._internalize_tx(chain, hlen, stats)
                 if pkt is not None:
@@ -369,15 +426,17 @@ class VirtioNet:
             pass
         pkts = self._run_hooks(self.tx_hooks, index, pkts)
         if pkts:
-            self.forward(self.name, pkts)
+            self._forward(pkts)
         return consumed
 
     def _internalize_tx(self, chain: Chain, hlen: int, stats: NicQueueStats) -> int | None:
         if chain.read_len < hlen + 14:
-            stats.drop("runt")
+            tapped = bytes(chain.read_bytes()[hlen:]) if self.tap is not None else None
+            self._drop_tx_frame(stats, "runt", tapped)
             return None
         if chain.read_len - hlen > MAX_FRAME:
-            stats.drop("oversize")
+            tapped = bytes(chain.read_bytes()[hlen:]) if self.tap is not None else None
+            self._drop_tx_frame(stats, "oversize", tapped)
             return None
         data = chain.read_bytes()
         hdr = bytes(data[:hlen]).ljust(NET_HDR_LEN, b"\0")
@@ -393,15 +452,14 @@ class VirtioNet:
         try:
             pkt = self.pool.packet_from_bytes(frame, hdr)
         except PoolError:  # larger than this pool can ever hold (a small custom pool)
-            stats.drop("too_big_for_pool")
+            self._drop_tx_frame(stats, "too_big_for_pool", frame)
             return None
         if pkt is None:
-            stats.drop("pool_exhausted")
+            self._drop_tx_frame(stats, "pool_exhausted", frame)
             return None
+        self._fresh([pkt])
         stats.frames += 1
         stats.bytes += len(frame)
-        if self.tap is not None:
-            self.tap(self, frame, 1)
         return pkt
 
     # -- RX: switch -> guest ---------------------------------------------------------------
@@ -412,17 +470,27 @@ class VirtioNet:
 
     def deliver(self, pkts: list[int]) -> int:
         """Switch endpoint: take frames for the guest (backlogged while buffers are short)."""
+        self._fresh(pkts)
         rx_running = [i for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)]
         if not rx_running or not self.link_up:
             # 2.7 / vhost-user "Ring states": a disabled RX ring gets nothing.
-            self.stats[0].drop("rx_ring_down" if self.link_up else "link_down", len(pkts))
+            reason = "rx_ring_down" if self.link_up else "link_down"
+            self.stats[0].drop(reason, len(pkts))
+            self._record_refused(pkts, reason)
             return 0
         room = RX_BACKLOG - len(self.backlog)
         taken = pkts[:room]
         if len(taken) < len(pkts):
             self.stats[rx_running[0]].drop("rx_backlog_full", len(pkts) - len(taken))
+            self._record_refused(pkts[room:], "rx_backlog_full")
         self.inject_rx(self._run_hooks(self.rx_hooks, rx_running[0], taken))
         return len(taken)
+
+    def _record_refused(self, pkts: list[int], reason: str) -> None:
+        """RX frames refused here (the switch frees them): recorded as dropped, by name."""
+        if self.tap is not None:
+            for pkt in pkts:
+                self.record(pkt, TO_GUEST, f"vdev-drop reason={reason}")
 
     def _run_hooks(self, hooks: list[PacketHook], index: int, pkts: list[int]) -> list[int]:
         for hook in hooks:
@@ -432,7 +500,7 @@ class VirtioNet:
     def inject_tx(self, pkts: list[int]) -> None:
         """Send packets into the switch as if the guest sent them, past the TX hooks."""
         if pkts:
-            self.forward(self.name, pkts)
+            self._forward(pkts)
 
     def inject_rx(self, pkts: list[int]) -> None:
         """Queue packets for the guest past the RX hooks (a fault releasing held frames)."""
@@ -496,6 +564,7 @@ class VirtioNet:
         vnet = self.pool.packet_vnet(pkt) or bytes(NET_HDR_LEN)
         if vnet[1] != lib.VIRTIO_NET_HDR_GSO_NONE and not self._guest_gso_ok(vnet[1]):
             stats.drop("gso_unsupported")
+            self.record(pkt, TO_GUEST, "vdev-drop reason=gso_unsupported")
             return True
         if vnet[0] & lib.VIRTIO_NET_HDR_F_NEEDS_CSUM and not self.has(lib.VIRTIO_NET_F_GUEST_CSUM):
             start, offset = struct.unpack_from("<HH", vnet, 6)
@@ -525,6 +594,7 @@ class VirtioNet:
             # one (as QEMU's virtqueue_unpop does).
             queue.rewind(start_idx)
             stats.drop("rx_buffer_too_small")
+            self.record(pkt, TO_GUEST, "vdev-drop reason=rx_buffer_too_small", frame)
             return True
         hdr = vnet[:hlen]
         if hlen == NET_HDR_LEN:
@@ -539,8 +609,7 @@ class VirtioNet:
         stats.bytes += len(frame)
         if len(chains) > 1:
             stats.merged += 1
-        if self.tap is not None:
-            self.tap(self, frame, 2)
+        self.record(pkt, TO_GUEST, frame=frame)
         return True
 
     def _guest_gso_ok(self, gso_type: int) -> bool:

@@ -3,6 +3,13 @@
 It gives a guest something to ping with no test code at all (the default gateway of the
 guest image points here), and it is the far end of the main demo's UDP bursts.
 Frames are parsed by hand with ``struct``: the formats are fixed and tiny.
+
+Like a real host it verifies checksums on input and drops what fails, counted by name
+(``bad_ip_checksum``, ``bad_icmp_checksum``, ``bad_udp_checksum``): a frame the fault
+engine corrupted on TX gets no answer, so the guest sees the loss.  A frame whose L4
+checksum is legitimately not computed yet (virtio_net_hdr NEEDS_CSUM from a host channel)
+is completed first, as the NIC would on the wire; the guest's TX path already completes
+its own before the switch (``VirtioNet._internalize_tx``).
 """
 
 from __future__ import annotations
@@ -11,13 +18,14 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from vdev.net.checksum import ones_complement_sum
+from vdev.net.checksum import complete_checksum, ones_complement_sum
 from vdev.skywalk import Pbufpool
 
 ETH_P_ARP = 0x0806
 ETH_P_IP = 0x0800
 IPPROTO_ICMP = 1
 IPPROTO_UDP = 17
+VNET_F_NEEDS_CSUM = 1  # virtio_net_hdr flags (5.1.6 "Device Operation")
 
 
 def inet_checksum(data: bytes) -> int:
@@ -48,6 +56,9 @@ class ResponderStats:
     udp_sink_packets: int = 0  # UDP frames to the sink port (counted, not answered)
     udp_sink_bytes: int = 0
     ignored: int = 0
+    bad_ip_checksum: int = 0  # dropped on input, as a host's IP layer would
+    bad_icmp_checksum: int = 0
+    bad_udp_checksum: int = 0  # only when the checksum is not 0 ("none", RFC 768)
 
 
 @dataclass
@@ -70,7 +81,13 @@ class Responder:
         """Answer what deserves an answer; replies collect in ``outbox`` for the device."""
         for pkt in pkts:
             frame = self.pool.packet_bytes(pkt)
+            vnet = self.pool.packet_vnet(pkt)
             self.pool.free_packets([pkt])
+            if vnet is not None and vnet[0] & VNET_F_NEEDS_CSUM:
+                # 5.1.6.2 "Packet Transmission": the checksum from csum_start to the end is
+                # the device's to fill in at csum_start + csum_offset; do it as the wire would.
+                start, offset = struct.unpack_from("<HH", vnet, 6)
+                frame = complete_checksum(frame, start, offset)
             reply = self.answer(frame)
             if reply is None:
                 continue
@@ -118,16 +135,28 @@ class Responder:
         if ihl < 20 or total < ihl or total > len(ip) or ip[16:20] != self._ip:
             self.stats.ignored += 1
             return None
+        # RFC 1122 3.2.1.2: a datagram whose header checksum fails is silently discarded
+        # (a correct header sums to 0xffff, RFC 1071).
+        if ones_complement_sum(ip[:ihl]) != 0xFFFF:
+            self.stats.bad_ip_checksum += 1
+            return None
         proto, peer = ip[9], ip[12:16]
         payload = ip[ihl:total]
+        if proto == IPPROTO_ICMP and len(payload) >= 8 and ones_complement_sum(payload) != 0xFFFF:
+            self.stats.bad_icmp_checksum += 1  # RFC 792: over the whole ICMP message
+            return None
         if proto == IPPROTO_ICMP and len(payload) >= 8 and payload[0] == 8:
             self.stats.icmp_replies += 1
             icmp = b"\0\0\0\0" + payload[4:]
             icmp = icmp[:2] + struct.pack("!H", inet_checksum(icmp)) + icmp[4:]
             return self._ip_frame(src, peer, IPPROTO_ICMP, icmp)
         if proto == IPPROTO_UDP and len(payload) >= 8:
-            sport, dport, ulen = struct.unpack_from("!HHH", payload, 0)
-            data = payload[8:ulen] if 8 <= ulen <= len(payload) else payload[8:]
+            sport, dport, ulen, csum = struct.unpack_from("!HHHH", payload, 0)
+            segment = payload[:ulen] if 8 <= ulen <= len(payload) else payload
+            if csum != 0 and not self._udp_checksum_ok(ip[12:16], segment):
+                self.stats.bad_udp_checksum += 1
+                return None
+            data = segment[8:]
             if dport in self.udp_sink_ports:
                 self.stats.udp_sink_packets += 1
                 self.stats.udp_sink_bytes += len(data)
@@ -139,6 +168,12 @@ class Responder:
                 return self._ip_frame(src, peer, IPPROTO_UDP, udp)
         self.stats.ignored += 1
         return None
+
+    def _udp_checksum_ok(self, src_ip: bytes, segment: bytes) -> bool:
+        """RFC 768: the sum over the pseudo-header (addresses, protocol, UDP length) and the
+        datagram, checksum field included, is 0xffff."""
+        pseudo = src_ip + self._ip + struct.pack("!BBH", 0, IPPROTO_UDP, len(segment))
+        return ones_complement_sum(pseudo + segment) == 0xFFFF
 
     def _ip_frame(self, dst_mac: bytes, dst_ip: bytes, proto: int, payload: bytes) -> bytes:
         hdr = struct.pack(

@@ -41,35 +41,76 @@ _ALLOCATED = 1
 
 @dataclass
 class PoolStats:
-    """Counters a test or the device reads to see pressure and leaks."""
+    """Counters a test or the device reads to see pressure and leaks.
 
-    in_use: int = 0
+    ``in_use``, ``buflets_in_use`` and ``large_in_use`` are not counters: they are read
+    from the free lists (objects in the pool minus objects on its free list), so they stay
+    true even if alloc/free code forgets to move an object (a counter updated by that same
+    code would be wrong in the same way).  ``Pbufpool.audit`` checks the rest: every
+    object is either free or held by exactly one live packet (or is a spare buflet).
+    """
+
     high_water: int = 0
     alloc_failures: int = 0
-    buflets_in_use: int = 0
-    large_in_use: int = 0
     allocs: int = 0
     frees: int = 0
     redzone_faults: int = 0
 
+    def bind(self, pool: Pbufpool) -> PoolStats:
+        self._pool = pool
+        return self
+
+    @property
+    def in_use(self) -> int:
+        """Packets not on the free list."""
+        return self._pool.num_packets - len(self._pool._free_pkts)
+
+    @property
+    def buflets_in_use(self) -> int:
+        """External buflets (chained after buf0, or spare) not on the free list."""
+        return self._pool.num_ext - len(self._pool._free_ext)
+
+    @property
+    def large_in_use(self) -> int:
+        """Large buffers not on the free list."""
+        return self._pool.config.num_large_bufs - len(self._pool._free_large)
+
 
 @dataclass
 class LeakReport:
-    """What was still allocated when the pool closed (empty means no leak)."""
+    """What was still allocated when the pool closed (empty means no leak).
+
+    ``buflets_in_use`` and ``large_in_use`` come from the free lists, so a buflet or large
+    buffer that a free path lost (neither free nor attached to anything) is a leak even when
+    every packet was freed; ``problems`` is what ``Pbufpool.audit`` found."""
 
     packets: list[int] = field(default_factory=list)
     by_owner: dict[int, int] = field(default_factory=dict)
-    buflets: list[int] = field(default_factory=list)
+    buflets: list[int] = field(default_factory=list)  # spare buflets never freed
+    buflets_in_use: int = 0
+    large_in_use: int = 0
+    problems: list[str] = field(default_factory=list)
 
     @property
     def leaked(self) -> bool:
-        return bool(self.packets or self.buflets)
+        return bool(
+            self.packets or self.buflets or self.buflets_in_use or self.large_in_use
+        ) or bool(self.problems)
 
     def __str__(self) -> str:
         if not self.leaked:
             return "no leaks"
         owners = ", ".join(f"owner {o}: {n}" for o, n in sorted(self.by_owner.items()))
-        return f"{len(self.packets)} packets leaked ({owners}), {len(self.buflets)} spare buflets"
+        text = (
+            f"{len(self.packets)} packets leaked ({owners}), {len(self.buflets)} spare buflets, "
+            f"{self.buflets_in_use} external buflets and {self.large_in_use} large buffers "
+            "not on the free lists"
+        )
+        if self.problems:
+            shown = "; ".join(self.problems[:5])
+            more = f" (+{len(self.problems) - 5} more)" if len(self.problems) > 5 else ""
+            text += f"; audit: {shown}{more}"
+        return text
 
 
 class _Closable(Protocol):
@@ -131,7 +172,7 @@ class Pbufpool:
         self._free_large = list(range(cfg.num_large_bufs - 1, -1, -1))
         self.owners: dict[int, set[int]] = {}
         self._loose: set[int] = set()  # spare buflets handed out by alloc_buflets
-        self.stats = PoolStats()
+        self.stats = PoolStats().bind(self)
         self._closed = False
         # The compiled fast path's view of this pool (fastglue.py), released on close.
         self.fast_ctx: _Closable | None = None
@@ -186,7 +227,7 @@ class Pbufpool:
             out.reverse()
             for idx in out:
                 self._init_packet(idx, nbufs)
-            self._count_alloc(n, n * (nbufs - 1))
+            self._count_alloc(n)
         if n < want:
             self.stats.alloc_failures += want - n
         return out
@@ -214,11 +255,9 @@ class Pbufpool:
             prev = g
         self.b_next[prev] = NO_INDEX
 
-    def _count_alloc(self, npkts: int, next_: int) -> None:
+    def _count_alloc(self, npkts: int) -> None:
         st = self.stats
-        st.in_use += npkts
         st.allocs += npkts
-        st.buflets_in_use += next_
         st.high_water = max(st.high_water, st.in_use)
 
     def free_packets(self, idxs: list[int]) -> None:
@@ -241,8 +280,6 @@ class Pbufpool:
         fe = self._free_ext
         fl = self._free_large
         st = self.stats
-        next_freed = 0
-        large_freed = 0
         for idx in idxs:
             if self.pkt_state[idx] != _ALLOCATED:
                 raise PoolError(f"packet {idx} freed twice")
@@ -258,19 +295,14 @@ class Pbufpool:
                     fl.append(self.b_buf[g])
                     self.b_large[g] = 0
                     self.b_buf[g] = g
-                    large_freed += 1
                 j = self.b_next[g]
                 self.b_next[g] = NO_INDEX
                 if j == NO_INDEX:
                     break
                 fe.append(j)
-                next_freed += 1
                 g = p + j
             self._free_pkts.append(idx)
-        st.in_use -= len(idxs)
         st.frees += len(idxs)
-        st.buflets_in_use -= next_freed
-        st.large_in_use -= large_freed
 
     def alloc_buflets(self, n: int) -> list[int]:
         """Allocate up to ``n`` spare external buflets (not attached to any packet)."""
@@ -285,7 +317,6 @@ class Pbufpool:
             self.b_dlen[g] = 0
             self.b_next[g] = NO_INDEX
         self._loose.update(out)
-        self.stats.buflets_in_use += k
         if k < n:
             self.stats.alloc_failures += n - k
         return out
@@ -304,7 +335,6 @@ class Pbufpool:
                 self.b_large[g] = 0
                 self.b_buf[g] = g
             self._free_ext.append(j)
-        self.stats.buflets_in_use -= len(idxs)
 
     # ----------------------------------------------------------------- data in / out
     def packet_from_bytes(self, data: bytes, vnet: bytes | None = None) -> int | None:
@@ -341,13 +371,11 @@ class Pbufpool:
         p = self.num_packets
         g = idx
         pos = 0
-        large = 0
         while True:
             if use_large:
                 lb = self._free_large.pop()
                 self.b_buf[g] = lb
                 self.b_large[g] = 1
-                large += 1
                 size = self.large_buf_size
                 base = lay.large_buf_off + lb * size
             else:
@@ -363,7 +391,6 @@ class Pbufpool:
             if j == NO_INDEX:
                 break
             g = p + j
-        self.stats.large_in_use += large
         self.pkt_len[idx] = n
         if vnet is not None:
             o = idx * MdOff.VNET_LEN
@@ -425,6 +452,8 @@ class Pbufpool:
             "alloc_failures": st.alloc_failures,
             "buflets_in_use": st.buflets_in_use,
             "large_in_use": st.large_in_use,
+            "num_buflets": self.num_ext,
+            "num_large_bufs": self.config.num_large_bufs,
             "allocs": st.allocs,
             "frees": st.frees,
             "redzone_faults": st.redzone_faults,
@@ -527,6 +556,87 @@ class Pbufpool:
         self._ring_free.setdefault(nbytes, []).append(arena_off - self.arena.layout.ring_off)
 
     # ----------------------------------------------------------------- teardown
+    def audit(self) -> list[str]:
+        """Check every object against the free lists; returns what is wrong (empty: sound).
+
+        Independent of the alloc/free code paths: each packet is free exactly when it is on
+        the packet free list; each external buflet and large buffer is on its free list, or
+        attached to exactly one allocated packet's trusted chain, or a spare buflet, and
+        never two of those.  Used by ``close()`` (the leak report) and by tests after each
+        scenario, so a free path that forgets or double-returns an object is caught."""
+        out: list[str] = []
+        p, e, nl = self.num_packets, self.num_ext, self.config.num_large_bufs
+
+        def free_set(name: str, items: list[int], n: int) -> set[int]:
+            got = set(items)
+            if len(got) != len(items):
+                out.append(f"{name} free list holds duplicates")
+            bad = sorted(i for i in got if not 0 <= i < n)
+            if bad:
+                out.append(f"{name} free list holds out-of-range {bad[:5]}")
+            return got - set(bad)
+
+        free_p = free_set("packet", self._free_pkts, p)
+        free_e = free_set("buflet", self._free_ext, e)
+        free_l = free_set("large buffer", self._free_large, nl)
+        ext_owner: dict[int, str] = {}  # external buflet -> who holds it
+        large_owner: dict[int, str] = {}  # large buffer -> who holds it
+
+        def claim(g: int, who: str) -> None:
+            if self.b_large[g]:
+                lb = self.b_buf[g]
+                if lb in large_owner or lb in free_l or not 0 <= lb < nl:
+                    where = large_owner.get(lb, "the free list" if lb in free_l else "range")
+                    out.append(f"large buffer {lb}: held by {who} and by {where}")
+                large_owner.setdefault(lb, who)
+
+        for idx in range(p):
+            allocated = self.pkt_state[idx] == _ALLOCATED
+            if allocated == (idx in free_p):
+                state = "allocated and on" if allocated else "free and off"
+                out.append(f"packet {idx} is {state} the free list")
+            if not allocated:
+                continue
+            who = f"packet {idx}"
+            claim(idx, who)
+            g, k = idx, 1
+            while (j := self.b_next[g]) != NO_INDEX:
+                if not 0 <= j < e:
+                    out.append(f"{who}: chain names buflet {j} out of range")
+                    break
+                if j in ext_owner or j in free_e or j in self._loose:
+                    where = ext_owner.get(j, "the free list" if j in free_e else "the spares")
+                    out.append(f"buflet {j}: in the chain of {who} and held by {where}")
+                    break
+                ext_owner[j] = who
+                g = p + j
+                claim(g, who)
+                k += 1
+            if k != self.pkt_nbufs[idx]:
+                out.append(f"{who}: chain of {k} buflets, nbufs says {self.pkt_nbufs[idx]}")
+        for j in self._loose:
+            if j in free_e:
+                out.append(f"buflet {j}: spare and on the free list")
+            ext_owner.setdefault(j, "the spares")
+            claim(p + j, f"spare buflet {j}")
+        stale = [g for g in free_p if self.b_large[g]]
+        stale += [p + j for j in free_e if self.b_large[p + j]]
+        if stale:
+            out.append(f"free buflets still hold large buffers: {sorted(stale)[:8]}")
+        lost = sorted(set(range(e)) - free_e - ext_owner.keys())
+        if lost:
+            out.append(f"{len(lost)} buflets neither free nor held (lost): {lost[:8]}")
+        lost_l = sorted(set(range(nl)) - free_l - large_owner.keys())
+        if lost_l:
+            out.append(f"{len(lost_l)} large buffers neither free nor held (lost): {lost_l[:8]}")
+        return out
+
+    def check(self) -> None:
+        """PoolError naming every audit problem (for tests and debug builds)."""
+        problems = self.audit()
+        if problems:
+            raise PoolError("pool accounting broken: " + "; ".join(problems[:8]))
+
     def leaks(self) -> LeakReport:
         rep = LeakReport()
         for idx in range(self.num_packets):
@@ -535,6 +645,9 @@ class Pbufpool:
                 o = self.pkt_owner[idx]
                 rep.by_owner[o] = rep.by_owner.get(o, 0) + 1
         rep.buflets = sorted(self._loose)
+        rep.buflets_in_use = self.stats.buflets_in_use
+        rep.large_in_use = self.stats.large_in_use
+        rep.problems = self.audit()
         return rep
 
     def close(self) -> LeakReport:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import array
 import contextlib
-import errno
 import logging
 import os
 import select
 import socket
-import stat
 import time
 from collections.abc import Iterable, Sequence
 
+from vdev import socketpath
 from vdev.errors import VdevError
 
 from .codec import (
@@ -206,16 +205,9 @@ class Listener:
 
     def __init__(self, path: str | os.PathLike[str], *, backlog: int = 4) -> None:
         self.path = os.fspath(path)
-        _clear_stale_socket(self.path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.bind(self.path)
-            self._ino = os.stat(self.path).st_ino
-            self.sock.listen(backlog)
-            self.sock.setblocking(False)
-        except BaseException:
-            self.sock.close()
-            raise
+        # One rule for every socket vdev listens on (vdev.socketpath): never take over a
+        # live listener, replace a stale file, name a missing directory.
+        self.sock, self._ino = socketpath.listen_unix(self.path, backlog=backlog)
         self.closed = False
         self._fd = self.sock.fileno()
 
@@ -244,40 +236,13 @@ class Listener:
         self.closed = True
         self.sock.close()
         # Only remove the file if it is still ours (another listener may have replaced it).
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._ino:
-                os.unlink(self.path)
+        socketpath.release(self.path, self._ino)
 
     def __enter__(self) -> Listener:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _clear_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "exists and is not a socket", path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("replacing stale vhost-user socket %s", path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
-    except OSError as exc:
-        raise FileExistsError(
-            errno.EEXIST, f"socket exists and is not usable: {exc}", path
-        ) from exc
-    finally:
-        probe.close()
-    raise FileExistsError(errno.EADDRINUSE, "a live process is listening on", path)
 
 
 def try_connect(path: str | os.PathLike[str], *, io_timeout: float = 5.0) -> Connection | None:

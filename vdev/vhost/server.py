@@ -10,15 +10,18 @@ callback.
 
 Reconnect semantics (one place, chosen deliberately):
 
-* **A new connection replaces the current one** (server mode).  A vhost-user front-end
-  opens a second connection only once it has given up on the first: QEMU ``reconnect=N``
-  after it saw the socket close, a restarted QEMU or DPDK application.  The old connection
-  is then dead, but this process may not know yet: its EOF can sit in the same loop
-  iteration, after the accept, or never come at all when the front-end's fd leaked into a
-  child that lives on.  Refusing (or queueing) the newcomer would then keep the NIC offline
-  until that zombie goes away; replacing costs only a connection whose front-end already
-  left.  The replaced backend is closed cleanly (rings stopped, fds closed, the device told)
-  and the event is logged as a warning and counted (:attr:`replaced`).
+* **A new connection that speaks replaces the current one** (server mode).  A vhost-user
+  front-end opens a second connection only once it has given up on the first: QEMU
+  ``reconnect=N`` after it saw the socket close, a restarted QEMU or DPDK application.  The
+  old connection is then dead, but this process may not know yet: its EOF can sit in the
+  same loop iteration, after the accept, or never come at all when the front-end's fd
+  leaked into a child that lives on.  Refusing (or queueing) the newcomer would then keep
+  the NIC offline until that zombie goes away; replacing costs only a connection whose
+  front-end already left.  The newcomer is held until its first byte arrives: a peer that
+  connects and leaves without a word (another vdev's liveness probe,
+  ``vdev.socketpath.live_listener``) must not cost the running guest its NIC.  The replaced
+  backend is closed cleanly (rings stopped, fds closed, the device told) and the event is
+  logged as a warning and counted (:attr:`replaced`).
 * **Client mode dials again after every disconnect** (``reconnect=True``, the default), one
   non-blocking attempt at a time, ``retry_interval`` apart, for as long as the server is
   open: the front-end (DPDK virtio_user server mode, QEMU ``server=on``) keeps listening
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from vdev.eventloop import EventLoop
@@ -76,6 +80,7 @@ class VhostUserServer:
         self.attempts = 0  # client mode: connection attempts made
         self.closed = False
         self.listener: Listener | None = None
+        self._held: set[Connection] = set()  # newcomers not yet heard from
         if client:
             self._try_connect()
         else:
@@ -100,11 +105,36 @@ class VhostUserServer:
         conn = self.listener.accept(0)
         if conn is None:
             return
+        if self.backend is None:
+            self._attach(conn)
+            return
+        # A front-end is already served: hold the newcomer until it speaks.
+        self._held.add(conn)
+        self.loop.watch(conn.fileno(), lambda: self._held_readable(conn))
+
+    def _held_readable(self, conn: Connection) -> None:
+        """A held newcomer is readable: a message replaces the current connection, EOF (a
+        probe that connected and left) just closes it."""
+        self.loop.unwatch(conn.fileno())
+        self._held.discard(conn)
+        try:
+            peeked = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:  # a spurious wakeup: keep holding it
+            self._held.add(conn)
+            self.loop.watch(conn.fileno(), lambda: self._held_readable(conn))
+            return
+        except OSError:
+            peeked = b""
+        if not peeked or self.closed:
+            conn.close()  # connected and left: a liveness probe
+            return
         if self.backend is not None:
-            log.warning("%s: a new front-end connected; dropping the previous one", self.name)
+            log.warning("%s: a new front-end spoke; dropping the previous one", self.name)
             self.replaced += 1
             self._drop()
         self._attach(conn)
+        assert self.backend is not None
+        self._on_readable(self.backend)  # its first message is waiting
 
     def _try_connect(self) -> None:
         """One non-blocking attempt; on failure the next one is scheduled on the loop."""
@@ -159,6 +189,10 @@ class VhostUserServer:
             return
         self.closed = True
         self._drop()
+        for conn in self._held:
+            self.loop.unwatch(conn.fileno())
+            conn.close()
+        self._held.clear()
         if self.listener is not None:
             self.loop.unwatch(self.listener.fileno())
             self.listener.close()

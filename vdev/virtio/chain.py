@@ -241,8 +241,10 @@ def walk_chain(
 
     Rules checked, each a ChainViolation (spec sections in the messages' comments):
     head / next index inside the table; at most ``table_size`` descriptors per table (a longer
-    walk must revisit a descriptor: a loop); INDIRECT never inside an indirect table, and
-    otherwise :func:`indirect_table`'s rules; the buffers by :class:`Segments`.
+    walk must revisit a descriptor: a loop); at most ``table_size`` (the queue size) buffer
+    descriptors in the whole chain, indirect ones included; INDIRECT never inside an
+    indirect table, and otherwise :func:`indirect_table`'s rules; the buffers by
+    :class:`Segments`.
     """
     if head >= table_size:
         raise ChainViolation(f"head {head} out of range (queue size {table_size})")
@@ -270,6 +272,16 @@ def walk_chain(
                 raise ChainViolation(
                     f"chain loop: head {head} reaches more than {limit} descriptors "
                     f"in the {where} table (at {where} {idx}, next {nxt})"
+                )
+            if total - (indirect_buf is not None) > table_size:
+                # 2.7.5.3.1 "Indirect Descriptors", driver requirements: "A driver MUST NOT
+                # create a descriptor chain longer than the Queue Size of the device."  The
+                # direct table cannot get here without a loop (caught above); an indirect
+                # table can be longer than the queue.  The descriptor pointing at the table
+                # describes no buffer and is not counted.
+                raise ChainViolation(
+                    f"chain too long: head {head} has more than {table_size} descriptors, "
+                    f"the queue size (at {where} {idx})"
                 )
             if flags & F_INDIRECT:
                 # 2.7.5.3.1 "Indirect Descriptors", driver requirements.

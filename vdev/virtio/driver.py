@@ -160,6 +160,10 @@ class DriverQueue:
                 raise RingFull("no free descriptor")
             if len(segs) * _DESC_SIZE > self.indirect_slot:
                 raise RingFull(f"{len(segs)} descriptors do not fit the indirect slot")
+            if len(segs) > self.size:
+                # 2.7.5.3.1: "A driver MUST NOT create a descriptor chain longer than the
+                # Queue Size of the device."  (The device refuses it: chain too long.)
+                raise ValueError(f"{len(segs)} descriptors: longer than the queue size {self.size}")
             head = self._free.pop()
             table_gpa = self.indirect_table_gpa(head)
             self.write_indirect(

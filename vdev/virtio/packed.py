@@ -299,12 +299,32 @@ class PackedQueue(QueueLifecycle):
             addr, length, buf_id = int(d.addr), int(d.len), int(d.id)
             count += 1
             if count > size:
+                # Defensive: entry ``size`` is the first one again, whose AVAIL bit is for
+                # the other wrap counter, so it fails the availability check first.
                 raise ChainViolation(f"chain longer than the queue size {size}")
             if flags & F_INDIRECT:
                 # 2.8.7 "Indirect Flag: Scatter-Gather Support"
+                if count > 1:
+                    # 2.8 "Driver Requirements: Indirect Descriptors": "A driver MUST NOT
+                    # write direct descriptors with DESC_F_INDIRECT set in a scatter-gather
+                    # list linked by VIRTQ_DESC_F_NEXT."
+                    raise ChainViolation(
+                        f"desc {idx} has INDIRECT set after {count - 1} direct "
+                        "descriptors linked by NEXT"
+                    )
                 tview, n = indirect_table(
                     self.mem.gpa_view, f"desc {idx}", addr, length, flags, indirect_ok=self.indirect
                 )
+                if n > size:
+                    # 2.8 "Driver Requirements: Scatter-Gather Support": "A driver MUST NOT
+                    # create a descriptor list longer than the Queue Size", and for indirect
+                    # tables "longer than allowed by the device": this device allows the
+                    # queue size, as for split rings (2.7.5.3.1).
+                    tview.release()
+                    raise ChainViolation(
+                        f"chain too long: indirect table of {n} entries, "
+                        f"more than the queue size {size}"
+                    )
                 tbuf = pffi.from_buffer(tview)
                 try:
                     table = pffi.cast("struct pvirtq_desc *", tbuf)

@@ -87,6 +87,10 @@ class PackedDriverQueue:
             raise RuntimeError("packed ring full")
         buf_id = self._free_ids.pop()
         if indirect:
+            if len(segs) > self.size:
+                # 2.8 "Driver Requirements: Scatter-Gather Support": not longer than the
+                # Queue Size (the device refuses it: chain too long).
+                raise ValueError(f"{len(segs)} descriptors: longer than the queue size {self.size}")
             if self._indirect_area is None or len(segs) * DESC_SIZE > self.indirect_slot:
                 raise RuntimeError("indirect table does not fit")
             gpa = self._indirect_area[0] + buf_id * self.indirect_slot
