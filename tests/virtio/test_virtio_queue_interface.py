@@ -48,7 +48,7 @@ def test_size_rules() -> None:
     for ok in (1, 2, 64, 32768):
         SplitQueue.check_size(ok)
     for bad in (0, -1, 3, 24, 65536, 32769):
-        with pytest.raises(ValueError, match="power of two"):
+        with pytest.raises(ValueError, match="is not a power of 2 <= 32768"):
             SplitQueue.check_size(bad)
     for ok in (1, 3, 100, 32767, 32768):
         PackedQueue.check_size(ok)

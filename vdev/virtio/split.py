@@ -94,7 +94,7 @@ class SplitQueue(QueueLifecycle):
     def check_size(cls, size: int) -> None:
         # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
         if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
-            raise ValueError(f"size {size} is not a power of two <= {MAX_QUEUE_SIZE}")
+            raise ValueError(f"size {size} is not a power of 2 <= {MAX_QUEUE_SIZE}")
 
     @classmethod
     def check_base(cls, base: int, size: int) -> None:
