@@ -20,12 +20,14 @@ import os
 import socket
 import stat
 
+from vdev.errors import VdevError
+
 log = logging.getLogger("vdev.socketpath")
 
 IN_USE = "another process is listening on this socket (stop it, or choose another path)"
 
 
-class SocketInUse(FileExistsError):
+class SocketInUse(VdevError, FileExistsError):
     """A live process accepts connections on the path we were asked to listen on."""
 
     def __init__(self, path: str) -> None:

@@ -15,7 +15,8 @@ from vdev.net.device import Device
 from vdev.net.nic import VirtioNet
 from vdev.skywalk import Channel
 from vdev.testing.frames import ETH_TEST, tools_payload
-from vdev.virtio.packed import F_RING_PACKED, PackedQueue
+from vdev.virtio.packed import PackedQueue
+from vdev.virtio.queue import F_RING_PACKED
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 

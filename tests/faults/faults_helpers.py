@@ -2,45 +2,32 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from vdev.faults import FaultEngine, ManualClock, NicFaults
 from vdev.net.nic import TO_GUEST, VirtioNet
 from vdev.skywalk.pool import Pbufpool
+from vdev.testing import frames
 
 DST = b"\x52\x54\x00\x12\x34\x56"
 SRC = b"\x52\x54\x00\x00\x00\xfe"
 
 
+# The fault tests' frames, from vdev.testing.frames: guest (this NIC's MAC) to the
+# responder's MAC, ip id 0 and IP checksums left 0 (the faults never look at them).
 def udp_frame(sport: int = 1000, dport: int = 2000, payload: bytes = b"x" * 32) -> bytes:
-    """Ethernet + IPv4 + UDP (checksums left 0: the faults never look at them)."""
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(udp),
-        0,
-        0,
-        64,
-        17,
-        0,
-        bytes([10, 0, 2, 15]),
-        bytes([10, 0, 2, 2]),
-    )
-    return DST + SRC + b"\x08\x00" + ip + udp
+    """Ethernet + IPv4 + UDP."""
+    return frames.udp(dport, payload, sport, DST, SRC, ip_id=0, ip_checksum=False)
 
 
 def tcp_frame(sport: int = 1000, dport: int = 80) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, 0x02, 1024, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, bytes(4), bytes(4))
-    return DST + SRC + b"\x08\x00" + ip + tcp
+    """Ethernet + IPv4 (addresses 0) + TCP SYN."""
+    return frames.tcp(dport, sport, DST, SRC, bytes(4), bytes(4), ip_id=0, ip_checksum=False)
 
 
 def arp_frame() -> bytes:
-    return b"\xff" * 6 + SRC + b"\x08\x06" + bytes(28)
+    return frames.eth(b"\xff" * 6, SRC, 0x0806, bytes(28))
 
 
 @dataclass
@@ -132,6 +119,9 @@ class FakeQueue:
     def push_raw(self, head: int, written: int) -> None:
         self.calls.append(("raw", head, written))
 
+    def inflight_writable(self, head: int) -> int | None:
+        return self._inflight[head] - 1 if self._inflight[head] else None
+
     def patch_last_used(self, written: int) -> None:
         self.calls.append(("patch", written))
 
@@ -213,16 +203,12 @@ def numbered_frames(n: int) -> list[bytes]:
 
 
 def device_with_nic(tmp_dir: str, num_packets: int = 256) -> Any:
-    """A Device with one NIC and no frontend (no QEMU, no vhost-user connection).
-
-    Device.add_nic would listen on a vhost-user socket; the fault engine only needs the NIC
-    in ``device.nics``, so the entry is built the way add_nic does, without the listener."""
-    from vdev.net.device import Device, NicSocket
+    """A Device with one NIC and no frontend (no QEMU, no vhost-user connection): the NIC
+    listens on ``tmp_dir/nic0.sock`` and nobody connects."""
+    from vdev.net.device import Device
 
     dev = Device(pool=Pbufpool(num_packets=num_packets, buf_size=2048))
-    nic = VirtioNet("nic0", dev.pool, dev.forward)
-    dev.switch.attach(nic)
-    dev.sockets.append(NicSocket(nic, f"{tmp_dir}/nic0.sock", client=True))
+    dev.add_nic(f"{tmp_dir}/nic0.sock")
     return dev
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from faults_helpers import Bench, arp_frame, make_bench, tcp_frame, udp_frame
+from faults_helpers import numbered_frames as numbered
 
 from vdev.faults import SpecError, build_rule
 from vdev.faults import predicates as P
@@ -17,10 +18,6 @@ from vdev.faults.rules import Rule, parse_queue
 
 def dports(frames: list[bytes]) -> list[int]:
     return [struct.unpack_from("!H", f, 36)[0] for f in frames]
-
-
-def numbered(n: int) -> list[bytes]:
-    return [udp_frame(dport=i) for i in range(n)]
 
 
 def test_drop_probability_exact_for_seed(bench: Bench) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from vdev.faults import FaultEngine
 from vdev.net.device import Device
-from vdev.net.responder import inet_checksum
+from vdev.testing.frames import udp
 from vdev.virtio.driver import DriverError
 
 frontend_mod = pytest.importorskip("vdev.testing.frontend")
@@ -25,22 +25,7 @@ RESPONDER_MAC = bytes.fromhex("5254000000fe")
 def echo_request(i: int, size: int = 32) -> bytes:
     """UDP to the responder's echo port 7 (it answers to the guest: RX traffic)."""
     payload = struct.pack("!I", i) + b"e" * (size - 4)
-    udp = struct.pack("!HHHH", 5000 + i, 7, 8 + len(payload), 0) + payload
-    hdr = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(udp),
-        i,
-        0,
-        64,
-        17,
-        0,
-        bytes([10, 0, 2, 15]),
-        bytes([10, 0, 2, 2]),
-    )
-    hdr = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
-    return RESPONDER_MAC + GUEST_MAC + b"\x08\x00" + hdr + udp
+    return udp(7, payload, 5000 + i, RESPONDER_MAC, GUEST_MAC, ip_id=i)
 
 
 def seqno(frame: bytes) -> int:

@@ -33,7 +33,7 @@ from vdev.net.device import Device
 from vdev.net.nic import VirtioNet
 from vdev.skywalk import Pbufpool
 from vdev.testing.frames import HOST_MAC, numbered
-from vdev.virtio.packed import F_RING_PACKED
+from vdev.virtio.queue import F_RING_PACKED
 
 from .testpmd import TESTPMD, Testpmd
 
@@ -254,3 +254,42 @@ def test_vdev_serve_cli_with_testpmd_txonly(sock: str, tmp_path: Path) -> None:
             assert q["kills"] == {}, nic
     assert stats["nics"][0]["connections"] == 1
     assert not os.path.exists(sock)  # serve removed its socket
+
+
+def test_virtio_user_server_mode_survives_a_backend_crash(
+    sock: str, tmp_path: Path, packed: bool
+) -> None:
+    """DPDK virtio_user in server mode (``server=1``) listens; the device dials in as a
+    client (vdev/vhost/server.py), retrying on the loop while nobody listens yet.  After a
+    backend crash (Device.disconnect, the fault engine's crash_backend) the device dials
+    again and virtio_user takes the new connection in place of the dead one: TX resumes."""
+    dev = Device(pool=Pbufpool(num_packets=8192, buf_size=2048, max_frags=4))
+    try:
+        nic = dev.add_nic(sock, mac=VIRTIO_USER_MAC, client=True)  # nobody listens yet
+        nic.offered |= F_RING_PACKED  # packed_vq decides
+        dev.start()
+        time.sleep(0.5)  # a few retries against a missing socket, none blocking the loop
+        assert dev.sockets[0].connections == 0 and dev.sockets[0].server.attempts >= 2
+        vdev = f"net_virtio_user0,path={sock},queues=1,server=1,mac={VIRTIO_USER_MAC}"
+        vdev += ",packed_vq=1" if packed else ""
+        with Testpmd(vdev, "txonly", tmp_path / "testpmd.log", max_seconds=40) as tp:
+            wait_queue(nic, 1, timeout=20)
+            check_ring_kind(dev, packed)
+            deadline = time.monotonic() + 10
+            while nic.stats[1].frames == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert nic.stats[1].frames > 0, tp.output()[-2000:]
+            assert dev.disconnect(nic)  # the backend "crashes"
+            before = nic.stats[1].frames
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if dev.sockets[0].connections == 2 and nic.stats[1].frames > before + 1000:
+                    break
+                time.sleep(0.05)
+            tp.stop()
+        assert dev.sockets[0].connections == 2, dev.stats()
+        assert nic.stats[1].frames > before + 1000, (before, nic.stats[1].frames)
+        assert queue_stats(dev.stats(), "tx0")["kills"] == {}
+    finally:
+        dev.close()
+    assert dev.pool.stats.in_use == 0

@@ -35,14 +35,14 @@ def assert_no_leak(pool: Pbufpool) -> None:
 @pytest.fixture(scope="module", params=["python", "c"])
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Run a module once per validate.py backend (the compiled one skips if unavailable)."""
-    from vdev.skywalk import validate
+    from vdev.skywalk import fastglue, validate
 
     want: str = request.param
     if want == "c" and not validate.fast_available():
         pytest.skip("compiled fast path unavailable (no compiler?)")
-    prev, prev_min = validate.BACKEND, validate.C_MIN_RX_SLOTS
+    prev, prev_min = validate.BACKEND, fastglue.C_MIN_RX_SLOTS
     assert validate.set_backend(want) == want
-    validate.C_MIN_RX_SLOTS = 1  # every span through C, even single slots
+    fastglue.C_MIN_RX_SLOTS = 1  # every span through C, even single slots
     yield want
     validate.set_backend(prev)
-    validate.C_MIN_RX_SLOTS = prev_min
+    fastglue.C_MIN_RX_SLOTS = prev_min

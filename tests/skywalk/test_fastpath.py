@@ -1,4 +1,4 @@
-"""The compiled fast path (fastpath.c via cffi) against the Python reference in validate.py.
+"""The compiled fast path (fastpath.c via fastglue.py) against the Python reference (slotwork.py).
 
 Differential properties: a channel is put in a state with every ring in flight (multi-buflet,
 large-buffer and vnet packets), random client writes are applied to everything the client
@@ -23,7 +23,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vdev.abi import ffi
-from vdev.skywalk import Channel, Pbufpool, Port, SyncError, SyncKind, fastbuild, validate
+from vdev.skywalk import (
+    Channel,
+    Pbufpool,
+    Port,
+    SyncError,
+    SyncKind,
+    fastbuild,
+    fastglue,
+    slotwork,
+    validate,
+)
 from vdev.skywalk.arena import BUFLET_SIZE, MD_SIZE, RING_HDR_SIZE, SLOT_SIZE, MdOff
 from vdev.skywalk.port import ChannelHandle
 from vdev.skywalk.ring import KernelRing
@@ -44,7 +54,7 @@ N = 8
 REPO = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------ state snapshots
-_ARRAYS = [name for name, _ in validate._POOL_ARRAYS]
+_ARRAYS = [name for name, _ in fastglue.POOL_ARRAYS]
 
 
 def _snapshot(pool: Pbufpool, rings: list[KernelRing]) -> dict[str, Any]:
@@ -93,8 +103,8 @@ def _differential(
     before = _snapshot(pool, rings)
     results = []
     states = []
-    prev_min = validate.C_MIN_RX_SLOTS
-    validate.C_MIN_RX_SLOTS = 1  # single-slot spans through C as well
+    prev_min = fastglue.C_MIN_RX_SLOTS
+    fastglue.C_MIN_RX_SLOTS = 1  # single-slot spans through C as well
     try:
         for backend in ("python", "c"):
             _restore(pool, rings, before)
@@ -103,7 +113,7 @@ def _differential(
             states.append(_snapshot(pool, rings))
     finally:
         validate.set_backend("c")
-        validate.C_MIN_RX_SLOTS = prev_min
+        fastglue.C_MIN_RX_SLOTS = prev_min
     assert results[0] == results[1], fn
     py, c = states
     assert py["arrays"] == c["arrays"], fn
@@ -227,45 +237,23 @@ def test_backends_agree_on_random_states(
         calls: list[tuple[str, Callable[[], object]]] = [
             (
                 "tx_take",
-                lambda: validate.tx_take(
-                    pool,
-                    tx.owner,
-                    tx.r32,
-                    tx.r16,
-                    tx.slots_w32,
-                    tx.n,
-                    tx.rhead,
-                    _head(tx),
-                    SyncKind.TX,
-                ),
+                lambda: validate.tx_take(tx.slots, tx.rhead, _head(tx), SyncKind.TX),
             ),
             (
                 "free_take",
-                lambda: validate.free_take(
-                    pool, fr.owner, fr.r32, fr.r16, fr.slots_w32, fr.n, fr.rhead, _head(fr)
-                ),
+                lambda: validate.free_take(fr.slots, fr.rhead, _head(fr)),
             ),
             (
                 "rx_release_check",
                 lambda: validate.rx_release_check(
-                    rx.r32,
-                    rx.r16,
-                    rx.slots_w32,
-                    rx.n,
-                    rx.rhead,
-                    _head(rx),
-                    rx.klen,
-                    SyncKind.RX,
-                    pool,
+                    rx.slots, rx.rhead, _head(rx), rx.klen, SyncKind.RX
                 ),
             ),
             (
-                "rx_release_check(no pool)",
+                # Views other than the arena's own ring view: C borrows their buffer.
+                "rx_release_check(foreign view)",
                 lambda: validate.rx_release_check(
-                    evr.r32,
-                    evr.r16,
-                    evr.slots_w32,
-                    evr.n,
+                    evr.slots._replace(r32=memoryview(evr.r32), r16=memoryview(evr.r16)),
                     evr.rhead,
                     _head(evr),
                     None,
@@ -274,18 +262,7 @@ def test_backends_agree_on_random_states(
             ),
             (
                 "rx_publish",
-                lambda: validate.rx_publish(
-                    pool,
-                    rx.owner,
-                    rx.r32,
-                    rx.r16,
-                    rx.slots_w32,
-                    rx.n,
-                    rx.rtail,
-                    rx.ktail,
-                    rx.ksd,
-                    rx.klen,
-                ),
+                lambda: validate.rx_publish(rx.slots, rx.rtail, rx.ktail, rx.ksd, rx.klen),
             ),
             ("internalize", lambda: validate.internalize(pool, idx)),
             ("externalize", lambda: validate.externalize(pool, idx)),
@@ -305,9 +282,7 @@ def test_legal_tx_take_agrees_and_succeeds() -> None:
     out = _differential(
         pool,
         list(h.rings.values()),
-        lambda: validate.tx_take(
-            pool, tx.owner, tx.r32, tx.r16, tx.slots_w32, tx.n, tx.rhead, _head(tx), SyncKind.TX
-        ),
+        lambda: validate.tx_take(tx.slots, tx.rhead, _head(tx), SyncKind.TX),
         "tx_take",
     )
     assert out[0] == "ok"
@@ -367,10 +342,10 @@ def test_backend_switch_is_visible() -> None:
     assert validate.BACKEND == "c"
     try:
         assert validate.set_backend("python") == "python"
-        assert validate.BACKEND == "python" and validate.tx_take is validate._py_tx_take
+        assert validate.BACKEND == "python" and validate.tx_take is slotwork.tx_take
     finally:
         validate.set_backend("c")
-    assert validate.tx_take is validate._c_tx_take
+    assert validate.tx_take is fastglue.tx_take
     with pytest.raises(ValueError):
         validate.set_backend("rust")
 
@@ -448,3 +423,19 @@ def test_c_source_is_warning_free(tmp_path: Path) -> None:
 
 def test_vnet_len_matches_c() -> None:
     assert MdOff.VNET_LEN == 12  # fastpath.c's VNET_LEN
+
+
+def test_codes_come_from_the_compiled_module() -> None:
+    """fastglue reads fastpath.h's FP_*/FPD_* codes from the compiled module, and every C
+    internalize check has exactly one Python message (slotwork.INTERNALIZE_CHECKS)."""
+    if not validate.fast_available():
+        pytest.skip("compiled fast path unavailable (no compiler?)")
+    lib = fastglue._fast.lib
+    names = [n for n in dir(lib) if n.startswith("FP_") and not n.startswith("FP_CDEF")]
+    assert len(names) == 10
+    for name in names:
+        assert getattr(fastglue.C, name[3:]) == getattr(lib, name)
+    checks = {n[4:]: getattr(lib, n) for n in dir(lib) if n.startswith("FPD_")}
+    assert set(checks) == set(slotwork.INTERNALIZE_CHECKS)
+    assert {code: name for name, code in checks.items()} == fastglue.C.checks
+    assert len(set(checks.values())) == len(checks)  # distinct codes

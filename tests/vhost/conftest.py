@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from vdev.skywalk.errors import SyncKind
 from vdev.vhost.backend import VhostUserBackend, Vring
 from vdev.vhost.connection import Listener
 from vdev.virtio.memory import GuestMemory
@@ -29,6 +30,7 @@ class FakeDevice:
         self.started: dict[int, Vring] = {}
         self.enabled_at_start: list[tuple[int, bool]] = []
         self.mtu: int | None = None
+        self.kicks: list[int] = []
         self.lock = threading.Lock()
 
     def _log(self, *ev: Any) -> None:
@@ -44,6 +46,9 @@ class FakeDevice:
     def max_queues(self) -> int:
         return self.queues
 
+    def queue_direction(self, index: int) -> SyncKind:
+        return SyncKind.TX if index % 2 else SyncKind.RX  # numbered like virtio-net
+
     def features_set(self, features: int) -> None:
         self._log("features_set", features)
 
@@ -57,6 +62,11 @@ class FakeDevice:
         # The queue must still be there so the device can flush; GET_VRING_BASE reads after.
         self.started.pop(vring.index, None)
         self._log("queue_stopped", vring.index, vring.queue is not None)
+
+    def queue_kicked(self, vring: Vring) -> None:
+        assert self.started.get(vring.index) is vring  # only started rings are kicked
+        self.kicks.append(vring.index)
+        self._log("queue_kicked", vring.index)
 
     def memory_changed(self, mem: GuestMemory) -> None:
         self._log("memory_changed", [(r.gpa, r.size, r.uva) for r in mem.regions])

@@ -41,6 +41,17 @@ def test_request_numbers_cover_the_spec() -> None:
     assert set(codec.REQUEST_KIND) == set(range(1, 44))
 
 
+@pytest.mark.parametrize("request_", sorted(codec.REQUEST_KIND))
+def test_every_request_shape_decodes_or_refuses_by_name(request_: int) -> None:
+    """Each request's payload shape has a decoder: any size decodes or is refused with a
+    ProtocolError naming a field, never another exception."""
+    for size in (0, 4, 8, 12, 16, 24, 32, 40, 300):
+        try:
+            codec.decode_request(request_, bytes(size))
+        except ProtocolError as exc:
+            assert exc.field in ("size", "num_regions", "config.size"), exc
+
+
 def test_header_roundtrip_and_checks() -> None:
     assert decode_header(encode_header(5, 0x9, 72)) == (5, 0x9, 72)
     assert decode_header(encode_header(1, 0x5, 8), expect_reply=True) == (1, 0x5, 8)

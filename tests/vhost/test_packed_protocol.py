@@ -10,7 +10,9 @@ import pytest
 
 from vdev.vhost.codec import Request, encode_state
 from vdev.vhost.frontend import FrontendConfig, FrontendMemory, VhostUserError, VhostUserFrontend
-from vdev.virtio.packed import F_RING_PACKED, PackedDriverQueue, PackedQueue
+from vdev.virtio.packed import PackedQueue
+from vdev.virtio.packed_driver import PackedDriverQueue
+from vdev.virtio.queue import F_RING_PACKED
 from vdev.virtio.split import SplitQueue
 
 from .conftest import BackendServer, FakeDevice

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
 import shutil
 import subprocess
 import threading
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from vdev.eventloop import SelectorLoop
 from vdev.vhost.backend import VhostUserBackend
 from vdev.vhost.codec import ProtocolFeature, pf_mask
 from vdev.vhost.server import VhostUserServer
@@ -45,30 +45,33 @@ class VersionOnlyDevice(FakeDevice):
 
 
 class Loop:
-    """Runs the server's selector loop in a thread; ``call`` runs code in that thread."""
+    """Runs a SelectorLoop in a thread; ``call`` runs code in that thread."""
 
-    def __init__(self, srv: VhostUserServer) -> None:
-        self.srv = srv
+    def __init__(self) -> None:
+        self.loop = SelectorLoop()
         self.stop = threading.Event()
-        self.calls: list[Callable[[], None]] = []
         self.errors: list[BaseException] = []
         self.t = threading.Thread(target=self._run)
         self.t.start()
 
     def _run(self) -> None:
         try:
-            while not self.stop.is_set():
-                for key, _ in self.srv.sel.select(0.05):
-                    key.data()
-                while self.calls:
-                    self.calls.pop(0)()
+            self.loop.run(self.stop.is_set, poll=0.05)
         except BaseException as exc:  # pragma: no cover
             self.errors.append(exc)
 
-    def close(self) -> None:
+    def call(self, fn: Callable[[], object]) -> None:
+        def run() -> None:
+            fn()
+
+        self.loop.call_later(0.0, run)
+
+    def close(self, srv: VhostUserServer) -> None:
         self.stop.set()
+        self.loop.wake()
         self.t.join(5)
-        self.srv.close()
+        srv.close()
+        self.loop.close()
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -94,9 +97,8 @@ def test_qemu_handshake_start_and_reconnect(
     kernel, initrd = image
     sock = tmp_path / "vhost.sock"
     dev = VersionOnlyDevice()
-    sel = selectors.DefaultSelector()
-    srv = VhostUserServer(dev, sock, sel)
-    loop = Loop(srv)
+    loop = Loop()
+    srv = VhostUserServer(dev, sock, loop.loop)
     backends: list[VhostUserBackend] = []
     cmd = [
         qemu, "-machine", "q35,memory-backend=mem", "-m", "256M",
@@ -111,6 +113,9 @@ def test_qemu_handshake_start_and_reconnect(
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         _wait(lambda: sorted(dev.started) == [0, 1], 60, "rings never started")
+        # QEMU sets DRIVER_OK (GET_STATUS, then SET_STATUS) after the last ring's setup:
+        # wait for that message too instead of racing it.
+        _wait(lambda: srv.backend is not None and srv.backend.status & 4 != 0, 10, "no DRIVER_OK")
         b1 = srv.backend
         assert b1 is not None
         backends.append(b1)
@@ -120,8 +125,8 @@ def test_qemu_handshake_start_and_reconnect(
         assert not any("memory table:" in r.getMessage() for r in caplog.records)
         # The backend "crashes": QEMU (reconnect=1) replays the whole sequence.
         mask = pf_mask(ProtocolFeature.CONFIGURE_MEM_SLOTS)
-        loop.calls.append(lambda: srv.backend_options.update(without_protocol_features=mask))
-        loop.calls.append(srv.disconnect)
+        loop.call(lambda: srv.backend_options.update(without_protocol_features=mask))
+        loop.call(srv.disconnect)
         _wait(lambda: srv.connections == 2, 20, "QEMU did not reconnect")
         _wait(lambda: sorted(dev.started) == [0, 1], 20, "rings not restarted")
         b2 = srv.backend
@@ -139,8 +144,7 @@ def test_qemu_handshake_start_and_reconnect(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        loop.close()
-        sel.close()
+        loop.close(srv)
     assert not loop.errors
     assert "disconnected" in dev.names()
     assert not os.path.exists(sock)

@@ -16,7 +16,7 @@ import pytest
 from vdev.vhost.codec import ProtocolFeature, Request, VringAddr, encode_addr, encode_state
 from vdev.vhost.codec import encode_u64 as u64
 from vdev.vhost.frontend import FrontendConfig, FrontendMemory, VhostUserError, VhostUserFrontend
-from vdev.virtio.packed import F_RING_PACKED
+from vdev.virtio.queue import F_RING_PACKED
 
 from .conftest import BackendServer, FakeDevice
 from .helpers import alloc_ring, close_rings, qemu_start

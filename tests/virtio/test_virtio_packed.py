@@ -20,6 +20,7 @@ from virtio_helpers import (
 )
 
 from vdev.abi import lib
+from vdev.net.nic import net_queue_direction
 from vdev.skywalk.errors import DefunctError, KillReason, SyncError, SyncKind
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.packed import (
@@ -28,10 +29,10 @@ from vdev.virtio.packed import (
     F_WRITE,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
-    PackedDriverQueue,
     PackedQueue,
     packed_need_event,
 )
+from vdev.virtio.packed_driver import PackedDriverQueue
 
 TABLE = INDIRECT_BASE + 0x78000
 
@@ -64,7 +65,7 @@ def make_packed(
         gpa_to_uva(drv_ev),
         gpa_to_uva(dev_ev),
         features=features,
-        sync=sync,
+        sync=sync if sync is not None else net_queue_direction(index),
     )
     return dev, drv
 

@@ -17,18 +17,30 @@ from virtio_helpers import (
 )
 
 from vdev.abi import lib
+from vdev.net.nic import net_queue_direction
 from vdev.skywalk.errors import SyncKind
 from vdev.virtio.driver import RingFull
 from vdev.virtio.memory import GuestMemory, MemoryFault
 from vdev.virtio.split import SplitQueue
 
+TX = SyncKind.TX
 
-def test_direction_defaults(mem: GuestMemory) -> None:
+
+def test_direction_comes_from_the_device(mem: GuestMemory) -> None:
+    """The queue takes its direction as an argument; virtio-net's rule (5.1.2) lives in the
+    NIC: even receiveq RX (device-writable only), odd transmitq TX (device-readable only)."""
+    assert [net_queue_direction(i) for i in range(4)] == [SyncKind.RX, SyncKind.TX] * 2
     rx, _ = make_pair(mem, 0)
     tx, _ = make_pair(mem, 1)
     assert rx.sync is SyncKind.RX and rx.writable_expected and not rx.readable_allowed
     assert tx.sync is SyncKind.TX and not tx.writable_expected and tx.readable_allowed
     assert tx.any_layout and tx.version_1
+    # The queue does not guess: an even index may be a TX queue of some other device.
+    other, _ = make_pair(mem, 2, sync=SyncKind.TX)
+    assert other.sync is SyncKind.TX and not other.writable_expected
+    lay = layout(3, 8)
+    with pytest.raises(TypeError, match="sync"):
+        SplitQueue(mem, 3, 8, lay.desc, lay.avail, lay.used, features=FEATURES)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("ndesc", [1, 2, 3, 8])
@@ -152,20 +164,22 @@ def test_constructor_checks(mem: GuestMemory) -> None:
     lay = layout(3, 8)
     args = (gpa_to_uva(lay.desc), gpa_to_uva(lay.avail), gpa_to_uva(lay.used))
     for bad in (0, 3, 65536, 24):
-        with pytest.raises(ValueError, match="power of two"):
-            SplitQueue(mem, 3, bad, *args, features=FEATURES)
+        with pytest.raises(ValueError, match="is not a power of 2 <= 32768"):
+            SplitQueue(mem, 3, bad, *args, features=FEATURES, sync=TX)
     # used ring running past the end of the low region (6 + 8*8 bytes do not fit)
     with pytest.raises(MemoryFault, match="used ring"):
-        SplitQueue(mem, 3, 8, *args[:2], gpa_to_uva(LOW_SIZE - 16), features=FEATURES)
+        SplitQueue(mem, 3, 8, *args[:2], gpa_to_uva(LOW_SIZE - 16), features=FEATURES, sync=TX)
     with pytest.raises(MemoryFault, match="descriptor table"):
-        SplitQueue(mem, 3, 8, 0x1234_0000, *args[1:], features=FEATURES)
+        SplitQueue(mem, 3, 8, 0x1234_0000, *args[1:], features=FEATURES, sync=TX)
     with pytest.raises(MemoryFault, match="avail ring"):
         # a gpa used as uva: not mapped there
-        SplitQueue(mem, 3, 8, args[0], lay.avail, args[2], features=FEATURES)
-    q = SplitQueue(mem, 3, 8, lay.desc, lay.avail, lay.used, features=FEATURES, addr_space="gpa")
+        SplitQueue(mem, 3, 8, args[0], lay.avail, args[2], features=FEATURES, sync=TX)
+    q = SplitQueue(
+        mem, 3, 8, lay.desc, lay.avail, lay.used, features=FEATURES, addr_space="gpa", sync=TX
+    )
     assert q.avail_count() == 0
     with pytest.raises(ValueError, match="aligned"):
-        SplitQueue(mem, 3, 8, args[0] + 8, *args[1:], features=FEATURES)
+        SplitQueue(mem, 3, 8, args[0] + 8, *args[1:], features=FEATURES, sync=TX)
 
 
 def test_remap_while_running() -> None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from vdev.abi import lib
+from vdev.net.nic import net_queue_direction
 from vdev.skywalk.errors import SyncKind
 from vdev.virtio.driver import DriverQueue
 from vdev.virtio.memory import GuestMemory
@@ -95,7 +96,23 @@ def make_pair(
         start_idx=start_idx,
         indirect_area=(INDIRECT_BASE + (index % 8) * per_queue, per_queue),
     )
-    dev = SplitQueue(
+    dev = device_queue(mem, index, size, features=features, base=start_idx, sync=sync)
+    return dev, drv
+
+
+def device_queue(
+    mem: GuestMemory,
+    index: int,
+    size: int,
+    *,
+    features: int = FEATURES,
+    base: int = 0,
+    sync: SyncKind | None = None,
+) -> SplitQueue:
+    """The device queue over the ring ``layout(index, size)`` (through uva), starting at
+    ``base`` (SET_VRING_BASE), numbered like virtio-net unless ``sync`` says otherwise."""
+    lay = layout(index, size)
+    return SplitQueue(
         mem,
         index,
         size,
@@ -103,7 +120,6 @@ def make_pair(
         gpa_to_uva(lay.avail),
         gpa_to_uva(lay.used),
         features=features,
-        last_avail_idx=start_idx,
-        sync=sync,
+        last_avail_idx=base,
+        sync=sync if sync is not None else net_queue_direction(index),
     )
-    return dev, drv

@@ -22,13 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vdev.abi import lib
 from vdev.faults.events import FROM_GUEST, TO_GUEST
 from vdev.skywalk.errors import PoolError
 
 if TYPE_CHECKING:
     from vdev.net.nic import VirtioNet
-
-VNET_F_NEEDS_CSUM = 1
 
 
 @dataclass
@@ -79,7 +78,7 @@ class ActionContext:
         vnet = pool.packet_vnet(pkt)
         if clear_offload and vnet is not None:
             # A shortened frame cannot keep checksum/GSO offsets that may point past its end.
-            vnet = bytes([vnet[0] & ~VNET_F_NEEDS_CSUM, 0]) + vnet[2:]
+            vnet = bytes([vnet[0] & ~lib.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0]) + vnet[2:]
         try:
             new = pool.packet_from_bytes(frame, vnet)
         except PoolError as exc:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vdev import socketpath
+from vdev.errors import VdevError
 from vdev.faults.engine import FaultEngine, engine_stats
 from vdev.faults.rules import SpecError
 
@@ -46,7 +47,7 @@ MAX_OUTPUT = 16 * 1024 * 1024
 _GONE: tuple[type[Exception], ...] = (KeyError, ValueError, OSError, RuntimeError, AttributeError)
 
 
-class RequestError(Exception):
+class RequestError(VdevError):
     """A request the server refuses; the message names the problem (sent to the client)."""
 
 

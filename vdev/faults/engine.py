@@ -286,14 +286,12 @@ class FaultEngine:
         """Drop the vhost-user connection of a NIC abruptly, as if the backend crashed.
 
         A client-mode NIC reconnects by itself (after 0.2 s); a server-mode NIC waits for the
-        frontend (QEMU ``reconnect=N`` on the chardev) to come back."""
+        frontend (QEMU ``reconnect=N`` on the chardev) to come back (vdev.vhost.server)."""
         if self.device is None:
             raise SpecError("crash_backend needs a device")
         with self.lock:
             target = self._resolve(nic)
-            entry = next(s for s in self.device.sockets if s.nic is target)
-            connected = entry.backend is not None
-            self.device._disconnect(entry)
+            connected = self.device.disconnect(target)
             self.log.emit("backend_crash", nic=target.name, connected=connected)
 
 

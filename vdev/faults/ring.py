@@ -36,6 +36,19 @@ if TYPE_CHECKING:
 Used = list[tuple[int, int]]
 
 
+@dataclass
+class UsedElem:
+    """One used element the NIC is about to publish on queue ``index`` of ``nic``: what a
+    ring action sees (and what it holds back when it delays or reorders)."""
+
+    nic: VirtioNet
+    index: int
+    queue: VirtQueue
+    head: int
+    written: int
+    token: int = 0  # delay_used: the hold that releases it
+
+
 class RingAction:
     """Base class of ring/interrupt actions; ``kind`` says which NIC callback drives it."""
 
@@ -45,16 +58,7 @@ class RingAction:
     def applicable(self, nic: VirtioNet) -> bool:
         return True
 
-    def on_used(
-        self,
-        rs: RingFaultSet,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-    ) -> Used | None:
+    def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
         return None
 
     def candidate(self, wanted: bool) -> bool:
@@ -96,17 +100,8 @@ class OutOfOrder(RingAction):
         # 2.7.9 "In-order use of descriptors": with IN_ORDER the driver may rely on order.
         return not nic.has(lib.VIRTIO_F_IN_ORDER)
 
-    def on_used(
-        self,
-        rs: RingFaultSet,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-    ) -> Used | None:
-        rs.hold_ooo(rule, nic, index, queue, head, written, self.hold_ms / 1000.0)
+    def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
+        rs.hold_ooo(rule, u, self.hold_ms / 1000.0)
         return []
 
     def params(self) -> dict[str, Any]:
@@ -124,25 +119,15 @@ class BadUsedId(RingAction):
     replace: bool = False
     name = "bad_used_id"
 
-    def on_used(
-        self,
-        rs: RingFaultSet,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-    ) -> Used | None:
-        size = int(queue.size)
+    def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
+        size, head, written = int(u.queue.size), u.head, u.written
         rng = rule.state.rng
         bogus = size + rng.randrange(max(1, min(size, 0x10000 - size)))
         if self.mode == "not_outstanding":
-            inflight = getattr(queue, "_inflight", None)
-            idle = [i for i in range(size) if i != head and (inflight is None or not inflight[i])]
+            idle = [i for i in range(size) if i != head and u.queue.inflight_writable(i) is None]
             if idle:
                 bogus = idle[rng.randrange(len(idle))]
-        rs.event(rule, nic, index, "bad_used_id", head=head, id=bogus, mode=self.mode)
+        rs.event(rule, u.nic, u.index, "bad_used_id", head=head, id=bogus, mode=self.mode)
         return [(bogus, written)] if self.replace else [(head, written), (bogus, written)]
 
     def params(self) -> dict[str, Any]:
@@ -154,19 +139,10 @@ class DoubleComplete(RingAction):
 
     name = "double_complete"
 
-    def on_used(
-        self,
-        rs: RingFaultSet,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-    ) -> Used | None:
-        queue.push(head, written)
-        queue.push_raw(head, written)
-        rs.event(rule, nic, index, "double_complete", head=head, len=written)
+    def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
+        u.queue.push(u.head, u.written)
+        u.queue.push_raw(u.head, u.written)
+        rs.event(rule, u.nic, u.index, "double_complete", head=u.head, len=u.written)
         return []
 
 
@@ -178,26 +154,19 @@ class BadUsedLen(RingAction):
     extra: int = 4096
     name = "bad_used_len"
 
-    def on_used(
-        self,
-        rs: RingFaultSet,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-    ) -> Used | None:
+    def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
+        written = u.written
         if self.mode == "zero":
             if written == 0:
                 return None  # nothing to lie about (TX elements are 0 already)
             n = 0
         else:
-            inflight = getattr(queue, "_inflight", None)
-            writable = inflight[head] - 1 if inflight is not None and inflight[head] else written
-            n = min(0xFFFFFFFF, max(writable, written) + self.extra)
-        rs.event(rule, nic, index, "bad_used_len", head=head, real=written, reported=n)
-        return [(head, n)]
+            writable = u.queue.inflight_writable(u.head)
+            n = min(
+                0xFFFFFFFF, max(written if writable is None else writable, written) + self.extra
+            )
+        rs.event(rule, u.nic, u.index, "bad_used_len", head=u.head, real=written, reported=n)
+        return [(u.head, n)]
 
     def params(self) -> dict[str, Any]:
         return {"mode": self.mode, "extra": self.extra}
@@ -210,17 +179,8 @@ class DelayUsed(RingAction):
     ms: float = 10.0
     name = "delay_used"
 
-    def on_used(
-        self,
-        rs: RingFaultSet,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-    ) -> Used | None:
-        rs.hold_delayed(rule, nic, index, queue, head, written, self.ms / 1000.0)
+    def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
+        rs.hold_delayed(rule, u, self.ms / 1000.0)
         return []
 
     def params(self) -> dict[str, Any]:
@@ -308,14 +268,6 @@ class IgnoreEventIdx(RingAction):
         return max(count, 1)
 
 
-@dataclass
-class _HeldUsed:
-    queue: Any
-    head: int
-    written: int
-    token: int = 0
-
-
 class RingFaultSet:
     """The ``RingFaults`` implementation of one NIC (see the module docstring)."""
 
@@ -331,8 +283,8 @@ class RingFaultSet:
         self.emit = emit
         self.now = now
         self.call_later = call_later
-        self._ooo: dict[int, _HeldUsed] = {}
-        self._delayed: dict[int, list[_HeldUsed]] = {}
+        self._ooo: dict[int, UsedElem] = {}
+        self._delayed: dict[int, list[UsedElem]] = {}
         self._token = 0
 
     # -- helpers --------------------------------------------------------------------------
@@ -352,7 +304,7 @@ class RingFaultSet:
         vring = nic.vrings.get(index)
         return vring.queue if vring is not None else None
 
-    def _publish(self, nic: VirtioNet, index: int, elems: list[_HeldUsed], why: str) -> None:
+    def _publish(self, nic: VirtioNet, index: int, elems: list[UsedElem], why: str) -> None:
         """Push held elements for real, publish the used idx and interrupt as the ring says."""
         queue = self._queue(nic, index)
         pushed = 0
@@ -443,7 +395,7 @@ class RingFaultSet:
         fifo = self._delayed.get(index)
         if fifo:
             # A delayed element is pending: later ones queue behind it (publish order kept).
-            fifo.append(_HeldUsed(queue, head, written, fifo[-1].token))
+            fifo.append(UsedElem(nic, index, queue, head, written, fifo[-1].token))
             return []
         held = self._ooo.pop(index, None)
         if held is not None and held.queue is queue:
@@ -455,7 +407,7 @@ class RingFaultSet:
             assert isinstance(action, RingAction)
             if not action.applicable(nic) or not rule.select(PacketInfo(None, self.now())):
                 continue
-            result = action.on_used(self, rule, nic, index, queue, head, written)
+            result = action.on_used(self, rule, UsedElem(nic, index, queue, head, written))
             if result is not None:
                 return result
         return None
@@ -472,19 +424,10 @@ class RingFaultSet:
 
     # -- holding used elements --------------------------------------------------------------
 
-    def hold_ooo(
-        self,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-        timeout: float,
-    ) -> None:
-        entry = _HeldUsed(queue, head, written)
+    def hold_ooo(self, rule: Rule, entry: UsedElem, timeout: float) -> None:
+        nic, index = entry.nic, entry.index
         self._ooo[index] = entry
-        self.event(rule, nic, index, "out_of_order", head=head)
+        self.event(rule, nic, index, "out_of_order", head=entry.head)
 
         def expire() -> None:
             if self._ooo.get(index) is entry:
@@ -493,20 +436,12 @@ class RingFaultSet:
 
         self.call_later(timeout, expire)
 
-    def hold_delayed(
-        self,
-        rule: Rule,
-        nic: VirtioNet,
-        index: int,
-        queue: Any,
-        head: int,
-        written: int,
-        delay: float,
-    ) -> None:
+    def hold_delayed(self, rule: Rule, entry: UsedElem, delay: float) -> None:
+        nic, index = entry.nic, entry.index
         self._token += 1
-        token = self._token
-        self._delayed.setdefault(index, []).append(_HeldUsed(queue, head, written, token))
-        self.event(rule, nic, index, "delay_used", head=head, ms=delay * 1000.0)
+        token = entry.token = self._token
+        self._delayed.setdefault(index, []).append(entry)
+        self.event(rule, nic, index, "delay_used", head=entry.head, ms=delay * 1000.0)
 
         def due() -> None:
             fifo = self._delayed.get(index, [])

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vdev.errors import VdevError
 from vdev.faults import actions as A
 from vdev.faults import predicates as P
 from vdev.faults import ring as R
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from vdev.net.nic import VirtioNet
 
 
-class SpecError(ValueError):
+class SpecError(VdevError, ValueError):
     """A rule/step specification is invalid; ``key`` names the offending key."""
 
     def __init__(self, message: str, key: str | None = None) -> None:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from vdev.errors import VdevError
 from vdev.faults.rules import SpecError, build_rule
 from vdev.faults.scenario_report import ExpectResult, Report, StepResult
 from vdev.faults.traffic import FlowError, TrafficFlow, parse_flow
@@ -73,7 +74,7 @@ STEP_KEYS: dict[str, set[str]] = {
 EXPECT_KEYS = {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals", "name"}
 
 
-class ScenarioError(ValueError):
+class ScenarioError(VdevError, ValueError):
     """A scenario file is invalid: the message starts with ``file:line:`` when known."""
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from vdev.errors import VdevError
 from vdev.faults.engine import DeviceFault, FaultEngine, engine_stats
 from vdev.faults.rules import Rule, SpecError, build_rule
 from vdev.faults.scenario import (
@@ -57,7 +58,7 @@ GUEST_IP_DEFAULT = bytes([10, 0, 2, 15])
 SETTLE = 0.3  # seconds for the last frames of a stopped flow to reach the far end
 
 
-class Interrupted(Exception):
+class Interrupted(VdevError):
     """The ``stop`` event was set while the scenario ran."""
 
 

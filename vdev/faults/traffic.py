@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vdev.errors import VdevError
 from vdev.net.responder import inet_checksum
 from vdev.testing.frames import ETH_TEST, eth, ipv4, tools_payload
 
@@ -60,7 +61,7 @@ RESPONDER_SINK_PORT = 9  # the responder counts (and drops) UDP sent here
 PROBE_ICMP_ID = 0x5644
 
 
-class FlowError(ValueError):
+class FlowError(VdevError, ValueError):
     """A [traffic] key is invalid; ``key`` names it (the parser adds file and line)."""
 
     def __init__(self, message: str, key: str | None = None) -> None:

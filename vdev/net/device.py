@@ -1,53 +1,56 @@
 """One device process: the packet pool, the switch, the responder, the NICs and the loop.
 
-The vhost-user library owns no event loop (libvhost-user style); this module does.  One
-``selectors`` loop watches every listening socket, every connection and every kick
-eventfd, and dispatches to small handlers.  All device state is touched under one lock,
-so test code may call into the device (host channels, stats, faults) from its own thread
-while ``start()`` runs the loop in the background.
+The vhost-user library owns no event loop (libvhost-user style); this module runs one: a
+:class:`~vdev.eventloop.SelectorLoop` on which each NIC's :class:`VhostUserServer` watches
+its listening socket, its connection and (through the backend) the kick eventfds.  All
+device state is touched under one lock, held while the loop runs callbacks, so test code
+may call into the device (host channels, stats, faults) from its own thread while
+``start()`` runs the loop in the background.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import selectors
-import socket
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
+from vdev.eventloop import SelectorLoop
 from vdev.net.capture import PcapngWriter
 from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
 from vdev.net.switch import Switch
 from vdev.skywalk import Channel, Pbufpool, Port
 from vdev.vhost.backend import VhostUserBackend
-from vdev.vhost.connection import Connection, Listener
-
-if TYPE_CHECKING:
-    from vdev.vhost.backend import Vring
+from vdev.vhost.server import VhostUserServer
 
 log = logging.getLogger("vdev.device")
-
-Handler = Callable[[], None]
 
 
 @dataclass
 class NicSocket:
-    """Where one NIC meets its frontend, and the connection currently served there."""
+    """Where one NIC meets its front-end: the NIC and the server on its socket path."""
 
     nic: VirtioNet
-    path: str
-    client: bool
-    listener: Listener | None = None
-    backend: VhostUserBackend | None = None
-    backend_fd: int = -1  # the fd registered in the selector (the socket may close first)
-    kick_fds: dict[int, int] = field(default_factory=dict)  # vring index -> fd
-    next_connect: float = 0.0
-    connections: int = 0
+    server: VhostUserServer
+
+    @property
+    def path(self) -> str:
+        return self.server.path
+
+    @property
+    def client(self) -> bool:
+        return self.server.client
+
+    @property
+    def backend(self) -> VhostUserBackend | None:
+        """The connection currently served, if any."""
+        return self.server.backend
+
+    @property
+    def connections(self) -> int:
+        return self.server.connections
 
 
 class Device:
@@ -67,15 +70,17 @@ class Device:
         self.switch.attach(self.responder)
         self.sockets: list[NicSocket] = []
         self.ports: dict[str, Port] = {}
-        self.sel = selectors.DefaultSelector()
         self.lock = threading.RLock()
+        self.loop = SelectorLoop(self.lock)
         self.capture = PcapngWriter(pcap) if pcap else None
-        self.timers: list[tuple[float, Callable[[], None]]] = []
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.closed = False
+
+    @property
+    def sel(self) -> selectors.BaseSelector:
+        """The loop's selector, for code that needs more than read watches (control socket)."""
+        return self.loop.sel
 
     # -- building ------------------------------------------------------------------------
 
@@ -100,8 +105,6 @@ class Device:
                 mac=mac_b,
                 queue_pairs=queue_pairs,
                 mtu=mtu,
-                on_queue_started=self._queue_started,
-                on_queue_stopped=self._queue_stopped,
             )
             if self.capture is not None:
                 capture = self.capture
@@ -109,16 +112,9 @@ class Device:
                     n.name, frame, direction, notes
                 )
             nic.defer = lambda fn: self.call_later(0.0, fn)
-            entry = NicSocket(nic, path, client)
-            if client:
-                self._try_connect(entry)
-            else:
-                entry.listener = Listener(path)
-                self.sel.register(
-                    entry.listener.fileno(), selectors.EVENT_READ, lambda: self._accept(entry)
-                )
+            server = VhostUserServer(nic, path, self.loop, client=client, name=nic.name)
             self.switch.attach(nic)
-            self.sockets.append(entry)
+            self.sockets.append(NicSocket(nic, server))
             return nic
 
     def open_port(self, name: str, *, ring_slots: int = 256, alloc_nbufs: int = 1) -> Port:
@@ -161,159 +157,28 @@ class Device:
 
     # -- connections ---------------------------------------------------------------------
 
-    def _accept(self, entry: NicSocket) -> None:
-        assert entry.listener is not None
-        conn = entry.listener.accept(0)
-        if conn is None:
-            return
-        if entry.backend is None:
-            self._attach_connection(entry, conn)
-            return
-        # A frontend is already served here.  The newcomer may be another vdev checking
-        # whether the path is in use (vdev.socketpath connects and closes without a word):
-        # it must not cost the running guest its NIC.  Hold it until it speaks; only a
-        # peer that sends a message (a frontend that restarted) replaces the old one.
-        fd = conn.fileno()
-
-        def first_readable() -> None:
-            self._unwatch(fd)
-            try:
-                peeked = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                self.sel.register(fd, selectors.EVENT_READ, first_readable)
-                return
-            except OSError:
-                peeked = b""
-            if not peeked:
-                conn.close()  # connected and left: a liveness probe
-                return
-            log.warning("%s: dropping the previous frontend for a new one", entry.nic.name)
-            self._disconnect(entry)
-            self._attach_connection(entry, conn)
-            self._readable(entry)
-
-        self.sel.register(fd, selectors.EVENT_READ, first_readable)
-
-    def _try_connect(self, entry: NicSocket) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(entry.path)
-        except OSError as exc:
-            sock.close()
-            log.debug("%s: connect %s: %s (will retry)", entry.nic.name, entry.path, exc)
-            self.call_later(0.2, lambda: self._try_connect(entry))
-            return
-        self._attach_connection(entry, Connection(sock))
-
-    def _attach_connection(self, entry: NicSocket, conn: Connection) -> None:
-        entry.backend = VhostUserBackend(entry.nic, conn)
-        entry.connections += 1
-        entry.backend_fd = entry.backend.fileno()
-        self.sel.register(entry.backend_fd, selectors.EVENT_READ, lambda: self._readable(entry))
-        log.info("%s: frontend connected on %s", entry.nic.name, entry.path)
-
-    def _readable(self, entry: NicSocket) -> None:
-        backend = entry.backend
-        if backend is None:
-            return
-        if not backend.handle_readable():
-            self._disconnect(entry)
-
-    def _disconnect(self, entry: NicSocket) -> None:
-        backend = entry.backend
-        if backend is None:
-            return
-        entry.backend = None
-        self._unwatch(entry.backend_fd)
-        entry.backend_fd = -1
-        backend.close()
-        for fd in list(entry.kick_fds.values()):
-            self._unwatch(fd)
-        entry.kick_fds.clear()
-        log.info("%s: frontend disconnected", entry.nic.name)
-        if entry.client and not self.closed:
-            self.call_later(0.2, lambda: self._try_connect(entry))
-
-    def _entry(self, nic: VirtioNet) -> NicSocket:
+    def socket_of(self, nic: VirtioNet) -> NicSocket:
         return next(s for s in self.sockets if s.nic is nic)
 
-    def _queue_started(self, nic: VirtioNet, vring: Vring) -> None:
-        entry = self._entry(nic)
-        old = entry.kick_fds.pop(vring.index, None)
-        if old is not None:
-            self._unwatch(old)
-        if vring.kick_fd is None:
-            return
-        fd, index = vring.kick_fd, vring.index
-        entry.kick_fds[index] = fd
-        self.sel.register(fd, selectors.EVENT_READ, lambda: self._kicked(nic, fd, index))
-
-    def _queue_stopped(self, nic: VirtioNet, vring: Vring) -> None:
-        entry = self._entry(nic)
-        fd = entry.kick_fds.pop(vring.index, None)
-        if fd is not None:
-            self._unwatch(fd)
-
-    def _unwatch(self, fd: int) -> None:
-        try:
-            self.sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
-
-    def _kicked(self, nic: VirtioNet, fd: int, index: int) -> None:
-        try:
-            os.eventfd_read(fd)
-        except BlockingIOError:
-            pass
-        except OSError:
-            self._unwatch(fd)
-            return
-        nic.kick(index)
+    def disconnect(self, nic: VirtioNet) -> bool:
+        """Drop the NIC's vhost-user connection as a crashed back-end would (the fault
+        engine's ``crash_backend``); returns whether one was connected.  See
+        :mod:`vdev.vhost.server` for what happens next."""
+        with self.lock:
+            return self.socket_of(nic).server.disconnect()
 
     # -- the loop ------------------------------------------------------------------------
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop after ``delay`` s; safe from any thread (the loop rebuilds
-        the timer list under the lock, so an unlocked append could be lost)."""
-        with self.lock:
-            self.timers.append((time.monotonic() + delay, fn))
-        self.wake()
+        """Run ``fn`` on the loop after ``delay`` s (under the device lock); any thread."""
+        self.loop.call_later(delay, fn)
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        self.loop.wake()
 
     def poll(self, timeout: float = 0.1) -> None:
         """Run one loop iteration: wait up to ``timeout`` and dispatch what is ready."""
-        now = time.monotonic()
-        if self.timers:
-            timeout = max(0.0, min(timeout, min(t for t, _ in self.timers) - now))
-        events = self.sel.select(timeout)
-        with self.lock:
-            for key, _mask in events:
-                handler: Any = key.data
-                try:
-                    handler()
-                except Exception:
-                    log.exception("event handler failed")
-            now = time.monotonic()
-            due = [t for t in self.timers if t[0] <= now]
-            if due:
-                self.timers = [t for t in self.timers if t[0] > now]
-                for _, fn in due:
-                    try:
-                        fn()
-                    except Exception:
-                        log.exception("timer failed")
+        self.loop.poll(timeout)
 
     def serve_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or self._stop
@@ -343,7 +208,12 @@ class Device:
         with self.lock:
             return {
                 "nics": [
-                    s.nic.stats_dict() | {"socket": s.path, "connections": s.connections}
+                    s.nic.stats_dict()
+                    | {
+                        "socket": s.path,
+                        "connections": s.connections,
+                        "replaced": s.server.replaced,
+                    }
                     for s in self.sockets
                 ],
                 "switch": {name: vars(st).copy() for name, st in self.switch.stats.items()},
@@ -359,19 +229,14 @@ class Device:
         self.closed = True
         with self.lock:
             for entry in self.sockets:
-                self._disconnect(entry)
-                entry.nic.disconnected()
-                if entry.listener is not None:
-                    self._unwatch(entry.listener.fileno())
-                    entry.listener.close()  # removes the socket file
+                entry.server.close()  # drops the connection, removes the socket file
+                entry.nic.disconnected()  # frees the RX backlog even if never connected
             for port in self.ports.values():
                 port.close()
                 self.switch.detach(port.name)
             if self.capture is not None:
                 self.capture.close()
-            self.sel.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self.loop.close()
 
     def __enter__(self) -> Device:
         return self

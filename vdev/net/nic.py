@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from vdev.abi import lib
+from vdev.errors import DefunctError, KillReason, SyncError, SyncKind
 from vdev.net.checksum import complete_checksum
 from vdev.skywalk import Pbufpool
-from vdev.skywalk.errors import DefunctError, KillReason, PoolError, SyncError
+from vdev.skywalk.errors import PoolError
+from vdev.vhost.codec import ProtocolFeature
 
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring
@@ -43,8 +45,6 @@ LEGACY_HDR_LEN = 10  # 5.1.6.1 "Legacy Interface: Device Operation" without MRG_
 MAX_FRAME = 65550  # a 64 KiB GSO frame plus its Ethernet header
 RX_BACKLOG = 512  # frames held per NIC while the guest refills its RX ring
 TX_BUDGET = 256  # chains per TX kick before letting other work run
-
-VHOST_USER_PROTOCOL_F_NET_MTU = 4  # vhost-user.rst, "Protocol features"
 
 
 def bit(n: int) -> int:
@@ -74,7 +74,7 @@ DEFAULT_FEATURES = (
 
 
 @dataclass
-class QueueStats:
+class NicQueueStats:
     """Counters of one virtqueue, as ``vdev serve`` prints them on exit."""
 
     frames: int = 0
@@ -138,6 +138,17 @@ TO_GUEST = 2
 PacketHook = Callable[["VirtioNet", int, list[int]], list[int]]
 
 
+def is_tx(index: int) -> bool:
+    """Virtqueue ``index`` is a transmitq (5.1.2 "Virtqueues": receiveqN is 2(N-1),
+    transmitqN is 2(N-1)+1)."""
+    return index % 2 == 1
+
+
+def net_queue_direction(index: int) -> SyncKind:
+    """The sync a virtio-net queue plays: TX for a transmitq (the device reads), RX else."""
+    return SyncKind.TX if is_tx(index) else SyncKind.RX
+
+
 def _flow_key(head: bytes) -> bytes:
     """IPv4 addresses and L4 ports of a frame (bytes 26-37), or the whole head if short."""
     return head[26:38] if len(head) >= 38 else head
@@ -156,8 +167,6 @@ class VirtioNet:
         queue_pairs: int = 1,
         mtu: int = 1500,
         features: int = DEFAULT_FEATURES,
-        on_queue_started: Callable[[VirtioNet, Vring], None] | None = None,
-        on_queue_stopped: Callable[[VirtioNet, Vring], None] | None = None,
     ) -> None:
         if not 1 <= queue_pairs <= 8:
             raise ValueError(f"queue_pairs={queue_pairs}: vdev supports 1 to 8 queue pairs")
@@ -171,12 +180,10 @@ class VirtioNet:
         self.negotiated = 0
         self.link_up = True
         self.vrings: dict[int, Vring] = {}
-        self.stats: dict[int, QueueStats] = {i: QueueStats() for i in range(2 * queue_pairs)}
+        self.stats: dict[int, NicQueueStats] = {i: NicQueueStats() for i in range(2 * queue_pairs)}
         self.backlog: deque[int] = deque()
         self.tx_hooks: list[PacketHook] = []
         self.rx_hooks: list[PacketHook] = []
-        self.on_queue_started = on_queue_started
-        self.on_queue_stopped = on_queue_stopped
         self.kill_log: list[tuple[int, SyncError]] = []
         # Capture: every frame that enters this NIC (a TX chain, or a packet taken from the
         # switch) gets ONE record, written where its fate is settled: forwarded to the
@@ -196,12 +203,15 @@ class VirtioNet:
         return self.offered
 
     def protocol_features(self) -> int:
-        return bit(VHOST_USER_PROTOCOL_F_NET_MTU)
+        return bit(ProtocolFeature.MTU)  # NET_SET_MTU
 
     def max_queues(self) -> int:
         # Virtqueues the backend must track: RX and TX per pair (QEMU keeps the control
         # queue).  QEMU compares GET_QUEUE_NUM with queues= (pairs), which this covers.
         return 2 * self.queue_pairs
+
+    def queue_direction(self, index: int) -> SyncKind:
+        return net_queue_direction(index)
 
     def features_set(self, features: int) -> None:
         self.negotiated = features
@@ -216,18 +226,15 @@ class VirtioNet:
         log.info(
             "%s: queue %d started (num=%d base=%d)", self.name, vring.index, vring.num, vring.base
         )
-        if self.on_queue_started is not None:
-            self.on_queue_started(self, vring)
-        if vring.index % 2 == 1:
-            self.process_tx(vring.index)
-        else:
-            self.drain_rx()
+        self.kick(vring.index)  # buffers may be waiting already (or RX frames backlogged)
+
+    def queue_kicked(self, vring: Vring) -> None:
+        if self.vrings.get(vring.index) is vring:
+            self.kick(vring.index)
 
     def queue_stopped(self, vring: Vring) -> None:
         if self.vrings.get(vring.index) is vring:
             del self.vrings[vring.index]
-            if self.on_queue_stopped is not None:
-                self.on_queue_stopped(self, vring)
             log.info("%s: queue %d stopped", self.name, vring.index)
 
     def memory_changed(self, mem: GuestMemory) -> None:
@@ -341,7 +348,7 @@ class VirtioNet:
             for pkt in pkts:
                 self._notes.pop(pkt, None)
 
-    def _drop_tx_frame(self, stats: QueueStats, reason: str, frame: bytes | None) -> None:
+    def _drop_tx_frame(self, stats: NicQueueStats, reason: str, frame: bytes | None) -> None:
         """A TX frame the device drops before it becomes a packet: counted and recorded."""
         stats.drop(reason)
         if self.tap is not None and frame is not None:
@@ -422,7 +429,7 @@ class VirtioNet:
             self._forward(pkts)
         return consumed
 
-    def _internalize_tx(self, chain: Chain, hlen: int, stats: QueueStats) -> int | None:
+    def _internalize_tx(self, chain: Chain, hlen: int, stats: NicQueueStats) -> int | None:
         if chain.read_len < hlen + 14:
             tapped = bytes(chain.read_bytes()[hlen:]) if self.tap is not None else None
             self._drop_tx_frame(stats, "runt", tapped)
@@ -551,7 +558,7 @@ class VirtioNet:
                 done_vring.queue.flush_used()
                 self._maybe_notify(done_vring.queue, index)
 
-    def _write_rx(self, queue: VirtQueue, index: int, pkt: int, stats: QueueStats) -> bool:
+    def _write_rx(self, queue: VirtQueue, index: int, pkt: int, stats: NicQueueStats) -> bool:
         """Write one frame into guest buffers; False when the guest has not posted enough."""
         frame = self.pool.packet_bytes(pkt)
         vnet = self.pool.packet_vnet(pkt) or bytes(NET_HDR_LEN)
@@ -615,8 +622,8 @@ class VirtioNet:
         return need is not None and self.has(need)
 
     def kick(self, index: int) -> None:
-        """The guest notified queue ``index`` (its kick eventfd fired)."""
-        if index % 2 == 1:
+        """Process queue ``index``: the guest kicked it, it started, or a fault resumes it."""
+        if is_tx(index):
             self.process_tx(index)
         else:
             self.drain_rx()
@@ -624,7 +631,7 @@ class VirtioNet:
     def stats_dict(self) -> dict[str, object]:
         queues = {}
         for index, qstats in self.stats.items():
-            kind = "rx" if index % 2 == 0 else "tx"
+            kind = "tx" if is_tx(index) else "rx"
             queues[f"{kind}{index // 2}"] = qstats.as_dict()
         return {
             "name": self.name,
@@ -635,4 +642,11 @@ class VirtioNet:
         }
 
 
-__all__ = ["DEFAULT_FEATURES", "KillReason", "QueueStats", "VirtioNet"]
+__all__ = [
+    "DEFAULT_FEATURES",
+    "KillReason",
+    "NicQueueStats",
+    "VirtioNet",
+    "is_tx",
+    "net_queue_direction",
+]

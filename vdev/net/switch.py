@@ -31,7 +31,7 @@ class Endpoint(Protocol):
 
 
 @dataclass
-class PortStats:
+class EndpointStats:
     """Per-endpoint counters, as seen from the switch."""
 
     rx_frames: int = 0  # frames the switch handed to the endpoint
@@ -51,7 +51,7 @@ class Switch:
     def __init__(self, pool: Pbufpool) -> None:
         self.pool = pool
         self.endpoints: dict[str, Endpoint] = {}
-        self.stats: dict[str, PortStats] = {}
+        self.stats: dict[str, EndpointStats] = {}
         self.fdb: dict[bytes, str] = {}
         self.taps: list[Tap] = []
 
@@ -59,7 +59,7 @@ class Switch:
         if endpoint.name in self.endpoints:
             raise ValueError(f"switch already has an endpoint named {endpoint.name!r}")
         self.endpoints[endpoint.name] = endpoint
-        self.stats[endpoint.name] = PortStats()
+        self.stats[endpoint.name] = EndpointStats()
 
     def detach(self, name: str) -> None:
         self.endpoints.pop(name, None)

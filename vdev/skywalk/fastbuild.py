@@ -8,7 +8,7 @@ name, so a stale build is never loaded.  Like ``images/bare.py``, the build runs
 file lock in a temporary directory and the result is renamed into place, so concurrent
 sessions never load a half-written library.
 
-Nothing is built at import time of ``vdev``: :func:`load` is called by ``validate.py`` and
+Nothing is built at import time of ``vdev``: :func:`load` is called by ``fastglue.py`` and
 builds once (announcing it on one stderr line); a machine without a compiler gets one
 logged warning and the Python path.
 """
@@ -30,12 +30,13 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from vdev.abi import ABI_DIR
+from vdev.errors import VdevError
 from vdev.filelock import file_lock
 
 log = logging.getLogger(__name__)
 
 SKYWALK_DIR = Path(__file__).resolve().parent
-ABI_DIR = SKYWALK_DIR.parent / "abi"
 C_SOURCE = SKYWALK_DIR / "fastpath.c"
 C_HEADER = SKYWALK_DIR / "fastpath.h"
 ABI_HEADER = ABI_DIR / "skywalk.h"
@@ -43,7 +44,7 @@ MODULE_NAME = "_vdev_skywalk_fastpath"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing")
 
 
-class FastBuildError(RuntimeError):
+class FastBuildError(VdevError, RuntimeError):
     """The extension could not be built (no compiler, compile error, missing cffi)."""
 
 

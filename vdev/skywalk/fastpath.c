@@ -1,11 +1,11 @@
 /*
- * Compiled fast path of vdev/skywalk/validate.py: the per-slot loops of the
+ * Compiled fast path of vdev/skywalk/slotwork.py: the per-slot loops of the
  * kernel half (internalize / externalize, TX take, FREE take, RX release
- * check, RX publish).  validate.py keeps the Python reference
- * implementation; this file must stay check-for-check identical to it: the
- * same checks in the same order, the same side effects on the trusted arrays
- * and the shared arena, the same byte counts.  Failures come back as codes
- * plus numbers (struct fp_ret) and validate.py formats the message, so both
+ * check, RX publish).  slotwork.py is the Python reference implementation;
+ * this file must stay check-for-check identical to it: the same checks in the
+ * same order, the same side effects on the trusted arrays and the shared
+ * arena, the same byte counts.  Failures come back as codes plus numbers
+ * (struct fp_ret) and fastglue.py builds slotwork's message from them, so both
  * backends report identical details.
  *
  * Trust: everything behind struct fp_pool / fp_ring except the arena regions

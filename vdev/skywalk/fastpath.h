@@ -1,5 +1,5 @@
 /*
- * Compiled per-slot loops of vdev/skywalk/validate.py (see fastpath.c).
+ * Compiled per-slot loops of vdev/skywalk/slotwork.py (see fastpath.c).
  *
  * The block between the FP-CDEF markers is handed verbatim to cffi's cdef by
  * vdev/skywalk/fastbuild.py, so keep it to plain typedef-free declarations.
@@ -22,7 +22,8 @@
 #define FP_INDEX_ERROR 8          /* rx_publish: trusted ksd entry out of range */
 #define FP_OVERFLOW 9             /* externalize: headroom does not fit 16 bits */
 
-/* Internalize checks (fp_ret.detail), in the order validate.internalize runs them. */
+/* Internalize checks (fp_ret.detail), in the order slotwork.internalize runs them; each
+ * FPD_<name> is slotwork.INTERNALIZE_CHECKS["<name>"] (fastglue maps them by name). */
 #define FPD_REDZONE 1
 #define FPD_BUFS_MAX 2
 #define FPD_BUFS_CNT_RANGE 3

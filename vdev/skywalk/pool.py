@@ -5,7 +5,7 @@ which objects are allocated, each packet's buflet chain and buffer indices, data
 lengths, offload fields and the owner of each packet live in Python arrays below.  The
 shared metadata is only the *user copy*: written from the trusted state when a packet is
 handed to a client (externalize) and re-validated when it comes back (internalize, in
-``validate.py``).  A client scribbling on shared memory can therefore only damage data
+``slotwork.py``).  A client scribbling on shared memory can therefore only damage data
 bytes it could write anyway, never the pool's accounting.
 
 Owner tracking follows pbufpool.c's user packet pool ("upp"): every packet a channel holds is
@@ -174,7 +174,7 @@ class Pbufpool:
         self._loose: set[int] = set()  # spare buflets handed out by alloc_buflets
         self.stats = PoolStats().bind(self)
         self._closed = False
-        # The compiled fast path's view of this pool (validate.py), released on close.
+        # The compiled fast path's view of this pool (fastglue.py), released on close.
         self.fast_ctx: _Closable | None = None
         # Ring region allocator (bump pointer plus exact-size reuse).
         self._ring_next = 0
@@ -264,6 +264,13 @@ class Pbufpool:
         """Return kernel-held packets to the pool (double free or client-held is a bug)."""
         self._check_open()
         self.check_kernel_held(idxs)
+        self._release(idxs)
+
+    def free_taken(self, idxs: list[int]) -> None:
+        """Free packets the kernel half has just taken back from a ring (a TX sync that
+        failed, the FREE ring, a ring's reclaim): known allocated and no longer the user's,
+        so the per-packet ownership checks of :meth:`free_packets` are skipped on this hot
+        path; a double free is still a PoolError."""
         self._release(idxs)
 
     def _release(self, idxs: list[int]) -> None:

@@ -98,25 +98,20 @@ class ChannelHandle:
             if self.defunct is not None:
                 raise DefunctError("channel", self.defunct)
             try:
+                # Identity tests, not self.rings[kind]: an Enum hashes in Python, and TX
+                # syncs of one slot are short enough for that to show.
                 if kind is SyncKind.TX:
-                    pkts, nbytes = self.tx.txsync_prologue()
-                    try:
-                        if pkts:
-                            self.port._transmit(self, pkts, nbytes)
-                    finally:  # the ring stays consistent even if the device callback fails
-                        self.tx.txsync_finalize()
+                    ring = self.tx
                 elif kind is SyncKind.RX:
-                    self.rx.rxsync_prologue()
-                    self.rx.rxsync_finalize()
-                elif kind is SyncKind.ALLOC:
-                    self.alloc.alloc_sync_prologue()
-                    self.alloc.alloc_sync_finalize()
-                elif kind is SyncKind.FREE:
-                    self.free.free_sync_prologue()
-                    self.free.free_sync_finalize()
+                    ring = self.rx
                 else:
-                    self.event.event_sync_prologue()
-                    self.event.event_sync_finalize()
+                    ring = self.rings[kind]
+                pkts, nbytes = ring.prologue()
+                try:
+                    if pkts:  # TX: what the client sent goes to the nexus
+                        self.port._transmit(self, pkts, nbytes)
+                finally:  # the ring stays consistent even if the device callback fails
+                    ring.finalize()
             except SyncError as err:
                 self._kill(err)
                 raise

@@ -24,6 +24,7 @@ from . import validate
 from .arena import NO_INDEX, RING_HDR_SIZE, SD_LEN_MAX, SLOT_SIZE, RingOff, SlotOff
 from .errors import KillReason, SyncError, SyncKind
 from .pool import Pbufpool
+from .slotwork import Slots
 from .stats import RingStats
 
 RING_TX: int = lib.SK_RING_TX
@@ -66,13 +67,14 @@ class KernelRing:
         self.r64 = pool.arena.ring64
         self.h32 = (self.off - lay.ring_off) // 4
         self.slots_w32 = (self.slots_off - lay.ring_off) // 4
+        # What the per-slot functions (validate.py's backend) see of this ring.
+        self.slots = Slots(pool, owner, self.r32, self.r16, self.slots_w32, num_slots)
         self.khead = 0
         self.rhead = 0
         # TX-like rings start with every usable slot owned by the user; RX-like ones empty.
         self.tx_like = kind in (RING_TX, RING_FREE)
         self.ktail = self.lim if self.tx_like else 0
         self.rtail = self.ktail
-        self.khead_pre = 0
         self.ready_slots = self.lim if self.tx_like else 0
         self.ready_bytes = self.ready_slots * pool.buf_size if self.tx_like else 0
         # Kernel-attached packets per slot (RX/EVENT/ALLOC, waiting for finalize).
@@ -126,42 +128,79 @@ class KernelRing:
         """Slots the kernel can still fill (RX/EVENT/ALLOC): one slot stays empty."""
         return self.lim - self._count(self.khead, self.ktail)
 
-    # ------------------------------------------------------------------ TX
-    def txsync_prologue(self) -> tuple[list[int], int]:
-        """Validate head/tail, take the packets in ``[rhead, head)``; returns them + bytes."""
+    # ------------------------------------------------------------------ the sync
+    def prologue(self) -> tuple[list[int], int]:
+        """The prologue of this ring's sync kind (channel_ring.c's ``*_sync_prologue``).
+
+        Read the user's head and tail once and validate them against the kernel's state by
+        the ring's rule (TX/FREE: ``khead <= rhead <= head <= tail == rtail <= ktail``;
+        RX/ALLOC/EVENT: ``khead <= head <= ktail``, tail untouched), then run the kind's
+        per-slot step on the slots in ``[rhead, head)`` (``validate.py``), account them and
+        accept ``head``.  Returns the packets a TX sync took (for the nexus) and the bytes
+        accounted; every other kind returns no packets.
+        """
         head, tail = self._user_head_tail()
-        fail = validate.tx_validate(
-            self.n, self.khead, self.ktail, self.rhead, self.rtail, head, tail
-        )
+        if self.tx_like:
+            fail = validate.tx_validate(
+                self.n, self.khead, self.ktail, self.rhead, self.rtail, head, tail
+            )
+        else:
+            fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
         if fail is not None:
-            raise SyncError(fail[0], SyncKind.TX, self._detail(fail[1], head, tail))
-        slots = self._count(self.rhead, head)
-        pkts, nbytes = validate.tx_take(
-            self.pool,
-            self.owner,
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rhead,
-            head,
-            SyncKind.TX,
-        )
-        self.stats.update(slots, nbytes)
+            raise SyncError(fail[0], self.sync_kind, self._detail(fail[1], head, tail))
+        # The kind's per-slot step on [rhead, head) (validate.py's backend).
+        kind = self.kind
+        pkts: list[int] = []
+        nbytes = 0
+        if kind == RING_TX:  # internalize and take what the user attached
+            pkts, nbytes = validate.tx_take(self.slots, self.rhead, head, SyncKind.TX)
+        elif kind == RING_FREE:  # free every packet the user handed back
+            self.pool.free_taken(validate.free_take(self.slots, self.rhead, head))
+        elif kind != RING_ALLOC:
+            # RX/EVENT: the slots the user consumed must have been detached; RX also checks
+            # each slot's length, and the bytes against the ready count it was published.
+            klen = self.klen
+            released = validate.rx_release_check(self.slots, self.rhead, head, klen, self.sync_kind)
+            if klen is not None:
+                if released > self.ready_bytes:
+                    raise SyncError(
+                        KillReason.INCONSISTENT_READY_BYTES,
+                        self.sync_kind,
+                        self._detail(
+                            f"released {released} bytes > ready {self.ready_bytes}", head, tail
+                        ),
+                    )
+                self.ready_bytes -= released
+                nbytes = released
+        # (ALLOC: the slots before head were taken by the user; the packets are theirs.)
+        self.stats.update(self._count(self.rhead, head), nbytes)
         self.rhead = head
-        self.khead_pre = self.khead
+        if not self.tx_like:
+            self.khead = head  # the released slots are the kernel's again at once
         return pkts, nbytes
 
-    def txsync_finalize(self) -> None:
-        """The port consumed everything handed over: khead catches up, free space returns."""
-        self.khead = self.rhead
-        self.ktail = self.khead - 1 if self.khead else self.lim
-        used = self._count(self.khead, self.rhead)
-        self.ready_slots = self.lim - used
-        self.ready_bytes = self.ready_slots * self.pool.buf_size
+    def finalize(self) -> None:
+        """The finalize of this ring's sync kind: publish tail, khead and the ready counts.
+
+        TX-like rings: the nexus consumed everything handed over, so khead catches up and
+        the free space returns to the user.  RX-like rings: externalize what the kernel
+        attached since the last sync (an ALLOC ring first refills to its working set).
+        """
+        if self.tx_like:
+            self.khead = self.rhead
+            self.ktail = self.khead - 1 if self.khead else self.lim
+            self.ready_slots = self.lim
+            self.ready_bytes = self.lim * self.pool.buf_size
+        else:
+            if self.kind == RING_ALLOC:
+                self._refill()
+            nbytes = self._publish_slots(self.rtail, self.klen)
+            if self.klen is not None:
+                self.ready_bytes += nbytes
+            self.ready_slots = self._count(self.rhead, self.ktail)
         self._publish()
 
-    # ------------------------------------------------------------------ RX
+    # ------------------------------------------------------------------ RX side helpers
     def rx_enqueue(self, pkts: list[int], start: int = 0) -> int:
         """Attach kernel-held packets at ktail (nexus side); returns how many fit."""
         room = self.kernel_space()
@@ -175,130 +214,15 @@ class KernelRing:
         self.ktail = kt
         return take
 
-    def rxsync_prologue(self) -> None:
-        """Validate head; the slots in ``[rhead, head)`` come back (detached) to the kernel."""
-        head, tail = self._user_head_tail()
-        fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
-        if fail is not None:
-            raise SyncError(fail[0], self.sync_kind, self._detail(fail[1], head, tail))
-        slots = self._count(self.rhead, head)
-        nbytes = validate.rx_release_check(
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rhead,
-            head,
-            self.klen,
-            self.sync_kind,
-            self.pool,
-        )
-        if self.klen is not None:
-            if nbytes > self.ready_bytes:
-                raise SyncError(
-                    KillReason.INCONSISTENT_READY_BYTES,
-                    self.sync_kind,
-                    self._detail(f"released {nbytes} bytes > ready {self.ready_bytes}", head, tail),
-                )
-            self.ready_bytes -= nbytes
-        self.stats.update(slots, nbytes)
-        self.rhead = head
-        self.khead = head
-
     def _publish_slots(self, start: int, klen: MutableSequence[int] | None) -> int:
         """Hand the packets in slots ``[start, ktail)`` to the user; returns their bytes."""
-        return validate.rx_publish(
-            self.pool,
-            self.owner,
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            start,
-            self.ktail,
-            self.ksd,
-            klen,
-        )
+        return validate.rx_publish(self.slots, start, self.ktail, self.ksd, klen)
 
-    def rxsync_finalize(self) -> None:
-        """Externalize what arrived since the last sync and publish the new tail."""
-        nbytes = self._publish_slots(self.rtail, self.klen)
-        self.ready_bytes += nbytes
-        self.ready_slots = self._count(self.rhead, self.ktail)
-        self._publish()
-
-    # ------------------------------------------------------------------ ALLOC
-    def alloc_sync_prologue(self) -> None:
-        """Validate head; slots before it were taken by the user (already theirs)."""
-        head, tail = self._user_head_tail()
-        fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
-        if fail is not None:
-            raise SyncError(fail[0], SyncKind.ALLOC, self._detail(fail[1], head, tail))
-        self.stats.update(self._count(self.rhead, head), 0)
-        self.rhead = head
-        self.khead = head
-
-    def alloc_sync_finalize(self) -> None:
-        """Refill the ring up to the working set with fresh packets owned by the channel."""
+    def _refill(self) -> None:
+        """ALLOC: attach fresh packets owned by the channel up to the working set."""
         want = min(self.alloc_ws, self.lim) - self._count(self.khead, self.ktail)
         if want > 0:
-            pkts = self.pool.alloc_packets(want, self.alloc_nbufs)
-            start = self.ktail
-            self.rx_enqueue(pkts)
-            self._publish_slots(start, None)
-        self.ready_slots = self._count(self.rhead, self.ktail)
-        self._publish()
-
-    # ------------------------------------------------------------------ FREE
-    def free_sync_prologue(self) -> int:
-        """Validate head/tail (TX rule) and free every packet handed back; returns count."""
-        head, tail = self._user_head_tail()
-        fail = validate.tx_validate(
-            self.n, self.khead, self.ktail, self.rhead, self.rtail, head, tail
-        )
-        if fail is not None:
-            raise SyncError(fail[0], SyncKind.FREE, self._detail(fail[1], head, tail))
-        slots = self._count(self.rhead, head)
-        pkts = validate.free_take(
-            self.pool, self.owner, self.r32, self.r16, self.slots_w32, self.n, self.rhead, head
-        )
-        self.pool._release(pkts)
-        self.stats.update(slots, 0)
-        self.rhead = head
-        return len(pkts)
-
-    def free_sync_finalize(self) -> None:
-        self.khead = self.rhead
-        self.ktail = self.khead - 1 if self.khead else self.lim
-        self.ready_slots = self.lim
-        self._publish()
-
-    # ------------------------------------------------------------------ EVENT
-    def event_sync_prologue(self) -> None:
-        """Validate head; consumed event slots must have been detached by the user."""
-        head, tail = self._user_head_tail()
-        fail = validate.rx_validate(self.n, self.khead, self.ktail, self.rtail, head, tail)
-        if fail is not None:
-            raise SyncError(fail[0], SyncKind.EVENT, self._detail(fail[1], head, tail))
-        validate.rx_release_check(
-            self.r32,
-            self.r16,
-            self.slots_w32,
-            self.n,
-            self.rhead,
-            head,
-            None,
-            SyncKind.EVENT,
-            self.pool,
-        )
-        self.stats.update(self._count(self.rhead, head), 0)
-        self.rhead = head
-        self.khead = head
-
-    def event_sync_finalize(self) -> None:
-        self._publish_slots(self.rtail, None)
-        self.ready_slots = self._count(self.rhead, self.ktail)
-        self._publish()
+            self.rx_enqueue(self.pool.alloc_packets(want, self.alloc_nbufs))
 
     # ------------------------------------------------------------------ teardown
     def reclaim(self) -> int:
@@ -307,7 +231,7 @@ class KernelRing:
         for s in range(self.n):
             self.ksd[s] = NO_INDEX
         if held:
-            self.pool._release(held)
+            self.pool.free_taken(held)
         return len(held)
 
     def release(self) -> None:

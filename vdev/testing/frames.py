@@ -34,10 +34,15 @@ def arp_request(src_mac: bytes = GUEST_MAC, src_ip: bytes = GUEST_IP) -> bytes:
     return eth(b"\xff" * 6, src_mac, 0x0806, body)
 
 
-def ipv4(src: bytes, dst: bytes, proto: int, payload: bytes) -> bytes:
-    """An IPv4 header (no options, DF clear, TTL 64) with a valid checksum, then payload."""
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, proto, 0, src, dst)
-    return hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:] + payload
+def ipv4(
+    src: bytes, dst: bytes, proto: int, payload: bytes, *, ident: int = 1, checksum: bool = True
+) -> bytes:
+    """An IPv4 header (no options, DF clear, TTL 64) then payload; the header checksum is
+    valid, or left 0 with ``checksum=False`` (tests that never look at it)."""
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0, 64, proto, 0, src, dst)
+    if checksum:
+        hdr = hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
+    return hdr + payload
 
 
 def icmp_echo(seq: int, data: bytes = b"vdev-ping") -> bytes:
@@ -54,10 +59,33 @@ def udp(
     src_mac: bytes = GUEST_MAC,
     src_ip: bytes = GUEST_IP,
     dst_ip: bytes = RESPONDER_IP,
+    *,
+    ip_id: int = 1,
+    ip_checksum: bool = True,
 ) -> bytes:
     """A UDP/IPv4 frame; UDP checksum 0 ("none", RFC 768)."""
     u = struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
-    return eth(dst_mac, src_mac, 0x0800, ipv4(src_ip, dst_ip, 17, u))
+    ip = ipv4(src_ip, dst_ip, 17, u, ident=ip_id, checksum=ip_checksum)
+    return eth(dst_mac, src_mac, 0x0800, ip)
+
+
+def tcp(
+    dport: int,
+    sport: int = 40000,
+    dst_mac: bytes = RESPONDER_MAC,
+    src_mac: bytes = GUEST_MAC,
+    src_ip: bytes = GUEST_IP,
+    dst_ip: bytes = RESPONDER_IP,
+    *,
+    flags: int = 0x02,
+    window: int = 1024,
+    ip_id: int = 1,
+    ip_checksum: bool = True,
+) -> bytes:
+    """A TCP/IPv4 segment without options or payload (default flags SYN); TCP checksum 0."""
+    t = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 0x50, flags, window, 0, 0)
+    ip = ipv4(src_ip, dst_ip, 6, t, ident=ip_id, checksum=ip_checksum)
+    return eth(dst_mac, src_mac, 0x0800, ip)
 
 
 TOOLS_MAGIC = 0x56444556  # "VDEV": guest/tools/vdev_tools.h, struct vdev_payload

@@ -25,14 +25,13 @@ import time
 from dataclasses import dataclass, field
 
 from vdev.abi import lib
+from vdev.net.nic import LEGACY_HDR_LEN, NET_HDR_LEN
 from vdev.vhost.connection import Listener, connect
 from vdev.vhost.frontend import FrontendConfig, FrontendMemory, VhostUserFrontend
 from vdev.virtio.driver import DriverQueue
-from vdev.virtio.packed import F_RING_PACKED, PackedDriverQueue, packed_ring_sizes
-from vdev.virtio.split import ring_sizes
+from vdev.virtio.packed_driver import PackedDriverQueue
+from vdev.virtio.queue import F_RING_PACKED, queue_format
 
-NET_HDR_LEN = 12
-LEGACY_HDR_LEN = 10
 # What QEMU 7.2 sends with SET_VRING_BASE for a fresh packed ring
 # (virtio_queue_packed_get_last_avail_idx): avail index 0, wrap 1; used index 0, wrap 1.
 PACKED_FRESH_BASE = 0x8000 | 0x8000 << 16
@@ -142,21 +141,16 @@ class VirtioNetFrontend:
     def _setup_queue(self, index: int, buf_size: int) -> None:
         n = self.ring_size
         driver: DriverQueue | PackedDriverQueue
+        # The negotiated format's three areas (packed, 2.8.10: the driver and device event
+        # suppression areas travel in vhost-user's avail/used address fields).
+        desc, avail, used = (
+            self.mem.alloc(a.length, a.align) for a in queue_format(self.features).ring_areas(n)
+        )
         base = 0
         if self.packed:
-            # 2.8.10: descriptor ring (16-byte aligned), then the driver and device event
-            # suppression areas, which vhost-user carries in the avail/used address fields.
-            desc_len, drv_len, dev_len = packed_ring_sizes(n)
-            desc = self.mem.alloc(desc_len, 16)
-            avail = self.mem.alloc(drv_len, 4)
-            used = self.mem.alloc(dev_len, 4)
             driver = PackedDriverQueue(self.mem, n, desc, avail, used, features=self.features)
             base = PACKED_FRESH_BASE
         else:
-            desc_len, avail_len, used_len = ring_sizes(n)
-            desc = self.mem.alloc(desc_len, 16)
-            avail = self.mem.alloc(avail_len, 2)
-            used = self.mem.alloc(used_len, 4)
             driver = DriverQueue(self.mem, n, desc, avail, used, features=self.features)
         bufs = self.mem.alloc(n * buf_size, 64)
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

@@ -5,7 +5,7 @@ Spec: ``docs/interop/vhost-user.rst`` in qemu/qemu.  See docs/DESIGN.md for how 
 
 from .backend import VhostDevice, VhostUserBackend, Vring
 from .codec import Message, ProtocolError, ProtocolFeature, Request
-from .connection import Connection, Listener, PeerClosed, connect
+from .connection import Connection, Listener, PeerClosed, connect, try_connect
 from .frontend import FrontendConfig, FrontendMemory, VhostUserError, VhostUserFrontend
 from .server import VhostUserServer
 
@@ -26,4 +26,5 @@ __all__ = [
     "VhostUserServer",
     "Vring",
     "connect",
+    "try_connect",
 ]

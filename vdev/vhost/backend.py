@@ -4,7 +4,14 @@ libvhost-user style: this object owns no event loop.  The caller polls :meth:`fi
 calls :meth:`handle_readable`, which processes exactly one message and returns False once the
 connection is gone (peer closed, or we dropped it after a protocol error).  One backend
 object serves one connection; a reconnecting front-end gets a fresh object and restores the
-rings' positions with SET_VRING_BASE (QEMU sends the guest's used index there).
+rings' positions with SET_VRING_BASE (QEMU sends the guest's used index there).  Accepting,
+dialling and reconnecting are :mod:`vdev.vhost.server`'s job.
+
+Kick eventfds belong to this layer too: given a :class:`~vdev.eventloop.Watcher` (the
+caller's loop, libvhost-user's ``set_watch``/``remove_watch``), the backend watches a ring's
+kick fd from the moment the device hears ``queue_started`` until before it hears
+``queue_stopped``, reads the eventfd when it fires and calls the device's ``queue_kicked``.
+The device never touches a kick fd.
 
 Error policy (spec "REPLY_ACK" and "Communication"): a malformed or refused message is logged
 on the ``vdev.vhost`` logger with the request and field; if REPLY_ACK was negotiated and the
@@ -22,13 +29,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from vdev.errors import SyncKind
 from vdev.virtio.memory import GuestMemory, MemoryFault
+from vdev.virtio.queue import F_RING_PACKED, QueueFormat, VirtQueue, queue_format
 
 from .codec import (
+    F_PROTOCOL_FEATURES,
     FLAG_REPLY,
     HAS_REPLY,
     VERSION,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     Config,
@@ -41,6 +50,7 @@ from .codec import (
     Request,
     VringAddr,
     VringState,
+    check_fds,
     decode_request,
     encode_config,
     encode_state,
@@ -51,11 +61,10 @@ from .codec import (
 from .connection import Connection, PeerClosed, close_fds
 
 if TYPE_CHECKING:
-    from vdev.virtio.queue import VirtQueue
+    from vdev.eventloop import Watcher
 
 log = logging.getLogger("vdev.vhost")
 
-F_PROTOCOL_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 
 # Protocol features this backend always offers.  MQ: "Back-ends should always implement the
 # VHOST_USER_PROTOCOL_F_MQ protocol feature" ("Multiple queue support").
@@ -73,9 +82,7 @@ DEVICE_PROTOCOL_FEATURES = pf_mask(
 
 # What GET_MAX_MEM_SLOTS answers (libvhost-user's VHOST_USER_MAX_RAM_SLOTS).
 MAX_MEM_SLOTS = 32
-MAX_QUEUE_SIZE = 32768
 VHOST_VRING_F_LOG = 1
-F_RING_PACKED = 1 << 34  # VIRTIO_F_RING_PACKED (virtio 1.x 2.8 "Packed Virtqueues")
 
 _ACK_OK = 0
 _ACK_FAIL = 1
@@ -96,6 +103,12 @@ class VhostDevice(Protocol):
         """Number of virtqueues the device supports (the GET_QUEUE_NUM answer)."""
         ...
 
+    def queue_direction(self, index: int) -> SyncKind:
+        """Which way data flows on virtqueue ``index`` (device knowledge, e.g. virtio-net's
+        even receiveq / odd transmitq): ``SyncKind.RX`` (the device writes: device-writable
+        buffers only), ``SyncKind.TX`` (the device reads) or another kind for both."""
+        ...
+
     def features_set(self, features: int) -> None: ...
 
     def queue_started(self, vring: Vring) -> None:
@@ -112,7 +125,12 @@ class VhostDevice(Protocol):
     def queue_stopped(self, vring: Vring) -> None:
         """The ring stopped: before GET_VRING_BASE replies (read ``queue.last_avail_idx``
         after this), when its kick fd is replaced (queue_started follows) and on disconnect.
-        Stop touching the ring and its kick fd.  Disabling a ring does not stop it."""
+        Stop touching the ring.  Disabling a ring does not stop it."""
+        ...
+
+    def queue_kicked(self, vring: Vring) -> None:
+        """The driver notified a started ring (its kick eventfd fired; the backend already
+        read it): process ``vring.queue``."""
         ...
 
     def memory_changed(self, mem: GuestMemory) -> None: ...
@@ -124,7 +142,7 @@ class VhostDevice(Protocol):
     def disconnected(self) -> None: ...
 
 
-QueueFactory = Callable[..., "VirtQueue"]
+QueueFactory = Callable[..., VirtQueue]
 
 
 @dataclass
@@ -161,28 +179,6 @@ class Vring:
         return self.started and self.enabled
 
 
-def _default_queue_factory(*args: Any, **kwargs: Any) -> VirtQueue:
-    """SplitQueue, or PackedQueue when VIRTIO_F_RING_PACKED was negotiated (same arguments:
-    avail/used addresses are the driver/device event suppression areas, 2.8.10)."""
-    if int(kwargs.get("features", 0)) & F_RING_PACKED:
-        from vdev.virtio.packed import PackedQueue
-
-        return PackedQueue(*args, **kwargs)
-    from vdev.virtio.split import SplitQueue
-
-    return SplitQueue(*args, **kwargs)
-
-
-def _ring_sizes(num: int) -> tuple[int, int, int]:
-    """Bytes of desc table, avail ring, used ring incl. the EVENT_IDX trailers (2.7)."""
-    return 16 * num, 4 + 2 * num + 2, 4 + 8 * num + 2
-
-
-def _packed_ring_sizes(num: int) -> tuple[int, int, int]:
-    """Bytes of descriptor ring, driver and device event suppression areas (2.8.10)."""
-    return 16 * num, 4, 4
-
-
 class VhostUserBackend:
     """Serve one vhost-user connection for ``device``."""
 
@@ -191,16 +187,20 @@ class VhostUserBackend:
         device: VhostDevice,
         conn: Connection,
         *,
+        watcher: Watcher | None = None,
         queue_factory: QueueFactory | None = None,
         max_mem_slots: int = MAX_MEM_SLOTS,
         without_protocol_features: int = 0,
     ) -> None:
-        """``without_protocol_features`` masks protocol features out of the offer (e.g.
-        CONFIGURE_MEM_SLOTS, to make QEMU use SET_MEM_TABLE); ``queue_factory`` replaces
-        SplitQueue (tests)."""
+        """``watcher`` watches the kick eventfds (without one, nobody does: the device or
+        test drives the queues itself); ``without_protocol_features`` masks protocol
+        features out of the offer (e.g. CONFIGURE_MEM_SLOTS, to make QEMU use
+        SET_MEM_TABLE); ``queue_factory`` replaces the negotiated format's queue class
+        (tests)."""
         self.device = device
         self.conn = conn
-        self.queue_factory: QueueFactory = queue_factory or _default_queue_factory
+        self.watcher = watcher
+        self.queue_factory = queue_factory
         self.max_mem_slots = max_mem_slots
         nq = int(device.max_queues())
         if not 1 <= nq <= VRING_IDX_MASK + 1:
@@ -262,6 +262,11 @@ class VhostUserBackend:
         return self.conn.fileno()
 
     @property
+    def supported_requests(self) -> frozenset[int]:
+        """The front-end requests this backend handles (any other is refused)."""
+        return frozenset(self._handlers)
+
+    @property
     def negotiated_features(self) -> int:
         """Virtio feature bits acked by the front-end (without vhost-user's bit 30)."""
         return self.features & ~F_PROTOCOL_FEATURES
@@ -270,6 +275,11 @@ class VhostUserBackend:
     def packed(self) -> bool:
         """VIRTIO_F_RING_PACKED negotiated: rings are packed (2.8), bases packed-encoded."""
         return bool(self.features & F_RING_PACKED)
+
+    @property
+    def queue_format(self) -> QueueFormat:
+        """The negotiated ring format (split or packed): layout, size and base rules."""
+        return queue_format(self.features)
 
     def has_protocol_feature(self, bit: ProtocolFeature) -> bool:
         return bool(self.protocol_features & (1 << bit))
@@ -356,6 +366,8 @@ class VhostUserBackend:
                     "not supported (its feature is not offered)" if known else "unknown request",
                 )
             payload = decode_request(msg.request, msg.payload)
+            # Every request's fd count comes from the codec's table, before any handler.
+            check_fds(msg.request, payload, len(msg.fds))
             log.debug("vhost-user <- %s %s fds=%s", request_name(msg.request), payload, msg.fds)
             reply = handler(msg, payload)
         except ProtocolError as exc:
@@ -394,44 +406,24 @@ class VhostUserBackend:
             )
         return self.vrings[index]
 
-    @staticmethod
-    def _no_fds(msg: Message) -> None:
-        if msg.fds:
-            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need 0")
-
-    @staticmethod
-    def _fds(msg: Message, n: int) -> None:
-        if len(msg.fds) < n:
-            raise ProtocolError(
-                msg.request, "fds", f"missing fd: {len(msg.fds)} attached, need {n}"
-            )
-        if len(msg.fds) > n:
-            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need {n}")
-
     def _check_ring_fits(self, request: int, v: Vring, mem: GuestMemory) -> None:
-        """Every ring area must translate inside one region for ``num`` entries (2.7; packed:
-        2.8, the avail/used addresses are the 4-byte driver/device event suppression areas)."""
-        sizes, aligns = (
-            (_packed_ring_sizes(v.num), (16, 4, 4))
-            if self.packed
-            else (_ring_sizes(v.num), (16, 2, 4))
-        )
-        for name, addr, length, align in zip(
-            ("desc_addr", "avail_addr", "used_addr"),
-            (v.desc_addr, v.avail_addr, v.used_addr),
-            sizes,
-            aligns,
-            strict=True,
-        ):
-            if addr % align:
+        """Every ring area of the negotiated format must be aligned and translate inside one
+        region for ``num`` entries (2.7.2; 2.8.10 for packed event suppression areas)."""
+        areas = self.queue_format.ring_areas(v.num)
+        for area, addr in zip(areas, (v.desc_addr, v.avail_addr, v.used_addr), strict=True):
+            if addr % area.align:
                 raise ProtocolError(
-                    request, name, f"vring {v.index}: {addr:#x} is not {align}-byte aligned"
+                    request,
+                    area.field,
+                    f"vring {v.index}: {area.name} {addr:#x} is not {area.align}-byte aligned",
                 )
             try:
-                mem.uva_view(addr, length).release()
+                mem.uva_view(addr, area.length).release()
             except MemoryFault as exc:
                 raise ProtocolError(
-                    request, name, f"vring {v.index} (num {v.num}) does not fit: {exc}"
+                    request,
+                    area.field,
+                    f"vring {v.index} (num {v.num}): {area.name} does not fit: {exc}",
                 ) from None
 
     def _update(self, request: int, v: Vring) -> None:
@@ -444,8 +436,9 @@ class VhostUserBackend:
             and self.mem is not None
         ):
             self._check_ring_fits(request, v, self.mem)
+            make = self.queue_factory or self.queue_format
             try:
-                v.queue = self.queue_factory(
+                v.queue = make(
                     self.mem,
                     v.index,
                     v.num,
@@ -454,6 +447,7 @@ class VhostUserBackend:
                     v.used_addr,
                     features=self.negotiated_features,
                     last_avail_idx=v.base,
+                    sync=self.device.queue_direction(v.index),
                 )
             except (MemoryFault, ValueError) as exc:
                 raise ProtocolError(request, "ring", f"vring {v.index}: {exc}") from None
@@ -467,12 +461,9 @@ class VhostUserBackend:
             # for the kick" (SET_VRING_KICK): vdev does not poll rings, so the ring stays
             # stopped until a real kick fd arrives.
             log.warning("vring %d: kick without fd (polling mode) is not supported", v.index)
-            if v.notified:
-                v.notified = False
-                self._device_call("queue_stopped", v)
+            self._announce_stopped(v)
         elif v.started and not v.notified:
-            v.notified = True
-            self._device_call("queue_started", v)
+            self._announce_started(v)
 
     def _set_enabled(self, request: int, v: Vring, enabled: bool) -> None:
         """Record SET_VRING_ENABLE; a started ring that becomes enabled is announced again."""
@@ -482,21 +473,47 @@ class VhostUserBackend:
         if enabled and not was_enabled and was_notified:
             self._device_call("queue_started", v)
 
+    # -- the device's view of a ring: started / kicked / stopped ----------------------------
+
+    def _announce_started(self, v: Vring) -> None:
+        """Tell the device the ring runs and watch its kick fd (until _announce_stopped)."""
+        v.notified = True
+        fd = v.kick_fd
+        if self.watcher is not None and fd is not None:
+            self.watcher.watch(fd, lambda: self._kicked(v, fd))
+        self._device_call("queue_started", v)
+
+    def _announce_stopped(self, v: Vring) -> None:
+        """Stop watching the kick fd, then tell the device (once per start)."""
+        if not v.notified:
+            return
+        v.notified = False
+        if self.watcher is not None and v.kick_fd is not None:
+            self.watcher.unwatch(v.kick_fd)
+        self._device_call("queue_stopped", v)
+
+    def _kicked(self, v: Vring, fd: int) -> None:
+        """The kick eventfd fired: consume it and let the device process the ring."""
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass  # another reader (or a spurious wakeup) took it: still look at the ring
+        except OSError as exc:
+            log.warning("vring %d: kick fd %d: %s; no longer watched", v.index, fd, exc)
+            if self.watcher is not None:
+                self.watcher.unwatch(fd)
+            return
+        if v.notified and v.kick_fd == fd:
+            self._device_call("queue_kicked", v)
+
     def _stop(self, v: Vring) -> None:
         """Stop the ring: device first, then record the position and drop the queue."""
-        if v.notified:
-            v.notified = False
-            self._device_call("queue_stopped", v)
+        self._announce_stopped(v)
         if v.queue is not None:
             q = v.queue
             v.queue = None
             try:
-                if self.packed and hasattr(q, "vhost_base"):
-                    # GET_VRING_BASE for packed rings: avail idx/wrap in bits 0-15, used
-                    # idx/wrap in bits 16-31 (QEMU 7.2 reads both).
-                    v.base = int(q.vhost_base) & 0xFFFF_FFFF
-                else:
-                    v.base = int(q.last_avail_idx) & 0xFFFF
+                v.base = q.vhost_base  # the format's GET_VRING_BASE encoding
                 q.close()
             except Exception:
                 log.exception("vhost-user: closing queue %d failed", v.index)
@@ -509,11 +526,9 @@ class VhostUserBackend:
     # -- features ---------------------------------------------------------------------
 
     def _get_features(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.offered_features)
 
     def _set_features(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         if value & ~self.offered_features:
             raise ProtocolError(
                 msg.request, "features", f"bits {value & ~self.offered_features:#x} not offered"
@@ -533,11 +548,9 @@ class VhostUserBackend:
         return None
 
     def _get_protocol_features(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.offered_protocol_features)
 
     def _set_protocol_features(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         if value & ~self.offered_protocol_features:
             raise ProtocolError(
                 msg.request,
@@ -548,14 +561,12 @@ class VhostUserBackend:
         return None
 
     def _set_owner(self, msg: Message, _p: Empty) -> None:
-        self._no_fds(msg)
         self.owner = True
         return None
 
     def _reset_owner(self, msg: Message, _p: Empty) -> None:
         # Deprecated: "It is recommended that back-ends either ignore this message, or use it
         # to disable all rings."  We disable them and keep the connection state.
-        self._no_fds(msg)
         for v in self.vrings:
             self._set_enabled(msg.request, v, False)
         return None
@@ -598,8 +609,7 @@ class VhostUserBackend:
             old.close()
 
     def _set_mem_table(self, msg: Message, table: MemTable) -> None:
-        # "Memory regions description": one fd per region, same order.
-        self._fds(msg, len(table.regions))
+        # "Memory regions description": one fd per region, same order (dispatch counted them).
         new = GuestMemory()
         try:
             for i, (r, fd) in enumerate(zip(table.regions, msg.fds, strict=True)):
@@ -617,12 +627,10 @@ class VhostUserBackend:
         return None
 
     def _get_max_mem_slots(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.max_mem_slots)
 
     def _add_mem_reg(self, msg: Message, r: MemRegionDesc) -> None:
-        # "Exactly one file descriptor from which the memory is mapped is passed".
-        self._fds(msg, 1)
+        # "Exactly one file descriptor from which the memory is mapped is passed" (counted).
         if self.mem is not None and any(
             (m.gpa, m.size, m.uva, m.mmap_offset) == (r.gpa, r.size, r.uva, r.mmap_offset)
             for m in self.mem.regions
@@ -652,10 +660,7 @@ class VhostUserBackend:
         return None
 
     def _rem_mem_reg(self, msg: Message, r: MemRegionDesc) -> None:
-        # "No file descriptors SHOULD be passed ... the back-end MAY accept messages with one
-        # file descriptor. If a file descriptor is passed, the back-end MUST close it".
-        if len(msg.fds) > 1:
-            raise ProtocolError(msg.request, "fds", f"extra fd: {len(msg.fds)} attached, need 0")
+        # At most one fd (codec.REQUEST_FDS); dispatch closes it, as the back-end MUST.
         mem = self.mem
         match = None
         if mem is not None:
@@ -680,15 +685,11 @@ class VhostUserBackend:
     # -- vrings -----------------------------------------------------------------------
 
     def _set_vring_num(self, msg: Message, s: VringState) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
-        if self.packed:
-            # 2.8 "Packed Virtqueues": any size up to 32768, no power-of-2 requirement.
-            if not 0 < s.num <= MAX_QUEUE_SIZE:
-                raise ProtocolError(msg.request, "num", f"{s.num} is not in 1..32768")
-        # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
-        elif not 0 < s.num <= MAX_QUEUE_SIZE or s.num & (s.num - 1):
-            raise ProtocolError(msg.request, "num", f"{s.num} is not a power of 2 <= 32768")
+        try:
+            self.queue_format.check_size(s.num)  # 2.7: a power of 2; 2.8: any, up to 32768
+        except ValueError as exc:
+            raise ProtocolError(msg.request, "num", str(exc)) from None
         if v.started and s.num != v.num:
             raise ProtocolError(msg.request, "num", f"vring {v.index} is started")
         v.num = s.num
@@ -698,7 +699,6 @@ class VhostUserBackend:
         return None
 
     def _set_vring_addr(self, msg: Message, a: VringAddr) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, a.index)
         if a.flags & ~VHOST_VRING_F_LOG:
             raise ProtocolError(msg.request, "flags", f"unknown vring flags {a.flags:#x}")
@@ -719,26 +719,17 @@ class VhostUserBackend:
         return None
 
     def _set_vring_base(self, msg: Message, s: VringState) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
-        # SET_VRING_BASE: for packed rings bits 0-14 are the avail index and bit 15 the avail
-        # wrap counter; QEMU 7.2 also sends the used index/wrap in bits 16-31
-        # (virtio_queue_packed_get_last_avail_idx), which the queue ignores (used resumes at
-        # the avail position, as in DPDK's vhost).
-        if self.packed:
-            if v.num and s.num & 0x7FFF >= v.num:
-                raise ProtocolError(
-                    msg.request, "num", f"packed base {s.num:#x}: index >= ring size {v.num}"
-                )
-        elif s.num > 0xFFFF:
-            raise ProtocolError(msg.request, "num", f"base {s.num:#x} is not a 16-bit index")
+        try:
+            self.queue_format.check_base(s.num, v.num)  # the format's encoding
+        except ValueError as exc:
+            raise ProtocolError(msg.request, "num", str(exc)) from None
         if v.started:
             raise ProtocolError(msg.request, "num", f"vring {v.index} is started")
         v.base = s.num
         return None
 
     def _get_vring_base(self, msg: Message, s: VringState) -> bytes:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
         # "Ring states": stop the ring upon receiving VHOST_USER_GET_VRING_BASE.  The kick
         # and call fds go too (as in libvhost-user); a restart sends new ones.
@@ -755,14 +746,11 @@ class VhostUserBackend:
         if value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
             raise ProtocolError(msg.request, "u64", f"unknown bits {value:#x}")
         v = self._vring(msg, value & VRING_IDX_MASK)
-        nofd = bool(value & VRING_NOFD_MASK)
-        self._fds(msg, 0 if nofd else 1)
-        fd = None if nofd else msg.fds.pop()
+        # Dispatch checked the fd count against the invalid-FD flag (codec.REQUEST_FDS).
+        fd = None if value & VRING_NOFD_MASK else msg.fds.pop()
         if msg.request == Request.SET_VRING_KICK:
-            # The device polls the kick fd: take the ring away while the fd changes.
-            if v.notified:
-                v.notified = False
-                self._device_call("queue_stopped", v)
+            # The kick fd is watched while the ring runs: take the ring away while it changes.
+            self._announce_stopped(v)
             old, v.kick_fd = v.kick_fd, fd
             if old is not None:
                 close_fds([old])
@@ -779,7 +767,6 @@ class VhostUserBackend:
         return None
 
     def _set_vring_enable(self, msg: Message, s: VringState) -> None:
-        self._no_fds(msg)
         v = self._vring(msg, s.index)
         if s.num not in (0, 1):
             raise ProtocolError(msg.request, "num", f"enable must be 0 or 1, got {s.num}")
@@ -788,13 +775,11 @@ class VhostUserBackend:
         return None
 
     def _get_queue_num(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(len(self.vrings))
 
     # -- device-level -----------------------------------------------------------------
 
     def _net_set_mtu(self, msg: Message, mtu: int) -> None:
-        self._no_fds(msg)
         if not self.offered_protocol_features & (1 << ProtocolFeature.MTU):
             raise ProtocolError(msg.request, "request", "MTU protocol feature not offered")
         if not 68 <= mtu <= 65535:
@@ -807,13 +792,11 @@ class VhostUserBackend:
         return None
 
     def _send_rarp(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         mac = value.to_bytes(8, "little")[:6]
         log.info("SEND_RARP for %s accepted (ignored)", mac.hex(":"))
         return None
 
     def _set_status(self, msg: Message, value: int) -> None:
-        self._no_fds(msg)
         if value > 0xFF:
             raise ProtocolError(msg.request, "status", f"{value:#x} is not a u8")
         # QEMU 7.2 sends SET_STATUS 0 *before* GET_VRING_BASE on stop: status 0 must not
@@ -822,18 +805,15 @@ class VhostUserBackend:
         return None
 
     def _get_status(self, msg: Message, _p: Empty) -> bytes:
-        self._no_fds(msg)
         return encode_u64(self.status)
 
     def _set_backend_req_fd(self, msg: Message, _p: Empty) -> None:
-        self._fds(msg, 1)
         old, self.backend_req_fd = self.backend_req_fd, msg.fds.pop()
         if old is not None:
             close_fds([old])
         return None
 
     def _get_config(self, msg: Message, cfg: Config) -> bytes:
-        self._no_fds(msg)
         # "back-end uses zero length of payload to indicate an error".
         if not self.has_protocol_feature(ProtocolFeature.CONFIG):
             log.error("vhost-user: GET_CONFIG without the CONFIG protocol feature")

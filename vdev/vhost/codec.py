@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from vdev.errors import VdevError
+
+T = TypeVar("T")
 
 # -- header ("Header") -------------------------------------------------------------------
 
@@ -40,9 +46,10 @@ VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 0x100
 
 VHOST_USER_F_PROTOCOL_FEATURES = 30
+F_PROTOCOL_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 
 
-class ProtocolError(Exception):
+class ProtocolError(VdevError):
     """A message broke the protocol; the text names the request and the offending field."""
 
     def __init__(self, request: int | str, field_name: str, detail: str) -> None:
@@ -301,6 +308,67 @@ REQUEST_KIND: dict[int, Kind] = {
     Request.CHECK_DEVICE_STATE: Kind.EMPTY,
 }
 
+
+class Fds(enum.Enum):
+    """How many file descriptors a request carries (each request's text in the spec)."""
+
+    NONE = "none"
+    ONE = "one"
+    PER_REGION = "one per region"  # SET_MEM_TABLE, "Memory regions description"
+    UNLESS_NOFD = "one, unless the invalid-FD flag (bit 8) is set"  # SET_VRING_KICK/CALL/ERR
+    # REM_MEM_REG: "No file descriptors SHOULD be passed ... the back-end MAY accept messages
+    # with one file descriptor. If a file descriptor is passed, the back-end MUST close it".
+    AT_MOST_ONE = "none, or one that is closed"
+
+
+# The fds of every request that carries any; every other request carries none.  Dispatch
+# enforces this table (check_fds) before any handler runs, so a handler cannot forget to.
+REQUEST_FDS: dict[int, Fds] = {
+    Request.SET_MEM_TABLE: Fds.PER_REGION,
+    Request.SET_LOG_BASE: Fds.ONE,  # the log's shared memory (LOG_SHMFD)
+    Request.SET_LOG_FD: Fds.ONE,
+    Request.SET_VRING_KICK: Fds.UNLESS_NOFD,
+    Request.SET_VRING_CALL: Fds.UNLESS_NOFD,
+    Request.SET_VRING_ERR: Fds.UNLESS_NOFD,
+    Request.SET_SLAVE_REQ_FD: Fds.ONE,
+    Request.SET_INFLIGHT_FD: Fds.ONE,
+    Request.GPU_SET_SOCKET: Fds.ONE,
+    Request.ADD_MEM_REG: Fds.ONE,  # "Exactly one file descriptor ... is passed"
+    Request.REM_MEM_REG: Fds.AT_MOST_ONE,
+    Request.SET_DEVICE_STATE_FD: Fds.ONE,
+}
+
+
+def fds_rule(request: int) -> Fds:
+    return REQUEST_FDS.get(request, Fds.NONE)
+
+
+def expected_fds(request: int, payload: AnyPayload) -> tuple[int, int]:
+    """The (fewest, most) fds a request with this decoded payload may carry."""
+    rule = fds_rule(request)
+    if rule is Fds.NONE:
+        return 0, 0
+    if rule is Fds.ONE:
+        return 1, 1
+    if rule is Fds.AT_MOST_ONE:
+        return 0, 1
+    if rule is Fds.PER_REGION:
+        n = len(payload.regions) if isinstance(payload, MemTable) else 0
+        return n, n
+    nofd = isinstance(payload, int) and bool(payload & VRING_NOFD_MASK)
+    return (0, 0) if nofd else (1, 1)
+
+
+def check_fds(request: int, payload: AnyPayload, nfds: int) -> None:
+    """ProtocolError naming ``fds`` unless ``nfds`` is what the request may carry."""
+    lo, hi = expected_fds(request, payload)
+    need = f"{lo}" if lo == hi else f"{lo}..{hi}"
+    if nfds < lo:
+        raise ProtocolError(request, "fds", f"missing fd: {nfds} attached, need {need}")
+    if nfds > hi:
+        raise ProtocolError(request, "fds", f"extra fd: {nfds} attached, need {need}")
+
+
 # Requests whose reply is defined by the spec ("Communication", plus the later additions);
 # every other request is answered only through REPLY_ACK.
 HAS_REPLY: frozenset[int] = frozenset(
@@ -425,20 +493,23 @@ def _need(request: int, payload: bytes, size: int, what: str) -> None:
         )
 
 
-def decode_u64(request: int, payload: bytes) -> int:
-    _need(request, payload, _U64.size, "u64")
-    return int(_U64.unpack(payload)[0])
+def _fixed(st: struct.Struct, what: str, build: Callable[..., T]) -> Callable[[int, bytes], T]:
+    """A decoder for a fixed-size payload: exact size, then ``build(*fields)``."""
+
+    def decode(request: int, payload: bytes) -> T:
+        _need(request, payload, st.size, what)
+        return build(*st.unpack(payload))
+
+    decode.__doc__ = f"Decode a {what} payload ({st.size} bytes)."
+    return decode
 
 
-def decode_state(request: int, payload: bytes) -> VringState:
-    _need(request, payload, _STATE.size, "vring state")
-    return VringState(*_STATE.unpack(payload))
-
-
-def decode_addr(request: int, payload: bytes) -> VringAddr:
-    _need(request, payload, _ADDR.size, "vring address")
-    index, flags, desc, used, avail, log = _ADDR.unpack(payload)
-    return VringAddr(index, flags, desc, used, avail, log)
+decode_u64 = _fixed(_U64, "u64", int)
+decode_state = _fixed(_STATE, "vring state", VringState)
+decode_addr = _fixed(_ADDR, "vring address", VringAddr)  # wire order is the field order
+decode_inflight = _fixed(_INFLIGHT, "inflight description", Inflight)
+decode_log = _fixed(_LOG, "log description", Log)
+decode_iotlb = _fixed(_IOTLB, "iotlb message", Iotlb)
 
 
 def decode_mem_table(request: int, payload: bytes) -> MemTable:
@@ -483,19 +554,37 @@ def decode_config(request: int, payload: bytes) -> Config:
     return Config(offset, size, flags, bytes(payload[_CONFIG_HDR.size :]))
 
 
-def decode_inflight(request: int, payload: bytes) -> Inflight:
-    _need(request, payload, _INFLIGHT.size, "inflight description")
-    return Inflight(*_INFLIGHT.unpack(payload))
+def decode_device_state(request: int, payload: bytes) -> bytes:
+    _need(request, payload, _DEVICE_STATE.size, "device state transfer")
+    return bytes(payload)
 
 
-def decode_log(request: int, payload: bytes) -> Log:
-    _need(request, payload, _LOG.size, "log description")
-    return Log(*_LOG.unpack(payload))
+def decode_empty(request: int, payload: bytes) -> Empty:
+    # QEMU sends these with size 0; a few front-ends send a zero u64.  Accept both, as
+    # libvhost-user does, but nothing else.
+    if len(payload) not in (0, _U64.size):
+        raise ProtocolError(request, "size", f"payload is {len(payload)} bytes, need 0")
+    return Empty()
 
 
-def decode_iotlb(request: int, payload: bytes) -> Iotlb:
-    _need(request, payload, _IOTLB.size, "iotlb message")
-    return Iotlb(*_IOTLB.unpack(payload))
+def _raw(request: int, payload: bytes) -> bytes:
+    return bytes(payload)
+
+
+_DECODERS: dict[Kind, Callable[[int, bytes], AnyPayload]] = {
+    Kind.EMPTY: decode_empty,
+    Kind.U64: decode_u64,
+    Kind.STATE: decode_state,
+    Kind.ADDR: decode_addr,
+    Kind.MEM_TABLE: decode_mem_table,
+    Kind.MEM_REG: decode_mem_reg,
+    Kind.LOG: decode_log,
+    Kind.CONFIG: decode_config,
+    Kind.INFLIGHT: decode_inflight,
+    Kind.IOTLB: decode_iotlb,
+    Kind.DEVICE_STATE: decode_device_state,
+    Kind.RAW: _raw,
+}
 
 
 def decode_request(request: int, payload: bytes) -> AnyPayload:
@@ -503,31 +592,4 @@ def decode_request(request: int, payload: bytes) -> AnyPayload:
     kind = REQUEST_KIND.get(request)
     if kind is None:
         raise ProtocolError(request, "request", "unknown request number")
-    if kind is Kind.EMPTY:
-        # QEMU sends these with size 0; a few front-ends send a zero u64.  Accept both, as
-        # libvhost-user does, but nothing else.
-        if len(payload) not in (0, _U64.size):
-            raise ProtocolError(request, "size", f"payload is {len(payload)} bytes, need 0")
-        return Empty()
-    if kind is Kind.U64:
-        return decode_u64(request, payload)
-    if kind is Kind.STATE:
-        return decode_state(request, payload)
-    if kind is Kind.ADDR:
-        return decode_addr(request, payload)
-    if kind is Kind.MEM_TABLE:
-        return decode_mem_table(request, payload)
-    if kind is Kind.MEM_REG:
-        return decode_mem_reg(request, payload)
-    if kind is Kind.LOG:
-        return decode_log(request, payload)
-    if kind is Kind.CONFIG:
-        return decode_config(request, payload)
-    if kind is Kind.INFLIGHT:
-        return decode_inflight(request, payload)
-    if kind is Kind.IOTLB:
-        return decode_iotlb(request, payload)
-    if kind is Kind.DEVICE_STATE:
-        _need(request, payload, _DEVICE_STATE.size, "device state transfer")
-        return bytes(payload)
-    return bytes(payload)
+    return _DECODERS[kind](request, payload)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from vdev import socketpath
+from vdev.errors import VdevError
 
 from .codec import (
     HEADER_SIZE,
@@ -59,7 +60,7 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-class PeerClosed(Exception):
+class PeerClosed(VdevError):
     """The peer closed the connection (EOF or reset)."""
 
 
@@ -244,6 +245,25 @@ class Listener:
         self.close()
 
 
+def try_connect(path: str | os.PathLike[str], *, io_timeout: float = 5.0) -> Connection | None:
+    """One non-blocking connection attempt (client mode): None while nobody listens.
+
+    ENOENT/ECONNREFUSED (the peer has not created or is not listening on the socket yet)
+    and EAGAIN (its backlog is full) mean "try again later"; other errors are raised.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(False)
+    try:
+        sock.connect(os.fspath(path))
+    except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    return Connection(sock, io_timeout=io_timeout)
+
+
 def connect(
     path: str | os.PathLike[str],
     *,
@@ -251,26 +271,19 @@ def connect(
     retry_interval: float = 0.05,
     io_timeout: float = 5.0,
 ) -> Connection:
-    """Client mode: connect to a listening peer (QEMU ``server=on``), retrying until timeout.
+    """Connect to a listening peer, retrying until ``timeout`` (a blocking call, for tools
+    and test front-ends; the device's client mode retries from its loop instead).
 
-    QEMU may not have created the socket yet when we start, hence the retry on
+    The peer may not have created the socket yet when we start, hence the retry on
     ENOENT/ECONNREFUSED.  Raises TimeoutError naming the path when it never comes up.
     """
     spath = os.fspath(path)
     deadline = time.monotonic() + timeout
-    last: OSError | None = None
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(max(0.1, min(io_timeout, deadline - time.monotonic())))
-        try:
-            sock.connect(spath)
-            return Connection(sock, io_timeout=io_timeout)
-        except (FileNotFoundError, ConnectionRefusedError, TimeoutError) as exc:
-            sock.close()
-            last = exc
-        except BaseException:
-            sock.close()
-            raise
+        conn = try_connect(spath, io_timeout=io_timeout)
+        if conn is not None:
+            return conn
         if time.monotonic() + retry_interval > deadline:
-            raise TimeoutError(f"could not connect to vhost-user socket {spath}: {last}")
+            why = "connection refused" if os.path.exists(spath) else "no such socket"
+            raise TimeoutError(f"could not connect to vhost-user socket {spath}: {why}")
         time.sleep(retry_interval)

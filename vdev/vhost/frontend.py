@@ -1,8 +1,9 @@
 """vhost-user front-end (master side): what tests, fuzzers and benchmarks use instead of QEMU.
 
-:class:`VhostUserFrontend` replays QEMU 7.2's message order for a vhost-user NIC (see
-``machine-notes.md``, "vhost-user NIC"), with switches for each optional protocol feature, so
-a backend is exercised exactly as QEMU would exercise it.  :meth:`VhostUserFrontend.send_raw`
+:class:`VhostUserFrontend` replays QEMU 7.2's message order for a vhost-user NIC (recorded in
+``tests/vhost/helpers.py``, ``QEMU_HANDSHAKE``/``RING_SETUP``, and checked against a real QEMU
+by ``tests/vhost/test_qemu.py``), with switches for each optional protocol feature, so a
+backend is exercised exactly as QEMU would exercise it.  :meth:`VhostUserFrontend.send_raw`
 and :meth:`VhostUserFrontend.recv_reply` bypass every rule for hostile tests.
 
 :class:`FrontendMemory` is the "guest RAM": one memfd shared as one region or, like QEMU with
@@ -20,13 +21,15 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vdev.errors import VdevError
 from vdev.virtio.memory import MemoryFault
+from vdev.virtio.queue import F_RING_PACKED
 
 from .codec import (
+    F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     HAS_REPLY,
     VERSION,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     MemRegionDesc,
     Message,
     ProtocolError,
@@ -47,7 +50,6 @@ from .connection import Connection, Listener, close_fds, connect
 
 log = logging.getLogger("vdev.vhost")
 
-F_PROTOCOL_FEATURES = 1 << VHOST_USER_F_PROTOCOL_FEATURES
 STATUS_ACKNOWLEDGE = 1
 STATUS_DRIVER = 2
 STATUS_DRIVER_OK = 4
@@ -59,7 +61,7 @@ QEMU_HIGH_START = 0xC0000
 DEFAULT_UVA_BASE = 0x7F3A_0000_0000
 
 
-class VhostUserError(Exception):
+class VhostUserError(VdevError):
     """The backend refused a request (non-zero REPLY_ACK) or answered nonsense."""
 
 
@@ -350,7 +352,7 @@ class VhostUserFrontend:
         if features is None:
             # QEMU 7.2's virtio-net-pci defaults to packed=off: VIRTIO_F_RING_PACKED (bit 34)
             # is only acked when asked for explicitly.
-            features = self.backend_features & ~F_PROTOCOL_FEATURES & ~(1 << 34)
+            features = self.backend_features & ~F_PROTOCOL_FEATURES & ~F_RING_PACKED
         features |= self.backend_features & F_PROTOCOL_FEATURES
         self.request(Request.SET_FEATURES, encode_u64(features))
         self.acked_features = features

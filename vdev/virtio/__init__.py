@@ -1,9 +1,11 @@
-"""Guest memory and split virtqueues: device side (validation) and a mock driver side."""
+"""Guest memory and virtqueues: the device side (validation, split and packed behind one
+interface, ``queue.py``) and mock driver sides (``driver.py``, ``packed_driver.py``)."""
 
 from vdev.virtio.chain import Chain, ChainViolation, walk_chain
 from vdev.virtio.driver import DriverError, DriverQueue, RingFull
 from vdev.virtio.memory import GuestMemory, MemoryFault
-from vdev.virtio.split import QueueStats, SplitQueue, ring_sizes, vring_need_event
+from vdev.virtio.queue import QueueFormat, RingArea, VirtQueue, VirtqueueStats, queue_format
+from vdev.virtio.split import SplitQueue, ring_sizes, vring_need_event
 
 __all__ = [
     "Chain",
@@ -12,9 +14,13 @@ __all__ = [
     "DriverQueue",
     "GuestMemory",
     "MemoryFault",
-    "QueueStats",
+    "QueueFormat",
+    "RingArea",
     "RingFull",
     "SplitQueue",
+    "VirtQueue",
+    "VirtqueueStats",
+    "queue_format",
     "ring_sizes",
     "vring_need_event",
     "walk_chain",

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vdev.abi import ffi, lib
+from vdev.errors import VdevError
 from vdev.virtio.memory import MemoryFault
 
 F_NEXT: int = lib.VRING_DESC_F_NEXT
@@ -34,7 +35,7 @@ MAX_INDIRECT = 65536
 GpaView = Callable[[int, int], memoryview]
 
 
-class ChainViolation(Exception):
+class ChainViolation(VdevError):
     """The chain breaks a rule of 2.7.5; ``str()`` is the detail for the SyncError."""
 
 
@@ -111,6 +112,121 @@ class Chain:
         self.writable = []
 
 
+class Segments:
+    """The buffers of one chain as the device collects them, the same for split and packed
+    rings (their descriptor flags NEXT/WRITE/INDIRECT have the same values, 2.7.5 / 2.8):
+
+    * direction: a device-writable buffer only on a queue the device writes, a
+      device-readable one only on a queue it reads (the queue's ``sync``);
+    * order: device-readable buffers before device-writable ones (2.7.4.2, 2.8.x "Driver
+      Requirements: Scatter-Gather Support");
+    * bounds: every non-empty buffer inside guest memory (``gpa_view``), and the totals
+      within 32 bits (the used element's ``len``), checked by :meth:`finish`.
+
+    ``where`` and ``idx`` name the descriptor in each message (``f"{where} {idx}"``: the
+    ring walkers know how to say it; nothing is formatted unless a check fails).
+    """
+
+    __slots__ = (
+        "allow_readable",
+        "allow_writable",
+        "gpa_view",
+        "read_len",
+        "readable",
+        "seen_writable",
+        "writable",
+        "write_len",
+    )
+
+    def __init__(self, gpa_view: GpaView, *, allow_readable: bool, allow_writable: bool) -> None:
+        self.gpa_view = gpa_view
+        self.allow_readable = allow_readable
+        self.allow_writable = allow_writable
+        self.readable: list[memoryview] = []
+        self.writable: list[memoryview] = []
+        self.read_len = 0
+        self.write_len = 0
+        self.seen_writable = False
+
+    def add(self, where: str, idx: int, addr: int, length: int, flags: int) -> None:
+        """One buffer descriptor (not an INDIRECT one), its fields read once by the caller."""
+        if flags & F_WRITE:
+            if not self.allow_writable:
+                raise ChainViolation(
+                    f"{where} {idx} is device-writable on a queue the device only reads "
+                    f"(addr {addr:#x} len {length} flags {flags:#x})"
+                )
+            self.seen_writable = True
+            self.write_len += length
+        else:
+            if not self.allow_readable:
+                raise ChainViolation(
+                    f"{where} {idx} is device-readable on a queue the device only writes "
+                    f"(addr {addr:#x} len {length} flags {flags:#x})"
+                )
+            if self.seen_writable:
+                raise ChainViolation(
+                    f"{where} {idx} is device-readable after a device-writable descriptor "
+                    f"(addr {addr:#x} len {length})"
+                )
+            self.read_len += length
+        if length:
+            try:
+                seg = self.gpa_view(addr, length)
+            except MemoryFault as exc:
+                raise ChainViolation(
+                    f"{where} {idx}: buffer {addr:#x}+{length:#x} outside guest memory: {exc}"
+                ) from None
+            (self.writable if flags & F_WRITE else self.readable).append(seg)
+
+    def finish(self, head: int, desc_count: int, indirect: bool, where: str = "") -> Chain:
+        """The validated chain ``head`` (``where``, default "head N", names it if the totals
+        overflow)."""
+        if self.read_len > U32_MAX or self.write_len > U32_MAX:
+            raise ChainViolation(
+                f"{where or f'head {head}'}: total length overflows 32 bits "
+                f"(readable {self.read_len:#x}, writable {self.write_len:#x})"
+            )
+        return Chain(
+            head,
+            self.readable,
+            self.writable,
+            self.read_len,
+            self.write_len,
+            desc_count,
+            indirect,
+        )
+
+
+def indirect_table(
+    gpa_view: GpaView, where: str, addr: int, length: int, flags: int, *, indirect_ok: bool
+) -> tuple[memoryview, int]:
+    """The checks of a descriptor with INDIRECT set, split or packed (2.7.5.3.1, 2.8.7):
+    negotiated, not combined with NEXT, a non-zero multiple of 16 bytes of at most
+    MAX_INDIRECT entries, inside guest memory.  Returns the table's view and entry count;
+    whether an INDIRECT may appear where it does (nesting) is the walker's rule."""
+    if not indirect_ok:
+        raise ChainViolation(
+            f"{where} has INDIRECT set but INDIRECT not negotiated (VIRTIO_RING_F_INDIRECT_DESC)"
+        )
+    if flags & F_NEXT:
+        raise ChainViolation(f"{where} has both INDIRECT and NEXT set (flags {flags:#x})")
+    if length == 0 or length % DESC_SIZE:
+        raise ChainViolation(
+            f"{where}: indirect table len {length} is not a non-zero multiple of {DESC_SIZE}"
+        )
+    n = length // DESC_SIZE
+    if n > MAX_INDIRECT:
+        raise ChainViolation(f"{where}: indirect table of {n} entries exceeds {MAX_INDIRECT}")
+    try:
+        view = gpa_view(addr, length)
+    except MemoryFault as exc:
+        raise ChainViolation(
+            f"{where}: indirect table {addr:#x}+{length:#x} outside guest memory: {exc}"
+        ) from None
+    return view, n
+
+
 def walk_chain(
     table: Any,
     table_size: int,
@@ -121,24 +237,18 @@ def walk_chain(
     allow_readable: bool,
     allow_writable: bool,
 ) -> Chain:
-    """Walk the chain starting at ``head`` in ``table`` (a cffi ``struct vring_desc *``).
+    """Walk the split chain starting at ``head`` in ``table`` (a cffi ``struct vring_desc *``).
 
     Rules checked, each a ChainViolation (spec sections in the messages' comments):
     head / next index inside the table; at most ``table_size`` descriptors per table (a longer
     walk must revisit a descriptor: a loop); at most ``table_size`` (the queue size) buffer
-    descriptors in the whole chain, indirect ones included; INDIRECT only if negotiated, never
-    with NEXT, never inside an indirect table, with a length that is a non-zero multiple of 16;
-    every buffer inside guest memory; device-readable descriptors before device-writable
-    ones, and only the directions the queue allows; total lengths within 32 bits (the used
-    ring's ``len`` field).
+    descriptors in the whole chain, indirect ones included; INDIRECT never inside an
+    indirect table, and otherwise :func:`indirect_table`'s rules; the buffers by
+    :class:`Segments`.
     """
     if head >= table_size:
         raise ChainViolation(f"head {head} out of range (queue size {table_size})")
-    readable: list[memoryview] = []
-    writable: list[memoryview] = []
-    read_len = 0
-    write_len = 0
-    seen_writable = False
+    segs = Segments(gpa_view, allow_readable=allow_readable, allow_writable=allow_writable)
     desc = table
     limit = table_size
     where = "desc"
@@ -180,32 +290,9 @@ def walk_chain(
                         f"nested indirect: {where} {idx} in the indirect table of head {head} "
                         f"has INDIRECT set (addr {addr:#x} len {length})"
                     )
-                if not indirect_ok:
-                    raise ChainViolation(
-                        f"desc {idx} has INDIRECT set but VIRTIO_RING_F_INDIRECT_DESC "
-                        "was not negotiated"
-                    )
-                if flags & F_NEXT:
-                    raise ChainViolation(
-                        f"desc {idx} has both INDIRECT and NEXT set (flags {flags:#x})"
-                    )
-                if length == 0 or length % DESC_SIZE:
-                    raise ChainViolation(
-                        f"desc {idx}: indirect table len {length} is not a non-zero "
-                        f"multiple of {DESC_SIZE}"
-                    )
-                n = length // DESC_SIZE
-                if n > MAX_INDIRECT:
-                    raise ChainViolation(
-                        f"desc {idx}: indirect table of {n} entries exceeds {MAX_INDIRECT}"
-                    )
-                try:
-                    view = gpa_view(addr, length)
-                except MemoryFault as exc:
-                    raise ChainViolation(
-                        f"desc {idx}: indirect table {addr:#x}+{length:#x} outside guest "
-                        f"memory: {exc}"
-                    ) from None
+                view, n = indirect_table(
+                    gpa_view, f"desc {idx}", addr, length, flags, indirect_ok=indirect_ok
+                )
                 # 2.7.5.3.2: the device ignores WRITE on the descriptor that points at the
                 # table; the chain continues at entry 0 of the table.
                 indirect_buf = ffi.from_buffer(view)
@@ -215,35 +302,7 @@ def walk_chain(
                 idx = 0
                 count = 0
                 continue
-            if flags & F_WRITE:
-                if not allow_writable:
-                    raise ChainViolation(
-                        f"{where} {idx} is device-writable on a queue the device only reads "
-                        f"(addr {addr:#x} len {length} flags {flags:#x})"
-                    )
-                seen_writable = True
-                write_len += length
-            else:
-                if not allow_readable:
-                    raise ChainViolation(
-                        f"{where} {idx} is device-readable on a queue the device only writes "
-                        f"(addr {addr:#x} len {length} flags {flags:#x})"
-                    )
-                if seen_writable:
-                    # 2.7.4.2: readable elements come before writable ones.
-                    raise ChainViolation(
-                        f"{where} {idx} is device-readable after a device-writable descriptor "
-                        f"(addr {addr:#x} len {length})"
-                    )
-                read_len += length
-            if length:
-                try:
-                    seg = gpa_view(addr, length)
-                except MemoryFault as exc:
-                    raise ChainViolation(
-                        f"{where} {idx}: buffer {addr:#x}+{length:#x} outside guest memory: {exc}"
-                    ) from None
-                (writable if flags & F_WRITE else readable).append(seg)
+            segs.add(where, idx, addr, length, flags)
             if not flags & F_NEXT:
                 break
             if nxt >= limit:
@@ -254,9 +313,4 @@ def walk_chain(
     finally:
         if indirect_buf is not None:
             ffi.release(indirect_buf)
-    if read_len > U32_MAX or write_len > U32_MAX:
-        raise ChainViolation(
-            f"head {head}: total length overflows 32 bits "
-            f"(readable {read_len:#x}, writable {write_len:#x})"
-        )
-    return Chain(head, readable, writable, read_len, write_len, total, indirect_buf is not None)
+    return segs.finish(head, total, indirect_buf is not None)

@@ -20,14 +20,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from vdev.abi import ffi, lib
-from vdev.virtio.split import F_EVENT_IDX, F_INDIRECT_DESC, ring_sizes, vring_need_event
-
-F_NEXT: int = lib.VRING_DESC_F_NEXT
-F_WRITE: int = lib.VRING_DESC_F_WRITE
-F_INDIRECT: int = lib.VRING_DESC_F_INDIRECT
-_DESC_SIZE: int = ffi.sizeof("struct vring_desc")
-_USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
-_USED_ELEM: int = ffi.sizeof("struct vring_used_elem")
+from vdev.errors import VdevError
+from vdev.virtio.chain import DESC_SIZE as _DESC_SIZE
+from vdev.virtio.chain import F_INDIRECT, F_NEXT, F_WRITE
+from vdev.virtio.memory import release_views
+from vdev.virtio.queue import F_EVENT_IDX, F_INDIRECT_DESC
+from vdev.virtio.split import USED_ELEM as _USED_ELEM
+from vdev.virtio.split import USED_HDR as _USED_HDR
+from vdev.virtio.split import ring_sizes, vring_need_event
 
 Segment = tuple[int, int]  # (gpa, len)
 
@@ -39,7 +39,7 @@ class HasGpaView(Protocol):
 MemAccess = HasGpaView | Callable[[int, int], memoryview]
 
 
-class DriverError(Exception):
+class DriverError(VdevError):
     """The device broke the contract as seen by the driver, or the driver was misused."""
 
 
@@ -330,9 +330,4 @@ class DriverQueue:
 
     def close(self) -> None:
         """Release the views onto guest memory."""
-        for b in self._bufs:
-            ffi.release(b)
-        for v in self._views:
-            v.release()
-        self._bufs = []
-        self._views = []
+        release_views(ffi, self._bufs, self._views)

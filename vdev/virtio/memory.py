@@ -13,9 +13,12 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field
+from typing import Any
+
+from vdev.errors import VdevError
 
 
-class MemoryFault(Exception):
+class MemoryFault(VdevError):
     """An address range the guest named is not inside guest memory."""
 
 
@@ -169,3 +172,14 @@ def _close_map(region: MemRegion) -> None:
             # when the last view goes away.
             pass
         region.mm = None
+
+
+def release_views(ffi: Any, bufs: list[Any], views: list[memoryview]) -> None:
+    """Release cffi buffers over guest memory, then the views under them, and empty both
+    lists: what a ring or driver does before the mapping may go (remap, stop, close)."""
+    for b in bufs:
+        ffi.release(b)
+    for v in views:
+        v.release()
+    bufs.clear()
+    views.clear()

@@ -1,5 +1,5 @@
-"""Packed virtqueues (virtio 1.x 2.8 "Packed Virtqueues"): device side with validation, and a
-mock driver side for tests.
+"""Packed virtqueues (virtio 1.x 2.8 "Packed Virtqueues"): the device side, with validation.
+The mock driver side lives in ``packed_driver.py`` (as ``driver.py`` holds the split one).
 
 Same Skywalk mapping as the split ring (``split.py``): the guest driver is the untrusted user,
 every descriptor is read once and checked, violations raise ``SyncError`` (INTERNALIZE_FAILED)
@@ -18,22 +18,22 @@ cffi ``cdef`` (no ``struct`` format strings) until the ABI owner moves them ther
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any
-
 from cffi import FFI
 
-from vdev.skywalk.errors import KillReason, SyncError, SyncKind
-from vdev.virtio.chain import U32_MAX, Chain
-from vdev.virtio.memory import GuestMemory, MemoryFault
-from vdev.virtio.split import (
-    F_EVENT_IDX,
-    F_INDIRECT_DESC,
-    F_VERSION_1,
-    QueueLifecycle,
-    QueueStats,
+from vdev.errors import KillReason, SyncError, SyncKind
+
+# The packed descriptor flags keep the split ring's values (2.8, "struct pvirtq_desc").
+from vdev.virtio.chain import (
+    F_INDIRECT,
+    F_NEXT,
+    F_WRITE,
+    Chain,
+    ChainViolation,
+    Segments,
+    indirect_table,
 )
+from vdev.virtio.memory import GuestMemory, release_views
+from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
 
 pffi = FFI()
 pffi.cdef(
@@ -43,23 +43,17 @@ pffi.cdef(
     """
 )
 
-F_NEXT = 1
-F_WRITE = 2
-F_INDIRECT = 4
 F_AVAIL = 1 << 7
 F_USED = 1 << 15
 # 2.8.10 "Event Suppression Structure Format"
 RING_EVENT_FLAGS_ENABLE = 0
 RING_EVENT_FLAGS_DISABLE = 1
 RING_EVENT_FLAGS_DESC = 2
-MAX_PACKED_SIZE = 32768
-F_RING_PACKED = 1 << 34  # 6 "Reserved Feature Bits": VIRTIO_F_RING_PACKED
-MAX_INDIRECT = 65536
-DESC_SIZE: int = pffi.sizeof("struct pvirtq_desc")
+DESC_SIZE: int = pffi.sizeof("struct pvirtq_desc")  # 16, as an indirect table entry
 EVENT_SIZE: int = pffi.sizeof("struct pvirtq_event_suppress")
 
 
-def _pos(idx: int, wrap: int, size: int) -> int:
+def ring_pos(idx: int, wrap: int, size: int) -> int:
     """A ring position in the 2*size cycle the (index, wrap counter) pair describes."""
     return idx if wrap else idx + size
 
@@ -67,12 +61,12 @@ def _pos(idx: int, wrap: int, size: int) -> int:
 def packed_need_event(off_wrap: int, new: int, old: int, size: int) -> bool:
     """2.8.10 with EVENT_IDX: was the position named by ``off_wrap`` passed in [old, new)?
 
-    ``new``/``old`` are positions from :func:`_pos`; the comparison is the split ring's
+    ``new``/``old`` are positions from :func:`ring_pos`; the comparison is the split ring's
     vring_need_event, done modulo 2*size instead of 2^16 so the ring size need not be a power
     of two.
     """
     cycle = 2 * size
-    event = _pos(off_wrap & 0x7FFF, off_wrap >> 15, size)
+    event = ring_pos(off_wrap & 0x7FFF, off_wrap >> 15, size)
     return (new - event - 1) % cycle < (new - old) % cycle
 
 
@@ -82,8 +76,9 @@ def packed_ring_sizes(size: int) -> tuple[int, int, int]:
 
 
 class PackedQueue(QueueLifecycle):
-    """Device side of one packed virtqueue (arguments as :class:`SplitQueue`'s; ``driver_addr``
-    and ``device_addr`` are the driver and device event suppression areas).
+    """Device side of one packed virtqueue (a :class:`VirtQueue`, the class a
+    :class:`QueueFormat`; arguments as :class:`SplitQueue`'s, ``driver_addr`` and
+    ``device_addr`` are the driver and device event suppression areas).
 
     ``last_avail_idx`` uses vhost-user's packed encoding ("Ring states"/SET_VRING_BASE: bits
     0-14 index, bit 15 avail wrap counter; bits 16-31, the used index and wrap counter QEMU
@@ -92,11 +87,39 @@ class PackedQueue(QueueLifecycle):
     reads back in the same encoding, so the NIC can use it as an opaque rewind token and the
     backend as the GET_VRING_BASE answer (see :attr:`vhost_base`).
 
-    The method set is :class:`SplitQueue`'s (``pop``/``push``/``flush_used``/
-    ``should_notify``/``enable_notifications``/``avail_count``/``rewind``/``push_raw``/
-    ``patch_last_used``, ``_inflight`` as a per-id list of ``write_len + 1``), with buffer ids
-    in place of split heads.
+    Buffer ids take the place of split heads in the :class:`VirtQueue` methods.
     """
+
+    name = "packed"
+
+    # -- QueueFormat: what the backend checks before a queue exists ------------------------
+
+    @classmethod
+    def ring_areas(cls, size: int) -> tuple[RingArea, RingArea, RingArea]:
+        # 2.8.10: the avail/used address fields carry the 4-byte event suppression areas.
+        desc, driver, device = packed_ring_sizes(size)
+        return (
+            RingArea("descriptor ring", "desc_addr", desc, 16),
+            RingArea("driver event suppression area", "avail_addr", driver, 4),
+            RingArea("device event suppression area", "used_addr", device, 4),
+        )
+
+    @classmethod
+    def check_size(cls, size: int) -> None:
+        # 2.8 "Packed Virtqueues": any size up to 32768, no power-of-2 requirement.
+        if not 0 < size <= MAX_QUEUE_SIZE:
+            raise ValueError(f"packed size {size} is not in 1..{MAX_QUEUE_SIZE}")
+
+    @classmethod
+    def check_base(cls, base: int, size: int) -> None:
+        # SET_VRING_BASE for packed rings: bits 0-14 the avail index, bit 15 its wrap counter;
+        # QEMU 7.2 also sends the used index/wrap in bits 16-31
+        # (virtio_queue_packed_get_last_avail_idx), which the queue ignores (used resumes at
+        # the avail position, as in DPDK's vhost).
+        if not 0 <= base <= 0xFFFF_FFFF:
+            raise ValueError(f"packed base {base:#x} is not 32 bits")
+        if size and base & 0x7FFF >= size:
+            raise ValueError(f"packed base {base:#x}: index >= ring size {size}")
 
     def __init__(
         self,
@@ -110,30 +133,12 @@ class PackedQueue(QueueLifecycle):
         features: int,
         last_avail_idx: int | None = None,
         addr_space: str = "uva",
-        sync: SyncKind | None = None,
+        sync: SyncKind,
     ) -> None:
-        if sys.byteorder != "little":
-            raise RuntimeError("vdev virtqueues assume a little-endian host")
-        # 2.8 "Packed Virtqueues": any size up to 32768 (no power-of-two requirement).
-        if not 0 < size <= MAX_PACKED_SIZE:
-            raise ValueError(
-                f"virtqueue {index}: packed size {size} is not in 1..{MAX_PACKED_SIZE}"
-            )
-        if addr_space not in ("uva", "gpa"):
-            raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
-        self.mem = mem
-        self.index = index
-        self.size = size
+        self._setup(mem, index, size, addr_space, features, sync)
         self.desc_addr = desc_addr
         self.driver_addr = driver_addr
         self.device_addr = device_addr
-        self.addr_space = addr_space
-        self.features = features
-        self.sync: SyncKind = (
-            sync if sync is not None else (SyncKind.RX if index % 2 == 0 else SyncKind.TX)
-        )
-        self.writable_expected = self.sync is not SyncKind.TX
-        self.readable_allowed = self.sync is not SyncKind.RX
         if last_avail_idx is None:
             self._avail_idx, self.avail_wrap = 0, 1
         else:
@@ -145,40 +150,23 @@ class PackedQueue(QueueLifecycle):
                 raise ValueError(f"virtqueue {index}: last_avail_idx {self._avail_idx} >= {size}")
         # The used side resumes where the avail side is (no buffers in flight across a restart).
         self.used_idx, self.used_wrap = self._avail_idx, self.avail_wrap
-        self.defunct: SyncError | None = None
-        self._closed = False
-        self.stats = QueueStats()
-        # Device-private record per buffer id (trusted): write_len + 1 while in flight, else 0
-        # (the fault engine reads it like SplitQueue's), and the descriptors the buffer used.
-        self._inflight = [0] * size
+        # Descriptors each buffer id in flight used (next to _inflight, _setup's).
         self._ndesc = [0] * size
         self._pending: list[tuple[int, int, int]] = []  # (id, written, descriptors)
         # (token before the pop, id) of recent pops, so rewind() never re-reads guest memory.
         self._popped: list[tuple[int, int]] = []
         # avail_count() cache: chains known available from the current position up to
-        # position _scan_end (a _pos() value); available descriptors stay available until
+        # position _scan_end (a ring_pos() value); available descriptors stay available until
         # the device consumes them (2.8.1), so only the tail needs scanning again.
         self._scan_end: int | None = None
         self._scan_chains = 0
         self._signalled: int | None = None
-        self._bufs: list[Any] = []
-        self._views: list[memoryview] = []
         self._map(mem)
 
     # -- features and state -------------------------------------------------------------
 
-    @property
-    def features(self) -> int:
-        return self._features
-
-    @features.setter
-    def features(self, features: int) -> None:
-        """Settable like SplitQueue's: SET_FEATURES may arrive after the ring was set up."""
-        self._features = features
-        self.event_idx = bool(features & F_EVENT_IDX)
-        self.indirect = bool(features & F_INDIRECT_DESC)
+    def _format_features(self, features: int) -> None:
         self.notify_on_empty = False  # not defined for packed rings (2.8.10 replaces it)
-        self.version_1 = bool(features & F_VERSION_1)
         self.any_layout = True  # RING_PACKED requires VERSION_1, which implies ANY_LAYOUT
 
     @property
@@ -198,24 +186,12 @@ class PackedQueue(QueueLifecycle):
     # -- mapping and life cycle ---------------------------------------------------------
 
     def _map(self, mem: GuestMemory) -> None:
-        translate = mem.uva_view if self.addr_space == "uva" else mem.gpa_view
-        views = []
-        for area, addr, length, align in (
-            ("descriptor ring", self.desc_addr, DESC_SIZE * self.size, 16),
-            ("driver event suppression area", self.driver_addr, EVENT_SIZE, 4),
-            ("device event suppression area", self.device_addr, EVENT_SIZE, 4),
-        ):
-            if addr % align:
-                raise ValueError(
-                    f"virtqueue {self.index}: {area} at {addr:#x} is not {align}-byte aligned"
-                )
-            try:
-                views.append(translate(addr, length))
-            except MemoryFault as exc:
-                raise MemoryFault(
-                    f"virtqueue {self.index}: {area} {self.addr_space} {addr:#x}+{length:#x} "
-                    f"does not fit in guest memory: {exc}"
-                ) from None
+        views = self._translate(
+            mem,
+            self.addr_space,
+            self.ring_areas(self.size),
+            (self.desc_addr, self.driver_addr, self.device_addr),
+        )
         bufs = [pffi.from_buffer(v) for v in views]
         self._release()
         self._views, self._bufs = views, bufs
@@ -225,11 +201,7 @@ class PackedQueue(QueueLifecycle):
         self.mem = mem
 
     def _release(self) -> None:
-        for b in self._bufs:
-            pffi.release(b)
-        for v in self._views:
-            v.release()
-        self._bufs, self._views = [], []
+        release_views(pffi, self._bufs, self._views)
 
     def close(self) -> int:
         """Stop; returns the vhost-user packed base (index | wrap << 15)."""
@@ -263,7 +235,7 @@ class PackedQueue(QueueLifecycle):
         """
         self._check()
         size = self.size
-        start = _pos(self._avail_idx, self.avail_wrap, size)
+        start = ring_pos(self._avail_idx, self.avail_wrap, size)
         if self._scan_end is None:
             self._scan_end, self._scan_chains = start, 0
         scanned = (self._scan_end - start) % (2 * size)
@@ -282,127 +254,107 @@ class PackedQueue(QueueLifecycle):
                 scanned += run
                 run = 0
                 self._scan_chains += 1
-                self._scan_end = _pos(idx, wrap, size)
+                self._scan_end = ring_pos(idx, wrap, size)
         return self._scan_chains
 
     def pop(self) -> Chain | None:
         """Take the next available buffer, validated, or None."""
         self._check()
         ring = self._ring
-        size = self.size
-        start = idx = self._avail_idx
+        start = self._avail_idx
         wrap = self.avail_wrap
-        token = self.last_avail_idx
-        first_flags = int(ring[idx].flags)
+        first_flags = int(ring[start].flags)
         if not self._is_avail(first_flags, wrap):
             return None
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        read_len = write_len = 0
-        seen_writable = False
+        where = f"avail desc {start} (wrap {wrap})"
+        try:
+            return self._walk(start, wrap, first_flags)
+        except ChainViolation as exc:
+            raise self._violation(f"{where}: {exc}") from None
+
+    def _walk(self, start: int, wrap: int, first_flags: int) -> Chain:
+        """2.8.6 "Next Flag: Descriptor Chaining": the chain is consecutive ring entries
+        linked by NEXT, each marked available, the buffer id in the last one; the buffers are
+        checked by the shared :class:`Segments`, INDIRECT by :func:`indirect_table`."""
+        ring = self._ring
+        size = self.size
+        token = self.last_avail_idx
+        segs = Segments(
+            self.mem.gpa_view,
+            allow_readable=self.readable_allowed,
+            allow_writable=self.writable_expected,
+        )
+        idx = start
         count = 0
         buf_id = 0
         indirect = False
-        where = f"avail desc {start} (wrap {wrap})"
         while True:
             d = ring[idx]
             # 2.8.13: flags are written last by the driver; read them before the rest.
             flags = int(d.flags) if count else first_flags
             if count and not self._is_avail(flags, wrap):
-                raise self._violation(
-                    f"{where}: chain entry {idx} is not available (flags {flags:#x}, wrap {wrap})"
+                raise ChainViolation(
+                    f"chain entry {idx} is not available (flags {flags:#x}, wrap {wrap})"
                 )
             addr, length, buf_id = int(d.addr), int(d.len), int(d.id)
             count += 1
             if count > size:
                 # Defensive: entry ``size`` is the first one again, whose AVAIL bit is for
                 # the other wrap counter, so it fails the availability check first.
-                raise self._violation(f"{where}: chain longer than the queue size {size}")
+                raise ChainViolation(f"chain longer than the queue size {size}")
             if flags & F_INDIRECT:
                 # 2.8.7 "Indirect Flag: Scatter-Gather Support"
-                if not self.indirect:
-                    raise self._violation(f"{where}: desc {idx} INDIRECT not negotiated")
-                if flags & F_NEXT:
-                    raise self._violation(f"{where}: desc {idx} has both INDIRECT and NEXT")
                 if count > 1:
                     # 2.8 "Driver Requirements: Indirect Descriptors": "A driver MUST NOT
                     # write direct descriptors with DESC_F_INDIRECT set in a scatter-gather
                     # list linked by VIRTQ_DESC_F_NEXT."
-                    raise self._violation(
-                        f"{where}: desc {idx} has INDIRECT set after {count - 1} direct "
+                    raise ChainViolation(
+                        f"desc {idx} has INDIRECT set after {count - 1} direct "
                         "descriptors linked by NEXT"
                     )
-                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
-                    raise self._violation(
-                        f"{where}: desc {idx} indirect table len {length} is not a non-zero "
-                        f"multiple of {DESC_SIZE} (at most {MAX_INDIRECT} entries)"
-                    )
-                if length // DESC_SIZE > size:
+                tview, n = indirect_table(
+                    self.mem.gpa_view, f"desc {idx}", addr, length, flags, indirect_ok=self.indirect
+                )
+                if n > size:
                     # 2.8 "Driver Requirements: Scatter-Gather Support": "A driver MUST NOT
                     # create a descriptor list longer than the Queue Size", and for indirect
                     # tables "longer than allowed by the device": this device allows the
                     # queue size, as for split rings (2.7.5.3.1).
-                    raise self._violation(
-                        f"{where}: chain too long: indirect table of {length // DESC_SIZE} "
-                        f"entries, more than the queue size {size}"
+                    tview.release()
+                    raise ChainViolation(
+                        f"chain too long: indirect table of {n} entries, "
+                        f"more than the queue size {size}"
                     )
-                try:
-                    tview = self.mem.gpa_view(addr, length)
-                except MemoryFault as exc:
-                    raise self._violation(
-                        f"{where}: indirect table {addr:#x}+{length:#x} outside guest memory: {exc}"
-                    ) from None
                 tbuf = pffi.from_buffer(tview)
                 try:
                     table = pffi.cast("struct pvirtq_desc *", tbuf)
-                    for i in range(length // DESC_SIZE):
+                    for i in range(n):
                         t = table[i]
                         tf, ta, tl = int(t.flags), int(t.addr), int(t.len)
                         if tf & F_INDIRECT:
-                            raise self._violation(f"{where}: nested indirect at table entry {i}")
+                            raise ChainViolation(f"nested indirect at table entry {i}")
                         # NEXT is meaningless inside a packed indirect table: the table's
                         # length delimits the chain.
-                        seen_writable, read_len, write_len = self._segment(
-                            f"{where}: indirect entry {i}",
-                            ta,
-                            tl,
-                            tf,
-                            seen_writable,
-                            readable,
-                            writable,
-                            read_len,
-                            write_len,
-                        )
+                        segs.add("indirect entry", i, ta, tl, tf)
                 finally:
                     pffi.release(tbuf)
                 indirect = True
             else:
-                seen_writable, read_len, write_len = self._segment(
-                    f"{where}: desc {idx}",
-                    addr,
-                    length,
-                    flags,
-                    seen_writable,
-                    readable,
-                    writable,
-                    read_len,
-                    write_len,
-                )
+                segs.add("desc", idx, addr, length, flags)
             idx += 1
             if idx == size:
                 idx = 0
                 wrap ^= 1
             if not flags & F_NEXT:
                 break
-        if read_len > U32_MAX or write_len > U32_MAX:
-            raise self._violation(f"{where}: total length overflows 32 bits")
+        chain = segs.finish(buf_id, count, indirect, where="chain")
         # 2.8.6: the buffer id is in the last descriptor of the chain.
         if buf_id >= size:
-            raise self._violation(f"{where}: buffer id {buf_id} >= queue size {size}")
+            raise ChainViolation(f"buffer id {buf_id} >= queue size {size}")
         if self._inflight[buf_id]:
-            raise self._violation(f"{where}: buffer id {buf_id} is still in flight")
+            raise ChainViolation(f"buffer id {buf_id} is still in flight")
         self._avail_idx, self.avail_wrap = idx, wrap
-        self._inflight[buf_id] = write_len + 1
+        self._inflight[buf_id] = chain.write_len + 1
         self._ndesc[buf_id] = count
         self._popped.append((token, buf_id))
         if len(self._popped) > size:
@@ -413,41 +365,8 @@ class PackedQueue(QueueLifecycle):
             self._scan_end = None
         self.stats.chains += 1
         self.stats.descriptors += count
-        self.stats.bytes_read += read_len
-        return Chain(buf_id, readable, writable, read_len, write_len, count, indirect)
-
-    def _segment(
-        self,
-        where: str,
-        addr: int,
-        length: int,
-        flags: int,
-        seen_writable: bool,
-        readable: list[memoryview],
-        writable: list[memoryview],
-        read_len: int,
-        write_len: int,
-    ) -> tuple[bool, int, int]:
-        if flags & F_WRITE:
-            if not self.writable_expected:
-                raise self._violation(f"{where} is device-writable on a queue the device reads")
-            seen_writable = True
-            write_len += length
-        else:
-            if not self.readable_allowed:
-                raise self._violation(f"{where} is device-readable on a queue the device writes")
-            if seen_writable:
-                raise self._violation(f"{where} is device-readable after a device-writable one")
-            read_len += length
-        if length:
-            try:
-                seg = self.mem.gpa_view(addr, length)
-            except MemoryFault as exc:
-                raise self._violation(
-                    f"{where}: buffer {addr:#x}+{length:#x} outside guest memory: {exc}"
-                ) from None
-            (writable if flags & F_WRITE else readable).append(seg)
-        return seen_writable, read_len, write_len
+        self.stats.bytes_read += chain.read_len
+        return chain
 
     def rewind(self, avail_idx: int) -> None:
         """Give back the buffers popped since token ``avail_idx`` (a :attr:`last_avail_idx`
@@ -545,11 +464,17 @@ class PackedQueue(QueueLifecycle):
     def in_flight(self) -> int:
         return sum(1 for v in self._inflight if v)
 
+    def inflight_writable(self, head: int) -> int | None:
+        """Writable bytes of buffer ``head`` while it is in flight, None when it is not."""
+        if not 0 <= head < self.size or not self._inflight[head]:
+            return None
+        return self._inflight[head] - 1
+
     # -- notifications (2.8.10 "Event Suppression Structure Format") --------------------
 
     def should_notify(self) -> bool:
         self._check()
-        new = _pos(self.used_idx, self.used_wrap, self.size)
+        new = ring_pos(self.used_idx, self.used_wrap, self.size)
         old = self._signalled
         if old == new:
             return False
@@ -583,7 +508,7 @@ class PackedQueue(QueueLifecycle):
             size = self.size
             end = self._scan_end
             if end is None:
-                end = _pos(self._avail_idx, self.avail_wrap, size)
+                end = ring_pos(self._avail_idx, self.avail_wrap, size)
             ev.off_wrap = (end % size) | (1 if end < size else 0) << 15
             ev.flags = RING_EVENT_FLAGS_DESC
         else:
@@ -599,166 +524,20 @@ class PackedQueue(QueueLifecycle):
         )
 
 
-class PackedDriverQueue:
-    """Driver side of a packed ring (2.8.13 / 2.8.14) for tests; can write hostile values."""
-
-    def __init__(
-        self,
-        mem: Any,
-        size: int,
-        desc_gpa: int,
-        driver_gpa: int,
-        device_gpa: int,
-        *,
-        features: int,
-        indirect_area: tuple[int, int] | None = None,
-    ) -> None:
-        view_fn = getattr(mem, "gpa_view", None)
-        self._view: Callable[[int, int], memoryview] = view_fn if view_fn is not None else mem
-        self.size = size
-        self.features = features
-        self.event_idx = bool(features & F_EVENT_IDX)
-        self._views = [
-            self._view(desc_gpa, DESC_SIZE * size),
-            self._view(driver_gpa, EVENT_SIZE),
-            self._view(device_gpa, EVENT_SIZE),
-        ]
-        for v in self._views:
-            v[:] = bytes(len(v))
-        self._bufs = [pffi.from_buffer(v) for v in self._views]
-        self._ring = pffi.cast("struct pvirtq_desc *", self._bufs[0])
-        self._driver_ev = pffi.cast("struct pvirtq_event_suppress *", self._bufs[1])
-        self._device_ev = pffi.cast("struct pvirtq_event_suppress *", self._bufs[2])
-        self._indirect_area = indirect_area
-        self.indirect_slot = 0 if indirect_area is None else (indirect_area[1] // size) & ~15
-        self.next_avail, self.avail_wrap = 0, 1
-        self.next_used, self.used_wrap = 0, 1
-        self.num_free = size
-        self._free_ids = list(range(size - 1, -1, -1))
-        self._inflight: dict[int, tuple[int, int]] = {}
-        self._unpublished: list[tuple[int, int]] = []  # (ring index, head flags)
-        self._kicked = 0
-
-    def _flags(self, wrap: int) -> int:
-        return F_AVAIL if wrap else F_USED
-
-    def add_chain(
-        self,
-        readable: Sequence[tuple[int, int]],
-        writable: Sequence[tuple[int, int]] = (),
-        indirect: bool = False,
-    ) -> int:
-        segs = [(a, n, 0) for a, n in readable] + [(a, n, F_WRITE) for a, n in writable]
-        if not segs:
-            raise ValueError("a chain needs at least one buffer")
-        write_len = sum(n for a, n in writable)
-        need = 1 if indirect else len(segs)
-        if need > self.num_free or not self._free_ids:
-            raise RuntimeError("packed ring full")
-        buf_id = self._free_ids.pop()
-        if indirect:
-            if len(segs) > self.size:
-                # 2.8 "Driver Requirements: Scatter-Gather Support": not longer than the
-                # Queue Size (the device refuses it: chain too long).
-                raise ValueError(f"{len(segs)} descriptors: longer than the queue size {self.size}")
-            if self._indirect_area is None or len(segs) * DESC_SIZE > self.indirect_slot:
-                raise RuntimeError("indirect table does not fit")
-            gpa = self._indirect_area[0] + buf_id * self.indirect_slot
-            self.write_indirect(gpa, [(a, n, 0, fl) for a, n, fl in segs])
-            segs = [(gpa, len(segs) * DESC_SIZE, F_INDIRECT)]
-        head = self.next_avail
-        head_flags = 0
-        for i, (a, n, fl) in enumerate(segs):
-            last = i + 1 == len(segs)
-            flags = fl | (0 if last else F_NEXT) | self._flags(self.avail_wrap)
-            d = self._ring[self.next_avail]
-            d.addr, d.len, d.id = a, n, buf_id
-            if i == 0:
-                head_flags = flags
-            else:
-                d.flags = flags
-            self.next_avail += 1
-            if self.next_avail == self.size:
-                self.next_avail = 0
-                self.avail_wrap ^= 1
-        self._unpublished.append((head, head_flags))
-        self.num_free -= len(segs)
-        self._inflight[buf_id] = (len(segs), write_len)
-        return buf_id
-
-    def publish(self) -> None:
-        """Make the added chains available: head flags written last, first chain's last."""
-        for idx, flags in reversed(self._unpublished):
-            self._ring[idx].flags = flags
-        self._unpublished.clear()
-
-    def kick_needed(self) -> bool:
-        new = _pos(self.next_avail, self.avail_wrap, self.size)
-        old, self._kicked = self._kicked, new
-        if new == old:
-            return False
-        flags = int(self._device_ev.flags) & 3
-        if flags == RING_EVENT_FLAGS_DISABLE:
-            return False
-        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
-            return packed_need_event(int(self._device_ev.off_wrap), new, old, self.size)
-        return True
-
-    def get_used(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        while True:
-            d = self._ring[self.next_used]
-            flags = int(d.flags)
-            w = bool(self.used_wrap)
-            if bool(flags & F_AVAIL) != w or bool(flags & F_USED) != w:
-                return out
-            buf_id, ln = int(d.id), int(d.len)
-            entry = self._inflight.pop(buf_id, None)
-            if entry is None:
-                raise RuntimeError(f"used id {buf_id} not in flight")
-            if ln > entry[1]:
-                raise RuntimeError(f"used id {buf_id}: len {ln} > {entry[1]}")
-            self.num_free += entry[0]
-            self._free_ids.append(buf_id)
-            self.next_used += entry[0]
-            if self.next_used >= self.size:
-                self.next_used -= self.size
-                self.used_wrap ^= 1
-            out.append((buf_id, ln))
-
-    def set_used_event(self, off: int, wrap: int) -> None:
-        self._driver_ev.off_wrap = (off & 0x7FFF) | (wrap & 1) << 15
-        self._driver_ev.flags = RING_EVENT_FLAGS_DESC
-
-    def set_no_interrupt(self, suppress: bool = True) -> None:
-        self._driver_ev.flags = RING_EVENT_FLAGS_DISABLE if suppress else RING_EVENT_FLAGS_ENABLE
-
-    # hostile helpers
-    def write_desc(self, i: int, addr: int, length: int, buf_id: int, flags: int) -> None:
-        if not 0 <= i < self.size:
-            raise ValueError(f"descriptor {i} is outside the ring of {self.size}")
-        d = self._ring[i]
-        d.addr, d.len = addr & (2**64 - 1), length & U32_MAX
-        d.id, d.flags = buf_id & 0xFFFF, flags & 0xFFFF
-
-    def avail_flags(self, wrap: int | None = None) -> int:
-        """The AVAIL/USED bits that mark a descriptor available for ``wrap`` (default: now)."""
-        return self._flags(self.avail_wrap if wrap is None else wrap)
-
-    def write_indirect(self, gpa: int, descs: Sequence[tuple[int, int, int, int]]) -> None:
-        """Write ``(addr, len, id, flags)`` entries as an indirect table at ``gpa``."""
-        view = self._view(gpa, len(descs) * DESC_SIZE)
-        buf = pffi.from_buffer(view)
-        table = pffi.cast("struct pvirtq_desc *", buf)
-        for i, (a, n, bid, fl) in enumerate(descs):
-            table[i].addr, table[i].len = a & (2**64 - 1), n & U32_MAX
-            table[i].id, table[i].flags = bid & 0xFFFF, fl & 0xFFFF
-        pffi.release(buf)
-        view.release()
-
-    def close(self) -> None:
-        for b in self._bufs:
-            pffi.release(b)
-        for v in self._views:
-            v.release()
-        self._bufs, self._views = [], []
+__all__ = [
+    "DESC_SIZE",
+    "EVENT_SIZE",
+    "F_AVAIL",
+    "F_INDIRECT",
+    "F_NEXT",
+    "F_USED",
+    "F_WRITE",
+    "RING_EVENT_FLAGS_DESC",
+    "RING_EVENT_FLAGS_DISABLE",
+    "RING_EVENT_FLAGS_ENABLE",
+    "PackedQueue",
+    "packed_need_event",
+    "packed_ring_sizes",
+    "pffi",
+    "ring_pos",
+]

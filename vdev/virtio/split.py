@@ -23,45 +23,40 @@ hosts would need real barriers, which pure Python cannot emit; vdev targets x86-
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass
-from typing import Any
+import logging
 
 from vdev.abi import ffi, lib
-from vdev.skywalk.errors import DefunctError, KillReason, SyncError, SyncKind
-from vdev.virtio.chain import Chain, ChainViolation, walk_chain
-from vdev.virtio.memory import GuestMemory, MemoryFault
+from vdev.errors import KillReason, SyncError, SyncKind
+from vdev.virtio.chain import DESC_SIZE, Chain, ChainViolation, walk_chain
+from vdev.virtio.memory import GuestMemory, release_views
+from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
+
+log = logging.getLogger("vdev.virtio")
 
 __all__ = [
     "Chain",
-    "QueueStats",
     "SplitQueue",
     "ring_sizes",
     "vring_need_event",
 ]
 
-MAX_QUEUE_SIZE = 32768
 VRING_AVAIL_F_NO_INTERRUPT: int = lib.VRING_AVAIL_F_NO_INTERRUPT
 VRING_USED_F_NO_NOTIFY: int = lib.VRING_USED_F_NO_NOTIFY
-F_INDIRECT_DESC = 1 << lib.VIRTIO_RING_F_INDIRECT_DESC
-F_EVENT_IDX = 1 << lib.VIRTIO_RING_F_EVENT_IDX
 F_NOTIFY_ON_EMPTY = 1 << lib.VIRTIO_F_NOTIFY_ON_EMPTY
 F_ANY_LAYOUT = 1 << lib.VIRTIO_F_ANY_LAYOUT
-F_VERSION_1 = 1 << lib.VIRTIO_F_VERSION_1
 
-_DESC_SIZE: int = ffi.sizeof("struct vring_desc")
-_AVAIL_HDR: int = ffi.sizeof("struct vring_avail_hdr")
-_USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
-_USED_ELEM: int = ffi.sizeof("struct vring_used_elem")
+AVAIL_HDR: int = ffi.sizeof("struct vring_avail_hdr")
+USED_HDR: int = ffi.sizeof("struct vring_used_hdr")
+USED_ELEM: int = ffi.sizeof("struct vring_used_elem")
 
 
 def ring_sizes(size: int) -> tuple[int, int, int]:
     """Bytes of (descriptor table, avail ring, used ring) for ``size`` entries, with the
     EVENT_IDX trailer fields (2.7.5, 2.7.6, 2.7.8)."""
     return (
-        _DESC_SIZE * size,
-        _AVAIL_HDR + 2 * size + 2,
-        _USED_HDR + _USED_ELEM * size + 2,
+        DESC_SIZE * size,
+        AVAIL_HDR + 2 * size + 2,
+        USED_HDR + USED_ELEM * size + 2,
     )
 
 
@@ -71,74 +66,41 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
-@dataclass
-class QueueStats:
-    """Counters of one virtqueue (the ring-stats twin of Skywalk's ``RingStats``)."""
-
-    chains: int = 0
-    descriptors: int = 0
-    bytes_read: int = 0  # device-readable bytes of popped chains
-    bytes_written: int = 0  # ``written`` totals of pushed used elements
-    used: int = 0  # used elements pushed
-    flushes: int = 0  # used idx publications
-    notifications_sent: int = 0
-    notifications_suppressed: int = 0
-    kills: int = 0
-
-    @property
-    def bytes(self) -> int:
-        return self.bytes_read + self.bytes_written
-
-
-class QueueLifecycle:
-    """What split and packed queues share once mapped: remap, kill and the defunct check.
-
-    A subclass sets ``index``, ``mem``, ``stats``, ``defunct`` and ``_closed`` and provides
-    ``_map`` (translate the ring areas) and ``_release`` (drop every view of guest memory).
-    """
-
-    index: int
-    mem: GuestMemory
-    stats: QueueStats
-    defunct: SyncError | None
-    _closed: bool
-
-    def _map(self, mem: GuestMemory) -> None:
-        raise NotImplementedError
-
-    def _release(self) -> None:
-        raise NotImplementedError
-
-    def remap(self, mem: GuestMemory) -> None:
-        """The frontend replaced the memory table while the queue runs (SET_MEM_TABLE):
-        translate the ring addresses again.  On MemoryFault the old mapping stays in use."""
-        if self.defunct is not None or self._closed:
-            self.mem = mem
-            return
-        self._map(mem)
-
-    def kill(self, err: SyncError) -> None:
-        """Mark the queue defunct: the driver broke the contract and is not trusted again."""
-        if self.defunct is None:
-            self.defunct = err
-            self.stats.kills += 1
-            self._release()
-
-    def _check(self) -> None:
-        if self.defunct is not None or self._closed:
-            what = f"virtqueue {self.index}" + (" (stopped)" if self._closed else "")
-            raise DefunctError(what, self.defunct)
-
-
 class SplitQueue(QueueLifecycle):
-    """One split virtqueue as the device (kernel side) sees it.
+    """One split virtqueue as the device (kernel side) sees it (a :class:`VirtQueue`; the
+    class is a :class:`QueueFormat`).
 
-    ``sync`` names the Skywalk sync the queue plays and so its direction: ``SyncKind.RX``
-    (device writes guest buffers; chains must be all device-writable), ``SyncKind.TX``
-    (device reads; all device-readable), anything else (e.g. ``SyncKind.EVENT`` for the
-    control queue) accepts readable-then-writable chains.  The default follows virtio-net:
-    even index = receiveq (RX), odd = transmitq (TX).
+    ``sync`` names the Skywalk sync the queue plays and so its direction, as the device
+    decides it: ``SyncKind.RX`` (device writes guest buffers; chains must be all
+    device-writable), ``SyncKind.TX`` (device reads; all device-readable), anything else
+    (e.g. ``SyncKind.EVENT`` for a control queue) accepts readable-then-writable chains.
     """
+
+    name = "split"
+
+    # -- QueueFormat: what the backend checks before a queue exists ------------------------
+
+    @classmethod
+    def ring_areas(cls, size: int) -> tuple[RingArea, RingArea, RingArea]:
+        # 2.7.2 "Virtqueue Alignment": Descriptor Table 16, Available Ring 2, Used Ring 4.
+        desc, avail, used = ring_sizes(size)
+        return (
+            RingArea("descriptor table", "desc_addr", desc, 16),
+            RingArea("avail ring", "avail_addr", avail, 2),
+            RingArea("used ring", "used_addr", used, 4),
+        )
+
+    @classmethod
+    def check_size(cls, size: int) -> None:
+        # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
+        if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise ValueError(f"size {size} is not a power of 2 <= {MAX_QUEUE_SIZE}")
+
+    @classmethod
+    def check_base(cls, base: int, size: int) -> None:
+        # SET_VRING_BASE for a split ring: the 16-bit last avail index.
+        if not 0 <= base <= 0xFFFF:
+            raise ValueError(f"base {base:#x} is not a 16-bit index")
 
     def __init__(
         self,
@@ -152,100 +114,59 @@ class SplitQueue(QueueLifecycle):
         features: int,
         last_avail_idx: int = 0,
         addr_space: str = "uva",
-        sync: SyncKind | None = None,
+        sync: SyncKind,
     ) -> None:
-        if sys.byteorder != "little":
-            raise RuntimeError("vdev virtqueues assume a little-endian host")
-        if not (0 < size <= MAX_QUEUE_SIZE) or size & (size - 1):
-            # 2.7 "Split Virtqueues": Queue Size is a power of 2, maximum 32768.
-            raise ValueError(
-                f"virtqueue {index}: size {size} is not a power of two <= {MAX_QUEUE_SIZE}"
-            )
-        if addr_space not in ("uva", "gpa"):
-            raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
+        self._setup(mem, index, size, addr_space, features, sync)
         if not 0 <= last_avail_idx <= 0xFFFF:
             raise ValueError(f"virtqueue {index}: last_avail_idx {last_avail_idx} is not a u16")
-        self.mem = mem
-        self.index = index
-        self.size = size
         self._mask = size - 1
         self.desc_addr = desc_addr
         self.avail_addr = avail_addr
         self.used_addr = used_addr
-        self.addr_space = addr_space
-        self.sync: SyncKind = (
-            sync if sync is not None else (SyncKind.RX if index % 2 == 0 else SyncKind.TX)
-        )
-        # The direction made explicit: an RX queue only gets device-writable buffers, a TX
-        # queue only device-readable ones (5.1.6 "Device Operation").
-        self.writable_expected: bool = self.sync is not SyncKind.TX
-        self.readable_allowed: bool = self.sync is not SyncKind.RX
-        self.features = features
-
         self.last_avail_idx = last_avail_idx
-        self.defunct: SyncError | None = None
-        self._closed = False
-        self.stats = QueueStats()
         self._seen_avail_idx = last_avail_idx  # avail idx as of the last validated read
         self._pending_used = 0  # pushed, not yet published
         self._signalled_used = 0
         self._signalled_valid = False
-        # Device-private (trusted) record of what the driver handed over: write_len + 1 of
-        # each chain in flight, 0 when the head is not ours.
-        self._inflight = [0] * size
         # Head popped from each avail slot, so rewind() never re-reads guest memory.
         self._popped = [0] * size
-        self._bufs: list[Any] = []
         self._map(mem)
         # vhost-user resumes from the used idx in guest memory (libvhost-user does the same):
         # it is what the driver has already seen.
         self.used_idx: int = int(self._used16[1])
         self._signalled_used = self.used_idx
+        if self.last_avail_idx == 0 and self.used_idx != 0:
+            # SET_VRING_BASE ("Ring states") says "a fresh ring" but the used ring has moved
+            # on: a front-end that re-establishes a lost connection may send 0 (DPDK
+            # virtio_user in server mode does).  The used idx is then the truth: every chain
+            # it counts was taken and completed (this device completes chains in the order
+            # it takes them) and nothing after it was.  DPDK's vhost library resumes there on
+            # any mismatch (vhost_user_set_vring_addr), libvhost-user for in-order devices;
+            # a non-zero base is always honoured.
+            log.warning(
+                "virtqueue %d: base 0 but used idx %d in guest memory; resuming at %d",
+                index, self.used_idx, self.used_idx,
+            )  # fmt: skip
+            self.last_avail_idx = self._seen_avail_idx = self.used_idx
 
     # -- features -----------------------------------------------------------------------
 
-    @property
-    def features(self) -> int:
-        return self._features
-
-    @features.setter
-    def features(self, features: int) -> None:
-        """Negotiated features; settable because SET_FEATURES may arrive after the ring was
-        set up (vhost-user "Ring states"), so the derived switches are recomputed here."""
-        self._features = features
-        self.event_idx = bool(features & F_EVENT_IDX)
-        self.indirect = bool(features & F_INDIRECT_DESC)
+    def _format_features(self, features: int) -> None:
         self.notify_on_empty = bool(features & F_NOTIFY_ON_EMPTY)
         # ANY_LAYOUT is implied by VERSION_1 (2.6.4 "Message Framing"); the ring does not
         # care, the net layer reads it from here.
-        self.version_1 = bool(features & F_VERSION_1)
         self.any_layout = self.version_1 or bool(features & F_ANY_LAYOUT)
 
     # -- mapping ------------------------------------------------------------------------
 
     def _map(self, mem: GuestMemory) -> None:
         """Translate the three ring areas in ``mem`` and install cffi pointers onto them."""
-        translate = mem.uva_view if self.addr_space == "uva" else mem.gpa_view
-        desc_len, avail_len, used_len = ring_sizes(self.size)
-        views = []
-        for area, addr, length, align in (
-            ("descriptor table", self.desc_addr, desc_len, 16),
-            ("avail ring", self.avail_addr, avail_len, 2),
-            ("used ring", self.used_addr, used_len, 4),
-        ):
-            # 2.7.2 "Virtqueue Alignment" (Table: Descriptor Table 16, Available 2, Used 4).
-            if addr % align:
-                raise ValueError(
-                    f"virtqueue {self.index}: {area} at {self.addr_space} {addr:#x} is not "
-                    f"{align}-byte aligned"
-                )
-            try:
-                views.append(translate(addr, length))
-            except MemoryFault as exc:
-                raise MemoryFault(
-                    f"virtqueue {self.index}: {area} {self.addr_space} {addr:#x}+{length:#x} "
-                    f"does not fit in guest memory: {exc}"
-                ) from None
+        views = self._translate(
+            mem,
+            self.addr_space,
+            self.ring_areas(self.size),
+            (self.desc_addr, self.avail_addr, self.used_addr),
+        )
         bufs = [ffi.from_buffer(v) for v in views]
         self._release()
         self._views = views
@@ -256,17 +177,12 @@ class SplitQueue(QueueLifecycle):
         self._used_event_i = 2 + self.size
         # used as u16s: [0] flags, [1] idx, [2 + 4*size] avail_event; elements after 4 bytes
         self._used16 = ffi.cast("uint16_t *", bufs[2])
-        self._used_elems = ffi.cast("struct vring_used_elem *", bufs[2] + _USED_HDR)
-        self._avail_event_i = (_USED_HDR + _USED_ELEM * self.size) // 2
+        self._used_elems = ffi.cast("struct vring_used_elem *", bufs[2] + USED_HDR)
+        self._avail_event_i = (USED_HDR + USED_ELEM * self.size) // 2
         self.mem = mem
 
     def _release(self) -> None:
-        for b in self._bufs:
-            ffi.release(b)
-        self._bufs = []
-        for v in getattr(self, "_views", []):
-            v.release()
-        self._views = []
+        release_views(ffi, self._bufs, self._views)
         self._desc = self._avail16 = self._used16 = self._used_elems = ffi.NULL
 
     def close(self) -> int:
@@ -274,6 +190,11 @@ class SplitQueue(QueueLifecycle):
         self._release()
         self._closed = True
         return self.last_avail_idx
+
+    @property
+    def vhost_base(self) -> int:
+        """The GET_VRING_BASE answer: the last avail index (vhost-user "Ring states")."""
+        return self.last_avail_idx & 0xFFFF
 
     # -- defunct handling (kill and _check: QueueLifecycle) ------------------------------
 
@@ -417,6 +338,12 @@ class SplitQueue(QueueLifecycle):
     def in_flight(self) -> int:
         """Chains popped and not yet pushed."""
         return sum(1 for v in self._inflight if v)
+
+    def inflight_writable(self, head: int) -> int | None:
+        """Writable bytes of chain ``head`` while it is in flight, None when it is not."""
+        if not 0 <= head < self.size or not self._inflight[head]:
+            return None
+        return self._inflight[head] - 1
 
     def flush_used(self) -> None:
         """Publish the pushed elements by storing the used idx (2.7.8.2: after the elements)."""

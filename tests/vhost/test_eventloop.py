@@ -1,0 +1,79 @@
+"""SelectorLoop: the loop the vhost layer's Watcher/EventLoop interface is run on."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from vdev.eventloop import SelectorLoop
+
+
+def _pipe() -> tuple[int, int]:
+    return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def test_an_event_unwatched_earlier_in_the_same_batch_is_not_dispatched() -> None:
+    loop = SelectorLoop()
+    (r1, w1), (r2, w2) = _pipe(), _pipe()
+    calls: list[str] = []
+
+    def first() -> None:
+        calls.append("first")
+        loop.unwatch(r2)  # e.g. GET_VRING_BASE stops a ring whose kick fd is also ready
+        loop.unwatch(r1)
+
+    def second() -> None:
+        calls.append("second")
+        loop.unwatch(r1)
+        loop.unwatch(r2)
+
+    try:
+        loop.watch(r1, first)
+        loop.watch(r2, second)
+        os.write(w1, b"x")
+        os.write(w2, b"x")
+        loop.poll(1.0)
+        assert len(calls) == 1  # whichever ran first took the other's watch away
+        loop.poll(0.0)
+        assert len(calls) == 1
+    finally:
+        for fd in (r1, w1, r2, w2):
+            os.close(fd)
+        loop.close()
+
+
+def test_watch_replaces_the_callback_and_timers_run_under_the_lock() -> None:
+    lock = threading.RLock()
+    loop = SelectorLoop(lock)
+    r, w = _pipe()
+    seen: list[str] = []
+    try:
+        loop.watch(r, lambda: seen.append("old"))
+        loop.watch(r, lambda: (seen.append("new"), os.read(r, 1)))  # same fd: replaced
+        os.write(w, b"x")
+        loop.call_later(0.0, lambda: seen.append(f"timer owns lock: {lock._is_owned()}"))  # type: ignore[attr-defined]
+        loop.call_later(3600.0, lambda: seen.append("never"))
+        loop.poll(1.0)
+        assert seen == ["new", "timer owns lock: True"]
+        loop.unwatch(r)
+        loop.unwatch(r)  # unwatching twice is a no-op
+        os.write(w, b"x")
+        loop.poll(0.0)
+        assert seen == ["new", "timer owns lock: True"]
+    finally:
+        os.close(r)
+        os.close(w)
+        loop.close()
+
+
+def test_call_later_from_another_thread_wakes_a_waiting_poll() -> None:
+    loop = SelectorLoop()
+    ran = threading.Event()
+    try:
+        t = threading.Thread(target=lambda: loop.poll(60.0))  # would sleep a minute
+        t.start()
+        loop.call_later(0.0, ran.set)  # the wake pipe ends the wait; the timer is due
+        t.join(10)
+        assert not t.is_alive() and ran.is_set()
+    finally:
+        loop.close()

@@ -1,0 +1,131 @@
+"""The VirtQueue / QueueFormat interface (vdev/virtio/queue.py), the same for split and packed:
+ring areas against the spec's formulas, the size and base rules, in-flight accounting and
+the vhost base encoding."""
+
+from __future__ import annotations
+
+import pytest
+from test_virtio_packed import make_packed
+from virtio_helpers import DATA_HIGH, DATA_LOW, device_queue, make_pair
+
+from vdev.skywalk.errors import SyncKind
+from vdev.virtio.memory import GuestMemory
+from vdev.virtio.packed import PackedQueue
+from vdev.virtio.queue import F_RING_PACKED, queue_format
+from vdev.virtio.split import SplitQueue
+
+
+def test_the_format_follows_ring_packed() -> None:
+    assert queue_format(0) is SplitQueue
+    assert queue_format(F_RING_PACKED) is PackedQueue
+    assert queue_format(~F_RING_PACKED & (2**64 - 1)) is SplitQueue
+
+
+@pytest.mark.parametrize("n", [1, 2, 256, 32768])
+def test_split_ring_areas_are_the_spec_formulas(n: int) -> None:
+    # 2.7 "Split Virtqueues": 16*n descriptor bytes; avail flags+idx+ring+used_event
+    # (6 + 2n); used flags+idx+elements+avail_event (6 + 8n); alignments 16, 2, 4 (2.7.2).
+    areas = SplitQueue.ring_areas(n)
+    assert [(a.field, a.length, a.align) for a in areas] == [
+        ("desc_addr", 16 * n, 16),
+        ("avail_addr", 6 + 2 * n, 2),
+        ("used_addr", 6 + 8 * n, 4),
+    ]
+
+
+@pytest.mark.parametrize("n", [1, 3, 100, 32768])
+def test_packed_ring_areas_are_the_spec_formulas(n: int) -> None:
+    # 2.8.10: 16-byte descriptors, two 4-byte event suppression structures (align 4).
+    areas = PackedQueue.ring_areas(n)
+    assert [(a.field, a.length, a.align) for a in areas] == [
+        ("desc_addr", 16 * n, 16),
+        ("avail_addr", 4, 4),
+        ("used_addr", 4, 4),
+    ]
+
+
+def test_size_rules() -> None:
+    for ok in (1, 2, 64, 32768):
+        SplitQueue.check_size(ok)
+    for bad in (0, -1, 3, 24, 65536, 32769):
+        with pytest.raises(ValueError, match="is not a power of 2 <= 32768"):
+            SplitQueue.check_size(bad)
+    for ok in (1, 3, 100, 32767, 32768):
+        PackedQueue.check_size(ok)
+    for bad in (0, -1, 32769, 65536):
+        with pytest.raises(ValueError, match=r"1\.\.32768"):
+            PackedQueue.check_size(bad)
+
+
+def test_base_rules() -> None:
+    for ok in (0, 1, 0xFFFF):
+        SplitQueue.check_base(ok, 256)
+    for bad in (-1, 0x10000, 0x8000_0000):
+        with pytest.raises(ValueError, match="16-bit"):
+            SplitQueue.check_base(bad, 256)
+    # Packed: index in bits 0-14 below the ring size, any wrap bits, used half ignored.
+    for ok in (0, 0x8000, 0x8000_8000, 255, 0xFFFF_80FF):
+        PackedQueue.check_base(ok, 256)
+    for bad in (256, 0x8100, 0x7FFF):
+        with pytest.raises(ValueError, match="index >= ring size 256"):
+            PackedQueue.check_base(bad, 256)
+    with pytest.raises(ValueError, match="32 bits"):
+        PackedQueue.check_base(1 << 32, 256)
+    PackedQueue.check_base(0x7FFF, 0)  # before SET_VRING_NUM nothing bounds the index
+
+
+def test_split_inflight_and_vhost_base(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 0, 8, sync=SyncKind.RX)
+    a = drv.add_chain([], [(DATA_LOW, 100), (DATA_HIGH, 28)])
+    b = drv.add_chain([], [(DATA_LOW + 0x200, 64)])
+    drv.publish()
+    assert [dev.inflight_writable(h) for h in (a, b)] == [None, None]
+    ca, cb = dev.pop(), dev.pop()
+    assert ca is not None and cb is not None and (ca.head, cb.head) == (a, b)
+    assert dev.inflight_writable(a) == 128 and dev.inflight_writable(b) == 64
+    assert dev.in_flight == 2
+    idle = [h for h in range(8) if h not in (a, b)]
+    assert all(dev.inflight_writable(h) is None for h in idle)
+    assert dev.inflight_writable(-1) is None and dev.inflight_writable(8) is None
+    dev.push(a, 128)
+    assert dev.inflight_writable(a) is None and dev.inflight_writable(b) == 64
+    assert dev.vhost_base == dev.last_avail_idx == 2
+
+
+def test_packed_inflight_and_vhost_base(mem: GuestMemory) -> None:
+    dev, drv = make_packed(mem, 12, size=5, sync=SyncKind.RX)
+    ids = [drv.add_chain([], [(DATA_LOW, 100)]), drv.add_chain([], [(DATA_HIGH, 7)])]
+    drv.publish()
+    assert all(dev.inflight_writable(i) is None for i in ids)
+    c1, c2 = dev.pop(), dev.pop()
+    assert c1 is not None and c2 is not None and [c1.head, c2.head] == ids
+    assert [dev.inflight_writable(i) for i in ids] == [100, 7]
+    assert dev.inflight_writable(5) is None and dev.inflight_writable(-1) is None
+    dev.push(ids[0], 50)
+    dev.flush_used()
+    assert dev.inflight_writable(ids[0]) is None and dev.inflight_writable(ids[1]) == 7
+    # GET_VRING_BASE: avail index 2 with wrap 1 in bits 0-15, used index 1 wrap 1 above.
+    assert dev.vhost_base == (2 | 1 << 15) | (1 | 1 << 15) << 16
+
+
+@pytest.mark.parametrize(("base", "resumed"), [(0, 300), (7, 7), (300, 300), (299, 299)])
+def test_split_base_zero_on_a_used_ring_resumes_at_the_used_idx(
+    mem: GuestMemory, base: int, resumed: int
+) -> None:
+    """SET_VRING_BASE 0 on a ring whose used idx moved on (DPDK virtio_user's reconnect in
+    server mode) resumes at the used idx; any other base is the front-end's word."""
+    dev, drv = make_pair(mem, 1, 8, start_idx=300)  # 300 chains taken and used before
+    head = drv.add_chain([(DATA_LOW, 10)])
+    drv.publish()
+    again = device_queue(mem, 1, 8, base=base, sync=SyncKind.TX)
+    assert again.last_avail_idx == resumed and again.used_idx == 300
+    if resumed == 300:
+        chain = again.pop()
+        assert chain is not None and chain.head == head
+    again.close()
+    dev.close()
+
+
+def test_split_base_zero_on_a_fresh_ring_stays_zero(mem: GuestMemory) -> None:
+    dev, _drv = make_pair(mem, 1, 8)
+    assert dev.last_avail_idx == dev.used_idx == 0
