@@ -235,7 +235,7 @@ def cache_path() -> Path:
     env = os.environ.get(CACHE_ENV)
     if env:
         return Path(env)
-    from vdev.skywalk.fastbuild import cache_dir
+    from vdev.native.build import cache_dir
 
     directory = cache_dir()
     with contextlib.suppress(OSError):

@@ -204,7 +204,7 @@ def _mark(item: Item) -> str:
 def run(args: argparse.Namespace) -> int:
     from host import accel
     from images.cache import cache_root
-    from vdev.skywalk.fastbuild import cache_dir
+    from vdev.native.build import cache_dir
 
     missing: list[str] = []
 

@@ -15,7 +15,7 @@ The mutants live in TOML files (``tools/mutants/*.toml``)::
     old = "if ulen != (ln if ln <= SD_LEN_MAX else SD_LEN_MAX):"
     new = "if ulen > (ln if ln <= SD_LEN_MAX else SD_LEN_MAX):"
     tests = ["tests/skywalk/test_kill_reasons.py"]
-    also = [{file = "vdev/skywalk/fastpath.c", old = "if (ulen != pub)", new = "if (ulen > pub)"}]
+    also = [{file = "vdev/native/fastpath.c", old = "if (ulen != pub)", new = "if (ulen > pub)"}]
 
 Usage: ``python3 tools/mutate.py tools/mutants/*.toml [--only ID ...] [--expect killed]
 [--root DIR]``; ``--root`` runs against another tree (``git archive REV | tar -x -C DIR``) to

@@ -23,13 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vdev.abi import ffi
+from vdev.native import build as fastbuild
 from vdev.skywalk import (
     Channel,
     Pbufpool,
     Port,
     SyncError,
     SyncKind,
-    fastbuild,
     fastglue,
     slotwork,
     validate,
@@ -389,16 +389,19 @@ def test_build_is_cached_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert so.parent == tmp_path and so.exists()
     mtime = so.stat().st_mtime_ns
     assert fastbuild.build() == so and so.stat().st_mtime_ns == mtime
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fastpath-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".native-")]
     mod = fastbuild.load_module(so)
     assert mod.lib.FP_INTERNALIZE == 4
 
 
-def test_c_source_is_warning_free(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "source", sorted((REPO / "vdev" / "native").glob("*.c")), ids=lambda p: p.name
+)
+def test_c_source_is_warning_free(tmp_path: Path, source: Path) -> None:
+    """Every C file of the one native home compiles with -Wall -Wextra and no warning."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("no gcc")
-    sky = REPO / "vdev" / "skywalk"
     proc = subprocess.run(
         [
             gcc,
@@ -408,9 +411,9 @@ def test_c_source_is_warning_free(tmp_path: Path) -> None:
             "-Wextra",
             "-Werror",
             f"-I{REPO / 'vdev' / 'abi'}",
-            f"-I{sky}",
+            f"-I{REPO / 'vdev' / 'native'}",
             "-c",
-            str(sky / "fastpath.c"),
+            str(source),
             "-o",
             str(tmp_path / "fp.o"),
         ],

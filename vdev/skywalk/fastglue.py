@@ -1,10 +1,10 @@
 """The compiled per-slot work: cffi glue between ``slotwork.py``'s signatures and ``fastpath.c``.
 
-``fastpath.c`` implements slotwork's functions check for check (built and cached by
-``fastbuild.py``, cffi API mode).  The wrappers here hand it the trusted arrays and the arena
-through ``ffi.from_buffer`` (never copied), apply the Python-object side effects (owner sets,
-freeing what a failed TX/FREE sync took) and turn the returned codes into slotwork's
-failures, so both backends give identical reasons, details and state.
+``vdev/native/fastpath.c`` implements slotwork's functions check for check (built and cached
+by ``vdev/native/build.py``, cffi API mode).  The wrappers here hand it the trusted arrays and
+the arena through ``ffi.from_buffer`` (never copied), apply the Python-object side effects
+(owner sets, freeing what a failed TX/FREE sync took) and turn the returned codes into
+slotwork's failures, so both backends give identical reasons, details and state.
 
 Result and detail codes are read from the compiled module (``fastpath.h``'s ``FP_*`` and
 ``FPD_*``, exported through the cdef), never repeated here by number: a detail code maps to
@@ -18,7 +18,9 @@ from array import array
 from collections.abc import MutableSequence
 from typing import Any, NoReturn, cast
 
-from . import fastbuild, slotwork
+from vdev.native import build as fastbuild
+
+from . import slotwork
 from .errors import PoolError, SyncKind
 from .pool import Pbufpool
 from .slotwork import Failure, Slots
@@ -77,7 +79,7 @@ C: _Codes  # bound by load()
 def load() -> bool:
     """Load (building once if needed) the compiled module; False if it is unavailable.
 
-    Building is attempted once per process; a failure was logged by ``fastbuild.load``.
+    Building is attempted once per process; a failure was logged by ``vdev.native.build.load``.
     """
     global _fast, _tried, C
     if _fast is None and not _tried:

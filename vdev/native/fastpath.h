@@ -2,7 +2,7 @@
  * Compiled per-slot loops of vdev/skywalk/slotwork.py (see fastpath.c).
  *
  * The block between the FP-CDEF markers is handed verbatim to cffi's cdef by
- * vdev/skywalk/fastbuild.py, so keep it to plain typedef-free declarations.
+ * vdev/native/build.py, so keep it to plain typedef-free declarations.
  */
 #ifndef VDEV_SKYWALK_FASTPATH_H
 #define VDEV_SKYWALK_FASTPATH_H

@@ -1,9 +1,12 @@
-"""Build (or find in the cache) the compiled Skywalk fast path: ``fastpath.c`` via cffi.
+"""Build (or find in the cache) vdev's one compiled extension: every ``vdev/native/*.c``.
 
-The extension is built in cffi API mode (``FFI().set_source`` + ``compile``) and cached
-under ``$VDEV_CACHE_DIR`` (default ``~/.cache/vdev/``) as ``skywalk-fastpath-<hash>.so``,
-where the hash covers the C sources, the shared ABI header, this module, the compiler's
-version line, the Python version/ABI and the cffi version.  A changed input gives a new file
+All of vdev's C lives in this directory and is linked into one cffi API-mode module
+(``FFI().set_source`` + ``compile``), cached under ``$VDEV_CACHE_DIR`` (default
+``~/.cache/vdev/``) as ``native-<hash>.so``.  Each ``*.h`` here contributes the block between
+its ``FP-CDEF-BEGIN``/``FP-CDEF-END`` markers to the cdef, so adding a C file and its header
+needs no change to this module.  The hash covers every C source and header here, the ABI
+headers, this module, the compiler's version line, the Python version/ABI and the cffi
+version.  A changed input gives a new file
 name, so a stale build is never loaded.  Like ``images/bare.py``, the build runs under a
 file lock in a temporary directory and the result is renamed into place, so concurrent
 sessions never load a half-written library.
@@ -36,11 +39,10 @@ from vdev.filelock import file_lock
 
 log = logging.getLogger(__name__)
 
-SKYWALK_DIR = Path(__file__).resolve().parent
-C_SOURCE = SKYWALK_DIR / "fastpath.c"
-C_HEADER = SKYWALK_DIR / "fastpath.h"
-ABI_HEADER = ABI_DIR / "skywalk.h"
-MODULE_NAME = "_vdev_skywalk_fastpath"
+NATIVE_DIR = Path(__file__).resolve().parent
+MODULE_NAME = "_vdev_native"
+CDEF_BEGIN = "/* FP-CDEF-BEGIN */"
+CDEF_END = "/* FP-CDEF-END */"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing")
 
 
@@ -48,12 +50,25 @@ class FastBuildError(VdevError, RuntimeError):
     """The extension could not be built (no compiler, compile error, missing cffi)."""
 
 
+def c_sources() -> list[Path]:
+    return sorted(NATIVE_DIR.glob("*.c"))
+
+
+def c_headers() -> list[Path]:
+    return sorted(NATIVE_DIR.glob("*.h"))
+
+
 def cdef_text() -> str:
-    """The declarations between the FP-CDEF markers of ``fastpath.h`` (fed to ``ffi.cdef``)."""
-    text = C_HEADER.read_text()
-    begin = text.index("/* FP-CDEF-BEGIN */")
-    end = text.index("/* FP-CDEF-END */")
-    return text[begin + len("/* FP-CDEF-BEGIN */") : end]
+    """The declarations between the FP-CDEF markers of every header (fed to ``ffi.cdef``)."""
+    parts = []
+    for header in c_headers():
+        text = header.read_text()
+        if CDEF_BEGIN not in text:
+            continue  # a private header: nothing exported to Python
+        begin = text.index(CDEF_BEGIN)
+        end = text.index(CDEF_END)
+        parts.append(f"/* {header.name} */\n" + text[begin + len(CDEF_BEGIN) : end])
+    return "\n".join(parts)
 
 
 def cache_dir() -> Path:
@@ -78,7 +93,8 @@ def input_hash(cc: str) -> str:
     import cffi
 
     h = hashlib.sha256()
-    for path in (C_SOURCE, C_HEADER, ABI_HEADER, Path(__file__).resolve()):
+    inputs = [*c_sources(), *c_headers(), *sorted(ABI_DIR.glob("*.h")), Path(__file__).resolve()]
+    for path in inputs:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(" ".join(CFLAGS).encode())
     h.update(_compiler_version(cc).encode())
@@ -95,9 +111,9 @@ def _compile(tmpdir: Path) -> Path:
     ffibuilder.cdef(cdef_text())
     ffibuilder.set_source(
         MODULE_NAME,
-        '#include "fastpath.h"\n',
-        sources=[str(C_SOURCE)],
-        include_dirs=[str(SKYWALK_DIR), str(ABI_DIR)],
+        "".join(f'#include "{h.name}"\n' for h in c_headers() if CDEF_BEGIN in h.read_text()),
+        sources=[str(c) for c in c_sources()],
+        include_dirs=[str(NATIVE_DIR), str(ABI_DIR)],
         extra_compile_args=list(CFLAGS),
     )
     out = io.StringIO()
@@ -118,14 +134,14 @@ def build(force: bool = False) -> Path:
     cdir.mkdir(parents=True, exist_ok=True)
     digest = input_hash(cc)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    target = cdir / f"skywalk-fastpath-{digest}{suffix}"
+    target = cdir / f"native-{digest}{suffix}"
     if target.exists() and not force:
         return target
-    with file_lock(cdir / ".skywalk-fastpath.lock"):
+    with file_lock(cdir / ".native.lock"):
         if target.exists() and not force:
             return target  # another session built it while we waited
-        print(f"vdev: building the compiled Skywalk fast path into {target}", file=sys.stderr)
-        with tempfile.TemporaryDirectory(dir=cdir, prefix=".fastpath-") as tmp:
+        print(f"vdev: building the compiled fast path into {target}", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=cdir, prefix=".native-") as tmp:
             so = _compile(Path(tmp))
             staged = Path(tmp) / target.name
             shutil.copyfile(so, staged)
@@ -147,7 +163,7 @@ def load() -> ModuleType | None:
     try:
         return load_module(build())
     except (FastBuildError, OSError, ImportError) as exc:
-        log.warning("compiled Skywalk fast path unavailable, using Python: %s", exc)
+        log.warning("compiled fast path unavailable, using Python: %s", exc)
         return None
 
 
