@@ -158,13 +158,23 @@ def load_module(path: Path) -> ModuleType:
     return mod
 
 
+_loaded: ModuleType | None = None
+
+
 def load() -> ModuleType | None:
-    """The compiled module (``.ffi``, ``.lib``), or None with one warning if unavailable."""
+    """The compiled module (``.ffi``, ``.lib``), or None with one warning if unavailable.
+
+    Loaded once per process and shared: C state (memguard's registry of guest mappings and
+    its SIGBUS handler) must be one, whichever Python module asks first."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
     try:
-        return load_module(build())
+        _loaded = load_module(build())
     except (FastBuildError, OSError, ImportError) as exc:
         log.warning("compiled fast path unavailable, using Python: %s", exc)
         return None
+    return _loaded
 
 
 if __name__ == "__main__":
