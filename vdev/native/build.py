@@ -11,6 +11,12 @@ name, so a stale build is never loaded.  Like ``images/bare.py``, the build runs
 file lock in a temporary directory and the result is renamed into place, so concurrent
 sessions never load a half-written library.
 
+``VDEV_NATIVE_SANITIZE=1`` builds a separate variant with AddressSanitizer and
+UndefinedBehaviorSanitizer (``-fsanitize=address,undefined``, cached as
+``native-san-<hash>``) for the fuzzers (``scripts/fuzz.sh``): a Python that is not itself
+built with ASan must load the ASan runtime first (``LD_PRELOAD`` of :func:`asan_runtime`),
+which the fuzz driver arranges.
+
 Nothing is built at import time of ``vdev``: :func:`load` is called by ``fastglue.py`` and
 builds once (announcing it on one stderr line); a machine without a compiler gets one
 logged warning and the Python path.
@@ -44,6 +50,37 @@ MODULE_NAME = "_vdev_native"
 CDEF_BEGIN = "/* FP-CDEF-BEGIN */"
 CDEF_END = "/* FP-CDEF-END */"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing")
+SANITIZE_FLAGS = (
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",  # a UB report aborts: the fuzzer counts a crash
+    "-fno-omit-frame-pointer",
+    "-g",
+    "-O1",
+)
+SANITIZE_ENV = "VDEV_NATIVE_SANITIZE"
+
+
+def sanitized() -> bool:
+    """Whether this process builds and loads the ASan/UBSan variant."""
+    return os.environ.get(SANITIZE_ENV, "0") not in ("", "0")
+
+
+def compile_flags() -> list[str]:
+    return [*CFLAGS, *SANITIZE_FLAGS] if sanitized() else list(CFLAGS)
+
+
+def asan_runtime() -> str | None:
+    """The compiler's ASan runtime (what ``LD_PRELOAD`` must name for the sanitized build)."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [cc, "-print-file-name=libasan.so"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return os.path.realpath(out) if out and os.path.isabs(out) and os.path.exists(out) else None
 
 
 class FastBuildError(VdevError, RuntimeError):
@@ -96,7 +133,7 @@ def input_hash(cc: str) -> str:
     inputs = [*c_sources(), *c_headers(), *sorted(ABI_DIR.glob("*.h")), Path(__file__).resolve()]
     for path in inputs:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(" ".join(CFLAGS).encode())
+    h.update(" ".join(compile_flags()).encode())
     h.update(_compiler_version(cc).encode())
     h.update(sys.version.encode())
     h.update(str(sysconfig.get_config_var("SOABI")).encode())
@@ -114,7 +151,8 @@ def _compile(tmpdir: Path) -> Path:
         "".join(f'#include "{h.name}"\n' for h in c_headers() if CDEF_BEGIN in h.read_text()),
         sources=[str(c) for c in c_sources()],
         include_dirs=[str(NATIVE_DIR), str(ABI_DIR)],
-        extra_compile_args=list(CFLAGS),
+        extra_compile_args=compile_flags(),
+        extra_link_args=list(SANITIZE_FLAGS[:1]) if sanitized() else [],
     )
     out = io.StringIO()
     try:
@@ -134,7 +172,8 @@ def build(force: bool = False) -> Path:
     cdir.mkdir(parents=True, exist_ok=True)
     digest = input_hash(cc)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    target = cdir / f"native-{digest}{suffix}"
+    variant = "native-san" if sanitized() else "native"
+    target = cdir / f"{variant}-{digest}{suffix}"
     if target.exists() and not force:
         return target
     with file_lock(cdir / ".native.lock"):

@@ -331,9 +331,9 @@ class VhostUserBackend:
         recorded in :attr:`fault`, logged, and closes the connection; it is returned."""
         if self.fault is None and not self.closed:
             try:
-                os.eventfd_read(self.fault_fd)
+                os.eventfd_read(self.fault_fd)  # memguard writes it for every fault
             except OSError:
-                pass  # nothing signalled yet: the regions' counts still say
+                return None  # nothing signalled: no region of ours faulted
             err = self.mem.fault() if self.mem is not None else None
             if err is not None:
                 self.fault = err
