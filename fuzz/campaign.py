@@ -5,7 +5,9 @@ directory seeded from ``fuzz/corpus/<target>/`` (read-only: new inputs go to the
 directory; ``--keep`` writes them back).  libFuzzer's output is parsed for the executions,
 the coverage (``cov``: edges/counters, ``ft``: features) and what ended the run: a crash, a
 hang (``-timeout``) or a leak (a harness's ``FuzzLeak``, or LeakSanitizer).  Artifacts land
-in ``fuzz/artifacts/``.  Exit status 1 if any target saw a crash, hang or leak.
+in ``fuzz/artifacts/``.  Targets whose inputs reach the compiled module run against its
+UBSan build, and the corpus they end with is replayed under ASan + UBSan (see
+``vdev/native/build.py``).  Exit status 1 if any target saw a crash, hang or leak.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Result:
     hangs: int = 0
     leaks: int = 0
     sanitized: bool = False
+    replayed: int = 0  # corpus inputs replayed under ASan
     artifact: str = ""
 
     @property
@@ -83,54 +86,76 @@ def parse(target: str, log: str, seconds: float, sanitized: bool) -> Result:
     return r
 
 
-def fuzz_env(target: str, sanitize: bool) -> dict[str, str]:
+def fuzz_env(sanitize: str | None) -> dict[str, str]:
+    """The environment of one fuzz process: ``sanitize`` None (plain C build), "ubsan" or
+    "asan" (with the ASan runtime preloaded; atheris' coverage does not work then)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
-    env.pop("VDEV_NATIVE_SANITIZE", None)
-    if sanitize:
+    for key in ("VDEV_NATIVE_SANITIZE", "LD_PRELOAD", "ASAN_OPTIONS"):
+        env.pop(key, None)
+    if sanitize == "ubsan":
+        env["VDEV_NATIVE_SANITIZE"] = "ubsan"
+        env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+    elif sanitize == "asan":
         from vdev.native import build
 
         runtime = build.asan_runtime()
-        if runtime is not None:
-            env["VDEV_NATIVE_SANITIZE"] = "1"
-            env["LD_PRELOAD"] = runtime
-            # Python itself is not ASan-built: its own allocations at exit are not ours.
-            env["ASAN_OPTIONS"] = "detect_leaks=0:handle_sigbus=0:abort_on_error=1"
-            env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+        if runtime is None:
+            raise SystemExit("fuzz: no ASan runtime (gcc -print-file-name=libasan.so)")
+        env["VDEV_NATIVE_SANITIZE"] = "asan"
+        env["LD_PRELOAD"] = runtime
+        # Python itself is not ASan-built: its own allocations at exit are not ours.
+        env["ASAN_OPTIONS"] = "detect_leaks=0:handle_sigbus=0:abort_on_error=1"
+        env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
     return env
+
+
+def libfuzzer(target: str, args: list[str], dirs: list[str], env: dict[str, str]) -> str:
+    cmd = [
+        sys.executable, "-m", "fuzz.run", target, "-timeout=10", "-rss_limit_mb=3072",
+        "-print_final_stats=1", "-max_len=4096", f"-artifact_prefix={ARTIFACTS}/{target}-",
+        *args, *dirs,
+    ]  # fmt: skip
+    dict_file = ROOT / "fuzz" / "dicts" / f"{target}.dict"
+    if dict_file.exists():
+        cmd.insert(4, f"-dict={dict_file}")
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        errors="replace", check=False,
+    )  # fmt: skip
+    return proc.stdout + ("" if proc.returncode == 0 else f"\n[exit status {proc.returncode}]\n")
 
 
 def run_target(
     target: str, runs: int, *, max_time: int = 0, sanitize: bool = True, keep: bool = False,
     quiet: bool = False,
 ) -> Result:  # fmt: skip
+    """Fuzz ``target`` for ``runs`` executions; targets that reach C are fuzzed against the
+    UBSan build, and every input of the corpus they end with is replayed once under
+    ASan + UBSan (``-runs=0``: each file once, no mutation)."""
     seeds = CORPUS / target
     ARTIFACTS.mkdir(exist_ok=True)
+    san = sanitize and target in SANITIZED
     with tempfile.TemporaryDirectory(prefix=f"vdev-fuzz-{target}-") as scratch:
-        san = sanitize and target in SANITIZED
-        env = fuzz_env(target, san)
-        san = "VDEV_NATIVE_SANITIZE" in env
-        cmd = [
-            sys.executable, "-m", "fuzz.run", target,
-            f"-runs={runs}", "-timeout=10", "-rss_limit_mb=3072", "-print_final_stats=1",
-            "-max_len=4096", f"-artifact_prefix={ARTIFACTS}/{target}-",
-        ]  # fmt: skip
-        if max_time:
-            cmd.append(f"-max_total_time={max_time}")
-        cmd += [scratch, str(seeds)] if seeds.is_dir() else [scratch]
+        dirs = [scratch, str(seeds)] if seeds.is_dir() else [scratch]
+        args = [f"-runs={runs}"] + ([f"-max_total_time={max_time}"] if max_time else [])
         t0 = time.monotonic()
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            errors="replace", check=False,
-        )  # fmt: skip
+        log = libfuzzer(target, args, dirs, fuzz_env("ubsan" if san else None))
         seconds = time.monotonic() - t0
-        log = proc.stdout
         (ARTIFACTS / f"{target}.log").write_text(log)
+        r = parse(target, log, seconds, san)
+        if san and r.clean:
+            replay = libfuzzer(target, ["-runs=0"], dirs, fuzz_env("asan"))
+            (ARTIFACTS / f"{target}-asan.log").write_text(replay)
+            a = parse(target, replay, 0.0, True)
+            r.crashes, r.leaks, r.hangs, r.artifact = a.crashes, a.leaks, a.hangs, a.artifact
+            if "[exit status" in replay and a.clean:
+                r.crashes = 1
+            r.replayed = sum(len(os.listdir(d)) for d in dirs)
         if keep and seeds.is_dir():
             for f in Path(scratch).iterdir():
                 shutil.copy(f, seeds / f.name)
-    r = parse(target, log, seconds, san)
-    if proc.returncode != 0 and r.clean:
+    if "[exit status" in log and r.clean:
         r.crashes = 1  # died in a way the log does not name: count it, keep the log
     if not quiet and not r.clean:
         print(log[-4000:], file=sys.stderr)
@@ -139,13 +164,13 @@ def run_target(
 
 HEADER = (
     f"{'target':<10} {'execs':>10} {'exec/s':>7} {'cov':>6} {'ft':>6} {'corpus':>6} "
-    f"{'crashes':>7} {'hangs':>5} {'leaks':>5}  C build"
+    f"{'crashes':>7} {'hangs':>5} {'leaks':>5}  C build (targets that reach C)"
 )
 
 
 def row(r: Result) -> str:
     rate = r.execs / r.seconds if r.seconds else 0
-    cbuild = "asan+ubsan" if r.sanitized else "-"
+    cbuild = f"ubsan; corpus {r.replayed} under asan" if r.sanitized else "-"
     return (
         f"{r.target:<10} {r.execs:>10} {rate:>7.0f} {r.cov:>6} {r.ft:>6} {r.corpus:>6} "
         f"{r.crashes:>7} {r.hangs:>5} {r.leaks:>5}  {cbuild}"

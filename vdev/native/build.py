@@ -11,11 +11,13 @@ name, so a stale build is never loaded.  Like ``images/bare.py``, the build runs
 file lock in a temporary directory and the result is renamed into place, so concurrent
 sessions never load a half-written library.
 
-``VDEV_NATIVE_SANITIZE=1`` builds a separate variant with AddressSanitizer and
-UndefinedBehaviorSanitizer (``-fsanitize=address,undefined``, cached as
-``native-san-<hash>``) for the fuzzers (``scripts/fuzz.sh``): a Python that is not itself
-built with ASan must load the ASan runtime first (``LD_PRELOAD`` of :func:`asan_runtime`),
-which the fuzz driver arranges.
+``VDEV_NATIVE_SANITIZE=asan`` (or ``1``) builds a separate variant with AddressSanitizer
+and UndefinedBehaviorSanitizer (``-fsanitize=address,undefined``, cached as
+``native-asan-<hash>``), ``=ubsan`` one with UBSan alone (``native-ubsan-<hash>``), for the
+fuzzers (``scripts/fuzz.sh``).  A Python not itself built with ASan must load the ASan
+runtime first (``LD_PRELOAD`` of :func:`asan_runtime`), which breaks atheris' coverage
+feedback: the campaign fuzzes against the UBSan build and replays the corpus it found
+under the ASan one.
 
 Nothing is built at import time of ``vdev``: :func:`load` is called by ``fastglue.py`` and
 builds once (announcing it on one stderr line); a machine without a compiler gets one
@@ -50,23 +52,41 @@ MODULE_NAME = "_vdev_native"
 CDEF_BEGIN = "/* FP-CDEF-BEGIN */"
 CDEF_END = "/* FP-CDEF-END */"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing")
-SANITIZE_FLAGS = (
-    "-fsanitize=address,undefined",
-    "-fno-sanitize-recover=undefined",  # a UB report aborts: the fuzzer counts a crash
-    "-fno-omit-frame-pointer",
-    "-g",
-    "-O1",
-)
 SANITIZE_ENV = "VDEV_NATIVE_SANITIZE"
+# VDEV_NATIVE_SANITIZE=asan (or 1): ASan + UBSan, needs the ASan runtime preloaded;
+# =ubsan: UBSan alone (no preload: what a coverage-guided fuzzer can load).
+SANITIZERS = {"asan": "address,undefined", "1": "address,undefined", "ubsan": "undefined"}
+
+
+def sanitizer() -> str | None:
+    """Which sanitized variant this process builds and loads (None: the plain build)."""
+    value = os.environ.get(SANITIZE_ENV, "0")
+    if value in ("", "0"):
+        return None
+    if value not in SANITIZERS:
+        raise FastBuildError(f"{SANITIZE_ENV}={value!r}: want asan, ubsan or 0")
+    return "asan" if value == "1" else value
+
+
+def sanitize_flags() -> list[str]:
+    kind = sanitizer()
+    if kind is None:
+        return []
+    return [
+        f"-fsanitize={SANITIZERS[kind]}",
+        "-fno-sanitize-recover=undefined",  # a UB report aborts: the fuzzer counts a crash
+        "-fno-omit-frame-pointer",
+        "-g",
+        "-O1",
+    ]
 
 
 def sanitized() -> bool:
-    """Whether this process builds and loads the ASan/UBSan variant."""
-    return os.environ.get(SANITIZE_ENV, "0") not in ("", "0")
+    return sanitizer() is not None
 
 
 def compile_flags() -> list[str]:
-    return [*CFLAGS, *SANITIZE_FLAGS] if sanitized() else list(CFLAGS)
+    return [*CFLAGS, *sanitize_flags()]
 
 
 def asan_runtime() -> str | None:
@@ -152,7 +172,7 @@ def _compile(tmpdir: Path) -> Path:
         sources=[str(c) for c in c_sources()],
         include_dirs=[str(NATIVE_DIR), str(ABI_DIR)],
         extra_compile_args=compile_flags(),
-        extra_link_args=list(SANITIZE_FLAGS[:1]) if sanitized() else [],
+        extra_link_args=sanitize_flags()[:1],
     )
     out = io.StringIO()
     try:
@@ -172,7 +192,8 @@ def build(force: bool = False) -> Path:
     cdir.mkdir(parents=True, exist_ok=True)
     digest = input_hash(cc)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    variant = "native-san" if sanitized() else "native"
+    kind = sanitizer()
+    variant = f"native-{kind}" if kind else "native"
     target = cdir / f"{variant}-{digest}{suffix}"
     if target.exists() and not force:
         return target
