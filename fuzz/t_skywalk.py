@@ -126,7 +126,9 @@ def run(w: World, data: bytes) -> list[Any]:
                 elif op == 3:
                     trace.append(("recv", ch.recv(max=1 + r.u8() % 10)))
                 elif op == 4:
-                    trace.append(("sync", ch.sync(KINDS[r.u8() % len(KINDS)])))
+                    kind = KINDS[r.u8() % len(KINDS)]
+                    ch.sync(kind)
+                    trace.append(("sync", kind))
                 elif op == 5:
                     sizes = [1 + r.u16() % 9000 for _ in range(r.u8() % 5)]
                     pkts = [pool.packet_from_bytes(b"D" * s) for s in sizes]
