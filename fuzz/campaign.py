@@ -110,10 +110,12 @@ def fuzz_env(sanitize: str | None) -> dict[str, str]:
     return env
 
 
-def libfuzzer(target: str, args: list[str], dirs: list[str], env: dict[str, str]) -> str:
+def libfuzzer(
+    target: str, args: list[str], dirs: list[str], env: dict[str, str], artifacts: Path
+) -> str:
     cmd = [
         sys.executable, "-m", "fuzz.run", target, "-timeout=10", "-rss_limit_mb=3072",
-        "-print_final_stats=1", "-max_len=4096", f"-artifact_prefix={ARTIFACTS}/{target}-",
+        "-print_final_stats=1", "-max_len=4096", f"-artifact_prefix={artifacts}/{target}-",
         *args, *dirs,
     ]  # fmt: skip
     dict_file = ROOT / "fuzz" / "dicts" / f"{target}.dict"
@@ -128,25 +130,25 @@ def libfuzzer(target: str, args: list[str], dirs: list[str], env: dict[str, str]
 
 def run_target(
     target: str, runs: int, *, max_time: int = 0, sanitize: bool = True, keep: bool = False,
-    quiet: bool = False,
+    quiet: bool = False, artifacts: Path = ARTIFACTS,
 ) -> Result:  # fmt: skip
     """Fuzz ``target`` for ``runs`` executions; targets that reach C are fuzzed against the
     UBSan build, and every input of the corpus they end with is replayed once under
     ASan + UBSan (``-runs=0``: each file once, no mutation)."""
     seeds = CORPUS / target
-    ARTIFACTS.mkdir(exist_ok=True)
+    artifacts.mkdir(exist_ok=True)
     san = sanitize and target in SANITIZED
     with tempfile.TemporaryDirectory(prefix=f"vdev-fuzz-{target}-") as scratch:
         dirs = [scratch, str(seeds)] if seeds.is_dir() else [scratch]
         args = [f"-runs={runs}"] + ([f"-max_total_time={max_time}"] if max_time else [])
         t0 = time.monotonic()
-        log = libfuzzer(target, args, dirs, fuzz_env("ubsan" if san else None))
+        log = libfuzzer(target, args, dirs, fuzz_env("ubsan" if san else None), artifacts)
         seconds = time.monotonic() - t0
-        (ARTIFACTS / f"{target}.log").write_text(log)
+        (artifacts / f"{target}.log").write_text(log)
         r = parse(target, log, seconds, san)
         if san and r.clean:
-            replay = libfuzzer(target, ["-runs=0"], dirs, fuzz_env("asan"))
-            (ARTIFACTS / f"{target}-asan.log").write_text(replay)
+            replay = libfuzzer(target, ["-runs=0"], dirs, fuzz_env("asan"), artifacts)
+            (artifacts / f"{target}-asan.log").write_text(replay)
             a = parse(target, replay, 0.0, True)
             r.crashes, r.leaks, r.hangs, r.artifact = a.crashes, a.leaks, a.hangs, a.artifact
             if "[exit status" in replay and a.clean:

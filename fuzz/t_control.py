@@ -32,13 +32,14 @@ def setup() -> None:
     dev = Device(pool=Pbufpool(num_packets=256, buf_size=2048))
     dev.add_nic(f"{tmp}/nic0.sock")
     srv = ControlServer(dev, f"{tmp}/ctl.sock")
-    _state.update(dev=dev, srv=srv, in_use=dev.pool.stats.in_use, fds=open_fds())
+    _state.update(dev=dev, srv=srv)
 
 
 def one_input(data: bytes) -> None:
     if not _state:
         setup()
     dev, srv = _state["dev"], _state["srv"]
+    in_use, fds = dev.pool.stats.in_use, open_fds()
     r = Reader(data)
     chunks = len(data) % 4 + 1
     body = r.rest(MAX_REQUEST + 1024)
@@ -81,7 +82,7 @@ def one_input(data: bytes) -> None:
             err = reply.get("error")
             assert isinstance(err, str) and err, reply
             assert "internal error" not in err, err
-    if dev.pool.stats.in_use != _state["in_use"]:
-        raise FuzzLeak(f"pool in_use {dev.pool.stats.in_use}, was {_state['in_use']}")
-    if open_fds() != _state["fds"]:
-        raise FuzzLeak(f"{open_fds()} fds open, was {_state['fds']}")
+    if dev.pool.stats.in_use != in_use:
+        raise FuzzLeak(f"pool in_use {dev.pool.stats.in_use}, was {in_use}")
+    if open_fds() != fds:
+        raise FuzzLeak(f"{open_fds()} fds open, was {fds}")
