@@ -13,6 +13,7 @@ a byte stream a client writes to the control socket, in one or more chunks: the 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import tempfile
 from typing import Any
@@ -28,10 +29,15 @@ def setup() -> None:
     from vdev.net.device import Device
     from vdev.skywalk import Pbufpool
 
-    tmp = tempfile.mkdtemp(prefix="vdev-fuzz-control-")
+    tmp = tempfile.mkdtemp(prefix="vdev-fuzz-ctl-")
     dev = Device(pool=Pbufpool(num_packets=256, buf_size=2048))
     dev.add_nic(f"{tmp}/nic0.sock")
     srv = ControlServer(dev, f"{tmp}/ctl.sock")
+    # Clients here come through socketpairs: the files can go now, so a campaign that
+    # ends in libFuzzer's exit() (no Python teardown) leaves nothing behind in /tmp.
+    for name in ("nic0.sock", "ctl.sock"):
+        os.unlink(f"{tmp}/{name}")
+    os.rmdir(tmp)
     _state.update(dev=dev, srv=srv)
 
 

@@ -40,7 +40,7 @@ import os, select, sys, time
 from vdev.testing.frames import icmp_echo
 from vdev.testing.frontend import VirtioNetFrontend
 
-fe = VirtioNetFrontend(sys.argv[1])
+fe = VirtioNetFrontend(sys.argv[1], packed=sys.argv[2] == "packed")
 replies = 0
 for seq in range(20):  # traffic flows before anything goes wrong
     fe.send([icmp_echo(seq)])
@@ -74,16 +74,17 @@ def echo_reply(fe: VirtioNetFrontend, seq: int) -> int:
     return 0
 
 
-def test_truncated_memfd_costs_that_connection_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_truncated_memfd_costs_that_connection_only(tmp_path: Path, ring: str) -> None:
     with Device() as dev:
         path_a, path_b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
         nic_a = dev.add_nic(path_a, name="a")
         dev.add_nic(path_b, name="b")
         dev.start()
         sock_a, sock_b = dev.socket_of(nic_a), dev.sockets[1]
-        fe_b = VirtioNetFrontend(path_b)
+        fe_b = VirtioNetFrontend(path_b, packed=ring == "packed")
         child = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(HOSTILE), path_a],
+            [sys.executable, "-c", textwrap.dedent(HOSTILE), path_a, ring],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
