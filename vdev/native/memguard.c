@@ -37,7 +37,10 @@ static struct sigaction previous; /* what unguarded faults go to */
 static int installed;
 static uint64_t total_faults;
 static uint64_t unguarded;
-static __thread struct mg_guard *top;  /* innermost guard of this thread */
+/* Innermost guard of this thread.  initial-exec: this library is dlopen()ed, and the default
+ * (general-dynamic) model may allocate on a thread's first access, which must not happen
+ * inside the handler (the fault may have hit inside malloc). */
+static __thread struct mg_guard *top __attribute__((tls_model("initial-exec")));
 
 static struct mg_range *range_of(uintptr_t addr)
 {
