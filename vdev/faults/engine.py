@@ -239,10 +239,18 @@ class FaultEngine:
         self.qmp_links.close()
         self.log.close()
 
-    def _device_fault(self, kind: str, undo: Callable[[], None], **info: Any) -> DeviceFault:
-        fid = str(info.pop("fault_id", None) or self.next_id("d"))
+    def _claim_id(self, fault_id: str | None) -> str:
+        """The id a new device fault will have; SpecError if it is taken.  Called before
+        the fault has any effect, so a refused request changes nothing."""
+        fid = str(fault_id or self.next_id("d"))
         if fid in self.device_faults or any(r.id == fid for r in self.rules()):
             raise SpecError(f"id: {fid!r} is already in use", "id")
+        return fid
+
+    def _device_fault(
+        self, fid: str, kind: str, undo: Callable[[], None], **info: Any
+    ) -> DeviceFault:
+        """Record a fault whose id :meth:`_claim_id` gave (under the lock since)."""
 
         def undo_and_forget() -> None:
             with self.lock:
@@ -263,6 +271,7 @@ class FaultEngine:
             raise SpecError("shrink_pool needs a device")
         pool = self.device.pool
         with self.lock:
+            fid = self._claim_id(fault_id)
             free = pool.num_packets - pool.stats.in_use
             held: list[int] = []
             while len(held) < free - packets:
@@ -278,9 +287,7 @@ class FaultEngine:
                 for nic in self.device.nics if self.device is not None else []:
                     nic.drain_rx()
 
-            return self._device_fault(
-                "pool_limit", undo, fault_id=fault_id, packets=packets, held=len(held)
-            )
+            return self._device_fault(fid, "pool_limit", undo, packets=packets, held=len(held))
 
     def crash_backend(self, nic: int | str | VirtioNet = 0) -> None:
         """Drop the vhost-user connection of a NIC abruptly, as if the backend crashed.
@@ -518,6 +525,7 @@ class NicFaults:
         with self.engine.lock:
             if self._link_fault is not None and self._link_fault.installed:
                 return self._link_fault
+            fid = self.engine._claim_id(fault_id)
             self.nic.link_up = False
             if qmp is not None:
                 self.engine.qmp_links.submit(qmp, qmp_name or self.nic.name, False)
@@ -531,9 +539,7 @@ class NicFaults:
                 self._link_fault = None
                 self.nic.drain_rx()
 
-            self._link_fault = self.engine._device_fault(
-                "link_down", undo, fault_id=fault_id, nic=self.nic.name
-            )
+            self._link_fault = self.engine._device_fault(fid, "link_down", undo, nic=self.nic.name)
             return self._link_fault
 
     def link_up(self) -> None:

@@ -194,6 +194,11 @@ def load_scenario(path: str | Path) -> Scenario:
         data = Path(p).read_bytes()
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    return parse_scenario_bytes(data, p)
+
+
+def parse_scenario_bytes(data: bytes, p: str = "<scenario>") -> Scenario:
+    """A scenario file's bytes (what ``load_scenario`` read, or a fuzzer's input)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:  # TOML 1.0 "Spec": a TOML file must be valid UTF-8

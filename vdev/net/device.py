@@ -213,6 +213,7 @@ class Device:
                         "socket": s.path,
                         "connections": s.connections,
                         "replaced": s.server.replaced,
+                        "memory_faults": s.server.memory_faults,
                     }
                     for s in self.sockets
                 ],

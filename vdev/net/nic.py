@@ -185,6 +185,7 @@ class VirtioNet:
         self.tx_hooks: list[PacketHook] = []
         self.rx_hooks: list[PacketHook] = []
         self.kill_log: list[tuple[int, SyncError]] = []
+        self.mem: GuestMemory | None = None  # the connection's guest memory (fault checks)
         # Capture: every frame that enters this NIC (a TX chain, or a packet taken from the
         # switch) gets ONE record, written where its fate is settled: forwarded to the
         # switch, written into guest buffers, or dropped (by a fault rule or by the device,
@@ -238,6 +239,7 @@ class VirtioNet:
             log.info("%s: queue %d stopped", self.name, vring.index)
 
     def memory_changed(self, mem: GuestMemory) -> None:
+        self.mem = mem
         log.info(
             "%s: guest memory now %d regions, %d bytes", self.name, len(mem.regions), mem.total_size
         )
@@ -252,6 +254,7 @@ class VirtioNet:
         return cfg[offset : offset + size].ljust(size, b"\0")
 
     def disconnected(self) -> None:
+        self.mem = None
         for vring in list(self.vrings.values()):
             self.queue_stopped(vring)
         self._record_refused(list(self.backlog), "disconnected")
@@ -279,6 +282,13 @@ class VirtioNet:
         return vring.queue
 
     def _kill(self, index: int, err: SyncError) -> None:
+        fault = self.mem.fault() if self.mem is not None else None
+        if fault is not None:
+            # The ring was read from the zero pages memguard put over a truncated region:
+            # the driver broke no ring rule, its frontend pulled the memory away.  The
+            # connection is dropped for that (GuestMemoryFault); no kill is counted.
+            log.error("%s: queue %d stopped: %s", self.name, index, fault)
+            return
         stats = self.stats[index]
         stats.kills[err.reason.name] = stats.kills.get(err.reason.name, 0) + 1
         self.kill_log.append((index, err))

@@ -18,6 +18,12 @@ on the ``vdev.vhost`` logger with the request and field; if REPLY_ACK was negoti
 front-end asked for a reply, it gets a non-zero ack and the connection stays up; otherwise the
 connection is closed cleanly (every fd we hold is closed, the device is told).  Nothing a peer
 sends may raise out of :meth:`handle_readable` or leak a file descriptor.
+
+Guest memory that goes away (the front-end truncating a region's fd after SET_MEM_TABLE) is
+the connection's fault too: the SIGBUS is recovered in C (``vdev/native/memguard.c``), the
+region writes :attr:`VhostUserBackend.fault_fd`, and :meth:`VhostUserBackend.memory_fault`
+(called by the server when that fd fires, and before and after every message) records the
+:class:`~vdev.errors.GuestMemoryFault` in :attr:`VhostUserBackend.fault` and closes.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vdev.errors import SyncKind
+from vdev.errors import GuestMemoryFault, SyncKind
 from vdev.virtio.memory import GuestMemory, MemoryFault
 from vdev.virtio.queue import F_RING_PACKED, QueueFormat, VirtQueue, queue_format
 
@@ -225,6 +231,9 @@ class VhostUserBackend:
         self.mem: GuestMemory | None = None
         self.backend_req_fd: int | None = None
         self.closed = False
+        # Written by memguard's SIGBUS handler when a region of this connection faults.
+        self.fault_fd: int = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fault: GuestMemoryFault | None = None
         self._handlers: dict[int, Callable[[Message, Any], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -286,7 +295,7 @@ class VhostUserBackend:
 
     def handle_readable(self) -> bool:
         """Read and process one message; False when the connection is closed."""
-        if self.closed:
+        if self.closed or self.memory_fault() is not None:
             return False
         try:
             msg = self.conn.recv_message(block=False)
@@ -306,7 +315,7 @@ class VhostUserBackend:
             self.close()
             return False
         try:
-            return self._dispatch(msg)
+            return self._dispatch(msg) and self.memory_fault() is None
         except Exception:
             log.exception(
                 "vhost-user: internal error on %s; disconnecting", request_name(msg.request)
@@ -315,6 +324,22 @@ class VhostUserBackend:
             msg.fds.clear()
             self.close()
             return False
+
+    def memory_fault(self) -> GuestMemoryFault | None:
+        """Whether guest memory faulted (a defined point: the server calls it when
+        :attr:`fault_fd` fires, the backend before and after each message).  A fault is
+        recorded in :attr:`fault`, logged, and closes the connection; it is returned."""
+        if self.fault is None and not self.closed:
+            try:
+                os.eventfd_read(self.fault_fd)  # memguard writes it for every fault
+            except OSError:
+                return None  # nothing signalled: no region of ours faulted
+            err = self.mem.fault() if self.mem is not None else None
+            if err is not None:
+                self.fault = err
+                log.error("vhost-user: %s; disconnecting", err)
+                self.close()
+        return self.fault
 
     def close(self) -> None:
         """Stop every ring, release memory and every fd, tell the device.  Idempotent."""
@@ -338,6 +363,7 @@ class VhostUserBackend:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+        close_fds([self.fault_fd])
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -610,7 +636,7 @@ class VhostUserBackend:
 
     def _set_mem_table(self, msg: Message, table: MemTable) -> None:
         # "Memory regions description": one fd per region, same order (dispatch counted them).
-        new = GuestMemory()
+        new = GuestMemory(self.fault_fd)
         try:
             for i, (r, fd) in enumerate(zip(table.regions, msg.fds, strict=True)):
                 self._map_region(msg.request, new, f"regions[{i}]", r, fd)
@@ -646,7 +672,7 @@ class VhostUserBackend:
         # Adding a mapping never moves an existing one, so running queues stay valid and
         # the live table can grow in place.
         if self.mem is None:
-            new = GuestMemory()
+            new = GuestMemory(self.fault_fd)
             try:
                 self._map_region(msg.request, new, "region", r, msg.fds[0])
             except BaseException:

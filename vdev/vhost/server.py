@@ -39,6 +39,7 @@ import os
 import socket
 from typing import Any
 
+from vdev.errors import GuestMemoryFault
 from vdev.eventloop import EventLoop
 
 from .backend import VhostDevice, VhostUserBackend
@@ -78,6 +79,8 @@ class VhostUserServer:
         self.connections = 0  # connections served so far
         self.replaced = 0  # server mode: connections dropped for a newer one
         self.attempts = 0  # client mode: connection attempts made
+        self.memory_faults = 0  # connections dropped for a guest memory fault (SIGBUS)
+        self.last_fault: GuestMemoryFault | None = None
         self.closed = False
         self.listener: Listener | None = None
         self._held: set[Connection] = set()  # newcomers not yet heard from
@@ -98,6 +101,7 @@ class VhostUserServer:
         self.backend = backend
         self.connections += 1
         self.loop.watch(backend.fileno(), lambda: self._on_readable(backend))
+        self.loop.watch(backend.fault_fd, lambda: self._on_fault(backend))
         log.info("%s: front-end connected (connection %d)", self.name, self.connections)
 
     def _on_accept(self) -> None:
@@ -159,14 +163,27 @@ class VhostUserServer:
             self._drop()
             self._after_disconnect()
 
+    def _on_fault(self, backend: VhostUserBackend) -> None:
+        """A region of the connection took a SIGBUS (the front-end truncated its memory):
+        that connection goes, nothing else does."""
+        if backend is self.backend and backend.memory_fault() is not None:
+            self._drop()
+            self._after_disconnect()
+
     def _drop(self) -> None:
         """Close the current backend (rings stopped, fds closed, device told)."""
         backend, self.backend = self.backend, None
         if backend is None:
             return
         self.loop.unwatch(backend.fileno())
+        self.loop.unwatch(backend.fault_fd)
         backend.close()
-        log.info("%s: front-end disconnected", self.name)
+        if backend.fault is not None:
+            self.memory_faults += 1
+            self.last_fault = backend.fault
+            log.error("%s: front-end disconnected: %s", self.name, backend.fault)
+        else:
+            log.info("%s: front-end disconnected", self.name)
 
     def _after_disconnect(self) -> None:
         if self.client and self.reconnect and not self.closed:
