@@ -76,6 +76,8 @@ class Device:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.closed = False
+        # Where NIC lifecycle events go (the fault engine's log sets it); None: only logged.
+        self.event_sink: Callable[..., object] | None = None
 
     @property
     def sel(self) -> selectors.BaseSelector:
@@ -112,10 +114,15 @@ class Device:
                     n.name, frame, direction, notes
                 )
             nic.defer = lambda fn: self.call_later(0.0, fn)
+            nic.event_sink = self._event
             server = VhostUserServer(nic, path, self.loop, client=client, name=nic.name)
             self.switch.attach(nic)
             self.sockets.append(NicSocket(nic, server))
             return nic
+
+    def _event(self, kind: str, **detail: object) -> None:
+        if self.event_sink is not None:
+            self.event_sink(kind, **detail)
 
     def open_port(self, name: str, *, ring_slots: int = 256, alloc_nbufs: int = 1) -> Port:
         """A Skywalk nexus port on the switch, for host channels (this or another process).
