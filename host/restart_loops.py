@@ -235,7 +235,7 @@ def guest_watchdog(m: Any) -> str:
     out, _ = m.run(
         "dmesg | grep -E 'NETDEV WATCHDOG|transmit queue .* timed out' ; true", timeout=20
     )
-    return out.strip()
+    return str(out).strip()
 
 
 # -- cases ---------------------------------------------------------------------------------
