@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vdev.eventloop import SelectorLoop
+from vdev.limits import MAX_NICS, LimitError
 from vdev.net.capture import PcapngWriter
 from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
@@ -99,6 +100,8 @@ class Device:
         """Serve a NIC on a vhost-user socket (listen, or connect when ``client``)."""
         with self.lock:  # the loop may already be running (fixtures add NICs late)
             index = len(self.sockets)
+            if index >= MAX_NICS:
+                raise LimitError(f"NICs limit: this device serves at most {MAX_NICS} NICs")
             mac_b = mac_bytes(mac) if mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
             nic = VirtioNet(
                 name or f"nic{index}",

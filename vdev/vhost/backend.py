@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vdev.errors import SyncKind
+from vdev.limits import MAX_GUEST_MEMORY, human
 from vdev.virtio.inflight import InflightError
 from vdev.virtio.memory import GuestMemory, MemoryFault
 from vdev.virtio.queue import F_RING_PACKED, QueueFormat, VirtQueue, queue_format
@@ -196,6 +197,7 @@ class VhostUserBackend:
         watcher: Watcher | None = None,
         queue_factory: QueueFactory | None = None,
         max_mem_slots: int = MAX_MEM_SLOTS,
+        max_guest_memory: int | None = None,
         without_protocol_features: int = 0,
     ) -> None:
         """``watcher`` watches the kick eventfds (without one, nobody does: the device or
@@ -208,6 +210,8 @@ class VhostUserBackend:
         self.watcher = watcher
         self.queue_factory = queue_factory
         self.max_mem_slots = max_mem_slots
+        # The guest memory limit (vdev.limits); None: the module default, read now.
+        self.max_guest_memory = MAX_GUEST_MEMORY if max_guest_memory is None else max_guest_memory
         nq = int(device.max_queues())
         if not 1 <= nq <= VRING_IDX_MASK + 1:
             raise ValueError(f"device max_queues {nq} is not in 1..256")
@@ -644,8 +648,19 @@ class VhostUserBackend:
         if old is not None and old is not new:
             old.close()
 
+    def _check_memory_limit(self, request: int, field: str, total: int) -> None:
+        """The guest memory limit: what one connection may have mapped at once."""
+        if total > self.max_guest_memory:
+            raise ProtocolError(
+                request,
+                field,
+                f"guest memory limit: {human(total)} ({total:#x} bytes) would exceed "
+                f"{human(self.max_guest_memory)} per connection",
+            )
+
     def _set_mem_table(self, msg: Message, table: MemTable) -> None:
         # "Memory regions description": one fd per region, same order (dispatch counted them).
+        self._check_memory_limit(msg.request, "regions", sum(r.size for r in table.regions))
         new = GuestMemory()
         try:
             for i, (r, fd) in enumerate(zip(table.regions, msg.fds, strict=True)):
@@ -678,7 +693,13 @@ class VhostUserBackend:
             self._update_all(msg.request)
             return None
         if self.mem is not None and len(self.mem.regions) >= self.max_mem_slots:
-            raise ProtocolError(msg.request, "region", f"all {self.max_mem_slots} slots in use")
+            raise ProtocolError(
+                msg.request,
+                "region",
+                f"memory regions limit: all {self.max_mem_slots} slots in use (GET_MAX_MEM_SLOTS)",
+            )
+        mapped = self.mem.total_size if self.mem is not None else 0
+        self._check_memory_limit(msg.request, "region.size", mapped + r.size)
         # Adding a mapping never moves an existing one, so running queues stay valid and
         # the live table can grow in place.
         if self.mem is None:
