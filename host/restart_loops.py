@@ -427,7 +427,7 @@ def _fmt(r: Round) -> str:
 
 
 def table(results: list[CaseResult]) -> str:
-    head = f"{'case':18} {'passed':>8} {'resume median':>14} {'resume max':>11}"
+    head = f"{'case':22} {'passed':>8} {'resume median':>14} {'resume max':>11}"
     lines = [head + "  left behind / failures"]
     for r in results:
         times = sorted(x.resume_s for x in r.rounds if x.resume_s is not None)
@@ -437,7 +437,7 @@ def table(results: list[CaseResult]) -> str:
         notes += [f"{i + 1}: {x.detail}" for i, x in enumerate(r.rounds) if not x.ok]
         notes += r.leftovers
         lines.append(
-            f"{r.name:18} {f'{r.passed}/{len(r.rounds)}':>8} {med:>14} {mx:>11}  "
+            f"{r.name:22} {f'{r.passed}/{len(r.rounds)}':>8} {med:>14} {mx:>11}  "
             + ("; ".join(notes) if notes else "none")
         )
     return "\n".join(lines)

@@ -33,7 +33,13 @@ from host.restart_loops import (  # noqa: E402
     table,
 )
 
-CASES = ("serve-kill-linux", "serve-kill-dpdk", "guest-reset", "qemu-kill")
+CASES = (
+    "serve-kill-linux",
+    "serve-kill-dpdk",
+    "serve-kill-dpdk-packed",
+    "guest-reset",
+    "qemu-kill",
+)
 KERNEL_ARGS = f"vdev.ip={GUEST_IP} vdev.gw=10.0.2.2 ipv6.disable=1"
 
 
@@ -88,25 +94,28 @@ def run_linux_cases(work: Path, cases: list[str], n: int, bound: float) -> list[
     return out
 
 
-def run_dpdk_case(work: Path, n: int, bound: float) -> CaseResult:
+def run_dpdk_case(work: Path, n: int, bound: float, *, packed: bool = False) -> CaseResult:
     from interop.testpmd import TESTPMD, Testpmd
 
+    name = "serve-kill-dpdk-packed" if packed else "serve-kill-dpdk"
     if TESTPMD is None:
-        return CaseResult("serve-kill-dpdk", error="dpdk-testpmd not installed")
-    sock, ctl = work / "pmd.sock", work / "pmd-ctl.sock"
+        return CaseResult(name, error="dpdk-testpmd not installed")
+    sock, ctl = work / f"{name}.sock", work / f"{name}-ctl.sock"
     mac = "52:54:00:d7:d7:01"
     vdev = f"net_virtio_user0,path={sock},queues=1,server=1,mac={mac}"
+    vdev += ",packed_vq=1" if packed else ""
     tp = Testpmd(vdev, "txonly", work / "testpmd.log", max_seconds=60 + n * (bound + 5))
-    serve = Serve(sock, ctl, work / "serve-pmd.log", client=True)
+    serve = Serve(sock, ctl, work / f"serve-{name}.log", client=True)
     prefix = tp.prefix
     try:
         serve.start()
         res = serve_kill_dpdk(serve, tp, n, bound, progress)
+        res.name = name
         serve.stop()
         stats = tp.stop()
         progress(f"testpmd: tx_packets={stats.tx_packets} tx_dropped={stats.tx_dropped}")
     except Exception as exc:
-        res = CaseResult("serve-kill-dpdk", error=f"{type(exc).__name__}: {exc}")
+        res = CaseResult(name, error=f"{type(exc).__name__}: {exc}")
     finally:
         serve.close()
         tp.close()
@@ -129,7 +138,9 @@ def main() -> int:
     try:
         if "serve-kill-dpdk" in cases:
             results.append(run_dpdk_case(work, args.iterations, args.bound))
-        linux = [c for c in cases if c != "serve-kill-dpdk"]
+        if "serve-kill-dpdk-packed" in cases:
+            results.append(run_dpdk_case(work, args.iterations, args.bound, packed=True))
+        linux = [c for c in cases if not c.startswith("serve-kill-dpdk")]
         if linux:
             results += run_linux_cases(work, linux, args.iterations, args.bound)
     finally:
