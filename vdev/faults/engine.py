@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from vdev.faults.actions import ActionContext
+from vdev.faults.crash import CrashPoint, crash_detail, kill_self
 from vdev.faults.events import EventLog
 from vdev.faults.ring import RingFaultSet
 from vdev.faults.rules import Rule, SpecError, build_rule
@@ -142,6 +143,7 @@ class FaultEngine:
                     "this device already has a FaultEngine: use FaultEngine.for_device(device)"
                 )
             _ENGINES[device] = self
+            device.event_sink = self.log.emit  # ring_resume and other lifecycle events
 
     @classmethod
     def for_device(cls, device: Device, **kw: Any) -> FaultEngine:
@@ -300,6 +302,45 @@ class FaultEngine:
             target = self._resolve(nic)
             connected = self.device.disconnect(target)
             self.log.emit("backend_crash", nic=target.name, connected=connected)
+
+    def crash_point(
+        self,
+        nic: int | str | VirtioNet = 0,
+        *,
+        after_frames: int = 0,
+        in_flight: int = 1,
+        mode: str = "exit",
+    ) -> CrashPoint:
+        """Arm a crash of the back-end on ``nic``'s TX data path (see vdev.faults.crash):
+        after ``after_frames`` chains, with ``in_flight`` chains taken and unpublished (0: at
+        the end of that batch); ``mode`` "exit" SIGKILLs the process, "drop" drops the NIC's
+        connection.  Fires once; ValueError names a bad argument."""
+        if self.device is None and mode == "drop":
+            raise SpecError("crash_point mode 'drop' needs a device")
+        with self.lock:
+            target = self._resolve(nic)
+
+            def fire(n: VirtioNet, taken: int, unpublished: int) -> None:
+                n.take_hook = None
+                self.log.emit(
+                    "backend_crash", nic=n.name, **crash_detail(point, taken, unpublished)
+                )
+                if point.mode == "exit":
+                    kill_self()
+                    return
+                assert self.device is not None
+                self.device.disconnect(n)
+
+            try:
+                point = CrashPoint(after_frames, in_flight, mode, fire)
+            except ValueError as exc:
+                raise SpecError(str(exc), str(exc).split(":")[0]) from None
+            target.take_hook = point.on_take
+            self.log.emit(
+                "crash_armed", nic=target.name, after_frames=after_frames,
+                in_flight=in_flight, mode=mode,
+            )  # fmt: skip
+            return point
 
 
 class NicFaults:

@@ -63,7 +63,7 @@ STEP_KEYS: dict[str, set[str]] = {
     "clear": set(),
     "link_down": {"qmp", "qmp_name", "id"},
     "link_up": set(),
-    "crash": set(),
+    "crash": {"mode", "after_frames", "in_flight"},
     "shrink_pool": {"packets", "id"},
     "restore_pool": {"id"},
     "wait_console": {"pattern"},
@@ -460,6 +460,17 @@ def _parse_step(ctx: _Ctx, nth: int, raw: object, known: set[str]) -> Step:
             raise ctx.error("step", nth, "qmp", "qmp: must be true or false")
         if "qmp_name" in raw and not isinstance(raw["qmp_name"], str):
             raise ctx.error("step", nth, "qmp_name", "qmp_name: must be a string (netdev id)")
+    elif do == "crash" and params:
+        # A crash point (vdev.faults.crash): armed by the step, fired by the data path.
+        from vdev.faults.crash import check_crash_args
+
+        args = {"after_frames": 0, "in_flight": 1, "mode": "exit"} | params
+        try:
+            check_crash_args(args["after_frames"], args["in_flight"], args["mode"])
+        except ValueError as exc:
+            key = str(exc).split(":")[0]
+            raise ctx.error("step", nth, key, str(exc)) from None
+        step.params = args
     elif do == "wait_console":
         pat = raw.get("pattern")
         if not isinstance(pat, str) or not pat:

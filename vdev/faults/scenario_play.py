@@ -349,6 +349,9 @@ class _Player:
                 eng.nic(step.nic).link_up()
                 return True, ""
             if step.do == "crash":
+                if p:  # a crash point: armed now, fired by the data path
+                    eng.crash_point(step.nic, **p)
+                    return True, "armed: " + " ".join(f"{k}={v}" for k, v in sorted(p.items()))
                 eng.crash_backend(step.nic)
                 return True, ""
             if step.do == "shrink_pool":

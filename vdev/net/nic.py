@@ -196,6 +196,14 @@ class VirtioNet:
         self.ring_faults: RingFaults | None = None
         # Set by the device: run a callable from its event loop soon (see process_tx).
         self.defer: Callable[[Callable[[], None]], None] | None = None
+        # Lifecycle events (a ring resumed away from SET_VRING_BASE): kept here and handed to
+        # ``event_sink`` (the device's fault log, when there is one).
+        self.resumes: list[dict[str, object]] = []
+        self.event_sink: Callable[..., object] | None = None
+        # Called after every chain the data path takes, with the queue index and how many
+        # chains it holds unpublished (popped, used idx not yet stored): the fault engine's
+        # scriptable crash point (a crash "with descriptors in flight").
+        self.take_hook: Callable[[VirtioNet, int, int], None] | None = None
         self._rx_rr = 0
 
     # -- VhostDevice callback table ------------------------------------------------------
@@ -223,11 +231,32 @@ class VirtioNet:
                 "%s: frontend started queue %d of %d", self.name, vring.index, 2 * self.queue_pairs
             )
             return
+        first = self.vrings.get(vring.index) is not vring
         self.vrings[vring.index] = vring
         log.info(
             "%s: queue %d started (num=%d base=%d)", self.name, vring.index, vring.num, vring.base
         )
-        self.kick(vring.index)  # buffers may be waiting already (or RX frames backlogged)
+        resume = vring.queue.resume if vring.queue is not None else None
+        if first and resume is not None and resume.disagreed:
+            self._note_resume(resume.as_dict())
+        if vring.enabled:
+            # Buffers may be waiting already (or RX frames backlogged).  Not while the ring is
+            # started but disabled ("Ring states": TX would be discarded): a front-end that
+            # re-establishes a lost connection starts the rings first and enables them last,
+            # and what waits in them (a resubmission included) is traffic, not noise.  The
+            # backend calls queue_started again on SET_VRING_ENABLE 1.
+            self.kick(vring.index)
+
+    def _note_resume(self, detail: dict[str, object]) -> None:
+        """A ring resumed where SET_VRING_BASE did not say (or said something stale): one
+        ``ring_resume`` event with both values (vhost-user "Ring states")."""
+        self.resumes.append(detail)
+        del self.resumes[:-64]
+        log.warning("%s: ring_resume %s", self.name, detail)
+        if self.event_sink is not None:
+            queue = detail.get("queue")
+            rest = {k: v for k, v in detail.items() if k != "queue"}
+            self.event_sink("ring_resume", nic=self.name, queue=queue, **rest)
 
     def queue_kicked(self, vring: Vring) -> None:
         if self.vrings.get(vring.index) is vring:
@@ -418,6 +447,8 @@ class VirtioNet:
                     break
                 consumed += 1
                 self._push(queue, index, chain.head, 0)
+                if self.take_hook is not None:
+                    self.take_hook(self, index, consumed)
                 # 2.7 "Virtqueue Operation": a disabled TX ring is drained and dropped.
                 if not vring.enabled or not self.link_up:
                     reason = "ring_disabled" if not vring.enabled else "link_down"
@@ -434,6 +465,12 @@ class VirtioNet:
             self._kill(index, err)
         except DefunctError:
             pass
+        if self.vrings.get(index) is not vring:
+            # The ring stopped under this batch (a crash point dropped the connection): the
+            # chains it took are not completed, so their frames go nowhere, as with a dead
+            # back-end; a resubmission (inflight) or the used idx brings them back.
+            self.pool.free_packets(pkts)
+            return consumed
         pkts = self._run_hooks(self.tx_hooks, index, pkts)
         if pkts:
             self._forward(pkts)
@@ -649,6 +686,7 @@ class VirtioNet:
             "link_up": self.link_up,
             "backlog": len(self.backlog),
             "queues": queues,
+            "resumes": list(self.resumes),
         }
 
 

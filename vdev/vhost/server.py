@@ -41,6 +41,7 @@ from typing import Any
 
 from vdev.errors import GuestMemoryFault
 from vdev.eventloop import EventLoop
+from vdev.limits import MAX_HELD_CONNECTIONS
 
 from .backend import VhostDevice, VhostUserBackend
 from .connection import Connection, Listener, try_connect
@@ -78,12 +79,13 @@ class VhostUserServer:
         self.backend: VhostUserBackend | None = None
         self.connections = 0  # connections served so far
         self.replaced = 0  # server mode: connections dropped for a newer one
+        self.evicted = 0  # server mode: silent newcomers closed at the held-connections limit
         self.attempts = 0  # client mode: connection attempts made
         self.memory_faults = 0  # connections dropped for a guest memory fault (SIGBUS)
         self.last_fault: GuestMemoryFault | None = None
         self.closed = False
         self.listener: Listener | None = None
-        self._held: set[Connection] = set()  # newcomers not yet heard from
+        self._held: dict[Connection, None] = {}  # newcomers not yet heard from, oldest first
         if client:
             self._try_connect()
         else:
@@ -112,19 +114,31 @@ class VhostUserServer:
         if self.backend is None:
             self._attach(conn)
             return
-        # A front-end is already served: hold the newcomer until it speaks.
-        self._held.add(conn)
+        # A front-end is already served: hold the newcomer until it speaks.  At most
+        # MAX_HELD_CONNECTIONS: a local process that opens connections and never speaks must
+        # not run the device out of fds; the oldest silent one goes first.
+        if len(self._held) >= MAX_HELD_CONNECTIONS:
+            oldest = next(iter(self._held))
+            del self._held[oldest]
+            self.loop.unwatch(oldest.fileno())
+            oldest.close()
+            self.evicted += 1
+            log.warning(
+                "%s: held connections limit: %d silent newcomers; closed the oldest",
+                self.name, MAX_HELD_CONNECTIONS,
+            )  # fmt: skip
+        self._held[conn] = None
         self.loop.watch(conn.fileno(), lambda: self._held_readable(conn))
 
     def _held_readable(self, conn: Connection) -> None:
         """A held newcomer is readable: a message replaces the current connection, EOF (a
         probe that connected and left) just closes it."""
         self.loop.unwatch(conn.fileno())
-        self._held.discard(conn)
+        self._held.pop(conn, None)
         try:
             peeked = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:  # a spurious wakeup: keep holding it
-            self._held.add(conn)
+            self._held[conn] = None
             self.loop.watch(conn.fileno(), lambda: self._held_readable(conn))
             return
         except OSError:

@@ -32,6 +32,7 @@ from vdev.virtio.memory import GuestMemory, MemoryFault
 
 if TYPE_CHECKING:
     from vdev.virtio.chain import Chain
+    from vdev.virtio.inflight import RingResume
 
 # 2.7 / 2.8: "Queue Size ... The maximum Queue Size value is 32768".
 MAX_QUEUE_SIZE = 32768
@@ -79,6 +80,7 @@ class VirtQueue(Protocol):
     size: int
     stats: VirtqueueStats
     defunct: SyncError | None  # the violation that killed the queue, if any
+    resume: RingResume  # where the (re)started ring resumed, and why
 
     @property
     def features(self) -> int: ...
