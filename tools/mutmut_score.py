@@ -4,12 +4,12 @@ mutmut keeps one ``mutants/<path>.meta`` JSON per mutated source file, whose
 ``exit_code_by_key`` maps every mutant name (``vdev.skywalk.pool.xǁPbufpoolǁalloc__mutmut_3``)
 to the exit code of its last test run (None: not run yet).  ``mutmut results`` prints only
 names; this prints the table ``benchmarks/RESULTS.md`` records, and the sample
-``scripts/mutate.sh --sample K`` runs: the mutants whose number is divisible by K (per
-function; the numbers are assigned in source order, so the sample is the same every run
-and spreads over every function).
+``scripts/mutate.sh --sample K`` runs: every K-th mutant of the module ordered by function
+name and mutant number (mutmut numbers a function's mutants in source order), so the
+sample is the same every run and spreads over the module's functions.
 
 Usage: ``python3 tools/mutmut_score.py table [MODULE ...]``,
-``python3 tools/mutmut_score.py names MODULE [--sample K]``,
+``python3 tools/mutmut_score.py names MODULE[:K] ... [--sample K]``,
 ``python3 tools/mutmut_score.py survivors MODULE``.
 """
 
@@ -67,7 +67,9 @@ def verdict(code: int | None) -> str:
 
 
 def sample(module: str, k: int) -> list[str]:
-    return sorted(n for n in _meta(module) if _number(n) % k == 0)
+    """Every ``k``-th mutant of the module, in (function name, mutant number) order."""
+    names = sorted(_meta(module), key=lambda n: (n.rsplit("__mutmut_", 1)[0], _number(n)))
+    return names[::k]
 
 
 def table(modules: list[str]) -> str:
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("modules", nargs="*", help=f"of {', '.join(MODULES)} (default: all run)")
     ap.add_argument("--sample", type=int, default=1, help="every K-th mutant of each function")
     args = ap.parse_args(argv)
+    # MODULE:K samples that module 1/K (names only); the rest use --sample
+    ks = {m.partition(":")[0]: int(m.partition(":")[2] or args.sample) for m in args.modules}
+    args.modules = list(ks)
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         ap.error(f"unknown module {', '.join(unknown)} (want one of {', '.join(MODULES)})")
@@ -102,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(mods))
     elif args.what == "names":
         for m in mods:
-            print("\n".join(sample(m, args.sample)))
+            print("\n".join(sample(m, ks.get(m, args.sample))))
     else:
         for m in mods:
             for name, code in sorted(_meta(m).items()):

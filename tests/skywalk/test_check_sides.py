@@ -397,3 +397,47 @@ def test_no_index_end_of_chain_is_the_only_end() -> None:
         b.next_idx = 0
 
     expect_refused(to_zero, KillReason.BAD_BUFLET_CHAIN)
+
+
+# ---------------------------------------------------------------- sd_len clamp (issue 12 item 5)
+def _rx_one_big(sd_len: int | None) -> tuple[Pbufpool, Port, Channel]:
+    """Deliver one 70,400-byte packet (more than the 16-bit sd_len holds), receive it and
+    release its slot, with ``sd_len`` rewritten unless None."""
+    pool = Pbufpool(num_packets=16, buf_size=16384, max_frags=5)
+    port = Port(pool, ring_slots=8, on_transmit=lambda _port, pkts: pool.free_packets(pkts))
+    ch = port.open_channel()
+    p = pool.packet_from_bytes(bytes(range(256)) * 275)
+    assert p is not None and port.deliver([p]) == 1
+    ch.sync(SyncKind.RX)
+    got = ch.slot_get_packet(ch.rx_ring, 0)
+    assert got is not None
+    ch.slot_detach_packet(ch.rx_ring, 0, got)
+    if sd_len is not None:
+        H.slot(ch, ch.rx_ring, 0).sd_len = sd_len
+    ch.advance_slot(ch.rx_ring, 0)
+    return pool, port, ch
+
+
+def test_long_packet_publishes_a_clamped_sd_len_and_releases_exactly() -> None:
+    """A packet longer than 65535 is named by sd_len 65535 (the field is 16 bits); releasing
+    the slot with that value is legal and takes the kernel's full length out of ready_bytes.
+
+    Kills the clamp removed from the release check (``pub = ln``: a legal release of a long
+    packet dies) and the release sum counting the user's sd_len instead of the length the
+    kernel published (ready_bytes would keep 70400 - 65535 bytes)."""
+    pool, port, ch = _rx_one_big(None)
+    assert H.slot(ch, ch.rx_ring, 0).sd_len == 0xFFFF
+    ch.sync(SyncKind.RX)
+    assert H.ring_hdr(ch, ch.rx_ring).ready_bytes == 0
+    ch.close()
+    port.close()
+    assert_no_leak(pool)
+
+
+@pytest.mark.parametrize("sd_len", [0xFFFE, 70400 & 0xFFFF], ids=["one-less", "wrapped-len"])
+def test_long_packet_with_another_sd_len_is_inconsistent(sd_len: int) -> None:
+    """Below the clamp, or the true length truncated to 16 bits: both are not what the
+    kernel published."""
+    pool, port, ch = _rx_one_big(sd_len)
+    err = _expect_kill(pool, port, ch, SyncKind.RX, KillReason.INCONSISTENT_READY_BYTES)
+    assert f"sd_len {sd_len} != published 65535" in err.detail
