@@ -441,3 +441,38 @@ def test_long_packet_with_another_sd_len_is_inconsistent(sd_len: int) -> None:
     pool, port, ch = _rx_one_big(sd_len)
     err = _expect_kill(pool, port, ch, SyncKind.RX, KillReason.INCONSISTENT_READY_BYTES)
     assert f"sd_len {sd_len} != published 65535" in err.detail
+
+
+KNOWN_PFLAGS = {lib.SK_PKT_VNET_HDR: "vnet header", lib.SK_PKT_CSUM_PARTIAL: "csum partial"}
+
+
+@pytest.mark.parametrize("bit", range(16))
+def test_each_pflags_bit_alone(bit: int) -> None:
+    """Each of the 16 pflags bits alone: the two the ABI defines (skywalk.h) pass, every other
+    one is refused and named.  Kills an unknown-flags mask that only covers some bits (the
+    suite set 0x80 only).
+
+    The fields a flag that is NOT set would make meaningful hold garbage, and must be
+    ignored: csum_start/csum_stuff without CSUM_PARTIAL, the virtio-net header's csum window
+    without VNET_HDR or without its NEEDS_CSUM flag (virtio 1.x 5.1.6).  Kills a checksum
+    check gated on the wrong flag, or on none."""
+    pool, port, ch, sent = _setup()
+    p, s = H.stage_tx(ch, b"z" * 60)
+    q = H.pkt(ch.arena, p)
+    q.pflags = 1 << bit
+    csum = 1 << bit == lib.SK_PKT_CSUM_PARTIAL
+    q.csum_start = 0 if csum else 0xFFFF
+    q.csum_stuff = 0 if csum else 0xFFFF
+    q.vnet.flags = 0 if 1 << bit == lib.SK_PKT_VNET_HDR else lib.VIRTIO_NET_HDR_F_NEEDS_CSUM
+    q.vnet.csum_start = q.vnet.csum_offset = 0xFFFF
+    ch.advance_slot(ch.tx_ring, s)
+    if 1 << bit in KNOWN_PFLAGS:
+        ch.sync(SyncKind.TX)
+        assert sent == [b"z" * 60]
+        ch.close()
+        port.close()
+        assert_no_leak(pool)
+        return
+    err = _expect_kill(pool, port, ch, SyncKind.TX, KillReason.INTERNALIZE_FAILED)
+    assert f"unknown pflags {1 << bit:#x}" in err.detail
+    assert sent == []
