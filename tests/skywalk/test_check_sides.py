@@ -476,3 +476,19 @@ def test_each_pflags_bit_alone(bit: int) -> None:
     err = _expect_kill(pool, port, ch, SyncKind.TX, KillReason.INTERNALIZE_FAILED)
     assert f"unknown pflags {1 << bit:#x}" in err.detail
     assert sent == []
+
+
+def test_tx_slot_naming_an_owned_packet_without_sd_valid_is_empty() -> None:
+    """A TX slot whose index names a packet the channel holds, but whose SD_VALID flag is
+    clear, hands nothing over: the packet is not taken (UNALLOCATED_PKT, "packet none").
+    The existing empty-slot test cleared the index too, so a loop that ignored SD_VALID
+    still failed on the index (kills fp-tx-valid-ignored)."""
+    pool, port, ch, sent = _setup()
+    p, s = H.stage_tx(ch, b"v" * 60)
+    sl = H.slot(ch, ch.tx_ring, s)
+    assert sl.sd_md_idx == p
+    sl.sd_flags = 0
+    ch.advance_slot(ch.tx_ring, s)
+    err = _expect_kill(pool, port, ch, SyncKind.TX, KillReason.UNALLOCATED_PKT)
+    assert f"slot {s}: packet none not held" in err.detail
+    assert sent == []
