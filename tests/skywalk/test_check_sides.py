@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from vdev.abi import lib
-from vdev.skywalk import Channel, KillReason, Pbufpool, Port, SyncKind
+from vdev.skywalk import Channel, KillReason, Pbufpool, Port, SyncError, SyncKind
 from vdev.skywalk.arena import NO_INDEX
 
 from . import hostile as H
@@ -492,3 +492,24 @@ def test_tx_slot_naming_an_owned_packet_without_sd_valid_is_empty() -> None:
     err = _expect_kill(pool, port, ch, SyncKind.TX, KillReason.UNALLOCATED_PKT)
     assert f"slot {s}: packet none not held" in err.detail
     assert sent == []
+
+
+def test_free_of_a_packet_another_channel_holds_is_refused() -> None:
+    """FREE must name a packet THIS channel holds: another channel's packet is
+    UNALLOCATED_PKT and stays with its holder, which can still free it (the FREE ring's
+    ownership check had no test; kills fp-free-owner-ignored)."""
+    pool, port, ch, _ = _setup()
+    other = port.open_channel()
+    theirs = other.packet_alloc()
+    assert theirs is not None
+    ch.packet_free(theirs)
+    with pytest.raises(SyncError) as ei:
+        ch.sync(SyncKind.FREE)
+    assert ei.value.reason is KillReason.UNALLOCATED_PKT
+    assert f"packet {theirs} not held" in ei.value.detail
+    other.packet_free(theirs)  # still the other channel's: a legal free
+    other.sync(SyncKind.FREE)
+    other.close()
+    ch.close()
+    port.close()
+    assert_no_leak(pool)
