@@ -40,9 +40,11 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     want: str = request.param
     if want == "c" and not validate.fast_available():
         pytest.skip("compiled fast path unavailable (no compiler?)")
-    prev, prev_min = validate.BACKEND, fastglue.C_MIN_RX_SLOTS
+    prev, prev_min, prev_pool = validate.BACKEND, fastglue.C_MIN_RX_SLOTS, fastglue.C_MIN_POOL_BATCH
     assert validate.set_backend(want) == want
     fastglue.C_MIN_RX_SLOTS = 1  # every span through C, even single slots
+    fastglue.C_MIN_POOL_BATCH = 1  # and every pool batch
     yield want
     validate.set_backend(prev)
     fastglue.C_MIN_RX_SLOTS = prev_min
+    fastglue.C_MIN_POOL_BATCH = prev_pool

@@ -8,6 +8,8 @@ from vdev.skywalk import Pbufpool, PoolError
 
 from .conftest import assert_no_leak
 
+pytestmark = pytest.mark.usefixtures("backend")  # pool.FAST: both bulk-loop implementations
+
 
 def test_alloc_free_batch_and_stats() -> None:
     pool = Pbufpool(num_packets=64, max_frags=2, num_buflets=10)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from vdev.abi import lib
 
+from . import chanbatch
 from .arena import (
     BUF0_W16,
     BUF0_W32,
@@ -148,6 +149,7 @@ class Channel:
         self._nbufs = arena.layout.num_bufs
         self.defunct: SyncError | None = None
         self.closed = False
+        self.fast_ctx: object | None = None  # chanbatch.py's view of this channel
 
     @classmethod
     def attach(cls, fd: int, info: ChannelInfo, sync_fd: int) -> Channel:
@@ -408,8 +410,24 @@ class Channel:
 
         Stops early when the TX ring is full after a sync or the pool runs out of packets.
         A frame larger than one ALLOC-ring packet raises ValueError (open the channel with
-        a larger ``alloc_nbufs``).
+        a larger ``alloc_nbufs``).  Runs in compiled bursts (``chanbatch.py``) when they are
+        available; :meth:`send_py` is the Python reference.
         """
+        if chanbatch.in_use():
+            return chanbatch.send(self, list(frames))
+        return self.send_py(frames)
+
+    def recv(self, max: int = 256, timeout: float = 0.0) -> list[bytes]:
+        """Receive up to ``max`` frames, waiting up to ``timeout`` seconds for the first.
+
+        Compiled bursts when available, else :meth:`recv_py` (the reference).
+        """
+        if chanbatch.in_use():
+            return chanbatch.recv(self, max, timeout)
+        return self.recv_py(max, timeout)
+
+    def send_py(self, frames: Iterable[bytes]) -> int:
+        """The Python reference of :meth:`send`."""
         self._check()
         ring = self.tx_ring
         todo = list(frames)
@@ -450,8 +468,8 @@ class Channel:
             self.sync(SyncKind.TX)
         return sent
 
-    def recv(self, max: int = 256, timeout: float = 0.0) -> list[bytes]:
-        """Receive up to ``max`` frames, waiting up to ``timeout`` seconds for the first."""
+    def recv_py(self, max: int = 256, timeout: float = 0.0) -> list[bytes]:
+        """The Python reference of :meth:`recv`."""
         self._check()
         ring = self.rx_ring
         deadline = time.monotonic() + timeout

@@ -136,6 +136,7 @@ class _FastPool:
         self.ring_base = arena + lay.ring_off
         self.ring_bytes = lay.ring_region_size
         self.scratch: list[_Scratch] = []
+        self.mark: Any = None  # check_kernel_held's scratch marks, one byte per packet
 
     def take(self, cap: int) -> _Scratch:
         try:
@@ -367,13 +368,85 @@ def rx_publish(
     _raise_trusted(code)
 
 
+# --------------------------------------------------------------------- pool bulk operations
+# Batches smaller than this stay in Python (the cffi set-up costs more than a short loop).
+C_MIN_POOL_BATCH = 4
+
+
+def _idx_buf(idxs: list[int]) -> Any:
+    return _fast.ffi.from_buffer("uint32_t[]", array("I", idxs))
+
+
+def init_packets(pool: Pbufpool, idxs: list[int], nbufs: int, ext: list[int]) -> None:
+    """``Pbufpool._init_packet`` for every packet of ``idxs`` (``ext``: the external buflets
+    in the order ``fe.pop()`` would give them)."""
+    ctx = _ctx(pool)
+    ffi = _fast.ffi
+    _fast.lib.pb_init_packets(
+        ctx.c, _idx_buf(idxs), len(idxs), nbufs, _idx_buf(ext) if ext else ffi.NULL
+    )
+
+
+def release(pool: Pbufpool, idxs: list[int]) -> tuple[int, list[int], list[int], int, int | None]:
+    """``Pbufpool._release``'s loop: (packets released, freed external buflets, freed large
+    buffers, redzone faults, the packet freed twice or None)."""
+    ctx = _ctx(pool)
+    ffi, lib = _fast.ffi, _fast.lib
+    n = len(idxs)
+    out_ext = ffi.new("uint32_t[]", n * max(pool.max_frags - 1, 1))
+    out_large = ffi.new("uint32_t[]", n * pool.max_frags)
+    ret = ffi.new("struct pb_ret *")
+    code = lib.pb_release(ctx.c, _idx_buf(idxs), n, out_ext, out_large, ret)
+    return (
+        int(ret.count),
+        ffi.unpack(out_ext, ret.n_ext),
+        ffi.unpack(out_large, ret.n_large),
+        int(ret.redzone_faults),
+        int(ret.v[0]) if code == lib.PB_DOUBLE_FREE else None,
+    )
+
+
+def check_kernel_held(pool: Pbufpool, idxs: list[int]) -> tuple[str, int, int] | None:
+    """``Pbufpool.check_kernel_held``'s verdict: None if all good, else (what, idx, owner)
+    with what in "twice", "unallocated", "held", "python" (let the Python check word it)."""
+    ctx = _ctx(pool)
+    ffi, lib = _fast.ffi, _fast.lib
+    if ctx.mark is None:
+        ctx.mark = ffi.new("uint8_t[]", pool.num_packets)
+    ret = ffi.new("struct pb_ret *")
+    code = lib.pb_check_kernel_held(ctx.c, _idx_buf(idxs), len(idxs), ctx.mark, ret)
+    if code == lib.PB_OK:
+        return None
+    what = {
+        lib.PB_TWICE: "twice",
+        lib.PB_NOT_ALLOCATED: "unallocated",
+        lib.PB_HELD: "held",
+    }.get(code, "python")
+    return what, int(ret.v[0]), int(ret.v[1])
+
+
+def rx_enqueue(ksd: array[int], kt: int, pkts: list[int], start: int, take: int) -> int:
+    """``KernelRing.rx_enqueue``'s loop; returns the new ktail."""
+    ffi = _fast.ffi
+    with ffi.from_buffer("uint32_t[]", ksd) as cksd:
+        kt_new: int = _fast.lib.pb_rx_enqueue(
+            cksd, len(ksd), kt, _idx_buf(pkts[start : start + take]), take
+        )
+    return kt_new
+
+
 __all__ = [
+    "C_MIN_POOL_BATCH",
     "C_MIN_RX_SLOTS",
     "POOL_ARRAYS",
+    "check_kernel_held",
     "externalize",
     "free_take",
+    "init_packets",
     "internalize",
     "load",
+    "release",
+    "rx_enqueue",
     "rx_publish",
     "rx_release_check",
     "tx_take",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from array import array
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from vdev.abi import lib
 
@@ -35,6 +35,9 @@ from .errors import PoolError
 log = logging.getLogger(__name__)
 
 KERNEL = -1  # owner id of packets held by trusted code (device, rings' kernel side)
+# The compiled bulk loops (fastglue.py, poolbatch.c), bound by validate.set_backend("c");
+# None runs the Python loops below, which stay the reference.
+FAST: Any = None
 _FREE = 0
 _ALLOCATED = 1
 
@@ -225,8 +228,19 @@ class Pbufpool:
             out = fp[len(fp) - n :]
             del fp[len(fp) - n :]
             out.reverse()
-            for idx in out:
-                self._init_packet(idx, nbufs)
+            fast = FAST
+            if fast is not None and n >= fast.C_MIN_POOL_BATCH:
+                ext: list[int] = []
+                if nbufs > 1:  # what _init_packet's fe.pop() calls would take, in that order
+                    fe = self._free_ext
+                    m = n * (nbufs - 1)
+                    ext = fe[len(fe) - m :]
+                    del fe[len(fe) - m :]
+                    ext.reverse()
+                fast.init_packets(self, out, nbufs, ext)
+            else:
+                for idx in out:
+                    self._init_packet(idx, nbufs)
             self._count_alloc(n)
         if n < want:
             self.stats.alloc_failures += want - n
@@ -275,6 +289,19 @@ class Pbufpool:
 
     def _release(self, idxs: list[int]) -> None:
         """Free packets already known to be allocated (trusted callers only)."""
+        fast = FAST
+        if fast is not None and len(idxs) >= fast.C_MIN_POOL_BATCH:
+            done, ext, large, faults, twice = fast.release(self, idxs)
+            self._free_ext.extend(ext)
+            self._free_large.extend(large)
+            self._free_pkts.extend(idxs[:done])
+            self.stats.redzone_faults += faults
+            if twice is not None:
+                if twice >= self.num_packets:
+                    raise IndexError("bytearray index out of range")
+                raise PoolError(f"packet {twice} freed twice")
+            self.stats.frees += len(idxs)
+            return
         p = self.num_packets
         md64 = self.arena.md64
         fe = self._free_ext
@@ -481,6 +508,21 @@ class Pbufpool:
 
     def check_kernel_held(self, idxs: list[int]) -> None:
         """PoolError unless every packet is allocated, held by trusted code, and listed once."""
+        fast = FAST
+        if fast is not None and len(idxs) >= fast.C_MIN_POOL_BATCH:
+            try:
+                verdict = fast.check_kernel_held(self, idxs)
+            except (OverflowError, TypeError):
+                verdict = ("python", 0, 0)  # not all uint32: the loop below words it
+            if verdict is None:
+                return
+            what, idx, owner = verdict
+            if what == "twice":
+                raise PoolError("the same packet appears twice in one batch")
+            if what == "unallocated":
+                raise PoolError(f"packet {idx} is not allocated")
+            if what == "held":
+                raise PoolError(f"packet {idx} is held by owner {owner}")
         if len(set(idxs)) != len(idxs):
             raise PoolError("the same packet appears twice in one batch")
         for idx in idxs:

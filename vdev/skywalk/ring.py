@@ -20,6 +20,7 @@ from collections.abc import MutableSequence
 
 from vdev.abi import ffi, lib
 
+from . import pool as _pool
 from . import validate
 from .arena import NO_INDEX, RING_HDR_SIZE, SD_LEN_MAX, SLOT_SIZE, RingOff, SlotOff
 from .errors import KillReason, SyncError, SyncKind
@@ -205,6 +206,10 @@ class KernelRing:
         """Attach kernel-held packets at ktail (nexus side); returns how many fit."""
         room = self.kernel_space()
         take = min(room, len(pkts) - start)
+        fast = _pool.FAST
+        if fast is not None and take >= fast.C_MIN_POOL_BATCH:
+            self.ktail = fast.rx_enqueue(self.ksd, self.ktail, pkts, start, take)
+            return take
         kt = self.ktail
         ksd = self.ksd
         n = self.n

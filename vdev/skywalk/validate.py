@@ -7,14 +7,15 @@ signatures and the same results: the Python reference in ``slotwork.py`` and the
 ``fastpath.c`` behind ``fastglue.py``.  The public names below are bound to one of them;
 ``BACKEND`` says which (``"c"`` or ``"python"``), :func:`set_backend` switches, and
 ``VDEV_FASTPATH=0`` in the environment forces Python.  Rings look the functions up on this
-module at every call.
+module at every call.  The same switch binds ``pool.FAST``, the compiled bulk loops of the
+pool (alloc, release, the kernel-held check) and of the RX enqueue.
 """
 
 from __future__ import annotations
 
 import os
 
-from . import fastglue, slotwork
+from . import fastglue, pool, slotwork
 from .errors import KillReason
 from .pool import KERNEL
 from .slotwork import Failure
@@ -94,6 +95,7 @@ def set_backend(name: str) -> str:
     internalize, externalize = impl.internalize, impl.externalize
     tx_take, free_take = impl.tx_take, impl.free_take
     rx_release_check, rx_publish = impl.rx_release_check, impl.rx_publish
+    pool.FAST = fastglue if impl is fastglue else None  # the bulk alloc/free/enqueue loops
     return BACKEND
 
 

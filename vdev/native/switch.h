@@ -1,0 +1,59 @@
+/*
+ * Compiled forwarding decisions of vdev/net/switch.py (the Python reference): MAC learning
+ * and FDB lookup for a whole burst, in packet order, so a frame learned early in a burst is
+ * found by the frames after it exactly as the Python loop finds it.
+ *
+ * The FDB is an open-addressing table of 48-bit MACs -> endpoint ids owned by the Python
+ * Switch (which keeps its dict view in step: it is told which packets changed an entry).
+ */
+#ifndef VDEV_NATIVE_SWITCH_H
+#define VDEV_NATIVE_SWITCH_H
+
+#include <stdint.h>
+
+#include "fastpath.h"
+
+/* FP-CDEF-BEGIN */
+#define SW_FDB_SLOTS 8192      /* table size (power of 2); at most SW_FDB_MAX entries */
+#define SW_FDB_MAX 6144
+#define SW_FLOOD -1            /* dest[i]: broadcast, multicast or unknown unicast */
+#define SW_SHORT -2            /* dest[i]: shorter than an Ethernet header: dropped */
+#define SW_HAIRPIN -3          /* dest[i]: destination lives behind the sender: dropped */
+#define SW_UNKNOWN -4          /* fdb value: a name the switch has no endpoint for (floods) */
+
+#define SW_OK 0
+#define SW_FDB_FULL 1          /* learning needed a new entry in a full table (nothing done) */
+
+struct sw_fdb {
+    uint64_t key[8192];        /* MAC | 1 << 63 when used, 0 when empty */
+    int32_t val[8192];
+    uint32_t count;
+};
+
+struct sw_bufs {
+    const uint8_t *buf;        /* arena + buf_off */
+    const uint8_t *large;      /* arena + large_buf_off */
+};
+
+struct sw_ret {
+    uint32_t code;
+    uint32_t n_special;        /* packets with dest < 0 */
+    uint32_t n_learned;        /* entries in learned[] */
+    uint32_t n_groups;         /* entries in groups[] (valid when n_special == 0) */
+    uint64_t nbytes;           /* sum of the packets' lengths */
+};
+
+/* Decide every packet of pkts[0..n) sent by endpoint src: dest[i], lens[i]; learned[] = the
+ * indices i whose source MAC made a new or moved FDB entry.  When no packet is special,
+ * order[] holds pkts grouped by destination in order of first appearance, and groups[]
+ * (dest, count) pairs. */
+uint32_t sw_forward(const struct fp_pool *p, const struct sw_bufs *b, struct sw_fdb *fdb,
+                    int32_t src, const uint32_t *pkts, uint32_t n, int32_t *dest, uint32_t *lens,
+                    uint32_t *learned, uint32_t *order, int32_t *groups, struct sw_ret *r);
+
+int32_t sw_fdb_get(const struct sw_fdb *fdb, uint64_t mac);      /* SW_FLOOD if absent */
+uint32_t sw_fdb_set(struct sw_fdb *fdb, uint64_t mac, int32_t v);  /* SW_OK / SW_FDB_FULL */
+void sw_fdb_clear(struct sw_fdb *fdb);
+/* FP-CDEF-END */
+
+#endif /* VDEV_NATIVE_SWITCH_H */
