@@ -383,6 +383,15 @@ class RingFaultSet:
 
     # -- RingFaults protocol ----------------------------------------------------------------
 
+    def idle(self, nic: VirtioNet, index: int) -> bool:
+        """Whether queue ``index`` has no ring rule (used, calls, stall) and nothing held: then
+        ``used``/``calls``/``stalled`` would change nothing, so the NIC may run the compiled
+        bursts, which do not call them."""
+        if index in self._ooo or self._delayed.get(index):
+            return False
+        ring_kinds = ("used", "calls", "stall")
+        return not any(r.kind in ring_kinds and r.queue.covers(index) for r in self._rules())
+
     def stalled(self, nic: VirtioNet, index: int) -> bool:
         return any(
             isinstance(r.action, Stall) and r.action.active for r in self._rules_for("stall", index)
