@@ -30,16 +30,21 @@ from virtio_helpers import (
     INDIRECT_BASE,
     LOW_SIZE,
     MEM_END,
+    RING_BASE,
+    RING_SLOT,
+    gpa_to_uva,
     layout,
     make_memory,
     make_pair,
 )
 
 from vdev.abi import lib
-from vdev.net.nic import VirtioNet
+from vdev.net.nic import VirtioNet, net_queue_direction
 from vdev.skywalk import Pbufpool
 from vdev.virtio import fastqueue
 from vdev.virtio.driver import DriverError, DriverQueue
+from vdev.virtio.packed import PackedQueue
+from vdev.virtio.packed_driver import PackedDriverQueue
 from vdev.virtio.split import SplitQueue
 
 pytestmark = pytest.mark.skipif(not fastqueue.load(), reason="no C compiler: no compiled path")
@@ -105,23 +110,40 @@ POOL_ARRAYS = (
 )  # fmt: skip
 
 
+def _queue_state(queue: SplitQueue | PackedQueue) -> tuple[Any, ...]:
+    common = (
+        queue.used_idx,
+        list(queue._inflight),
+        None if queue.defunct is None else str(queue.defunct),
+    )
+    if isinstance(queue, PackedQueue):
+        return (
+            *common,
+            queue.vhost_base,
+            list(queue._pending),
+            queue._scan_end,
+            queue._scan_chains,
+            queue._signalled,
+            list(queue._ndesc),
+        )
+    return (
+        *common,
+        queue.last_avail_idx,
+        queue._pending_used,
+        queue._signalled_used,
+        queue._signalled_valid,
+    )
+
+
 def _outcome(
-    nic: VirtioNet, queue: SplitQueue, pool: Pbufpool, forwarded: list[Any], calls: int
+    nic: VirtioNet, queue: Any, pool: Pbufpool, forwarded: list[Any], calls: int
 ) -> dict[str, Any]:
     return {
         "memory": _snapshot(),
         "kills": [(i, e.reason.name, str(e)) for i, e in nic.kill_log],
         "nic": nic.stats_dict(),
         "queue": asdict(queue.stats),
-        "queue_state": (
-            queue.last_avail_idx,
-            queue.used_idx,
-            queue._pending_used,
-            queue._signalled_used,
-            queue._signalled_valid,
-            list(queue._inflight),
-            None if queue.defunct is None else str(queue.defunct),
-        ),
+        "queue_state": _queue_state(queue),
         "forwarded": forwarded,
         "pool_arrays": {name: bytes(getattr(pool, name)) for name in POOL_ARRAYS},
         "free": (list(pool._free_pkts), list(pool._free_ext), list(pool._free_large)),
@@ -157,10 +179,16 @@ len_st = st.one_of(
 mutation_st = st.one_of(
     st.tuples(st.just("addr"), st.integers(0, 15), addr_st),
     st.tuples(st.just("len"), st.integers(0, 15), len_st),
-    st.tuples(st.just("flags"), st.integers(0, 15), st.integers(0, 7)),
+    st.tuples(
+        st.just("flags"),
+        st.integers(0, 15),
+        st.one_of(st.integers(0, 7), st.sampled_from([0x80, 0x81, 0x83, 0x84, 0x8000, 0x8080])),
+    ),
     st.tuples(st.just("next"), st.integers(0, 15), st.integers(0, 20)),
     st.tuples(st.just("avail"), st.integers(0, 15), st.integers(0, 20)),
     st.tuples(st.just("avail_idx"), st.just(0), st.integers(0, 0xFFFF)),
+    # the avail idx moved by delta relative to the queue size: exactly full, one past it, ...
+    st.tuples(st.just("avail_idx_rel"), st.just(0), st.sampled_from([-1, 0, 1, 0x8000, 0xFFFF])),
     st.tuples(
         st.just("table"),
         st.integers(0, 7),
@@ -168,21 +196,92 @@ mutation_st = st.one_of(
     ),
     st.tuples(st.just("used_event"), st.just(0), st.integers(0, 0xFFFF)),
     st.tuples(st.just("no_interrupt"), st.just(0), st.booleans()),
+    # desc i continues at desc j (NEXT set): loops, long chains and revisits
+    st.tuples(st.just("link"), st.integers(0, 15), st.integers(0, 15)),
+    # desc i points at an indirect table of n chained entries (some looping back)
+    st.tuples(
+        st.just("chain_table"),
+        st.integers(0, 15),
+        st.tuples(st.integers(1, 40), st.integers(0, 40)),
+    ),
 )
-# A TX chain: frame length, buffer split sizes, indirect, vnet header (flags, start, offset).
+# A TX chain: frame length, buffer split sizes, indirect, vnet header (flags, start, offset),
+# and whether the frame's bytes sum to 0xFFFF from csum_start (the computed checksum is 0:
+# the UDP all-ones rule).
 tx_chain_st = st.tuples(
     st.one_of(
         st.integers(0, 80), st.sampled_from([127, 128, 129, 511, 512, 513, 1500, 3000, 4100])
     ),
     st.lists(st.integers(1, 200), min_size=0, max_size=3),
     st.booleans(),
-    st.tuples(st.sampled_from([0, 0, 1, 3]), st.integers(0, 80), st.integers(0, 40)),
+    st.tuples(
+        st.sampled_from([0, 0, 1, 3]),
+        st.integers(0, 80),
+        st.one_of(st.sampled_from([6, 16]), st.integers(0, 40)),  # UDP, TCP or any
+    ),
+    st.booleans(),
 )
 rx_chain_st = st.tuples(st.lists(st.integers(0, 300), min_size=1, max_size=3), st.booleans())
 packet_st = st.tuples(
     st.one_of(st.integers(14, 100), st.sampled_from([128, 300, 1500, 3000])),
     st.sampled_from([None, (0, 0), (1, 0), (0, 1), (1, 3)]),  # vnet (flags, gso) or none
 )
+
+
+def _packed_pair(
+    index: int, size: int, features: int
+) -> tuple[PackedQueue, PackedDriverQueue, tuple[int, int, int]]:
+    """A packed ring in the queue's ring slot, driver and device side (fresh: base None)."""
+    base = RING_BASE + index * RING_SLOT
+    areas = (base, base + 16 * size, base + 16 * size + 4)
+    drv = PackedDriverQueue(
+        MEM, size, *areas, features=features, indirect_area=(INDIRECT_BASE + index * 0x8000, 0x8000)
+    )
+    dev = PackedQueue(
+        MEM,
+        index,
+        size,
+        *(gpa_to_uva(a) for a in areas),
+        features=features,
+        sync=net_queue_direction(index),
+    )
+    return dev, drv, areas
+
+
+def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any]) -> None:
+    """The hostile stores of :func:`_mutate` on a packed ring (2.8.13 descriptor layout:
+    addr, len, id, flags; the driver event suppression area for the split ring's avail
+    idx / used_event / flags)."""
+    ring, drv_ev, _ = areas
+    for kind, i, value in mutations:
+        i %= size
+        d = ring + 16 * i
+        if kind == "addr":
+            MEM.write(d, struct.pack("<Q", value))
+        elif kind == "len":
+            MEM.write(d + 8, struct.pack("<I", value))
+        elif kind == "flags":
+            MEM.write(d + 14, struct.pack("<H", value))
+        elif kind in ("next", "avail"):
+            MEM.write(d + 12, struct.pack("<H", value))  # the buffer id
+        elif kind in ("avail_idx", "used_event", "avail_idx_rel"):
+            MEM.write(drv_ev, struct.pack("<H", value & 0xFFFF))
+        elif kind == "no_interrupt":
+            MEM.write(drv_ev + 2, struct.pack("<H", 1 if value else 2))
+        elif kind == "table":
+            addr, ln, fl, nx = value
+            MEM.write(TABLE + 16 * i, struct.pack("<QIHH", addr, ln, nx, fl))
+        elif kind == "link":
+            flags = struct.unpack_from("<H", MEM.read(d + 14, 2))[0]
+            MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_NEXT))
+        elif kind == "chain_table":
+            n, back = value
+            for k in range(n):
+                fl = B.VRING_DESC_F_INDIRECT if back == k else 0
+                MEM.write(TABLE + 16 * k, struct.pack("<QIHH", DATA_LOW + 64 * k, 30, 0, fl))
+            flags = struct.unpack_from("<H", MEM.read(d + 14, 2))[0] & 0x8080
+            MEM.write(d, struct.pack("<QI", TABLE, 16 * n))
+            MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_INDIRECT))
 
 
 def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
@@ -202,6 +301,9 @@ def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
             MEM.write(lay.avail + 4 + 2 * i, struct.pack("<H", value))
         elif kind == "avail_idx":
             MEM.write(lay.avail + 2, struct.pack("<H", value))
+        elif kind == "avail_idx_rel":
+            used = struct.unpack_from("<H", MEM.read(lay.used + 2, 2))[0]
+            MEM.write(lay.avail + 2, struct.pack("<H", (used + size + value) & 0xFFFF))
         elif kind == "table":
             addr, ln, fl, nx = value
             MEM.write(TABLE + 16 * i, struct.pack("<QIHH", addr, ln, fl, nx))
@@ -209,6 +311,17 @@ def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
             MEM.write(lay.avail + 4 + 2 * size, struct.pack("<H", value))
         elif kind == "no_interrupt":
             MEM.write(lay.avail, struct.pack("<H", int(value)))
+        elif kind == "link":
+            flags = struct.unpack_from("<H", MEM.read(d + 12, 2))[0]
+            MEM.write(d + 12, struct.pack("<HH", flags | B.VRING_DESC_F_NEXT, value % size))
+        elif kind == "chain_table":
+            n, back = value
+            for k in range(n):
+                last = k + 1 == n
+                nxt = (back % n) if last and back < n else k + 1
+                fl = 0 if last and back >= n else B.VRING_DESC_F_NEXT
+                MEM.write(TABLE + 16 * k, struct.pack("<QIHH", DATA_LOW + 64 * k, 30, fl, nxt))
+            MEM.write(d, struct.pack("<QIHH", TABLE, 16 * n, B.VRING_DESC_F_INDIRECT, 0))
 
 
 def _segments(total: int, splits: list[int], rnd: random.Random) -> list[tuple[int, int]]:
@@ -228,13 +341,17 @@ def _segments(total: int, splits: list[int], rnd: random.Random) -> list[tuple[i
     return segs
 
 
-def _reclaim(drv: DriverQueue) -> None:
+def _reclaim(drv: DriverQueue | PackedDriverQueue) -> None:
     """The driver takes its used buffers back (after hostile stores it may refuse some: the
     same way on both paths, as the used ring is compared anyway)."""
     try:
         drv.get_used()
-    except DriverError:
+    except (DriverError, RuntimeError):
         pass
+
+
+def _ids_free(drv: DriverQueue | PackedDriverQueue) -> bool:
+    return not isinstance(drv, PackedDriverQueue) or bool(drv._free_ids)
 
 
 def _nic(features: int, pool: Pbufpool, forwarded: list[Any]) -> VirtioNet:
@@ -250,6 +367,7 @@ def _nic(features: int, pool: Pbufpool, forwarded: list[Any]) -> VirtioNet:
 
 def _run_tx(
     backend: str,
+    packed: bool,
     start: bytes,
     size: int,
     features: int,
@@ -265,7 +383,12 @@ def _run_tx(
     held = pool.alloc_packets(hold)
     forwarded: list[Any] = []
     nic = _nic(features, pool, forwarded)
-    queue, drv = make_pair(MEM, 1, size, features=features, start_idx=base)
+    queue: Any
+    drv: Any
+    if packed:
+        queue, drv, areas = _packed_pair(1, size, features)
+    else:
+        queue, drv = make_pair(MEM, 1, size, features=features, start_idx=base)
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     nic.vrings[1] = FakeVring(1, queue, True, efd)  # type: ignore[assignment]
     rnd = random.Random(seed)
@@ -273,12 +396,17 @@ def _run_tx(
     try:
         for chains, mutations in rounds:
             _reclaim(drv)
-            for flen, splits, indirect, (vflags, cstart, coff) in chains:
+            for flen, splits, indirect, (vflags, cstart, coff), zero_sum in chains:
                 hdr = struct.pack("<BBHHHHH", vflags, 0, 0, 0, cstart, coff, 0)[:hlen]
-                data = hdr + bytes(rnd.randrange(256) for _ in range(flen))
+                if zero_sum and cstart + 2 <= flen:
+                    frame = bytes(rnd.randrange(256) for _ in range(cstart)) + b"\xff\xff"
+                    frame += bytes(flen - cstart - 2)
+                else:
+                    frame = bytes(rnd.randrange(256) for _ in range(flen))
+                data = hdr + frame
                 segs = _segments(len(data), splits, rnd)
                 ind = indirect and bool(features & F_INDIRECT) and len(segs) <= size
-                if drv.num_free < (1 if ind else len(segs)):
+                if drv.num_free < (1 if ind else len(segs)) or not _ids_free(drv):
                     break
                 pos = 0
                 for gpa, n in segs:
@@ -286,7 +414,10 @@ def _run_tx(
                     pos += n
                 drv.add_chain(segs, [], indirect=ind)
             drv.publish()
-            _mutate(1, size, mutations)
+            if packed:
+                _mutate_packed(areas, size, mutations)
+            else:
+                _mutate(1, size, mutations)
             nic.process_tx(1)
         calls = 0
         try:
@@ -305,6 +436,7 @@ def _run_tx(
 
 def _run_rx(
     backend: str,
+    packed: bool,
     start: bytes,
     size: int,
     features: int,
@@ -318,7 +450,12 @@ def _run_rx(
     pool = _pool()
     forwarded: list[Any] = []
     nic = _nic(features, pool, forwarded)
-    queue, drv = make_pair(MEM, 0, size, features=features, start_idx=base)
+    queue: Any
+    drv: Any
+    if packed:
+        queue, drv, areas = _packed_pair(0, size, features)
+    else:
+        queue, drv = make_pair(MEM, 0, size, features=features, start_idx=base)
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     nic.vrings[0] = FakeVring(0, queue, True, efd)  # type: ignore[assignment]
     rnd = random.Random(seed)
@@ -328,11 +465,14 @@ def _run_rx(
             for lens, indirect in buffers:
                 segs = _segments(sum(lens), lens[:-1], rnd)
                 ind = indirect and bool(features & F_INDIRECT) and len(segs) <= size
-                if drv.num_free < (1 if ind else len(segs)):
+                if drv.num_free < (1 if ind else len(segs)) or not _ids_free(drv):
                     break
                 drv.add_chain([], segs, indirect=ind)
             drv.publish()
-            _mutate(0, size, mutations)
+            if packed:
+                _mutate_packed(areas, size, mutations)
+            else:
+                _mutate(0, size, mutations)
             pkts = []
             for flen, vnet in packets:
                 frame = bytes(rnd.randrange(256) for _ in range(flen))
@@ -373,6 +513,7 @@ def _assert_same(py: dict[str, Any], c: dict[str, Any]) -> None:
 
 @SETTINGS
 @given(
+    packed=st.booleans(),
     size=st.sampled_from([2, 4, 8, 16]),
     features=features_st,
     base=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
@@ -388,16 +529,19 @@ def _assert_same(py: dict[str, Any], c: dict[str, Any]) -> None:
     seed=st.integers(0, 2**32),
 )
 def test_tx_burst_matches_reference(
-    size: int, features: int, base: int, hold: int, rounds: list[Any], seed: int
+    packed: bool, size: int, features: int, base: int, hold: int, rounds: list[Any], seed: int
 ) -> None:
     start = _snapshot()
-    py = _run_tx("python", start, size, features, base, hold, rounds, seed)
-    c = _run_tx("c", start, size, features, base, hold, rounds, seed)
+    if packed:
+        size, features = size - 1 or 1, features | F_V1  # any size; packed implies VERSION_1
+    py = _run_tx("python", packed, start, size, features, base, hold, rounds, seed)
+    c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed)
     _assert_same(py, c)
 
 
 @SETTINGS
 @given(
+    packed=st.booleans(),
     size=st.sampled_from([2, 4, 8, 16]),
     features=features_st,
     base=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
@@ -413,11 +557,13 @@ def test_tx_burst_matches_reference(
     seed=st.integers(0, 2**32),
 )
 def test_rx_burst_matches_reference(
-    size: int, features: int, base: int, rounds: list[Any], seed: int
+    packed: bool, size: int, features: int, base: int, rounds: list[Any], seed: int
 ) -> None:
     start = _snapshot()
-    py = _run_rx("python", start, size, features, base, rounds, seed)
-    c = _run_rx("c", start, size, features, base, rounds, seed)
+    if packed:
+        size, features = size - 1 or 1, features | F_V1
+    py = _run_rx("python", packed, start, size, features, base, rounds, seed)
+    c = _run_rx("c", packed, start, size, features, base, rounds, seed)
     _assert_same(py, c)
 
 
@@ -426,12 +572,14 @@ def test_compiled_path_runs_in_these_tests() -> None:
     (not just hand everything to the reference): a legal TX and RX run counts them."""
     fastqueue.COUNTS.clear()
     start = _snapshot()
-    chains = [(60, [], False, (1, 14, 16)), (300, [20, 50], True, (0, 0, 0))] * 3
-    out = _run_tx("c", start, 8, F_V1 | F_EVENT | F_INDIRECT, 0, 0, [(chains, [])], 1)
+    chains = [(60, [], False, (1, 14, 16), False), (300, [20, 50], True, (0, 0, 0), False)] * 3
+    out = _run_tx("c", False, start, 8, F_V1 | F_EVENT | F_INDIRECT, 0, 0, [(chains, [])], 1)
     assert not out["kills"]
     assert fastqueue.COUNTS.get("tx_chains", 0) == 6
     bufs = [([100, 100], False), ([2000], True)] * 3
     pkts = [(60, None), (300, (0, 0))] * 3  # 300 B: a 3-buflet packet
-    out = _run_rx("c", start, 16, F_V1 | F_EVENT | F_INDIRECT | F_MRG, 0, [(bufs, pkts, [])], 2)
+    out = _run_rx(
+        "c", False, start, 16, F_V1 | F_EVENT | F_INDIRECT | F_MRG, 0, [(bufs, pkts, [])], 2
+    )
     assert not out["kills"]
     assert fastqueue.COUNTS.get("rx_frames", 0) == 6

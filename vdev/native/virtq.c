@@ -17,7 +17,7 @@
  * Guest memory: every access goes through the g_* helpers below and happens inside the
  * burst function's dynamic extent, so a guard (sigsetjmp around the burst, a SIGBUS
  * handler) can wrap them; state a guard must leave defined is committed item by item into
- * struct vq_split (an item is either fully accounted there or not at all, apart from the
+ * struct vq_queue (an item is either fully accounted there or not at all, apart from the
  * used element a TX chain writes before its copy, which is unpublished until the flush).
  *
  * Memory ordering (2.7.13 / 2.7.8): on x86-64 (TSO) program order is enough for the ring
@@ -65,7 +65,7 @@ static inline void g_rd_desc(const uint8_t *table, uint32_t i, struct desc_rd *d
 }
 
 /* GuestMemory.gpa_view for length > 0: inside exactly one region, else NULL. */
-static uint8_t *gpa_ptr(const struct vq_split *q, uint64_t addr, uint64_t len)
+static uint8_t *gpa_ptr(const struct vq_queue *q, uint64_t addr, uint64_t len)
 {
     uint32_t i;
     for (i = 0; i < q->nregions; i++) {
@@ -81,25 +81,91 @@ static uint8_t *gpa_ptr(const struct vq_split *q, uint64_t addr, uint64_t len)
 
 /* ---------------------------------------------------------------- chain walk */
 struct chain {
-    uint32_t head;
+    uint32_t head;                /* split head / packed buffer id */
     uint32_t nseg;                /* segments in q->segs from seg0 */
     uint32_t seg0;
     uint32_t nread;               /* how many of them are device-readable (they come first) */
     uint64_t read_len, write_len;
     uint32_t desc_count;
+    uint32_t end_idx, end_wrap;   /* packed: the avail position after the chain */
 };
 
-/* chain.walk_chain + Segments.add/finish + indirect_table: 0 or a VQV_* code. */
-static uint32_t walk_chain(struct vq_split *q, uint32_t head, uint32_t seg0, struct chain *c,
-                           uint32_t *segs_full)
+/* What chain.Segments collects for one chain while it is walked. */
+struct segs_acc {
+    uint32_t seg0, nseg, seen_writable, full;
+    uint64_t read_len, write_len;
+};
+
+/* Segments.add for one buffer descriptor: 0 or a VQV_* code. */
+static uint32_t seg_add(struct vq_queue *q, struct segs_acc *a, struct chain *c, uint64_t addr,
+                        uint32_t len, uint16_t flags)
+{
+    if (flags & VRING_DESC_F_WRITE) {
+        if (!q->allow_writable)
+            return VQV_WRITABLE;
+        a->seen_writable = 1;
+        a->write_len += len;
+    } else {
+        if (!q->allow_readable)
+            return VQV_READABLE;
+        if (a->seen_writable)
+            return VQV_ORDER;
+        a->read_len += len;
+    }
+    if (len) {
+        uint8_t *p = gpa_ptr(q, addr, len);
+        if (p == NULL)
+            return VQV_BUF_MEM;
+        if (a->seg0 + a->nseg >= q->seg_cap) {
+            a->full = 1;  /* keep checking: a violation still wins */
+        } else {
+            q->segs[a->seg0 + a->nseg].p = p;
+            q->segs[a->seg0 + a->nseg].len = len;
+        }
+        a->nseg++;
+        if (!(flags & VRING_DESC_F_WRITE))
+            c->nread = a->nseg;
+    }
+    return 0;
+}
+
+/* chain.indirect_table: the checks of a descriptor with INDIRECT set (2.7.5.3.1, 2.8.7). */
+static uint32_t indirect_table(struct vq_queue *q, const struct desc_rd *d, uint8_t **t,
+                               uint32_t *n)
+{
+    if (!q->indirect_ok)
+        return VQV_INDIRECT_FEATURE;
+    if (d->flags & VRING_DESC_F_NEXT)
+        return VQV_INDIRECT_NEXT;
+    if (d->len == 0 || d->len % sizeof(struct vring_desc))
+        return VQV_INDIRECT_LEN;
+    if (d->len / sizeof(struct vring_desc) > MAX_INDIRECT)
+        return VQV_INDIRECT_MAX;
+    *t = gpa_ptr(q, d->addr, d->len);
+    if (*t == NULL)
+        return VQV_INDIRECT_MEM;
+    *n = d->len / sizeof(struct vring_desc);
+    return 0;
+}
+
+static uint32_t chain_finish(struct segs_acc *a, struct chain *c)
+{
+    if (a->read_len > U32_MAX || a->write_len > U32_MAX)
+        return VQV_OVERFLOW;
+    c->seg0 = a->seg0;
+    c->nseg = a->nseg;
+    c->read_len = a->read_len;
+    c->write_len = a->write_len;
+    return 0;
+}
+
+/* chain.walk_chain (split, 2.7.5): 0 or a VQV_* code. */
+static uint32_t split_walk(struct vq_queue *q, uint32_t head, struct segs_acc *a, struct chain *c)
 {
     const uint8_t *table = q->desc;
-    uint32_t limit = q->size, idx = head, count = 0, total = 0, in_indirect = 0;
-    uint32_t nseg = 0, seen_writable = 0;
-    uint64_t read_len = 0, write_len = 0;
+    uint32_t limit = q->size, idx = head, count = 0, total = 0, in_indirect = 0, v;
     struct desc_rd d;
 
-    *segs_full = 0;
     for (;;) {
         g_rd_desc(table, idx, &d);
         count++;
@@ -110,76 +176,170 @@ static uint32_t walk_chain(struct vq_split *q, uint32_t head, uint32_t seg0, str
             return VQV_TOO_LONG;
         if (d.flags & VRING_DESC_F_INDIRECT) {
             uint8_t *t;
+            uint32_t n;
             if (in_indirect)
                 return VQV_NESTED;
-            if (!q->indirect_ok)
-                return VQV_INDIRECT_FEATURE;
-            if (d.flags & VRING_DESC_F_NEXT)
-                return VQV_INDIRECT_NEXT;
-            if (d.len == 0 || d.len % sizeof(struct vring_desc))
-                return VQV_INDIRECT_LEN;
-            if (d.len / sizeof(struct vring_desc) > MAX_INDIRECT)
-                return VQV_INDIRECT_MAX;
-            t = gpa_ptr(q, d.addr, d.len);
-            if (t == NULL)
-                return VQV_INDIRECT_MEM;
+            v = indirect_table(q, &d, &t, &n);
+            if (v)
+                return v;
             /* 2.7.5.3.2: WRITE on the table's descriptor is ignored; go to entry 0. */
             table = t;
-            limit = d.len / sizeof(struct vring_desc);
+            limit = n;
             in_indirect = 1;
             idx = 0;
             count = 0;
             continue;
         }
-        if (d.flags & VRING_DESC_F_WRITE) {
-            if (!q->allow_writable)
-                return VQV_WRITABLE;
-            seen_writable = 1;
-            write_len += d.len;
-        } else {
-            if (!q->allow_readable)
-                return VQV_READABLE;
-            if (seen_writable)
-                return VQV_ORDER;
-            read_len += d.len;
-        }
-        if (d.len) {
-            uint8_t *p = gpa_ptr(q, d.addr, d.len);
-            if (p == NULL)
-                return VQV_BUF_MEM;
-            if (seg0 + nseg >= q->seg_cap) {
-                *segs_full = 1;   /* keep checking: a violation still wins */
-            } else {
-                q->segs[seg0 + nseg].p = p;
-                q->segs[seg0 + nseg].len = d.len;
-            }
-            nseg++;
-            if (!(d.flags & VRING_DESC_F_WRITE))
-                c->nread = nseg;
-        }
+        v = seg_add(q, a, c, d.addr, d.len, d.flags);
+        if (v)
+            return v;
         if (!(d.flags & VRING_DESC_F_NEXT))
             break;
         if (d.next >= limit)
             return VQV_NEXT_RANGE;
         idx = d.next;
     }
-    if (read_len > U32_MAX || write_len > U32_MAX)
-        return VQV_OVERFLOW;
     c->head = head;
-    c->seg0 = seg0;
-    c->nseg = nseg;
-    c->read_len = read_len;
-    c->write_len = write_len;
     c->desc_count = total;
+    return chain_finish(a, c);
+}
+
+/* ---------------------------------------------------------------- packed ring helpers */
+#define P_AVAIL (1u << VRING_PACKED_DESC_F_AVAIL)
+#define P_USED (1u << VRING_PACKED_DESC_F_USED)
+
+static inline int p_is_avail(uint32_t flags, uint32_t wrap)
+{
+    return !!(flags & P_AVAIL) == !!wrap && !!(flags & P_USED) != !!wrap;
+}
+
+static inline struct vring_packed_desc *p_desc(const struct vq_queue *q, uint32_t i)
+{
+    return (struct vring_packed_desc *)q->desc + i;
+}
+
+static inline int64_t ring_pos(uint32_t idx, uint32_t wrap, uint32_t size)
+{
+    return wrap ? (int64_t)idx : (int64_t)idx + size;
+}
+
+static inline int64_t pmod(int64_t x, int64_t m)
+{
+    int64_t r = x % m;
+    return r < 0 ? r + m : r;
+}
+
+/* PackedQueue._walk (2.8.6, 2.8.7) up to the commit: 0 or a VQV_* code. */
+static uint32_t packed_walk(struct vq_queue *q, uint32_t first_flags, struct segs_acc *a,
+                            struct chain *c)
+{
+    uint32_t size = q->size, idx = q->last_avail, wrap = q->avail_wrap, count = 0, buf_id = 0, v;
+    for (;;) {
+        struct vring_packed_desc *pd = p_desc(q, idx);
+        struct desc_rd d;
+        /* 2.8.13: flags are written last by the driver; read them before the rest. */
+        uint32_t flags = count ? g_rd16(&pd->flags) : first_flags;
+        if (count && !p_is_avail(flags, wrap))
+            return VQV_NOT_AVAIL;
+        d.addr = g_rd64(&pd->addr);
+        d.len = g_rd32(&pd->len);
+        buf_id = g_rd16(&pd->id);
+        d.flags = (uint16_t)flags;
+        count++;
+        if (count > size)
+            return VQV_CHAIN_LONG;
+        if (flags & VRING_DESC_F_INDIRECT) {
+            uint8_t *t;
+            uint32_t n, i;
+            if (count > 1)
+                return VQV_INDIRECT_AFTER_DIRECT;
+            v = indirect_table(q, &d, &t, &n);
+            if (v)
+                return v;
+            if (n > size)
+                return VQV_INDIRECT_TOO_LONG;
+            for (i = 0; i < n; i++) {
+                struct desc_rd e;
+                g_rd_desc(t, i, &e);  /* packed table entries: addr, len, id, flags */
+                e.flags = g_rd16(&((const struct vring_packed_desc *)t + i)->flags);
+                if (e.flags & VRING_DESC_F_INDIRECT)
+                    return VQV_TABLE_NESTED;
+                /* NEXT is meaningless in a packed indirect table: its length delimits it */
+                v = seg_add(q, a, c, e.addr, e.len, e.flags);
+                if (v)
+                    return v;
+            }
+        } else {
+            v = seg_add(q, a, c, d.addr, d.len, (uint16_t)flags);
+            if (v)
+                return v;
+        }
+        idx++;
+        if (idx == size) {
+            idx = 0;
+            wrap ^= 1;
+        }
+        if (!(flags & VRING_DESC_F_NEXT))
+            break;
+    }
+    v = chain_finish(a, c);
+    if (v)
+        return v;
+    /* 2.8.6: the buffer id is in the last descriptor of the chain. */
+    if (buf_id >= size)
+        return VQV_BUF_ID;
+    if (q->inflight[buf_id])
+        return VQV_ID_INFLIGHT;
+    c->head = buf_id;
+    c->desc_count = count;
+    c->end_idx = idx;
+    c->end_wrap = wrap;
     return 0;
 }
 
-/* ---------------------------------------------------------------- split queue steps */
-/* avail_count: 0 and *pending, or VQV_HEAD_OOB (SplitQueue.avail_count). */
-static uint32_t avail_count(struct vq_split *q, uint32_t *pending)
+/* PackedQueue.avail_count, with its scan cache (no violation is possible here). */
+static uint32_t packed_avail_count(struct vq_queue *q)
 {
-    uint32_t idx = g_rd16(&q->avail[1]);
-    uint32_t n = (idx - q->last_avail) & 0xFFFF;
+    uint32_t size = q->size, idx, wrap, run = 0;
+    int64_t start = ring_pos(q->last_avail, q->avail_wrap, size), scanned;
+    if (q->scan_end < 0) {
+        q->scan_end = start;
+        q->scan_chains = 0;
+    }
+    scanned = pmod(q->scan_end - start, 2 * (int64_t)size);
+    idx = (uint32_t)(q->scan_end % size);
+    wrap = q->scan_end < size ? 1 : 0;
+    while (scanned + run < size) {
+        uint32_t flags = g_rd16(&p_desc(q, idx)->flags);
+        if (!p_is_avail(flags, wrap))
+            break;
+        run++;
+        idx++;
+        if (idx == size) {
+            idx = 0;
+            wrap ^= 1;
+        }
+        if (!(flags & VRING_DESC_F_NEXT)) {
+            scanned += run;
+            run = 0;
+            q->scan_chains++;
+            q->scan_end = ring_pos(idx, wrap, size);
+        }
+    }
+    return q->scan_chains;
+}
+
+/* ---------------------------------------------------------------- queue steps (both formats) */
+/* avail_count: 0 and *pending, or a VQV_* code (split: HEAD_OOB). */
+static uint32_t avail_count(struct vq_queue *q, uint32_t *pending)
+{
+    uint32_t idx, n;
+    if (q->packed) {
+        *pending = packed_avail_count(q);
+        return 0;
+    }
+    idx = g_rd16(&q->avail[1]);
+    n = (idx - q->last_avail) & 0xFFFF;
     if (n > q->size)
         return VQV_HEAD_OOB;
     q->seen_avail = idx;
@@ -188,87 +348,175 @@ static uint32_t avail_count(struct vq_split *q, uint32_t *pending)
 }
 
 /*
- * SplitQueue.pop without committing: 0 with *c filled (or c->head = UINT32_MAX for an
- * empty ring), or a VQV_* code.  pop_commit() then takes the chain.
+ * pop without committing: 0 with *c filled (or c->head = UINT32_MAX for an empty ring),
+ * or a VQV_* code.  pop_commit() then takes the chain.
  */
-static uint32_t pop_peek(struct vq_split *q, uint32_t seg0, struct chain *c, uint32_t *segs_full)
+static uint32_t pop_peek(struct vq_queue *q, uint32_t seg0, struct chain *c, uint32_t *segs_full)
 {
-    uint32_t last = q->last_avail, slot, head, pending, v;
+    struct segs_acc a = {seg0, 0, 0, 0, 0, 0};
+    uint32_t v;
     *segs_full = 0;
     c->head = UINT32_MAX;
-    if (q->seen_avail == last) {
-        v = avail_count(q, &pending);
-        if (v)
-            return v;
-        if (pending == 0)
-            return 0;
-    }
-    BARRIER();  /* 2.7.13.3: ring entries were written before idx */
-    slot = last & (q->size - 1);
-    head = g_rd16(&q->avail[2 + slot]);
-    if (head >= q->size)
-        return VQV_HEAD_RANGE;
-    if (q->inflight[head])
-        return VQV_HEAD_INFLIGHT;
     c->nread = 0;
-    return walk_chain(q, head, seg0, c, segs_full);
+    if (q->packed) {
+        uint32_t first = g_rd16(&p_desc(q, q->last_avail)->flags);
+        if (!p_is_avail(first, q->avail_wrap))
+            return 0;
+        BARRIER();  /* 2.8.13: the rest of the descriptor after its flags */
+        v = packed_walk(q, first, &a, c);
+    } else {
+        uint32_t last = q->last_avail, slot, head, pending;
+        if (q->seen_avail == last) {
+            v = avail_count(q, &pending);
+            if (v)
+                return v;
+            if (pending == 0)
+                return 0;
+        }
+        BARRIER();  /* 2.7.13.3: ring entries were written before idx */
+        slot = last & (q->size - 1);
+        head = g_rd16(&q->avail[2 + slot]);
+        if (head >= q->size)
+            return VQV_HEAD_RANGE;
+        if (q->inflight[head])
+            return VQV_HEAD_INFLIGHT;
+        v = split_walk(q, head, &a, c);
+    }
+    if (v) {
+        c->head = 0;  /* not "empty" */
+        return v;
+    }
+    *segs_full = a.full;
+    return 0;
 }
 
-static void pop_commit(struct vq_split *q, const struct chain *c)
+static void pop_commit(struct vq_queue *q, const struct chain *c)
 {
-    uint32_t slot = q->last_avail & (q->size - 1);
-    q->last_avail = (q->last_avail + 1) & 0xFFFF;
+    if (q->packed) {
+        q->last_avail = c->end_idx;
+        q->avail_wrap = c->end_wrap;
+        q->ndesc[c->head] = (uint16_t)c->desc_count;
+        if (q->scan_chains)
+            q->scan_chains--;
+        else
+            q->scan_end = -1;
+    } else {
+        uint32_t slot = q->last_avail & (q->size - 1);
+        q->last_avail = (q->last_avail + 1) & 0xFFFF;
+        q->popped[slot] = (uint16_t)c->head;
+    }
     q->inflight[c->head] = c->write_len + 1;
-    q->popped[slot] = (uint16_t)c->head;
     q->chains++;
     q->descriptors += c->desc_count;
     q->bytes_read += c->read_len;
 }
 
-/* SplitQueue.rewind(avail_idx) of chains popped in this burst (trusted, no checks). */
-static void rewind_to(struct vq_split *q, uint32_t avail_idx)
+/* The queue state an item may change before it is handed back (see unpop). */
+struct vq_save {
+    uint32_t last_avail, avail_wrap, scan_chains;
+    int64_t scan_end;
+    uint64_t chains, descriptors, bytes_read;
+};
+
+static void save_state(const struct vq_queue *q, struct vq_save *s)
 {
-    uint32_t n = (q->last_avail - avail_idx) & 0xFFFF, i;
-    for (i = 0; i < n; i++)
-        q->inflight[q->popped[(avail_idx + i) & (q->size - 1)]] = 0;
-    q->last_avail = avail_idx & 0xFFFF;
+    s->last_avail = q->last_avail;
+    s->avail_wrap = q->avail_wrap;
+    s->scan_chains = q->scan_chains;
+    s->scan_end = q->scan_end;
+    s->chains = q->chains;
+    s->descriptors = q->descriptors;
+    s->bytes_read = q->bytes_read;
+}
+
+/* The reference's rewind of the chains of one frame (SplitQueue / PackedQueue.rewind). */
+static void rewind_frame(struct vq_queue *q, const struct chain *chains, uint32_t n,
+                         const struct vq_save *s)
+{
+    uint32_t i;
+    if (n == 0)
+        return;
+    for (i = 0; i < n; i++) {
+        q->inflight[chains[i].head] = 0;
+        if (q->packed)
+            q->descriptors -= q->ndesc[chains[i].head];
+    }
+    q->last_avail = s->last_avail;
+    if (q->packed) {
+        q->avail_wrap = s->avail_wrap;
+        q->scan_end = -1;
+    }
     q->chains -= n;
 }
 
-/* Undo pop_commit of chains[0..n) entirely (counters too): the burst hands the item to the
- * Python reference, which pops them again. */
-static void unpop(struct vq_split *q, const struct chain *chains, uint32_t n, uint32_t start)
+/* Undo the pops of one item entirely (counters and caches too): the burst hands the item
+ * to the Python reference, which pops the chains again. */
+static void unpop(struct vq_queue *q, const struct chain *chains, uint32_t n,
+                  const struct vq_save *s)
 {
     uint32_t i;
-    for (i = 0; i < n; i++) {
-        q->descriptors -= chains[i].desc_count;
-        q->bytes_read -= chains[i].read_len;
-    }
-    rewind_to(q, start);
+    for (i = 0; i < n; i++)
+        q->inflight[chains[i].head] = 0;
+    q->last_avail = s->last_avail;
+    q->avail_wrap = s->avail_wrap;
+    q->scan_chains = s->scan_chains;
+    q->scan_end = s->scan_end;
+    q->chains = s->chains;
+    q->descriptors = s->descriptors;
+    q->bytes_read = s->bytes_read;
 }
 
-/* SplitQueue.push for a head this burst popped. */
-static void push(struct vq_split *q, uint32_t head, uint32_t written)
+/* push for a head / buffer id this burst popped (2.7.8 / 2.8.9). */
+static void push(struct vq_queue *q, uint32_t head, uint32_t written)
 {
-    struct vring_used_elem *e = (struct vring_used_elem *)(q->used16 + 2);
-    e += (q->used_idx + q->pending_used) & (q->size - 1);
     q->inflight[head] = 0;
-    g_wr32(&e->id, head);
-    g_wr32(&e->len, written);
-    q->pending_used++;
+    if (q->packed) {
+        q->pend_id[q->npend] = head;
+        q->pend_len[q->npend] = written;
+        q->pend_nd[q->npend] = q->ndesc[head];
+        q->npend++;
+    } else {
+        struct vring_used_elem *e = (struct vring_used_elem *)(q->used16 + 2);
+        e += (q->used_idx + q->pending_used) & (q->size - 1);
+        g_wr32(&e->id, head);
+        g_wr32(&e->len, written);
+        q->pending_used++;
+    }
     q->used++;
     q->bytes_written += written;
 }
 
-/* SplitQueue.enable_notifications(True) then avail_count() > 0 (0 / VQV_HEAD_OOB). */
-static uint32_t rearm(struct vq_split *q, uint32_t *pending)
+static inline uint32_t push_room(const struct vq_queue *q)
 {
+    return q->packed ? q->pend_cap - q->npend : UINT32_MAX;
+}
+
+/* enable_notifications(True) (2.7.10 / 2.8.10): its return value in *more, or a VQV_*. */
+static uint32_t rearm(struct vq_queue *q, uint32_t *more)
+{
+    if (q->packed) {
+        if (q->event_idx) {
+            uint32_t size = q->size;
+            int64_t end;
+            packed_avail_count(q);
+            end = q->scan_end;
+            if (end < 0)
+                end = ring_pos(q->last_avail, q->avail_wrap, size);
+            g_wr16(&q->used16[0], (uint16_t)((end % size) | (uint32_t)(end < size ? 1 : 0) << 15));
+            g_wr16(&q->used16[1], VRING_PACKED_EVENT_FLAG_DESC);
+        } else {
+            g_wr16(&q->used16[1], VRING_PACKED_EVENT_FLAG_ENABLE);
+        }
+        BARRIER();
+        *more = p_is_avail(g_rd16(&p_desc(q, q->last_avail)->flags), q->avail_wrap);
+        return 0;
+    }
     if (q->event_idx)
         g_wr16(&q->used16[2 + 4 * q->size], g_rd16(&q->avail[1]));
     else
         g_wr16(&q->used16[0], 0);
     BARRIER();
-    return avail_count(q, pending);
+    return avail_count(q, more);
 }
 
 static inline int vring_need_event(uint16_t event, uint16_t new_idx, uint16_t old)
@@ -276,9 +524,71 @@ static inline int vring_need_event(uint16_t event, uint16_t new_idx, uint16_t ol
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
 }
 
-uint32_t vq_split_finish(struct vq_split *q, uint32_t consumed)
+/* packed flush_used (2.8.9): the first descriptor's flags go last, publishing the batch. */
+static void packed_flush(struct vq_queue *q)
+{
+    uint32_t i, first_i = 0, first_flags = 0;
+    if (!q->npend)
+        return;
+    for (i = 0; i < q->npend; i++) {
+        struct vring_packed_desc *d = p_desc(q, q->used_idx);
+        uint32_t flags = (q->used_wrap ? P_AVAIL | P_USED : 0) |
+                         (q->pend_len[i] ? VRING_DESC_F_WRITE : 0);
+        g_wr16(&d->id, (uint16_t)q->pend_id[i]);
+        g_wr32(&d->len, q->pend_len[i]);
+        if (i == 0) {
+            first_i = q->used_idx;
+            first_flags = flags;
+        } else {
+            g_wr16(&d->flags, (uint16_t)flags);
+        }
+        q->used_idx += q->pend_nd[i];
+        if (q->used_idx >= q->size) {
+            q->used_idx -= q->size;
+            q->used_wrap ^= 1;
+        }
+    }
+    BARRIER();
+    g_wr16(&p_desc(q, first_i)->flags, (uint16_t)first_flags);
+    q->npend = 0;
+    q->flushes++;
+}
+
+/* PackedQueue.should_notify (2.8.10). */
+static uint32_t packed_notify(struct vq_queue *q)
+{
+    uint32_t size = q->size, flags;
+    int64_t new_pos = ring_pos(q->used_idx, q->used_wrap, size), old = q->signalled_used;
+    uint32_t valid = q->signalled_valid, notify;
+    if (valid && old == new_pos)
+        return 0;
+    q->signalled_used = (uint32_t)new_pos;
+    q->signalled_valid = 1;
+    flags = g_rd16(&q->avail[1]) & 3;
+    if (flags == VRING_PACKED_EVENT_FLAG_DISABLE) {
+        notify = 0;
+    } else if (flags == VRING_PACKED_EVENT_FLAG_DESC && q->event_idx && valid) {
+        uint32_t ow = g_rd16(&q->avail[0]);
+        int64_t cycle = 2 * (int64_t)size, event = ring_pos(ow & 0x7FFF, ow >> 15, size);
+        notify = pmod(new_pos - event - 1, cycle) < pmod(new_pos - old, cycle);
+    } else {
+        notify = 1;
+    }
+    if (notify)
+        q->notifications_sent++;
+    else
+        q->notifications_suppressed++;
+    return notify;
+}
+
+uint32_t vq_finish(struct vq_queue *q, uint32_t consumed)
 {
     uint32_t new_idx, old, valid, notify;
+    if (q->packed) {
+        packed_flush(q);
+        BARRIER();
+        return consumed ? packed_notify(q) : 0;
+    }
     if (q->pending_used) {
         q->used_idx = (q->used_idx + q->pending_used) & 0xFFFF;
         q->pending_used = 0;
@@ -474,19 +784,23 @@ static void complete_checksum(uint8_t *f, uint64_t len, uint32_t start, uint32_t
     f[where + 1] = (uint8_t)csum;
 }
 
-static int split_args_ok(const struct vq_split *q)
+static int args_ok(const struct vq_queue *q)
 {
-    return q->size && !(q->size & (q->size - 1)) && q->size <= 32768 && q->desc && q->avail &&
-           q->used16 && q->segs && q->seg_cap;
+    if (!q->size || q->size > 32768 || !q->desc || !q->avail || !q->used16 || !q->segs ||
+        !q->seg_cap || !q->scratch || q->scratch_cap < NET_HDR_LEN + MAX_FRAME)
+        return 0;
+    if (q->packed)
+        return q->ndesc && q->pend_id && q->pend_len && q->pend_nd && q->npend <= q->pend_cap &&
+               q->last_avail < q->size && q->used_idx < q->size;
+    return !(q->size & (q->size - 1)) && q->popped;
 }
 
 /* ---------------------------------------------------------------- TX */
-uint32_t vq_split_tx(struct vq_split *q, struct vq_pool *vp, uint32_t hlen, uint32_t budget,
+uint32_t vq_tx(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t budget,
                      uint32_t *out, struct vq_burst *b)
 {
     memset(b, 0, sizeof(*b));
-    if (!split_args_ok(q) || hlen > NET_HDR_LEN || hlen < 10 || !q->scratch ||
-        q->scratch_cap < MAX_FRAME) {
+    if (!args_ok(q) || hlen > NET_HDR_LEN || hlen < 10) {
         b->stop = VQ_STOP_BADARGS;
         return b->stop;
     }
@@ -503,7 +817,7 @@ uint32_t vq_split_tx(struct vq_split *q, struct vq_pool *vp, uint32_t hlen, uint
             return b->stop;
         }
         if (c.head == UINT32_MAX) {
-            /* 2.7.10: re-arm the kick; if buffers raced in, go on. */
+            /* 2.7.10 / 2.8.10: re-arm the kick; if buffers raced in, go on. */
             v = rearm(q, &pending);
             if (v) {
                 b->stop = VQ_STOP_VIOLATION;
@@ -515,7 +829,7 @@ uint32_t vq_split_tx(struct vq_split *q, struct vq_pool *vp, uint32_t hlen, uint
             b->stop = VQ_STOP_EMPTY;
             return b->stop;
         }
-        if (full) {
+        if (full || !push_room(q)) {
             b->stop = VQ_STOP_SLOW;
             b->slow = VQS_SEGS;
             return b->stop;
@@ -563,7 +877,7 @@ uint32_t vq_split_tx(struct vq_split *q, struct vq_pool *vp, uint32_t hlen, uint
 
 /* ---------------------------------------------------------------- RX */
 /* Scatter len bytes of src into the writable segments of c from offset 0: bytes written. */
-static uint64_t write_into(const struct vq_split *q, const struct chain *c, const uint8_t *src,
+static uint64_t write_into(const struct vq_queue *q, const struct chain *c, const uint8_t *src,
                            uint64_t len)
 {
     uint64_t done = 0;
@@ -579,7 +893,7 @@ static uint64_t write_into(const struct vq_split *q, const struct chain *c, cons
 
 #define RX_MAX_CHAINS 256
 
-uint32_t vq_split_rx(struct vq_split *q, const struct fp_pool *p, uint8_t *bufs, uint8_t *large,
+uint32_t vq_rx(struct vq_queue *q, const struct fp_pool *p, uint8_t *bufs, uint8_t *large,
                      uint32_t hlen, uint32_t flags, const uint32_t *pkts, uint32_t n,
                      struct vq_burst *b)
 {
@@ -587,14 +901,14 @@ uint32_t vq_split_rx(struct vq_split *q, const struct fp_pool *p, uint8_t *bufs,
     uint32_t mergeable = flags & VQ_RX_MERGEABLE;
 
     memset(b, 0, sizeof(*b));
-    if (!split_args_ok(q) || hlen > NET_HDR_LEN || hlen < 10 || !q->scratch ||
-        q->scratch_cap < NET_HDR_LEN + MAX_FRAME) {
+    if (!args_ok(q) || hlen > NET_HDR_LEN || hlen < 10) {
         b->stop = VQ_STOP_BADARGS;
         return b->stop;
     }
     while (b->count < n) {
-        uint32_t pkt = pkts[b->count], v, before, pending, nch = 0, start = q->last_avail;
+        uint32_t pkt = pkts[b->count], v, before, pending, nch = 0;
         uint32_t seg0 = 0, g, full, i;
+        struct vq_save start;
         uint64_t flen = 0, total, room = 0, off;
         uint8_t *data = q->scratch;
         const uint8_t *vnet;
@@ -640,17 +954,18 @@ uint32_t vq_split_rx(struct vq_split *q, const struct fp_pool *p, uint8_t *bufs,
             g = p->num_packets + p->b_next[g];
         }
         total = hlen + flen;
+        save_state(q, &start);
         while (room < total) {
             struct chain *c;
             if (nch == RX_MAX_CHAINS) {
-                unpop(q, chains, nch, start);
+                unpop(q, chains, nch, &start);
                 b->stop = VQ_STOP_SLOW;
                 b->slow = VQS_SEGS;
                 return b->stop;
             }
             v = avail_count(q, &pending);
             if (v) {
-                unpop(q, chains, nch, start);
+                unpop(q, chains, nch, &start);
                 goto violation;
             }
             if (pending == 0)
@@ -658,11 +973,13 @@ uint32_t vq_split_rx(struct vq_split *q, const struct fp_pool *p, uint8_t *bufs,
             c = &chains[nch];
             v = pop_peek(q, seg0, c, &full);
             if (v) {
-                unpop(q, chains, nch, start);
+                unpop(q, chains, nch, &start);
                 goto violation;
             }
-            if (full) {
-                unpop(q, chains, nch, start);
+            if (c->head == UINT32_MAX)
+                break;  /* pop() gave None: no room */
+            if (full || push_room(q) <= nch) {
+                unpop(q, chains, nch, &start);
                 b->stop = VQ_STOP_SLOW;
                 b->slow = VQS_SEGS;
                 return b->stop;
@@ -677,14 +994,14 @@ uint32_t vq_split_rx(struct vq_split *q, const struct fp_pool *p, uint8_t *bufs,
         if (room < total) {
             if (nch && !mergeable) {
                 /* one buffer without MRG_RXBUF, too small: Python drops the frame */
-                unpop(q, chains, nch, start);
+                unpop(q, chains, nch, &start);
                 b->stop = VQ_STOP_SLOW;
                 b->slow = VQS_RX_SMALL;
                 return b->stop;
             }
             /* no room: give the buffers back (as the reference's rewind), re-arm (2.7.10);
              * if buffers arrived meanwhile, go round again */
-            rewind_to(q, start);
+            rewind_frame(q, chains, nch, &start);
             v = rearm(q, &pending);
             if (v)
                 goto violation;

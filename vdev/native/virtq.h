@@ -1,6 +1,6 @@
 /*
  * Compiled virtqueue bursts (virtq.c): the per-chain work of vdev/net/nic.py's TX loop and
- * RX drain on a split ring (virtio 1.x 2.7), behind vdev/virtio/fastqueue.py.
+ * RX drain on a split (virtio 1.x 2.7) or packed (2.8) ring, behind vdev/virtio/fastqueue.py.
  *
  * The block between the FP-CDEF markers is handed verbatim to cffi's cdef by
  * vdev/native/build.py, so keep it to plain typedef-free declarations.
@@ -22,7 +22,7 @@
 #define VQ_STOP_GUEST_FAULT 6  /* reserved for the guest-memory guard (memguard): a SIGBUS */
 #define VQ_STOP_BADARGS 7      /* trusted arguments inconsistent: use the Python path */
 
-/* vq_split_rx flags: the negotiated features the RX write depends on. */
+/* vq_rx flags: the negotiated features the RX write depends on. */
 #define VQ_RX_MERGEABLE 1      /* VIRTIO_NET_F_MRG_RXBUF */
 #define VQ_RX_GUEST_CSUM 2     /* VIRTIO_NET_F_GUEST_CSUM: NEEDS_CSUM frames pass as they are */
 
@@ -54,6 +54,14 @@
 #define VQV_BUF_MEM 15
 #define VQV_NEXT_RANGE 16
 #define VQV_OVERFLOW 17
+/* packed rings (2.8) */
+#define VQV_NOT_AVAIL 18
+#define VQV_CHAIN_LONG 19
+#define VQV_INDIRECT_AFTER_DIRECT 20
+#define VQV_INDIRECT_TOO_LONG 21
+#define VQV_TABLE_NESTED 22
+#define VQV_BUF_ID 23
+#define VQV_ID_INFLIGHT 24
 
 /* One guest memory region: guest-physical start, size and where it is mapped here. */
 struct vq_region {
@@ -69,35 +77,47 @@ struct vq_seg {
 };
 
 /*
- * One split queue as a burst sees it: trusted ring pointers and device-private state copied
- * in from SplitQueue and back out after the call (fastqueue.py), the guest memory map and
- * scratch space.  Statistics are the queue's VirtqueueStats, carried through.
+ * One queue as a burst sees it, split (2.7) or packed (2.8): trusted ring pointers and
+ * device-private state copied in from SplitQueue / PackedQueue and back out after the call
+ * (fastqueue.py), the guest memory map and scratch space.  Statistics are the queue's
+ * VirtqueueStats, carried through.
  */
-struct vq_split {
-    uint8_t *desc;                /* descriptor table (size entries) */
-    uint16_t *avail;              /* avail ring as u16: [0] flags [1] idx [2+i] ring [2+size] used_event */
-    uint16_t *used16;             /* used ring as u16: [0] flags [1] idx ... [2+4*size] avail_event */
+struct vq_queue {
+    uint32_t packed;              /* 0: split ring, 1: packed ring */
+    uint8_t *desc;                /* descriptor table / packed descriptor ring (size entries) */
+    /* split: avail ring as u16: [0] flags [1] idx [2+i] ring [2+size] used_event;
+     * packed: driver event suppression area, [0] off_wrap [1] flags */
+    uint16_t *avail;
+    /* split: used ring as u16: [0] flags [1] idx, elements, [2+4*size] avail_event;
+     * packed: device event suppression area, [0] off_wrap [1] flags */
+    uint16_t *used16;
     uint32_t size;
     uint32_t indirect_ok;
     uint32_t event_idx;
     uint32_t notify_on_empty;
     uint32_t allow_readable;
     uint32_t allow_writable;
-    uint32_t last_avail;
-    uint32_t seen_avail;
-    uint32_t used_idx;
-    uint32_t pending_used;
-    uint32_t signalled_used;
+    uint32_t last_avail;          /* split: last avail idx; packed: avail index */
+    uint32_t seen_avail;          /* split only */
+    uint32_t used_idx;            /* split: used idx; packed: used index */
+    uint32_t pending_used;        /* split only: pushed, unpublished */
+    uint32_t signalled_used;      /* split: used idx at the last decision; packed: ring position */
     uint32_t signalled_valid;
-    uint64_t *inflight;           /* write_len + 1 per head in flight, 0 when not */
-    uint16_t *popped;             /* head popped from each avail slot (for rewind) */
+    uint32_t avail_wrap, used_wrap;         /* packed wrap counters */
+    int64_t scan_end;             /* packed avail_count cache: ring position, -1 for None */
+    uint32_t scan_chains;
+    uint64_t *inflight;           /* write_len + 1 per head / buffer id in flight, 0 when not */
+    uint16_t *popped;             /* split: head popped from each avail slot (for rewind) */
+    uint16_t *ndesc;              /* packed: descriptors each buffer id in flight used */
+    uint32_t *pend_id, *pend_len, *pend_nd;  /* packed: pushed, unpublished (id, len, descs) */
+    uint32_t npend, pend_cap;
     uint64_t chains, descriptors, bytes_read, bytes_written, used, flushes;
     uint64_t notifications_sent, notifications_suppressed;
     const struct vq_region *regions;
     uint32_t nregions;
     struct vq_seg *segs;          /* scratch for the buffers of the chains of one item */
     uint32_t seg_cap;
-    uint8_t *scratch;             /* scratch for one frame (checksum completion) */
+    uint8_t *scratch;             /* scratch for one frame (checksum completion, RX data) */
     uint32_t scratch_cap;
 };
 
@@ -128,14 +148,14 @@ struct vq_burst {
 };
 
 /* TX: consume up to budget chains (nic._process_tx_batch's loop). */
-uint32_t vq_split_tx(struct vq_split *q, struct vq_pool *vp, uint32_t hlen, uint32_t budget,
+uint32_t vq_tx(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t budget,
                      uint32_t *out, struct vq_burst *b);
 /* RX: write packets pkts[0..n) into guest buffers (nic.drain_rx's loop, one queue). */
-uint32_t vq_split_rx(struct vq_split *q, const struct fp_pool *p, uint8_t *bufs, uint8_t *large,
+uint32_t vq_rx(struct vq_queue *q, const struct fp_pool *p, uint8_t *bufs, uint8_t *large,
                      uint32_t hlen, uint32_t flags, const uint32_t *pkts, uint32_t n,
                      struct vq_burst *b);
 /* flush_used then should_notify: returns 1 to signal the call eventfd. */
-uint32_t vq_split_finish(struct vq_split *q, uint32_t consumed);
+uint32_t vq_finish(struct vq_queue *q, uint32_t consumed);
 /* FP-CDEF-END */
 
 #endif /* VDEV_NATIVE_VIRTQ_H */

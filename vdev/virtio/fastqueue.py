@@ -1,8 +1,8 @@
-"""The compiled virtqueue bursts: cffi glue between :class:`SplitQueue` and ``vdev/native/virtq.c``.
+"""The compiled virtqueue bursts: cffi glue between the queues and ``vdev/native/virtq.c``.
 
 ``virtq.c`` runs the per-chain work of the NIC's TX loop (walk, validate, copy into a pool
-packet, push) and RX drain (pop buffers, write a pool packet, push) for a split ring, one
-call per burst with the GIL released.  The Python code stays the reference and the only
+packet, push) and RX drain (pop buffers, write a pool packet, push) for a split or a packed
+ring, one call per burst with the GIL released.  The Python code stays the reference and the only
 place where kill details, drop reasons and pool shortages are produced: a burst completes
 only the items the reference would complete plainly and stops *before* anything else
 (``Burst.stop`` is ``SLOW`` or ``VIOLATION``), leaving the queue as the reference would
@@ -79,6 +79,14 @@ VIOLATIONS_BY_NAME = {
     "BUF_MEM": Violation("BUF_MEM", _IOB, "outside guest memory"),
     "NEXT_RANGE": Violation("NEXT_RANGE", _IOB, "out of range (table has"),
     "OVERFLOW": Violation("OVERFLOW", _IOB, "total length overflows 32 bits"),
+    # packed rings (2.8)
+    "NOT_AVAIL": Violation("NOT_AVAIL", _IOB, "is not available (flags"),
+    "CHAIN_LONG": Violation("CHAIN_LONG", _IOB, "chain longer than the queue size"),
+    "INDIRECT_AFTER_DIRECT": Violation("INDIRECT_AFTER_DIRECT", _IOB, "has INDIRECT set after"),
+    "INDIRECT_TOO_LONG": Violation("INDIRECT_TOO_LONG", _IOB, "chain too long: indirect table of"),
+    "TABLE_NESTED": Violation("TABLE_NESTED", _IOB, "nested indirect at table entry"),
+    "BUF_ID": Violation("BUF_ID", _IOB, ">= queue size"),
+    "ID_INFLIGHT": Violation("ID_INFLIGHT", _IOB, "is still in flight"),
 }
 
 
@@ -113,7 +121,7 @@ def load() -> bool:
     global _fast, C
     if _fast is None and fastglue.load():
         mod = fastglue._fast
-        if not hasattr(mod.lib, "vq_split_tx"):  # pragma: no cover - stale cached build
+        if not hasattr(mod.lib, "vq_tx"):  # pragma: no cover - stale cached build
             return False
         C = _Codes(mod.lib)
         _fast = mod
@@ -147,39 +155,57 @@ class Burst:
 
 
 def usable(queue: object) -> bool:
-    """Whether ``queue`` can run compiled bursts (the C backend, a live split queue)."""
+    """Whether ``queue`` can run compiled bursts (the C backend, a live split or packed
+    queue)."""
+    from vdev.virtio.packed import PackedQueue
     from vdev.virtio.split import SplitQueue
 
     return (
         BACKEND == "c"
-        and type(queue) is SplitQueue
-        and queue.defunct is None
-        and not queue._closed
-        and len(queue._bufs) == 3
+        and type(queue) in (SplitQueue, PackedQueue)
+        and queue.defunct is None  # type: ignore[attr-defined]
+        and not queue._closed  # type: ignore[attr-defined]
+        and len(queue._bufs) == 3  # type: ignore[attr-defined]
     )
 
 
-class _SplitCtx:
-    """A queue's ``struct vq_split`` and scratch, cached on the queue (``fast_ctx``)."""
+class _QueueCtx:
+    """A queue's ``struct vq_queue`` and scratch, cached on the queue (``fast_ctx``)."""
 
     def __init__(self, queue: Any) -> None:
+        from vdev.virtio.packed import PackedQueue
+
         nffi = _fast.ffi
-        self.c = nffi.new("struct vq_split *")
+        self.packed = type(queue) is PackedQueue
+        self.c = nffi.new("struct vq_queue *")
         self.seg_cap = max(MIN_SEGS, 2 * queue.size)
         self.segs = nffi.new("struct vq_seg[]", self.seg_cap)
         self.scratch = nffi.new("uint8_t[]", SCRATCH_BYTES)
         self.out = nffi.new("uint32_t[]", 1024)
         self.burst = nffi.new("struct vq_burst *")
         self.inflight = nffi.from_buffer("uint64_t[]", queue._inflight)
-        self.popped = nffi.from_buffer("uint16_t[]", queue._popped)
         c = self.c
+        c.packed = self.packed
         c.size = queue.size
         c.segs = self.segs
         c.seg_cap = self.seg_cap
         c.scratch = self.scratch
         c.scratch_cap = SCRATCH_BYTES
         c.inflight = self.inflight
-        c.popped = self.popped
+        if self.packed:
+            from vdev.virtio.packed import pffi
+
+            self.ring_ffi = pffi
+            self.ndesc = nffi.from_buffer("uint16_t[]", queue._ndesc)
+            self.pend_cap = queue.size + 64
+            self.pend = [nffi.new("uint32_t[]", self.pend_cap) for _ in range(3)]
+            c.ndesc = self.ndesc
+            c.pend_id, c.pend_len, c.pend_nd = self.pend
+            c.pend_cap = self.pend_cap
+        else:
+            self.ring_ffi = abi_ffi
+            self.popped = nffi.from_buffer("uint16_t[]", queue._popped)
+            c.popped = self.popped
         self.bufs_ref: list[Any] | None = None
 
     def rings(self, queue: Any) -> None:
@@ -187,7 +213,7 @@ class _SplitCtx:
         if self.bufs_ref is queue._bufs:
             return
         nffi = _fast.ffi
-        addr = [int(abi_ffi.cast("uintptr_t", b)) for b in queue._bufs]
+        addr = [int(self.ring_ffi.cast("uintptr_t", b)) for b in queue._bufs]
         c = self.c
         c.desc = nffi.cast("uint8_t *", addr[0])
         c.avail = nffi.cast("uint16_t *", addr[1])
@@ -207,40 +233,70 @@ _STAT_FIELDS = (
 )
 
 
-def _ctx(queue: Any) -> _SplitCtx:
+def _ctx(queue: Any) -> _QueueCtx:
     ctx = queue.fast_ctx
     if ctx is None:
-        ctx = queue.fast_ctx = _SplitCtx(queue)
+        ctx = queue.fast_ctx = _QueueCtx(queue)
     ctx.rings(queue)
     return ctx  # type: ignore[no-any-return]
 
 
-def _load_state(ctx: _SplitCtx, queue: Any) -> Any:
+def _load_state(ctx: _QueueCtx, queue: Any) -> Any:
     c = ctx.c
     c.indirect_ok = queue.indirect
     c.event_idx = queue.event_idx
     c.notify_on_empty = queue.notify_on_empty
     c.allow_readable = queue.readable_allowed
     c.allow_writable = queue.writable_expected
-    c.last_avail = queue.last_avail_idx
-    c.seen_avail = queue._seen_avail_idx
     c.used_idx = queue.used_idx
-    c.pending_used = queue._pending_used
-    c.signalled_used = queue._signalled_used
-    c.signalled_valid = queue._signalled_valid
+    if ctx.packed:
+        c.last_avail = queue._avail_idx
+        c.avail_wrap = queue.avail_wrap
+        c.used_wrap = queue.used_wrap
+        c.scan_end = -1 if queue._scan_end is None else queue._scan_end
+        c.scan_chains = queue._scan_chains
+        c.signalled_valid = queue._signalled is not None
+        c.signalled_used = queue._signalled or 0
+        pending = queue._pending
+        if len(pending) > ctx.pend_cap:  # pragma: no cover - only ring faults push this many
+            raise AssertionError(f"virtqueue {queue.index}: {len(pending)} used elements pending")
+        ids, lens, nds = ctx.pend
+        for i, (bid, n, nd) in enumerate(pending):
+            ids[i], lens[i], nds[i] = bid, n, nd
+        c.npend = len(pending)
+        pending.clear()
+    else:
+        c.last_avail = queue.last_avail_idx
+        c.seen_avail = queue._seen_avail_idx
+        c.pending_used = queue._pending_used
+        c.signalled_used = queue._signalled_used
+        c.signalled_valid = queue._signalled_valid
     st = queue.stats
     for name in _STAT_FIELDS:
         setattr(c, name, getattr(st, name))
     return c
 
 
-def _store_state(c: Any, queue: Any) -> None:
-    queue.last_avail_idx = c.last_avail
-    queue._seen_avail_idx = c.seen_avail
+def _store_state(ctx: _QueueCtx, c: Any, queue: Any) -> None:
     queue.used_idx = c.used_idx
-    queue._pending_used = c.pending_used
-    queue._signalled_used = c.signalled_used
-    queue._signalled_valid = bool(c.signalled_valid)
+    if ctx.packed:
+        queue._avail_idx = c.last_avail
+        queue.avail_wrap = c.avail_wrap
+        queue.used_wrap = c.used_wrap
+        queue._scan_end = None if c.scan_end < 0 else c.scan_end
+        queue._scan_chains = c.scan_chains
+        queue._signalled = c.signalled_used if c.signalled_valid else None
+        n = c.npend
+        if n:
+            ids, lens, nds = (_fast.ffi.unpack(a, n) for a in ctx.pend)
+            queue._pending.extend(zip(ids, lens, nds, strict=True))
+            c.npend = 0
+    else:
+        queue.last_avail_idx = c.last_avail
+        queue._seen_avail_idx = c.seen_avail
+        queue._pending_used = c.pending_used
+        queue._signalled_used = c.signalled_used
+        queue._signalled_valid = bool(c.signalled_valid)
     st = queue.stats
     for name in _STAT_FIELDS:
         setattr(st, name, getattr(c, name))
@@ -325,13 +381,13 @@ def tx_burst(queue: Any, pool: Pbufpool, hlen: int, budget: int, pkts: list[int]
     c.regions, c.nregions = regions.arr, regions.n
     b = ctx.burst
     try:
-        _fast.lib.vq_split_tx(c, vp, hlen, budget, ctx.out, b)
+        _fast.lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
     finally:
         regions.release()
         c.regions = nffi.NULL
         for buf in (bp, be, bl):
             nffi.release(buf)
-    _store_state(c, queue)
+    _store_state(ctx, c, queue)
     used_p, used_e, used_l = k_p - vp.n_pkts, k_e - vp.n_ext, k_l - vp.n_large
     if used_p:
         del fp[len(fp) - used_p :]
@@ -371,12 +427,12 @@ def rx_burst(
     b = ctx.burst
     buf = nffi.from_buffer("uint32_t[]", arr)
     try:
-        _fast.lib.vq_split_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
+        _fast.lib.vq_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
     finally:
         regions.release()
         c.regions = nffi.NULL
         nffi.release(buf)
-    _store_state(c, queue)
+    _store_state(ctx, c, queue)
     if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
         raise AssertionError(f"virtqueue {queue.index}: compiled RX burst refused its arguments")
     _count("rx_bursts")
@@ -389,8 +445,8 @@ def finish(queue: Any, consumed: int) -> bool:
     """flush_used, then (when ``consumed``) should_notify: whether to signal the guest."""
     ctx = _ctx(queue)
     c = _load_state(ctx, queue)
-    notify = bool(_fast.lib.vq_split_finish(c, consumed))
-    _store_state(c, queue)
+    notify = bool(_fast.lib.vq_finish(c, consumed))
+    _store_state(ctx, c, queue)
     return notify
 
 
