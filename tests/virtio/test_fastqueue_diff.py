@@ -39,6 +39,7 @@ from virtio_helpers import (
 )
 
 from vdev.abi import lib
+from vdev.faults.engine import FaultEngine, ManualClock
 from vdev.net.nic import VirtioNet, net_queue_direction
 from vdev.skywalk import Pbufpool
 from vdev.virtio import fastqueue
@@ -354,6 +355,25 @@ def _ids_free(drv: DriverQueue | PackedDriverQueue) -> bool:
     return not isinstance(drv, PackedDriverQueue) or bool(drv._free_ids)
 
 
+def _instrument(
+    nic: VirtioNet, rules: list[dict[str, Any]] | None, tap: bool
+) -> tuple[FaultEngine | None, list[Any]]:
+    """A seeded fault engine with ``rules`` on the NIC, and a capture tap recording every
+    frame's one record (frame, direction, notes)."""
+    captured: list[Any] = []
+    if tap:
+        nic.tap = lambda _nic, frame, direction, notes: captured.append(
+            (bytes(frame), direction, list(notes))
+        )
+    if not rules:
+        return None, captured
+    engine = FaultEngine(seed=7, clock=ManualClock(100.0))
+    nf = engine.nic(nic)
+    for spec in rules:
+        nf.add(spec)
+    return engine, captured
+
+
 def _nic(features: int, pool: Pbufpool, forwarded: list[Any]) -> VirtioNet:
     def forward(_name: str, pkts: list[int]) -> None:
         for p in pkts:
@@ -375,6 +395,8 @@ def _run_tx(
     hold: int,
     rounds: list[tuple[list[Any], list[Any]]],
     seed: int,
+    rules: list[dict[str, Any]] | None = None,
+    tap: bool = False,
 ) -> dict[str, Any]:
     fastqueue.set_backend(backend)
     fastqueue.STRICT = True
@@ -383,6 +405,7 @@ def _run_tx(
     held = pool.alloc_packets(hold)
     forwarded: list[Any] = []
     nic = _nic(features, pool, forwarded)
+    engine, captured = _instrument(nic, rules, tap)
     queue: Any
     drv: Any
     if packed:
@@ -424,12 +447,20 @@ def _run_tx(
             calls = os.eventfd_read(efd)
         except BlockingIOError:
             pass
-        return _outcome(nic, queue, pool, forwarded, calls)
+        if engine is not None:
+            engine.clock.advance(5.0)  # release what delay rules hold  # type: ignore[attr-defined]
+            nic.drain_rx()
+        out = _outcome(nic, queue, pool, forwarded, calls)
+        out["log"] = engine.log.lines() if engine is not None else []
+        out["captured"] = captured
+        return out
     finally:
         os.close(efd)
         if queue.defunct is None:
             queue.close()
         drv.close()
+        if engine is not None:
+            engine.clear()
         pool.free_packets(held)
         pool.close()
 
@@ -443,6 +474,8 @@ def _run_rx(
     base: int,
     rounds: list[tuple[list[Any], list[Any], list[Any]]],
     seed: int,
+    rules: list[dict[str, Any]] | None = None,
+    tap: bool = False,
 ) -> dict[str, Any]:
     fastqueue.set_backend(backend)
     fastqueue.STRICT = True
@@ -450,6 +483,7 @@ def _run_rx(
     pool = _pool()
     forwarded: list[Any] = []
     nic = _nic(features, pool, forwarded)
+    engine, captured = _instrument(nic, rules, tap)
     queue: Any
     drv: Any
     if packed:
@@ -489,11 +523,19 @@ def _run_rx(
             calls = os.eventfd_read(efd)
         except BlockingIOError:
             pass
-        return _outcome(nic, queue, pool, forwarded, calls)
+        if engine is not None:
+            engine.clock.advance(5.0)  # release what delay rules hold  # type: ignore[attr-defined]
+            nic.drain_rx()
+        out = _outcome(nic, queue, pool, forwarded, calls)
+        out["log"] = engine.log.lines() if engine is not None else []
+        out["captured"] = captured
+        return out
     finally:
         os.close(efd)
         pool.free_packets(list(nic.backlog))
         nic.backlog.clear()
+        if engine is not None:
+            engine.clear()
         if queue.defunct is None:
             queue.close()
         drv.close()
@@ -583,3 +625,56 @@ def test_compiled_path_runs_in_these_tests() -> None:
     )
     assert not out["kills"]
     assert fastqueue.COUNTS.get("rx_frames", 0) == 6
+
+
+# -- faults and capture stay exact (issue 11 item 3) -----------------------------------------
+
+RULE_SETS = {
+    # packet rules: the hooks see the packets after the loop, on both paths
+    "packet": [
+        {"action": "drop", "queue": "both", "p": 0.2},
+        {"action": "corrupt", "queue": "rx", "p": 0.3, "flips": 2},
+        {"action": "duplicate", "queue": "tx", "p": 0.2},
+        {"action": "delay", "queue": "tx", "p": 0.3, "ms": 3},
+    ],
+    # interrupt rules: compiled bursts, the notification decision through the rules
+    "calls": [
+        {"action": "suppress_irq", "queue": "both", "p": 0.5},
+        {"action": "spurious_irq", "queue": "both", "p": 0.3},
+    ],
+    # used-element rules: the whole batch takes the reference path
+    "used": [
+        {"action": "bad_used_len", "queue": "both", "p": 0.3},
+        {"action": "double_complete", "queue": "rx", "p": 0.2},
+        {"action": "bad_used_id", "queue": "tx", "p": 0.2},
+    ],
+}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("rules", sorted(RULE_SETS))
+def test_faults_and_capture_same_on_both_paths(packed: bool, rules: str) -> None:
+    """Same seed, same traffic: the same frames, counters, capture records and fault event
+    log whichever path ran, with rules active and capture on."""
+    start = _snapshot()
+    features = F_V1 | F_EVENT | F_INDIRECT | F_MRG
+    size = 7 if packed else 8
+    tx_round = ([(60 + 7 * i, [], i % 3 == 0, (i % 2, 14, 16), False) for i in range(6)], [])
+    rx_round = (
+        [([200], False), ([100, 100], True)] * 3,
+        [(60 + 11 * i, (0, 0) if i % 2 else None) for i in range(6)],
+        [],
+    )
+    spec = RULE_SETS[rules]
+    for run in (_run_tx, _run_rx):
+        rounds: list[Any] = [tx_round] * 3 if run is _run_tx else [rx_round] * 3
+        args = (start, size, features, 0)
+        extra = (0,) if run is _run_tx else ()
+        fastqueue.COUNTS.clear()
+        py = run("python", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
+        c = run("c", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
+        _assert_same(py, c)
+        assert py["log"], "the rules never fired: nothing compared"
+        assert py["captured"]
+        if rules != "used":
+            assert fastqueue.COUNTS.get("tx_chains", 0) + fastqueue.COUNTS.get("rx_frames", 0)

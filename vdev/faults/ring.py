@@ -383,14 +383,13 @@ class RingFaultSet:
 
     # -- RingFaults protocol ----------------------------------------------------------------
 
-    def idle(self, nic: VirtioNet, index: int) -> bool:
-        """Whether queue ``index`` has no ring rule (used, calls, stall) and nothing held: then
-        ``used``/``calls``/``stalled`` would change nothing, so the NIC may run the compiled
-        bursts, which do not call them."""
-        if index in self._ooo or self._delayed.get(index):
+    def idle(self, nic: VirtioNet, index: int, kinds: tuple[str, ...]) -> bool:
+        """Whether no rule of ``kinds`` ("used", "calls") covers queue ``index`` and (for
+        "used") nothing is held for it: then ``used`` / ``calls`` would change nothing, so
+        the NIC may run the compiled bursts, which do not call them."""
+        if "used" in kinds and (index in self._ooo or self._delayed.get(index)):
             return False
-        ring_kinds = ("used", "calls", "stall")
-        return not any(r.kind in ring_kinds and r.queue.covers(index) for r in self._rules())
+        return not any(r.kind in kinds and r.queue.covers(index) for r in self._rules())
 
     def stalled(self, nic: VirtioNet, index: int) -> bool:
         return any(

@@ -128,9 +128,10 @@ class RingFaults(Protocol):
         """How many call notifications to send now (``wanted``: what the ring rules say)."""
         ...
 
-    def idle(self, nic: VirtioNet, index: int) -> bool:
-        """True when nothing would be changed on queue ``index`` (no rule, nothing held), so
-        the compiled bursts, which never call the methods above, may serve it."""
+    def idle(self, nic: VirtioNet, index: int, kinds: tuple[str, ...]) -> bool:
+        """True when ``used`` ("used" in ``kinds``) or ``calls`` ("calls") would change
+        nothing on queue ``index`` (no rule, nothing held), so the compiled bursts, which do
+        not call them, may do that part."""
         ...
 
 
@@ -313,9 +314,21 @@ class VirtioNet:
         for _ in range(count):
             self.notify(index)
 
-    def _faults_idle(self, index: int) -> bool:
-        """No ring fault can act on queue ``index`` now (see ``RingFaults.idle``)."""
-        return self.ring_faults is None or self.ring_faults.idle(self, index)
+    def _faults_idle(self, index: int, kind: str) -> bool:
+        """No ring fault of ``kind`` can act on queue ``index`` now (``RingFaults.idle``)."""
+        return self.ring_faults is None or self.ring_faults.idle(self, index, (kind,))
+
+    def _finish(self, queue: VirtQueue, index: int, consumed: int) -> None:
+        """Publish the pushed used elements and interrupt if the ring rules (and interrupt
+        fault rules) say so: in C when no interrupt rule applies, else the decision goes
+        through ``_maybe_notify``."""
+        if self._faults_idle(index, "calls"):
+            if fastqueue.finish(queue, consumed):
+                self.notify(index)
+            return
+        fastqueue.finish(queue, 0)  # publish only
+        if consumed:
+            self._maybe_notify(queue, index)
 
     def _stalled(self, index: int) -> bool:
         return self.ring_faults is not None and self.ring_faults.stalled(self, index)
@@ -402,9 +415,10 @@ class VirtioNet:
 
         With the compiled bursts (``vdev/virtio/fastqueue.py``) the chains go through C in
         runs; whatever a burst cannot complete plainly (a drop, a kill, pool pressure) is
-        the next chain for the Python reference below, then the bursts resume.  Ring fault
-        rules on the queue need the reference's per-element hooks, so they keep the whole
-        batch in Python; capture and packet rules see the packets after the loop on both
+        the next chain for the Python reference below, then the bursts resume.  Used-element
+        fault rules on the queue need the reference's per-element hook, so they keep the
+        whole batch in Python; interrupt rules only the notification decision
+        (``_finish``); capture and packet rules see the packets after the loop on both
         paths."""
         vring = self.vrings.get(index)
         if vring is None or vring.queue is None or vring.queue.defunct is not None:
@@ -417,7 +431,10 @@ class VirtioNet:
         pkts: list[int] = []
         consumed = 0
         fast = (
-            fastqueue.usable(queue) and self._faults_idle(index) and vring.enabled and self.link_up
+            fastqueue.usable(queue)
+            and self._faults_idle(index, "used")
+            and vring.enabled
+            and self.link_up
         )
         burst: fastqueue.Burst | None = None
         try:
@@ -440,8 +457,7 @@ class VirtioNet:
                     break
                 consumed += step
             if fast and queue.defunct is None:
-                if fastqueue.finish(queue, consumed):
-                    self.notify(index)
+                self._finish(queue, index, consumed)
             else:
                 queue.flush_used()
                 if consumed:
@@ -608,21 +624,22 @@ class VirtioNet:
             # A queue killed after it took frames publishes nothing more.
             if done is None or done.defunct is not None:
                 continue
-            if fastqueue.usable(done) and self._faults_idle(index):
-                if fastqueue.finish(done, 1):
-                    self.notify(index)
+            if fastqueue.usable(done) and self._faults_idle(index, "used"):
+                self._finish(done, index, 1)
             else:
                 done.flush_used()
                 self._maybe_notify(done, index)
 
     def _fast_rx_queue(self) -> int | None:
-        """The RX queue a compiled burst may fill: the only one running, with no ring fault
-        rule (those need the reference's per-element hooks)."""
+        """The RX queue a compiled burst may fill: the only one running, not stalled, with
+        no used-element fault rule (those need the reference's per-element hook)."""
         if not self.link_up or fastqueue.BACKEND != "c":
             return None
         running = [i for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)]
-        if len(running) != 1 or not self._faults_idle(running[0]):
+        if len(running) != 1 or not self._faults_idle(running[0], "used"):
             return None
+        if self._stalled(running[0]):
+            return None  # the reference's _pick_rx_queue finds no queue and stops
         queue = self.vrings[running[0]].queue
         return running[0] if fastqueue.usable(queue) else None
 
