@@ -203,8 +203,10 @@ mutation_st = st.one_of(
     st.tuples(
         st.just("chain_table"),
         st.integers(0, 15),
-        st.tuples(st.integers(1, 40), st.integers(0, 40)),
+        st.tuples(st.integers(0, 40), st.integers(0, 40)),  # 0 entries: a zero-length table
     ),
+    # avail slot / packed descriptor i names the same buffer as i - 1 (still in flight)
+    st.tuples(st.just("dup"), st.integers(1, 15), st.just(0)),
 )
 # A TX chain: frame length, buffer split sizes, indirect, vnet header (flags, start, offset),
 # and whether the frame's bytes sum to 0xFFFF from csum_start (the computed checksum is 0:
@@ -275,6 +277,8 @@ def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any])
         elif kind == "link":
             flags = struct.unpack_from("<H", MEM.read(d + 14, 2))[0]
             MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_NEXT))
+        elif kind == "dup":
+            MEM.write(d + 12, MEM.read(ring + 16 * ((i - 1) % size) + 12, 2))
         elif kind == "chain_table":
             n, back = value
             for k in range(n):
@@ -315,6 +319,9 @@ def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
         elif kind == "link":
             flags = struct.unpack_from("<H", MEM.read(d + 12, 2))[0]
             MEM.write(d + 12, struct.pack("<HH", flags | B.VRING_DESC_F_NEXT, value % size))
+        elif kind == "dup":
+            prev = lay.avail + 4 + 2 * ((i - 1) % size)
+            MEM.write(lay.avail + 4 + 2 * i, MEM.read(prev, 2))
         elif kind == "chain_table":
             n, back = value
             for k in range(n):
