@@ -383,6 +383,14 @@ class RingFaultSet:
 
     # -- RingFaults protocol ----------------------------------------------------------------
 
+    def idle(self, nic: VirtioNet, index: int, kinds: tuple[str, ...]) -> bool:
+        """Whether no rule of ``kinds`` ("used", "calls") covers queue ``index`` and (for
+        "used") nothing is held for it: then ``used`` / ``calls`` would change nothing, so
+        the NIC may run the compiled bursts, which do not call them."""
+        if "used" in kinds and (index in self._ooo or self._delayed.get(index)):
+            return False
+        return not any(r.kind in kinds and r.queue.covers(index) for r in self._rules())
+
     def stalled(self, nic: VirtioNet, index: int) -> bool:
         return any(
             isinstance(r.action, Stall) and r.action.active for r in self._rules_for("stall", index)

@@ -19,6 +19,7 @@ cffi ``cdef`` (no ``struct`` format strings) until the ABI owner moves them ther
 from __future__ import annotations
 
 import logging
+from array import array
 
 from cffi import FFI
 
@@ -156,7 +157,7 @@ class PackedQueue(QueueLifecycle):
         # The used side resumes where the avail side is (no buffers in flight across a restart).
         self.used_idx, self.used_wrap = self._avail_idx, self.avail_wrap
         # Descriptors each buffer id in flight used (next to _inflight, _setup's).
-        self._ndesc = [0] * size
+        self._ndesc = array("H", bytes(2 * size))
         self._pending: list[tuple[int, int, int]] = []  # (id, written, descriptors)
         # (token before the pop, id) of recent pops, so rewind() never re-reads guest memory.
         self._popped: list[tuple[int, int]] = []

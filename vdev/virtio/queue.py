@@ -23,6 +23,7 @@ else readable-then-writable), because "even index = receiveq" is virtio-net know
 from __future__ import annotations
 
 import sys
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -242,8 +243,10 @@ class QueueLifecycle:
         self.stats = VirtqueueStats()
         # Device-private (trusted) record of what the driver handed over: write_len + 1 of
         # each chain (split head / packed buffer id) in flight, 0 when it is not ours.
-        self._inflight = [0] * size
+        self._inflight = array("Q", bytes(8 * size))
         self._bufs: list[Any] = []
+        # The compiled bursts' state for this queue (vdev/virtio/fastqueue.py), made lazily.
+        self.fast_ctx: Any = None
         self._views: list[memoryview] = []
         self.features = features
 

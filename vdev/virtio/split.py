@@ -24,6 +24,7 @@ hosts would need real barriers, which pure Python cannot emit; vdev targets x86-
 from __future__ import annotations
 
 import logging
+from array import array
 
 from vdev.abi import ffi, lib
 from vdev.errors import KillReason, SyncError, SyncKind
@@ -130,7 +131,7 @@ class SplitQueue(QueueLifecycle):
         self._signalled_used = 0
         self._signalled_valid = False
         # Head popped from each avail slot, so rewind() never re-reads guest memory.
-        self._popped = [0] * size
+        self._popped = array("H", bytes(2 * size))
         self._map(mem)
         # vhost-user resumes from the used idx in guest memory (libvhost-user does the same):
         # it is what the driver has already seen.
