@@ -70,6 +70,11 @@ STEP_KEYS: dict[str, set[str]] = {
     "sleep": {"seconds"},
     "alive": {"within", "answers"},
     "expect": {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals"},
+    # One guest console command (the bare driver's console, or a Linux shell line) and its
+    # reply: what a fuzzer finding replays (vdev fuzz-driver), in its exact order.
+    "guest": {"command"},
+    # COUNT frames of SIZE bytes from the host peer to the guest, at once.
+    "send": {"count", "size"},
 }
 EXPECT_KEYS = {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals", "name"}
 
@@ -479,6 +484,15 @@ def _parse_step(ctx: _Ctx, nth: int, raw: object, known: set[str]) -> Step:
             re.compile(pat)
         except re.error as exc:
             raise ctx.error("step", nth, "pattern", f"pattern: not a valid regex: {exc}") from None
+    elif do == "guest":
+        cmd = raw.get("command")
+        if not isinstance(cmd, str) or not cmd.strip() or "\n" in cmd or "\r" in cmd:
+            raise ctx.error("step", nth, "command", 'guest needs command = "<one console line>"')
+    elif do == "send":
+        for key, lo, hi in (("count", 1, 4096), ("size", 60, 1514)):
+            v = raw.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ctx.error("step", nth, key, f"{key}: {v!r} must be an integer {lo}-{hi}")
     elif do == "sleep":
         v = raw.get("seconds")
         if not _number(v) or v < 0:

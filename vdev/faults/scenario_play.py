@@ -371,6 +371,14 @@ class _Player:
                 res = self.check(p["expect"])
                 self.expects.append(res)
                 return res.ok, res.detail
+        if step.do == "guest":
+            if self.guest is None:
+                return False, "no guest attached to run a command on"
+            return self.guest.command(str(p["command"]), step.timeout)
+        if step.do == "send":
+            peer = self.host_peer()
+            sent = peer.send_frames(self.guest_mac(), int(p["count"]), int(p["size"]))
+            return sent == int(p["count"]), f"sent {sent} of {p['count']}"
         if step.do == "sleep":
             secs = float(p["seconds"])
             end = self.now() + secs
