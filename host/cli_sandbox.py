@@ -185,6 +185,7 @@ class Sandbox:
                 memory_mb=self.memory_mb,
                 ready_pattern=re.escape(PROMPT),
                 ready_timeout=self.ready_timeout,
+                input_check=("", re.escape(PROMPT)),  # an empty line: just a new prompt
                 console_log=self.console_log,
                 extra_args=["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"],
                 name="sandbox",

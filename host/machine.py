@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 NicKind = Literal["vhost-user", "user", "none"]
 # Kernel options every Linux guest gets: console on the first UART, no reboot loops
 # (panic=-1 reboots, -no-reboot turns that into a QEMU exit), quiet boot.
+# A ready guest under KVM must answer typed input within this (see ``input_check``).
+INPUT_CHECK_S = 10.0
 LINUX_BASE_ARGS = "console=ttyS0 quiet panic=-1 oops=panic"
 _PR_SET_PDEATHSIG = 1
 
@@ -138,6 +140,11 @@ class Machine:
         say what was used and why once launched.
       ready_pattern: regex printed when the guest is usable; ``launch`` waits for it (None:
         do not wait). ``wait_prompt``: also wait for the shell prompt after it.
+      input_check: ``(line, reply_regex)``: under KVM, after the ready marker, type ``line``
+        and require ``reply_regex`` within ``INPUT_CHECK_S``. A marker proves the vCPU ran,
+        not that interrupts and timers work: on a nested KVM the bare driver printed its
+        prompt and then never saw a key (microvm), so the probe and the run-time fallback
+        both count a guest deaf to its console as a KVM failure. Not done under TCG.
       console_log: where the console log is written (kept after shutdown); default
         ``console.log`` in the machine's temp dir (removed at shutdown).
       extra_args: appended to the QEMU command line.
@@ -158,6 +165,7 @@ class Machine:
         ready_pattern: str | None = None,
         wait_prompt: bool = False,
         ready_timeout: float = 90.0,
+        input_check: tuple[str, str] | None = None,
         console_log: Path | str | None = None,
         extra_args: Sequence[str] = (),
         name: str = "vdev",
@@ -176,6 +184,7 @@ class Machine:
         self.ready_pattern = ready_pattern
         self.wait_prompt = wait_prompt
         self.ready_timeout = ready_timeout
+        self.input_check = input_check
         self.console_log = Path(console_log) if console_log is not None else None
         self.extra_args = list(extra_args)
         self.name = name
@@ -402,12 +411,28 @@ class Machine:
             self.ready_line = m.group(0).strip()
             if self.wait_prompt:
                 self.console.expect(re.escape(PROMPT), limit)
+            self._check_input()
         self.boot_seconds = time.monotonic() - self._t0
         choice, verdict = self._accel_choice, self._pending_verdict
         if verdict is not None and choice is not None and choice.key is not None:
             # Only now, with TCG up, is it certain the failure was KVM's, not the guest's.
             accel_policy.record(choice.key, verdict)
             self._pending_verdict = None
+
+    def _check_input(self) -> None:
+        """Under KVM, prove the ready guest hears its console (see ``input_check``)."""
+        if self.input_check is None or self.accel != "kvm":
+            return
+        line, reply = self.input_check
+        self.console.send(line + "\r")
+        try:
+            self.console.expect(reply, INPUT_CHECK_S)
+        except GuestTimeout:
+            raise self._error(
+                GuestStalled,
+                f"the guest printed its ready marker under KVM but did not answer {line!r} "
+                f"on its console within {INPUT_CHECK_S:g} s (no interrupts or timer)",
+            ) from None
 
     # ------------------------------------------------------------------ accelerator
     def _workload(self) -> accel_policy.Workload:
@@ -446,7 +471,9 @@ class Machine:
             machine=self.machine_type,
             accel="kvm",
             ready_pattern=self.ready_pattern,
+            wait_prompt=self.wait_prompt,
             ready_timeout=bound,
+            input_check=self.input_check,
             name="kvm-probe",
         )
         t0 = time.monotonic()

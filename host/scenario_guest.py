@@ -215,6 +215,14 @@ class LinuxGuest:
 
     # -- liveness ---------------------------------------------------------------------
 
+    def command(self, line: str, timeout: float) -> tuple[bool, str]:
+        """One shell line (a ``guest`` step); ok when it answers within ``timeout``."""
+        try:
+            out = self._run(line, timeout=timeout)
+        except Exception as exc:  # GuestTimeout, the shell is gone
+            return False, _first_line(exc)
+        return True, out.strip().splitlines()[-1] if out.strip() else ""
+
     def probe(self, peer: HostPeer, within: float, answers: int) -> ProbeResult:
         """ICMP echo requests from the host peer to the guest's address: the guest's RX,
         its IP stack and its TX must all work for an answer to come back."""
@@ -340,6 +348,11 @@ class BareGuest:
         self._active.pop(flow.index, None)
         counts.guest_sent = self._sent.get(flow.index) if flow.tx else None
         counts.guest_received = self._received.get(flow.index)
+
+    def command(self, line: str, timeout: float) -> tuple[bool, str]:
+        """One console command (a ``guest`` step); its lines count for ``console_shows``."""
+        reply = self._cmd(line, timeout=timeout)
+        return bool(reply.ok), str(reply.status_line)
 
     def probe(self, peer: HostPeer, within: float, answers: int) -> ProbeResult:
         """Raw frames from the host peer, reflected by the driver's ``echo`` command."""

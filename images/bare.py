@@ -25,7 +25,30 @@ DRIVER_DIR = REPO_ROOT / "guest" / "driver"
 ABI_DIR = REPO_ROOT / "vdev" / "abi"
 BUILD_DIR = REPO_ROOT / "guest" / "build"
 ELF_NAME = "vdev-bare.elf"
-OBJECTS = ("boot.S", "lib.c", "transport.c", "virtq.c", "channel.c", "net.c", "irq.c", "main.c")
+OBJECTS = (
+    "boot.S",
+    "lib.c",
+    "fuzz.c",
+    "transport.c",
+    "virtq.c",
+    "channel.c",
+    "net.c",
+    "irq.c",
+    "main.c",
+)
+# Test-only builds for ``vdev fuzz-driver`` (guest/driver/fuzz.c): "cov" adds the edge
+# coverage map; each "plant-*" is "cov" plus one planted driver bug the fuzzer must find.
+# Each variant is its own ELF with its own hash stamp, so they are cached side by side.
+COVERAGE_FLAGS = ("-fsanitize-coverage=trace-pc",)
+COVERED = ("virtq.c", "net.c", "channel.c", "irq.c")  # driver logic; fuzz.c never (recursion)
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "cov": (),
+    "plant-rx-off-by-one": ("-DPLANT_RX_OFF_BY_ONE",),
+    "plant-no-used-id-check": ("-DPLANT_NO_USED_ID_CHECK",),
+    "plant-reset-leak": ("-DPLANT_RESET_LEAK",),
+}
+PLANTED = tuple(v for v in VARIANTS if v.startswith("plant-"))
 CFLAGS = (
     "-m32",
     "-march=i686",
@@ -73,8 +96,25 @@ def _tool_version(tool: str) -> str:
     return proc.stdout.splitlines()[0] if proc.stdout else ""
 
 
-def input_hash(gcc: str, ld: str) -> str:
+def elf_name(variant: str = "default") -> str:
+    """``vdev-bare.elf``, or ``vdev-bare-VARIANT.elf`` for a test-only variant."""
+    if variant not in VARIANTS:
+        raise BareBuildError(f"variant {variant!r}: one of {', '.join(VARIANTS)}")
+    return ELF_NAME if variant == "default" else f"vdev-bare-{variant}.elf"
+
+
+def _object_flags(variant: str, name: str) -> tuple[str, ...]:
+    if variant == "default":
+        return ()
+    cov = COVERAGE_FLAGS if name in COVERED else ()
+    return (*cov, *VARIANTS[variant])
+
+
+def input_hash(gcc: str, ld: str, variant: str = "default") -> str:
     h = hashlib.sha256()
+    h.update(variant.encode() + b"\0")
+    for name in OBJECTS:
+        h.update(" ".join(_object_flags(variant, name)).encode() + b"\0")
     for path in sources():
         h.update(f"{path.relative_to(REPO_ROOT)}\0".encode())
         h.update(path.read_bytes())
@@ -94,14 +134,17 @@ def _run(cmd: list[str]) -> None:
         raise BareBuildError(f"{' '.join(cmd)} {what}:\n{proc.stderr}{proc.stdout}")
 
 
-def build_bare(force: bool = False) -> Path:
-    """Return the driver ELF, (re)building it if any input changed or ``force`` is set."""
+def build_bare(force: bool = False, variant: str = "default") -> Path:
+    """Return the driver ELF, (re)building it if any input changed or ``force`` is set.
+
+    ``variant`` picks a test-only build (``VARIANTS``: coverage, planted bugs)."""
+    name_out = elf_name(variant)
     gcc, ld = _require("gcc"), _require("ld")
     BUILD_DIR.mkdir(parents=True, exist_ok=True)
-    elf = BUILD_DIR / ELF_NAME
-    stamp = BUILD_DIR / (ELF_NAME + ".hash")
+    elf = BUILD_DIR / name_out
+    stamp = BUILD_DIR / (name_out + ".hash")
     with file_lock(BUILD_DIR / ".bare.lock"):
-        digest = input_hash(gcc, ld)
+        digest = input_hash(gcc, ld, variant)
         if not force and elf.exists() and stamp.exists() and stamp.read_text() == digest:
             return elf
         with tempfile.TemporaryDirectory(dir=BUILD_DIR, prefix=".bare-") as tmp:
@@ -113,6 +156,7 @@ def build_bare(force: bool = False) -> Path:
                     [
                         gcc,
                         *CFLAGS,
+                        *_object_flags(variant, name),
                         f"-I{ABI_DIR}",
                         f"-I{DRIVER_DIR}",
                         "-c",
@@ -122,7 +166,7 @@ def build_bare(force: bool = False) -> Path:
                     ]
                 )
                 objs.append(str(obj))
-            out = tmpdir / ELF_NAME
+            out = tmpdir / name_out
             _run([ld, *LDFLAGS, "-T", str(DRIVER_DIR / "link.ld"), "-o", str(out), *objs])
             os.replace(out, elf)
         stamp.write_text(digest)

@@ -64,4 +64,28 @@ class DefunctError(VdevError):
         super().__init__(f"{what} is defunct{because}")
 
 
-__all__ = ["DefunctError", "KillReason", "SyncError", "SyncKind", "VdevError"]
+class GuestMemoryFault(VdevError):
+    """Guest memory went away under the device: the frontend shrank or truncated a shared
+    region after SET_MEM_TABLE, and an access past its new end raised SIGBUS (recovered by
+    ``vdev/native/memguard.c``).  Costs the connection that owns the memory, nothing else."""
+
+    def __init__(self, gpa: int, size: int, offset: int, faults: int) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.offset = offset
+        self.faults = faults
+        super().__init__(
+            f"guest memory region gpa {gpa:#x}+{size:#x} faulted at offset {offset:#x} "
+            f"({faults} SIGBUS): the frontend truncated or shrank the region's fd after "
+            "mapping it"
+        )
+
+
+__all__ = [
+    "DefunctError",
+    "GuestMemoryFault",
+    "KillReason",
+    "SyncError",
+    "SyncKind",
+    "VdevError",
+]

@@ -80,6 +80,12 @@ static void ring_setup(struct sk_ring *r, uint32_t kind, uint32_t id, uint32_t n
 
 /* (Re)build the whole arena.  Used at boot and after a device reset: the
  * reset reclaims every object, nothing is carried over. */
+#ifdef PLANT_RESET_LEAK
+uint32_t pool_leak_hint;                 /* set by net_restart: TX chains in flight */
+#endif
+
+uint32_t pool_md_in_use(void) { return POOL_PACKETS - md_nfree; }
+
 void pool_init(uint32_t tx_slots, uint32_t rx_slots)
 {
     struct sk_arena_hdr *h = arena_hdr();
@@ -102,17 +108,27 @@ void pool_init(uint32_t tx_slots, uint32_t rx_slots)
     h->ring_off = RING_OFF;
     h->ring_region_size = RING_REGION;
     h->arena_size = ARENA_SIZE;
-    for (uint32_t i = 0; i < POOL_PACKETS; i++) {
+    md_nfree = 0;
+    for (uint32_t k = 0; k < POOL_PACKETS; k++) {
+        uint32_t i = POOL_PACKETS - 1 - k;
         struct sk_md_obj *o = md_obj(i);
         o->pre.redzone = SK_REDZONE_SEED ^ i;
         o->pkt.idx = i;
         o->pkt.bufs_max = POOL_MAX_FRAGS;
         o->pkt.buf0.buf_idx = SK_NO_INDEX;
         o->pkt.buf0.next_idx = SK_NO_INDEX;
-        md_free[i] = POOL_PACKETS - 1 - i;
+#ifdef PLANT_RESET_LEAK
+        /* Planted bug (test-only build): the rebuild forgets the packets the
+         * device still held on TX when the reset came; they stay "in use". */
+        if (pool_leak_hint) {
+            pool_leak_hint--;
+            md_owner[i] = OWN_KERNEL;
+            continue;
+        }
+#endif
+        md_free[md_nfree++] = i;
         md_owner[i] = OWN_FREE;
     }
-    md_nfree = POOL_PACKETS;
     for (uint32_t i = 0; i < POOL_BUFLETS; i++) {
         bl_free[i] = POOL_BUFLETS - 1 - i;
         bl_used[i] = 0;

@@ -238,4 +238,21 @@ void net_wait_done(void);                /* disarm every queue (the command is o
 void net_poll_events(void);              /* report config changes (link) seen so far */
 uint32_t flow_hash(const uint8_t *frame, uint32_t len);
 
+/* ---- memory-safety checks and coverage (fuzz.c) ----
+ * BUG_ON(cond, what, a, b) guards an access the driver is about to make with a
+ * device-controlled index or length: when cond holds it prints one console line
+ * `BUG: what a=A b=B at file:line`, counts vdev_bugs and evaluates to 1, so the
+ * caller skips the access (like KASAN reporting instead of corrupting).  These
+ * never fire while the driver's own validation (check_used, rx_harvest) is
+ * right; a fuzzing host treats any BUG line as a finding.  The test-only
+ * planted-bug builds (-DPLANT_*, images/bare.py variants) remove or weaken one
+ * validation so the check behind it fires. */
+extern uint32_t vdev_bugs;
+int drv_bug(const char *file, int line, const char *what, uint32_t a, uint32_t b);
+#define BUG_ON(cond, what, a, b)                                                         \
+    (__builtin_expect(!!(cond), 0) ? drv_bug(__FILE__, __LINE__, (what), (uint32_t)(a), \
+                                             (uint32_t)(b))                             \
+                                   : 0)
+uint32_t pool_md_in_use(void);
+
 #endif

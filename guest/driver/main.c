@@ -269,12 +269,16 @@ static int kv_known(char **kv, int nkv, const char *const *keys)
  * writes frame `seq` into packet p.  Returns 0, or prints the ERR line. */
 typedef int (*fill_fn)(uint32_t p, uint32_t seq, void *ctx);
 
+/* How long tx/txip/txhex wait for ring room and for the drain (ms); `tx ...
+ * wait=MS` lowers it for one command (a fuzzer stalling TX need not wait 5 s). */
+static uint32_t tx_wait_ms = 5000;
+
 static int tx_frames(const char *verb, uint32_t count, uint32_t size, uint32_t batch, fill_fn fill,
                      void *ctx, uint64_t p0)
 {
     struct sk_ring *r = vdev_tx_ring_p;
     uint32_t queued = 0, seq = 0;
-    uint64_t stall = time_deadline(5000);
+    uint64_t stall = time_deadline(tx_wait_ms);
     while (queued < count) {
         uint32_t n = sk_available_slot_count(r);
         if (n > batch)
@@ -304,7 +308,7 @@ static int tx_frames(const char *verb, uint32_t count, uint32_t size, uint32_t b
             return -1;
         }
         if (done) {
-            stall = time_deadline(5000);
+            stall = time_deadline(tx_wait_ms);
         } else if (time_expired(stall)) {
             kprintf("ERR %s stalled sent=%llu queued=%u\n", verb, vdev_stats.tx_packets - p0, queued);
             return -1;
@@ -313,7 +317,7 @@ static int tx_frames(const char *verb, uint32_t count, uint32_t size, uint32_t b
         }
     }
     /* Drain: wait until the device has used every posted chain. */
-    uint64_t dl = time_deadline(5000);
+    uint64_t dl = time_deadline(tx_wait_ms);
     while (sk_pending(r) || net_tx_in_flight()) {
         sk_sync(r);
         if (!sk_pending(r) && !net_tx_in_flight())
@@ -351,20 +355,21 @@ static int fill_pattern(uint32_t p, uint32_t seq, void *ctx)
     return 0;
 }
 
-/* tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] */
+/* tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] [wait=MS] */
 static void cmd_tx(int argc, char **argv)
 {
     char *pos[MAX_ARGS], *kv[MAX_ARGS];
     int nkv, np = opts_split(argc, argv, pos, kv, &nkv);
-    static const char *const keys[] = {"flows", NULL};
+    static const char *const keys[] = {"flows", "wait", NULL};
     struct pattern_ctx c;
-    uint32_t count, batch;
+    uint32_t count, batch, wait;
     memcpy(c.dst, bcast, 6);
     c.dst_given = np > 3;
     if (np < 2 || parse_uint(pos[0], &count) || parse_uint(pos[1], &c.size) ||
         arg_u32(np, pos, 2, 32, &batch) || (np > 3 && parse_mac(pos[3], c.dst)) ||
-        !kv_known(kv, nkv, keys) || kv_u32(kv, nkv, "flows", 1, &c.flows) || c.flows == 0) {
-        kputs("ERR usage: tx COUNT SIZE [BATCH] [DSTMAC] [flows=K]\n");
+        !kv_known(kv, nkv, keys) || kv_u32(kv, nkv, "flows", 1, &c.flows) || c.flows == 0 ||
+        kv_u32(kv, nkv, "wait", 5000, &wait) || wait == 0) {
+        kputs("ERR usage: tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] [wait=MS]\n");
         return;
     }
     uint32_t max_size = POOL_MAX_FRAGS * POOL_BUF_SIZE - POOL_HEADROOM;
@@ -375,7 +380,10 @@ static void cmd_tx(int argc, char **argv)
     if (!need_dev())
         return;
     uint64_t p0 = vdev_stats.tx_packets, b0 = vdev_stats.tx_bytes;
-    if (tx_frames("tx", count, c.size, batch, fill_pattern, &c, p0))
+    tx_wait_ms = wait;
+    int rc = tx_frames("tx", count, c.size, batch, fill_pattern, &c, p0);
+    tx_wait_ms = 5000;
+    if (rc)
         return;
     kprintf("OK tx sent=%llu bytes=%llu\n", vdev_stats.tx_packets - p0, vdev_stats.tx_bytes - b0);
 }
@@ -1052,7 +1060,7 @@ static void handle(char *line)
         kprintf("OK quit code=%u\n", code);
         debug_exit(code);
     } else if (streq(argv[0], "help")) {
-        kputs("tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] | txhex HEX [COUNT] | rx COUNT [TIMEOUT_MS] [dump|full]\n"
+        kputs("tx COUNT SIZE [BATCH] [DSTMAC] [flows=K] [wait=MS] | txhex HEX [COUNT] | rx COUNT [TIMEOUT_MS] [dump|full]\n"
               "txip udp|tcp COUNT SIZE [BATCH] [mss=N] [flows=K] | echo [COUNT] [TIMEOUT_MS]\n"
               "stats | irq | link [up|down [TIMEOUT_MS]] | vq | reset | quit CODE\n"
               "features [event_idx=0|1] [mrg_rxbuf=0|1] [qsize=N] [packed=0|1] [mq=N] [indirect=0|1]\n"

@@ -294,6 +294,9 @@ static int bringup(void)
     /* Channel rings as deep as the virtqueues: a full TX ring is exactly one
      * full virtqueue (num_slots - 1 usable slots on each side). */
     pool_init(vdev_txq.size, vdev_rxq.size);
+    /* The rebuild reclaims every packet: none may still be in use. */
+    BUG_ON(pool_md_in_use() != 0, "pool leak after reset: packets still in use", pool_md_in_use(),
+           0);
 
     uint8_t st = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER | VIRTIO_STATUS_DRIVER_OK;
     if (vt_is_modern())
@@ -345,6 +348,15 @@ int net_restart(int violation)
         vdev_stats.recoveries++;
         kprintf("! recovering: device reset\n");
     }
+#ifdef PLANT_RESET_LEAK
+    {
+        extern uint32_t pool_leak_hint;
+        uint32_t held = 0;
+        for (uint32_t i = 0; i < npairs; i++)
+            held += vdev_txqs[i].in_flight;
+        pool_leak_hint = held;
+    }
+#endif
     if (!probed && vt_probe(net_opts.force) == 0)
         probed = 1;
     int r = probed ? bringup() : -1;
@@ -564,6 +576,18 @@ static void rx_build(struct sk_ring *r, struct vq *q, uint32_t nb, const uint32_
             pool_buf_free(bufs[i]);
         vdev_stats.rx_dropped++;
         return;
+    }
+    /* Each buffer is POOL_BUF_SIZE bytes: a length past it would make the
+     * packet's data window run into the next buffer. */
+    for (uint32_t i = 0; i < nb; i++) {
+        if (BUG_ON(lens[i] > POOL_BUF_SIZE, "rx used len overruns its buffer", lens[i],
+                   POOL_BUF_SIZE)) {
+            for (uint32_t j = 0; j < nb; j++)
+                pool_buf_free(bufs[j]);
+            pool_packet_free(p);
+            q->broken = 1;
+            return;
+        }
     }
     struct sk_packet *pk = pkt_md(p);
     pk->buf0.buf_idx = bufs[0];

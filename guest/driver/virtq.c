@@ -315,8 +315,15 @@ static int packed_is_used(struct vq *q, uint16_t pos, uint8_t wrap)
 /* Validate one used id against what we posted (shared by both layouts). */
 static int check_used(struct vq *q, uint32_t id, uint32_t len, uint32_t k)
 {
+#ifndef PLANT_NO_USED_ID_CHECK
     if (id >= q->size)
         return violation(q, &vdev_stats.viol_used_id_range, "viol_used_id_range", id, q->index);
+#endif
+    /* The id indexes the driver's per-descriptor arrays below. */
+    if (BUG_ON(id >= q->size, "used id indexes past the queue's state", id, q->size)) {
+        q->broken = 1;
+        return -1;
+    }
     if (q->state[id] == DS_COMPLETED)
         return violation(q, &vdev_stats.viol_double_completion, "viol_double_completion", id,
                          q->index);
@@ -327,7 +334,11 @@ static int check_used(struct vq *q, uint32_t id, uint32_t len, uint32_t k)
      * report the readable length on TX, so TX is checked against the whole
      * chain; a length past the buffer is never accepted. */
     uint32_t cap = q->wcap[id] ? q->wcap[id] : q->total[id];
+#ifdef PLANT_RX_OFF_BY_ONE
+    if (len > cap + 1)                   /* planted bug (test-only build): one byte too lax */
+#else
     if (len > cap)
+#endif
         return violation(q, &vdev_stats.viol_used_len, "viol_used_len", len, cap);
     /* The same id twice inside one batch is a double completion too. */
     for (uint32_t j = 0; j < k; j++)

@@ -7,7 +7,10 @@ failures seen on real hosts:
 * ``silent``: QEMU is up (console, QMP) but the vCPU never runs (``-S``): the probe hangs, or
   the guest never prints;
 * ``regdump``: KVM reports an internal error with a register dump and QEMU exits;
-* ``msr``: the nested-KVM MSR assertion kills QEMU at once.
+* ``msr``: the nested-KVM MSR assertion kills QEMU at once;
+* ``deaf``: the guest runs and prints, but never receives a byte typed on its console (seen
+  with the bare driver on microvm under a nested KVM: its prompt came, no key ever did). The
+  stand-in puts itself between QEMU and the console socket and forwards one way only.
 
 ``phase`` says which KVM launches misbehave: ``all``, only the ``probe`` (QEMU ``-name
 kvm-probe``), only the real ``run`` (the probe passes, the run-time fallback must save the
@@ -27,7 +30,7 @@ from host import accel
 STAND_IN = '''\
 #!{python}
 """Stand-in QEMU for vdev's accelerator tests (mode {mode}, phase {phase})."""
-import ctypes, os, re, signal, subprocess, sys, time
+import ctypes, os, re, signal, socket, subprocess, sys, threading, time
 
 REAL, MODE, PHASE, LOG = {real!r}, {mode!r}, {phase!r}, {log!r}
 args = sys.argv[1:]
@@ -69,10 +72,37 @@ if MODE == "msr":
     os.abort()
 if MODE == "silent":
     os.execv(REAL, as_tcg(["-S"]))  # console and QMP come up; the vCPU never runs
-if MODE == "regdump":
 
-    def pdeathsig():
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+def pdeathsig():
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+if MODE == "deaf":
+    i = next(i for i, a in enumerate(args) if a.startswith("socket,id=con0,"))
+    host_path = re.search(r"path=([^,]+)", args[i]).group(1)
+    mine = host_path + ".deaf"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(mine)
+    listener.listen(1)
+    args[i] = args[i].replace("path=" + host_path, "path=" + mine)
+    child = subprocess.Popen(as_tcg(), preexec_fn=pdeathsig)
+    guest, _ = listener.accept()
+    host = socket.socket(socket.AF_UNIX)
+    host.connect(host_path)
+
+    def guest_to_host():
+        while data := guest.recv(4096):
+            host.sendall(data)
+
+    def swallow_host():
+        while host.recv(4096):
+            pass  # typed input never reaches the guest
+
+    for fn in (guest_to_host, swallow_host):
+        threading.Thread(target=fn, daemon=True).start()
+    sys.exit(child.wait())
+if MODE == "regdump":
 
     child = subprocess.Popen(as_tcg(["-S"]), preexec_fn=pdeathsig)
     time.sleep(1.0)

@@ -171,6 +171,51 @@ def test_sandbox_with_the_device_survives_the_fallback(
     assert qemu.launches() == ["kvm kvm-probe", "kvm sandbox", "tcg sandbox"]
 
 
+@pytest.mark.parametrize(
+    ("phase", "launches"),
+    [
+        ("probe", ["kvm kvm-probe", "tcg sandbox"]),
+        ("run", ["kvm kvm-probe", "kvm sandbox", "tcg sandbox"]),
+    ],
+)
+def test_a_guest_deaf_to_its_console_under_kvm_means_tcg(
+    elf: Path,
+    host_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    phase: str,
+    launches: list[str],
+) -> None:
+    """A ready marker is not enough: the prompt came but no typed key reached the guest.
+    The probe (phase probe) or the run-time check (phase run) sees it; the sandbox then
+    runs under TCG and answers commands."""
+    from host import machine
+    from host.cli_sandbox import Sandbox
+
+    monkeypatch.setattr(machine, "INPUT_CHECK_S", 2.0)
+    qemu = stand_in(tmp_path, monkeypatch, "deaf", phase)
+    with Sandbox(elf=elf) as sb:
+        assert sb.machine is not None and sb.machine.accel == "tcg"
+        assert sb.cmd("features").status_line.startswith("OK features")
+    assert qemu.launches() == launches
+    (line,) = fallback_lines(capsys.readouterr().err)
+    assert "did not answer ''" in line and "within 2 s" in line
+    verdict = only_verdict(host_env)
+    assert verdict["accel"] == "tcg" and "did not answer" in str(verdict["reason"])
+
+
+def test_a_deaf_console_passes_when_nobody_checks_input(
+    elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side: a Machine without ``input_check`` trusts the marker, so the deaf
+    KVM guest is used (what the sandbox did before it checked its console)."""
+    qemu = stand_in(tmp_path, monkeypatch, "deaf", "all")
+    with bare(elf) as m:
+        assert m.accel == "kvm"
+    assert qemu.launches() == ["kvm kvm-probe", "kvm bare"]
+
+
 def test_a_short_caller_timeout_under_kvm_is_not_blamed_on_kvm(
     elf: Path, host_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

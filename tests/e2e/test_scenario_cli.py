@@ -115,7 +115,16 @@ def test_ctrl_c_prints_the_partial_report_and_cleans_up(linux_image: object) -> 
         assert progress.wait(180), "no progress line: " + "".join(err)[-2000:]
         assert _tagged_processes(tag), "QEMU should be running with the test's tag"
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=90)
+        # Not communicate(): it would read stderr too, racing the reader thread for the
+        # very line this test looks for. stdout is read on its own thread, bounded by wait.
+        chunks: list[str] = []
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        out_reader = threading.Thread(target=lambda: chunks.append(stdout.read()), daemon=True)
+        out_reader.start()
+        proc.wait(timeout=90)
+        out_reader.join(10)
+        out = "".join(chunks)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -125,7 +134,7 @@ def test_ctrl_c_prints_the_partial_report_and_cleans_up(linux_image: object) -> 
     assert proc.returncode == 130, stderr[-2000:]
     assert out.startswith("scenario flaky-link: INTERRUPTED"), out
     assert "interrupted at t=" in out and "rules:" in out and "device (this run):" in out
-    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr, stderr
     deadline = time.monotonic() + 10
     while _tagged_processes(tag) and time.monotonic() < deadline:
         time.sleep(0.2)

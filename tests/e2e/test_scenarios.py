@@ -30,7 +30,14 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = REPO / "scenarios"
-ORDER = ["flaky-link", "bursty-loss", "pool-exhaustion", "backend-crash", "hostile-device"]
+ORDER = [
+    "flaky-link",
+    "bursty-loss",
+    "pool-exhaustion",
+    "backend-crash",
+    "crash-in-flight",
+    "hostile-device",
+]
 
 # The same traffic through the API and through the CLI must give the same counts for
 # seeded rules: exactly 30 echo replies and 60 host frames reach the RX hook, whoever plays.

@@ -295,3 +295,72 @@ def test_play_and_print(tmp_path: Path) -> None:
         assert "bad.toml:2: step[1]: do: 'fly'" in out.getvalue()
     finally:
         dev.close()
+
+
+CRASH_POINT = """\
+[scenario]
+name = "cp"
+duration = 2.0
+[[step]]
+at = 0.0
+do = "crash"
+mode = "drop"
+after_frames = 5
+in_flight = 3
+[[expect]]
+event = "backend_crash"
+equals = 1
+"""
+
+
+def test_crash_step_arms_a_crash_point_that_fires_with_chains_in_flight(tmp_path: Path) -> None:
+    """The scriptable restart timing: the step arms, the data path fires it at the first
+    batch holding 3 unpublished chains once 5 were taken; the event says so."""
+    from vdev.net.device import Device
+    from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
+    from vdev.testing.frontend import VirtioNetFrontend
+
+    path = str(tmp_path / "n.sock")
+    with Device() as dev:
+        dev.add_nic(path)
+        dev.start()
+        fe = VirtioNetFrontend(path)
+        sent = False
+
+        def sleep(seconds: float) -> None:
+            nonlocal sent
+            if not sent:  # one kick for 2 frames, then one for 10: only the second holds 3
+                fe.send([numbered(HOST_MAC, GUEST_MAC, i) for i in range(2)])
+                time.sleep(0.2)
+                fe.send([numbered(HOST_MAC, GUEST_MAC, i) for i in range(2, 12)])
+                sent = True
+            time.sleep(seconds)
+
+        try:
+            report = play(parse_scenario(CRASH_POINT), dev, sleep=sleep)
+        finally:
+            fe.close()
+        assert report.ok, report.format()
+        assert report.steps[0].detail == "armed: after_frames=5 in_flight=3 mode=drop"
+        engine = FaultEngine.for_device(dev)
+        (crash,) = [e for e in engine.log.events if e.kind == "backend_crash"]
+        assert crash.detail == {"mode": "drop", "taken": 5, "in_flight": 3, "after_frames": 5}
+        assert dev.sockets[0].connections == 1  # dropped (nobody reconnected here)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('mode = "boom"', "mode: 'boom' must be one of exit, drop"),
+        ("in_flight = -1", "in_flight: -1 must be an integer >= 0"),
+        ("after_frames = 1.5", "after_frames: 1.5 must be an integer >= 0"),
+        ("in_flight = true", "in_flight: True must be an integer >= 0"),
+    ],
+)
+def test_crash_step_arguments_are_checked(line: str, message: str) -> None:
+    text = f'[scenario]\nname = "x"\n[[step]]\ndo = "crash"\n{line}\n'
+    with pytest.raises(ScenarioError, match=r"<scenario>:5: .*" + message.replace(".", r"\.")):
+        parse_scenario(text)
+    # The largest/smallest accepted values on the other side.
+    ok = parse_scenario('[scenario]\nname = "x"\n[[step]]\ndo = "crash"\nin_flight = 0\n')
+    assert ok.steps[0].params == {"after_frames": 0, "in_flight": 0, "mode": "exit"}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pytest
 
 from vdev.abi import lib
-from vdev.skywalk import Channel, KillReason, Pbufpool, Port, SyncKind
+from vdev.skywalk import Channel, KillReason, Pbufpool, Port, SyncError, SyncKind
 from vdev.skywalk.arena import NO_INDEX
 
 from . import hostile as H
@@ -397,3 +397,119 @@ def test_no_index_end_of_chain_is_the_only_end() -> None:
         b.next_idx = 0
 
     expect_refused(to_zero, KillReason.BAD_BUFLET_CHAIN)
+
+
+# ---------------------------------------------------------------- sd_len clamp (issue 12 item 5)
+def _rx_one_big(sd_len: int | None) -> tuple[Pbufpool, Port, Channel]:
+    """Deliver one 70,400-byte packet (more than the 16-bit sd_len holds), receive it and
+    release its slot, with ``sd_len`` rewritten unless None."""
+    pool = Pbufpool(num_packets=16, buf_size=16384, max_frags=5)
+    port = Port(pool, ring_slots=8, on_transmit=lambda _port, pkts: pool.free_packets(pkts))
+    ch = port.open_channel()
+    p = pool.packet_from_bytes(bytes(range(256)) * 275)
+    assert p is not None and port.deliver([p]) == 1
+    ch.sync(SyncKind.RX)
+    got = ch.slot_get_packet(ch.rx_ring, 0)
+    assert got is not None
+    ch.slot_detach_packet(ch.rx_ring, 0, got)
+    if sd_len is not None:
+        H.slot(ch, ch.rx_ring, 0).sd_len = sd_len
+    ch.advance_slot(ch.rx_ring, 0)
+    return pool, port, ch
+
+
+def test_long_packet_publishes_a_clamped_sd_len_and_releases_exactly() -> None:
+    """A packet longer than 65535 is named by sd_len 65535 (the field is 16 bits); releasing
+    the slot with that value is legal and takes the kernel's full length out of ready_bytes.
+
+    Kills the clamp removed from the release check (``pub = ln``: a legal release of a long
+    packet dies) and the release sum counting the user's sd_len instead of the length the
+    kernel published (ready_bytes would keep 70400 - 65535 bytes)."""
+    pool, port, ch = _rx_one_big(None)
+    assert H.slot(ch, ch.rx_ring, 0).sd_len == 0xFFFF
+    ch.sync(SyncKind.RX)
+    assert H.ring_hdr(ch, ch.rx_ring).ready_bytes == 0
+    ch.close()
+    port.close()
+    assert_no_leak(pool)
+
+
+@pytest.mark.parametrize("sd_len", [0xFFFE, 70400 & 0xFFFF], ids=["one-less", "wrapped-len"])
+def test_long_packet_with_another_sd_len_is_inconsistent(sd_len: int) -> None:
+    """Below the clamp, or the true length truncated to 16 bits: both are not what the
+    kernel published."""
+    pool, port, ch = _rx_one_big(sd_len)
+    err = _expect_kill(pool, port, ch, SyncKind.RX, KillReason.INCONSISTENT_READY_BYTES)
+    assert f"sd_len {sd_len} != published 65535" in err.detail
+
+
+KNOWN_PFLAGS = {lib.SK_PKT_VNET_HDR: "vnet header", lib.SK_PKT_CSUM_PARTIAL: "csum partial"}
+
+
+@pytest.mark.parametrize("bit", range(16))
+def test_each_pflags_bit_alone(bit: int) -> None:
+    """Each of the 16 pflags bits alone: the two the ABI defines (skywalk.h) pass, every other
+    one is refused and named.  Kills an unknown-flags mask that only covers some bits (the
+    suite set 0x80 only).
+
+    The fields a flag that is NOT set would make meaningful hold garbage, and must be
+    ignored: csum_start/csum_stuff without CSUM_PARTIAL, the virtio-net header's csum window
+    without VNET_HDR or without its NEEDS_CSUM flag (virtio 1.x 5.1.6).  Kills a checksum
+    check gated on the wrong flag, or on none."""
+    pool, port, ch, sent = _setup()
+    p, s = H.stage_tx(ch, b"z" * 60)
+    q = H.pkt(ch.arena, p)
+    q.pflags = 1 << bit
+    csum = 1 << bit == lib.SK_PKT_CSUM_PARTIAL
+    q.csum_start = 0 if csum else 0xFFFF
+    q.csum_stuff = 0 if csum else 0xFFFF
+    q.vnet.flags = 0 if 1 << bit == lib.SK_PKT_VNET_HDR else lib.VIRTIO_NET_HDR_F_NEEDS_CSUM
+    q.vnet.csum_start = q.vnet.csum_offset = 0xFFFF
+    ch.advance_slot(ch.tx_ring, s)
+    if 1 << bit in KNOWN_PFLAGS:
+        ch.sync(SyncKind.TX)
+        assert sent == [b"z" * 60]
+        ch.close()
+        port.close()
+        assert_no_leak(pool)
+        return
+    err = _expect_kill(pool, port, ch, SyncKind.TX, KillReason.INTERNALIZE_FAILED)
+    assert f"unknown pflags {1 << bit:#x}" in err.detail
+    assert sent == []
+
+
+def test_tx_slot_naming_an_owned_packet_without_sd_valid_is_empty() -> None:
+    """A TX slot whose index names a packet the channel holds, but whose SD_VALID flag is
+    clear, hands nothing over: the packet is not taken (UNALLOCATED_PKT, "packet none").
+    The existing empty-slot test cleared the index too, so a loop that ignored SD_VALID
+    still failed on the index (kills fp-tx-valid-ignored)."""
+    pool, port, ch, sent = _setup()
+    p, s = H.stage_tx(ch, b"v" * 60)
+    sl = H.slot(ch, ch.tx_ring, s)
+    assert sl.sd_md_idx == p
+    sl.sd_flags = 0
+    ch.advance_slot(ch.tx_ring, s)
+    err = _expect_kill(pool, port, ch, SyncKind.TX, KillReason.UNALLOCATED_PKT)
+    assert f"slot {s}: packet none not held" in err.detail
+    assert sent == []
+
+
+def test_free_of_a_packet_another_channel_holds_is_refused() -> None:
+    """FREE must name a packet THIS channel holds: another channel's packet is
+    UNALLOCATED_PKT and stays with its holder, which can still free it (the FREE ring's
+    ownership check had no test; kills fp-free-owner-ignored)."""
+    pool, port, ch, _ = _setup()
+    other = port.open_channel()
+    theirs = other.packet_alloc()
+    assert theirs is not None
+    ch.packet_free(theirs)
+    with pytest.raises(SyncError) as ei:
+        ch.sync(SyncKind.FREE)
+    assert ei.value.reason is KillReason.UNALLOCATED_PKT
+    assert f"packet {theirs} not held" in ei.value.detail
+    other.packet_free(theirs)  # still the other channel's: a legal free
+    other.sync(SyncKind.FREE)
+    other.close()
+    ch.close()
+    port.close()
+    assert_no_leak(pool)

@@ -442,3 +442,36 @@ def test_codes_come_from_the_compiled_module() -> None:
     assert set(checks) == set(slotwork.INTERNALIZE_CHECKS)
     assert {code: name for name, code in checks.items()} == fastglue.C.checks
     assert len(set(checks.values())) == len(checks)  # distinct codes
+
+
+@pytest.mark.parametrize(
+    ("region", "slots_w32", "n", "start", "end", "ok"),
+    [
+        (32, 0, 4, 0, 3, True),  # four 8-byte slots filling the region exactly
+        (32, 0, 4, 3, 0, True),  # wrapped span
+        (32, 0, 4, 0, 4, False),  # end == n: one past the ring
+        (32, 0, 4, 4, 0, False),  # start == n
+        (31, 0, 4, 0, 3, False),  # the last slot's last byte outside the region
+        (40, 2, 4, 1, 2, True),  # slot array at byte 8, ending at the region's end
+        (39, 2, 4, 1, 2, False),
+        (32, 0, 0, 0, 0, False),  # no slots
+        (32, 9, 0, 0, 0, False),  # slot array beyond the region (and no slots)
+    ],
+)
+def test_c_refuses_ring_arguments_outside_the_region(
+    region: int, slots_w32: int, n: int, start: int, end: int, ok: bool
+) -> None:
+    """The compiled loops check the (trusted) ring arguments before touching memory: the
+    slot array ``[slots_w32 * 4, slots_w32 * 4 + n * SLOT_SIZE)`` must lie inside the
+    region, ``start`` and ``end`` name slots.  Refused arguments are FP_BADARGS (fastglue
+    then runs the Python loop); the oracle is that byte arithmetic, each bound tested at the
+    last accepted and first refused value.  Kills ``end > n`` and a region check one slot
+    short (mutants fp-ring-ok-*, tools/mutants/fastpath.toml)."""
+    if not validate.fast_available():
+        pytest.skip("compiled fast path unavailable (no compiler?)")
+    f = fastglue._fast
+    assert SLOT_SIZE == 8
+    ring = f.ffi.new("uint8_t[]", 64)  # bigger than any region above: a miss is not a crash
+    ret = f.ffi.new("struct fp_ret *")
+    code = f.lib.fp_rx_release_check(ring, region, slots_w32, n, start, end, f.ffi.NULL, ret)
+    assert code == (f.lib.FP_OK if ok else f.lib.FP_BADARGS)

@@ -12,6 +12,7 @@ from vdev.vhost import codec
 from vdev.vhost.codec import (
     HAS_REPLY,
     Fds,
+    Inflight,
     Kind,
     MemRegionDesc,
     ProtocolError,
@@ -19,6 +20,7 @@ from vdev.vhost.codec import (
     VringAddr,
     encode_addr,
     encode_config,
+    encode_inflight,
     encode_mem_reg,
     encode_mem_table,
     encode_state,
@@ -52,6 +54,7 @@ PAYLOAD = {
     Kind.STATE: encode_state(0, 0),
     Kind.ADDR: encode_addr(VringAddr(0, 0, 0, 0, 0, 0)),
     Kind.CONFIG: encode_config(0, 0, b""),
+    Kind.INFLIGHT: encode_inflight(Inflight(0, 0, 1, 256)),
 }
 
 

@@ -133,6 +133,13 @@ def test_qemu_handshake_start_and_reconnect(
         assert b2 is not None and b2 is not b1
         assert b2.mem is not None and b2.mem.total_size == 256 << 20
         assert any("memory table:" in r.getMessage() for r in caplog.records)
+        # QEMU 7.2 acks INFLIGHT_SHMFD (it is in its VHOST_USER_PROTOCOL_FEATURE_MASK) but
+        # its vhost-user-net never asks for the buffer: only vhost-user-blk and
+        # vhost-scsi-common call vhost_dev_get_inflight/vhost_dev_prepare_inflight.
+        for b in (b1, b2):
+            assert b.has_protocol_feature(ProtocolFeature.INFLIGHT_SHMFD)
+            assert b.inflight is None
+        assert not any("inflight buffer" in r.getMessage() for r in caplog.records)
         for v in b2.vrings:
             assert v.queue is not None
             # SET_VRING_BASE carried the guest's used index; the queue resumed there.

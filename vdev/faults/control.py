@@ -106,7 +106,7 @@ class ControlServer:
             "events": ({"since", "limit"}, self._events),
             "link": ({"nic", "up"}, self._link),
             "pool": ({"packets", "id"}, self._pool),
-            "crash": ({"nic"}, self._crash),
+            "crash": ({"nic", "after_frames", "in_flight", "mode"}, self._crash),
         }
         with device.lock:
             device.sel.register(sock, selectors.EVENT_READ, self._accept)
@@ -321,8 +321,16 @@ class ControlServer:
         return {"fault": fault.describe()}
 
     def _crash(self, req: dict[str, Any]) -> dict[str, Any]:
-        self.engine.crash_backend(_get_nic(req))
-        return {"crashed": True}
+        """Drop the connection now, or (with after_frames / in_flight / mode) arm a crash
+        point that fires from the data path (vdev.faults.crash)."""
+        keys = {"after_frames", "in_flight", "mode"} & set(req)
+        if not keys:
+            self.engine.crash_backend(_get_nic(req))
+            return {"crashed": True}
+        args: dict[str, Any] = {"after_frames": 0, "in_flight": 1, "mode": "exit"}
+        args |= {k: req[k] for k in keys}
+        self.engine.crash_point(_get_nic(req), **args)
+        return {"armed": args}
 
 
 def dump_rings(nic: Any) -> dict[str, Any]:

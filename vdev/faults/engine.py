@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from vdev.faults.actions import ActionContext
+from vdev.faults.crash import CrashPoint, crash_detail, kill_self
 from vdev.faults.events import EventLog
 from vdev.faults.ring import RingFaultSet
 from vdev.faults.rules import Rule, SpecError, build_rule
@@ -142,6 +143,7 @@ class FaultEngine:
                     "this device already has a FaultEngine: use FaultEngine.for_device(device)"
                 )
             _ENGINES[device] = self
+            device.event_sink = self.log.emit  # ring_resume and other lifecycle events
 
     @classmethod
     def for_device(cls, device: Device, **kw: Any) -> FaultEngine:
@@ -239,10 +241,18 @@ class FaultEngine:
         self.qmp_links.close()
         self.log.close()
 
-    def _device_fault(self, kind: str, undo: Callable[[], None], **info: Any) -> DeviceFault:
-        fid = str(info.pop("fault_id", None) or self.next_id("d"))
+    def _claim_id(self, fault_id: str | None) -> str:
+        """The id a new device fault will have; SpecError if it is taken.  Called before
+        the fault has any effect, so a refused request changes nothing."""
+        fid = str(fault_id or self.next_id("d"))
         if fid in self.device_faults or any(r.id == fid for r in self.rules()):
             raise SpecError(f"id: {fid!r} is already in use", "id")
+        return fid
+
+    def _device_fault(
+        self, fid: str, kind: str, undo: Callable[[], None], **info: Any
+    ) -> DeviceFault:
+        """Record a fault whose id :meth:`_claim_id` gave (under the lock since)."""
 
         def undo_and_forget() -> None:
             with self.lock:
@@ -263,6 +273,7 @@ class FaultEngine:
             raise SpecError("shrink_pool needs a device")
         pool = self.device.pool
         with self.lock:
+            fid = self._claim_id(fault_id)
             free = pool.num_packets - pool.stats.in_use
             held: list[int] = []
             while len(held) < free - packets:
@@ -278,9 +289,7 @@ class FaultEngine:
                 for nic in self.device.nics if self.device is not None else []:
                     nic.drain_rx()
 
-            return self._device_fault(
-                "pool_limit", undo, fault_id=fault_id, packets=packets, held=len(held)
-            )
+            return self._device_fault(fid, "pool_limit", undo, packets=packets, held=len(held))
 
     def crash_backend(self, nic: int | str | VirtioNet = 0) -> None:
         """Drop the vhost-user connection of a NIC abruptly, as if the backend crashed.
@@ -293,6 +302,45 @@ class FaultEngine:
             target = self._resolve(nic)
             connected = self.device.disconnect(target)
             self.log.emit("backend_crash", nic=target.name, connected=connected)
+
+    def crash_point(
+        self,
+        nic: int | str | VirtioNet = 0,
+        *,
+        after_frames: int = 0,
+        in_flight: int = 1,
+        mode: str = "exit",
+    ) -> CrashPoint:
+        """Arm a crash of the back-end on ``nic``'s TX data path (see vdev.faults.crash):
+        after ``after_frames`` chains, with ``in_flight`` chains taken and unpublished (0: at
+        the end of that batch); ``mode`` "exit" SIGKILLs the process, "drop" drops the NIC's
+        connection.  Fires once; ValueError names a bad argument."""
+        if self.device is None and mode == "drop":
+            raise SpecError("crash_point mode 'drop' needs a device")
+        with self.lock:
+            target = self._resolve(nic)
+
+            def fire(n: VirtioNet, taken: int, unpublished: int) -> None:
+                n.take_hook = None
+                self.log.emit(
+                    "backend_crash", nic=n.name, **crash_detail(point, taken, unpublished)
+                )
+                if point.mode == "exit":
+                    kill_self()
+                    return
+                assert self.device is not None
+                self.device.disconnect(n)
+
+            try:
+                point = CrashPoint(after_frames, in_flight, mode, fire)
+            except ValueError as exc:
+                raise SpecError(str(exc), str(exc).split(":")[0]) from None
+            target.take_hook = point.on_take
+            self.log.emit(
+                "crash_armed", nic=target.name, after_frames=after_frames,
+                in_flight=in_flight, mode=mode,
+            )  # fmt: skip
+            return point
 
 
 class NicFaults:
@@ -518,6 +566,7 @@ class NicFaults:
         with self.engine.lock:
             if self._link_fault is not None and self._link_fault.installed:
                 return self._link_fault
+            fid = self.engine._claim_id(fault_id)
             self.nic.link_up = False
             if qmp is not None:
                 self.engine.qmp_links.submit(qmp, qmp_name or self.nic.name, False)
@@ -531,9 +580,7 @@ class NicFaults:
                 self._link_fault = None
                 self.nic.drain_rx()
 
-            self._link_fault = self.engine._device_fault(
-                "link_down", undo, fault_id=fault_id, nic=self.nic.name
-            )
+            self._link_fault = self.engine._device_fault(fid, "link_down", undo, nic=self.nic.name)
             return self._link_fault
 
     def link_up(self) -> None:

@@ -148,7 +148,8 @@ class DoubleComplete(RingAction):
 
 @dataclass
 class BadUsedLen(RingAction):
-    """Report a used length larger than the buffer (``huge``: writable + extra) or zero."""
+    """Report a used length larger than the buffer (``huge``: writable + extra), zero, or
+    just the vnet header (``header``: an RX buffer holding a zero-length frame)."""
 
     mode: str = "huge"
     extra: int = 4096
@@ -160,6 +161,11 @@ class BadUsedLen(RingAction):
             if written == 0:
                 return None  # nothing to lie about (TX elements are 0 already)
             n = 0
+        elif self.mode == "header":
+            # A zero-length frame: the vnet header and nothing after it.
+            if written == 0 or u.index % 2 == 1:
+                return None
+            n = u.nic.hdr_len
         else:
             writable = u.queue.inflight_writable(u.head)
             n = min(
@@ -170,6 +176,70 @@ class BadUsedLen(RingAction):
 
     def params(self) -> dict[str, Any]:
         return {"mode": self.mode, "extra": self.extra}
+
+
+VNET_MODES = ("gso", "csum_beyond", "num_buffers", "flags")
+
+
+@dataclass
+class BadVnetHdr(RingAction):
+    """Rewrite the virtio-net header (5.1.6 "Device Operation") the device wrote into an RX
+    buffer, just before its used element is published: a malformed header from a device.
+
+    * ``gso``: ``gso_type`` = ``value`` (default 0x7f: no such type, 5.1.6.4 lists 0, 1, 3,
+      4 and ECN 0x80) with ``gso_size`` 1, on a device that may not have negotiated GUEST_TSO;
+    * ``csum_beyond``: NEEDS_CSUM with ``csum_start`` + ``csum_offset`` past the frame's end
+      by ``value`` bytes (5.1.6.2.1: they must lie inside the packet);
+    * ``num_buffers``: ``num_buffers`` = ``value`` (default 64: more than the chain or the
+      ring holds; 5.1.6.4 "Processing of Incoming Packets"), only with a 12-byte header;
+    * ``flags``: the flags byte = ``value`` (unknown bits).
+
+    Split rings only (the head descriptor names the buffer); the element is published
+    unchanged otherwise."""
+
+    mode: str = "gso"
+    value: int | None = None
+    name = "bad_vnet_hdr"
+
+    def __post_init__(self) -> None:
+        if self.mode not in VNET_MODES:
+            raise ValueError(f"mode: {self.mode!r} must be one of {', '.join(VNET_MODES)}")
+        if self.value is not None and not 0 <= self.value <= 0xFFFF:
+            raise ValueError(f"value: {self.value} must be 0-65535")
+
+    def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
+        if u.index % 2 == 1 or u.written == 0:
+            return None  # TX elements carry no header the driver reads
+        desc = getattr(u.queue, "_desc", None)  # SplitQueue's descriptor table
+        mem = getattr(u.queue, "mem", None)
+        if desc is None or mem is None or not 0 <= u.head < int(u.queue.size):
+            return None
+        gpa, length = int(desc[u.head].addr), int(desc[u.head].len)
+        hlen = u.nic.hdr_len
+        if length < hlen or u.written < hlen:
+            return None
+        hdr = bytearray(mem.read(gpa, hlen))
+        frame = u.written - hlen
+        if self.mode == "gso":
+            hdr[1] = 0x7F if self.value is None else self.value & 0xFF
+            hdr[4:6] = (1).to_bytes(2, "little")  # gso_size
+        elif self.mode == "csum_beyond":
+            hdr[0] |= lib.VIRTIO_NET_HDR_F_NEEDS_CSUM
+            start = min(0xFFFF, frame + (16 if self.value is None else self.value))
+            hdr[6:8] = start.to_bytes(2, "little")
+            hdr[8:10] = (6).to_bytes(2, "little")
+        elif self.mode == "num_buffers":
+            if hlen < 12:
+                return None
+            hdr[10:12] = (64 if self.value is None else self.value).to_bytes(2, "little")
+        else:
+            hdr[0] = 0xFC if self.value is None else self.value & 0xFF
+        mem.write(gpa, bytes(hdr))
+        rs.event(rule, u.nic, u.index, "bad_vnet_hdr", head=u.head, mode=self.mode, hdr=hdr.hex())
+        return None  # the element itself is published as the device made it
+
+    def params(self) -> dict[str, Any]:
+        return {"mode": self.mode, "value": self.value}
 
 
 @dataclass
@@ -383,6 +453,14 @@ class RingFaultSet:
 
     # -- RingFaults protocol ----------------------------------------------------------------
 
+    def idle(self, nic: VirtioNet, index: int, kinds: tuple[str, ...]) -> bool:
+        """Whether no rule of ``kinds`` ("used", "calls") covers queue ``index`` and (for
+        "used") nothing is held for it: then ``used`` / ``calls`` would change nothing, so
+        the NIC may run the compiled bursts, which do not call them."""
+        if "used" in kinds and (index in self._ooo or self._delayed.get(index)):
+            return False
+        return not any(r.kind in kinds and r.queue.covers(index) for r in self._rules())
+
     def stalled(self, nic: VirtioNet, index: int) -> bool:
         return any(
             isinstance(r.action, Stall) and r.action.active for r in self._rules_for("stall", index)
@@ -469,8 +547,10 @@ class RingFaultSet:
 
 
 __all__ = [
+    "VNET_MODES",
     "BadUsedId",
     "BadUsedLen",
+    "BadVnetHdr",
     "DelayIrq",
     "DelayUsed",
     "DoubleComplete",

@@ -390,8 +390,12 @@ ACTIONS: dict[str, tuple[set[str], ActionFactory]] = {
     "bad_used_len": (
         {"mode", "extra"},
         lambda s: R.BadUsedLen(
-            _str(s, "mode", "huge", ("huge", "zero")), _req_int(s, "extra", 4096)
+            _str(s, "mode", "huge", ("huge", "zero", "header")), _req_int(s, "extra", 4096)
         ),
+    ),
+    "bad_vnet_hdr": (
+        {"mode", "value"},
+        lambda s: R.BadVnetHdr(_str(s, "mode", "gso", R.VNET_MODES), _int(s, "value")),
     ),
     "delay_used": ({"ms"}, lambda s: R.DelayUsed(_req_num(s, "ms", 10.0))),
     "suppress_irq": (set(), lambda s: R.SuppressIrq()),

@@ -63,13 +63,18 @@ STEP_KEYS: dict[str, set[str]] = {
     "clear": set(),
     "link_down": {"qmp", "qmp_name", "id"},
     "link_up": set(),
-    "crash": set(),
+    "crash": {"mode", "after_frames", "in_flight"},
     "shrink_pool": {"packets", "id"},
     "restore_pool": {"id"},
     "wait_console": {"pattern"},
     "sleep": {"seconds"},
     "alive": {"within", "answers"},
     "expect": {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals"},
+    # One guest console command (the bare driver's console, or a Linux shell line) and its
+    # reply: what a fuzzer finding replays (vdev fuzz-driver), in its exact order.
+    "guest": {"command"},
+    # COUNT frames of SIZE bytes from the host peer to the guest, at once.
+    "send": {"count", "size"},
 }
 EXPECT_KEYS = {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals", "name"}
 
@@ -194,6 +199,11 @@ def load_scenario(path: str | Path) -> Scenario:
         data = Path(p).read_bytes()
     except OSError as exc:
         raise ScenarioError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    return parse_scenario_bytes(data, p)
+
+
+def parse_scenario_bytes(data: bytes, p: str = "<scenario>") -> Scenario:
+    """A scenario file's bytes (what ``load_scenario`` read, or a fuzzer's input)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:  # TOML 1.0 "Spec": a TOML file must be valid UTF-8
@@ -455,6 +465,17 @@ def _parse_step(ctx: _Ctx, nth: int, raw: object, known: set[str]) -> Step:
             raise ctx.error("step", nth, "qmp", "qmp: must be true or false")
         if "qmp_name" in raw and not isinstance(raw["qmp_name"], str):
             raise ctx.error("step", nth, "qmp_name", "qmp_name: must be a string (netdev id)")
+    elif do == "crash" and params:
+        # A crash point (vdev.faults.crash): armed by the step, fired by the data path.
+        from vdev.faults.crash import check_crash_args
+
+        args = {"after_frames": 0, "in_flight": 1, "mode": "exit"} | params
+        try:
+            check_crash_args(args["after_frames"], args["in_flight"], args["mode"])
+        except ValueError as exc:
+            key = str(exc).split(":")[0]
+            raise ctx.error("step", nth, key, str(exc)) from None
+        step.params = args
     elif do == "wait_console":
         pat = raw.get("pattern")
         if not isinstance(pat, str) or not pat:
@@ -463,6 +484,15 @@ def _parse_step(ctx: _Ctx, nth: int, raw: object, known: set[str]) -> Step:
             re.compile(pat)
         except re.error as exc:
             raise ctx.error("step", nth, "pattern", f"pattern: not a valid regex: {exc}") from None
+    elif do == "guest":
+        cmd = raw.get("command")
+        if not isinstance(cmd, str) or not cmd.strip() or "\n" in cmd or "\r" in cmd:
+            raise ctx.error("step", nth, "command", 'guest needs command = "<one console line>"')
+    elif do == "send":
+        for key, lo, hi in (("count", 1, 4096), ("size", 60, 1514)):
+            v = raw.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ctx.error("step", nth, key, f"{key}: {v!r} must be an integer {lo}-{hi}")
     elif do == "sleep":
         v = raw.get("seconds")
         if not _number(v) or v < 0:

@@ -349,6 +349,9 @@ class _Player:
                 eng.nic(step.nic).link_up()
                 return True, ""
             if step.do == "crash":
+                if p:  # a crash point: armed now, fired by the data path
+                    eng.crash_point(step.nic, **p)
+                    return True, "armed: " + " ".join(f"{k}={v}" for k, v in sorted(p.items()))
                 eng.crash_backend(step.nic)
                 return True, ""
             if step.do == "shrink_pool":
@@ -368,6 +371,14 @@ class _Player:
                 res = self.check(p["expect"])
                 self.expects.append(res)
                 return res.ok, res.detail
+        if step.do == "guest":
+            if self.guest is None:
+                return False, "no guest attached to run a command on"
+            return self.guest.command(str(p["command"]), step.timeout)
+        if step.do == "send":
+            peer = self.host_peer()
+            sent = peer.send_frames(self.guest_mac(), int(p["count"]), int(p["size"]))
+            return sent == int(p["count"]), f"sent {sent} of {p['count']}"
         if step.do == "sleep":
             secs = float(p["seconds"])
             end = self.now() + secs

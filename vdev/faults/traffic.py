@@ -282,6 +282,10 @@ class ScenarioGuest(Protocol):
         """Stop the guest's side and fill in its counters (never raises)."""
         ...
 
+    def command(self, line: str, timeout: float) -> tuple[bool, str]:
+        """Run one console command (a ``guest`` step): whether it succeeded, its reply."""
+        ...
+
     def probe(self, peer: HostPeer, within: float, answers: int) -> ProbeResult:
         """Does the guest answer the host again (within ``within`` s, ``answers`` times)?"""
         ...
@@ -379,6 +383,20 @@ class HostPeer:
             u = struct.pack("!HHHH", 40000, GUEST_UDP_PORT, 8 + len(data), 0) + data
             return eth(s.dst_mac, self.mac, 0x0800, ipv4(self.ip, s.dst_ip, 17, u))
         return eth(s.dst_mac, self.mac, ETH_TEST, tools_payload(seq, flow.size - 14))
+
+    def send_frames(self, dst_mac: bytes, count: int, size: int, timeout: float = 5.0) -> int:
+        """Send ``count`` test frames of ``size`` bytes to ``dst_mac`` now (a ``send`` step);
+        returns how many the channel took within ``timeout`` seconds."""
+        frames = [
+            eth(dst_mac, self.mac, ETH_TEST, tools_payload(i, size - 14)) for i in range(count)
+        ]
+        sent, deadline = 0, time.monotonic() + timeout
+        while sent < count and time.monotonic() < deadline:
+            took = self.channel.send(frames[sent:])
+            sent += took
+            if not took:
+                time.sleep(0.002)
+        return sent
 
     # -- liveness probe ---------------------------------------------------------------
 

@@ -11,6 +11,14 @@ name, so a stale build is never loaded.  Like ``images/bare.py``, the build runs
 file lock in a temporary directory and the result is renamed into place, so concurrent
 sessions never load a half-written library.
 
+``VDEV_NATIVE_SANITIZE=asan`` (or ``1``) builds a separate variant with AddressSanitizer
+and UndefinedBehaviorSanitizer (``-fsanitize=address,undefined``, cached as
+``native-asan-<hash>``), ``=ubsan`` one with UBSan alone (``native-ubsan-<hash>``), for the
+fuzzers (``scripts/fuzz.sh``).  A Python not itself built with ASan must load the ASan
+runtime first (``LD_PRELOAD`` of :func:`asan_runtime`), which breaks atheris' coverage
+feedback: the campaign fuzzes against the UBSan build and replays the corpus it found
+under the ASan one.
+
 Nothing is built at import time of ``vdev``: :func:`load` is called by ``fastglue.py`` and
 builds once (announcing it on one stderr line); a machine without a compiler gets one
 logged warning and the Python path.
@@ -44,6 +52,55 @@ MODULE_NAME = "_vdev_native"
 CDEF_BEGIN = "/* FP-CDEF-BEGIN */"
 CDEF_END = "/* FP-CDEF-END */"
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-fno-strict-aliasing")
+SANITIZE_ENV = "VDEV_NATIVE_SANITIZE"
+# VDEV_NATIVE_SANITIZE=asan (or 1): ASan + UBSan, needs the ASan runtime preloaded;
+# =ubsan: UBSan alone (no preload: what a coverage-guided fuzzer can load).
+SANITIZERS = {"asan": "address,undefined", "1": "address,undefined", "ubsan": "undefined"}
+
+
+def sanitizer() -> str | None:
+    """Which sanitized variant this process builds and loads (None: the plain build)."""
+    value = os.environ.get(SANITIZE_ENV, "0")
+    if value in ("", "0"):
+        return None
+    if value not in SANITIZERS:
+        raise FastBuildError(f"{SANITIZE_ENV}={value!r}: want asan, ubsan or 0")
+    return "asan" if value == "1" else value
+
+
+def sanitize_flags() -> list[str]:
+    kind = sanitizer()
+    if kind is None:
+        return []
+    return [
+        f"-fsanitize={SANITIZERS[kind]}",
+        "-fno-sanitize-recover=undefined",  # a UB report aborts: the fuzzer counts a crash
+        "-fno-omit-frame-pointer",
+        "-g",
+        "-O1",
+    ]
+
+
+def sanitized() -> bool:
+    return sanitizer() is not None
+
+
+def compile_flags() -> list[str]:
+    return [*CFLAGS, *sanitize_flags()]
+
+
+def asan_runtime() -> str | None:
+    """The compiler's ASan runtime (what ``LD_PRELOAD`` must name for the sanitized build)."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [cc, "-print-file-name=libasan.so"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return os.path.realpath(out) if out and os.path.isabs(out) and os.path.exists(out) else None
 
 
 class FastBuildError(VdevError, RuntimeError):
@@ -96,7 +153,7 @@ def input_hash(cc: str) -> str:
     inputs = [*c_sources(), *c_headers(), *sorted(ABI_DIR.glob("*.h")), Path(__file__).resolve()]
     for path in inputs:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    h.update(" ".join(CFLAGS).encode())
+    h.update(" ".join(compile_flags()).encode())
     h.update(_compiler_version(cc).encode())
     h.update(sys.version.encode())
     h.update(str(sysconfig.get_config_var("SOABI")).encode())
@@ -114,7 +171,8 @@ def _compile(tmpdir: Path) -> Path:
         "".join(f'#include "{h.name}"\n' for h in c_headers() if CDEF_BEGIN in h.read_text()),
         sources=[str(c) for c in c_sources()],
         include_dirs=[str(NATIVE_DIR), str(ABI_DIR)],
-        extra_compile_args=list(CFLAGS),
+        extra_compile_args=compile_flags(),
+        extra_link_args=sanitize_flags()[:1],
     )
     out = io.StringIO()
     try:
@@ -134,7 +192,9 @@ def build(force: bool = False) -> Path:
     cdir.mkdir(parents=True, exist_ok=True)
     digest = input_hash(cc)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    target = cdir / f"native-{digest}{suffix}"
+    kind = sanitizer()
+    variant = f"native-{kind}" if kind else "native"
+    target = cdir / f"{variant}-{digest}{suffix}"
     if target.exists() and not force:
         return target
     with file_lock(cdir / ".native.lock"):
@@ -158,13 +218,23 @@ def load_module(path: Path) -> ModuleType:
     return mod
 
 
+_loaded: ModuleType | None = None
+
+
 def load() -> ModuleType | None:
-    """The compiled module (``.ffi``, ``.lib``), or None with one warning if unavailable."""
+    """The compiled module (``.ffi``, ``.lib``), or None with one warning if unavailable.
+
+    Loaded once per process and shared: C state (memguard's registry of guest mappings and
+    its SIGBUS handler) must be one, whichever Python module asks first."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
     try:
-        return load_module(build())
+        _loaded = load_module(build())
     except (FastBuildError, OSError, ImportError) as exc:
         log.warning("compiled fast path unavailable, using Python: %s", exc)
         return None
+    return _loaded
 
 
 if __name__ == "__main__":

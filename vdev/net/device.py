@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vdev.eventloop import SelectorLoop
+from vdev.limits import MAX_NICS, LimitError
 from vdev.net.capture import PcapngWriter
 from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
@@ -76,6 +77,8 @@ class Device:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.closed = False
+        # Where NIC lifecycle events go (the fault engine's log sets it); None: only logged.
+        self.event_sink: Callable[..., object] | None = None
 
     @property
     def sel(self) -> selectors.BaseSelector:
@@ -97,6 +100,8 @@ class Device:
         """Serve a NIC on a vhost-user socket (listen, or connect when ``client``)."""
         with self.lock:  # the loop may already be running (fixtures add NICs late)
             index = len(self.sockets)
+            if index >= MAX_NICS:
+                raise LimitError(f"NICs limit: this device serves at most {MAX_NICS} NICs")
             mac_b = mac_bytes(mac) if mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
             nic = VirtioNet(
                 name or f"nic{index}",
@@ -112,10 +117,15 @@ class Device:
                     n.name, frame, direction, notes
                 )
             nic.defer = lambda fn: self.call_later(0.0, fn)
+            nic.event_sink = self._event
             server = VhostUserServer(nic, path, self.loop, client=client, name=nic.name)
             self.switch.attach(nic)
             self.sockets.append(NicSocket(nic, server))
             return nic
+
+    def _event(self, kind: str, **detail: object) -> None:
+        if self.event_sink is not None:
+            self.event_sink(kind, **detail)
 
     def open_port(self, name: str, *, ring_slots: int = 256, alloc_nbufs: int = 1) -> Port:
         """A Skywalk nexus port on the switch, for host channels (this or another process).
@@ -237,6 +247,7 @@ class Device:
                         "socket": s.path,
                         "connections": s.connections,
                         "replaced": s.server.replaced,
+                        "memory_faults": s.server.memory_faults,
                     }
                     for s in self.sockets
                 ],

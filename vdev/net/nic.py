@@ -16,6 +16,7 @@ the device, the other queues and the other NICs keep running.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import struct
@@ -31,6 +32,7 @@ from vdev.net.checksum import complete_checksum
 from vdev.skywalk import Pbufpool
 from vdev.skywalk.errors import PoolError
 from vdev.vhost.codec import ProtocolFeature
+from vdev.virtio import fastqueue
 
 if TYPE_CHECKING:
     from vdev.vhost.backend import Vring
@@ -45,6 +47,7 @@ LEGACY_HDR_LEN = 10  # 5.1.6.1 "Legacy Interface: Device Operation" without MRG_
 MAX_FRAME = 65550  # a 64 KiB GSO frame plus its Ethernet header
 RX_BACKLOG = 512  # frames held per NIC while the guest refills its RX ring
 TX_BUDGET = 256  # chains per TX kick before letting other work run
+RX_BURST = 256  # backlog frames handed to one compiled RX burst
 
 
 def bit(n: int) -> int:
@@ -125,6 +128,12 @@ class RingFaults(Protocol):
         """How many call notifications to send now (``wanted``: what the ring rules say)."""
         ...
 
+    def idle(self, nic: VirtioNet, index: int, kinds: tuple[str, ...]) -> bool:
+        """True when ``used`` ("used" in ``kinds``) or ``calls`` ("calls") would change
+        nothing on queue ``index`` (no rule, nothing held), so the compiled bursts, which do
+        not call them, may do that part."""
+        ...
+
 
 # The capture tap: (nic, frame, direction, notes) with direction FROM_GUEST or TO_GUEST
 # (pcapng epb_flags inbound / outbound) and the notes the frame's record carries.
@@ -185,6 +194,7 @@ class VirtioNet:
         self.tx_hooks: list[PacketHook] = []
         self.rx_hooks: list[PacketHook] = []
         self.kill_log: list[tuple[int, SyncError]] = []
+        self.mem: GuestMemory | None = None  # the connection's guest memory (fault checks)
         # Capture: every frame that enters this NIC (a TX chain, or a packet taken from the
         # switch) gets ONE record, written where its fate is settled: forwarded to the
         # switch, written into guest buffers, or dropped (by a fault rule or by the device,
@@ -195,6 +205,14 @@ class VirtioNet:
         self.ring_faults: RingFaults | None = None
         # Set by the device: run a callable from its event loop soon (see process_tx).
         self.defer: Callable[[Callable[[], None]], None] | None = None
+        # Lifecycle events (a ring resumed away from SET_VRING_BASE): kept here and handed to
+        # ``event_sink`` (the device's fault log, when there is one).
+        self.resumes: list[dict[str, object]] = []
+        self.event_sink: Callable[..., object] | None = None
+        # Called after every chain the data path takes, with the queue index and how many
+        # chains it holds unpublished (popped, used idx not yet stored): the fault engine's
+        # scriptable crash point (a crash "with descriptors in flight").
+        self.take_hook: Callable[[VirtioNet, int, int], None] | None = None
         self._rx_rr = 0
 
     # -- VhostDevice callback table ------------------------------------------------------
@@ -222,11 +240,32 @@ class VirtioNet:
                 "%s: frontend started queue %d of %d", self.name, vring.index, 2 * self.queue_pairs
             )
             return
+        first = self.vrings.get(vring.index) is not vring
         self.vrings[vring.index] = vring
         log.info(
             "%s: queue %d started (num=%d base=%d)", self.name, vring.index, vring.num, vring.base
         )
-        self.kick(vring.index)  # buffers may be waiting already (or RX frames backlogged)
+        resume = vring.queue.resume if vring.queue is not None else None
+        if first and resume is not None and resume.disagreed:
+            self._note_resume(resume.as_dict())
+        if vring.enabled:
+            # Buffers may be waiting already (or RX frames backlogged).  Not while the ring is
+            # started but disabled ("Ring states": TX would be discarded): a front-end that
+            # re-establishes a lost connection starts the rings first and enables them last,
+            # and what waits in them (a resubmission included) is traffic, not noise.  The
+            # backend calls queue_started again on SET_VRING_ENABLE 1.
+            self.kick(vring.index)
+
+    def _note_resume(self, detail: dict[str, object]) -> None:
+        """A ring resumed where SET_VRING_BASE did not say (or said something stale): one
+        ``ring_resume`` event with both values (vhost-user "Ring states")."""
+        self.resumes.append(detail)
+        del self.resumes[:-64]
+        log.warning("%s: ring_resume %s", self.name, detail)
+        if self.event_sink is not None:
+            queue = detail.get("queue")
+            rest = {k: v for k, v in detail.items() if k != "queue"}
+            self.event_sink("ring_resume", nic=self.name, queue=queue, **rest)
 
     def queue_kicked(self, vring: Vring) -> None:
         if self.vrings.get(vring.index) is vring:
@@ -238,6 +277,7 @@ class VirtioNet:
             log.info("%s: queue %d stopped", self.name, vring.index)
 
     def memory_changed(self, mem: GuestMemory) -> None:
+        self.mem = mem
         log.info(
             "%s: guest memory now %d regions, %d bytes", self.name, len(mem.regions), mem.total_size
         )
@@ -252,6 +292,7 @@ class VirtioNet:
         return cfg[offset : offset + size].ljust(size, b"\0")
 
     def disconnected(self) -> None:
+        self.mem = None
         for vring in list(self.vrings.values()):
             self.queue_stopped(vring)
         self._record_refused(list(self.backlog), "disconnected")
@@ -279,6 +320,13 @@ class VirtioNet:
         return vring.queue
 
     def _kill(self, index: int, err: SyncError) -> None:
+        fault = self.mem.fault() if self.mem is not None else None
+        if fault is not None:
+            # The ring was read from the zero pages memguard put over a truncated region:
+            # the driver broke no ring rule, its frontend pulled the memory away.  The
+            # connection is dropped for that (GuestMemoryFault); no kill is counted.
+            log.error("%s: queue %d stopped: %s", self.name, index, fault)
+            return
         stats = self.stats[index]
         stats.kills[err.reason.name] = stats.kills.get(err.reason.name, 0) + 1
         self.kill_log.append((index, err))
@@ -304,6 +352,22 @@ class VirtioNet:
         count = faults.calls(self, index, wanted) if faults is not None else int(wanted)
         for _ in range(count):
             self.notify(index)
+
+    def _faults_idle(self, index: int, kind: str) -> bool:
+        """No ring fault of ``kind`` can act on queue ``index`` now (``RingFaults.idle``)."""
+        return self.ring_faults is None or self.ring_faults.idle(self, index, (kind,))
+
+    def _finish(self, queue: VirtQueue, index: int, consumed: int) -> None:
+        """Publish the pushed used elements and interrupt if the ring rules (and interrupt
+        fault rules) say so: in C when no interrupt rule applies, else the decision goes
+        through ``_maybe_notify``."""
+        if self._faults_idle(index, "calls"):
+            if fastqueue.finish(queue, consumed):
+                self.notify(index)
+            return
+        fastqueue.finish(queue, 0)  # publish only
+        if consumed:
+            self._maybe_notify(queue, index)
 
     def _stalled(self, index: int) -> bool:
         return self.ring_faults is not None and self.ring_faults.stalled(self, index)
@@ -386,7 +450,15 @@ class VirtioNet:
         self.process_tx(index)
 
     def _process_tx_batch(self, index: int) -> int:
-        """Consume up to ``TX_BUDGET`` chains of one TX queue and forward them."""
+        """Consume up to ``TX_BUDGET`` chains of one TX queue and forward them.
+
+        With the compiled bursts (``vdev/virtio/fastqueue.py``) the chains go through C in
+        runs; whatever a burst cannot complete plainly (a drop, a kill, pool pressure) is
+        the next chain for the Python reference below, then the bursts resume.  Used-element
+        fault rules on the queue need the reference's per-element hook, so they keep the
+        whole batch in Python; interrupt rules only the notification decision
+        (``_finish``); capture and packet rules see the packets after the loop on both
+        paths."""
         vring = self.vrings.get(index)
         if vring is None or vring.queue is None or vring.queue.defunct is not None:
             return 0
@@ -397,37 +469,85 @@ class VirtioNet:
         hlen = self.hdr_len
         pkts: list[int] = []
         consumed = 0
+        fast = (
+            fastqueue.usable(queue)
+            and self._faults_idle(index, "used")
+            and vring.enabled
+            and self.link_up
+            and self.take_hook is None  # an armed crash point counts chains one by one
+        )
+        burst: fastqueue.Burst | None = None
         try:
             while consumed < TX_BUDGET:
-                chain = queue.pop()
-                if chain is None:
-                    # Re-arm the kick (2.7.10: with EVENT_IDX, avail_event must follow what
-                    # we consumed or the driver stops kicking); if buffers raced in, go on.
-                    if queue.enable_notifications(True):
-                        continue
+                if fast:
+                    first = len(pkts)
+                    burst = fastqueue.tx_burst(queue, self.pool, hlen, TX_BUDGET - consumed, pkts)
+                    self._fresh(pkts[first:])
+                    consumed += burst.count
+                    stats.frames += burst.count
+                    stats.bytes += burst.nbytes
+                    if burst.stop in (fastqueue.C.EMPTY, fastqueue.C.BUDGET):
+                        break
+                    # SLOW or VIOLATION: the reference takes the next chain.
+                step = self._tx_one(queue, index, vring, stats, hlen, pkts)
+                if burst is not None:
+                    fastqueue.check_violation(burst, None)
+                    burst = None
+                if step < 0:
                     break
-                consumed += 1
-                self._push(queue, index, chain.head, 0)
-                # 2.7 "Virtqueue Operation": a disabled TX ring is drained and dropped.
-                if not vring.enabled or not self.link_up:
-                    reason = "ring_disabled" if not vring.enabled else "link_down"
-                    frame = bytes(chain.read_bytes()[hlen:]) if self.tap is not None else None
-                    self._drop_tx_frame(stats, reason, frame)
-                    continue
-                pkt = self._internalize_tx(chain, hlen, stats)
-                if pkt is not None:
-                    pkts.append(pkt)
-            queue.flush_used()
-            if consumed:
-                self._maybe_notify(queue, index)
+                consumed += step
+                if step and self.take_hook is not None:
+                    self.take_hook(self, index, consumed)  # a crash point counts each chain
+            if fast and queue.defunct is None:
+                self._finish(queue, index, consumed)
+            else:
+                queue.flush_used()
+                if consumed:
+                    self._maybe_notify(queue, index)
         except SyncError as err:
+            if burst is not None:
+                fastqueue.check_violation(burst, err)
             self._kill(index, err)
         except DefunctError:
             pass
+        if self.vrings.get(index) is not vring:
+            # The ring stopped under this batch (a crash point dropped the connection): the
+            # chains it took are not completed, so their frames go nowhere, as with a dead
+            # back-end; a resubmission (inflight) or the used idx brings them back.
+            self.pool.free_packets(pkts)
+            return consumed
         pkts = self._run_hooks(self.tx_hooks, index, pkts)
         if pkts:
             self._forward(pkts)
         return consumed
+
+    def _tx_one(
+        self,
+        queue: VirtQueue,
+        index: int,
+        vring: Vring,
+        stats: NicQueueStats,
+        hlen: int,
+        pkts: list[int],
+    ) -> int:
+        """One step of the TX loop (the reference): 1 when a chain was consumed, 0 when the
+        ring was empty but buffers raced in while re-arming, -1 when it is empty."""
+        chain = queue.pop()
+        if chain is None:
+            # Re-arm the kick (2.7.10: with EVENT_IDX, avail_event must follow what
+            # we consumed or the driver stops kicking); if buffers raced in, go on.
+            return 0 if queue.enable_notifications(True) else -1
+        self._push(queue, index, chain.head, 0)
+        # 2.7 "Virtqueue Operation": a disabled TX ring is drained and dropped.
+        if not vring.enabled or not self.link_up:
+            reason = "ring_disabled" if not vring.enabled else "link_down"
+            frame = bytes(chain.read_bytes()[hlen:]) if self.tap is not None else None
+            self._drop_tx_frame(stats, reason, frame)
+            return 1
+        pkt = self._internalize_tx(chain, hlen, stats)
+        if pkt is not None:
+            pkts.append(pkt)
+        return 1
 
     def _internalize_tx(self, chain: Chain, hlen: int, stats: NicQueueStats) -> int | None:
         if chain.read_len < hlen + 14:
@@ -521,42 +641,115 @@ class VirtioNet:
         return running[zlib.crc32(flow) % len(running)]
 
     def drain_rx(self) -> None:
-        """Move backlogged frames into guest RX buffers while there is room."""
+        """Move backlogged frames into guest RX buffers while there is room.
+
+        With one RX queue running and the compiled bursts usable, frames go through C in
+        runs; a frame a burst cannot write plainly (a drop, a kill) is the next one for the
+        Python reference below, then the bursts resume."""
         if not self.backlog:
             return
         touched: set[int] = set()
         while self.backlog:
-            pkt = self.backlog[0]
-            head = self.pool.packet_head(pkt, 42)
-            index = self._pick_rx_queue(_flow_key(head))
-            if index is None:
-                break
-            vring = self.vrings[index]
-            queue = vring.queue
-            assert queue is not None
-            try:
-                before = queue.avail_count()
-                done = self._write_rx(queue, index, pkt, self.stats[index])
-                if not done:
-                    # No room: ask for a kick when the guest refills (2.7.10); if buffers
-                    # arrived while re-arming, go round again.
-                    queue.enable_notifications(True)
-                    if queue.avail_count() > before:
-                        continue
+            fast_index = self._fast_rx_queue()
+            if fast_index is not None:
+                queue = self.vrings[fast_index].queue
+                burst = self._rx_burst(fast_index, queue, touched)
+                if burst.stop in (fastqueue.C.EMPTY, fastqueue.C.NOROOM):
                     break
-            except SyncError as err:
-                self._kill(index, err)
+                if burst.stop == fastqueue.C.BUDGET:
+                    continue
+                # SLOW or VIOLATION: the reference takes the next frame.
+                err = self._rx_one(touched)
+                fastqueue.check_violation(burst, err if isinstance(err, SyncError) else None)
+                if err is False:
+                    break
                 continue
-            except DefunctError:
-                continue
-            self.backlog.popleft()
-            self.pool.free_packets([pkt])
-            touched.add(index)
+            if self._rx_one(touched) is False:
+                break
         for index in touched:
             done_vring = self.vrings.get(index)
-            if done_vring is not None and done_vring.queue is not None:
-                done_vring.queue.flush_used()
-                self._maybe_notify(done_vring.queue, index)
+            done = done_vring.queue if done_vring is not None else None
+            # A queue killed after it took frames publishes nothing more.
+            if done is None or done.defunct is not None:
+                continue
+            if fastqueue.usable(done) and self._faults_idle(index, "used"):
+                self._finish(done, index, 1)
+            else:
+                done.flush_used()
+                self._maybe_notify(done, index)
+
+    def _fast_rx_queue(self) -> int | None:
+        """The RX queue a compiled burst may fill: the only one running, not stalled, with
+        no used-element fault rule (those need the reference's per-element hook)."""
+        if not self.link_up or fastqueue.BACKEND != "c":
+            return None
+        running = [i for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)]
+        if len(running) != 1 or not self._faults_idle(running[0], "used"):
+            return None
+        if self._stalled(running[0]):
+            return None  # the reference's _pick_rx_queue finds no queue and stops
+        queue = self.vrings[running[0]].queue
+        return running[0] if fastqueue.usable(queue) else None
+
+    def _rx_burst(self, index: int, queue: VirtQueue | None, touched: set[int]) -> fastqueue.Burst:
+        """One compiled RX burst over the head of the backlog; frees what it wrote."""
+        stats = self.stats[index]
+        pkts = list(itertools.islice(self.backlog, RX_BURST))
+        burst = fastqueue.rx_burst(
+            queue,
+            self.pool,
+            self.hdr_len,
+            self.has(lib.VIRTIO_NET_F_MRG_RXBUF),
+            self.has(lib.VIRTIO_NET_F_GUEST_CSUM),
+            pkts,
+        )
+        n = burst.count
+        if n:
+            for _ in range(n):
+                self.backlog.popleft()
+            done = pkts[:n]
+            if self.tap is not None or self._notes:
+                for pkt in done:  # each frame's one record, at its fate (written)
+                    self.record(pkt, TO_GUEST)
+            self.pool.free_taken(done)
+            stats.frames += n
+            stats.bytes += burst.nbytes
+            stats.merged += burst.merged
+            touched.add(index)
+        if burst.stop == fastqueue.C.EMPTY and n == len(pkts) and self.backlog:
+            # The burst only saw the first RX_BURST frames: go on with the rest.
+            return fastqueue.Burst(fastqueue.C.BUDGET, 0, n, burst.nbytes)
+        return burst
+
+    def _rx_one(self, touched: set[int]) -> SyncError | bool:
+        """One step of the RX drain (the reference) for the frame at the head of the
+        backlog: False to stop (no queue, or no room), True to go on, or the SyncError that
+        killed a queue (the loop goes on too)."""
+        pkt = self.backlog[0]
+        head = self.pool.packet_head(pkt, 42)
+        index = self._pick_rx_queue(_flow_key(head))
+        if index is None:
+            return False
+        vring = self.vrings[index]
+        queue = vring.queue
+        assert queue is not None
+        try:
+            before = queue.avail_count()
+            done = self._write_rx(queue, index, pkt, self.stats[index])
+            if not done:
+                # No room: ask for a kick when the guest refills (2.7.10); if buffers
+                # arrived while re-arming, go round again.
+                queue.enable_notifications(True)
+                return queue.avail_count() > before
+        except SyncError as err:
+            self._kill(index, err)
+            return err
+        except DefunctError:
+            return True
+        self.backlog.popleft()
+        self.pool.free_packets([pkt])
+        touched.add(index)
+        return True
 
     def _write_rx(self, queue: VirtQueue, index: int, pkt: int, stats: NicQueueStats) -> bool:
         """Write one frame into guest buffers; False when the guest has not posted enough."""
@@ -639,6 +832,7 @@ class VirtioNet:
             "link_up": self.link_up,
             "backlog": len(self.backlog),
             "queues": queues,
+            "resumes": list(self.resumes),
         }
 
 

@@ -54,6 +54,7 @@ class FrontQueue:
     free_bufs: list[int] = field(default_factory=list)  # buffer slot numbers
     head_buf: dict[int, int] = field(default_factory=dict)  # head -> buffer slot
     calls: int = 0
+    ring_gpas: tuple[int, int, int] = (0, 0, 0)  # desc, avail (driver area), used (device)
 
     def buf_addr(self, slot: int) -> int:
         return self.buf_gpa + slot * self.buf_size
@@ -112,6 +113,7 @@ class VirtioNetFrontend:
                 want |= F_RING_PACKED
             self.features = self.vhost.set_features(want)
             self.vhost.share_memory(self.mem)
+            self.vhost.share_inflight(2 * queue_pairs, ring_size)
             for index in range(2 * queue_pairs):
                 size = rx_buf_size if index % 2 == 0 else tx_buf_size
                 self._setup_queue(index, size)
@@ -156,8 +158,51 @@ class VirtioNetFrontend:
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         q = FrontQueue(index, driver, kick, call, bufs, buf_size, list(range(n - 1, -1, -1)))
+        q.ring_gpas = (desc, avail, used)
         self.queues[index] = q
         self.vhost.setup_vring(index, n, desc, avail, used, kick, call, base)
+
+    def reconnect(self, path: str, *, base: str = "used", connect_timeout: float = 5.0) -> None:
+        """Re-establish a lost connection with the same guest RAM, rings, eventfds and (if
+        negotiated) inflight buffer, as QEMU does after a back-end crash (chardev
+        ``reconnect=``): handshake, features, memory, SET_INFLIGHT_FD, then every ring.
+
+        ``base`` is what SET_VRING_BASE says for a split ring: "used" the used idx in guest
+        memory (QEMU: virtio_queue_restore_last_avail_idx, as GET_VRING_BASE cannot be
+        asked of a dead back-end), "zero" (DPDK virtio_user in server mode), "avail" the
+        driver's avail idx (a front-end that believes everything it posted was consumed).
+        """
+        if base not in ("used", "zero", "avail"):
+            raise ValueError(f"base {base!r} is not used, zero or avail")
+        old = self.vhost
+        cfg = old.config
+        old.close()
+        if self.listener is not None:
+            self.vhost = VhostUserFrontend.accept(self.listener, cfg, timeout=connect_timeout)
+        else:
+            self.vhost = VhostUserFrontend(connect(path, timeout=connect_timeout), cfg)
+        self.vhost.inflight_fd, self.vhost.inflight = old.inflight_fd, old.inflight
+        self.vhost.handshake()
+        self.vhost.set_features(self.features)
+        self.vhost.share_memory(self.mem)
+        self.vhost.share_inflight(2 * self.queue_pairs, self.ring_size)
+        for index, q in sorted(self.queues.items()):
+            d = q.driver
+            if isinstance(d, PackedDriverQueue):
+                b = PACKED_FRESH_BASE  # QEMU keeps a packed ring's base from its last start
+            elif base == "used":
+                b = d.read_used_idx()
+            elif base == "avail":
+                b = d.avail_idx
+            else:
+                b = 0
+            desc, avail, used = q.ring_gpas
+            self.vhost.setup_vring(
+                index, self.ring_size, desc, avail, used, q.kick_fd, q.call_fd, b
+            )
+        self.vhost.driver_ok()
+        for q in self.queues.values():
+            self.kick(q, force=True)
 
     def rxq(self, pair: int = 0) -> FrontQueue:
         return self.queues[2 * pair]
@@ -317,6 +362,9 @@ class VirtioNetFrontend:
                     pass
         self.queues.clear()
         self.vhost.close()
+        if self.vhost.inflight_fd is not None:
+            os.close(self.vhost.inflight_fd)
+            self.vhost.inflight_fd = None
         if self.listener is not None:
             self.listener.close()
         self.mem.close()

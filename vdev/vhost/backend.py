@@ -18,6 +18,12 @@ on the ``vdev.vhost`` logger with the request and field; if REPLY_ACK was negoti
 front-end asked for a reply, it gets a non-zero ack and the connection stays up; otherwise the
 connection is closed cleanly (every fd we hold is closed, the device is told).  Nothing a peer
 sends may raise out of :meth:`handle_readable` or leak a file descriptor.
+
+Guest memory that goes away (the front-end truncating a region's fd after SET_MEM_TABLE) is
+the connection's fault too: the SIGBUS is recovered in C (``vdev/native/memguard.c``), the
+region writes :attr:`VhostUserBackend.fault_fd`, and :meth:`VhostUserBackend.memory_fault`
+(called by the server when that fd fires, and before and after every message) records the
+:class:`~vdev.errors.GuestMemoryFault` in :attr:`VhostUserBackend.fault` and closes.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vdev.errors import SyncKind
+from vdev.errors import GuestMemoryFault, SyncKind
+from vdev.limits import MAX_GUEST_MEMORY, human
+from vdev.virtio.inflight import InflightError
 from vdev.virtio.memory import GuestMemory, MemoryFault
 from vdev.virtio.queue import F_RING_PACKED, QueueFormat, VirtQueue, queue_format
 
@@ -42,6 +50,7 @@ from .codec import (
     VRING_NOFD_MASK,
     Config,
     Empty,
+    Inflight,
     MemRegionDesc,
     MemTable,
     Message,
@@ -53,12 +62,14 @@ from .codec import (
     check_fds,
     decode_request,
     encode_config,
+    encode_inflight,
     encode_state,
     encode_u64,
     pf_mask,
     request_name,
 )
 from .connection import Connection, PeerClosed, close_fds
+from .inflight_buffer import InflightBuffer, InflightLimit
 
 if TYPE_CHECKING:
     from vdev.eventloop import Watcher
@@ -74,6 +85,8 @@ BACKEND_PROTOCOL_FEATURES = pf_mask(
     ProtocolFeature.REPLY_ACK,
     ProtocolFeature.CONFIGURE_MEM_SLOTS,
     ProtocolFeature.STATUS,
+    # "Inflight I/O tracking": a restarted back-end resumes exactly what was in flight.
+    ProtocolFeature.INFLIGHT_SHMFD,
 )
 # Extra protocol features a device may ask for; the backend implements their messages.
 DEVICE_PROTOCOL_FEATURES = pf_mask(
@@ -190,6 +203,7 @@ class VhostUserBackend:
         watcher: Watcher | None = None,
         queue_factory: QueueFactory | None = None,
         max_mem_slots: int = MAX_MEM_SLOTS,
+        max_guest_memory: int | None = None,
         without_protocol_features: int = 0,
     ) -> None:
         """``watcher`` watches the kick eventfds (without one, nobody does: the device or
@@ -202,6 +216,8 @@ class VhostUserBackend:
         self.watcher = watcher
         self.queue_factory = queue_factory
         self.max_mem_slots = max_mem_slots
+        # The guest memory limit (vdev.limits); None: the module default, read now.
+        self.max_guest_memory = MAX_GUEST_MEMORY if max_guest_memory is None else max_guest_memory
         nq = int(device.max_queues())
         if not 1 <= nq <= VRING_IDX_MASK + 1:
             raise ValueError(f"device max_queues {nq} is not in 1..256")
@@ -224,7 +240,12 @@ class VhostUserBackend:
         self.mtu: int | None = None
         self.mem: GuestMemory | None = None
         self.backend_req_fd: int | None = None
+        self.inflight: InflightBuffer | None = None
+        self._reply_fds: list[int] = []
         self.closed = False
+        # Written by memguard's SIGBUS handler when a region of this connection faults.
+        self.fault_fd: int = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fault: GuestMemoryFault | None = None
         self._handlers: dict[int, Callable[[Message, Any], bytes | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -251,6 +272,8 @@ class VhostUserBackend:
             Request.GET_STATUS: self._get_status,
             Request.SET_SLAVE_REQ_FD: self._set_backend_req_fd,
             Request.GET_CONFIG: self._get_config,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
 
     # -- public -----------------------------------------------------------------------
@@ -286,7 +309,7 @@ class VhostUserBackend:
 
     def handle_readable(self) -> bool:
         """Read and process one message; False when the connection is closed."""
-        if self.closed:
+        if self.closed or self.memory_fault() is not None:
             return False
         try:
             msg = self.conn.recv_message(block=False)
@@ -306,7 +329,7 @@ class VhostUserBackend:
             self.close()
             return False
         try:
-            return self._dispatch(msg)
+            return self._dispatch(msg) and self.memory_fault() is None
         except Exception:
             log.exception(
                 "vhost-user: internal error on %s; disconnecting", request_name(msg.request)
@@ -315,6 +338,22 @@ class VhostUserBackend:
             msg.fds.clear()
             self.close()
             return False
+
+    def memory_fault(self) -> GuestMemoryFault | None:
+        """Whether guest memory faulted (a defined point: the server calls it when
+        :attr:`fault_fd` fires, the backend before and after each message).  A fault is
+        recorded in :attr:`fault`, logged, and closes the connection; it is returned."""
+        if self.fault is None and not self.closed:
+            try:
+                os.eventfd_read(self.fault_fd)  # memguard writes it for every fault
+            except OSError:
+                return None  # nothing signalled: no region of ours faulted
+            err = self.mem.fault() if self.mem is not None else None
+            if err is not None:
+                self.fault = err
+                log.error("vhost-user: %s; disconnecting", err)
+                self.close()
+        return self.fault
 
     def close(self) -> None:
         """Stop every ring, release memory and every fd, tell the device.  Idempotent."""
@@ -338,6 +377,10 @@ class VhostUserBackend:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+        close_fds([self.fault_fd])
 
     # -- dispatch ---------------------------------------------------------------------
 
@@ -389,12 +432,15 @@ class VhostUserBackend:
         return True
 
     def _send_reply(self, request: int, payload: bytes) -> bool:
+        fds, self._reply_fds = self._reply_fds, []
         try:
-            self.conn.send_message(request, payload, flags=VERSION | FLAG_REPLY)
+            self.conn.send_message(request, payload, flags=VERSION | FLAG_REPLY, fds=fds)
         except (PeerClosed, OSError) as exc:
             log.info("vhost-user: reply to %s failed: %s", request_name(request), exc)
             self.close()
             return False
+        finally:
+            close_fds(fds)  # our copy; the front-end got its own
         return True
 
     # -- helpers ----------------------------------------------------------------------
@@ -451,6 +497,7 @@ class VhostUserBackend:
                 )
             except (MemoryFault, ValueError) as exc:
                 raise ProtocolError(request, "ring", f"vring {v.index}: {exc}") from None
+            self._attach_inflight(request, v, v.queue)
             v.started = True
             log.info(
                 "vring %d started: num %d base %d desc %#x avail %#x used %#x",
@@ -464,6 +511,25 @@ class VhostUserBackend:
             self._announce_stopped(v)
         elif v.started and not v.notified:
             self._announce_started(v)
+
+    def _attach_inflight(self, request: int, v: Vring, q: VirtQueue) -> None:
+        """With an inflight buffer (SET_INFLIGHT_FD), split rings track and resume from it."""
+        buf = self.inflight
+        if buf is None:
+            return
+        attach = getattr(q, "attach_inflight", None)
+        if attach is None:
+            log.warning(
+                "vring %d: inflight tracking covers split rings only; %s ring resumes from "
+                "SET_VRING_BASE", v.index, self.queue_format.name,
+            )  # fmt: skip
+            return
+        try:
+            attach(buf.split_region(v.index, v.num))
+        except (InflightError, InflightLimit) as exc:
+            v.queue = None
+            q.close()
+            raise ProtocolError(request, "inflight", f"vring {v.index}: {exc}") from None
 
     def _set_enabled(self, request: int, v: Vring, enabled: bool) -> None:
         """Record SET_VRING_ENABLE; a started ring that becomes enabled is announced again."""
@@ -608,9 +674,20 @@ class VhostUserBackend:
         if old is not None and old is not new:
             old.close()
 
+    def _check_memory_limit(self, request: int, field: str, total: int) -> None:
+        """The guest memory limit: what one connection may have mapped at once."""
+        if total > self.max_guest_memory:
+            raise ProtocolError(
+                request,
+                field,
+                f"guest memory limit: {human(total)} ({total:#x} bytes) would exceed "
+                f"{human(self.max_guest_memory)} per connection",
+            )
+
     def _set_mem_table(self, msg: Message, table: MemTable) -> None:
         # "Memory regions description": one fd per region, same order (dispatch counted them).
-        new = GuestMemory()
+        self._check_memory_limit(msg.request, "regions", sum(r.size for r in table.regions))
+        new = GuestMemory(self.fault_fd)
         try:
             for i, (r, fd) in enumerate(zip(table.regions, msg.fds, strict=True)):
                 self._map_region(msg.request, new, f"regions[{i}]", r, fd)
@@ -642,11 +719,17 @@ class VhostUserBackend:
             self._update_all(msg.request)
             return None
         if self.mem is not None and len(self.mem.regions) >= self.max_mem_slots:
-            raise ProtocolError(msg.request, "region", f"all {self.max_mem_slots} slots in use")
+            raise ProtocolError(
+                msg.request,
+                "region",
+                f"memory regions limit: all {self.max_mem_slots} slots in use (GET_MAX_MEM_SLOTS)",
+            )
+        mapped = self.mem.total_size if self.mem is not None else 0
+        self._check_memory_limit(msg.request, "region.size", mapped + r.size)
         # Adding a mapping never moves an existing one, so running queues stay valid and
         # the live table can grow in place.
         if self.mem is None:
-            new = GuestMemory()
+            new = GuestMemory(self.fault_fd)
             try:
                 self._map_region(msg.request, new, "region", r, msg.fds[0])
             except BaseException:
@@ -811,6 +894,41 @@ class VhostUserBackend:
         old, self.backend_req_fd = self.backend_req_fd, msg.fds.pop()
         if old is not None:
             close_fds([old])
+        return None
+
+    def _get_inflight_fd(self, msg: Message, req: Inflight) -> bytes:
+        # GET_INFLIGHT_FD: "the back-end allocates the shared buffer for the front-end ...
+        # num queues and queue size".  A new buffer replaces the old one for the next
+        # SET_INFLIGHT_FD; it is not used until then.
+        try:
+            fd, buf = InflightBuffer.allocate(req.num_queues, req.queue_size, len(self.vrings))
+        except InflightLimit as exc:
+            raise ProtocolError(msg.request, exc.field, str(exc)) from None
+        except OSError as exc:
+            raise ProtocolError(msg.request, "mmap_size", f"cannot allocate: {exc}") from None
+        size = buf.size
+        buf.close()  # mapped again on SET_INFLIGHT_FD, from the fd the front-end keeps
+        self._reply_fds = [fd]
+        log.info("inflight buffer: %d queues x %d entries, %d bytes", req.num_queues,
+                 req.queue_size, size)  # fmt: skip
+        return encode_inflight(Inflight(size, 0, req.num_queues, req.queue_size))
+
+    def _set_inflight_fd(self, msg: Message, req: Inflight) -> None:
+        started = [v.index for v in self.vrings if v.started]
+        if started:
+            raise ProtocolError(msg.request, "fd", f"vring {started[0]} is started")
+        try:
+            buf = InflightBuffer(
+                msg.fds[0], req.mmap_size, req.mmap_offset, req.num_queues, req.queue_size,
+                len(self.vrings),
+            )  # fmt: skip
+        except InflightLimit as exc:
+            raise ProtocolError(msg.request, exc.field, str(exc)) from None
+        except (OSError, ValueError, OverflowError) as exc:
+            raise ProtocolError(msg.request, "fd", f"cannot map: {exc}") from None
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = buf
         return None
 
     def _get_config(self, msg: Message, cfg: Config) -> bytes:

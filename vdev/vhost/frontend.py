@@ -30,15 +30,18 @@ from .codec import (
     FLAG_NEED_REPLY,
     HAS_REPLY,
     VERSION,
+    Inflight,
     MemRegionDesc,
     Message,
     ProtocolError,
     ProtocolFeature,
     Request,
     VringAddr,
+    decode_inflight,
     decode_state,
     decode_u64,
     encode_addr,
+    encode_inflight,
     encode_mem_reg,
     encode_mem_table,
     encode_state,
@@ -167,6 +170,7 @@ class FrontendConfig:
     mtu: bool = False  # negotiate the MTU protocol feature
     host_mtu: int | None = None  # QEMU's host_mtu=: sent with NET_SET_MTU at start
     rarp: bool = True
+    inflight: bool = False  # INFLIGHT_SHMFD: GET_INFLIGHT_FD once, SET_INFLIGHT_FD each start
     num_queues: int = 2  # RX + TX: QEMU keeps the control queue to itself
     features: int | None = None  # virtio features to ack; None: everything offered
 
@@ -196,6 +200,10 @@ class VhostUserFrontend:
     status: int = 0
     sent: list[int] = field(default_factory=list)  # every request number sent, in order
     vrings: dict[int, VringSetup] = field(default_factory=dict)
+    # The inflight buffer the back-end allocated: kept across connections (QEMU keeps it in
+    # the device, vhost-user-blk's ``inflight``), closed by its owner, not by close().
+    inflight_fd: int | None = None
+    inflight: Inflight | None = None
     _placeholders: list[int] = field(default_factory=list, repr=False)
 
     # -- connecting -------------------------------------------------------------------
@@ -243,15 +251,17 @@ class VhostUserFrontend:
         self.sent.append(request)
         self.conn.send_message(request, payload, flags=flags, fds=fds)
 
-    def recv_reply(self, timeout: float | None = None) -> Message:
-        """Wait for one reply (reply bit required); PeerClosed when the backend hung up."""
+    def recv_reply(self, timeout: float | None = None, *, keep_fds: bool = False) -> Message:
+        """Wait for one reply (reply bit required); PeerClosed when the backend hung up.
+        Its fds are closed unless ``keep_fds`` (GET_INFLIGHT_FD's reply carries one)."""
         msg = self.conn.recv_message(expect_reply=True, timeout=timeout)
-        close_fds(msg.fds)  # no reply we understand carries fds
-        msg.fds = []
+        if not keep_fds:
+            close_fds(msg.fds)
+            msg.fds = []
         return msg
 
     def _reply_for(self, request: int) -> Message:
-        msg = self.recv_reply()
+        msg = self.recv_reply(keep_fds=request == Request.GET_INFLIGHT_FD)
         if msg.request != request:
             raise VhostUserError(
                 f"{request_name(request)}: reply is for {request_name(msg.request)}"
@@ -309,6 +319,7 @@ class VhostUserFrontend:
                 (cfg.backend_req, ProtocolFeature.SLAVE_REQ),
                 (cfg.mtu, ProtocolFeature.MTU),
                 (cfg.rarp, ProtocolFeature.RARP),
+                (cfg.inflight, ProtocolFeature.INFLIGHT_SHMFD),
             ):
                 if on:
                     want |= 1 << bit
@@ -383,6 +394,31 @@ class VhostUserFrontend:
             self.request(
                 Request.SET_MEM_TABLE, encode_mem_table(mem.regions), [mem.fd] * len(mem.regions)
             )
+
+    def share_inflight(self, num_queues: int, queue_size: int) -> bool:
+        """QEMU vhost-user-blk's order: GET_INFLIGHT_FD the first time (the back-end allocates
+        the buffer and sends its fd), SET_INFLIGHT_FD with that fd on every start, before the
+        rings.  False when INFLIGHT_SHMFD is not negotiated."""
+        if not self._negotiated(ProtocolFeature.INFLIGHT_SHMFD):
+            return False
+        if self.inflight_fd is None:
+            self.send_raw(
+                Request.GET_INFLIGHT_FD,
+                encode_inflight(Inflight(0, 0, num_queues, queue_size)),
+            )
+            msg = self._reply_for(Request.GET_INFLIGHT_FD)
+            if len(msg.fds) != 1:
+                close_fds(msg.fds)
+                raise VhostUserError(f"GET_INFLIGHT_FD reply carries {len(msg.fds)} fds, not 1")
+            try:
+                self.inflight = decode_inflight(Request.GET_INFLIGHT_FD, msg.payload)
+            except ProtocolError as exc:
+                close_fds(msg.fds)
+                raise VhostUserError(str(exc)) from None
+            self.inflight_fd = msg.fds[0]
+        assert self.inflight is not None
+        self.request(Request.SET_INFLIGHT_FD, encode_inflight(self.inflight), [self.inflight_fd])
+        return True
 
     def start(self, mem: FrontendMemory, features: int | None = None) -> None:
         """What QEMU does at DRIVER_OK before the rings: [NET_SET_MTU], features, status,

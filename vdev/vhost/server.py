@@ -39,7 +39,9 @@ import os
 import socket
 from typing import Any
 
+from vdev.errors import GuestMemoryFault
 from vdev.eventloop import EventLoop
+from vdev.limits import MAX_HELD_CONNECTIONS
 
 from .backend import VhostDevice, VhostUserBackend
 from .connection import Connection, Listener, try_connect
@@ -77,10 +79,13 @@ class VhostUserServer:
         self.backend: VhostUserBackend | None = None
         self.connections = 0  # connections served so far
         self.replaced = 0  # server mode: connections dropped for a newer one
+        self.evicted = 0  # server mode: silent newcomers closed at the held-connections limit
         self.attempts = 0  # client mode: connection attempts made
+        self.memory_faults = 0  # connections dropped for a guest memory fault (SIGBUS)
+        self.last_fault: GuestMemoryFault | None = None
         self.closed = False
         self.listener: Listener | None = None
-        self._held: set[Connection] = set()  # newcomers not yet heard from
+        self._held: dict[Connection, None] = {}  # newcomers not yet heard from, oldest first
         if client:
             self._try_connect()
         else:
@@ -98,6 +103,7 @@ class VhostUserServer:
         self.backend = backend
         self.connections += 1
         self.loop.watch(backend.fileno(), lambda: self._on_readable(backend))
+        self.loop.watch(backend.fault_fd, lambda: self._on_fault(backend))
         log.info("%s: front-end connected (connection %d)", self.name, self.connections)
 
     def _on_accept(self) -> None:
@@ -108,19 +114,31 @@ class VhostUserServer:
         if self.backend is None:
             self._attach(conn)
             return
-        # A front-end is already served: hold the newcomer until it speaks.
-        self._held.add(conn)
+        # A front-end is already served: hold the newcomer until it speaks.  At most
+        # MAX_HELD_CONNECTIONS: a local process that opens connections and never speaks must
+        # not run the device out of fds; the oldest silent one goes first.
+        if len(self._held) >= MAX_HELD_CONNECTIONS:
+            oldest = next(iter(self._held))
+            del self._held[oldest]
+            self.loop.unwatch(oldest.fileno())
+            oldest.close()
+            self.evicted += 1
+            log.warning(
+                "%s: held connections limit: %d silent newcomers; closed the oldest",
+                self.name, MAX_HELD_CONNECTIONS,
+            )  # fmt: skip
+        self._held[conn] = None
         self.loop.watch(conn.fileno(), lambda: self._held_readable(conn))
 
     def _held_readable(self, conn: Connection) -> None:
         """A held newcomer is readable: a message replaces the current connection, EOF (a
         probe that connected and left) just closes it."""
         self.loop.unwatch(conn.fileno())
-        self._held.discard(conn)
+        self._held.pop(conn, None)
         try:
             peeked = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:  # a spurious wakeup: keep holding it
-            self._held.add(conn)
+            self._held[conn] = None
             self.loop.watch(conn.fileno(), lambda: self._held_readable(conn))
             return
         except OSError:
@@ -159,14 +177,27 @@ class VhostUserServer:
             self._drop()
             self._after_disconnect()
 
+    def _on_fault(self, backend: VhostUserBackend) -> None:
+        """A region of the connection took a SIGBUS (the front-end truncated its memory):
+        that connection goes, nothing else does."""
+        if backend is self.backend and backend.memory_fault() is not None:
+            self._drop()
+            self._after_disconnect()
+
     def _drop(self) -> None:
         """Close the current backend (rings stopped, fds closed, device told)."""
         backend, self.backend = self.backend, None
         if backend is None:
             return
         self.loop.unwatch(backend.fileno())
+        self.loop.unwatch(backend.fault_fd)
         backend.close()
-        log.info("%s: front-end disconnected", self.name)
+        if backend.fault is not None:
+            self.memory_faults += 1
+            self.last_fault = backend.fault
+            log.error("%s: front-end disconnected: %s", self.name, backend.fault)
+        else:
+            log.info("%s: front-end disconnected", self.name)
 
     def _after_disconnect(self) -> None:
         if self.client and self.reconnect and not self.closed:

@@ -6,16 +6,24 @@ Descriptor addresses are guest-physical; ring addresses from SET_VRING_ADDR are 
 virtual addresses, so both translations are offered.  Every access is bounds-checked
 against exactly one region: nothing outside the mapped memory is ever read or written,
 and a range that straddles two regions is refused (the device never needs one).
+
+A region's fd may shrink after it was mapped (a hostile or buggy frontend truncating its
+memfd): every mapping is registered with :mod:`vdev.virtio.memguard`, whose SIGBUS handler
+turns the fault into a count on the region and a write to ``notify_fd``; :meth:`check`
+raises the named :class:`~vdev.errors.GuestMemoryFault` for the owner to disconnect.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from vdev.errors import VdevError
+from vdev.errors import GuestMemoryFault, VdevError
+
+from . import memguard
 
 
 class MemoryFault(VdevError):
@@ -32,6 +40,7 @@ class MemRegion:
     mmap_offset: int
     mm: mmap.mmap | None = field(default=None, repr=False)
     _base: int = field(default=0, repr=False)  # page-aligned start of the mapping in the fd
+    guard: memguard.Guarded | None = field(default=None, repr=False)
 
     @property
     def gpa_end(self) -> int:
@@ -51,10 +60,13 @@ _U64 = 1 << 64
 
 
 class GuestMemory:
-    """The set of regions currently shared by the frontend."""
+    """The set of regions currently shared by the frontend.
 
-    def __init__(self) -> None:
+    ``notify_fd`` (an eventfd the owner watches, or -1) is written when a region faults."""
+
+    def __init__(self, notify_fd: int = -1) -> None:
         self.regions: list[MemRegion] = []
+        self.notify_fd = notify_fd
 
     # -- building -----------------------------------------------------------------------
 
@@ -102,7 +114,12 @@ class GuestMemory:
             mm = mmap.mmap(fd, mmap_offset - base + size, mmap.MAP_SHARED, offset=base)
         except (OSError, ValueError, OverflowError) as exc:
             raise ValueError(f"memory region gpa {gpa:#x}: mmap failed: {exc}") from exc
-        region = MemRegion(gpa, size, uva, mmap_offset, mm, base)
+        try:
+            guard = memguard.guard(mm, self.notify_fd)
+        except RuntimeError as exc:
+            mm.close()
+            raise ValueError(f"memory region gpa {gpa:#x}: {exc}") from exc
+        region = MemRegion(gpa, size, uva, mmap_offset, mm, base, guard)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         return region
@@ -162,16 +179,39 @@ class GuestMemory:
     def total_size(self) -> int:
         return sum(r.size for r in self.regions)
 
+    # -- faults -------------------------------------------------------------------------
+
+    def fault(self) -> GuestMemoryFault | None:
+        """The first region that took a SIGBUS since it was mapped, as the error to report
+        (None while all are intact)."""
+        for r in self.regions:
+            if r.guard is not None and r.guard.faults:
+                offset = r.guard.fault_addr - r.guard.address - (r.mmap_offset - r._base)
+                return GuestMemoryFault(r.gpa, r.size, offset, r.guard.faults)
+        return None
+
+    def check(self) -> None:
+        """Raise :class:`GuestMemoryFault` if any region faulted (a defined point: after a
+        burst, before trusting what was read)."""
+        err = self.fault()
+        if err is not None:
+            raise err
+
 
 def _close_map(region: MemRegion) -> None:
+    guard, region.guard = region.guard, None
     if region.mm is not None:
         try:
             region.mm.close()
         except BufferError:
             # A view is still alive (e.g. a queue not yet stopped); the mapping is freed
-            # when the last view goes away.
-            pass
+            # when the last view goes away, and stays guarded until then.
+            if guard is not None:
+                weakref.finalize(region.mm, guard.unregister)
+                guard = None
         region.mm = None
+    if guard is not None:
+        guard.unregister()  # the range is unmapped: another mapping may take it
 
 
 def release_views(ffi: Any, bufs: list[Any], views: list[memoryview]) -> None:

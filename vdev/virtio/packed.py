@@ -18,6 +18,9 @@ cffi ``cdef`` (no ``struct`` format strings) until the ABI owner moves them ther
 
 from __future__ import annotations
 
+import logging
+from array import array
+
 from cffi import FFI
 
 from vdev.errors import KillReason, SyncError, SyncKind
@@ -32,8 +35,11 @@ from vdev.virtio.chain import (
     Segments,
     indirect_table,
 )
+from vdev.virtio.inflight import RingResume
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
+
+log = logging.getLogger("vdev.virtio")
 
 pffi = FFI()
 pffi.cdef(
@@ -151,7 +157,7 @@ class PackedQueue(QueueLifecycle):
         # The used side resumes where the avail side is (no buffers in flight across a restart).
         self.used_idx, self.used_wrap = self._avail_idx, self.avail_wrap
         # Descriptors each buffer id in flight used (next to _inflight, _setup's).
-        self._ndesc = [0] * size
+        self._ndesc = array("H", bytes(2 * size))
         self._pending: list[tuple[int, int, int]] = []  # (id, written, descriptors)
         # (token before the pop, id) of recent pops, so rewind() never re-reads guest memory.
         self._popped: list[tuple[int, int]] = []
@@ -162,6 +168,39 @@ class PackedQueue(QueueLifecycle):
         self._scan_chains = 0
         self._signalled: int | None = None
         self._map(mem)
+        base = self.last_avail_idx
+        self.resume = RingResume(index, base, base, base, 0, "base")
+        ahead = self._used_ahead()
+        if ahead:
+            # The descriptor at the base is one this device already used in this lap (2.8.1:
+            # AVAIL == USED == wrap counter): the front-end's SET_VRING_BASE is stale (QEMU
+            # keeps a packed ring's last base across a back-end crash: a packed ring has no
+            # used idx in memory to restore from).  Reported with both positions; not
+            # adopted, since a used descriptor does not say how many ring entries its chain
+            # took (2.8.9), so the scan below is exact only for one-descriptor chains.
+            pos = (self._avail_idx + ahead) % size
+            wrap = self.avail_wrap ^ ((self._avail_idx + ahead) // size & 1)
+            seen = pos | wrap << 15
+            self.resume = RingResume(index, base, seen, base, 0, "packed_stale")
+            log.warning(
+                "virtqueue %d: packed base %#x but the ring holds %d used descriptors from "
+                "there (up to %#x): the base is stale",
+                index, base, ahead, seen,
+            )  # fmt: skip
+
+    def _used_ahead(self) -> int:
+        """How many descriptors from the avail position on are marked used in the current
+        lap (bounded by the ring size)."""
+        idx, wrap, n = self._avail_idx, self.avail_wrap, 0
+        while n < self.size:
+            flags = int(self._ring[idx].flags)
+            if bool(flags & F_AVAIL) != bool(wrap) or bool(flags & F_USED) != bool(wrap):
+                break
+            n += 1
+            idx += 1
+            if idx == self.size:
+                idx, wrap = 0, wrap ^ 1
+        return n
 
     # -- features and state -------------------------------------------------------------
 

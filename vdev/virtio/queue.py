@@ -23,6 +23,7 @@ else readable-then-writable), because "even index = receiveq" is virtio-net know
 from __future__ import annotations
 
 import sys
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +33,7 @@ from vdev.virtio.memory import GuestMemory, MemoryFault
 
 if TYPE_CHECKING:
     from vdev.virtio.chain import Chain
+    from vdev.virtio.inflight import RingResume
 
 # 2.7 / 2.8: "Queue Size ... The maximum Queue Size value is 32768".
 MAX_QUEUE_SIZE = 32768
@@ -79,6 +81,7 @@ class VirtQueue(Protocol):
     size: int
     stats: VirtqueueStats
     defunct: SyncError | None  # the violation that killed the queue, if any
+    resume: RingResume  # where the (re)started ring resumed, and why
 
     @property
     def features(self) -> int: ...
@@ -240,8 +243,10 @@ class QueueLifecycle:
         self.stats = VirtqueueStats()
         # Device-private (trusted) record of what the driver handed over: write_len + 1 of
         # each chain (split head / packed buffer id) in flight, 0 when it is not ours.
-        self._inflight = [0] * size
+        self._inflight = array("Q", bytes(8 * size))
         self._bufs: list[Any] = []
+        # The compiled bursts' state for this queue (vdev/virtio/fastqueue.py), made lazily.
+        self.fast_ctx: Any = None
         self._views: list[memoryview] = []
         self.features = features
 

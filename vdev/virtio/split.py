@@ -24,10 +24,12 @@ hosts would need real barriers, which pure Python cannot emit; vdev targets x86-
 from __future__ import annotations
 
 import logging
+from array import array
 
 from vdev.abi import ffi, lib
 from vdev.errors import KillReason, SyncError, SyncKind
 from vdev.virtio.chain import DESC_SIZE, Chain, ChainViolation, walk_chain
+from vdev.virtio.inflight import RingResume, SplitInflight
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
 
@@ -129,12 +131,15 @@ class SplitQueue(QueueLifecycle):
         self._signalled_used = 0
         self._signalled_valid = False
         # Head popped from each avail slot, so rewind() never re-reads guest memory.
-        self._popped = [0] * size
+        self._popped = array("H", bytes(2 * size))
         self._map(mem)
         # vhost-user resumes from the used idx in guest memory (libvhost-user does the same):
         # it is what the driver has already seen.
         self.used_idx: int = int(self._used16[1])
         self._signalled_used = self.used_idx
+        self.inflight: SplitInflight | None = None
+        self._resubmit: dict[int, int] = {}  # avail position -> head, from the inflight region
+        self.resume = RingResume(index, last_avail_idx, self.used_idx, last_avail_idx, 0, "base")
         if self.last_avail_idx == 0 and self.used_idx != 0:
             # SET_VRING_BASE ("Ring states") says "a fresh ring" but the used ring has moved
             # on: a front-end that re-establishes a lost connection may send 0 (DPDK
@@ -148,6 +153,28 @@ class SplitQueue(QueueLifecycle):
                 index, self.used_idx, self.used_idx,
             )  # fmt: skip
             self.last_avail_idx = self._seen_avail_idx = self.used_idx
+            self.resume = RingResume(index, 0, self.used_idx, self.used_idx, 0, "used_idx")
+
+    def attach_inflight(self, region: SplitInflight) -> RingResume:
+        """Track in-flight heads in ``region`` ("Inflight I/O tracking") and resume from it:
+        the heads it holds are popped again first, oldest first, and the avail side goes on
+        after them (libvhost-user's ``last_avail_idx = used_idx + inuse``), whatever
+        SET_VRING_BASE said.  InflightError when the region is inconsistent."""
+        heads = region.recover(self.used_idx)
+        self.inflight = region
+        base = self.resume.base
+        self._resubmit = {(self.used_idx + i) & 0xFFFF: h for i, h in enumerate(heads)}
+        self.last_avail_idx = self._seen_avail_idx = self.used_idx
+        resumed_at = (self.used_idx + len(heads)) & 0xFFFF
+        self.resume = RingResume(
+            self.index, base, self.used_idx, resumed_at, len(heads), "inflight"
+        )
+        if heads or base != resumed_at:
+            log.warning(
+                "virtqueue %d: inflight region: base %d, used idx %d, %d in flight resubmitted",
+                self.index, base, self.used_idx, len(heads),
+            )  # fmt: skip
+        return self.resume
 
     # -- features -----------------------------------------------------------------------
 
@@ -189,6 +216,7 @@ class SplitQueue(QueueLifecycle):
         """Stop using guest memory (GET_VRING_BASE); returns ``last_avail_idx`` to report."""
         self._release()
         self._closed = True
+        self.inflight = None  # the backend owns the region's mapping
         return self.last_avail_idx
 
     @property
@@ -231,7 +259,9 @@ class SplitQueue(QueueLifecycle):
             return None
         # 2.7.13.3 / 2.7.6: ring entries before idx were written before idx was published.
         slot = last & self._mask
-        head = int(self._avail16[2 + slot])
+        head = self._resubmit.get(last) if self._resubmit else None
+        if head is None:
+            head = int(self._avail16[2 + slot])
         if head >= self.size:
             raise self._violation(
                 KillReason.INTERNALIZE_FAILED,
@@ -262,6 +292,8 @@ class SplitQueue(QueueLifecycle):
         self.last_avail_idx = (last + 1) & 0xFFFF
         self._inflight[head] = chain.write_len + 1
         self._popped[slot] = head
+        if self.inflight is not None:
+            self.inflight.popped(head)
         st = self.stats
         st.chains += 1
         st.descriptors += chain.desc_count
@@ -287,6 +319,8 @@ class SplitQueue(QueueLifecycle):
             )
         for h in heads:
             self._inflight[h] = 0
+        if self.inflight is not None:
+            self.inflight.rewound(heads)
         self.last_avail_idx = avail_idx & 0xFFFF
         self.stats.chains -= n
 
@@ -310,6 +344,8 @@ class SplitQueue(QueueLifecycle):
         elem = self._used_elems[(self.used_idx + self._pending_used) & self._mask]
         elem.id = head
         elem.len = written
+        if self.inflight is not None:
+            self.inflight.pushed(head)
         self._pending_used += 1
         self.stats.used += 1
         self.stats.bytes_written += written
@@ -349,10 +385,21 @@ class SplitQueue(QueueLifecycle):
         """Publish the pushed elements by storing the used idx (2.7.8.2: after the elements)."""
         self._check()
         if self._pending_used:
+            old = self.used_idx
             self.used_idx = (self.used_idx + self._pending_used) & 0xFFFF
             self._pending_used = 0
             self._used16[1] = self.used_idx
             self.stats.flushes += 1
+            if self.inflight is not None:
+                self.inflight.published(self.used_idx)
+            if self._resubmit:
+                self._drop_resubmitted(old)
+
+    def _drop_resubmitted(self, old_used: int) -> None:
+        """Forget resubmit positions the used idx has now passed."""
+        n = (self.used_idx - old_used) & 0xFFFF
+        for pos in [p for p in self._resubmit if (p - old_used) & 0xFFFF < n]:
+            del self._resubmit[pos]
 
     # -- notifications ------------------------------------------------------------------
 

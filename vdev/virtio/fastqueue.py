@@ -1,0 +1,488 @@
+"""The compiled virtqueue bursts: cffi glue between the queues and ``vdev/native/virtq.c``.
+
+``virtq.c`` runs the per-chain work of the NIC's TX loop (walk, validate, copy into a pool
+packet, push) and RX drain (pop buffers, write a pool packet, push) for a split or a packed
+ring, one call per burst with the GIL released.  The Python code stays the reference and the only
+place where kill details, drop reasons and pool shortages are produced: a burst completes
+only the items the reference would complete plainly and stops *before* anything else
+(``Burst.stop`` is ``SLOW`` or ``VIOLATION``), leaving the queue as the reference would
+have; the NIC then runs the reference for that one item and calls the burst again.  So both
+paths give the same used ring, kills, pool state and counters by construction, and the
+differential tests (``tests/virtio/test_fastqueue_diff.py``) check that the C accepts
+exactly what the reference accepts.
+
+Selection follows ``vdev/skywalk/validate.py``: :func:`set_backend` (``"c"`` or
+``"python"``), ``BACKEND`` says which is in use; ``VDEV_FASTQUEUE=0`` (or ``VDEV_FASTPATH=0``,
+which turns off every compiled path) in the environment forces Python.  :data:`STRICT`
+(tests) makes a VIOLATION that the reference then accepts an AssertionError instead of a
+tolerated race with a guest rewriting its ring.
+
+The caller (the device, under its lock) must not remap, kill or close the queue, or close
+the pool, while a burst runs: the C reads the ring and guest memory through pointers taken
+here.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+from vdev.abi import ffi as abi_ffi
+from vdev.errors import KillReason, SyncError
+from vdev.skywalk import fastglue
+from vdev.skywalk.pool import Pbufpool
+from vdev.virtio.memory import GuestMemory
+
+BACKEND = "python"
+STRICT = False
+# Largest frame a burst handles (nic.MAX_FRAME), plus room for the 12-byte header.
+SCRATCH_BYTES = 65550 + 16
+# Buffers of the chains of one item a burst can hold; a chain with more goes to Python.
+MIN_SEGS = 1024
+
+_fast: Any = None  # the compiled module (vdev/native), shared with fastglue
+# Bursts run and items completed per direction, and why bursts stopped (tests, profiling).
+COUNTS: dict[str, int] = {}
+
+
+def _count(key: str, n: int = 1) -> None:
+    COUNTS[key] = COUNTS.get(key, 0) + n
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A ring rule the C reported (``VQV_*``), as the Python reference words its kill."""
+
+    name: str
+    reason: KillReason
+    phrase: str  # a part of the reference's detail message
+
+
+_IOB = KillReason.INTERNALIZE_FAILED
+VIOLATIONS_BY_NAME = {
+    "HEAD_OOB": Violation("HEAD_OOB", KillReason.HEAD_OOB, "ahead of last_avail_idx"),
+    "HEAD_RANGE": Violation("HEAD_RANGE", _IOB, ">= queue size"),
+    "HEAD_INFLIGHT": Violation("HEAD_INFLIGHT", _IOB, "which is still in flight"),
+    "LOOP": Violation("LOOP", _IOB, "chain loop"),
+    "TOO_LONG": Violation("TOO_LONG", _IOB, "chain too long"),
+    "NESTED": Violation("NESTED", _IOB, "nested indirect"),
+    "INDIRECT_FEATURE": Violation("INDIRECT_FEATURE", _IOB, "INDIRECT not negotiated"),
+    "INDIRECT_NEXT": Violation("INDIRECT_NEXT", _IOB, "both INDIRECT and NEXT"),
+    "INDIRECT_LEN": Violation("INDIRECT_LEN", _IOB, "is not a non-zero multiple of"),
+    "INDIRECT_MAX": Violation("INDIRECT_MAX", _IOB, "entries exceeds"),
+    "INDIRECT_MEM": Violation("INDIRECT_MEM", _IOB, "indirect table 0x"),
+    "WRITABLE": Violation("WRITABLE", _IOB, "is device-writable on a queue the device only reads"),
+    "READABLE": Violation("READABLE", _IOB, "is device-readable on a queue the device only writes"),
+    "ORDER": Violation("ORDER", _IOB, "device-readable after a device-writable"),
+    "BUF_MEM": Violation("BUF_MEM", _IOB, "outside guest memory"),
+    "NEXT_RANGE": Violation("NEXT_RANGE", _IOB, "out of range (table has"),
+    "OVERFLOW": Violation("OVERFLOW", _IOB, "total length overflows 32 bits"),
+    # packed rings (2.8)
+    "NOT_AVAIL": Violation("NOT_AVAIL", _IOB, "is not available (flags"),
+    "CHAIN_LONG": Violation("CHAIN_LONG", _IOB, "chain longer than the queue size"),
+    "INDIRECT_AFTER_DIRECT": Violation("INDIRECT_AFTER_DIRECT", _IOB, "has INDIRECT set after"),
+    "INDIRECT_TOO_LONG": Violation("INDIRECT_TOO_LONG", _IOB, "chain too long: indirect table of"),
+    "TABLE_NESTED": Violation("TABLE_NESTED", _IOB, "nested indirect at table entry"),
+    "BUF_ID": Violation("BUF_ID", _IOB, ">= queue size"),
+    "ID_INFLIGHT": Violation("ID_INFLIGHT", _IOB, "is still in flight"),
+}
+
+
+class _Codes:
+    """virtq.h's codes, read from the compiled module by name."""
+
+    def __init__(self, lib: Any) -> None:
+        self.EMPTY: int = lib.VQ_STOP_EMPTY
+        self.BUDGET: int = lib.VQ_STOP_BUDGET
+        self.SLOW: int = lib.VQ_STOP_SLOW
+        self.VIOLATION: int = lib.VQ_STOP_VIOLATION
+        self.NOROOM: int = lib.VQ_STOP_NOROOM
+        self.GUEST_FAULT: int = lib.VQ_STOP_GUEST_FAULT
+        self.BADARGS: int = lib.VQ_STOP_BADARGS
+        self.RX_MERGEABLE: int = lib.VQ_RX_MERGEABLE
+        self.RX_GUEST_CSUM: int = lib.VQ_RX_GUEST_CSUM
+        # VQV_<name> -> the reference's wording (a C code without one fails here, at load).
+        self.violations: dict[int, Violation] = {
+            int(getattr(lib, f"VQV_{name}")): v for name, v in VIOLATIONS_BY_NAME.items()
+        }
+        self.slow: dict[int, str] = {
+            int(getattr(lib, f"VQS_{n}")): n.lower()
+            for n in ("RUNT", "OVERSIZE", "POOL", "GSO", "RX_CSUM", "RX_SMALL", "SEGS")
+        }
+
+
+C: _Codes  # bound by load()
+
+
+def load() -> bool:
+    """Load the compiled module (built once, shared with the Skywalk fast path)."""
+    global _fast, C
+    if _fast is None and fastglue.load():
+        mod = fastglue._fast
+        if not hasattr(mod.lib, "vq_tx"):  # pragma: no cover - stale cached build
+            return False
+        C = _Codes(mod.lib)
+        _fast = mod
+    return _fast is not None
+
+
+def set_backend(name: str) -> str:
+    """Select ``"c"`` or ``"python"`` for the virtqueue bursts; returns the one in use (``"c"``
+    falls back to ``"python"`` when the extension cannot be built)."""
+    global BACKEND
+    if name not in ("c", "python"):
+        raise ValueError(f"unknown backend {name!r} (want 'c' or 'python')")
+    BACKEND = "c" if name == "c" and load() else "python"
+    return BACKEND
+
+
+@dataclass
+class Burst:
+    """What one burst did: why it stopped, the code for SLOW / VIOLATION, how many items
+    it completed, their frame bytes, and (RX) how many frames were merged."""
+
+    stop: int
+    code: int
+    count: int
+    nbytes: int
+    merged: int = 0
+
+    @property
+    def violation(self) -> Violation | None:
+        return C.violations.get(self.code) if self.stop == C.VIOLATION else None
+
+
+def usable(queue: object) -> bool:
+    """Whether ``queue`` can run compiled bursts (the C backend, a live split or packed
+    queue)."""
+    from vdev.virtio.packed import PackedQueue
+    from vdev.virtio.split import SplitQueue
+
+    return (
+        BACKEND == "c"
+        and type(queue) in (SplitQueue, PackedQueue)
+        and queue.defunct is None  # type: ignore[attr-defined]
+        and not queue._closed  # type: ignore[attr-defined]
+        and len(queue._bufs) == 3  # type: ignore[attr-defined]
+        # Inflight I/O tracking (vhost-user "Inflight I/O tracking") records every pop and
+        # push in the shared region, and resubmitted heads come before the avail ring: the
+        # reference path does both.
+        and getattr(queue, "inflight", None) is None
+        and not getattr(queue, "_resubmit", None)
+    )
+
+
+class _QueueCtx:
+    """A queue's ``struct vq_queue`` and scratch, cached on the queue (``fast_ctx``)."""
+
+    def __init__(self, queue: Any) -> None:
+        from vdev.virtio.packed import PackedQueue
+
+        nffi = _fast.ffi
+        self.packed = type(queue) is PackedQueue
+        self.c = nffi.new("struct vq_queue *")
+        self.seg_cap = max(MIN_SEGS, 2 * queue.size)
+        self.segs = nffi.new("struct vq_seg[]", self.seg_cap)
+        self.scratch = nffi.new("uint8_t[]", SCRATCH_BYTES)
+        self.out = nffi.new("uint32_t[]", 1024)
+        self.burst = nffi.new("struct vq_burst *")
+        self.inflight = nffi.from_buffer("uint64_t[]", queue._inflight)
+        c = self.c
+        c.packed = self.packed
+        c.size = queue.size
+        c.segs = self.segs
+        c.seg_cap = self.seg_cap
+        c.scratch = self.scratch
+        c.scratch_cap = SCRATCH_BYTES
+        c.inflight = self.inflight
+        if self.packed:
+            from vdev.virtio.packed import pffi
+
+            self.ring_ffi = pffi
+            self.ndesc = nffi.from_buffer("uint16_t[]", queue._ndesc)
+            self.pend_cap = queue.size + 64
+            self.pend = [nffi.new("uint32_t[]", self.pend_cap) for _ in range(3)]
+            c.ndesc = self.ndesc
+            c.pend_id, c.pend_len, c.pend_nd = self.pend
+            c.pend_cap = self.pend_cap
+        else:
+            self.ring_ffi = abi_ffi
+            self.popped = nffi.from_buffer("uint16_t[]", queue._popped)
+            c.popped = self.popped
+        self.bufs_ref: list[Any] | None = None
+
+    def rings(self, queue: Any) -> None:
+        """Point the struct at the queue's current ring views (after a remap, new ones)."""
+        if self.bufs_ref is queue._bufs:
+            return
+        nffi = _fast.ffi
+        addr = [int(self.ring_ffi.cast("uintptr_t", b)) for b in queue._bufs]
+        c = self.c
+        c.desc = nffi.cast("uint8_t *", addr[0])
+        c.avail = nffi.cast("uint16_t *", addr[1])
+        c.used16 = nffi.cast("uint16_t *", addr[2])
+        self.bufs_ref = queue._bufs
+
+
+_STAT_FIELDS = (
+    "chains",
+    "descriptors",
+    "bytes_read",
+    "bytes_written",
+    "used",
+    "flushes",
+    "notifications_sent",
+    "notifications_suppressed",
+)
+
+
+def _ctx(queue: Any) -> _QueueCtx:
+    ctx = queue.fast_ctx
+    if ctx is None:
+        ctx = queue.fast_ctx = _QueueCtx(queue)
+    ctx.rings(queue)
+    return ctx  # type: ignore[no-any-return]
+
+
+def _load_state(ctx: _QueueCtx, queue: Any) -> Any:
+    c = ctx.c
+    c.indirect_ok = queue.indirect
+    c.event_idx = queue.event_idx
+    c.notify_on_empty = queue.notify_on_empty
+    c.allow_readable = queue.readable_allowed
+    c.allow_writable = queue.writable_expected
+    c.used_idx = queue.used_idx
+    if ctx.packed:
+        c.last_avail = queue._avail_idx
+        c.avail_wrap = queue.avail_wrap
+        c.used_wrap = queue.used_wrap
+        c.scan_end = -1 if queue._scan_end is None else queue._scan_end
+        c.scan_chains = queue._scan_chains
+        c.signalled_valid = queue._signalled is not None
+        c.signalled_used = queue._signalled or 0
+        pending = queue._pending
+        if len(pending) > ctx.pend_cap:  # pragma: no cover - only ring faults push this many
+            raise AssertionError(f"virtqueue {queue.index}: {len(pending)} used elements pending")
+        ids, lens, nds = ctx.pend
+        for i, (bid, n, nd) in enumerate(pending):
+            ids[i], lens[i], nds[i] = bid, n, nd
+        c.npend = len(pending)
+        pending.clear()
+    else:
+        c.last_avail = queue.last_avail_idx
+        c.seen_avail = queue._seen_avail_idx
+        c.pending_used = queue._pending_used
+        c.signalled_used = queue._signalled_used
+        c.signalled_valid = queue._signalled_valid
+    st = queue.stats
+    for name in _STAT_FIELDS:
+        setattr(c, name, getattr(st, name))
+    return c
+
+
+def _store_state(ctx: _QueueCtx, c: Any, queue: Any) -> None:
+    queue.used_idx = c.used_idx
+    if ctx.packed:
+        queue._avail_idx = c.last_avail
+        queue.avail_wrap = c.avail_wrap
+        queue.used_wrap = c.used_wrap
+        queue._scan_end = None if c.scan_end < 0 else c.scan_end
+        queue._scan_chains = c.scan_chains
+        queue._signalled = c.signalled_used if c.signalled_valid else None
+        n = c.npend
+        if n:
+            ids, lens, nds = (_fast.ffi.unpack(a, n) for a in ctx.pend)
+            queue._pending.extend(zip(ids, lens, nds, strict=True))
+            c.npend = 0
+    else:
+        queue.last_avail_idx = c.last_avail
+        queue._seen_avail_idx = c.seen_avail
+        queue._pending_used = c.pending_used
+        queue._signalled_used = c.signalled_used
+        queue._signalled_valid = bool(c.signalled_valid)
+    st = queue.stats
+    for name in _STAT_FIELDS:
+        setattr(st, name, getattr(c, name))
+
+
+class _Regions:
+    """The guest memory map as ``struct vq_region[]``, for the length of one call."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        nffi = _fast.ffi
+        regions = mem.regions
+        self.arr = nffi.new("struct vq_region[]", max(1, len(regions)))
+        self.keep: list[Any] = []
+        for i, r in enumerate(regions):
+            assert r.mm is not None
+            buf = nffi.from_buffer("uint8_t[]", r.mm)
+            self.keep.append(buf)
+            e = self.arr[i]
+            e.gpa = r.gpa
+            e.size = r.size
+            e.host = buf + (r.mmap_offset - r._base)
+        self.n = len(regions)
+
+    def release(self) -> None:
+        nffi = _fast.ffi
+        for buf in self.keep:
+            nffi.release(buf)
+        self.keep = []
+
+
+class _PoolCtx:
+    """A pool's ``struct vq_pool``, cached next to fastglue's ``struct fp_pool``."""
+
+    def __init__(self, pool: Pbufpool) -> None:
+        nffi = _fast.ffi
+        fctx = fastglue._ctx(pool)
+        lay = pool.arena.layout
+        arena = fctx.c.md - lay.md_off
+        vp = nffi.new("struct vq_pool *")
+        vp.p = fctx.c
+        vp.bufs = arena + lay.buf_off
+        vp.large = arena + lay.large_buf_off
+        vp.num_large = pool.config.num_large_bufs
+        self.vp = vp
+        self.fp = fctx.c
+
+
+def _pool_ctx(pool: Pbufpool) -> _PoolCtx:
+    fctx = fastglue._ctx(pool)
+    ctx: _PoolCtx | None = getattr(fctx, "vq_pool", None)
+    if ctx is None:
+        ctx = _PoolCtx(pool)
+        fctx.vq_pool = ctx  # type: ignore[attr-defined]
+    return ctx
+
+
+def _tops(items: list[int], k: int) -> array[int]:
+    return array("I", items[len(items) - k :] if k else ())
+
+
+def tx_burst(queue: Any, pool: Pbufpool, hlen: int, budget: int, pkts: list[int]) -> Burst:
+    """Consume up to ``budget`` chains of TX ``queue`` into packets of ``pool`` (appended to
+    ``pkts``), as the NIC's TX loop would; see the module docstring for the stop rules."""
+    nffi = _fast.ffi
+    ctx = _ctx(queue)
+    budget = min(budget, len(ctx.out))
+    c = _load_state(ctx, queue)
+    pc = _pool_ctx(pool)
+    vp = pc.vp
+    fp, fe, fl = pool._free_pkts, pool._free_ext, pool._free_large
+    k_p = min(budget, len(fp))
+    k_e = min(budget * (pool.max_frags - 1), len(fe))
+    k_l = min(budget * pool.max_frags, len(fl)) if pool.config.num_large_bufs else 0
+    tp, te, tl = _tops(fp, k_p), _tops(fe, k_e), _tops(fl, k_l)
+    bp = nffi.from_buffer("uint32_t[]", tp)
+    be = nffi.from_buffer("uint32_t[]", te)
+    bl = nffi.from_buffer("uint32_t[]", tl)
+    vp.free_pkts, vp.n_pkts, vp.free_pkts_len = bp, k_p, len(fp)
+    vp.free_ext, vp.n_ext, vp.free_ext_len = be, k_e, len(fe)
+    vp.free_large, vp.n_large, vp.free_large_len = bl, k_l, len(fl)
+    regions = _Regions(queue.mem)
+    c.regions, c.nregions = regions.arr, regions.n
+    b = ctx.burst
+    try:
+        _fast.lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
+    finally:
+        regions.release()
+        c.regions = nffi.NULL
+        for buf in (bp, be, bl):
+            nffi.release(buf)
+    _store_state(ctx, c, queue)
+    used_p, used_e, used_l = k_p - vp.n_pkts, k_e - vp.n_ext, k_l - vp.n_large
+    if used_p:
+        del fp[len(fp) - used_p :]
+        st = pool.stats
+        st.allocs += used_p
+        st.high_water = max(st.high_water, st.in_use)
+    if used_e:
+        del fe[len(fe) - used_e :]
+    if used_l:
+        del fl[len(fl) - used_l :]
+    if b.npkts:
+        pkts.extend(nffi.unpack(ctx.out, b.npkts))
+    if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
+        raise AssertionError(f"virtqueue {queue.index}: compiled TX burst refused its arguments")
+    _count("tx_bursts")
+    _count("tx_chains", b.count)
+    _count(f"tx_stop_{b.stop}")
+    return Burst(b.stop, b.violation or b.slow, b.count, b.nbytes)
+
+
+def rx_burst(
+    queue: Any, pool: Pbufpool, hlen: int, mergeable: bool, guest_csum: bool, pkts: list[int]
+) -> Burst:
+    """Write ``pkts`` into RX ``queue``'s buffers in order, as the NIC's RX drain would, until
+    one needs the reference (SLOW/VIOLATION) or the guest posted too few buffers (NOROOM).
+    ``Burst.count`` packets were written (the caller frees them)."""
+    nffi = _fast.ffi
+    ctx = _ctx(queue)
+    c = _load_state(ctx, queue)
+    pc = _pool_ctx(pool)
+    vp = pc.vp
+    n = len(pkts)
+    arr = array("I", pkts)
+    flags = (C.RX_MERGEABLE if mergeable else 0) | (C.RX_GUEST_CSUM if guest_csum else 0)
+    regions = _Regions(queue.mem)
+    c.regions, c.nregions = regions.arr, regions.n
+    b = ctx.burst
+    buf = nffi.from_buffer("uint32_t[]", arr)
+    try:
+        _fast.lib.vq_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
+    finally:
+        regions.release()
+        c.regions = nffi.NULL
+        nffi.release(buf)
+    _store_state(ctx, c, queue)
+    if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
+        raise AssertionError(f"virtqueue {queue.index}: compiled RX burst refused its arguments")
+    _count("rx_bursts")
+    _count("rx_frames", b.count)
+    _count(f"rx_stop_{b.stop}")
+    return Burst(b.stop, b.violation or b.slow, b.count, b.nbytes, b.merged)
+
+
+def finish(queue: Any, consumed: int) -> bool:
+    """flush_used, then (when ``consumed``) should_notify: whether to signal the guest."""
+    ctx = _ctx(queue)
+    c = _load_state(ctx, queue)
+    notify = bool(_fast.lib.vq_finish(c, consumed))
+    _store_state(ctx, c, queue)
+    return notify
+
+
+def check_violation(burst: Burst, err: SyncError | None) -> None:
+    """After a VIOLATION stop the reference ran the item: in :data:`STRICT` mode it must have
+    killed the queue with the reason and wording the C's code names."""
+    v = burst.violation
+    if not STRICT or v is None:
+        return
+    if err is None:
+        raise AssertionError(f"compiled burst reported {v.name}; the reference accepted the item")
+    if err.reason is not v.reason or v.phrase not in str(err):
+        raise AssertionError(f"compiled burst reported {v.name}; the reference said {err}")
+
+
+# VDEV_FASTQUEUE=0 (or VDEV_FASTPATH=0) forces the Python reference.
+_env = os.environ.get("VDEV_FASTQUEUE", os.environ.get("VDEV_FASTPATH", "1"))
+set_backend("python" if _env == "0" else "c")
+
+
+__all__ = [
+    "BACKEND",
+    "STRICT",
+    "VIOLATIONS_BY_NAME",
+    "Burst",
+    "Violation",
+    "check_violation",
+    "finish",
+    "load",
+    "rx_burst",
+    "set_backend",
+    "tx_burst",
+    "usable",
+]

@@ -1,0 +1,210 @@
+"""Inflight I/O tracking for split rings (vhost-user.rst "Inflight I/O tracking").
+
+With VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD the back-end keeps, in a buffer it allocates and
+the front-end keeps across back-end restarts (GET_INFLIGHT_FD / SET_INFLIGHT_FD), which
+descriptor heads it took from the avail ring and has not yet returned in the used ring.  A
+restarted back-end resubmits exactly those, in the order it took them, so a crash costs
+nothing and repeats nothing that had not been completed.
+
+The buffer is ``num_queues`` queue regions one after the other, each::
+
+    QueueRegionSplit { u64 features; u16 version; u16 desc_num; u16 last_batch_head;
+                       u16 used_idx; DescStateSplit desc[desc_num]; }
+    DescStateSplit   { u8 inflight; u8 padding[5]; u16 next; u64 counter; }
+
+The queue calls :class:`SplitInflight` at four points, the spec's steps: ``popped`` (set
+``counter`` and ``inflight``), ``pushed`` (link the head into the last batch), ``published``
+(after the used idx store: clear the batch, then record ``used_idx``) and ``rewound`` (chains
+given back before they were used are not in flight).  :meth:`SplitInflight.recover` is the
+"When reconnecting" procedure.
+
+The front-end can write this buffer (it is shared memory), so nothing read from it is
+trusted: :meth:`recover` checks every field it uses and the queue still validates every
+resubmitted chain like any other (``walk_chain``).
+
+Packed rings ("QueueRegionPacked") are not tracked: the region is sized for them (so a ring
+format change needs no new buffer) but a packed queue resumes from SET_VRING_BASE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cffi import FFI
+
+iffi = FFI()
+iffi.cdef(
+    """
+    struct desc_state_split {
+        uint8_t inflight; uint8_t padding[5]; uint16_t next; uint64_t counter;
+    };
+    struct queue_region_split {
+        uint64_t features; uint16_t version; uint16_t desc_num;
+        uint16_t last_batch_head; uint16_t used_idx;
+    };
+    """
+)
+SPLIT_HDR: int = iffi.sizeof("struct queue_region_split")  # 16
+SPLIT_DESC: int = iffi.sizeof("struct desc_state_split")  # 16
+# "DescStatePacked" is 32 bytes, "QueueRegionPacked" a 29-byte header (DPDK's
+# get_pervq_shm_size_packed sizes it so); only the size is needed here.
+PACKED_DESC = 32
+PACKED_HDR = 29
+# DPDK lib/vhost and libvhost-user align every queue region to 64 bytes (INFLIGHT_ALIGNMENT).
+INFLIGHT_ALIGNMENT = 64
+REGION_VERSION = 1
+# A sane bound for the global order counter: a front-end-written counter beyond it is refused
+# (it would make the next counter overflow u64).
+MAX_COUNTER = (1 << 63) - 1
+
+
+def _align(n: int) -> int:
+    return (n + INFLIGHT_ALIGNMENT - 1) // INFLIGHT_ALIGNMENT * INFLIGHT_ALIGNMENT
+
+
+def queue_region_size(queue_size: int) -> int:
+    """Bytes of one queue region: room for either layout (split or packed), 64-aligned, so
+    the buffer does not depend on VIRTIO_F_RING_PACKED, which may be acked later."""
+    return _align(max(SPLIT_HDR + SPLIT_DESC * queue_size, PACKED_HDR + PACKED_DESC * queue_size))
+
+
+class InflightError(ValueError):
+    """The inflight region the front-end handed back is inconsistent (names the field)."""
+
+
+@dataclass(frozen=True)
+class RingResume:
+    """How a (re)started ring chose its position: the event ``vdev serve`` and the fault log
+    report, so a base that disagreed with guest memory is visible with both values.
+
+    ``source``: "base" (SET_VRING_BASE honoured), "used_idx" (base 0 on a used ring moved on:
+    the used idx adopted), "inflight" (the inflight region decided) or "packed_stale" (a
+    packed base whose descriptor the device had already used: reported, not adopted)."""
+
+    index: int
+    base: int
+    used_idx: int
+    resumed_at: int
+    resubmitted: int
+    source: str
+
+    @property
+    def disagreed(self) -> bool:
+        return self.source != "base" and (self.base != self.resumed_at or self.resubmitted > 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.index,
+            "base": self.base,
+            "used_idx": self.used_idx,
+            "resumed_at": self.resumed_at,
+            "resubmitted": self.resubmitted,
+            "source": self.source,
+        }
+
+
+class SplitInflight:
+    """The queue region of one split ring inside the shared inflight buffer.
+
+    ``buf`` is a writable buffer (a memoryview of the mapping) of at least
+    :func:`queue_region_size` bytes for ``size``; it is only referenced, never copied.
+    """
+
+    def __init__(self, buf: Any, size: int) -> None:
+        need = SPLIT_HDR + SPLIT_DESC * size
+        if len(buf) < need:
+            raise InflightError(f"queue region of {len(buf)} bytes, need {need} for size {size}")
+        self.size = size
+        self._cbuf = iffi.from_buffer(buf)
+        self.hdr = iffi.cast("struct queue_region_split *", self._cbuf)
+        self.desc = iffi.cast("struct desc_state_split *", self._cbuf + SPLIT_HDR)
+        self.counter = 1
+        self._batch: list[int] = []
+
+    def release(self) -> None:
+        """Drop every pointer into the buffer (the queue closes or remaps)."""
+        self.hdr = self.desc = iffi.NULL
+        self._cbuf = None
+
+    # -- "When reconnecting" ---------------------------------------------------------------
+
+    def recover(self, used_idx: int) -> list[int]:
+        """Bring the region up to ``used_idx`` (the used ring's idx in guest memory) and return
+        the heads to resubmit, oldest first.  A fresh region (version 0) is initialised and
+        resubmits nothing.  InflightError names a field the front-end corrupted."""
+        hdr, desc, size = self.hdr, self.desc, self.size
+        if hdr.version == 0:
+            need = SPLIT_HDR + SPLIT_DESC * size
+            iffi.memmove(self._cbuf, bytes(need), need)
+            hdr.version = REGION_VERSION
+            hdr.desc_num = size
+            hdr.used_idx = used_idx
+            return []
+        if hdr.version != REGION_VERSION:
+            raise InflightError(f"version {hdr.version} (this back-end writes {REGION_VERSION})")
+        if hdr.desc_num != size:
+            raise InflightError(f"desc_num {hdr.desc_num} != queue size {size}")
+        batch = (used_idx - hdr.used_idx) & 0xFFFF
+        if batch:
+            # The used idx moved past the region's: the last batch was published but its
+            # inflight flags not yet cleared.  Clear them along the last_batch_head list.
+            if batch > size:
+                raise InflightError(
+                    f"used_idx {hdr.used_idx} is {batch} behind the used ring's {used_idx}"
+                )
+            head = int(hdr.last_batch_head)
+            for _ in range(batch):
+                if head >= size:
+                    raise InflightError(f"last batch list names head {head} >= size {size}")
+                desc[head].inflight = 0
+                head = int(desc[head].next)
+            hdr.used_idx = used_idx
+        found: list[tuple[int, int]] = []
+        for head in range(size):
+            flag = int(desc[head].inflight)
+            if flag == 0:
+                continue
+            if flag != 1:
+                raise InflightError(f"desc[{head}].inflight is {flag}, not 0 or 1")
+            counter = int(desc[head].counter)
+            if counter > MAX_COUNTER:
+                raise InflightError(f"desc[{head}].counter {counter:#x} is out of range")
+            found.append((counter, head))
+        found.sort()
+        self.counter = (found[-1][0] + 1) if found else 1
+        return [head for _c, head in found]
+
+    # -- the four points of the data path --------------------------------------------------
+
+    def popped(self, head: int) -> None:
+        d = self.desc[head]
+        d.counter = self.counter
+        self.counter += 1
+        d.inflight = 1
+
+    def rewound(self, heads: list[int]) -> None:
+        for head in heads:
+            self.desc[head].inflight = 0
+
+    def pushed(self, head: int) -> None:
+        self.desc[head].next = self.hdr.last_batch_head
+        self.hdr.last_batch_head = head
+        self._batch.append(head)
+
+    def published(self, used_idx: int) -> None:
+        """After the used idx store (the spec's order: idx, then flags, then used_idx)."""
+        desc = self.desc
+        for head in self._batch:
+            desc[head].inflight = 0
+        self._batch.clear()
+        self.hdr.used_idx = used_idx
+
+
+__all__ = [
+    "INFLIGHT_ALIGNMENT",
+    "InflightError",
+    "RingResume",
+    "SplitInflight",
+    "queue_region_size",
+]
