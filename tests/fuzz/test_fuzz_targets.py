@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,29 @@ ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "fuzz" / "corpus"
 RUNS = int(os.environ.get("VDEV_FUZZ_CI_RUNS", "20000"))
 SECONDS = int(os.environ.get("VDEV_FUZZ_CI_SECONDS", "20"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_vdev_logging() -> Iterator[None]:
+    """The harnesses quiet vdev's loggers for million-run campaigns (no propagation, level
+    ERROR, their own handler); replayed in-process, that would outlive the test and hide the
+    records later tests on this worker read through caplog."""
+    names = [n for n in logging.root.manager.loggerDict if n == "vdev" or n.startswith("vdev.")]
+    names += ["vdev", "vdev.vhost", "vdev.net", "vdev.virtio", "vdev.skywalk", "vdev.faults"]
+    saved = {}
+    for n in set(names):
+        lg = logging.getLogger(n)
+        saved[n] = (lg.level, lg.propagate, list(lg.handlers), lg.disabled)
+    yield
+    for n in set(logging.root.manager.loggerDict) | set(saved):
+        if not (n == "vdev" or n.startswith("vdev.")):
+            continue
+        lg = logging.getLogger(n)
+        level, propagate, handlers, disabled = saved.get(n, (logging.NOTSET, True, [], False))
+        lg.setLevel(level)
+        lg.propagate = propagate
+        lg.handlers[:] = handlers
+        lg.disabled = disabled
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

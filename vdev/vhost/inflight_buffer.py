@@ -18,11 +18,12 @@ import mmap
 import os
 import stat
 
+from vdev.errors import VdevError
 from vdev.virtio.inflight import SplitInflight, queue_region_size
 from vdev.virtio.queue import MAX_QUEUE_SIZE
 
 
-class InflightLimit(ValueError):
+class InflightLimit(VdevError, ValueError):
     """A GET/SET_INFLIGHT_FD field out of range: the message names the field and the limit."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -33,6 +33,8 @@ from typing import Any
 
 from cffi import FFI
 
+from vdev.errors import VdevError
+
 iffi = FFI()
 iffi.cdef(
     """
@@ -69,7 +71,7 @@ def queue_region_size(queue_size: int) -> int:
     return _align(max(SPLIT_HDR + SPLIT_DESC * queue_size, PACKED_HDR + PACKED_DESC * queue_size))
 
 
-class InflightError(ValueError):
+class InflightError(VdevError, ValueError):
     """The inflight region the front-end handed back is inconsistent (names the field)."""
 
 
