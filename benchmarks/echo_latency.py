@@ -4,14 +4,15 @@ The same QEMU-free frontend (``VirtioNetFrontend``, the Python driver, one frame
 sends an ICMP echo request and waits for the reply, ``--count`` times, against two
 backends on a vhost-user socket:
 
-* vdev: a device process (``Device`` with one NIC; the built-in responder answers);
+* vdev: a device process (``Device`` with one NIC; the built-in responder answers),
+  event-driven, and with ``--poll`` also in busy-poll mode (``vdev serve --poll``);
 * DPDK: ``dpdk-testpmd --vdev net_vhost0 --forward-mode=icmpecho`` (testpmd answers).
 
 The difference of the medians is what vdev adds to a round trip compared with DPDK's
 vhost-user backend answering in C (issue 11's target: at most 20 us).  Both include the
 frontend's own cost (Python, kicks and calls through eventfds), which is the same on both.
 
-Usage: python3 benchmarks/echo_latency.py [--count 2000]
+Usage: python3 benchmarks/echo_latency.py [--count 2000] [--poll]
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ signal.signal(signal.SIGTERM, lambda *_: stop.set())
 with Device() as d:
     d.add_nic(sys.argv[1])
     print("READY", flush=True)
-    d.serve_forever(stop)
+    d.serve_forever(stop, poll=sys.argv[2] == "poll")
 """
 
 
@@ -67,11 +68,12 @@ def rtts(sock: str, count: int) -> list[float]:
 
 
 def measure(backend: str, workdir: Path, count: int) -> list[float]:
-    sock = str(workdir / f"{backend}.sock")
+    sock = str(workdir / f"{backend.replace(' ', '')}.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
-    if backend == "vdev":
-        child = Child([sys.executable, "-c", DEVICE, sock], "worker")
+    if backend.startswith("vdev"):
+        mode = "poll" if backend == "vdev --poll" else "events"
+        child = Child([sys.executable, "-c", DEVICE, sock, mode], "worker")
         env_ok = child.samples.ready.is_set
     else:
         prefix = f"vdevecho{os.getpid()}"
@@ -89,7 +91,7 @@ def measure(backend: str, workdir: Path, count: int) -> list[float]:
         _wait(env_ok, 30, f"{backend} backend did not start")
         return rtts(sock, count)
     finally:
-        child.stop(15 if backend == "vdev" else 2)
+        child.stop(15 if backend.startswith("vdev") else 2)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
 
@@ -104,8 +106,9 @@ def _us(xs: list[float], q: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--count", type=int, default=2000, help="round trips per backend")
+    ap.add_argument("--poll", action="store_true", help="also vdev in busy-poll mode")
     args = ap.parse_args()
-    backends = ["vdev"] + (["dpdk"] if TESTPMD else [])
+    backends = ["vdev"] + (["vdev --poll"] if args.poll else []) + (["dpdk"] if TESTPMD else [])
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     res: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="vdevecho") as tmp:
@@ -115,9 +118,10 @@ def main() -> int:
     print("|---|---:|---:|---:|")
     for b, xs in res.items():
         print(f"| {b} | {len(xs)} | {_us(xs, 0.5)} | {_us(xs, 0.99)} |")
-    if res.get("vdev") and res.get("dpdk"):
-        added = 1e6 * (statistics.median(res["vdev"]) - statistics.median(res["dpdk"]))
-        print(f"\nadded by vdev vs DPDK (median): {added:.0f} us")
+    for b in ("vdev", "vdev --poll"):
+        if res.get(b) and res.get("dpdk"):
+            added = 1e6 * (statistics.median(res[b]) - statistics.median(res["dpdk"]))
+            print(f"added by {b} vs DPDK (median): {added:.0f} us")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     return 0
 

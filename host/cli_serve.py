@@ -75,6 +75,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="print the final statistics as JSON (stdout is pure JSON; messages go to stderr)",
     )
+    p.add_argument(
+        "--poll",
+        action="store_true",
+        help="busy-poll every queue instead of waiting for kicks (like a DPDK PMD: lowest "
+        "latency, one core spinning)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.set_defaults(func=run)
 
@@ -131,11 +137,12 @@ def run(args: argparse.Namespace) -> int:
         # A banner, not a result: stderr, so that stdout (with --json) is pure JSON.
         print(
             f"vdev serve: {len(args.socket)} NIC(s) on {', '.join(args.socket)}"
-            + (f"; control socket {args.control}" if args.control else ""),
+            + (f"; control socket {args.control}" if args.control else "")
+            + ("; busy-polling" if args.poll else ""),
             file=sys.stderr,
             flush=True,
         )
-        device.serve_forever(stop)
+        device.serve_forever(stop, poll=args.poll)
         if control is not None:
             control.close()
     except (OSError, ValueError) as exc:

@@ -12,8 +12,10 @@ import pytest
 
 from host.bare_console import check_pattern_frame, pattern_frame
 from host.cli_sandbox import GUEST_MAC, Sandbox
+from vdev.net.nic import RX_BACKLOG
 
 if TYPE_CHECKING:
+    from vdev.net.nic import VirtioNet
     from vdev.skywalk import Channel
 
 GUEST_MAC_B = bytes.fromhex(GUEST_MAC.replace(":", ""))
@@ -82,11 +84,35 @@ def guest_frames(frames: list[bytes]) -> list[int]:
     return [check_pattern_frame(f) for f in frames if f[12:14] == b"\x88\xb5"]
 
 
-def send_all(ch: Channel, frames: list[bytes], limit: float = 30.0) -> None:
-    """Send every frame, retrying while the channel's TX ring or pool is full."""
+def send_all(
+    ch: Channel,
+    frames: list[bytes],
+    limit: float = 30.0,
+    *,
+    nic: VirtioNet | None = None,
+    rate: float = 20_000.0,
+) -> None:
+    """Send every frame, retrying while the channel's TX ring or pool is full, paced.
+
+    The compiled host side (``chanbatch``) sends hundreds of thousands of frames a second,
+    far faster than a driver under TCG takes them; the switch then drops what the NIC's RX
+    backlog cannot hold (as a VALE port would), so exact-delivery tests must pace: with
+    ``nic``, wait while its backlog is half full; without, stay under ``rate`` frames/s.
+    """
     sent = 0
-    end = time.monotonic() + limit
+    start = time.monotonic()
+    end = start + limit
     while sent < len(frames):
+        if nic is not None:
+            if len(nic.backlog) >= RX_BACKLOG // 2:
+                if time.monotonic() > end:
+                    raise TimeoutError(f"NIC backlog never drained ({sent}/{len(frames)} sent)")
+                time.sleep(0.0002)
+                continue
+        else:
+            ahead = sent / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
         n = ch.send(frames[sent : sent + 64])
         sent += n
         if n == 0:

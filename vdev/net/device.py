@@ -190,17 +190,41 @@ class Device:
         """Run one loop iteration: wait up to ``timeout`` and dispatch what is ready."""
         self.loop.poll(timeout)
 
-    def serve_forever(self, stop: threading.Event | None = None) -> None:
-        stop = stop or self._stop
-        while not stop.is_set():
-            self.poll(0.2)
+    def serve_forever(self, stop: threading.Event | None = None, *, poll: bool = False) -> None:
+        """Run the loop until ``stop`` is set.
 
-    def start(self) -> Device:
-        """Run the loop in a background thread (tests, the demo)."""
+        Event-driven by default: the loop sleeps in ``select`` until a socket or a kick
+        eventfd is readable.  ``poll=True`` is busy-poll mode (``vdev serve --poll``), like a
+        DPDK PMD: the loop never sleeps and every started queue is serviced on every
+        iteration, kicked or not, trading one spinning core for the wake-up latency.  Both
+        run on this one thread, so the locking rule of docs/DESIGN.md holds in both.
+        """
+        stop = stop or self._stop
+        if not poll:
+            while not stop.is_set():
+                self.poll(0.2)
+            return
+        while not stop.is_set():
+            self.poll(0.0)
+            self.poll_queues()
+
+    def poll_queues(self) -> None:
+        """Service every started queue of every NIC once, as a kick would (busy-poll mode)."""
+        with self.lock:
+            for entry in self.sockets:
+                nic = entry.nic
+                for index in list(nic.vrings):
+                    nic.kick(index)
+
+    def start(self, *, poll: bool = False) -> Device:
+        """Run the loop in a background thread (tests, the demo); ``poll``: busy-poll."""
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(
-                target=self.serve_forever, name="vdev-loop", daemon=True
+                target=self.serve_forever,
+                kwargs={"poll": poll},
+                name="vdev-loop",
+                daemon=True,
             )
             self._thread.start()
         return self
