@@ -91,6 +91,9 @@ class RingResume:
 
     @property
     def disagreed(self) -> bool:
+        """Whether guest memory (or the inflight region) contradicted the base: the event."""
+        if self.source == "packed_stale":
+            return True
         return self.source != "base" and (self.base != self.resumed_at or self.resubmitted > 0)
 
     def as_dict(self) -> dict[str, Any]:
