@@ -98,10 +98,11 @@ class Serve:
     def start(self, timeout: float = 20.0) -> None:
         with self.log.open("a") as err:
             err.write(f"--- start {self.generation + 1}\n")
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=self.log.open("a"), text=True,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        with self.log.open("a") as err:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                self.argv, stdout=subprocess.PIPE, stderr=err, text=True,
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
         self.generation += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
