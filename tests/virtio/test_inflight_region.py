@@ -242,3 +242,47 @@ def test_packed_crash_inside_a_publish(mem: GuestMemory, crash_at: str) -> None:
         assert again.pop() is None
     for q in (again, dev):
         q.close()
+
+
+def _packed_in_flight(mem: GuestMemory, n: int) -> tuple[PackedQueue, bytearray]:
+    dev, drv, buf = _packed_with_region(mem)
+    for i in range(n):
+        drv.add_chain([(DATA_LOW + 64 * i, 8)])
+    drv.publish()
+    for _ in range(n):
+        assert dev.pop() is not None
+    return dev, buf
+
+
+@pytest.mark.parametrize(
+    ("poke", "message"),
+    [
+        (lambda h, d: setattr(h, "version", 3), "version 3"),
+        (lambda h, d: setattr(h, "desc_num", 4), "desc_num 4 != queue size 5"),
+        (lambda h, d: setattr(h, "used_idx", 5), "used_idx 5 >= queue size 5"),
+        (lambda h, d: setattr(h, "old_used_wrap_counter", 2), "old_used_wrap_counter is 2"),
+        (lambda h, d: setattr(h, "free_head", 5 | 1 << 15), "free_head index 5 >= queue size 5"),
+        # avail a lap and one entry past the used position: more than the ring holds.
+        (lambda h, d: setattr(h, "free_head", 1), "free_head is 6 entries past"),
+        (lambda h, d: setattr(d[1], "num", 2), r"desc\[1\] does not start a chain of 1..1"),
+        (lambda h, d: setattr(d[0], "inflight", 0), r"desc\[0\] does not start a chain"),
+    ],
+)
+def test_a_corrupted_packed_region_is_refused_by_name(
+    mem: GuestMemory, poke: Any, message: str
+) -> None:
+    dev, buf = _packed_in_flight(mem, 2)
+    r = PackedInflight(memoryview(buf), 5)
+    poke(r.hdr, r.desc)
+    with pytest.raises(InflightError, match=message):
+        _restart(mem, dev, buf)
+    dev.close()
+
+
+def test_a_full_packed_ring_in_flight_is_accepted(mem: GuestMemory) -> None:
+    """The other side of 'entries past': exactly the ring size in flight resumes all."""
+    dev, buf = _packed_in_flight(mem, 5)
+    again = _restart(mem, dev, buf)
+    assert again.resume.resubmitted == 5 and again.resume.resumed_at == 0x8000
+    for q in (again, dev):
+        q.close()
