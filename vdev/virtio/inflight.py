@@ -230,6 +230,31 @@ class SplitInflight:
         self.hdr.used_idx = used_idx
 
 
+def packed_stale_position(ring: Any, idx: int, wrap: int, size: int) -> int | None:
+    """Whether a packed ring's start position (``idx``, ``wrap``) contradicts the ring: the
+    descriptor there was already used by the device in this lap (2.8.1: AVAIL == USED ==
+    wrap counter) or the driver posted it for the next lap (which it can only do after the
+    device consumed it).  Returns the position the used descriptors from there reach
+    (index | wrap << 15), or None when the position is consistent.  Only reported, never
+    adopted: a used descriptor does not say how many ring entries its chain took (2.8.9),
+    so the scan is exact only for one-descriptor chains; the inflight region is exact."""
+    w = bool(wrap)
+    flags = int(ring[idx].flags)
+    lapped = bool(flags & F_AVAIL) != w and bool(flags & F_USED) == w
+    i, lap, n = idx, wrap, 0
+    while n < size:
+        f = int(ring[i].flags)
+        if bool(f & F_AVAIL) != bool(lap) or bool(f & F_USED) != bool(lap):
+            break
+        n += 1
+        i += 1
+        if i == size:
+            i, lap = 0, lap ^ 1
+    if not n and not lapped:
+        return None
+    return i | lap << 15
+
+
 def _pos(idx: int, wrap: int, size: int) -> int:
     return idx if wrap else idx + size
 
@@ -346,5 +371,6 @@ __all__ = [
     "PackedInflight",
     "RingResume",
     "SplitInflight",
+    "packed_stale_position",
     "queue_region_size",
 ]

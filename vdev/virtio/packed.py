@@ -34,7 +34,7 @@ from vdev.virtio.chain import (
     Segments,
     indirect_table,
 )
-from vdev.virtio.inflight import PackedInflight, RingResume
+from vdev.virtio.inflight import PackedInflight, RingResume, packed_stale_position
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
 
@@ -170,28 +170,15 @@ class PackedQueue(QueueLifecycle):
         self.inflight: PackedInflight | None = None
         base = self.last_avail_idx
         self.resume = RingResume(index, base, base, base, 0, "base")
-        ahead = self._used_ahead()
-        flags = int(self._ring[self._avail_idx].flags)
-        # Available for the *other* wrap counter: the driver already went a lap past this
-        # position, which it can only do after the device consumed it: also stale.
-        lapped = bool(flags & F_AVAIL) != bool(self.avail_wrap) and bool(flags & F_USED) == bool(
-            self.avail_wrap
-        )
-        if ahead or lapped:
-            # The descriptor at the base is one this device already used in this lap (2.8.1:
-            # AVAIL == USED == wrap counter): the front-end's SET_VRING_BASE is stale (QEMU
-            # keeps a packed ring's last base across a back-end crash: a packed ring has no
-            # used idx in memory to restore from).  Reported with both positions; not
-            # adopted, since a used descriptor does not say how many ring entries its chain
-            # took (2.8.9), so the scan below is exact only for one-descriptor chains.
-            pos = (self._avail_idx + ahead) % size
-            wrap = self.avail_wrap ^ ((self._avail_idx + ahead) // size & 1)
-            seen = pos | wrap << 15
-            self.resume = RingResume(index, base, seen, base, 0, "packed_stale")
+        stale = packed_stale_position(self._ring, self._avail_idx, self.avail_wrap, size)
+        if stale is not None:
+            # The front-end's SET_VRING_BASE is stale (QEMU keeps a packed ring's last base
+            # across a back-end crash: a packed ring has no used idx in memory to restore
+            # from).  Reported with both positions, not adopted (see packed_stale_position).
+            self.resume = RingResume(index, base, stale, base, 0, "packed_stale")
             log.warning(
-                "virtqueue %d: packed base %#x but the ring holds %d used descriptors from "
-                "there (up to %#x)%s: the base is stale",
-                index, base, ahead, seen, ", posted a lap ahead" if lapped else "",
+                "virtqueue %d: packed base %#x is stale: the device's used descriptors "
+                "reach %#x, or the driver posted there a lap ahead", index, base, stale,
             )  # fmt: skip
 
     def attach_inflight(self, region: PackedInflight) -> RingResume:
@@ -213,20 +200,6 @@ class PackedQueue(QueueLifecycle):
                 self.index, base, at, chains,
             )  # fmt: skip
         return self.resume
-
-    def _used_ahead(self) -> int:
-        """How many descriptors from the avail position on are marked used in the current
-        lap (bounded by the ring size)."""
-        idx, wrap, n = self._avail_idx, self.avail_wrap, 0
-        while n < self.size:
-            flags = int(self._ring[idx].flags)
-            if bool(flags & F_AVAIL) != bool(wrap) or bool(flags & F_USED) != bool(wrap):
-                break
-            n += 1
-            idx += 1
-            if idx == self.size:
-                idx, wrap = 0, wrap ^ 1
-        return n
 
     # -- features and state -------------------------------------------------------------
 
