@@ -72,9 +72,21 @@ def _register_ctl(subparsers: Any) -> None:
     po.add_argument("packets", type=int_range(0), help="free packets to leave in the pool")
     po.add_argument("--id", help="id of the fault (default d<N>)")
     cr = sub.add_parser(
-        "crash", parents=[common], help="drop a NIC's vhost-user connection abruptly"
+        "crash",
+        parents=[common],
+        help="drop a NIC's vhost-user connection abruptly, or arm a crash point",
+        description=(
+            "Without options: drop the connection now. With --after-frames/--in-flight/"
+            "--mode: arm a crash point that fires from the TX data path (docs/faults.md): "
+            "after N chains, at the first batch holding K taken and unpublished (0: at the "
+            "end of the batch); mode exit SIGKILLs the device process, drop drops the "
+            "connection. Example: vdev ctl crash --after-frames 1000 --in-flight 4"
+        ),
     )
     cr.add_argument("--nic", default="0")
+    cr.add_argument("--after-frames", type=int_range(0), metavar="N")
+    cr.add_argument("--in-flight", type=int_range(0), metavar="K")
+    cr.add_argument("--mode", choices=["exit", "drop"])
     raw = sub.add_parser("raw", parents=[common], help="send a raw JSON request")
     raw.add_argument("request", metavar="JSON")
     p.set_defaults(func=run_ctl)
@@ -160,7 +172,11 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     if cmd == "pool":
         return {"cmd": "pool", "packets": args.packets} | ({"id": args.id} if args.id else {})
     if cmd == "crash":
-        return {"cmd": "crash", "nic": _nic(args.nic)}
+        req = {"cmd": "crash", "nic": _nic(args.nic)}
+        for key in ("after_frames", "in_flight", "mode"):
+            if getattr(args, key) is not None:
+                req[key] = getattr(args, key)
+        return req
     req = _value(args.request)
     if not isinstance(req, dict):
         raise ValueError("raw: request must be a JSON object")

@@ -153,3 +153,25 @@ def test_large_reply_is_buffered_not_blocking(served: tuple[Any, str]) -> None:
     reply = request(path, {"cmd": "events", "limit": 20000}, timeout=10)
     assert len(reply["events"]) == 20000  # ~2 MB: sent in pieces as the client reads
     assert request(path, {"cmd": "ping"})["ok"]
+
+
+def test_crash_point_over_the_socket_and_ctl(
+    served: tuple[Any, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``vdev ctl crash --after-frames N --in-flight K --mode drop`` arms a crash point on the
+    NIC's data path (it fires later); a bad value is refused by name and arms nothing."""
+    dev, path = served
+    rc, out, _ = ctl(
+        path, "--json", "crash", "--after-frames", "7", "--in-flight", "0", "--mode", "drop",
+        capsys=capsys,
+    )  # fmt: skip
+    assert rc == 0 and json.loads(out)["armed"] == {
+        "after_frames": 7, "in_flight": 0, "mode": "drop",
+    }  # fmt: skip
+    assert dev.nics[0].take_hook is not None
+    kinds = [e["kind"] for e in request(path, {"cmd": "events"})["events"]]
+    assert kinds == ["crash_armed"]  # armed, not fired: no frame was taken yet
+    reply = request(path, {"cmd": "crash", "nic": 0, "mode": "boom"})
+    assert not reply["ok"] and "mode: 'boom' must be one of exit, drop" in reply["error"]
+    reply = request(path, {"cmd": "crash", "nic": 0, "in_flight": -1})
+    assert not reply["ok"] and "in_flight: -1 must be an integer >= 0" in reply["error"]

@@ -51,19 +51,24 @@ def _wait(cond: object, timeout: float = 5.0) -> bool:
 
 
 def _crash_mid_burst(
-    device: Device, path: str, *, inflight: bool, base: str
+    device: Device, path: str, *, inflight: bool, base: str, packed: bool = False
 ) -> tuple[Counter[int], int, VirtioNetFrontend, FaultEngine]:
     """Send BEFORE frames, arm the crash, send BURST more; reconnect with ``base``; return
     the host's count per sequence number, the driver's TX completions, the frontend."""
     engine = FaultEngine.for_device(device, seed=1)
     ch = device.open_channel("host", ring_slots=1024)  # room for every frame of the run
-    fe = VirtioNetFrontend(path, config=FrontendConfig(inflight=inflight))
+    fe = VirtioNetFrontend(path, config=FrontendConfig(inflight=inflight), packed=packed)
     assert (fe.vhost.inflight_fd is not None) == inflight
     assert fe.send([numbered(HOST_MAC, GUEST_MAC, i) for i in range(BEFORE)]) == BEFORE
     got = drain_channel(ch, BEFORE)
-    completed = 0
-    assert _wait(lambda: fe.txq().driver.used_pending() == BEFORE)
-    completed += fe.reap_tx()
+    done = [0]
+
+    def reaped() -> bool:
+        done[0] += fe.reap_tx()
+        return done[0] == BEFORE
+
+    assert _wait(reaped)
+    completed = done[0]
     engine.crash_point(0, after_frames=1, in_flight=IN_FLIGHT, mode="drop")
     frames = [numbered(HOST_MAC, GUEST_MAC, BEFORE + i) for i in range(BURST)]
     assert fe.send(frames) == BURST
@@ -147,7 +152,8 @@ def test_base_zero_resumes_at_the_used_idx_with_an_event(
         fe.close()
 
 
-def test_sigkill_mid_burst_then_restart_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_sigkill_mid_burst_then_restart_is_exact(tmp_path: Path, packed: bool) -> None:
     """The real thing: ``vdev serve`` dies by SIGKILL (crash point mode "exit", armed through
     the control socket) with IN_FLIGHT chains taken and unpublished; a new ``vdev serve``
     starts on the same sockets, both front-ends reconnect, and NIC B receives every frame
@@ -157,8 +163,8 @@ def test_sigkill_mid_burst_then_restart_is_exact(tmp_path: Path) -> None:
     serve.start()
     fa = fb = None
     try:
-        fa = VirtioNetFrontend(str(sa), config=FrontendConfig(inflight=True))
-        fb = VirtioNetFrontend(str(sb), config=FrontendConfig(inflight=True))
+        fa = VirtioNetFrontend(str(sa), config=FrontendConfig(inflight=True), packed=packed)
+        fb = VirtioNetFrontend(str(sb), config=FrontendConfig(inflight=True), packed=packed)
         mac_a, mac_b = b"\x52\x54\x00\x12\x34\x56", b"\x52\x54\x00\x12\x34\x57"
         assert fa.send([numbered(mac_b, mac_a, i) for i in range(BEFORE)]) == BEFORE
         got = fb.recv(BEFORE, timeout=5)
@@ -166,13 +172,18 @@ def test_sigkill_mid_burst_then_restart_is_exact(tmp_path: Path) -> None:
         reply = request(str(ctl), {"cmd": "crash", "nic": 0, "after_frames": 1,
                                    "in_flight": IN_FLIGHT, "mode": "exit"})  # fmt: skip
         assert reply["ok"], reply
-        assert _wait(lambda: fa.txq().driver.used_pending() == BEFORE)
-        fa.reap_tx()
+        reaped = [0]
+
+        def reap() -> bool:
+            reaped[0] += fa.reap_tx()
+            return reaped[0] == BEFORE
+
+        assert _wait(reap)
         assert fa.send([numbered(mac_b, mac_a, BEFORE + i) for i in range(BURST)]) == BURST
         assert serve.proc is not None
         serve.proc.wait(10)
         assert serve.proc.returncode == -signal.SIGKILL
-        assert fa.txq().driver.used_pending() == 0  # the crash batch was never published
+        assert fa.reap_tx() == 0  # the crash batch was never published
         serve.start()
         fb.reconnect(str(sb), base="used")
         fa.reconnect(str(sa), base="avail")  # a base that disagrees: the region decides
@@ -183,7 +194,8 @@ def test_sigkill_mid_burst_then_restart_is_exact(tmp_path: Path) -> None:
         assert set(counts.values()) == {1}
         stats = serve.stats()
         resumes = {r["queue"]: r for r in stats["nics"][0]["resumes"]}
-        assert resumes[1]["resubmitted"] == IN_FLIGHT and resumes[1]["used_idx"] == BEFORE
+        assert resumes[1]["resubmitted"] == IN_FLIGHT
+        assert resumes[1]["used_idx"] == (BEFORE | 1 << 15 if packed else BEFORE)
         assert all(not q["kills"] for n in stats["nics"] for q in n["queues"].values())
     finally:
         for fe in (fa, fb):
@@ -192,3 +204,33 @@ def test_sigkill_mid_burst_then_restart_is_exact(tmp_path: Path) -> None:
         serve.stop()
         serve.close()
     assert not sa.exists() and not sb.exists() and not ctl.exists()
+
+
+@pytest.mark.parametrize("inflight", [True, False])
+def test_packed_crash_mid_burst(nic_path: str, device: Device, inflight: bool) -> None:
+    """Packed rings: the front-end comes back with the fresh base (index 0, wrap 1), as QEMU
+    does after a back-end crash (a packed ring has nothing in memory to restore a base
+    from).  With the inflight region every frame arrives exactly once; without it the base
+    is stale (reported as packed_stale) and nothing after the crash arrives."""
+    counts, completed, fe, _engine = _crash_mid_burst(
+        device, nic_path, inflight=inflight, base="used", packed=True
+    )
+    try:
+        assert fe.packed
+        resumes = {r["queue"]: r for r in device.nics[0].resumes}
+        if inflight:
+            assert sorted(counts) == list(range(BEFORE + BURST))
+            assert set(counts.values()) == {1}
+            assert completed == BEFORE + BURST
+            tx = resumes[1]
+            assert tx["source"] == "inflight" and tx["resubmitted"] == IN_FLIGHT
+            assert tx["base"] == 0x8000 and tx["resumed_at"] == BEFORE | 1 << 15
+        else:
+            assert sorted(counts) == list(range(BEFORE))
+            assert completed == BEFORE
+            tx = resumes[1]
+            # Entry 0 was used, then posted again a lap ahead by the burst: stale.
+            assert tx["source"] == "packed_stale" and tx["base"] == 0x8000
+        assert not device.nics[0].kill_log
+    finally:
+        fe.close()

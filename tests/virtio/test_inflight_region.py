@@ -10,17 +10,25 @@ field recovery reads is also corrupted once and must be refused by name.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_virtio_packed import make_packed
+from virtio_helpers import DATA_LOW
 
+from vdev.skywalk.errors import SyncKind
 from vdev.virtio.inflight import (
     SPLIT_DESC,
     SPLIT_HDR,
     InflightError,
+    PackedInflight,
     SplitInflight,
     queue_region_size,
 )
+from vdev.virtio.memory import GuestMemory
+from vdev.virtio.packed import PackedQueue
 
 SIZE = 8
 
@@ -169,3 +177,112 @@ def test_recovery_matches_the_model(seq: list[str], crash_step: int) -> None:
         popped = [h for h in popped if h not in pushed]
     _, again = region(buf)
     assert again.recover(used_idx=ring_used) == popped
+
+
+# -- packed rings ------------------------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+def _packed_with_region(mem: GuestMemory) -> tuple[PackedQueue, Any, bytearray]:
+    dev, drv = make_packed(mem, 12, size=5, sync=SyncKind.TX)
+    buf = bytearray(queue_region_size(5))
+    dev.attach_inflight(PackedInflight(memoryview(buf), 5))
+    return dev, drv, buf
+
+
+def _restart(mem: GuestMemory, dev: PackedQueue, buf: bytearray) -> PackedQueue:
+    again = PackedQueue(
+        mem, 12, 5, dev.desc_addr, dev.driver_addr, dev.device_addr,
+        features=dev.features, last_avail_idx=0x8000, sync=SyncKind.TX,
+    )  # fmt: skip
+    again.attach_inflight(PackedInflight(memoryview(buf), 5))
+    return again
+
+
+@pytest.mark.parametrize("crash_at", ["publishing", "published"])
+def test_packed_crash_inside_a_publish(mem: GuestMemory, crash_at: str) -> None:
+    """The window the two-phase position is for: the used descriptors are written (they
+    overwrite the ring entries the driver posted) and the crash comes before the batch's
+    first flags are stored (rolled back: the posted entries are restored from their copies
+    and popped again, unchanged) or just after (committed: nothing is in flight)."""
+    dev, drv, buf = _packed_with_region(mem)
+    posted = [(DATA_LOW + 64 * i, 10 + i) for i in range(3)]
+    data = [bytes([0xA0 + i]) * n for i, (_g, n) in enumerate(posted)]
+    for (gpa, n), d in zip(posted, data, strict=True):
+        mem.gpa_view(gpa, n)[:] = d
+    ids = [drv.add_chain([seg]) for seg in posted]
+    drv.publish()
+    for _ in ids:
+        c = dev.pop()
+        assert c is not None
+        dev.push(c.head, 0)
+    region = dev.inflight
+    assert region is not None
+    real = getattr(region, crash_at)
+
+    def crash(*args: int) -> None:
+        real(*args)
+        raise Crash
+
+    setattr(region, crash_at, crash)
+    with pytest.raises(Crash):
+        dev.flush_used()
+    again = _restart(mem, dev, buf)
+    if crash_at == "publishing":
+        assert again.resume.resubmitted == 3 and again.resume.resumed_at == 0x8000
+        got = []
+        while (c := again.pop()) is not None:
+            got.append((c.head, bytes(c.read_bytes())))
+        assert got == list(zip(ids, data, strict=True))
+    else:
+        assert again.resume.resubmitted == 0 and again.resume.resumed_at == 3 | 1 << 15
+        assert again.pop() is None
+    for q in (again, dev):
+        q.close()
+
+
+def _packed_in_flight(mem: GuestMemory, n: int) -> tuple[PackedQueue, bytearray]:
+    dev, drv, buf = _packed_with_region(mem)
+    for i in range(n):
+        drv.add_chain([(DATA_LOW + 64 * i, 8)])
+    drv.publish()
+    for _ in range(n):
+        assert dev.pop() is not None
+    return dev, buf
+
+
+@pytest.mark.parametrize(
+    ("poke", "message"),
+    [
+        (lambda h, d: setattr(h, "version", 3), "version 3"),
+        (lambda h, d: setattr(h, "desc_num", 4), "desc_num 4 != queue size 5"),
+        (lambda h, d: setattr(h, "used_idx", 5), "used_idx 5 >= queue size 5"),
+        (lambda h, d: setattr(h, "old_used_wrap_counter", 2), "old_used_wrap_counter is 2"),
+        (lambda h, d: setattr(h, "free_head", 5 | 1 << 15), "free_head index 5 >= queue size 5"),
+        # avail a lap and one entry past the used position: more than the ring holds.
+        (lambda h, d: setattr(h, "free_head", 1), "free_head is 6 entries past"),
+        (lambda h, d: setattr(d[1], "num", 2), r"desc\[1\] does not start a chain of 1..1"),
+        (lambda h, d: setattr(d[0], "inflight", 0), r"desc\[0\] does not start a chain"),
+    ],
+)
+def test_a_corrupted_packed_region_is_refused_by_name(
+    mem: GuestMemory, poke: Any, message: str
+) -> None:
+    dev, buf = _packed_in_flight(mem, 2)
+    r = PackedInflight(memoryview(buf), 5)
+    poke(r.hdr, r.desc)
+    with pytest.raises(InflightError, match=message):
+        _restart(mem, dev, buf)
+    dev.close()
+
+
+def test_a_full_packed_ring_in_flight_is_accepted(mem: GuestMemory) -> None:
+    """The other side of 'entries past': exactly the ring size in flight resumes all."""
+    dev, buf = _packed_in_flight(mem, 5)
+    again = _restart(mem, dev, buf)
+    assert again.resume.resubmitted == 5 and again.resume.resumed_at == 0x8000
+    for q in (again, dev):
+        q.close()

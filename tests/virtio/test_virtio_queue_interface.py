@@ -129,3 +129,55 @@ def test_split_base_zero_on_a_used_ring_resumes_at_the_used_idx(
 def test_split_base_zero_on_a_fresh_ring_stays_zero(mem: GuestMemory) -> None:
     dev, _drv = make_pair(mem, 1, 8)
     assert dev.last_avail_idx == dev.used_idx == 0
+
+
+@pytest.mark.parametrize(("base", "source"), [(0, "used_idx"), (300, "base"), (299, "base")])
+def test_split_resume_reports_base_and_used_idx(mem: GuestMemory, base: int, source: str) -> None:
+    """The adoption is reported with both values (the ring_resume event's fields); an honoured
+    base reports nothing to disagree about."""
+    dev, _drv = make_pair(mem, 1, 8, start_idx=300)
+    again = device_queue(mem, 1, 8, base=base, sync=SyncKind.TX)
+    r = again.resume
+    assert (r.base, r.used_idx, r.source) == (base, 300, source)
+    assert r.resumed_at == again.last_avail_idx
+    assert r.disagreed is (source == "used_idx")
+    again.close()
+    dev.close()
+
+
+@pytest.mark.parametrize("used", [0, 1, 3, 5])
+def test_packed_stale_base_is_reported_with_both_positions(mem: GuestMemory, used: int) -> None:
+    """A packed ring has no used idx in memory: restarting at the fresh base (index 0, wrap 1)
+    after the device used ``used`` one-descriptor buffers is detected from the descriptor
+    flags (2.8.1: AVAIL == USED == wrap counter) and reported; the base itself is kept."""
+    dev, drv = make_packed(mem, 12, size=5, sync=SyncKind.RX)
+    for _ in range(used):
+        drv.add_chain([], [(DATA_LOW, 64)])
+    drv.publish()
+    for _ in range(used):
+        c = dev.pop()
+        assert c is not None
+        dev.push(c.head, 10)
+    dev.flush_used()
+    again = PackedQueue(
+        mem, 12, 5, dev.desc_addr, dev.driver_addr, dev.device_addr,
+        features=dev.features, last_avail_idx=0x8000, sync=SyncKind.RX,
+    )  # fmt: skip
+    r = again.resume
+    fresh = 0x8000
+    if used == 0:
+        assert (r.source, r.base, r.used_idx) == ("base", fresh, fresh)
+        assert not r.disagreed
+    else:
+        seen = (used % 5) | (0 if used == 5 else 1) << 15  # a full lap flips the wrap counter
+        assert (r.source, r.base, r.used_idx, r.resumed_at) == ("packed_stale", fresh, seen, fresh)
+        assert r.disagreed  # reported, though nothing was adopted
+    assert again.last_avail_idx == fresh
+    # The right base (where the device stopped) is not stale.
+    right = PackedQueue(
+        mem, 12, 5, dev.desc_addr, dev.driver_addr, dev.device_addr,
+        features=dev.features, last_avail_idx=dev.last_avail_idx, sync=SyncKind.RX,
+    )  # fmt: skip
+    assert right.resume.source == "base"
+    for q in (again, right, dev):
+        q.close()

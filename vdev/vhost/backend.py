@@ -518,14 +518,11 @@ class VhostUserBackend:
         if buf is None:
             return
         attach = getattr(q, "attach_inflight", None)
-        if attach is None:
-            log.warning(
-                "vring %d: inflight tracking covers split rings only; %s ring resumes from "
-                "SET_VRING_BASE", v.index, self.queue_format.name,
-            )  # fmt: skip
+        if attach is None:  # a test's queue_factory
+            log.warning("vring %d: this queue does not track inflight I/O", v.index)
             return
         try:
-            attach(buf.split_region(v.index, v.num))
+            attach(buf.region(v.index, v.num, self.packed))
         except (InflightError, InflightLimit) as exc:
             v.queue = None
             q.close()

@@ -19,7 +19,7 @@ import os
 import stat
 
 from vdev.errors import VdevError
-from vdev.virtio.inflight import SplitInflight, queue_region_size
+from vdev.virtio.inflight import PackedInflight, SplitInflight, queue_region_size
 from vdev.virtio.queue import MAX_QUEUE_SIZE
 
 
@@ -73,7 +73,7 @@ class InflightBuffer:
         self.queue_size = queue_size
         self.stride = stride
         self.size = mmap_size
-        self._regions: list[tuple[memoryview, SplitInflight]] = []
+        self._regions: list[tuple[memoryview, SplitInflight | PackedInflight]] = []
 
     @classmethod
     def allocate(
@@ -91,8 +91,9 @@ class InflightBuffer:
             os.close(fd)
             raise
 
-    def split_region(self, index: int, size: int) -> SplitInflight:
-        """The split queue region of vring ``index`` (ring ``size`` must be the buffer's)."""
+    def region(self, index: int, size: int, packed: bool) -> SplitInflight | PackedInflight:
+        """The queue region of vring ``index`` in the ring's layout (``size`` must be the
+        buffer's queue_size)."""
         if index >= self.num_queues:
             raise InflightLimit(
                 "num_queues", f"vring {index} has no region ({self.num_queues} queues)"
@@ -103,7 +104,7 @@ class InflightBuffer:
                 f"vring {index} has num {size}, the buffer queue_size {self.queue_size}",
             )
         view = memoryview(self.mm)[index * self.stride : (index + 1) * self.stride]
-        region = SplitInflight(view, size)
+        region = PackedInflight(view, size) if packed else SplitInflight(view, size)
         self._regions.append((view, region))
         return region
 

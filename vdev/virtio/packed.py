@@ -35,7 +35,7 @@ from vdev.virtio.chain import (
     Segments,
     indirect_table,
 )
-from vdev.virtio.inflight import RingResume
+from vdev.virtio.inflight import PackedInflight, RingResume, packed_stale_position
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
 
@@ -168,39 +168,39 @@ class PackedQueue(QueueLifecycle):
         self._scan_chains = 0
         self._signalled: int | None = None
         self._map(mem)
+        self.inflight: PackedInflight | None = None
         base = self.last_avail_idx
         self.resume = RingResume(index, base, base, base, 0, "base")
-        ahead = self._used_ahead()
-        if ahead:
-            # The descriptor at the base is one this device already used in this lap (2.8.1:
-            # AVAIL == USED == wrap counter): the front-end's SET_VRING_BASE is stale (QEMU
-            # keeps a packed ring's last base across a back-end crash: a packed ring has no
-            # used idx in memory to restore from).  Reported with both positions; not
-            # adopted, since a used descriptor does not say how many ring entries its chain
-            # took (2.8.9), so the scan below is exact only for one-descriptor chains.
-            pos = (self._avail_idx + ahead) % size
-            wrap = self.avail_wrap ^ ((self._avail_idx + ahead) // size & 1)
-            seen = pos | wrap << 15
-            self.resume = RingResume(index, base, seen, base, 0, "packed_stale")
+        stale = packed_stale_position(self._ring, self._avail_idx, self.avail_wrap, size)
+        if stale is not None:
+            # The front-end's SET_VRING_BASE is stale (QEMU keeps a packed ring's last base
+            # across a back-end crash: a packed ring has no used idx in memory to restore
+            # from).  Reported with both positions, not adopted (see packed_stale_position).
+            self.resume = RingResume(index, base, stale, base, 0, "packed_stale")
             log.warning(
-                "virtqueue %d: packed base %#x but the ring holds %d used descriptors from "
-                "there (up to %#x): the base is stale",
-                index, base, ahead, seen,
+                "virtqueue %d: packed base %#x is stale: the device's used descriptors "
+                "reach %#x, or the driver posted there a lap ahead", index, base, stale,
             )  # fmt: skip
 
-    def _used_ahead(self) -> int:
-        """How many descriptors from the avail position on are marked used in the current
-        lap (bounded by the ring size)."""
-        idx, wrap, n = self._avail_idx, self.avail_wrap, 0
-        while n < self.size:
-            flags = int(self._ring[idx].flags)
-            if bool(flags & F_AVAIL) != bool(wrap) or bool(flags & F_USED) != bool(wrap):
-                break
-            n += 1
-            idx += 1
-            if idx == self.size:
-                idx, wrap = 0, wrap ^ 1
-        return n
+    def attach_inflight(self, region: PackedInflight) -> RingResume:
+        """Track taken entries and the used position in ``region`` ("Inflight I/O
+        tracking") and resume from it: the entries still in flight are restored from their
+        copies and both sides go on at the last published used position, whatever
+        SET_VRING_BASE said.  InflightError when the region is inconsistent."""
+        base = self.resume.base
+        idx, wrap, chains = region.recover(self._ring, self._avail_idx, self.avail_wrap)
+        self.inflight = region
+        self._avail_idx, self.avail_wrap = idx, wrap
+        self.used_idx, self.used_wrap = idx, wrap
+        self._scan_end = None
+        at = idx | wrap << 15
+        self.resume = RingResume(self.index, base, at, at, chains, "inflight")
+        if chains or base != at:
+            log.warning(
+                "virtqueue %d: inflight region: base %#x, resuming at %#x, %d in flight",
+                self.index, base, at, chains,
+            )  # fmt: skip
+        return self.resume
 
     # -- features and state -------------------------------------------------------------
 
@@ -246,6 +246,7 @@ class PackedQueue(QueueLifecycle):
         """Stop; returns the vhost-user packed base (index | wrap << 15)."""
         self._release()
         self._closed = True
+        self.inflight = None  # the backend owns the region's mapping
         return self.last_avail_idx
 
     def _violation(self, detail: str) -> SyncError:
@@ -395,6 +396,8 @@ class PackedQueue(QueueLifecycle):
         self._avail_idx, self.avail_wrap = idx, wrap
         self._inflight[buf_id] = chain.write_len + 1
         self._ndesc[buf_id] = count
+        if self.inflight is not None:
+            self.inflight.popped(ring, start, count, idx, wrap)
         self._popped.append((token, buf_id))
         if len(self._popped) > size:
             del self._popped[: len(self._popped) - size]
@@ -434,6 +437,8 @@ class PackedQueue(QueueLifecycle):
             self.stats.descriptors -= self._ndesc[b]
         del self._popped[-n:]
         self._avail_idx, self.avail_wrap = avail_idx & 0x7FFF, (avail_idx >> 15) & 1
+        if self.inflight is not None:
+            self.inflight.moved(self._avail_idx, self.avail_wrap)
         self._scan_end = None
         self.stats.chains -= n
 
@@ -495,7 +500,11 @@ class PackedQueue(QueueLifecycle):
                 self.used_idx -= self.size
                 self.used_wrap ^= 1
         assert first is not None
+        if self.inflight is not None:
+            self.inflight.publishing(self.used_idx, self.used_wrap)
         self._ring[first[0]].flags = first[1]
+        if self.inflight is not None:
+            self.inflight.published()
         self._pending.clear()
         self.stats.flushes += 1
 
