@@ -179,3 +179,45 @@ def test_sigbus_outside_guest_memory_still_kills(how: str, opts: tuple[str, ...]
     assert proc.stdout.split() == ["touching"]
     if opts:
         assert "Bus error" in proc.stderr  # the previous handler (faulthandler) ran first
+
+
+def test_a_mapping_dropped_without_unregistering_does_not_steal_faults(tmp_path: Path) -> None:
+    """Registered, then unmapped without ``unregister`` (an owner dropped, not closed): a new
+    mapping at the same addresses must get its own faults, and the stale handle names
+    nothing, so unregistering it late cannot free the new registration."""
+    mod = memguard.native()
+    efd_old = os.eventfd(0, os.EFD_NONBLOCK)
+    efd_new = os.eventfd(0, os.EFD_NONBLOCK)
+    fd = os.memfd_create("stale", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 4 * PAGE)
+        old = mmap.mmap(fd, 4 * PAGE)
+        stale = memguard.Guarded(old, efd_old)
+        address = stale.address
+        old.close()  # no unregister
+        # Map again until the kernel hands the same address back (it reuses the hole).
+        keep = []
+        for _ in range(64):
+            mm = mmap.mmap(fd, 4 * PAGE)
+            if memguard.mapping_address(mm) == address:
+                break
+            keep.append(mm)
+        else:
+            pytest.skip("the kernel never reused the address")
+        fresh = memguard.Guarded(mm, efd_new)
+        assert fresh.handle != stale.handle
+        stale.unregister()  # late: must not touch the fresh registration
+        assert mod.lib.mg_faults(stale.handle) == 0
+        os.ftruncate(fd, PAGE)
+        assert memguard.copy_from(memoryview(mm)[2 * PAGE : 2 * PAGE + 8]) == address + 2 * PAGE
+        assert fresh.faults == 1 and fresh.fault_addr == address + 2 * PAGE
+        assert eventfd_count(efd_new) == 1 and eventfd_count(efd_old) == 0
+        fresh.unregister()
+        assert fresh.faults == 0  # gone: the handle names nothing now
+        mm.close()
+        for m in keep:
+            m.close()
+    finally:
+        os.close(fd)
+        os.close(efd_old)
+        os.close(efd_new)

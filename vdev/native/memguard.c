@@ -26,6 +26,7 @@ struct mg_range {
     uint64_t len;                 /* page-rounded */
     int notify_fd;
     int state;                    /* 0 free, 1 live (published with release) */
+    int gen;                      /* bumped per registration: a handle names one of them */
     uint64_t faults;
     uint64_t fault_addr;
 };
@@ -137,6 +138,18 @@ int mg_install(void)
     return 0;
 }
 
+/* A handle is slot + MG_MAX_RANGES * generation, so an owner that unregisters late (or
+ * twice) can never free a slot somebody else has been given since. */
+static struct mg_range *range_of_handle(int handle)
+{
+    if (handle < 0)
+        return NULL;
+    struct mg_range *r = &ranges[handle % MG_MAX_RANGES];
+    if (__atomic_load_n(&r->state, __ATOMIC_ACQUIRE) != 1 || r->gen != handle / MG_MAX_RANGES)
+        return NULL;
+    return r;
+}
+
 int mg_register(uintptr_t base, uint64_t len, int notify_fd)
 {
     long page = sysconf(_SC_PAGESIZE);
@@ -144,47 +157,58 @@ int mg_register(uintptr_t base, uint64_t len, int notify_fd)
     int found = -1;
     pthread_mutex_lock(&reg_lock);
     for (int i = 0; i < MG_MAX_RANGES; i++) {
-        if (__atomic_load_n(&ranges[i].state, __ATOMIC_RELAXED) == 0) {
-            found = i;
-            break;
+        struct mg_range *r = &ranges[i];
+        if (__atomic_load_n(&r->state, __ATOMIC_RELAXED) == 0) {
+            if (found < 0)
+                found = i;
+            continue;
+        }
+        /* A live mapping now covers these addresses, so whatever was registered over them
+         * was unmapped without being unregistered (its owner was dropped, not closed): a
+         * stale entry would take this mapping's faults. */
+        if (base < r->base + r->len && r->base < base + rounded) {
+            __atomic_store_n(&r->state, 0, __ATOMIC_RELEASE);
+            if (found < 0 || i < found)
+                found = i;
         }
     }
+    int handle = -1;
     if (found >= 0) {
         struct mg_range *r = &ranges[found];
         r->base = base;
         r->len = rounded;
         r->notify_fd = notify_fd;
+        r->gen = (r->gen + 1) % (0x7fffffff / MG_MAX_RANGES);
         __atomic_store_n(&r->faults, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&r->fault_addr, 0, __ATOMIC_RELAXED);
         if (found >= ranges_hwm)
             __atomic_store_n(&ranges_hwm, found + 1, __ATOMIC_RELEASE);
         __atomic_store_n(&r->state, 1, __ATOMIC_RELEASE);
+        handle = found + MG_MAX_RANGES * r->gen;
     }
     pthread_mutex_unlock(&reg_lock);
-    return found;
+    return handle;
 }
 
 void mg_unregister(int handle)
 {
-    if (handle < 0 || handle >= MG_MAX_RANGES)
-        return;
     pthread_mutex_lock(&reg_lock);
-    __atomic_store_n(&ranges[handle].state, 0, __ATOMIC_RELEASE);
+    struct mg_range *r = range_of_handle(handle);
+    if (r != NULL)
+        __atomic_store_n(&r->state, 0, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&reg_lock);
 }
 
 uint64_t mg_faults(int handle)
 {
-    if (handle < 0 || handle >= MG_MAX_RANGES)
-        return 0;
-    return __atomic_load_n(&ranges[handle].faults, __ATOMIC_ACQUIRE);
+    struct mg_range *r = range_of_handle(handle);
+    return r != NULL ? __atomic_load_n(&r->faults, __ATOMIC_ACQUIRE) : 0;
 }
 
 uint64_t mg_fault_addr(int handle)
 {
-    if (handle < 0 || handle >= MG_MAX_RANGES)
-        return 0;
-    return __atomic_load_n(&ranges[handle].fault_addr, __ATOMIC_ACQUIRE);
+    struct mg_range *r = range_of_handle(handle);
+    return r != NULL ? __atomic_load_n(&r->fault_addr, __ATOMIC_ACQUIRE) : 0;
 }
 
 uint64_t mg_total_faults(void)

@@ -36,9 +36,10 @@
 int mg_install(void);
 /* Register [base, base+len) (a whole mmap()ed mapping): its SIGBUS faults are recovered and
  * counted, and notify_fd (an eventfd, or -1) is written once per fault.  Returns a handle
- * >= 0, or -1 when MG_MAX_RANGES are in use. */
+ * >= 0 (slot and generation: a stale handle names nothing), or -1 when MG_MAX_RANGES are in
+ * use.  Entries overlapping the new mapping are dropped: their mappings are gone. */
 int mg_register(uintptr_t base, uint64_t len, int notify_fd);
-/* Forget a handle (before the mapping is unmapped). */
+/* Forget a handle (before the mapping is unmapped); a stale or repeated handle is a no-op. */
 void mg_unregister(int handle);
 /* Faults seen on a handle so far, and the address of the last one. */
 uint64_t mg_faults(int handle);
