@@ -206,12 +206,13 @@ def test_a_mapping_dropped_without_unregistering_does_not_steal_faults(tmp_path:
             pytest.skip("the kernel never reused the address")
         fresh = memguard.Guarded(mm, efd_new)
         assert fresh.handle != stale.handle
-        stale.unregister()  # late: must not touch the fresh registration
-        assert mod.lib.mg_faults(stale.handle) == 0
         os.ftruncate(fd, PAGE)
         assert memguard.copy_from(memoryview(mm)[2 * PAGE : 2 * PAGE + 8]) == address + 2 * PAGE
         assert fresh.faults == 1 and fresh.fault_addr == address + 2 * PAGE
         assert eventfd_count(efd_new) == 1 and eventfd_count(efd_old) == 0
+        assert mod.lib.mg_faults(stale.handle) == 0
+        stale.unregister()  # late: must not free the fresh registration (it may reuse the slot)
+        assert fresh.faults == 1
         fresh.unregister()
         assert fresh.faults == 0  # gone: the handle names nothing now
         mm.close()
