@@ -205,6 +205,8 @@ mutation_st = st.one_of(
         st.integers(0, 15),
         st.tuples(st.integers(0, 40), st.integers(0, 40)),  # 0 entries: a zero-length table
     ),
+    # the chain at avail slot i loops: its head continues at itself (split; packed: NEXT)
+    st.tuples(st.just("loop"), st.integers(0, 15), st.just(0)),
     # avail slot / packed descriptor i names the same buffer as i - 1 (still in flight)
     st.tuples(st.just("dup"), st.integers(1, 15), st.just(0)),
 )
@@ -274,7 +276,7 @@ def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any])
         elif kind == "table":
             addr, ln, fl, nx = value
             MEM.write(TABLE + 16 * i, struct.pack("<QIHH", addr, ln, nx, fl))
-        elif kind == "link":
+        elif kind in ("link", "loop"):
             flags = struct.unpack_from("<H", MEM.read(d + 14, 2))[0]
             MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_NEXT))
         elif kind == "dup":
@@ -319,6 +321,11 @@ def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
         elif kind == "link":
             flags = struct.unpack_from("<H", MEM.read(d + 12, 2))[0]
             MEM.write(d + 12, struct.pack("<HH", flags | B.VRING_DESC_F_NEXT, value % size))
+        elif kind == "loop":
+            head = struct.unpack_from("<H", MEM.read(lay.avail + 4 + 2 * i, 2))[0] % size
+            h = lay.desc + 16 * head
+            flags = struct.unpack_from("<H", MEM.read(h + 12, 2))[0]
+            MEM.write(h + 12, struct.pack("<HH", flags | B.VRING_DESC_F_NEXT, head))
         elif kind == "dup":
             prev = lay.avail + 4 + 2 * ((i - 1) % size)
             MEM.write(lay.avail + 4 + 2 * i, MEM.read(prev, 2))
