@@ -692,3 +692,28 @@ def test_faults_and_capture_same_on_both_paths(packed: bool, rules: str) -> None
         assert py["captured"]
         if rules != "used":
             assert fastqueue.COUNTS.get("tx_chains", 0) + fastqueue.COUNTS.get("rx_frames", 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [("loop", 0), ("dup", 0), ("chain_table", (5, 2)), ("chain_table", (0, 0))],
+    ids=["loop", "dup", "table-loop", "table-empty"],
+)
+def test_hostile_heads_named_cases(kind: str, value: Any) -> None:
+    """Fixed examples of the hostile shapes the properties draw at random: a head looping to
+    itself (a loop, not a long chain), a buffer named twice while in flight, an indirect
+    table looping back, a zero-length indirect table; on both paths, TX and RX."""
+    start = _snapshot()
+    mutation = [(kind, 1, value)]
+    features = F_V1 | F_EVENT | F_INDIRECT | F_MRG
+    tx = [([(60, [], False, (0, 0, 0), False)] * 3, mutation)]
+    py = _run_tx("python", False, start, 8, features, 0, 0, tx, 1)
+    c = _run_tx("c", False, start, 8, features, 0, 0, tx, 1)
+    _assert_same(py, c)
+    # a TX chain is used at once, so naming it again is legal there
+    assert bool(py["kills"]) == (kind != "dup"), py["kills"]
+    rx = [([([100], False)] * 3, [(150, None)], mutation)]
+    py = _run_rx("python", False, start, 8, features, 0, rx, 1)
+    c = _run_rx("c", False, start, 8, features, 0, rx, 1)
+    _assert_same(py, c)
+    assert py["kills"]
