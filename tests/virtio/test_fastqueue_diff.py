@@ -564,82 +564,8 @@ def _assert_same(py: dict[str, Any], c: dict[str, Any]) -> None:
             assert py[key] == c[key], key
 
 
-# -- the properties -----------------------------------------------------------------------
-
-
-@SETTINGS
-@given(
-    packed=st.booleans(),
-    size=st.sampled_from([2, 4, 8, 16]),
-    features=features_st,
-    base=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
-    hold=st.sampled_from([0, 0, 10, 22, 24]),
-    rounds=st.lists(
-        st.tuples(
-            st.lists(tx_chain_st, max_size=10),
-            st.one_of(st.just([]), st.lists(mutation_st, max_size=4)),
-        ),
-        min_size=1,
-        max_size=3,
-    ),
-    seed=st.integers(0, 2**32),
-)
-def test_tx_burst_matches_reference(
-    packed: bool, size: int, features: int, base: int, hold: int, rounds: list[Any], seed: int
-) -> None:
-    start = _snapshot()
-    if packed:
-        size, features = size - 1 or 1, features | F_V1  # any size; packed implies VERSION_1
-    py = _run_tx("python", packed, start, size, features, base, hold, rounds, seed)
-    c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed)
-    _assert_same(py, c)
-
-
-@SETTINGS
-@given(
-    packed=st.booleans(),
-    size=st.sampled_from([2, 4, 8, 16]),
-    features=features_st,
-    base=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
-    rounds=st.lists(
-        st.tuples(
-            st.lists(rx_chain_st, max_size=10),
-            st.lists(packet_st, max_size=10),
-            st.one_of(st.just([]), st.lists(mutation_st, max_size=4)),
-        ),
-        min_size=1,
-        max_size=3,
-    ),
-    seed=st.integers(0, 2**32),
-)
-def test_rx_burst_matches_reference(
-    packed: bool, size: int, features: int, base: int, rounds: list[Any], seed: int
-) -> None:
-    start = _snapshot()
-    if packed:
-        size, features = size - 1 or 1, features | F_V1
-    py = _run_rx("python", packed, start, size, features, base, rounds, seed)
-    c = _run_rx("c", packed, start, size, features, base, rounds, seed)
-    _assert_same(py, c)
-
-
-def test_compiled_path_runs_in_these_tests() -> None:
-    """The properties above compare something only if the C bursts actually complete items
-    (not just hand everything to the reference): a legal TX and RX run counts them."""
-    fastqueue.COUNTS.clear()
-    start = _snapshot()
-    chains = [(60, [], False, (1, 14, 16), False), (300, [20, 50], True, (0, 0, 0), False)] * 3
-    out = _run_tx("c", False, start, 8, F_V1 | F_EVENT | F_INDIRECT, 0, 0, [(chains, [])], 1)
-    assert not out["kills"]
-    assert fastqueue.COUNTS.get("tx_chains", 0) == 6
-    bufs = [([100, 100], False), ([2000], True)] * 3
-    pkts = [(60, None), (300, (0, 0))] * 3  # 300 B: a 3-buflet packet
-    out = _run_rx(
-        "c", False, start, 16, F_V1 | F_EVENT | F_INDIRECT | F_MRG, 0, [(bufs, pkts, [])], 2
-    )
-    assert not out["kills"]
-    assert fastqueue.COUNTS.get("rx_frames", 0) == 6
-
+# The fixed cases come before the properties: ``pytest -x`` (tools/mutate.py) stops at the
+# first failure, so a mutant they catch costs seconds, not a property run.
 
 # -- faults and capture stay exact (issue 11 item 3) -----------------------------------------
 
@@ -717,3 +643,80 @@ def test_hostile_heads_named_cases(kind: str, value: Any) -> None:
     c = _run_rx("c", False, start, 8, features, 0, rx, 1)
     _assert_same(py, c)
     assert py["kills"]
+
+
+# -- the properties -----------------------------------------------------------------------
+
+
+@SETTINGS
+@given(
+    packed=st.booleans(),
+    size=st.sampled_from([2, 4, 8, 16]),
+    features=features_st,
+    base=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
+    hold=st.sampled_from([0, 0, 10, 22, 24]),
+    rounds=st.lists(
+        st.tuples(
+            st.lists(tx_chain_st, max_size=10),
+            st.one_of(st.just([]), st.lists(mutation_st, max_size=4)),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    seed=st.integers(0, 2**32),
+)
+def test_tx_burst_matches_reference(
+    packed: bool, size: int, features: int, base: int, hold: int, rounds: list[Any], seed: int
+) -> None:
+    start = _snapshot()
+    if packed:
+        size, features = size - 1 or 1, features | F_V1  # any size; packed implies VERSION_1
+    py = _run_tx("python", packed, start, size, features, base, hold, rounds, seed)
+    c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed)
+    _assert_same(py, c)
+
+
+@SETTINGS
+@given(
+    packed=st.booleans(),
+    size=st.sampled_from([2, 4, 8, 16]),
+    features=features_st,
+    base=st.one_of(st.just(0), st.integers(0xFFF0, 0xFFFF), st.integers(0, 0xFFFF)),
+    rounds=st.lists(
+        st.tuples(
+            st.lists(rx_chain_st, max_size=10),
+            st.lists(packet_st, max_size=10),
+            st.one_of(st.just([]), st.lists(mutation_st, max_size=4)),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    seed=st.integers(0, 2**32),
+)
+def test_rx_burst_matches_reference(
+    packed: bool, size: int, features: int, base: int, rounds: list[Any], seed: int
+) -> None:
+    start = _snapshot()
+    if packed:
+        size, features = size - 1 or 1, features | F_V1
+    py = _run_rx("python", packed, start, size, features, base, rounds, seed)
+    c = _run_rx("c", packed, start, size, features, base, rounds, seed)
+    _assert_same(py, c)
+
+
+def test_compiled_path_runs_in_these_tests() -> None:
+    """The properties above compare something only if the C bursts actually complete items
+    (not just hand everything to the reference): a legal TX and RX run counts them."""
+    fastqueue.COUNTS.clear()
+    start = _snapshot()
+    chains = [(60, [], False, (1, 14, 16), False), (300, [20, 50], True, (0, 0, 0), False)] * 3
+    out = _run_tx("c", False, start, 8, F_V1 | F_EVENT | F_INDIRECT, 0, 0, [(chains, [])], 1)
+    assert not out["kills"]
+    assert fastqueue.COUNTS.get("tx_chains", 0) == 6
+    bufs = [([100, 100], False), ([2000], True)] * 3
+    pkts = [(60, None), (300, (0, 0))] * 3  # 300 B: a 3-buflet packet
+    out = _run_rx(
+        "c", False, start, 16, F_V1 | F_EVENT | F_INDIRECT | F_MRG, 0, [(bufs, pkts, [])], 2
+    )
+    assert not out["kills"]
+    assert fastqueue.COUNTS.get("rx_frames", 0) == 6
