@@ -622,13 +622,20 @@ def test_faults_and_capture_same_on_both_paths(packed: bool, rules: str) -> None
 
 @pytest.mark.parametrize(
     ("kind", "value"),
-    [("loop", 0), ("dup", 0), ("chain_table", (5, 2)), ("chain_table", (0, 0))],
-    ids=["loop", "dup", "table-loop", "table-empty"],
+    [
+        ("loop", 0),
+        ("dup", 0),
+        ("chain_table", (5, 2)),
+        ("chain_table", (0, 0)),
+        ("avail_idx_rel", 1),
+    ],
+    ids=["loop", "dup", "table-loop", "table-empty", "avail-idx-past-size"],
 )
 def test_hostile_heads_named_cases(kind: str, value: Any) -> None:
     """Fixed examples of the hostile shapes the properties draw at random: a head looping to
     itself (a loop, not a long chain), a buffer named twice while in flight, an indirect
-    table looping back, a zero-length indirect table; on both paths, TX and RX."""
+    table looping back, a zero-length indirect table, an avail idx one past the queue size
+    (HEAD_OOB); on both paths, TX and RX."""
     start = _snapshot()
     mutation = [(kind, 1, value)]
     features = F_V1 | F_EVENT | F_INDIRECT | F_MRG
