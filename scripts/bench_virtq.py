@@ -8,11 +8,13 @@ driver side re-posts the same descriptors between rounds by moving the avail idx
 rewriting the flags (packed), outside the timing.  Rates are frames per second of the
 thread's CPU time (``time.thread_time``), as the machine is shared.
 
-``--rule`` adds an active fault rule on the queue (a ring rule forces the reference path,
-a packet rule runs on the packets after either path) to measure what a rule costs.
+``--rule`` adds an active fault rule (p=0, so only its cost shows) on both queues:
+``packet`` (drop: the rule sees every packet after either path), ``irq`` (suppress_irq: the
+compiled bursts run, the interrupt decision goes through the rules) or ``used``
+(bad_used_len: every used element goes through the rules, so the Python reference runs).
 
 Usage: python3 scripts/bench_virtq.py [--sizes 64,1500] [--seconds 1] [--ring 256]
-       [--formats split,packed] [--backends python,c] [--rule none,packet,ring]
+       [--formats split,packed] [--backends python,c] [--rule none,packet,irq,used]
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def bench(
 
         nf = FaultEngine(seed=1, clock=ManualClock(100.0)).nic(nic)
         # Rules that never fire (p=0): only the cost of having one is measured.
-        action = "drop" if rule == "packet" else "suppress_irq"
+        action = {"packet": "drop", "irq": "suppress_irq", "used": "bad_used_len"}[rule]
         nf.add({"action": action, "queue": "both", "p": 0.0})
     frame = numbered(HOST_MAC, GUEST_MAC, 1, size)
     hdr = bytes(nic.hdr_len)
@@ -162,9 +164,8 @@ def bench(
                 pkts = [
                     p for p in (pool.packet_from_bytes(frame) for _ in range(n)) if p is not None
                 ]
-                nic.backlog.extend(pkts)
                 t0 = time.thread_time()
-                nic.drain_rx()
+                nic.deliver(pkts)  # RX packet rules, the backlog and the drain
                 cpu += time.thread_time() - t0
                 frames += len(pkts) - len(nic.backlog)
                 pool.free_packets(list(nic.backlog))
@@ -187,7 +188,7 @@ def main() -> int:
     p.add_argument("--ring", type=int, default=256)
     p.add_argument("--formats", default="split,packed")
     p.add_argument("--backends", default="python,c")
-    p.add_argument("--rule", default="none", help="none,packet,ring (comma-separated)")
+    p.add_argument("--rule", default="none", help="none,packet,irq,used (comma-separated)")
     args = p.parse_args()
     print("| format | backend | rule | bytes | TX frames/CPU-s | RX frames/CPU-s |")
     print("|---|---|---|---:|---:|---:|")

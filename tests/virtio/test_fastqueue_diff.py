@@ -205,6 +205,8 @@ mutation_st = st.one_of(
         st.integers(0, 15),
         st.tuples(st.integers(0, 40), st.integers(0, 40)),  # 0 entries: a zero-length table
     ),
+    # the chain at avail slot i loops: its head continues at itself (split; packed: NEXT)
+    st.tuples(st.just("loop"), st.integers(0, 15), st.just(0)),
     # avail slot / packed descriptor i names the same buffer as i - 1 (still in flight)
     st.tuples(st.just("dup"), st.integers(1, 15), st.just(0)),
 )
@@ -274,7 +276,7 @@ def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any])
         elif kind == "table":
             addr, ln, fl, nx = value
             MEM.write(TABLE + 16 * i, struct.pack("<QIHH", addr, ln, nx, fl))
-        elif kind == "link":
+        elif kind in ("link", "loop"):
             flags = struct.unpack_from("<H", MEM.read(d + 14, 2))[0]
             MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_NEXT))
         elif kind == "dup":
@@ -319,6 +321,11 @@ def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
         elif kind == "link":
             flags = struct.unpack_from("<H", MEM.read(d + 12, 2))[0]
             MEM.write(d + 12, struct.pack("<HH", flags | B.VRING_DESC_F_NEXT, value % size))
+        elif kind == "loop":
+            head = struct.unpack_from("<H", MEM.read(lay.avail + 4 + 2 * i, 2))[0] % size
+            h = lay.desc + 16 * head
+            flags = struct.unpack_from("<H", MEM.read(h + 12, 2))[0]
+            MEM.write(h + 12, struct.pack("<HH", flags | B.VRING_DESC_F_NEXT, head))
         elif kind == "dup":
             prev = lay.avail + 4 + 2 * ((i - 1) % size)
             MEM.write(lay.avail + 4 + 2 * i, MEM.read(prev, 2))
@@ -557,6 +564,94 @@ def _assert_same(py: dict[str, Any], c: dict[str, Any]) -> None:
             assert py[key] == c[key], key
 
 
+# The fixed cases come before the properties: ``pytest -x`` (tools/mutate.py) stops at the
+# first failure, so a mutant they catch costs seconds, not a property run.
+
+# -- faults and capture stay exact (issue 11 item 3) -----------------------------------------
+
+RULE_SETS = {
+    # packet rules: the hooks see the packets after the loop, on both paths
+    "packet": [
+        {"action": "drop", "queue": "both", "p": 0.2},
+        {"action": "corrupt", "queue": "rx", "p": 0.3, "flips": 2},
+        {"action": "duplicate", "queue": "tx", "p": 0.2},
+        {"action": "delay", "queue": "tx", "p": 0.3, "ms": 3},
+    ],
+    # interrupt rules: compiled bursts, the notification decision through the rules
+    "calls": [
+        {"action": "suppress_irq", "queue": "both", "p": 0.5},
+        {"action": "spurious_irq", "queue": "both", "p": 0.3},
+    ],
+    # used-element rules: the whole batch takes the reference path
+    "used": [
+        {"action": "bad_used_len", "queue": "both", "p": 0.3},
+        {"action": "double_complete", "queue": "rx", "p": 0.2},
+        {"action": "bad_used_id", "queue": "tx", "p": 0.2},
+    ],
+}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("rules", sorted(RULE_SETS))
+def test_faults_and_capture_same_on_both_paths(packed: bool, rules: str) -> None:
+    """Same seed, same traffic: the same frames, counters, capture records and fault event
+    log whichever path ran, with rules active and capture on."""
+    start = _snapshot()
+    features = F_V1 | F_EVENT | F_INDIRECT | F_MRG
+    size = 7 if packed else 8
+    tx_round = ([(60 + 7 * i, [], i % 3 == 0, (i % 2, 14, 16), False) for i in range(6)], [])
+    rx_round = (
+        [([200], False), ([100, 100], True)] * 3,
+        [(60 + 11 * i, (0, 0) if i % 2 else None) for i in range(6)],
+        [],
+    )
+    spec = RULE_SETS[rules]
+    for run in (_run_tx, _run_rx):
+        rounds: list[Any] = [tx_round] * 3 if run is _run_tx else [rx_round] * 3
+        args = (start, size, features, 0)
+        extra = (0,) if run is _run_tx else ()
+        fastqueue.COUNTS.clear()
+        py = run("python", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
+        c = run("c", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
+        _assert_same(py, c)
+        assert py["log"], "the rules never fired: nothing compared"
+        assert py["captured"]
+        if rules != "used":
+            assert fastqueue.COUNTS.get("tx_chains", 0) + fastqueue.COUNTS.get("rx_frames", 0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        ("loop", 0),
+        ("dup", 0),
+        ("chain_table", (5, 2)),
+        ("chain_table", (0, 0)),
+        ("avail_idx_rel", 1),
+    ],
+    ids=["loop", "dup", "table-loop", "table-empty", "avail-idx-past-size"],
+)
+def test_hostile_heads_named_cases(kind: str, value: Any) -> None:
+    """Fixed examples of the hostile shapes the properties draw at random: a head looping to
+    itself (a loop, not a long chain), a buffer named twice while in flight, an indirect
+    table looping back, a zero-length indirect table, an avail idx one past the queue size
+    (HEAD_OOB); on both paths, TX and RX."""
+    start = _snapshot()
+    mutation = [(kind, 1, value)]
+    features = F_V1 | F_EVENT | F_INDIRECT | F_MRG
+    tx = [([(60, [], False, (0, 0, 0), False)] * 3, mutation)]
+    py = _run_tx("python", False, start, 8, features, 0, 0, tx, 1)
+    c = _run_tx("c", False, start, 8, features, 0, 0, tx, 1)
+    _assert_same(py, c)
+    # a TX chain is used at once, so naming it again is legal there
+    assert bool(py["kills"]) == (kind != "dup"), py["kills"]
+    rx = [([([100], False)] * 3, [(150, None)], mutation)]
+    py = _run_rx("python", False, start, 8, features, 0, rx, 1)
+    c = _run_rx("c", False, start, 8, features, 0, rx, 1)
+    _assert_same(py, c)
+    assert py["kills"]
+
+
 # -- the properties -----------------------------------------------------------------------
 
 
@@ -632,56 +727,3 @@ def test_compiled_path_runs_in_these_tests() -> None:
     )
     assert not out["kills"]
     assert fastqueue.COUNTS.get("rx_frames", 0) == 6
-
-
-# -- faults and capture stay exact (issue 11 item 3) -----------------------------------------
-
-RULE_SETS = {
-    # packet rules: the hooks see the packets after the loop, on both paths
-    "packet": [
-        {"action": "drop", "queue": "both", "p": 0.2},
-        {"action": "corrupt", "queue": "rx", "p": 0.3, "flips": 2},
-        {"action": "duplicate", "queue": "tx", "p": 0.2},
-        {"action": "delay", "queue": "tx", "p": 0.3, "ms": 3},
-    ],
-    # interrupt rules: compiled bursts, the notification decision through the rules
-    "calls": [
-        {"action": "suppress_irq", "queue": "both", "p": 0.5},
-        {"action": "spurious_irq", "queue": "both", "p": 0.3},
-    ],
-    # used-element rules: the whole batch takes the reference path
-    "used": [
-        {"action": "bad_used_len", "queue": "both", "p": 0.3},
-        {"action": "double_complete", "queue": "rx", "p": 0.2},
-        {"action": "bad_used_id", "queue": "tx", "p": 0.2},
-    ],
-}
-
-
-@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-@pytest.mark.parametrize("rules", sorted(RULE_SETS))
-def test_faults_and_capture_same_on_both_paths(packed: bool, rules: str) -> None:
-    """Same seed, same traffic: the same frames, counters, capture records and fault event
-    log whichever path ran, with rules active and capture on."""
-    start = _snapshot()
-    features = F_V1 | F_EVENT | F_INDIRECT | F_MRG
-    size = 7 if packed else 8
-    tx_round = ([(60 + 7 * i, [], i % 3 == 0, (i % 2, 14, 16), False) for i in range(6)], [])
-    rx_round = (
-        [([200], False), ([100, 100], True)] * 3,
-        [(60 + 11 * i, (0, 0) if i % 2 else None) for i in range(6)],
-        [],
-    )
-    spec = RULE_SETS[rules]
-    for run in (_run_tx, _run_rx):
-        rounds: list[Any] = [tx_round] * 3 if run is _run_tx else [rx_round] * 3
-        args = (start, size, features, 0)
-        extra = (0,) if run is _run_tx else ()
-        fastqueue.COUNTS.clear()
-        py = run("python", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
-        c = run("c", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
-        _assert_same(py, c)
-        assert py["log"], "the rules never fired: nothing compared"
-        assert py["captured"]
-        if rules != "used":
-            assert fastqueue.COUNTS.get("tx_chains", 0) + fastqueue.COUNTS.get("rx_frames", 0)

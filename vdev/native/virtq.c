@@ -667,7 +667,8 @@ static uint32_t pool_plan(const struct vq_pool *vp, uint64_t n, uint32_t *nbufs,
  * readable bytes from offset skip (scatter from segments, or from a contiguous frame). */
 static uint32_t pool_fill(struct vq_pool *vp, uint32_t nbufs, uint32_t use_large,
                           const struct vq_seg *segs, uint32_t nseg, uint64_t skip,
-                          const uint8_t *flat, uint64_t n, const uint8_t *vnet)
+                          const uint8_t *flat, uint64_t n, const uint8_t *vnet,
+                          struct vq_burst *b)
 {
     const struct fp_pool *p = vp->p;
     uint32_t idx, g, prev, k, si = 0;
@@ -675,6 +676,7 @@ static uint32_t pool_fill(struct vq_pool *vp, uint32_t nbufs, uint32_t use_large
 
     idx = vp->free_pkts[--vp->n_pkts];
     vp->free_pkts_len--;
+    b->partial_pkt = idx;  /* allocated from here on; cleared once its data is in */
     p->pkt_state[idx] = PKT_ALLOCATED;
     p->pkt_owner[idx] = KERNEL_OWNER;
     p->pkt_len[idx] = 0;
@@ -741,6 +743,7 @@ static uint32_t pool_fill(struct vq_pool *vp, uint32_t nbufs, uint32_t use_large
     p->pkt_len[idx] = (uint32_t)n;
     memcpy(p->pkt_vnet + (size_t)idx * NET_HDR_LEN, vnet, NET_HDR_LEN);
     p->pkt_pflags[idx] = SK_PKT_VNET_HDR;
+    b->partial_pkt = UINT32_MAX;
     return idx;
 }
 
@@ -800,6 +803,7 @@ uint32_t vq_tx(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t b
                      uint32_t *out, struct vq_burst *b)
 {
     memset(b, 0, sizeof(*b));
+    b->partial_pkt = UINT32_MAX;
     if (!args_ok(q) || hlen > NET_HDR_LEN || hlen < 10) {
         b->stop = VQ_STOP_BADARGS;
         return b->stop;
@@ -863,9 +867,9 @@ uint32_t vq_tx(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t b
             complete_checksum(q->scratch, flen, cs, co);
             hdr[0] = 0;
             hdr[1] = 0;
-            pkt = pool_fill(vp, nbufs, use_large, NULL, 0, 0, q->scratch, flen, hdr);
+            pkt = pool_fill(vp, nbufs, use_large, NULL, 0, 0, q->scratch, flen, hdr, b);
         } else {
-            pkt = pool_fill(vp, nbufs, use_large, q->segs, c.nread, hlen, NULL, flen, hdr);
+            pkt = pool_fill(vp, nbufs, use_large, q->segs, c.nread, hlen, NULL, flen, hdr, b);
         }
         out[b->npkts++] = pkt;
         b->count++;
@@ -901,6 +905,7 @@ uint32_t vq_rx(struct vq_queue *q, const struct fp_pool *p, uint8_t *bufs, uint8
     uint32_t mergeable = flags & VQ_RX_MERGEABLE;
 
     memset(b, 0, sizeof(*b));
+    b->partial_pkt = UINT32_MAX;
     if (!args_ok(q) || hlen > NET_HDR_LEN || hlen < 10) {
         b->stop = VQ_STOP_BADARGS;
         return b->stop;

@@ -19,7 +19,9 @@
 #define VQ_STOP_SLOW 3         /* the next item needs the Python reference (drop, pool, ...) */
 #define VQ_STOP_VIOLATION 4    /* the next item breaks a ring rule: Python kills with detail */
 #define VQ_STOP_NOROOM 5       /* RX: the guest posted too few buffers, kick re-armed */
-#define VQ_STOP_GUEST_FAULT 6  /* reserved for the guest-memory guard (memguard): a SIGBUS */
+#define VQ_STOP_GUEST_FAULT 6  /* reserved for the guest-memory guard (memguard): a SIGBUS;
+                                * the state struct holds every item committed before it,
+                                * fastqueue.py frees partial_pkt and kills the queue */
 #define VQ_STOP_BADARGS 7      /* trusted arguments inconsistent: use the Python path */
 
 /* vq_rx flags: the negotiated features the RX write depends on. */
@@ -144,7 +146,9 @@ struct vq_burst {
     uint32_t npkts;               /* TX: packets written to out[] */
     uint32_t merged;              /* RX: frames spanning more than one buffer */
     uint64_t nbytes;              /* frame bytes (without the vnet header) */
-    uint32_t used_pkts, used_ext, used_large;   /* entries taken off the free-list tops */
+    /* TX: the packet being filled while guest memory is read (UINT32_MAX when none): after
+     * VQ_STOP_GUEST_FAULT it is allocated but not in out[], and the glue frees it. */
+    uint32_t partial_pkt;
 };
 
 /* TX: consume up to budget chains (nic._process_tx_batch's loop). */

@@ -405,6 +405,10 @@ def tx_burst(queue: Any, pool: Pbufpool, hlen: int, budget: int, pkts: list[int]
         del fl[len(fl) - used_l :]
     if b.npkts:
         pkts.extend(nffi.unpack(ctx.out, b.npkts))
+    if b.stop == C.GUEST_FAULT:  # pragma: no cover - needs the memguard SIGBUS guard
+        if b.partial_pkt != 0xFFFF_FFFF:
+            pool.free_taken([b.partial_pkt])
+        _guest_fault(queue)
     if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
         raise AssertionError(f"virtqueue {queue.index}: compiled TX burst refused its arguments")
     _count("tx_bursts")
@@ -438,12 +442,27 @@ def rx_burst(
         c.regions = nffi.NULL
         nffi.release(buf)
     _store_state(ctx, c, queue)
+    if b.stop == C.GUEST_FAULT:  # pragma: no cover - needs the memguard SIGBUS guard
+        _guest_fault(queue)
     if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
         raise AssertionError(f"virtqueue {queue.index}: compiled RX burst refused its arguments")
     _count("rx_bursts")
     _count("rx_frames", b.count)
     _count(f"rx_stop_{b.stop}")
     return Burst(b.stop, b.violation or b.slow, b.count, b.nbytes, b.merged)
+
+
+def _guest_fault(queue: Any) -> None:
+    """A burst stopped on a guest-memory fault (the memguard guard caught a SIGBUS: the
+    frontend truncated its memory): the queue cannot be trusted again, so it is killed like
+    any other violation (the state struct held everything committed before the fault)."""
+    err = SyncError(
+        KillReason.BASIC_SANITY,
+        queue.sync,
+        f"virtqueue {queue.index}: guest memory fault (SIGBUS) during a compiled burst",
+    )
+    queue.kill(err)
+    raise err
 
 
 def finish(queue: Any, consumed: int) -> bool:
