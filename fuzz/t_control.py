@@ -57,31 +57,42 @@ def one_input(data: bytes) -> None:
         dev.sel.register(a, 1, lambda: srv._service(client))
     step = max(1, len(body) // chunks)
     replies = bytearray()
+
+    def pump() -> None:
+        """Read what the server sent; while it still buffers output (a reply bigger than
+        the socket takes at once), let it flush as its loop would on EVENT_WRITE."""
+        while True:
+            try:
+                while got := b.recv(1 << 20):
+                    replies.extend(got)
+            except BlockingIOError:
+                pass
+            if a.fileno() < 0 or not client.outbuf:
+                return
+            with dev.lock:
+                srv._flush(client)
+
+    b.setblocking(False)
     try:
         for i in range(0, len(body) or 1, step):
             b.sendall(body[i : i + step])
             with dev.lock:
                 srv._service(client)
-            b.setblocking(False)
-            try:
-                while True:
-                    got = b.recv(1 << 20)
-                    if not got:
-                        break
-                    replies += got
-            except BlockingIOError:
-                pass
-            b.setblocking(True)
+            pump()
             if a.fileno() < 0:
                 break  # the server dropped the client (an over-long request)
     finally:
+        server_dropped = a.fileno() < 0
         b.close()
         with dev.lock:
             if a.fileno() >= 0:
                 srv._drop(client)
             dev.sel.get_map()  # the selector must still be consistent
             srv.engine.clear()
-    for line in bytes(replies).splitlines():
+            srv.engine.log.events.clear()  # each input starts from an empty event log
+    lines = bytes(replies).split(b"\n")
+    assert lines[-1] == b"" or server_dropped, f"a reply cut short: {lines[-1][-200:]!r}"
+    for line in lines[:-1]:
         reply = json.loads(line)
         assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), reply
         if not reply["ok"]:

@@ -123,6 +123,8 @@ def test_truncated_memfd_costs_that_connection_only(tmp_path: Path, ring: str) -
             if child.poll() is None:
                 child.kill()
                 child.wait()
+            child.stdin.close()
+            child.stdout.close()
         assert verdict == ["hung-up"]
         assert got == sent and sent > 20
         # a: one connection, dropped for the named fault; b: untouched.
