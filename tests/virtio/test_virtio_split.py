@@ -283,3 +283,28 @@ def test_features_set_after_start(mem: GuestMemory) -> None:
     assert not dev.event_idx and not dev.indirect and not dev.any_layout
     dev.features = FEATURES
     assert dev.event_idx and dev.indirect and dev.version_1 and dev.any_layout
+
+
+@pytest.mark.parametrize("writable", [0, 1, 64, 3000])
+def test_push_written_up_to_the_chains_writable_length(mem: GuestMemory, writable: int) -> None:
+    """2.7.8: the used length is what the device wrote, at most the chain's device-writable
+    space.  The device may report exactly that space, not one byte more; a chain with none
+    may only report 0.  (The suite pushed far-off lengths only; kills push's bound made
+    ``<=`` in mutmut's sample of split.py.)"""
+    # a net RX queue (0) takes device-writable buffers only, a TX queue (1) readable only
+    dev, drv = make_pair(mem, 0 if writable else 1, 8)
+    reads = [] if writable else [(DATA_LOW + 0x4000, 16)]
+    writes = [(DATA_LOW, writable)] if writable else []
+    for n in (writable + 1, writable):
+        head = drv.add_chain(reads, writes)
+        drv.publish()
+        chain = dev.pop()
+        assert chain is not None and chain.head == head and chain.write_len == writable
+        if n > writable:
+            with pytest.raises(ValueError, match=f"written {n} exceeds the chain's writable"):
+                dev.push(head, n)
+            dev.push(head, writable)  # still in flight: the refused push changed nothing
+        else:
+            dev.push(head, n)
+        dev.flush_used()
+        assert drv.get_used() == [(head, writable)]
