@@ -115,3 +115,24 @@ def test_enable_notifications_names_the_position_past_posted_buffers(mem: GuestM
     drv.publish()
     assert drv.kick_needed()  # the driver kicks for the 4th buffer
     assert packed_need_event(off_wrap, 4, 3, 8)
+
+
+# 2.8.1: VIRTQ_DESC_F_AVAIL is bit 7, VIRTQ_DESC_F_USED bit 15; a descriptor is available
+# when AVAIL equals the driver's wrap counter and USED does not.
+SPEC_F_AVAIL, SPEC_F_USED = 1 << 7, 1 << 15
+
+
+def test_avail_count_never_exceeds_the_ring_size(mem: GuestMemory) -> None:
+    """A hostile driver that fills the ring and then re-marks every descriptor available for
+    the next lap (before the device took any) cannot make avail_count report more chains
+    than the ring holds: at most Queue Size descriptors are outstanding (2.8), so a full
+    scan stops after one lap.  Kills the scan-length arithmetic made a true division (the
+    resumed scan then runs a second lap; mutmut's sample of packed.py)."""
+    size = 4
+    dev, drv = make_packed(mem, 11, size=size, sync=SyncKind.EVENT)
+    for i in range(size):
+        drv.write_desc(i, DATA_LOW, 8, i, SPEC_F_AVAIL)  # wrap counter 1: AVAIL=1, USED=0
+    assert dev.avail_count() == size
+    for i in range(size):
+        drv.write_desc(i, DATA_LOW, 8, i, SPEC_F_USED)  # what wrap counter 0 would post
+    assert dev.avail_count() == size
