@@ -224,3 +224,26 @@ def test_audit_finds_shared_double_free_and_stale_objects() -> None:
     stale.b_large[stale._free_pkts[-1]] = 1  # a free packet that still says "large"
     assert any("still hold large buffers" in p for p in stale.audit())
     stale.close()
+
+
+def test_redzone_fault_is_counted_once_and_repaired() -> None:
+    """A packet freed with its redzone overwritten counts one fault, and the pool writes the
+    ABI's value back (skywalk.h: SK_REDZONE_SEED ^ object index), so reusing the packet does
+    not count it again.  (Kills the repair value computed wrongly, mutmut's sample of
+    pool.py: the fault was counted, the repaired value never checked.)"""
+    from vdev.abi import lib
+
+    from . import hostile as H
+
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"r" * 60)
+    assert p is not None
+    H.md(pool.arena, p).pre.redzone ^= 1 << 63
+    pool.free_packets([p])
+    assert pool.stats.redzone_faults == 1
+    assert H.md(pool.arena, p).pre.redzone == lib.SK_REDZONE_SEED ^ p
+    again = [pool.packet_from_bytes(b"s" * 60) for _ in range(4)]  # every packet, p too
+    assert p in again
+    pool.free_packets([q for q in again if q is not None])
+    assert pool.stats.redzone_faults == 1
+    assert_no_leak(pool)
