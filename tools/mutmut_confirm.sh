@@ -6,9 +6,15 @@
 #       bash tools/mutmut_confirm.sh tests/skywalk/test_ring_index_rules.py
 #
 # Prints KILLED (with the first failing test) or SURVIVED per mutant.  Refuses to run with
-# uncommitted changes under vdev/ (it restores vdev/ with git checkout).
+# uncommitted changes under vdev/ (it restores vdev/ with git checkout).  Never run it while
+# a mutmut run is generating mutants: mutmut would copy the applied mutant into mutants/ as
+# if it were the source (this happened once; rm mutants/<file>* and rerun to recover).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if pgrep -f "mutmut run" >/dev/null; then
+    echo "a mutmut run is active: wait for it (it copies vdev/ while generating)" >&2
+    exit 2
+fi
 if ! git diff --quiet -- vdev; then
     echo "uncommitted changes under vdev/: commit or stash them first" >&2
     exit 2
