@@ -308,3 +308,16 @@ def test_push_written_up_to_the_chains_writable_length(mem: GuestMemory, writabl
             dev.push(head, n)
         dev.flush_used()
         assert drv.get_used() == [(head, writable)]
+
+
+def test_push_raw_queues_exactly_one_used_element(mem: GuestMemory) -> None:
+    """push_raw (a lying device, for fault injection) still adds exactly one used element:
+    the driver sees one entry with the raw values and the used index moves by one."""
+    dev, drv = make_pair(mem, 0, 8)
+    head = drv.add_chain([], [(DATA_LOW, 64)])
+    drv.publish()
+    assert dev.pop() is not None
+    dev.push_raw(head, 10)
+    dev.flush_used()
+    assert dev.used_idx == 1
+    assert drv.get_used() == [(head, 10)]
