@@ -427,3 +427,36 @@ def test_client_mode(tmp_path: object, device: FakeDevice, no_fd_leak: None) -> 
         t.join(5)
     assert not errors
     assert device.names()[-1] == "disconnected"
+
+
+def test_add_mem_reg_up_to_max_mem_slots(server: BackendServer, device: FakeDevice) -> None:
+    """ADD_MEM_REG fills the slots the backend announced (GET_MAX_MEM_SLOTS) and not one
+    more: the last free slot is accepted, the next region refused with the table unchanged
+    (both sides of the limit; kills ``>=`` made ``>`` in mutmut's sample of backend.py)."""
+    from vdev.vhost.codec import MemRegionDesc, encode_mem_reg
+
+    with _connect(server, add_mem_reg=True) as fe, FrontendMemory() as mem:
+        rings = qemu_start(fe, mem, num=16)
+        extra = os.memfd_create("extra", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(extra, 64 << 12)
+            have = len(server.backend.mem.regions)
+            assert fe.max_mem_slots == 32 and have < 32
+
+            def reg(i: int) -> MemRegionDesc:
+                return MemRegionDesc(
+                    0x4000_0000 + i * 0x10_0000, 4096, 0x10_0000_0000 + i * 0x10_0000, i * 4096
+                )
+
+            for i in range(32 - have):
+                fe.request(Request.ADD_MEM_REG, encode_mem_reg(reg(i)), [extra])
+            server.wait_idle()
+            assert len(server.backend.mem.regions) == 32
+            with pytest.raises(VhostUserError, match="failed"):
+                fe.request(Request.ADD_MEM_REG, encode_mem_reg(reg(40)), [extra])
+            server.wait_idle()
+            assert len(server.backend.mem.regions) == 32
+            assert sorted(device.started) == [0, 1]
+        finally:
+            os.close(extra)
+            close_rings(rings)
