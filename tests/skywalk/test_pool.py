@@ -247,3 +247,22 @@ def test_redzone_fault_is_counted_once_and_repaired() -> None:
     pool.free_packets([q for q in again if q is not None])
     assert pool.stats.redzone_faults == 1
     assert_no_leak(pool)
+
+
+def test_stats_dict_keys_are_the_counters() -> None:
+    """Every key of the JSON status dict is the PoolStats counter (or pool size) it names,
+    with its value, after traffic that moves each one (a renamed key breaks the status
+    consumers silently: mutmut's sample of pool.py renamed "frees")."""
+    pool = Pbufpool(num_packets=4, max_frags=2, num_large_bufs=2)
+    pkts = [pool.packet_from_bytes(b"d" * 60) for _ in range(5)]  # the 5th fails
+    held = [p for p in pkts if p is not None]
+    pool.free_packets(held[:2])
+    st = pool.stats
+    counters = ["in_use", "high_water", "alloc_failures", "buflets_in_use", "large_in_use"]
+    counters += ["allocs", "frees", "redzone_faults"]
+    want = {k: getattr(st, k) for k in counters}
+    want |= {"num_buflets": pool.num_ext, "num_packets": 4, "num_large_bufs": 2}
+    assert pool.stats_dict() == want
+    assert (want["allocs"], want["frees"], want["in_use"]) == (4, 2, 2)
+    pool.free_packets(held[2:])
+    assert_no_leak(pool)
