@@ -460,3 +460,39 @@ def test_add_mem_reg_up_to_max_mem_slots(server: BackendServer, device: FakeDevi
         finally:
             os.close(extra)
             close_rings(rings)
+
+
+def test_refusals_of_a_running_ring_name_request_and_field(
+    server: BackendServer, device: FakeDevice, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With REPLY_ACK the front-end only sees "failed"; the backend's log line is where the
+    request and the field are named (an operator's only clue).  Moving a started ring's
+    addresses names ``desc_addr``; removing the region a running ring lives in names
+    ``region`` (both had only their refusal tested)."""
+    import logging
+
+    from vdev.vhost.codec import VringAddr, encode_addr, encode_mem_reg
+
+    caplog.set_level(logging.ERROR, logger="vdev.vhost")
+    with _connect(server, add_mem_reg=True) as fe, FrontendMemory() as mem:
+        rings = qemu_start(fe, mem, num=16)
+        try:
+            r = rings[0]
+            moved = VringAddr(0, 0, r.desc + 4096, r.used, r.avail, 0)
+            with pytest.raises(VhostUserError, match="failed"):
+                fe.request(Request.SET_VRING_ADDR, encode_addr(moved))
+            with pytest.raises(VhostUserError, match="failed"):
+                fe.request(Request.REM_MEM_REG, encode_mem_reg(mem.regions[1]))
+            server.wait_idle()
+            errors = [rec.getMessage() for rec in caplog.records]
+            assert (
+                "vhost-user: VHOST_USER_SET_VRING_ADDR: desc_addr: vring 0 is started; "
+                "failure reply"
+            ) in errors, errors
+            gpa = mem.regions[1].gpa
+            assert any(
+                m.startswith(f"vhost-user: VHOST_USER_REM_MEM_REG: region: gpa {gpa:#x} holds")
+                for m in errors
+            ), errors
+        finally:
+            close_rings(rings)
