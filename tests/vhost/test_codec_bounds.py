@@ -97,3 +97,15 @@ def test_config_and_request_errors_name_their_field() -> None:
         decode_request(0x7FFF, b"")
     assert (ei.value.request, ei.value.field) == (0x7FFF, "request")
     assert ei.value.detail == "unknown request number"
+
+
+@pytest.mark.parametrize("n", [0, 8, 4, 1, 16])
+def test_empty_payload_is_0_or_a_zero_u64(n: int) -> None:
+    """Requests without a payload take 0 bytes (QEMU) or a u64 (some front-ends, as
+    libvhost-user accepts); any other size is named."""
+    if n in (0, 8):
+        decode_request(Request.GET_FEATURES, bytes(n))
+        return
+    with pytest.raises(ProtocolError) as ei:
+        decode_request(Request.GET_FEATURES, bytes(n))
+    assert (ei.value.field, ei.value.detail) == ("size", f"payload is {n} bytes, need 0")

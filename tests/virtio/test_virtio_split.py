@@ -321,3 +321,19 @@ def test_push_raw_queues_exactly_one_used_element(mem: GuestMemory) -> None:
     dev.flush_used()
     assert dev.used_idx == 1
     assert drv.get_used() == [(head, 10)]
+
+
+def test_direction_violation_names_the_descriptor(mem: GuestMemory) -> None:
+    """The kill detail names the slot, the head and the offending descriptor with its
+    fields, so a driver author can find it (the suite matched a fragment only)."""
+    from vdev.skywalk.errors import SyncError
+
+    dev, drv = make_pair(mem, 0, 8)  # net RX: the device only writes
+    head = drv.add_chain([(DATA_LOW, 16)], [])
+    drv.publish()
+    with pytest.raises(SyncError) as ei:
+        dev.pop()
+    assert (
+        f"avail slot 0 (avail idx 0) head {head}: desc {head} is device-readable on a queue "
+        f"the device only writes (addr {DATA_LOW:#x} len 16 flags 0x0)"
+    ) in str(ei.value)
