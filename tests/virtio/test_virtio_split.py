@@ -337,3 +337,21 @@ def test_direction_violation_names_the_descriptor(mem: GuestMemory) -> None:
         f"avail slot 0 (avail idx 0) head {head}: desc {head} is device-readable on a queue "
         f"the device only writes (addr {DATA_LOW:#x} len 16 flags 0x0)"
     ) in str(ei.value)
+
+
+def test_write_into_counts_bytes_of_any_memoryview(mem: GuestMemory) -> None:
+    """write_into takes any buffer: a memoryview of 16-bit items is written (and counted) as
+    its bytes, not its items."""
+    from array import array
+
+    dev, drv = make_pair(mem, 0, 8)
+    head = drv.add_chain([], [(DATA_LOW, 64)])
+    drv.publish()
+    chain = dev.pop()
+    assert chain is not None
+    items = array("H", [0x0102, 0x0304, 0x0506])
+    assert chain.write_into(memoryview(items)) == 6
+    dev.push(head, 6)
+    dev.flush_used()
+    assert drv.get_used() == [(head, 6)]
+    assert mem.read(DATA_LOW, 6) == items.tobytes()
