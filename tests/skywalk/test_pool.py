@@ -266,3 +266,10 @@ def test_stats_dict_keys_are_the_counters() -> None:
     assert (want["allocs"], want["frees"], want["in_use"]) == (4, 2, 2)
     pool.free_packets(held[2:])
     assert_no_leak(pool)
+
+
+def test_a_closed_pool_says_so() -> None:
+    pool = Pbufpool(num_packets=4)
+    pool.close()
+    with pytest.raises(PoolError, match="^pool is closed$"):
+        pool.packet_from_bytes(b"x")
