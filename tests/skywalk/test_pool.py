@@ -271,5 +271,5 @@ def test_stats_dict_keys_are_the_counters() -> None:
 def test_a_closed_pool_says_so() -> None:
     pool = Pbufpool(num_packets=4)
     pool.close()
-    with pytest.raises(PoolError, match="^pool is closed$"):
+    with pytest.raises(PoolError, match=r"^pool is closed$"):
         pool.packet_from_bytes(b"x")
