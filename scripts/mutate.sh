@@ -7,8 +7,9 @@
 # module, config in pyproject's [tool.mutmut]) or fastpath (the hand-written fastpath.c
 # mutants of tools/mutants/*.toml, run by tools/mutate.py).  Default: all, fewest mutants
 # first.  --sample K (or MODULE:K for one module) runs only every K-th mutant of the
-# module (deterministic, spread over its functions; see tools/mutmut_score.py).  Runs niced, one test process at
-# a time; prints the score table at the end (killed / survived / timeout / no tests).
+# module (deterministic, spread over its functions; see tools/mutmut_score.py).  Runs
+# niced, one test process at a time; prints the score table at the end (killed / survived
+# / timeout / no tests).
 # mutmut's working copy is mutants/ (git-ignored); rm -rf mutants to start from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ sample_any=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --sample) sample="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) mods+=("$1"); shift ;;
     esac
 done

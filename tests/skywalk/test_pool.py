@@ -226,3 +226,52 @@ def test_audit_finds_shared_double_free_and_stale_objects() -> None:
     stale.b_large[stale._free_pkts[-1]] = 1  # a free packet that still says "large"
     assert any("still hold large buffers" in p for p in stale.audit())
     stale.close()
+
+
+def test_redzone_fault_is_counted_once_and_repaired() -> None:
+    """A packet freed with its redzone overwritten counts one fault, and the pool writes the
+    ABI's value back (skywalk.h: SK_REDZONE_SEED ^ object index), so reusing the packet does
+    not count it again.  (Kills the repair value computed wrongly, mutmut's sample of
+    pool.py: the fault was counted, the repaired value never checked.)"""
+    from vdev.abi import lib
+
+    from . import hostile as H
+
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"r" * 60)
+    assert p is not None
+    H.md(pool.arena, p).pre.redzone ^= 1 << 63
+    pool.free_packets([p])
+    assert pool.stats.redzone_faults == 1
+    assert H.md(pool.arena, p).pre.redzone == lib.SK_REDZONE_SEED ^ p
+    again = [pool.packet_from_bytes(b"s" * 60) for _ in range(4)]  # every packet, p too
+    assert p in again
+    pool.free_packets([q for q in again if q is not None])
+    assert pool.stats.redzone_faults == 1
+    assert_no_leak(pool)
+
+
+def test_stats_dict_keys_are_the_counters() -> None:
+    """Every key of the JSON status dict is the PoolStats counter (or pool size) it names,
+    with its value, after traffic that moves each one (a renamed key breaks the status
+    consumers silently: mutmut's sample of pool.py renamed "frees")."""
+    pool = Pbufpool(num_packets=4, max_frags=2, num_large_bufs=2)
+    pkts = [pool.packet_from_bytes(b"d" * 60) for _ in range(5)]  # the 5th fails
+    held = [p for p in pkts if p is not None]
+    pool.free_packets(held[:2])
+    st = pool.stats
+    counters = ["in_use", "high_water", "alloc_failures", "buflets_in_use", "large_in_use"]
+    counters += ["allocs", "frees", "redzone_faults"]
+    want = {k: getattr(st, k) for k in counters}
+    want |= {"num_buflets": pool.num_ext, "num_packets": 4, "num_large_bufs": 2}
+    assert pool.stats_dict() == want
+    assert (want["allocs"], want["frees"], want["in_use"]) == (4, 2, 2)
+    pool.free_packets(held[2:])
+    assert_no_leak(pool)
+
+
+def test_a_closed_pool_says_so() -> None:
+    pool = Pbufpool(num_packets=4)
+    pool.close()
+    with pytest.raises(PoolError, match=r"^pool is closed$"):
+        pool.packet_from_bytes(b"x")

@@ -427,3 +427,72 @@ def test_client_mode(tmp_path: object, device: FakeDevice, no_fd_leak: None) -> 
         t.join(5)
     assert not errors
     assert device.names()[-1] == "disconnected"
+
+
+def test_add_mem_reg_up_to_max_mem_slots(server: BackendServer, device: FakeDevice) -> None:
+    """ADD_MEM_REG fills the slots the backend announced (GET_MAX_MEM_SLOTS) and not one
+    more: the last free slot is accepted, the next region refused with the table unchanged
+    (both sides of the limit; kills ``>=`` made ``>`` in mutmut's sample of backend.py)."""
+    from vdev.vhost.codec import MemRegionDesc, encode_mem_reg
+
+    with _connect(server, add_mem_reg=True) as fe, FrontendMemory() as mem:
+        rings = qemu_start(fe, mem, num=16)
+        extra = os.memfd_create("extra", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(extra, 64 << 12)
+            have = len(server.backend.mem.regions)
+            assert fe.max_mem_slots == 32 and have < 32
+
+            def reg(i: int) -> MemRegionDesc:
+                return MemRegionDesc(
+                    0x4000_0000 + i * 0x10_0000, 4096, 0x10_0000_0000 + i * 0x10_0000, i * 4096
+                )
+
+            for i in range(32 - have):
+                fe.request(Request.ADD_MEM_REG, encode_mem_reg(reg(i)), [extra])
+            server.wait_idle()
+            assert len(server.backend.mem.regions) == 32
+            with pytest.raises(VhostUserError, match="failed"):
+                fe.request(Request.ADD_MEM_REG, encode_mem_reg(reg(40)), [extra])
+            server.wait_idle()
+            assert len(server.backend.mem.regions) == 32
+            assert sorted(device.started) == [0, 1]
+        finally:
+            os.close(extra)
+            close_rings(rings)
+
+
+def test_refusals_of_a_running_ring_name_request_and_field(
+    server: BackendServer, device: FakeDevice, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With REPLY_ACK the front-end only sees "failed"; the backend's log line is where the
+    request and the field are named (an operator's only clue).  Moving a started ring's
+    addresses names ``desc_addr``; removing the region a running ring lives in names
+    ``region`` (both had only their refusal tested)."""
+    import logging
+
+    from vdev.vhost.codec import VringAddr, encode_addr, encode_mem_reg
+
+    caplog.set_level(logging.ERROR, logger="vdev.vhost")
+    with _connect(server, add_mem_reg=True) as fe, FrontendMemory() as mem:
+        rings = qemu_start(fe, mem, num=16)
+        try:
+            r = rings[0]
+            moved = VringAddr(0, 0, r.desc + 4096, r.used, r.avail, 0)
+            with pytest.raises(VhostUserError, match="failed"):
+                fe.request(Request.SET_VRING_ADDR, encode_addr(moved))
+            with pytest.raises(VhostUserError, match="failed"):
+                fe.request(Request.REM_MEM_REG, encode_mem_reg(mem.regions[1]))
+            server.wait_idle()
+            errors = [rec.getMessage() for rec in caplog.records]
+            assert (
+                "vhost-user: VHOST_USER_SET_VRING_ADDR: desc_addr: vring 0 is started; "
+                "failure reply"
+            ) in errors, errors
+            gpa = mem.regions[1].gpa
+            assert any(
+                m.startswith(f"vhost-user: VHOST_USER_REM_MEM_REG: region: gpa {gpa:#x} holds")
+                for m in errors
+            ), errors
+        finally:
+            close_rings(rings)

@@ -115,3 +115,58 @@ def test_enable_notifications_names_the_position_past_posted_buffers(mem: GuestM
     drv.publish()
     assert drv.kick_needed()  # the driver kicks for the 4th buffer
     assert packed_need_event(off_wrap, 4, 3, 8)
+
+
+# 2.8.1: VIRTQ_DESC_F_AVAIL is bit 7, VIRTQ_DESC_F_USED bit 15; a descriptor is available
+# when AVAIL equals the driver's wrap counter and USED does not.
+SPEC_F_AVAIL, SPEC_F_USED = 1 << 7, 1 << 15
+
+
+def test_avail_count_never_exceeds_the_ring_size(mem: GuestMemory) -> None:
+    """A hostile driver that fills the ring and then re-marks every descriptor available for
+    the next lap (before the device took any) cannot make avail_count report more chains
+    than the ring holds: at most Queue Size descriptors are outstanding (2.8), so a full
+    scan stops after one lap.  Kills the scan-length arithmetic made a true division (the
+    resumed scan then runs a second lap; mutmut's sample of packed.py)."""
+    size = 4
+    dev, drv = make_packed(mem, 11, size=size, sync=SyncKind.EVENT)
+    for i in range(size):
+        drv.write_desc(i, DATA_LOW, 8, i, SPEC_F_AVAIL)  # wrap counter 1: AVAIL=1, USED=0
+    assert dev.avail_count() == size
+    for i in range(size):
+        drv.write_desc(i, DATA_LOW, 8, i, SPEC_F_USED)  # what wrap counter 0 would post
+    assert dev.avail_count() == size
+
+
+def test_rewind_to_a_position_with_wrap_counter_zero(mem: GuestMemory) -> None:
+    """After one lap the driver's wrap counter is 0 (2.8.1): rewinding to such a position
+    restores index AND wrap counter 0, and the same buffers are popped again."""
+    dev, drv = make_packed(mem, 8, size=4)
+    for _ in range(4):  # one full lap
+        drv.add_chain([], [(DATA_HIGH, 100)])
+        drv.publish()
+        c = dev.pop()
+        assert c is not None
+        dev.push(c.head, 0)
+        dev.flush_used()
+        drv.get_used()
+    token = dev.last_avail_idx
+    assert token == 0  # index 0, wrap counter 0 (bit 15 clear)
+    ids = [drv.add_chain([], [(DATA_HIGH + i * 256, 100)]) for i in range(2)]
+    drv.publish()
+    first = [dev.pop() for _ in ids]
+    assert [c.head for c in first if c is not None] == ids
+    dev.rewind(token)
+    assert dev.last_avail_idx == 0
+    again = [dev.pop() for _ in ids]
+    assert [c.head for c in again if c is not None] == ids
+
+
+def test_packed_push_names_the_writable_length(mem: GuestMemory) -> None:
+    dev, drv = make_packed(mem, 8, size=4)
+    head = drv.add_chain([], [(DATA_HIGH, 100)])
+    drv.publish()
+    assert dev.pop() is not None
+    with pytest.raises(ValueError, match=f"virtqueue 8: id {head}: written 101 exceeds 100"):
+        dev.push(head, 101)
+    dev.push(head, 100)
