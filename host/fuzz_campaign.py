@@ -68,14 +68,7 @@ def shrink(ops: list[Op], test: Callable[[list[Op]], bool], max_tests: int = 200
             if n >= len(cur):
                 break
             n = min(len(cur), 2 * n)
-    # Finally one op at a time (ddmin's 1-minimality, cheap for short programs).
-    i = 0
-    while i < len(cur) and tests < max_tests and len(cur) > 1:
-        cand = cur[:i] + cur[i + 1 :]
-        if check(cand):
-            cur = cand
-        else:
-            i += 1
+    # ddmin ends with n >= len(cur) having tried every complement of one op: 1-minimal.
     return cur
 
 

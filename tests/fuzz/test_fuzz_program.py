@@ -91,6 +91,10 @@ def test_edges_bucket_hit_counts() -> None:
     got = _edges(before, after)
     assert got == {1 << 4 | 1, 2 << 4 | 3, 3 << 4 | 8}
     assert _edges(after, after) == set()
+    # AFL's bucket edges, both sides: 3|4, 7|8, 15|16, 31|32, 127|128.
+    for hits, bucket in ((3, 3), (4, 4), (7, 4), (8, 5), (15, 5), (16, 6), (31, 6), (32, 7),
+                         (127, 7), (128, 8)):  # fmt: skip
+        assert _edges(bytes(1), bytes([hits])) == {bucket}, hits
     # Counters saturate at 255 in the guest; a wrap from 250 to 4 reads as 10 hits.
     assert _edges(bytes([250]), bytes([4])) == {0 << 4 | 5}
 
