@@ -37,6 +37,13 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument(
+        "--target",
+        choices=("bare", "linux"),
+        default="bare",
+        help="bare: the vdev bare driver (coverage map); linux: Debian's virtio_net in the "
+        "vdev Linux image (device-observed behaviour as novelty)",
+    )
+    p.add_argument(
         "--variant",
         choices=[v for v in VARIANTS if v != "default"],
         default="cov",
@@ -87,6 +94,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
         return 2
     budget_s = args.seconds if args.seconds is not None or args.execs else 60.0
     summary = fuzz(
+        target_kind=args.target,
         variant=args.variant,
         append=args.append,
         execs=args.execs,
@@ -114,6 +122,7 @@ def run_fuzz(args: argparse.Namespace) -> int:
 
 def fuzz(
     *,
+    target_kind: str = "bare",
     variant: str = "cov",
     append: str = "",
     execs: int | None = None,
@@ -127,14 +136,23 @@ def fuzz(
 ) -> dict[str, Any] | None:
     """One campaign against the bare driver; the summary dict (None: no guest)."""
     from host.cli_sandbox import SandboxError
+    from host.errors import MachineError
     from host.fuzz_campaign import Campaign, Finding
     from host.fuzz_findings import write_finding
     from host.fuzz_target import BareTarget
 
-    target = BareTarget(variant=variant, append=append)
+    target: Any
+    if target_kind == "linux":
+        from host.fuzz_linux import LinuxTarget
+
+        target = LinuxTarget()
+        pcap = False  # the capture replay boots the bare driver
+        variant = "linux"
+    else:
+        target = BareTarget(variant=variant, append=append)
     try:
         target.start()
-    except SandboxError as exc:
+    except (SandboxError, MachineError) as exc:
         print(f"vdev fuzz-driver: {exc}", file=sys.stderr)
         return None
 
@@ -143,11 +161,24 @@ def fuzz(
             fresh.run(prog)
 
     def on_finding(f: Finding) -> None:
-        d = write_finding(root, f, variant=variant, pcap_replay=pcap_replay if pcap else None)
+        d = write_finding(
+            root,
+            f,
+            variant=variant,
+            pcap_replay=pcap_replay if pcap else None,
+            target=target_kind,
+        )
         if progress is not None:
             progress(f"wrote {d}")
 
-    camp = Campaign(target, seed=seed, replays=replays, on_finding=on_finding, progress=progress)
+    camp = Campaign(
+        target,
+        seed=seed,
+        replays=replays,
+        on_finding=on_finding,
+        progress=progress,
+        shrink_budget=40 if target_kind == "linux" else 120,
+    )
     t0 = time.monotonic()
     try:
         camp.run(
@@ -163,6 +194,7 @@ def fuzz(
     out = camp.summary()
     out["search_seconds"] = round(time.monotonic() - t0 - camp.shrink_seconds, 2)
     out["boots"] = target.boots
+    out["target"] = target_kind
     out["samples"] = [s.__dict__ for s in camp.samples]
     out["variant"] = variant
     out["seed"] = seed

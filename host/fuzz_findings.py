@@ -109,21 +109,33 @@ def write_finding(
     *,
     variant: str,
     pcap_replay: Any = None,
+    target: str = "bare",
 ) -> Path:
     """Write ``f``'s folder (see the module docstring); ``pcap_replay(prog, pcap_path)``
     replays the minimized program on a fresh guest capturing to ``pcap_path``."""
     d = root / slug(f.signature)
     d.mkdir(parents=True, exist_ok=True)
+    prog, epilogue = f.minimized, "reset"
+    if target == "linux":
+        from host.fuzz_linux import REBIND, linux_program
+
+        prog, epilogue = linux_program(f.minimized), REBIND
+        replay = f"vdev run --scenario {d / 'scenario.toml'}"
+        build = "the vdev Linux image (Debian's virtio_net)"
+    else:
+        replay = f"vdev sandbox --variant {variant} --scenario {d / 'scenario.toml'}"
+        build = f"{variant} (images/bare.py VARIANTS)"
     comment = (
         f"vdev fuzz-driver finding: {f.signature}\n"
         f"first line: {f.line}\n"
-        f"driver build: {variant} (images/bare.py VARIANTS)\n"
-        f"replay: vdev sandbox --variant {variant} --scenario {d / 'scenario.toml'}\n"
+        f"driver: {build}\n"
+        f"replay: {replay}\n"
         "(exit status 0: the driver broke the same way; 5: it did not)"
     )
     (d / "scenario.toml").write_text(
         to_scenario(
-            f.minimized,
+            prog,
+            epilogue=epilogue,
             name=slug(f.signature),
             signature=f.signature,
             description=f"fuzz-driver finding: {f.signature}",
@@ -155,6 +167,8 @@ def write_finding(
     }
     (d / "finding.json").write_text(json.dumps(info, indent=2) + "\n")
     (d / "summary.txt").write_text(summary_line(f, variant) + "\n")
+    if target == "linux":
+        return d  # the generated test boots the bare driver; Linux findings replay by hand
     (d / "test_replay.py").write_text(
         TEST_TEMPLATE.format(
             signature=f.signature, variant=variant, ops=len(f.minimized), steps=f.fault_steps

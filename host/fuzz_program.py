@@ -312,6 +312,7 @@ def to_scenario(
     signature: str | None = None,
     description: str = "",
     comment: str = "",
+    epilogue: str = "reset",
 ) -> str:
     """The program as a scenario TOML: steps in order (``after = 0``), then the epilogue
     every fuzz execution ends with; a finding's signature becomes ``[liveness] expect =
@@ -349,7 +350,7 @@ def to_scenario(
     # The epilogue (fuzz_target.EPILOGUE): faults off, link up, the driver re-initialized.
     lines += ["[[step]]", "after = 0", 'do = "clear"', ""]
     lines += ["[[step]]", "after = 0", 'do = "link_up"', ""]
-    lines += ["[[step]]", "after = 0", 'do = "guest"', 'command = "reset"', ""]
+    lines += ["[[step]]", "after = 0", 'do = "guest"', f"command = {_toml_value(epilogue)}", ""]
     if signature is not None:
         lines += [
             "[liveness]",
@@ -362,7 +363,7 @@ def to_scenario(
     return "\n".join(lines) + "\n"
 
 
-def from_scenario(text: str) -> Program:
+def from_scenario(text: str, epilogue: str = "reset") -> Program:
     """A program back from ``to_scenario``'s TOML (the epilogue steps dropped)."""
     import tomllib
 
@@ -381,7 +382,7 @@ def from_scenario(text: str) -> Program:
         elif do == "clear":
             prog.append(Op("clear"))
     # Drop the epilogue: clear, link_up, guest reset at the end.
-    tail = [Op("clear"), Op("link", {"up": True}), Op("guest", {"command": "reset"})]
+    tail = [Op("clear"), Op("link", {"up": True}), Op("guest", {"command": epilogue})]
     if prog[-3:] == tail:
         prog = prog[:-3]
     return prog
