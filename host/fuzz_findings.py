@@ -59,8 +59,8 @@ def ops_from_json(raw: list[dict[str, Any]]) -> Program:
     return [Op(str(d["kind"]), dict(d.get("args", {}))) for d in raw]
 
 
-def summary_line(f: Finding, variant: str) -> str:
-    steps = "; ".join(op.describe() for op in f.minimized)
+def summary_line(f: Finding, variant: str, prog: Program | None = None) -> str:
+    steps = "; ".join(op.describe() for op in (f.minimized if prog is None else prog))
     return (
         f"{f.signature} | {f.fault_steps} fault step(s), {len(f.minimized)} ops: {steps} | "
         f"found at exec {f.first_exec} ({f.seconds:.1f} s) on {variant}, "
@@ -166,7 +166,7 @@ def write_finding(
         "minimized": _ops_json(f.minimized),
     }
     (d / "finding.json").write_text(json.dumps(info, indent=2) + "\n")
-    (d / "summary.txt").write_text(summary_line(f, variant) + "\n")
+    (d / "summary.txt").write_text(summary_line(f, variant, prog) + "\n")
     if target == "linux":
         return d  # the generated test boots the bare driver; Linux findings replay by hand
     (d / "test_replay.py").write_text(
