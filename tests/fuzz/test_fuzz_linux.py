@@ -28,21 +28,9 @@ def test_bogus_tx_used_id_breaks_linux_and_clean_traffic_does_not(target: LinuxT
     res = target.run(clean)
     assert res.signature is None, res.line
     assert res.coverage  # the device saw the traffic (counters moved)
-    bad = [
-        Op(
-            "fault",
-            {
-                "id": "f1",
-                "seed": 1,
-                "action": "bad_used_id",
-                "queue": "tx",
-                "mode": "out_of_range",
-                "nth": 2,
-                "limit": 1,
-            },
-        ),  # fmt: skip
-        Op("guest", {"command": "tx 8 60"}),
-    ]
+    spec = {"id": "f1", "seed": 1, "action": "bad_used_id", "queue": "tx"}
+    spec.update({"mode": "out_of_range", "nth": 2, "limit": 1})
+    bad = [Op("fault", spec), Op("guest", {"command": "tx 8 60"})]
     res = target.run(bad)
     assert res.signature == "virtio_net virtioN: output.N:id N out of range", res.lines[-5:]
     # The next execution starts from a working guest again (rebind or reboot).
