@@ -544,6 +544,7 @@ def run_from_run(args: argparse.Namespace) -> int:
         as_json=bool(getattr(args, "json", False)),
         mtu=getattr(args, "mtu", None),
         log=getattr(args, "log", None),
+        variant=getattr(args, "variant", "default"),
     )
 
 

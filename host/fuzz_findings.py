@@ -123,7 +123,10 @@ def write_finding(
         replay = f"vdev run --scenario {d / 'scenario.toml'}"
         build = "the vdev Linux image (Debian's virtio_net)"
     else:
-        replay = f"vdev sandbox --variant {variant} --scenario {d / 'scenario.toml'}"
+        replay = (
+            f"vdev sandbox --variant {variant} --scenario {d / 'scenario.toml'}  (or vdev run "
+            f"--image bare --variant {variant} --scenario ...)"
+        )
         build = f"{variant} (images/bare.py VARIANTS)"
     comment = (
         f"vdev fuzz-driver finding: {f.signature}\n"

@@ -143,3 +143,20 @@ def test_shrink_respects_its_budget() -> None:
 
     shrink(ops, pred, max_tests=10)
     assert len(calls) <= 10
+
+
+def test_cli_bad_input_and_empty_report(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from host.cli import main
+
+    assert main(["fuzz-driver", "--execs", "0"]) == 2
+    assert "--execs 0: must be >= 1" in capsys.readouterr().err
+    assert main(["fuzz-driver", "--replays", "0"]) == 2
+    assert "--replays 0" in capsys.readouterr().err
+    assert main(["fuzz-driver", "--report", "--findings", str(tmp_path)]) == 0
+    assert "no findings under" in capsys.readouterr().out
+    scenario = tmp_path / "x.toml"  # type: ignore[operator]
+    scenario.write_text('[scenario]\nname = "x"\n')
+    assert main(["run", "--variant", "cov", "--scenario", str(scenario)]) == 2
+    assert "--variant: only with --image bare" in capsys.readouterr().err
