@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "host.cli_ctl",
     "host.cli_run",
     "host.cli_sandbox",
+    "host.cli_fuzz",
     "host.cli_doctor",
 )
 

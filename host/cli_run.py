@@ -64,6 +64,15 @@ def register(subparsers: Any) -> None:
         "--mtu", type=mtu, default=None, help="MTU offered to the guest (host_mtu), 68-65535"
     )
     p.add_argument("--kernel-args", default="", help="extra Linux kernel command line")
+    from images.bare import VARIANTS
+
+    p.add_argument(
+        "--variant",
+        choices=list(VARIANTS),
+        default="default",
+        help="--image bare: a test-only driver build (cov, plant-*: what fuzz-driver "
+        "findings name)",
+    )
     add_control_option(p, help="also serve the fault control socket here")
     p.add_argument(
         "--log", metavar="FILE", type=output_path, help="keep the guest console log here"
@@ -86,6 +95,9 @@ def _read_script(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.variant != "default" and args.image != "bare":
+        print("vdev run: --variant: only with --image bare", file=sys.stderr)
+        return 2
     if args.image == "bare":
         if getattr(args, "errexit", False):
             print("vdev run: --errexit: only for Linux scripts (--image linux)", file=sys.stderr)

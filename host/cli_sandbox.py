@@ -471,6 +471,15 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--elf", metavar="FILE", type=input_file, help="driver ELF (default: build guest/driver)"
     )
+    from images.bare import VARIANTS
+
+    p.add_argument(
+        "--variant",
+        choices=list(VARIANTS),
+        default="default",
+        help="build this test-only driver variant instead (cov: coverage map; plant-*: a "
+        "planted bug, what vdev fuzz-driver findings name)",
+    )
     p.add_argument("--log", metavar="FILE", type=output_path, help="keep the console log here")
     p.add_argument(
         "--timeout",
@@ -520,6 +529,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
         mtu=args.mtu,
         log=args.log,
         timeout=args.timeout,
+        variant=args.variant,
     )
 
 
@@ -535,6 +545,7 @@ def run_from_run(args: argparse.Namespace) -> int:
         as_json=bool(getattr(args, "json", False)),
         mtu=getattr(args, "mtu", None),
         log=getattr(args, "log", None),
+        variant=getattr(args, "variant", "default"),
     )
 
 
@@ -551,6 +562,7 @@ def sandbox_main(
     timeout: float = 60.0,
     as_json: bool = False,
     mtu: int | None = None,
+    variant: str = "default",
 ) -> int:
     """Start a sandbox, run the script (or the interactive console), return the status
     (``host.sandbox_script``: 0 ok, 1 ERR, 2 usage, 3 guest lost, 4 device failure,
@@ -592,6 +604,14 @@ def sandbox_main(
                 print(f"vdev sandbox: --scenario {scenario}: traffic {flow.index}: {why}",
                       file=sys.stderr)  # fmt: skip
                 return EXIT_USAGE
+    if elf is None and variant != "default":
+        from images.bare import build_bare
+
+        try:
+            elf = str(build_bare(variant=variant))
+        except Exception as exc:  # no gcc, a compile error
+            print(f"vdev sandbox: --variant {variant}: build failed: {exc}", file=sys.stderr)
+            return EXIT_GUEST
     try:
         sb = Sandbox(
             elf=Path(elf) if elf else None,

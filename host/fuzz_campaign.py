@@ -31,6 +31,8 @@ class Target(Protocol):
 
     def run(self, prog: Program) -> ExecResult: ...
 
+    def replay(self, prog: Program, signature: str) -> str | None: ...
+
 
 def shrink(ops: list[Op], test: Callable[[list[Op]], bool], max_tests: int = 200) -> list[Op]:
     """The smallest sub-list (1-minimal, within ``max_tests`` runs) of ``ops`` for which
@@ -66,14 +68,7 @@ def shrink(ops: list[Op], test: Callable[[list[Op]], bool], max_tests: int = 200
             if n >= len(cur):
                 break
             n = min(len(cur), 2 * n)
-    # Finally one op at a time (ddmin's 1-minimality, cheap for short programs).
-    i = 0
-    while i < len(cur) and tests < max_tests and len(cur) > 1:
-        cand = cur[:i] + cur[i + 1 :]
-        if check(cand):
-            cur = cand
-        else:
-            i += 1
+    # ddmin ends with n >= len(cur) having tried every complement of one op: 1-minimal.
     return cur
 
 
@@ -112,6 +107,7 @@ class Campaign:
     seed: int = 1
     replays: int = 10
     shrink_budget: int = 120
+    energy: int = 16
     on_finding: Callable[[Finding], None] | None = None
     progress: Callable[[str], None] | None = None
     findings: dict[str, Finding] = field(default_factory=dict)
@@ -126,6 +122,7 @@ class Campaign:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self._ids = 0
+        self._fresh: list[tuple[Program, int]] = []
         self.t0 = time.monotonic()
 
     def next_id(self) -> int:
@@ -133,7 +130,15 @@ class Campaign:
         return self._ids
 
     def _candidate(self) -> Program:
-        if not self.corpus or self.rng.random() < 0.25:
+        # Energy (AFL's idea, simplified): a program that just reached new coverage gets
+        # the next ``energy`` mutations, so the search stays near new behaviour.
+        while self._fresh and self._fresh[-1][1] <= 0:
+            self._fresh.pop()
+        if self._fresh and self.rng.random() < 0.7:
+            prog, left = self._fresh[-1]
+            self._fresh[-1] = (prog, left - 1)
+            return mutate(self.rng, prog, self.next_id)
+        if not self.corpus or self.rng.random() < 0.3:
             return generate(self.rng, next_id=self.next_id)
         return mutate(self.rng, self.rng.choice(self.corpus), self.next_id)
 
@@ -161,9 +166,15 @@ class Campaign:
             self.reboots += int(res.rebooted)
             new = res.coverage - self.edges
             if new:
+                known_edges = {e >> 4 for e in self.edges}
+                new_edges = {e >> 4 for e in new} - known_edges
                 self.edges |= new
                 if res.signature is None:
                     self.corpus.append(prog)
+                    # A new edge (code never run before) earns more mutations than a new
+                    # hit count on a known edge.
+                    energy = self.energy * 4 if new_edges else self.energy // 2
+                    self._fresh.append((prog, energy))
             if res.signature is not None:
                 self._found(prog, res)
             if elapsed >= next_sample:
@@ -210,9 +221,11 @@ class Campaign:
             return self.target.run(cand).signature == sig
 
         minimized = shrink(prog, same, self.shrink_budget)
+        # The replays go through the scenario TOML and the scenario player: what a user
+        # replays, not the search's own executor.
         ok = 0
         for _ in range(self.replays):
-            ok += same(minimized)
+            ok += self.target.replay(minimized, sig) == sig
         self.shrink_seconds += time.monotonic() - t_found
         f = Finding(
             sig, res.line, prog, minimized, self.execs, seconds, res, ok, self.replays, runs

@@ -34,7 +34,7 @@ EPILOGUE = ("clear", "link up", "reset")  # what every execution ends with (see 
 
 # Traffic commands keep their waits short: a stalled queue must not cost the default 5 s.
 TX_WAIT_MS = 60
-RX_WAIT_MS = 60
+RX_WAIT_MS = 20
 
 
 @dataclass(frozen=True)
@@ -172,16 +172,32 @@ def random_traffic(r: random.Random) -> Op:
         return Op("guest", {"command": f"tx {n} {size} 32 wait={TX_WAIT_MS}"})
     if x < 0.6:
         return Op("send", {"count": r.choice((1, 2, 4, 16)), "size": r.choice((60, 300, 1514))})
-    if x < 0.8:
-        return Op("guest", {"command": f"rx {r.choice((1, 4, 16))} {RX_WAIT_MS}"})
+    if x < 0.75:
+        return Op("guest", {"command": f"rx {r.choice((1, 2, 4))} {RX_WAIT_MS}"})
     if x < 0.87:
-        return Op("guest", {"command": "rx 0"})
+        return Op("guest", {"command": "rx 0"})  # one RX sync: harvest what is there
     if x < 0.93:
         return Op("guest", {"command": "reset"})  # the driver resets mid-traffic
     if x < 0.97:
         ev, mrg = r.randint(0, 1), r.randint(0, 1)
         return Op("guest", {"command": f"features event_idx={ev} mrg_rxbuf={mrg}"})
     return Op("clear")
+
+
+def traffic_for(r: random.Random, fault: Op) -> Program:
+    """Traffic on the queue a fault targets, right after it: the device misbehaves while
+    the driver is busy there (RX: the host sends and the guest harvests; TX: the guest
+    sends)."""
+    queue = str(fault.args.get("queue", "both"))
+    out: Program = []
+    if queue in ("rx", "both") or fault.kind == "link":
+        n = r.choice((1, 2, 4, 16))
+        out.append(Op("send", {"count": n, "size": r.choice((60, 300, 1514))}))
+        out.append(Op("guest", {"command": f"rx {n} {RX_WAIT_MS}"}))
+    if queue in ("tx", "both") or fault.kind == "link":
+        n, size = r.choice((1, 2, 4, 8, 32)), r.choice((60, 200, 1514))
+        out.append(Op("guest", {"command": f"tx {n} {size} 32 wait={TX_WAIT_MS}"}))
+    return out
 
 
 def generate(
@@ -192,9 +208,14 @@ def generate(
     prog: Program = []
     faults = r.randint(1, 3)
     for _ in range(faults):
-        prog.append(random_fault(r, counter()))
-        for _ in range(r.randint(1, 3)):
-            prog.append(random_traffic(r))
+        fault = random_fault(r, counter())
+        prog.append(fault)
+        prog.extend(traffic_for(r, fault))
+        for _ in range(r.randint(0, 2)):
+            op = random_traffic(r)
+            prog.append(op)
+            if op.kind == "send" and r.random() < 0.5:  # and the guest takes them
+                prog.append(Op("guest", {"command": f"rx {op.args['count']} {RX_WAIT_MS}"}))
     return prog[:max_len]
 
 
@@ -208,17 +229,46 @@ def _counter() -> Callable[[], int]:
     return nxt
 
 
+def tweak(r: random.Random, op: Op) -> Op:
+    """The same fault with one parameter redrawn from its action's vocabulary (a corpus
+    program that reached a check with ``extra=4096`` tries ``extra=1`` next)."""
+    if op.kind != "fault":
+        return op
+    action = op.args.get("action")
+    draw = _data if action in ("drop", "corrupt", "truncate", "duplicate", "pad") else _ring
+    for _ in range(50):
+        spec = draw(r)
+        if spec.get("action") == action:
+            # Parameters first (their boundary values), the trigger keys less often.
+            keys = [k for k in spec if k not in ("action", "nth", "every", "limit")]
+            if not keys or r.random() < 0.25:
+                keys = [k for k in spec if k != "action"]
+            if not keys:
+                return op
+            key = r.choice(keys)
+            args = dict(op.args)
+            args[key] = spec[key]
+            if key in ("nth", "every"):  # one trigger key at a time
+                args.pop("every" if key == "nth" else "nth", None)
+                args["limit"] = spec.get("limit", args.get("limit", 1))
+            return Op("fault", args)
+    return op
+
+
 def mutate(
     r: random.Random, prog: Program, next_id: Callable[[], int], max_len: int = 12
 ) -> Program:
     """One random edit: insert, delete, replace or swap ops, or splice in a fresh program."""
     out = list(prog)
     choice = r.random()
-    if choice < 0.3 and len(out) < max_len:
+    if choice < 0.2 and len(out) < max_len:
         op = random_fault(r, next_id()) if r.random() < 0.5 else random_traffic(r)
         out.insert(r.randint(0, len(out)), op)
-    elif choice < 0.45 and len(out) > 1:
+    elif choice < 0.3 and len(out) > 1:
         del out[r.randrange(len(out))]
+    elif choice < 0.6 and any(op.kind == "fault" for op in out):
+        i = r.choice([k for k, op in enumerate(out) if op.kind == "fault"])
+        out[i] = tweak(r, out[i])
     elif choice < 0.7 and out:
         i = r.randrange(len(out))
         out[i] = random_fault(r, next_id()) if out[i].is_fault else random_traffic(r)
@@ -262,6 +312,7 @@ def to_scenario(
     signature: str | None = None,
     description: str = "",
     comment: str = "",
+    epilogue: str = "reset",
 ) -> str:
     """The program as a scenario TOML: steps in order (``after = 0``), then the epilogue
     every fuzz execution ends with; a finding's signature becomes ``[liveness] expect =
@@ -299,7 +350,7 @@ def to_scenario(
     # The epilogue (fuzz_target.EPILOGUE): faults off, link up, the driver re-initialized.
     lines += ["[[step]]", "after = 0", 'do = "clear"', ""]
     lines += ["[[step]]", "after = 0", 'do = "link_up"', ""]
-    lines += ["[[step]]", "after = 0", 'do = "guest"', 'command = "reset"', ""]
+    lines += ["[[step]]", "after = 0", 'do = "guest"', f"command = {_toml_value(epilogue)}", ""]
     if signature is not None:
         lines += [
             "[liveness]",
@@ -312,7 +363,7 @@ def to_scenario(
     return "\n".join(lines) + "\n"
 
 
-def from_scenario(text: str) -> Program:
+def from_scenario(text: str, epilogue: str = "reset") -> Program:
     """A program back from ``to_scenario``'s TOML (the epilogue steps dropped)."""
     import tomllib
 
@@ -331,7 +382,7 @@ def from_scenario(text: str) -> Program:
         elif do == "clear":
             prog.append(Op("clear"))
     # Drop the epilogue: clear, link_up, guest reset at the end.
-    tail = [Op("clear"), Op("link", {"up": True}), Op("guest", {"command": "reset"})]
+    tail = [Op("clear"), Op("link", {"up": True}), Op("guest", {"command": epilogue})]
     if prog[-3:] == tail:
         prog = prog[:-3]
     return prog
@@ -351,4 +402,6 @@ __all__ = [
     "random_traffic",
     "signature_regex",
     "to_scenario",
+    "traffic_for",
+    "tweak",
 ]

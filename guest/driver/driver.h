@@ -254,5 +254,8 @@ int drv_bug(const char *file, int line, const char *what, uint32_t a, uint32_t b
                                              (uint32_t)(b))                             \
                                    : 0)
 uint32_t pool_md_in_use(void);
+/* Wait and poll loops run a number of times that depends on how long they wait, not on
+ * what the device did: left out of the coverage map (noise for a fuzzer's novelty). */
+#define NO_COV __attribute__((no_sanitize_coverage))
 
 #endif

@@ -4,7 +4,7 @@
  * counter (`vdev_bugs`), exported for the host like vdev_stats.
  *
  * Coverage: the coverage builds (images/bare.py, variant "cov") compile the
- * driver's logic (virtq.c, net.c, channel.c, irq.c) with
+ * driver's logic (virtq.c, net.c, channel.c) with
  * -fsanitize-coverage=trace-pc, so GCC calls __sanitizer_cov_trace_pc at the
  * start of every basic block.  (Clang's trace-pc-guard, with one counter per
  * edge, is not in GCC 12; trace-pc gives the block's address instead.)  This

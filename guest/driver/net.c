@@ -827,7 +827,7 @@ void net_poll_events(void)
 
 /* The lost-interrupt watchdog: work visible on a queue that asked to be told,
  * with no interrupt for it for irq_wd ms.  Named, counted and processed. */
-static int watchdog(uint32_t what)
+NO_COV static int watchdog(uint32_t what)
 {
     uint64_t now = rdtsc(), bound = (uint64_t)irq_opts.wd_ms * tsc_per_ms;
     int fired = 0;
@@ -854,7 +854,7 @@ static int watchdog(uint32_t what)
     return fired;
 }
 
-int net_wait(uint32_t what, uint64_t deadline)
+NO_COV int net_wait(uint32_t what, uint64_t deadline)
 {
     if (!irq_enabled() || !up) {
         /* Polling.  Under TCG a vCPU spinning on RAM alone can keep QEMU's I/O

@@ -493,7 +493,7 @@ void vq_consume(struct vq *q, uint32_t n)
 
 /* ---- notification control (2.7.10 / 2.8.10) ---- */
 
-int vq_has_used(struct vq *q)
+NO_COV int vq_has_used(struct vq *q)
 {
     if (q->broken || !q->size)
         return 0;

@@ -72,7 +72,7 @@ STEP_KEYS: dict[str, set[str]] = {
     "expect": {"rule", "event", "stat", "min", "max", "min_hits", "max_hits", "equals"},
     # One guest console command (the bare driver's console, or a Linux shell line) and its
     # reply: what a fuzzer finding replays (vdev fuzz-driver), in its exact order.
-    "guest": {"command"},
+    "guest": {"command", "check"},
     # COUNT frames of SIZE bytes from the host peer to the guest, at once.
     "send": {"count", "size"},
 }
@@ -488,6 +488,8 @@ def _parse_step(ctx: _Ctx, nth: int, raw: object, known: set[str]) -> Step:
         cmd = raw.get("command")
         if not isinstance(cmd, str) or not cmd.strip() or "\n" in cmd or "\r" in cmd:
             raise ctx.error("step", nth, "command", 'guest needs command = "<one console line>"')
+        if "check" in raw and not isinstance(raw["check"], bool):
+            raise ctx.error("step", nth, "check", "check: must be true or false")
     elif do == "send":
         for key, lo, hi in (("count", 1, 4096), ("size", 60, 1514)):
             v = raw.get(key)

@@ -374,11 +374,16 @@ class _Player:
         if step.do == "guest":
             if self.guest is None:
                 return False, "no guest attached to run a command on"
-            return self.guest.command(str(p["command"]), step.timeout)
+            ok, detail = self.guest.command(str(p["command"]), step.timeout)
+            # The command answered; an ERR answer fails the step only with check = true
+            # (a fuzz finding's traffic often times out by design).
+            return ok or not p.get("check", False), detail
         if step.do == "send":
             peer = self.host_peer()
-            sent = peer.send_frames(self.guest_mac(), int(p["count"]), int(p["size"]))
-            return sent == int(p["count"]), f"sent {sent} of {p['count']}"
+            sent = peer.send_frames(self.guest_mac(), int(p["count"]), int(p["size"]), 1.0)
+            # A device refusing frames (link down, a stalled RX queue) is part of what a
+            # scenario plays, not a failed step: the detail says how many went out.
+            return True, f"sent {sent} of {p['count']}"
         if step.do == "sleep":
             secs = float(p["seconds"])
             end = self.now() + secs
