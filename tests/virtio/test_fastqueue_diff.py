@@ -679,6 +679,20 @@ def test_hostile_packed_named_cases(mutations: list[Any], tx_kills: bool, rx_kil
     assert bool(py["kills"]) == rx_kills, py["kills"]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("features", [F_V1, F_V1 | F_EVENT], ids=["flags", "event-idx"])
+def test_legal_rings_rearm_the_same(packed: bool, features: int) -> None:
+    """Legal traffic to an empty ring: the kick is re-armed (used flags / avail_event /
+    device event area) and the guest notified exactly as the reference does."""
+    start = _snapshot()
+    size = 7 if packed else 8
+    tx = [([(60 + i, [], False, (0, 0, 0), False) for i in range(4)], [])] * 2
+    py = _run_tx("python", packed, start, size, features, 0, 0, tx, 1)
+    c = _run_tx("c", packed, start, size, features, 0, 0, tx, 1)
+    _assert_same(py, c)
+    assert not py["kills"] and py["calls"]
+
+
 # -- the properties -----------------------------------------------------------------------
 
 
