@@ -652,6 +652,47 @@ def test_hostile_heads_named_cases(kind: str, value: Any) -> None:
     assert py["kills"]
 
 
+@pytest.mark.parametrize(
+    ("mutations", "tx_kills", "rx_kills"),
+    [
+        # the last posted chain continues into a free entry (RX counts it as incomplete)
+        ([("link", 2, 0)], True, False),
+        ([("dup", 1, 0)], False, True),  # chain 1 names chain 0's id: in flight only on RX
+        ([("chain_table", 1, (3, 1))], True, True),  # INDIRECT inside the indirect table
+        ([("link", 0, 0), ("chain_table", 1, (2, 9))], True, True),  # INDIRECT after direct
+    ],
+    ids=["not-available", "id-in-flight", "table-nested", "indirect-after-direct"],
+)
+def test_hostile_packed_named_cases(mutations: list[Any], tx_kills: bool, rx_kills: bool) -> None:
+    """Fixed hostile packed-ring cases (2.8.6, 2.8.7), the same on both paths, TX and RX."""
+    start = _snapshot()
+    features = F_V1 | F_EVENT | F_INDIRECT | F_MRG
+    tx = [([(60, [], False, (0, 0, 0), False)] * 3, mutations)]
+    py = _run_tx("python", True, start, 7, features, 0, 0, tx, 1)
+    c = _run_tx("c", True, start, 7, features, 0, 0, tx, 1)
+    _assert_same(py, c)
+    assert bool(py["kills"]) == tx_kills, py["kills"]
+    rx = [([([100], False)] * 3, [(150, None)], mutations)]
+    py = _run_rx("python", True, start, 7, features, 0, rx, 1)
+    c = _run_rx("c", True, start, 7, features, 0, rx, 1)
+    _assert_same(py, c)
+    assert bool(py["kills"]) == rx_kills, py["kills"]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("features", [F_V1, F_V1 | F_EVENT], ids=["flags", "event-idx"])
+def test_legal_rings_rearm_the_same(packed: bool, features: int) -> None:
+    """Legal traffic to an empty ring: the kick is re-armed (used flags / avail_event /
+    device event area) and the guest notified exactly as the reference does."""
+    start = _snapshot()
+    size = 7 if packed else 8
+    tx = [([(60 + i, [], False, (0, 0, 0), False) for i in range(4)], [])] * 2
+    py = _run_tx("python", packed, start, size, features, 0, 0, tx, 1)
+    c = _run_tx("c", packed, start, size, features, 0, 0, tx, 1)
+    _assert_same(py, c)
+    assert not py["kills"] and py["calls"]
+
+
 # -- the properties -----------------------------------------------------------------------
 
 
