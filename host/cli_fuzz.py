@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from host.cli_args import seconds
+from host.cli_args import output_dir, seconds
 
 
 def register(subparsers: Any) -> None:
@@ -64,6 +64,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--findings",
         metavar="DIR",
+        type=output_dir,
         default="fuzz-findings",
         help="findings directory (default ./fuzz-findings)",
     )
