@@ -83,7 +83,6 @@ class _Ctx:
         self.rx = self._ring(ch.rx_ring)
         self.alloc = self._ring(ch.alloc_ring)
         self.free = self._ring(ch.free_ring)
-        self.ret = ffi.new("struct cb_ret *")
         self.out = bytearray(OUT_SCRATCH)
         self.lens = array("I", bytes(4 * 1024))
 
@@ -122,7 +121,11 @@ def _send(ch: Channel, data: bytes, offs: array[int], lens: array[int]) -> int:
     fast = fastglue._fast
     ffi, lib = fast.ffi, fast.lib
     ctx = _ctx(ch)
-    ret = ctx.ret
+    # Per call, never shared on the context: a channel's send and recv may run on two
+    # threads at once (a test's sender and its receiver), and with the GIL released one
+    # burst's count must not land in the other's result (it did: a send that read the
+    # receiver's count of 0 sent its 64 frames again).
+    ret = ffi.new("struct cb_ret *")
     total = len(lens)
     sent = 0
     tx = ch.tx_ring
@@ -195,7 +198,11 @@ def _recv(ch: Channel, limit: int, timeout: float, copy: bool) -> tuple[list[byt
     fast = fastglue._fast
     ffi, lib = fast.ffi, fast.lib
     ctx = _ctx(ch)
-    ret = ctx.ret
+    # Per call, never shared on the context: a channel's send and recv may run on two
+    # threads at once (a test's sender and its receiver), and with the GIL released one
+    # burst's count must not land in the other's result (it did: a send that read the
+    # receiver's count of 0 sent its 64 frames again).
+    ret = ffi.new("struct cb_ret *")
     deadline = time.monotonic() + timeout
     out: list[bytes] = []
     frames = 0
