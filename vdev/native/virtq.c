@@ -31,6 +31,12 @@
 #include "virtq.h"
 
 #define BARRIER() __asm__ __volatile__("" ::: "memory")
+/* Store-then-load orderings need a real fence: x86 lets a load pass an earlier store, so
+ * "publish avail_event (or the used idx), then re-read the avail idx (or used_event)"
+ * with only a compiler barrier can read the old value while the driver reads ours: a lost
+ * kick or interrupt, and the queue waits forever (2.7.10 / 2.8.10 and the driver's mb()
+ * in "Driver Requirements: Notifying The Device"; Linux vhost pairs it with smp_mb()). */
+#define FULL_FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define U32_MAX 0xFFFFFFFFull
 #define MAX_INDIRECT 65536u
 #define MAX_FRAME 65550u
@@ -507,7 +513,7 @@ static uint32_t rearm(struct vq_queue *q, uint32_t *more)
         } else {
             g_wr16(&q->used16[1], VRING_PACKED_EVENT_FLAG_ENABLE);
         }
-        BARRIER();
+        FULL_FENCE();  /* a store (event/used idx) then a load of the driver's side */
         *more = p_is_avail(g_rd16(&p_desc(q, q->last_avail)->flags), q->avail_wrap);
         return 0;
     }
@@ -515,7 +521,7 @@ static uint32_t rearm(struct vq_queue *q, uint32_t *more)
         g_wr16(&q->used16[2 + 4 * q->size], g_rd16(&q->avail[1]));
     else
         g_wr16(&q->used16[0], 0);
-    BARRIER();
+    FULL_FENCE();  /* a store (event/used idx) then a load of the driver's side */
     return avail_count(q, more);
 }
 
@@ -586,7 +592,7 @@ uint32_t vq_finish(struct vq_queue *q, uint32_t consumed)
     uint32_t new_idx, old, valid, notify;
     if (q->packed) {
         packed_flush(q);
-        BARRIER();
+        FULL_FENCE();  /* a store (event/used idx) then a load of the driver's side */
         return consumed ? packed_notify(q) : 0;
     }
     if (q->pending_used) {
@@ -598,7 +604,7 @@ uint32_t vq_finish(struct vq_queue *q, uint32_t consumed)
     }
     if (!consumed)
         return 0;
-    BARRIER();
+    FULL_FENCE();  /* a store (event/used idx) then a load of the driver's side */
     /* SplitQueue.should_notify (2.7.7, 2.7.10, NOTIFY_ON_EMPTY). */
     new_idx = q->used_idx;
     old = q->signalled_used;
