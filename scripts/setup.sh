@@ -22,7 +22,11 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c "import vdev, cffi, elftools, pexpect, qemu.qmp, hypothesis, pytest_timeout, xdist, ruff, mypy" 2>/dev/null \
+# The editable install must point at this checkout: installing another clone re-points it,
+# and then `vdev` (and every test that runs it) would import that clone's code.
+installed_at=$(cd / && python3 -c "import os, vdev; print(os.path.dirname(os.path.dirname(os.path.realpath(vdev.__file__))))" 2>/dev/null || true)
+if ! python3 -c "import vdev, cffi, elftools, pexpect, qemu.qmp, hypothesis, pytest_timeout, xdist, ruff, mypy, atheris" 2>/dev/null \
+   || [ "$installed_at" != "$(pwd -P)" ] \
    || [ pyproject.toml -nt .setup-stamp ] 2>/dev/null; then
     echo "setup: installing vdev and its Python dependencies (pip install -e .[dev])"
     python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
