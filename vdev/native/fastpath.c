@@ -18,6 +18,7 @@
 
 #include "skywalk.h"
 #include "fastpath.h"
+#include "pool_md.h"
 
 /* One ring's slot array as the kernel sees it (all trusted values). */
 struct fp_ring {
@@ -28,7 +29,6 @@ struct fp_ring {
 };
 
 #define RD(x) (*(const volatile __typeof__(x) *)&(x))
-#define KERNEL_OWNER (-1)
 #define VNET_LEN 12
 #define VNET_F_NEEDS_CSUM 1
 #define PKT_KNOWN_FLAGS (SK_PKT_VNET_HDR | SK_PKT_CSUM_PARTIAL)

@@ -8,36 +8,13 @@
 
 #include "skywalk.h"
 #include "poolbatch.h"
-
-#define KERNEL_OWNER (-1)
-#define PKT_FREE 0
-#define PKT_ALLOCATED 1
+#include "pool_md.h"
 
 void pb_init_packets(const struct fp_pool *p, const uint32_t *idxs, uint32_t n, uint32_t nbufs,
                      const uint32_t *ext)
 {
-    uint32_t i, k, e = 0;
-    for (i = 0; i < n; i++) {
-        uint32_t idx = idxs[i], prev = idx;
-        p->pkt_state[idx] = PKT_ALLOCATED;
-        p->pkt_owner[idx] = KERNEL_OWNER;
-        p->pkt_len[idx] = 0;
-        p->pkt_nbufs[idx] = (uint16_t)nbufs;
-        p->pkt_pflags[idx] = 0;
-        p->pkt_l2[idx] = 0;
-        p->pkt_cstart[idx] = 0;
-        p->pkt_cstuff[idx] = 0;
-        p->b_doff[idx] = 0;
-        p->b_dlen[idx] = 0;
-        for (k = 1; k < nbufs; k++) {
-            uint32_t j = ext[e++], g = p->num_packets + j;
-            p->b_next[prev] = j;
-            p->b_doff[g] = 0;
-            p->b_dlen[g] = 0;
-            prev = g;
-        }
-        p->b_next[prev] = SK_NO_INDEX;
-    }
+    for (uint32_t i = 0; i < n; i++)
+        pool_init_packet(p, idxs[i], nbufs, ext, (int64_t)i * (nbufs - 1), 1);
 }
 
 uint32_t pb_release(const struct fp_pool *p, const uint32_t *idxs, uint32_t n, uint32_t *out_ext,

@@ -29,6 +29,7 @@
 #include "virtio.h"
 #include "skywalk.h"
 #include "virtq.h"
+#include "pool_md.h"
 
 #define BARRIER() __asm__ __volatile__("" ::: "memory")
 /* Store-then-load orderings need a real fence: x86 lets a load pass an earlier store, so
@@ -41,8 +42,6 @@
 #define MAX_INDIRECT 65536u
 #define MAX_FRAME 65550u
 #define NET_HDR_LEN 12u
-#define KERNEL_OWNER (-1)
-#define PKT_ALLOCATED 1
 
 /* ---------------------------------------------------------------- guest memory access */
 static inline uint16_t g_rd16(const uint16_t *p) { return *(const volatile uint16_t *)p; }
@@ -677,33 +676,16 @@ static uint32_t pool_fill(struct vq_pool *vp, uint32_t nbufs, uint32_t use_large
                           struct vq_burst *b)
 {
     const struct fp_pool *p = vp->p;
-    uint32_t idx, g, prev, k, si = 0;
+    uint32_t idx, g, si = 0;
     uint64_t pos = 0, soff = skip;
 
     idx = vp->free_pkts[--vp->n_pkts];
     vp->free_pkts_len--;
     b->partial_pkt = idx;  /* allocated from here on; cleared once its data is in */
-    p->pkt_state[idx] = PKT_ALLOCATED;
-    p->pkt_owner[idx] = KERNEL_OWNER;
-    p->pkt_len[idx] = 0;
-    p->pkt_nbufs[idx] = (uint16_t)nbufs;
-    p->pkt_pflags[idx] = 0;
-    p->pkt_l2[idx] = 0;
-    p->pkt_cstart[idx] = 0;
-    p->pkt_cstuff[idx] = 0;
-    p->b_doff[idx] = 0;
-    p->b_dlen[idx] = 0;
-    prev = idx;
-    for (k = 1; k < nbufs; k++) {
-        uint32_t j = vp->free_ext[--vp->n_ext];
-        vp->free_ext_len--;
-        g = p->num_packets + j;
-        p->b_next[prev] = j;
-        p->b_doff[g] = 0;
-        p->b_dlen[g] = 0;
-        prev = g;
-    }
-    p->b_next[prev] = SK_NO_INDEX;
+    /* the external buflets come off the top of the free list, as Pbufpool pops them */
+    pool_init_packet(p, idx, nbufs, vp->free_ext, (int64_t)vp->n_ext - 1, -1);
+    vp->n_ext -= nbufs - 1;
+    vp->free_ext_len -= nbufs - 1;
     /* skip the segments' first skip bytes (the vnet header) */
     while (!flat && si < nseg && soff >= segs[si].len) {
         soff -= segs[si].len;
