@@ -80,11 +80,23 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
         cpu0 = _cpu_s(be.proc.pid) if backend == "vdev" else 0.0
         t0 = time.monotonic()
         if direction == "tx":
-            out, _ = m.run(
-                f"vdev-pktgen --raw eth0 --dst-mac {HOST_MAC_STR} --count {a.count} "
-                f"--size {a.size}",
-                timeout=600,
-            )
+            try:
+                out, _ = m.run(
+                    f"vdev-pktgen --raw eth0 --dst-mac {HOST_MAC_STR} --count {a.count} "
+                    f"--size {a.size}",
+                    timeout=a.timeout,
+                )
+            except Exception:
+                if backend == "vdev":  # where the queues stand, both sides, for the report
+                    be.proc.send_signal(signal.SIGUSR1)
+                    time.sleep(1.0)
+                    state = [x for x in be.output().splitlines() if x.startswith("STATE ")]
+                    print(
+                        f"  vdev guest tx: wedged; {state[-1] if state else 'no STATE'}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                raise
             found = re.search(r"pps=(\d+)", out)
             pps = float(found.group(1)) if found else None
         else:
@@ -109,6 +121,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=100_000, help="frames vdev-pktgen sends")
     ap.add_argument("--window", type=float, default=3.0, help="guest RX window, seconds")
     ap.add_argument("--directions", default="tx,rx")
+    ap.add_argument("--timeout", type=float, default=600.0, help="bound on one guest TX run, s")
     a = ap.parse_args()
     if TESTPMD is None:
         print("dpdk-testpmd not found", file=sys.stderr)

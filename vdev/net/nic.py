@@ -825,7 +825,11 @@ class VirtioNet:
         queues = {}
         for index, qstats in self.stats.items():
             kind = "tx" if is_tx(index) else "rx"
-            queues[f"{kind}{index // 2}"] = qstats.as_dict()
+            entry = qstats.as_dict()
+            vring = self.vrings.get(index)
+            if vring is not None and vring.queue is not None:
+                entry["ring"] = vring.queue.ring_state()
+            queues[f"{kind}{index // 2}"] = entry
         return {
             "name": self.name,
             "negotiated": hex(self.negotiated),
