@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -111,8 +112,25 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
     finally:
         m.shutdown()
         be.stop(signal.SIGTERM if backend == "vdev" else signal.SIGINT)
+        if backend == "vdev":
+            _report_watch(be.output(), direction)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
+
+
+def _report_watch(output: str, direction: str) -> None:
+    """Lost kicks / interrupts the device's watch made up in the run (vdev/net/notify_watch.py):
+    a number other than 0 means the guest's notification handshake raced."""
+    line = next((x for x in output.splitlines() if x.startswith("STATS ")), None)
+    if line is None:
+        return
+    watch = json.loads(line[6:])["nics"][0].get("notify_watch") or {}
+    print(
+        f"  vdev guest {direction}: late kicks {watch.get('late_kicks', {})}, "
+        f"late interrupts {watch.get('late_interrupts', {})}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main() -> int:
