@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import os
 import re
 import shutil
 import signal
@@ -249,11 +250,17 @@ class Machine:
     # as a Linux TX queue that stopped with nothing in flight on the device side).  Multi-
     # threaded TCG with room for a second vCPU makes every translation block CF_PARALLEL,
     # so the barriers are real fences again; only ``cpus`` vCPUs are started.
+    # VDEV_TCG_BARRIERS=0 gives the plain options back, to reproduce the QEMU bug.
+    def _tcg_barriers(self) -> bool:
+        return self._is_tcg() and os.environ.get("VDEV_TCG_BARRIERS", "1") != "0"
+
     def _accel_arg(self) -> str:
-        return "tcg,thread=multi" if self._is_tcg() else (self.accel or "tcg")
+        if self._tcg_barriers():
+            return "tcg,thread=multi"
+        return self.accel or "tcg"
 
     def _smp_arg(self) -> str:
-        if self._is_tcg():
+        if self._tcg_barriers():
             return f"{self.cpus},maxcpus={max(self.cpus, 2)}"
         return str(self.cpus)
 
