@@ -124,6 +124,11 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
             sys.stdout.flush()
             stop.wait(0.1)
 
+    def dump_state(*_: object) -> None:
+        # A wedged run can be asked where each queue stands, both sides (kill -USR1).
+        print("STATE " + json.dumps(device.stats(), default=str), flush=True)
+
+    signal.signal(signal.SIGUSR1, dump_state)
     print("READY", flush=True)
     threads = [threading.Thread(target=f, daemon=True) for f in (pump, sampler)]
     for t in threads:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import signal
@@ -80,11 +81,23 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
         cpu0 = _cpu_s(be.proc.pid) if backend == "vdev" else 0.0
         t0 = time.monotonic()
         if direction == "tx":
-            out, _ = m.run(
-                f"vdev-pktgen --raw eth0 --dst-mac {HOST_MAC_STR} --count {a.count} "
-                f"--size {a.size}",
-                timeout=600,
-            )
+            try:
+                out, _ = m.run(
+                    f"vdev-pktgen --raw eth0 --dst-mac {HOST_MAC_STR} --count {a.count} "
+                    f"--size {a.size}",
+                    timeout=a.timeout,
+                )
+            except Exception:
+                if backend == "vdev":  # where the queues stand, both sides, for the report
+                    be.proc.send_signal(signal.SIGUSR1)
+                    time.sleep(1.0)
+                    state = [x for x in be.output().splitlines() if x.startswith("STATE ")]
+                    print(
+                        f"  vdev guest tx: wedged; {state[-1] if state else 'no STATE'}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                raise
             found = re.search(r"pps=(\d+)", out)
             pps = float(found.group(1)) if found else None
         else:
@@ -99,8 +112,25 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
     finally:
         m.shutdown()
         be.stop(signal.SIGTERM if backend == "vdev" else signal.SIGINT)
+        if backend == "vdev":
+            _report_watch(be.output(), direction)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
+
+
+def _report_watch(output: str, direction: str) -> None:
+    """Lost kicks / interrupts the device's watch made up in the run (vdev/net/notify_watch.py):
+    a number other than 0 means the guest's notification handshake raced."""
+    line = next((x for x in output.splitlines() if x.startswith("STATS ")), None)
+    if line is None:
+        return
+    watch = json.loads(line[6:])["nics"][0].get("notify_watch") or {}
+    print(
+        f"  vdev guest {direction}: late kicks {watch.get('late_kicks', {})}, "
+        f"late interrupts {watch.get('late_interrupts', {})}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main() -> int:
@@ -109,6 +139,7 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=100_000, help="frames vdev-pktgen sends")
     ap.add_argument("--window", type=float, default=3.0, help="guest RX window, seconds")
     ap.add_argument("--directions", default="tx,rx")
+    ap.add_argument("--timeout", type=float, default=600.0, help="bound on one guest TX run, s")
     a = ap.parse_args()
     if TESTPMD is None:
         print("dpdk-testpmd not found", file=sys.stderr)

@@ -81,6 +81,14 @@ def register(subparsers: Any) -> None:
         help="busy-poll every queue instead of waiting for kicks (like a DPDK PMD: lowest "
         "latency, one core spinning)",
     )
+    p.add_argument(
+        "--notify-watch",
+        choices=("recover", "report", "off"),
+        default="recover",
+        help="lost kicks and interrupts (a driver/device notification race, e.g. a guest "
+        "whose barriers are missing): make them up and log them (recover, default), only "
+        "log and count them (report), or do not look (off)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.set_defaults(func=run)
 
@@ -101,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        device = Device(pcap=args.pcap, responder_ip=args.responder_ip)
+        device = Device(
+            pcap=args.pcap, responder_ip=args.responder_ip, notify_watch=args.notify_watch
+        )
     except OSError as exc:
         print(f"vdev serve: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
         return 1

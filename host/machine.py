@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import os
 import re
 import shutil
 import signal
@@ -239,6 +240,30 @@ class Machine:
     def _is_tcg(self) -> bool:
         return (self.accel or "tcg") == "tcg"
 
+    # QEMU before 8.1 drops a TCG guest's memory barriers when the guest cannot have more
+    # than one vCPU (tcg_gen_mb() emits a fence only for CF_PARALLEL translation blocks;
+    # fixed upstream by "tcg: Do not elide memory barriers for !CF_PARALLEL in system
+    # mode", June 2023).  A vhost-user back-end is a second thread on another core, so the
+    # driver's "publish, mb(), re-check" of virtio 2.7.10 / 2.8.10 becomes a plain store and
+    # load that the host CPU reorders: the driver reads a stale avail_event or used idx
+    # while the device reads a stale avail idx or used_event, and both wait for good (seen
+    # as a Linux TX queue that stopped with nothing in flight on the device side).  Multi-
+    # threaded TCG with room for a second vCPU makes every translation block CF_PARALLEL,
+    # so the barriers are real fences again; only ``cpus`` vCPUs are started.
+    # VDEV_TCG_BARRIERS=0 gives the plain options back, to reproduce the QEMU bug.
+    def _tcg_barriers(self) -> bool:
+        return self._is_tcg() and os.environ.get("VDEV_TCG_BARRIERS", "1") != "0"
+
+    def _accel_arg(self) -> str:
+        if self._tcg_barriers():
+            return "tcg,thread=multi"
+        return self.accel or "tcg"
+
+    def _smp_arg(self) -> str:
+        if self._tcg_barriers():
+            return f"{self.cpus},maxcpus={max(self.cpus, 2)}"
+        return str(self.cpus)
+
     def build_cmdline(self) -> list[str]:
         """The QEMU argv (needs ``temp_dir``; ``launch`` sets it)."""
         qemu = qemu_binary()
@@ -256,11 +281,11 @@ class Machine:
         args = [
             qemu,
             "-name", self.name,
-            "-accel", self.accel or "tcg",
+            "-accel", self._accel_arg(),
             "-machine", f"{self.machine_type},memory-backend=mem",
             "-object", backend,
             "-m", mem,
-            "-smp", str(self.cpus),
+            "-smp", self._smp_arg(),
             "-nographic", "-nodefaults", "-no-reboot", "-no-user-config",
             "-chardev", f"socket,id=con0,path={self.temp_dir / 'console.sock'}",
             "-serial", "chardev:con0",

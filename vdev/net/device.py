@@ -16,8 +16,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vdev.errors import DefunctError
 from vdev.eventloop import SelectorLoop
 from vdev.limits import MAX_NICS, LimitError
+from vdev.net import notify_watch as notify_watch_mod
 from vdev.net.capture import PcapngWriter
 from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
@@ -64,7 +66,12 @@ class Device:
         responder_ip: str = "10.0.2.2",
         responder_mac: str = "52:54:00:00:00:fe",
         pcap: str | None = None,
+        notify_watch: str = notify_watch_mod.DEFAULT_MODE,
     ) -> None:
+        if notify_watch not in notify_watch_mod.MODES:
+            modes = ", ".join(notify_watch_mod.MODES)
+            raise ValueError(f"notify_watch={notify_watch!r}: expected one of {modes}")
+        self.notify_watch = notify_watch
         self.pool = pool if pool is not None else default_pool()
         self.switch = Switch(self.pool)
         self.responder = Responder(self.pool, mac=mac_bytes(responder_mac), ip=responder_ip)
@@ -79,6 +86,8 @@ class Device:
         self.closed = False
         # Where NIC lifecycle events go (the fault engine's log sets it); None: only logged.
         self.event_sink: Callable[..., object] | None = None
+        if notify_watch != "off":
+            self.loop.call_later(notify_watch_mod.PERIOD_S, self._watch_tick)
 
     @property
     def sel(self) -> selectors.BaseSelector:
@@ -118,6 +127,7 @@ class Device:
                 )
             nic.defer = lambda fn: self.call_later(0.0, fn)
             nic.event_sink = self._event
+            nic.watch = notify_watch_mod.NotifyWatch(nic, self.notify_watch)
             server = VhostUserServer(nic, path, self.loop, client=client, name=nic.name)
             self.switch.attach(nic)
             self.sockets.append(NicSocket(nic, server))
@@ -178,6 +188,20 @@ class Device:
             return self.socket_of(nic).server.disconnect()
 
     # -- the loop ------------------------------------------------------------------------
+
+    def _watch_tick(self) -> None:
+        """Every NIC's lost-notification look (notify_watch.py), then the next one."""
+        if self.closed:
+            return
+        try:
+            for entry in self.sockets:
+                if entry.nic.watch is not None:
+                    try:
+                        entry.nic.watch.check()
+                    except DefunctError:  # a queue stopped under the look: next time
+                        pass
+        finally:
+            self.loop.call_later(notify_watch_mod.PERIOD_S, self._watch_tick)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop after ``delay`` s (under the device lock); any thread."""

@@ -35,6 +35,7 @@ from vdev.vhost.codec import ProtocolFeature
 from vdev.virtio import fastqueue
 
 if TYPE_CHECKING:
+    from vdev.net.notify_watch import NotifyWatch
     from vdev.vhost.backend import Vring
     from vdev.virtio.chain import Chain
     from vdev.virtio.memory import GuestMemory
@@ -213,6 +214,9 @@ class VirtioNet:
         # chains it holds unpublished (popped, used idx not yet stored): the fault engine's
         # scriptable crash point (a crash "with descriptors in flight").
         self.take_hook: Callable[[VirtioNet, int, int], None] | None = None
+        # The lost-notification watch (notify_watch.py), set by the device; told of every
+        # interrupt sent.
+        self.watch: NotifyWatch | None = None
         self._rx_rr = 0
 
     # -- VhostDevice callback table ------------------------------------------------------
@@ -379,6 +383,8 @@ class VirtioNet:
         try:
             os.eventfd_write(vring.call_fd, 1)
             self.stats[index].notifications += 1
+            if self.watch is not None:
+                self.watch.interrupted(index)
         except OSError as exc:
             log.warning("%s: queue %d call fd: %s", self.name, index, exc)
 
@@ -825,7 +831,11 @@ class VirtioNet:
         queues = {}
         for index, qstats in self.stats.items():
             kind = "tx" if is_tx(index) else "rx"
-            queues[f"{kind}{index // 2}"] = qstats.as_dict()
+            entry = qstats.as_dict()
+            vring = self.vrings.get(index)
+            if vring is not None and vring.queue is not None:
+                entry["ring"] = vring.queue.ring_state()
+            queues[f"{kind}{index // 2}"] = entry
         return {
             "name": self.name,
             "negotiated": hex(self.negotiated),
@@ -833,6 +843,7 @@ class VirtioNet:
             "backlog": len(self.backlog),
             "queues": queues,
             "resumes": list(self.resumes),
+            "notify_watch": self.watch.stats() if self.watch is not None else None,
         }
 
 

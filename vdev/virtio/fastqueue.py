@@ -12,9 +12,9 @@ differential tests (``tests/virtio/test_fastqueue_diff.py``) check that the C ac
 exactly what the reference accepts.
 
 Selection follows ``vdev/skywalk/validate.py``: :func:`set_backend` (``"c"`` or
-``"python"``), ``BACKEND`` says which is in use; ``VDEV_FASTQUEUE=1`` in the environment
-selects the compiled bursts (opt-in until an intermittent Linux TX stall is understood: see
-the note at the bottom), ``VDEV_FASTPATH=0`` turns off every compiled path.  :data:`STRICT`
+``"python"``), ``BACKEND`` says which is in use; the compiled bursts are the default,
+``VDEV_FASTQUEUE=0`` in the environment selects the reference for the virtqueues and
+``VDEV_FASTPATH=0`` turns off every compiled path.  :data:`STRICT`
 (tests) makes a VIOLATION that the reference then accepts an AssertionError instead of a
 tolerated race with a guest rewriting its ring.
 
@@ -487,14 +487,15 @@ def check_violation(burst: Burst, err: SyncError | None) -> None:
         raise AssertionError(f"compiled burst reported {v.name}; the reference said {err}")
 
 
-# Opt-in for now: VDEV_FASTQUEUE=1 selects the compiled bursts (VDEV_FASTPATH=0 still forces
-# Python everywhere). A Linux TCG guest's TX intermittently stopped for good with them on
-# (tests/e2e/test_faults_linux.py::test_stalled_tx_trips_the_netdev_watchdog_and_recovers
-# failed 3 runs in 18, never in 10 on the reference; benchmarks/guest_tcg.py saw the same),
-# and no mock-frontend or differential test reproduces it yet. Until the cause is found the
-# reference is the default; the differential tests run both.
-_env = os.environ.get("VDEV_FASTQUEUE", "0")
-set_backend("c" if _env == "1" and os.environ.get("VDEV_FASTPATH", "1") != "0" else "python")
+# The compiled bursts are the default; VDEV_FASTQUEUE=0 selects the Python reference for the
+# virtqueues only, VDEV_FASTPATH=0 for every compiled path.  (They were opt-in for a while: a
+# Linux TCG guest's TX sometimes stopped for good with them on.  The cause was QEMU 7.2's TCG
+# dropping the guest's memory barriers with a single vCPU, so driver and device each read
+# the other's stale index; the C device's publish-then-re-read is fast enough to fall inside
+# that window, the Python one almost never was.  host/machine.py now runs TCG guests so that
+# their barriers are real; see Machine._accel_arg.)
+_env = os.environ.get("VDEV_FASTQUEUE", "1")
+set_backend("c" if _env != "0" and os.environ.get("VDEV_FASTPATH", "1") != "0" else "python")
 
 
 __all__ = [

@@ -563,6 +563,33 @@ class PackedQueue(QueueLifecycle):
             ev.flags = RING_EVENT_FLAGS_ENABLE
         return self.has_avail()
 
+    def ring_state(self) -> dict[str, object]:
+        state: dict[str, object] = {
+            "format": "packed",
+            "size": self.size,
+            "avail_idx": self._avail_idx,
+            "avail_wrap": self.avail_wrap,
+            "used_idx": self.used_idx,
+            "used_wrap": self.used_wrap,
+            "pending_used": len(self._pending),
+            "in_flight": self.in_flight,
+            "signalled_used": self._signalled,
+            "event_idx": self.event_idx,
+        }
+        if self.defunct is not None or self._closed:
+            return state
+        # 2.8.10 "Event Suppression Structure Format": the driver's area says when to
+        # interrupt it, the device's area when the driver should kick.
+        state["guest"] = {
+            "next_desc_flags": int(self._ring[self._avail_idx].flags),
+            "driver_event_flags": int(self._driver_ev.flags),
+            "driver_event_off_wrap": int(self._driver_ev.off_wrap),
+            "device_event_flags": int(self._device_ev.flags),
+            "device_event_off_wrap": int(self._device_ev.off_wrap),
+        }
+        state["avail_pending"] = int(self.has_avail())
+        return state
+
     def __repr__(self) -> str:
         state = f"defunct={self.defunct.reason.name}" if self.defunct else "live"
         return (

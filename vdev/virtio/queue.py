@@ -134,6 +134,12 @@ class VirtQueue(Protocol):
         """Writable bytes of chain ``head`` while it is in flight, None when it is not."""
         ...
 
+    def ring_state(self) -> dict[str, object]:
+        """Both sides' indices, for diagnosing a wedged queue: what the device holds and
+        what guest memory says now (avail/used idx, flags, event fields).  A queue that is
+        stopped or defunct reports only the device side (its mapping may be gone)."""
+        ...
+
     # notifications
     def should_notify(self) -> bool: ...
 

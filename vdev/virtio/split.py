@@ -456,6 +456,36 @@ class SplitQueue(QueueLifecycle):
             return self.avail_count() > 0
         return False
 
+    def ring_state(self) -> dict[str, object]:
+        state: dict[str, object] = {
+            "format": "split",
+            "size": self.size,
+            "last_avail_idx": self.last_avail_idx,
+            "used_idx": self.used_idx,
+            "pending_used": self._pending_used,
+            "in_flight": self.in_flight,
+            "signalled_used": self._signalled_used if self._signalled_valid else None,
+            "event_idx": self.event_idx,
+        }
+        if self.defunct is not None or self._closed:
+            return state
+        avail_idx = int(self._avail16[1])
+        guest: dict[str, object] = {
+            "avail_idx": avail_idx,
+            "avail_flags": int(self._avail16[0]),
+            "used_idx": int(self._used16[1]),
+            "used_flags": int(self._used16[0]),
+        }
+        if self.event_idx:
+            guest["used_event"] = int(self._avail16[self._used_event_i])
+            guest["avail_event"] = int(self._used16[self._avail_event_i])
+        state["guest"] = guest
+        # 2.7.10: chains the driver posted that the device has not taken; with EVENT_IDX the
+        # driver kicks only for a buffer at or past avail_event, so posted chains behind an
+        # armed avail_event mean the device owes itself a look, not the driver a kick.
+        state["avail_pending"] = (avail_idx - self.last_avail_idx) & 0xFFFF
+        return state
+
     def __repr__(self) -> str:
         state = f"defunct={self.defunct.reason.name}" if self.defunct else "live"
         return (
