@@ -131,6 +131,7 @@ def test_lost_kick(rigs: list, tmp_path: Path, ring: str, mode: str) -> None:
     dev, fe = _rig(tmp_path, mode, ring)
     rigs.append((dev, fe))
     nic = dev.nics[0]
+    engine = FaultEngine(dev)  # its event log gets the device's findings
     assert fe.send(_frames(2)) == 2
     assert _wait(lambda: nic.stats[1].frames == 2, 5)
     # Post three chains and publish them, but do not kick (the driver read a stale
@@ -145,6 +146,7 @@ def test_lost_kick(rigs: list, tmp_path: Path, ring: str, mode: str) -> None:
         assert nic.stats[1].frames == 2
         assert nic.watch is not None
         assert nic.watch.late_kicks == ({} if mode == "off" else {1: 1})
+    assert engine.log.counts.get("late_kick", 0) == (0 if mode == "off" else 1)
 
 
 def test_a_stall_rule_owns_its_queue(rigs: list, tmp_path: Path) -> None:
