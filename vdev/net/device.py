@@ -245,10 +245,17 @@ class Device:
         Event-driven by default: the loop sleeps in ``select`` until a socket or a kick
         eventfd is readable.  ``poll=True`` is busy-poll mode (``vdev serve --poll``), like a
         DPDK PMD: the loop never sleeps and every started queue is serviced on every
-        iteration, kicked or not, trading one spinning core for the wake-up latency.  Both
-        run on this one thread, so the locking rule of docs/DESIGN.md holds in both.
+        iteration, kicked or not, trading one spinning core for the wake-up latency.
+
+        With ``threads="per-nic"`` each NIC's datapath thread runs its own loop (and
+        busy-polls its own queues with ``poll``) while this thread runs the control plane;
+        with ``threads="single"`` both run here.  docs/DESIGN.md "Threads and the locking
+        rule" says what each holds.
         """
         stop = stop or self._stop
+        if self.datapaths:
+            self._serve_threads(stop, poll)
+            return
         if not poll:
             while not stop.is_set():
                 self.poll(0.2)
