@@ -96,6 +96,7 @@ class Device:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._poll = False
+        self._started = threading.Event()  # per-nic: the datapath threads run
         self.closed = False
         # Where NIC lifecycle events go (the fault engine's log sets it); None: only logged.
         self.event_sink: Callable[..., object] | None = None
@@ -269,6 +270,7 @@ class Device:
             self._serving, self._poll = True, poll
             for dp in self.datapaths.values():
                 self._attach_datapath(dp)
+        self._started.set()
         try:
             while not stop.is_set():
                 self.poll(0.2)
@@ -294,6 +296,7 @@ class Device:
         """Run the loop in a background thread (tests, the demo); ``poll``: busy-poll."""
         if self._thread is None:
             self._stop.clear()
+            self._started.clear()
             self._thread = threading.Thread(
                 target=self.serve_forever,
                 kwargs={"poll": poll},
@@ -301,6 +304,8 @@ class Device:
                 daemon=True,
             )
             self._thread.start()
+            if self.datapaths:  # return once the NICs' threads serve (callers send at once)
+                self._started.wait(5)
         return self
 
     def stop(self) -> None:
@@ -322,6 +327,8 @@ class Device:
                         "connections": s.connections,
                         "replaced": s.server.replaced,
                         "memory_faults": s.server.memory_faults,
+                        # frames handed off to the NIC's thread, not yet in its backlog
+                        "inbox": len(dp.inbox) if (dp := self.datapaths.get(s.nic.name)) else 0,
                     }
                     for s in self.sockets
                 ],
