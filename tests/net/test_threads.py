@@ -29,7 +29,7 @@ from vdev.virtio import fastqueue
 MAC_A = bytes.fromhex("5254000000aa")  # the guest behind nic0
 MAC_B = bytes.fromhex("5254000000bb")  # the guest behind nic1
 WINDOW = 192  # frames in flight per direction: under the NIC's 512-frame RX backlog
-TIMEOUT = 60.0  # bound of every wait (a deadlock fails the test, it does not hang it)
+TIMEOUT = 30.0  # bound of every wait (a deadlock fails the test, it does not hang it)
 
 
 @pytest.fixture(params=["c", "python"])

@@ -35,6 +35,7 @@ log = logging.getLogger("vdev.device")
 
 # VDEV_THREADS=single|per-nic overrides the default of Device(threads=None) (and of vdev serve).
 DEFAULT_THREADS = os.environ.get("VDEV_THREADS", "per-nic")
+CLOSE_TIMEOUT = 10.0  # seconds Device.close waits for the device lock
 
 
 @dataclass
@@ -342,6 +343,13 @@ class Device:
         if self.closed:
             return
         self.stop()
+        if not self.lock.acquire(timeout=CLOSE_TIMEOUT):
+            # A datapath that never lets go (a bug: a deadlock, a burst that never returns):
+            # fail loudly rather than hang the caller; the NIC threads are daemons.
+            raise RuntimeError(
+                f"Device.close: the device lock is still held after {CLOSE_TIMEOUT} s"
+            )
+        self.lock.release()
         self.closed = True
         with self.lock:
             for entry in self.sockets:

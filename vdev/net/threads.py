@@ -66,22 +66,28 @@ class WorldLock:
             lock.acquire()
             self._held.append(lock)
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take it (all of it); with ``timeout`` >= 0, give up after that long (and hold
+        nothing), as ``threading.RLock.acquire`` does."""
         if self._own._is_owned():  # type: ignore[attr-defined]
             self._depth += 1
             return True
+        deadline = None if timeout < 0 else time.monotonic() + timeout
         with self._pending_lock:
             self.pending += 1
+        got: list[Any] = []
         try:
-            self._own.acquire()
-            held = list(self._locks)
-            for lock in held:
-                lock.acquire()
-            self._shared.acquire()
+            for lock in [self._own, *self._locks, self._shared]:
+                left = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not lock.acquire(blocking, left if blocking else -1):
+                    for held in reversed(got):
+                        held.release()
+                    return False
+                got.append(lock)
         finally:
             with self._pending_lock:
                 self.pending -= 1
-        self._held = held
+        self._held = got[1:-1]
         self._depth = 1
         return True
 
