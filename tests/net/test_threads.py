@@ -11,6 +11,7 @@ whether a control-plane ring stop ever ran while a burst ran on that ring.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 import time
@@ -214,28 +215,42 @@ def test_ring_stop_never_overlaps_a_burst_on_that_ring(
     control loop) must never run while nic0's datapath thread is in a burst on the ring,
     and no frame may be lost or repeated across the restarts (the base GET_VRING_BASE
     returns is where the device stopped)."""
-    active: dict[tuple[str, int], int] = {}
+    active: dict[int, int] = {}  # id(queue) -> bursts in progress on it
     overlaps: list[str] = []
     stops = 0
     real_batch = nic_mod.VirtioNet._process_tx_batch
+    real_burst = fastqueue.tx_burst
     real_stopped = nic_mod.VirtioNet.queue_stopped
 
+    @contextlib.contextmanager
+    def marked(key: int, inner: contextlib.AbstractContextManager[object] | None) -> Iterator[None]:
+        with inner if inner is not None else contextlib.nullcontext():
+            active[key] = active.get(key, 0) + 1
+            try:
+                time.sleep(0.0005)  # widen the window a stop could hit
+                yield
+            finally:
+                active[key] -= 1
+
     def batch(self: nic_mod.VirtioNet, index: int) -> int:
-        key = (self.name, index)
-        active[key] = active.get(key, 0) + 1
-        try:
-            time.sleep(0.0005)  # widen the window a stop could hit
+        vring = self.vrings.get(index)
+        with marked(id(vring.queue) if vring is not None else 0, None):
             return real_batch(self, index)
-        finally:
-            active[key] -= 1
+
+    def burst(
+        queue: Any, pool: Any, hlen: int, budget: int, pkts: list[int], unlocked: Any = None
+    ) -> Any:
+        # The compiled burst runs inside ``unlocked`` (without the shared lock): mark it there.
+        return real_burst(queue, pool, hlen, budget, pkts, marked(id(queue), unlocked))
 
     def stopped(self: nic_mod.VirtioNet, vring: Any) -> None:
         nonlocal stops
         stops += 1
-        if active.get((self.name, vring.index)):
+        if active.get(id(vring.queue)):
             overlaps.append(f"{self.name} queue {vring.index} stopped during a burst")
         real_stopped(self, vring)
 
+    monkeypatch.setattr(fastqueue, "tx_burst", burst)
     monkeypatch.setattr(nic_mod.VirtioNet, "_process_tx_batch", batch)
     monkeypatch.setattr(nic_mod.VirtioNet, "queue_stopped", stopped)
     n = 3000
