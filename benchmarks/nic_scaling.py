@@ -69,7 +69,7 @@ class Sink:
         return len(pkts)
 
 
-def worker(socks: list[str], threads: str) -> int:
+def worker(socks: list[str], threads: str, poll: bool) -> int:
     """Serve the NICs; print READY, then "S <monotonic> <tx0 frames, all NICs>" every 0.1 s."""
     pool = Pbufpool(
         num_packets=16384, buf_size=2048, max_frags=4, num_large_bufs=16, large_buf_size=65536
@@ -92,7 +92,7 @@ def worker(socks: list[str], threads: str) -> int:
     print(f"READY backend={fastqueue.BACKEND}", flush=True)
     t = threading.Thread(target=sampler, daemon=True)
     t.start()
-    device.serve_forever(stop)
+    device.serve_forever(stop, poll=poll)
     t.join(2)
     device.close()
     return 0
@@ -123,13 +123,26 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def classify(stack: str) -> str:
+    """Where one py-spy sample (a ';'-joined stack, native frames included) is."""
+    if "take_gil" in stack:
+        return "waiting for the GIL"
+    if "vq_tx" in stack or "vq_rx" in stack:
+        return "in a compiled burst (GIL released)"
+    if "PyThread_acquire_lock" in stack or "acquire (" in stack.rsplit(";", 1)[-1]:
+        return "waiting for a lock"
+    if "epoll_wait" in stack or "select (" in stack:
+        return "waiting in select"
+    return "running with the GIL"
+
+
 def profile(pid: int, seconds: float) -> str:
-    """py-spy samples of every thread of ``pid``, classified (see the module docstring)."""
+    """py-spy samples of every thread of ``pid``, classified by :func:`classify`."""
     if PYSPY is None:
         return "py-spy not installed"
     out = subprocess.run(
-        [PYSPY, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "--idle",
-         "--native", "-f", "raw", "-o", "/dev/stdout", "--nonblocking"],
+        [PYSPY, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "--idle",
+         "--native", "--threads", "-f", "raw", "-o", "/dev/stdout"],
         capture_output=True, text=True, timeout=seconds + 30,
     )  # fmt: skip
     per: dict[str, Counter[str]] = {}
@@ -137,43 +150,36 @@ def profile(pid: int, seconds: float) -> str:
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
-        frames = stack.split(";")
-        thread = frames[0]
-        if "vdev-loop" not in thread and "_run (vdev/net/threads.py" not in stack:
-            if "serve_forever" not in stack and "sampler" not in stack:
-                continue
-        name = (
-            "datapath" if "threads.py" in stack and "_run" in stack
-            else "sampler" if "sampler" in stack
-            else "control loop"
-        )  # fmt: skip
-        key = f"{name} {thread.split(' ')[1] if ' ' in thread else thread}"
-        if "vq_tx" in stack or "vq_rx" in stack:
-            kind = "compiled burst (no GIL)"
-        elif "acquire" in frames[-1] or "_acquire_restore" in stack.rsplit(";", 2)[-1]:
-            kind = "waiting for a lock"
-        elif "select" in frames[-1] or "epoll" in frames[-1] or "poll (" in frames[-1]:
-            kind = "waiting in select"
-        elif "take_gil" in stack or "PyEval_RestoreThread" in frames[-1]:
-            kind = "waiting for the GIL"
+        if "threads.py" in stack and "_run" in stack:
+            name = "NIC datapath thread"
+        elif "serve_forever" in stack:
+            name = "control loop"
         else:
-            kind = "running (Python or C with the GIL)"
-        per.setdefault(key, Counter())[kind] += int(count)
+            continue  # the sampler, the main thread
+        thread = stack.split(";", 1)[0]
+        per.setdefault(f"{name} {thread}", Counter())[classify(stack)] += int(count)
     lines = []
     for key, c in sorted(per.items()):
         total = sum(c.values())
         parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in c.most_common())
         lines.append(f"  {key}: {total} samples: {parts}")
-    return "\n".join(lines) or f"no samples ({out.stderr.strip()[:200]})"
+    return "\n".join(lines) or f"no samples ({out.stderr.strip()[:300]})"
 
 
 def measure_vdev(
-    tmp: Path, nics: int, threads: str, cpus: str, duration: float, warmup: float, prof: bool
+    tmp: Path,
+    nics: int,
+    threads: str,
+    cpus: str,
+    duration: float,
+    warmup: float,
+    prof: bool,
+    poll: bool,
 ) -> tuple[float | None, float | None, str]:
     socks = [str(tmp / f"v{nics}{threads}{i}.sock") for i in range(nics)]
     be = Child(
         ["taskset", "-c", cpus, sys.executable, __file__, "--worker", ",".join(socks),
-         "--threads", threads],
+         "--threads", threads] + (["--poll"] if poll else []),
         "worker",
     )  # fmt: skip
     fe: Child | None = None
@@ -255,11 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-1", default="1", help="vdev's CPUs with 1 NIC (taskset -c)")
     p.add_argument("--cpus-2", default="0,1", help="vdev's CPUs with 2 NICs")
     p.add_argument("--profile", action="store_true", help="py-spy the 2-NIC per-nic row")
+    p.add_argument("--poll", action="store_true", help="vdev in busy-poll mode")
+    p.add_argument("--repeat", type=int, default=1, help="run the rows this many times")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--threads", default="per-nic", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker.split(","), args.threads)
+        return worker(args.worker.split(","), args.threads, args.poll)
     if TESTPMD is None:
         print("dpdk-testpmd not found: this benchmark needs its virtio_user frontend")
         return 1
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, VDEV_FASTQUEUE="
-        f"{os.environ.get('VDEV_FASTQUEUE', '0')}"
+        f"{os.environ.get('VDEV_FASTQUEUE', '0')}" + (", vdev --poll" if args.poll else "")
     )
     print(
         "| NICs | vdev threads | vdev CPUs | vdev tx0 pps | vdev CPU % | DPDK net_vhost | ratio |"
@@ -277,18 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     dpdk: dict[int, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="vdevscale") as tmp:
-        for row in args.rows.split(","):
+        for row in args.rows.split(",") * args.repeat:
             nics, threads = ROWS[row]
             cpus = args.cpus_1 if nics == 1 else args.cpus_2
             vp = cpu = None
             if "vdev" in backends:
-                prof = args.profile and row == "2"
-                vp, cpu, note = measure_vdev(
-                    Path(tmp), nics, threads, cpus, args.duration, args.warmup, prof
+                vp, cpu, _ = measure_vdev(
+                    Path(tmp), nics, threads, cpus, args.duration, args.warmup, False, args.poll
                 )
-                if note:
-                    notes.append(f"{nics} NIC(s), {threads}:\n{note}")
-            if "dpdk" in backends and nics not in dpdk:
+            if "dpdk" in backends:
                 dpdk[nics] = measure_dpdk(Path(tmp), nics, args.duration, args.warmup)
             dp = dpdk.get(nics)
             ratio = f"{vp / dp:.4f}" if vp and dp else "n/a"
@@ -296,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| {nics} | {threads} | {cpus} | {fmt(vp)} | {cpu_s} | {fmt(dp)} | {ratio} |",
                 flush=True,
+            )
+        if args.profile and "vdev" in backends:
+            vp, cpu, note = measure_vdev(
+                Path(tmp), 2, "per-nic", args.cpus_2, args.duration, args.warmup, True, args.poll
+            )
+            notes.append(
+                f"py-spy of an extra 2-NIC per-nic run ({fmt(vp)} under the profiler, "
+                f"vdev CPU {cpu or 0:.0f}%), samples per thread:\n{note}"
             )
     print(f"virtqueue bursts in the workers: {', '.join(sorted(BACKENDS_SEEN)) or 'n/a'}")
     for n in notes:
