@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,46 +125,65 @@ def cpu_ticks(pid: int) -> int:
 
 
 def classify(stack: str) -> str:
-    """Where one py-spy sample (a ';'-joined stack, native frames included) is."""
-    if "take_gil" in stack:
+    """Where one py-spy sample (a ';'-joined stack, native frames included) is.  CPython
+    3.11 locks wait in ``sem_clockwait`` (under ``PyThread_acquire_lock_timed``); the GIL
+    waits on a condition variable (``take_gil`` is inlined: ``pthread_cond_timedwait``)."""
+    if "PyThread_acquire_lock" in stack or "sem_clockwait" in stack or "sem_timedwait" in stack:
+        return "waiting for a lock"
+    if "take_gil" in stack or "pthread_cond_timedwait" in stack:
         return "waiting for the GIL"
     if "vq_tx" in stack or "vq_rx" in stack:
         return "in a compiled burst (GIL released)"
-    if "PyThread_acquire_lock" in stack or "acquire (" in stack.rsplit(";", 1)[-1]:
-        return "waiting for a lock"
     if "epoll_wait" in stack or "select (" in stack:
         return "waiting in select"
     return "running with the GIL"
+
+
+def tally(raw: str, pick: Callable[[str], str | None]) -> str:
+    """Per-thread shares of each :func:`classify` class in py-spy ``raw`` output; ``pick``
+    names a sample's thread (None: not counted)."""
+    per: dict[str, Counter[str]] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        name = pick(stack)
+        if name is None:
+            continue
+        per.setdefault(name, Counter())[classify(stack)] += int(count)
+    lines = []
+    for key, c in sorted(per.items()):
+        total = sum(c.values())
+        parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in c.most_common())
+        lines.append(f"  {key}: {total} samples: {parts}")
+    return "\n".join(lines)
+
+
+def pyspy(pid: int, seconds: float) -> tuple[str, str]:
+    assert PYSPY is not None
+    out = subprocess.run(
+        [PYSPY, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "--idle",
+         "--native", "--threads", "-f", "raw", "-o", "/dev/stdout"],
+        capture_output=True, text=True, timeout=seconds + 30,
+    )  # fmt: skip
+    return out.stdout, out.stderr
 
 
 def profile(pid: int, seconds: float) -> str:
     """py-spy samples of every thread of ``pid``, classified by :func:`classify`."""
     if PYSPY is None:
         return "py-spy not installed"
-    out = subprocess.run(
-        [PYSPY, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "--idle",
-         "--native", "--threads", "-f", "raw", "-o", "/dev/stdout"],
-        capture_output=True, text=True, timeout=seconds + 30,
-    )  # fmt: skip
-    per: dict[str, Counter[str]] = {}
-    for line in out.stdout.splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        if "threads.py" in stack and "_run" in stack:
-            name = "NIC datapath thread"
-        elif "serve_forever" in stack:
-            name = "control loop"
-        else:
-            continue  # the sampler, the main thread
+    raw, err = pyspy(pid, seconds)
+
+    def pick(stack: str) -> str | None:
         thread = stack.split(";", 1)[0]
-        per.setdefault(f"{name} {thread}", Counter())[classify(stack)] += int(count)
-    lines = []
-    for key, c in sorted(per.items()):
-        total = sum(c.values())
-        parts = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in c.most_common())
-        lines.append(f"  {key}: {total} samples: {parts}")
-    return "\n".join(lines) or f"no samples ({out.stderr.strip()[:300]})"
+        if "threads.py" in stack and "_run" in stack:
+            return f"NIC datapath {thread}"
+        if "serve_forever" in stack:
+            return f"control loop {thread}"
+        return None  # the sampler, the main thread
+
+    return tally(raw, pick) or f"no samples ({err.strip()[:300]})"
 
 
 def measure_vdev(

@@ -23,8 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_virtq import Ring, _memory, _Vring
+from nic_scaling import PYSPY, pyspy, tally
 
 from vdev.abi import lib
 from vdev.net.nic import DEFAULT_FEATURES, VirtioNet
@@ -36,7 +38,7 @@ from vdev.virtio import fastqueue
 N = 256
 
 
-def run(nics: int, seconds: float) -> tuple[float, list[float]]:
+def run(nics: int, seconds: float, profile: list[str] | None = None) -> tuple[float, list[float]]:
     """(frames per wall second, all NICs; CPU seconds per thread)."""
     features = DEFAULT_FEATURES & ~(1 << lib.VIRTIO_F_RING_PACKED)
     pool = Pbufpool(num_packets=8 * N * nics, buf_size=2048, max_frags=4)
@@ -80,7 +82,11 @@ def run(nics: int, seconds: float) -> tuple[float, list[float]]:
         t.start()
     start.wait()
     t0 = time.monotonic()
-    time.sleep(seconds)
+    if profile is not None and PYSPY is not None:
+        raw, _ = pyspy(os.getpid(), max(1.0, seconds - 0.5))
+        pick = lambda st: st.split(";", 1)[0] if "worker" in st else None  # noqa: E731
+        profile.append(tally(raw, pick))
+    time.sleep(max(0.0, t0 + seconds - time.monotonic()))
     stop.set()
     for t in threads:
         t.join()
@@ -98,6 +104,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="py-spy the first 2-NIC 2-CPU run")
     fq = os.environ.get("VDEV_FASTQUEUE") == "1"
     p.add_argument("--backend", default="c" if fq else "python", help="c or python bursts")
     args = p.parse_args()
@@ -112,11 +119,15 @@ def main() -> int:
         "| frames per CPU s | x 1 NIC |"
     )
     print("|---:|---|---:|---|---:|---:|")
+    notes: list[str] = []
     for _ in range(args.repeat):
         base = None
         for nics, cpus in ((1, {1}), (2, {1}), (2, {0, 1})):
             os.sched_setaffinity(0, cpus)
-            pps, cpu = run(nics, args.seconds)
+            prof = [] if args.profile and len(cpus) == 2 and not notes else None
+            pps, cpu = run(nics, args.seconds, prof)
+            if prof:
+                notes.append(f"py-spy of the {nics}-NIC run on CPUs 0,1, per thread:\n{prof[0]}")
             base = base or pps
             print(
                 f"| {nics} | {','.join(map(str, sorted(cpus)))} | {pps / 1e3:.0f} kpps "
@@ -124,6 +135,8 @@ def main() -> int:
                 f"| {pps * args.seconds / max(sum(cpu), 1e-9) / 1e3:.0f} k | {pps / base:.2f} |",
                 flush=True,
             )
+    for note in notes:
+        print(note)
     return 0
 
 
