@@ -320,6 +320,10 @@ class Device:
 
     def stats(self) -> dict[str, object]:
         with self.lock:
+            for pending in self.datapaths.values():
+                if pending.refused:  # hand-off drops the NIC's thread has not counted yet
+                    pending.nic.count_refused(pending.refused)
+                    pending.refused = 0
             return {
                 "nics": [
                     s.nic.stats_dict()
