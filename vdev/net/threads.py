@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from vdev.eventloop import SelectorLoop
@@ -315,11 +315,11 @@ class NicDatapath:
 
 
 def check_mode(mode: str) -> str:
+    """``mode`` if it names a threading mode (a typo in VDEV_THREADS must not silently pick
+    one), else ValueError."""
     if mode not in THREAD_MODES:
         raise ValueError(f"threads={mode!r}: want one of {', '.join(THREAD_MODES)}")
     return mode
 
-
-Defer = Callable[[Callable[[], None]], None]
 
 __all__ = ["THREAD_MODES", "DatapathLock", "NicDatapath", "WorldLock", "check_mode", "needs_world"]
