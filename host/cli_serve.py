@@ -79,7 +79,16 @@ def register(subparsers: Any) -> None:
         "--poll",
         action="store_true",
         help="busy-poll every queue instead of waiting for kicks (like a DPDK PMD: lowest "
-        "latency, one core spinning)",
+        "latency; with --threads per-nic each NIC's thread spins on its own queues, one core "
+        "per NIC)",
+    )
+    p.add_argument(
+        "--threads",
+        choices=("per-nic", "single"),
+        default=None,
+        help="per-nic (default, or $VDEV_THREADS): each NIC's kicks are serviced by a "
+        "datapath thread of its own, whose compiled bursts run in parallel with the other "
+        "NICs'; single: one thread serves every NIC and the control plane",
     )
     p.add_argument(
         "--notify-watch",
@@ -110,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         device = Device(
-            pcap=args.pcap, responder_ip=args.responder_ip, notify_watch=args.notify_watch
+            pcap=args.pcap,
+            responder_ip=args.responder_ip,
+            threads=args.threads,
+            notify_watch=args.notify_watch,
         )
     except OSError as exc:
         print(f"vdev serve: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
@@ -148,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"vdev serve: {len(args.socket)} NIC(s) on {', '.join(args.socket)}"
             + (f"; control socket {args.control}" if args.control else "")
-            + ("; busy-polling" if args.poll else ""),
+            + ("; busy-polling" if args.poll else "")
+            + f"; threads {device.threads}",
             file=sys.stderr,
             flush=True,
         )

@@ -54,9 +54,17 @@ class SelectorLoop:
     :meth:`poll` (or :meth:`run`) runs callbacks; call it from one thread.
     """
 
-    def __init__(self, lock: AbstractContextManager[object] | None = None) -> None:
+    def __init__(
+        self,
+        lock: AbstractContextManager[object] | None = None,
+        *,
+        after: Callback | None = None,
+    ) -> None:
+        """``after`` (optional) runs under ``lock`` at the end of every :meth:`poll`, after
+        the callbacks and timers (a NIC's datapath thread takes its hand-off inbox there)."""
         self.sel = selectors.DefaultSelector()
         self._lock = lock
+        self._after = after
         self._timers_lock = threading.Lock()
         self._timers: list[tuple[float, Callback]] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -129,6 +137,11 @@ class SelectorLoop:
                     fn()
                 except Exception:
                     log.exception("timer failed")
+            if self._after is not None:
+                try:
+                    self._after()
+                except Exception:
+                    log.exception("after-poll hook failed")
 
     def run(
         self, until: Callable[[], bool], *, poll: float = 0.1, timeout: float | None = None

@@ -2,15 +2,19 @@
 
 The vhost-user library owns no event loop (libvhost-user style); this module runs one: a
 :class:`~vdev.eventloop.SelectorLoop` on which each NIC's :class:`VhostUserServer` watches
-its listening socket, its connection and (through the backend) the kick eventfds.  All
-device state is touched under one lock, held while the loop runs callbacks, so test code
-may call into the device (host channels, stats, faults) from its own thread while
-``start()`` runs the loop in the background.
+its listening socket and its connection.  With ``threads="per-nic"`` (the default) each
+NIC's kick eventfds are watched on a loop of its own, run by that NIC's datapath thread
+(vdev/net/threads.py); with ``threads="single"`` everything runs on the one loop.  Either
+way ``Device.lock``, held while the loop runs callbacks, excludes every datapath, so test
+code may call into the device (host channels, stats, faults) from its own thread while
+``start()`` runs the loops in the background (docs/DESIGN.md "Threads and the locking
+rule").
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import threading
 from collections.abc import Callable
@@ -24,11 +28,16 @@ from vdev.net.capture import PcapngWriter
 from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
 from vdev.net.switch import Switch
+from vdev.net.threads import NicDatapath, WorldLock, check_mode
 from vdev.skywalk import Channel, Pbufpool, Port
 from vdev.vhost.backend import VhostUserBackend
 from vdev.vhost.server import VhostUserServer
 
 log = logging.getLogger("vdev.device")
+
+# VDEV_THREADS=single|per-nic overrides the default of Device(threads=None) (and of vdev serve).
+DEFAULT_THREADS = os.environ.get("VDEV_THREADS", "per-nic")
+CLOSE_TIMEOUT = 10.0  # seconds Device.close waits for the device lock
 
 
 @dataclass
@@ -66,8 +75,13 @@ class Device:
         responder_ip: str = "10.0.2.2",
         responder_mac: str = "52:54:00:00:00:fe",
         pcap: str | None = None,
+        threads: str | None = None,
         notify_watch: str = notify_watch_mod.DEFAULT_MODE,
     ) -> None:
+        """``threads``: "per-nic" (a datapath thread per NIC) or "single" (one loop thread
+        for everything); None: ``DEFAULT_THREADS``.  ``notify_watch``: what the
+        lost-notification watch does (notify_watch.py: recover, report or off)."""
+        self.threads = check_mode(threads if threads is not None else DEFAULT_THREADS)
         if notify_watch not in notify_watch_mod.MODES:
             modes = ", ".join(notify_watch_mod.MODES)
             raise ValueError(f"notify_watch={notify_watch!r}: expected one of {modes}")
@@ -78,11 +92,20 @@ class Device:
         self.switch.attach(self.responder)
         self.sockets: list[NicSocket] = []
         self.ports: dict[str, Port] = {}
-        self.lock = threading.RLock()
+        # The shared lock (switch, pool, responder, ports, capture) and the lock that
+        # excludes everything (the control plane's): one and the same with one thread.
+        self.shared = threading.RLock()
+        self.lock: threading.RLock | WorldLock = (
+            WorldLock(self.shared) if self.threads == "per-nic" else self.shared
+        )
         self.loop = SelectorLoop(self.lock)
+        self.datapaths: dict[str, NicDatapath] = {}
+        self._serving = False  # datapath threads run (per-nic)
         self.capture = PcapngWriter(pcap) if pcap else None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._poll = False
+        self._started = threading.Event()  # per-nic: the datapath threads run
         self.closed = False
         # Where NIC lifecycle events go (the fault engine's log sets it); None: only logged.
         self.event_sink: Callable[..., object] | None = None
@@ -121,17 +144,43 @@ class Device:
                 mtu=mtu,
             )
             if self.capture is not None:
-                capture = self.capture
-                nic.tap = lambda n, frame, direction, notes: capture.write(
-                    n.name, frame, direction, notes
-                )
-            nic.defer = lambda fn: self.call_later(0.0, fn)
+                capture, shared = self.capture, self.shared
+
+                def tap(n: VirtioNet, frame: bytes, direction: int, notes: list[str]) -> None:
+                    with shared:  # one capture file for every NIC's thread
+                        capture.write(n.name, frame, direction, notes)
+
+                nic.tap = tap
             nic.event_sink = self._event
             nic.watch = notify_watch_mod.NotifyWatch(nic, self.notify_watch)
-            server = VhostUserServer(nic, path, self.loop, client=client, name=nic.name)
+            kick_watcher = None
+            if isinstance(self.lock, WorldLock):
+                dp = NicDatapath(nic, self.lock, self.shared, self.switch)
+                self.lock.add(nic.lock)
+                nic.burst_unlocked = dp.lock.unlocked
+                nic.defer = lambda fn: dp.loop.call_later(0.0, fn)
+                kick_watcher = dp.loop
+                self.datapaths[nic.name] = dp
+            else:
+                nic.defer = lambda fn: self.call_later(0.0, fn)
+            server = VhostUserServer(
+                nic, path, self.loop, client=client, name=nic.name, kick_watcher=kick_watcher
+            )
             self.switch.attach(nic)
             self.sockets.append(NicSocket(nic, server))
+            if kick_watcher is not None:
+                self._attach_datapath(self.datapaths[nic.name])
             return nic
+
+    def _attach_datapath(self, dp: NicDatapath) -> None:
+        """Serve a NIC's loop: on its own thread while the device serves, else from the
+        control loop (its epoll fd is readable when one of its fds is)."""
+        if self._serving:
+            self.loop.unwatch(dp.loop.sel.fileno())
+            dp.nic.handoff = dp.hand_off
+            dp.start(poll=self._poll)
+        else:
+            self.loop.watch(dp.loop.sel.fileno(), lambda: dp.poll(0.0))
 
     def _event(self, kind: str, **detail: object) -> None:
         if self.event_sink is not None:
@@ -140,15 +189,16 @@ class Device:
     def open_port(self, name: str, *, ring_slots: int = 256, alloc_nbufs: int = 1) -> Port:
         """A Skywalk nexus port on the switch, for host channels (this or another process).
 
-        The port shares the device lock: a channel's TX sync forwards through the switch
-        into guest rings from the caller's thread, while the loop thread delivers into the
-        port's RX rings; one re-entrant lock orders both (and guards the pool).
+        The port shares the device's shared lock: a channel's TX sync forwards through the
+        switch from the caller's thread (to NICs by hand-off, with per-NIC threads), while
+        datapath threads deliver into the port's RX rings; one re-entrant lock orders both
+        (and guards the pool).
         """
         with self.lock:
             if name in self.ports or name in self.switch.endpoints:
                 raise ValueError(f"an endpoint named {name!r} already exists")
             port = Port(self.pool, name=name, ring_slots=ring_slots, alloc_nbufs=alloc_nbufs)
-            port.lock = self.lock
+            port.lock = self.shared
             port.on_transmit = lambda p, pkts: self.forward(p.name, pkts)
             self.switch.attach(port)
             self.ports[name] = port
@@ -209,6 +259,8 @@ class Device:
 
     def wake(self) -> None:
         self.loop.wake()
+        for dp in self.datapaths.values():
+            dp.loop.wake()
 
     def poll(self, timeout: float = 0.1) -> None:
         """Run one loop iteration: wait up to ``timeout`` and dispatch what is ready."""
@@ -220,10 +272,17 @@ class Device:
         Event-driven by default: the loop sleeps in ``select`` until a socket or a kick
         eventfd is readable.  ``poll=True`` is busy-poll mode (``vdev serve --poll``), like a
         DPDK PMD: the loop never sleeps and every started queue is serviced on every
-        iteration, kicked or not, trading one spinning core for the wake-up latency.  Both
-        run on this one thread, so the locking rule of docs/DESIGN.md holds in both.
+        iteration, kicked or not, trading one spinning core for the wake-up latency.
+
+        With ``threads="per-nic"`` each NIC's datapath thread runs its own loop (and
+        busy-polls its own queues with ``poll``) while this thread runs the control plane;
+        with ``threads="single"`` both run here.  docs/DESIGN.md "Threads and the locking
+        rule" says what each holds.
         """
         stop = stop or self._stop
+        if self.datapaths:
+            self._serve_threads(stop, poll)
+            return
         if not poll:
             while not stop.is_set():
                 self.poll(0.2)
@@ -231,6 +290,25 @@ class Device:
         while not stop.is_set():
             self.poll(0.0)
             self.poll_queues()
+
+    def _serve_threads(self, stop: threading.Event, poll: bool) -> None:
+        with self.lock:
+            self._serving, self._poll = True, poll
+            for dp in self.datapaths.values():
+                self._attach_datapath(dp)
+        self._started.set()
+        try:
+            while not stop.is_set():
+                self.poll(0.2)
+        finally:
+            for dp in self.datapaths.values():
+                dp.stop()
+            with self.lock:
+                self._serving = False
+                for dp in self.datapaths.values():
+                    dp.nic.handoff = None
+                    dp.take_inbox()  # what was handed off and not yet taken
+                    self._attach_datapath(dp)
 
     def poll_queues(self) -> None:
         """Service every started queue of every NIC once, as a kick would (busy-poll mode)."""
@@ -244,6 +322,7 @@ class Device:
         """Run the loop in a background thread (tests, the demo); ``poll``: busy-poll."""
         if self._thread is None:
             self._stop.clear()
+            self._started.clear()
             self._thread = threading.Thread(
                 target=self.serve_forever,
                 kwargs={"poll": poll},
@@ -251,6 +330,8 @@ class Device:
                 daemon=True,
             )
             self._thread.start()
+            if self.datapaths:  # return once the NICs' threads serve (callers send at once)
+                self._started.wait(5)
         return self
 
     def stop(self) -> None:
@@ -264,6 +345,10 @@ class Device:
 
     def stats(self) -> dict[str, object]:
         with self.lock:
+            for pending in self.datapaths.values():
+                if pending.refused:  # hand-off drops the NIC's thread has not counted yet
+                    pending.nic.count_refused(pending.refused)
+                    pending.refused = 0
             return {
                 "nics": [
                     s.nic.stats_dict()
@@ -272,6 +357,8 @@ class Device:
                         "connections": s.connections,
                         "replaced": s.server.replaced,
                         "memory_faults": s.server.memory_faults,
+                        # frames handed off to the NIC's thread, not yet in its backlog
+                        "inbox": len(dp.inbox) if (dp := self.datapaths.get(s.nic.name)) else 0,
                     }
                     for s in self.sockets
                 ],
@@ -285,11 +372,21 @@ class Device:
         if self.closed:
             return
         self.stop()
+        if not self.lock.acquire(timeout=CLOSE_TIMEOUT):
+            # A datapath that never lets go (a bug: a deadlock, a burst that never returns):
+            # fail loudly rather than hang the caller; the NIC threads are daemons.
+            raise RuntimeError(
+                f"Device.close: the device lock is still held after {CLOSE_TIMEOUT} s"
+            )
+        self.lock.release()
         self.closed = True
         with self.lock:
             for entry in self.sockets:
                 entry.server.close()  # drops the connection, removes the socket file
                 entry.nic.disconnected()  # frees the RX backlog even if never connected
+            for dp in self.datapaths.values():
+                self.loop.unwatch(dp.loop.sel.fileno())
+                dp.close()
             for port in self.ports.values():
                 port.close()
                 self.switch.detach(port.name)

@@ -20,9 +20,11 @@ import itertools
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -218,6 +220,12 @@ class VirtioNet:
         # interrupt sent.
         self.watch: NotifyWatch | None = None
         self._rx_rr = 0
+        # Per-NIC datapath threads (vdev/net/threads.py, set by the device): this NIC's lock,
+        # the hand-off into its thread's inbox, and the context its compiled bursts run in
+        # (without the shared lock).  None: one thread serves everything.
+        self.lock = threading.RLock()
+        self.handoff: Callable[[list[int]], int] | None = None
+        self.burst_unlocked: Callable[[], AbstractContextManager[object] | None] | None = None
 
     # -- VhostDevice callback table ------------------------------------------------------
 
@@ -487,7 +495,9 @@ class VirtioNet:
             while consumed < TX_BUDGET:
                 if fast:
                     first = len(pkts)
-                    burst = fastqueue.tx_burst(queue, self.pool, hlen, TX_BUDGET - consumed, pkts)
+                    burst = fastqueue.tx_burst(
+                        queue, self.pool, hlen, TX_BUDGET - consumed, pkts, self._unlocked()
+                    )
                     self._fresh(pkts[first:])
                     consumed += burst.count
                     stats.frames += burst.count
@@ -595,7 +605,33 @@ class VirtioNet:
         return self.name
 
     def deliver(self, pkts: list[int]) -> int:
-        """Switch endpoint: take frames for the guest (backlogged while buffers are short)."""
+        """Switch endpoint: take frames for the guest (backlogged while buffers are short).
+
+        With a datapath thread of its own (``handoff``, set while the device runs
+        ``threads="per-nic"``), the frames are handed to that thread, whatever thread the
+        switch runs on: only the NIC's thread touches its queues (vdev/net/threads.py)."""
+        if self.handoff is not None:
+            return self.handoff(pkts)
+        return self.deliver_now(pkts)
+
+    def rx_room(self) -> int:
+        """Frames the RX backlog can still take."""
+        return RX_BACKLOG - len(self.backlog)
+
+    def record_refused(self, pkts: list[int], reason: str) -> None:
+        """Frames refused on the way in (a full hand-off inbox): recorded as dropped."""
+        self._record_refused(pkts, reason)
+
+    def count_refused(self, n: int) -> None:
+        """``n`` frames refused before they reached the backlog (a full hand-off inbox)."""
+        rx_running = [i for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)]
+        self.stats[rx_running[0] if rx_running else 0].drop("rx_backlog_full", n)
+
+    def _unlocked(self) -> AbstractContextManager[object] | None:
+        return self.burst_unlocked() if self.burst_unlocked is not None else None
+
+    def deliver_now(self, pkts: list[int]) -> int:
+        """:meth:`deliver` on the NIC's own thread (or the only one)."""
         self._fresh(pkts)
         rx_running = [i for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)]
         if not rx_running or not self.link_up:
@@ -708,6 +744,7 @@ class VirtioNet:
             self.has(lib.VIRTIO_NET_F_MRG_RXBUF),
             self.has(lib.VIRTIO_NET_F_GUEST_CSUM),
             pkts,
+            self._unlocked(),
         )
         n = burst.count
         if n:

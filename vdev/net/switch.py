@@ -318,6 +318,17 @@ class Switch:
         for name, batch in batches.items():
             self._deliver(name, batch, None)
 
+    def refused(self, name: str, pkts: list[int]) -> None:
+        """Endpoint ``name`` took ``pkts`` (counted as delivered) but then refused them (a
+        NIC's datapath thread, after a hand-off): counted as refused at delivery, freed."""
+        stats = self.stats.get(name)
+        if stats is not None:
+            plen = self.pool.pkt_len
+            stats.rx_frames -= len(pkts)
+            stats.rx_bytes -= sum(plen[p] for p in pkts)
+            stats.drops += len(pkts)
+        self.pool.free_packets(pkts)
+
     def _deliver(self, name: str, batch: list[int], lengths: list[int] | None) -> None:
         stats = self.stats[name]
         plen = self.pool.pkt_len

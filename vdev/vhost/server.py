@@ -40,7 +40,7 @@ import socket
 from typing import Any
 
 from vdev.errors import GuestMemoryFault
-from vdev.eventloop import EventLoop
+from vdev.eventloop import EventLoop, Watcher
 from vdev.limits import MAX_HELD_CONNECTIONS
 
 from .backend import VhostDevice, VhostUserBackend
@@ -64,13 +64,17 @@ class VhostUserServer:
         reconnect: bool = True,
         retry_interval: float = RETRY_INTERVAL,
         name: str | None = None,
+        kick_watcher: Watcher | None = None,
         **backend_options: Any,
     ) -> None:
         """``backend_options`` go to every :class:`VhostUserBackend` created (they may be
-        changed between connections); ``name`` labels log lines (default: the path)."""
+        changed between connections); ``name`` labels log lines (default: the path);
+        ``kick_watcher`` watches the kick eventfds instead of ``loop`` (a NIC's own datapath
+        thread: its kicks are serviced there, the connection socket stays on ``loop``)."""
         self.device = device
         self.path = os.fspath(path)
         self.loop = loop
+        self.kick_watcher: Watcher = kick_watcher if kick_watcher is not None else loop
         self.client = client
         self.reconnect = reconnect
         self.retry_interval = retry_interval
@@ -99,7 +103,9 @@ class VhostUserServer:
     # -- connection life cycle -----------------------------------------------------------
 
     def _attach(self, conn: Connection) -> None:
-        backend = VhostUserBackend(self.device, conn, watcher=self.loop, **self.backend_options)
+        backend = VhostUserBackend(
+            self.device, conn, watcher=self.kick_watcher, **self.backend_options
+        )
         self.backend = backend
         self.connections += 1
         self.loop.watch(backend.fileno(), lambda: self._on_readable(backend))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +214,16 @@ class _QueueCtx:
             self.popped = nffi.from_buffer("uint16_t[]", queue._popped)
             c.popped = self.popped
         self.bufs_ref: list[Any] | None = None
+        self.vp: Any = None
+
+    def own_pool(self, pc: _PoolCtx) -> Any:
+        """This queue's own ``struct vq_pool`` (a burst outside the pool lock must not share
+        the pool's one with another thread's burst)."""
+        if self.vp is None:
+            vp = self.vp = _fast.ffi.new("struct vq_pool *")
+            src = pc.vp
+            vp.p, vp.bufs, vp.large, vp.num_large = src.p, src.bufs, src.large, src.num_large
+        return self.vp
 
     def rings(self, queue: Any) -> None:
         """Point the struct at the queue's current ring views (after a remap, new ones)."""
@@ -363,15 +374,28 @@ def _tops(items: list[int], k: int) -> array[int]:
     return array("I", items[len(items) - k :] if k else ())
 
 
-def tx_burst(queue: Any, pool: Pbufpool, hlen: int, budget: int, pkts: list[int]) -> Burst:
+def tx_burst(
+    queue: Any,
+    pool: Pbufpool,
+    hlen: int,
+    budget: int,
+    pkts: list[int],
+    unlocked: AbstractContextManager[object] | None = None,
+) -> Burst:
     """Consume up to ``budget`` chains of TX ``queue`` into packets of ``pool`` (appended to
-    ``pkts``), as the NIC's TX loop would; see the module docstring for the stop rules."""
+    ``pkts``), as the NIC's TX loop would; see the module docstring for the stop rules.
+
+    ``unlocked`` (a NIC datapath thread, docs/DESIGN.md "Threads and the locking rule"):
+    the C call runs inside it, i.e. without the lock that guards the pool, so other NICs'
+    threads run their bursts meanwhile.  The free-list tops the burst may use are then taken
+    off the lists first (no other thread can allocate them) and the unused ones put back in
+    their order, so the lists end as without it."""
     nffi = _fast.ffi
     ctx = _ctx(queue)
     budget = min(budget, len(ctx.out))
     c = _load_state(ctx, queue)
     pc = _pool_ctx(pool)
-    vp = pc.vp
+    vp = pc.vp if unlocked is None else ctx.own_pool(pc)
     fp, fe, fl = pool._free_pkts, pool._free_ext, pool._free_large
     k_p = min(budget, len(fp))
     k_e = min(budget * (pool.max_frags - 1), len(fe))
@@ -383,20 +407,33 @@ def tx_burst(queue: Any, pool: Pbufpool, hlen: int, budget: int, pkts: list[int]
     vp.free_pkts, vp.n_pkts, vp.free_pkts_len = bp, k_p, len(fp)
     vp.free_ext, vp.n_ext, vp.free_ext_len = be, k_e, len(fe)
     vp.free_large, vp.n_large, vp.free_large_len = bl, k_l, len(fl)
+    if unlocked is not None:  # reserve the tops
+        del fp[len(fp) - k_p :], fe[len(fe) - k_e :], fl[len(fl) - k_l :]
     regions = _Regions(queue.mem)
     c.regions, c.nregions = regions.arr, regions.n
     b = ctx.burst
     try:
-        _fast.lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
+        if unlocked is None:
+            _fast.lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
+        else:
+            with unlocked:
+                _fast.lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
     finally:
         regions.release()
         c.regions = nffi.NULL
         for buf in (bp, be, bl):
             nffi.release(buf)
+        if unlocked is not None:  # the reserved tops the burst did not use go back
+            fp.extend(tp[: vp.n_pkts])
+            fe.extend(te[: vp.n_ext])
+            fl.extend(tl[: vp.n_large])
     _store_state(ctx, c, queue)
     used_p, used_e, used_l = k_p - vp.n_pkts, k_e - vp.n_ext, k_l - vp.n_large
+    if unlocked is not None:
+        used_e = used_l = 0  # already off the lists
     if used_p:
-        del fp[len(fp) - used_p :]
+        if unlocked is None:
+            del fp[len(fp) - used_p :]
         st = pool.stats
         st.allocs += used_p
         st.high_water = max(st.high_water, st.in_use)
@@ -419,11 +456,19 @@ def tx_burst(queue: Any, pool: Pbufpool, hlen: int, budget: int, pkts: list[int]
 
 
 def rx_burst(
-    queue: Any, pool: Pbufpool, hlen: int, mergeable: bool, guest_csum: bool, pkts: list[int]
+    queue: Any,
+    pool: Pbufpool,
+    hlen: int,
+    mergeable: bool,
+    guest_csum: bool,
+    pkts: list[int],
+    unlocked: AbstractContextManager[object] | None = None,
 ) -> Burst:
     """Write ``pkts`` into RX ``queue``'s buffers in order, as the NIC's RX drain would, until
     one needs the reference (SLOW/VIOLATION) or the guest posted too few buffers (NOROOM).
-    ``Burst.count`` packets were written (the caller frees them)."""
+    ``Burst.count`` packets were written (the caller frees them).  ``unlocked``: as for
+    :func:`tx_burst` (the C only reads ``pkts``, which the caller owns, and the pool's
+    constant layout)."""
     nffi = _fast.ffi
     ctx = _ctx(queue)
     c = _load_state(ctx, queue)
@@ -437,7 +482,11 @@ def rx_burst(
     b = ctx.burst
     buf = nffi.from_buffer("uint32_t[]", arr)
     try:
-        _fast.lib.vq_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
+        if unlocked is None:
+            _fast.lib.vq_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
+        else:
+            with unlocked:
+                _fast.lib.vq_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
     finally:
         regions.release()
         c.regions = nffi.NULL
