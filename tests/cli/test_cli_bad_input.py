@@ -95,7 +95,9 @@ def base_args(leaf: Leaf, tmp: Path) -> list[str]:
     """The leaf's required arguments with harmless valid values."""
     args: list[str] = []
     for a in leaf.parser._actions:
-        if a.option_strings and a.required:  # serve --socket: one per case (they run at once)
+        # serve --socket: one per call, and so per case (they run at once); a case must not
+        # reuse another's, or one case's serve can be listening on it when the other starts.
+        if a.option_strings and a.required:
             args += [a.option_strings[-1], str(tmp / f"ok-{uuid.uuid4().hex[:8]}.sock")]
     for a in leaf.positionals():
         if a.nargs in ("?", "*"):
@@ -169,17 +171,18 @@ def test_the_parser_has_the_known_subcommands() -> None:
 def test_unknown_options_and_bad_numbers(files: Path) -> None:
     cases = []
     for leaf in LEAVES:
-        base = base_args(leaf, files)
-        cases.append(Case(f"{leaf.name} unknown", [*leaf.path, *base, "--no-such-opt"],
+        cases.append(Case(f"{leaf.name} unknown",
+                          [*leaf.path, *base_args(leaf, files), "--no-such-opt"],
                           ["--no-such-opt"]))  # fmt: skip
         for a in leaf.options():
             if numeric(a):
                 opt = a.option_strings[-1]
-                cases.append(Case(f"{leaf.name} {opt}", [*leaf.path, *base, opt, "x1"],
+                cases.append(Case(f"{leaf.name} {opt}",
+                                  [*leaf.path, *base_args(leaf, files), opt, "x1"],
                                   [opt, "x1"]))  # fmt: skip
         for i, a in enumerate(leaf.positionals()):
             if numeric(a):
-                bad = list(base)
+                bad = base_args(leaf, files)
                 bad[i] = "x1"
                 cases.append(Case(f"{leaf.name} <{a.dest}>", [*leaf.path, *bad], ["x1"]))
     run_all(cases, files)
@@ -204,17 +207,17 @@ def test_impossible_paths(files: Path) -> None:
     directories) for every path option and positional."""
     cases = []
     for leaf in LEAVES:
-        base = base_args(leaf, files)
         for a in leaf.options():
             if not pathy(a):
                 continue
             opt = a.option_strings[-1]
             # output_dir creates missing parents: for it, a path under a regular file.
             v = str(files / ("plain" if a.type is output_dir else "missing-dir") / "x")
-            cases.append(Case(f"{leaf.name} {opt} {v}", [*leaf.path, *base, opt, v], [v]))
+            argv = [*leaf.path, *base_args(leaf, files), opt, v]
+            cases.append(Case(f"{leaf.name} {opt} {v}", argv, [v]))
         for i, a in enumerate(leaf.positionals()):
             if pathy(a):
-                bad = list(base)
+                bad = base_args(leaf, files)
                 bad[i] = str(files / "missing-dir" / "x")
                 cases.append(Case(f"{leaf.name} <{a.dest}>", [*leaf.path, *bad], [bad[i]]))
     run_all(cases, files)
@@ -224,14 +227,14 @@ def test_non_utf8_input_files(files: Path) -> None:
     bad = str(files / "latin1.toml")
     cases = []
     for leaf in LEAVES:
-        base = base_args(leaf, files)
         for a in leaf.options():
             if a.type is input_file:
                 opt = a.option_strings[-1]
-                cases.append(Case(f"{leaf.name} {opt}", [*leaf.path, *base, opt, bad], [bad]))
+                argv = [*leaf.path, *base_args(leaf, files), opt, bad]
+                cases.append(Case(f"{leaf.name} {opt}", argv, [bad]))
         for i, a in enumerate(leaf.positionals()):
             if a.type is input_file:
-                argv = list(base)
+                argv = base_args(leaf, files)
                 argv[i] = bad
                 cases.append(Case(f"{leaf.name} <{a.dest}>", [*leaf.path, *argv], [bad]))
     assert len(cases) >= 6  # run/sandbox --script/--scenario, --elf, scenario check, ...
