@@ -238,10 +238,16 @@ def test_ring_stop_never_overlaps_a_burst_on_that_ring(
             return real_batch(self, index)
 
     def burst(
-        queue: Any, pool: Any, hlen: int, budget: int, pkts: list[int], unlocked: Any = None
+        queue: Any,
+        pool: Any,
+        hlen: int,
+        budget: int,
+        pkts: list[int],
+        unlocked: Any = None,
+        finish: bool = False,
     ) -> Any:
         # The compiled burst runs inside ``unlocked`` (without the shared lock): mark it there.
-        return real_burst(queue, pool, hlen, budget, pkts, marked(id(queue), unlocked))
+        return real_burst(queue, pool, hlen, budget, pkts, marked(id(queue), unlocked), finish)
 
     def stopped(self: nic_mod.VirtioNet, vring: Any) -> None:
         nonlocal stops

@@ -768,3 +768,31 @@ def test_compiled_path_runs_in_these_tests() -> None:
     )
     assert not out["kills"]
     assert fastqueue.COUNTS.get("rx_frames", 0) == 6
+
+
+@pytest.mark.parametrize("reserve", [1, 64], ids=["short-reservation", "default-reservation"])
+def test_tx_buffer_reservation_changes_cost_never_results(
+    monkeypatch: pytest.MonkeyPatch, reserve: int
+) -> None:
+    """A TX burst gets only as many external and large buffers as recent bursts used
+    (``fastqueue.RESERVE_MIN`` at first).  Multi-buflet and large-buffer chains beyond that
+    stop the burst ("pool", SLOW): the reference takes that chain and the next burst gets
+    the worst case.  The used ring, pool and counters are the reference's either way; only
+    with the short reservation do the bursts stop for it."""
+    monkeypatch.setattr(fastqueue, "RESERVE_MIN", reserve)
+    start = _snapshot()
+    # 400 B: 4 buflets of 128 B (3 external); 900 B: more than max_frags, a large buffer
+    rounds: list[Any] = [
+        ([(400, [], False, (0, 0, 0), False)] * 6, []),
+        ([(900, [], False, (0, 0, 0), False)] * 2, []),
+    ]
+    features = F_V1 | F_EVENT
+    py = _run_tx("python", False, start, 16, features, 0, 0, rounds, 3)
+    fastqueue.COUNTS.clear()
+    c = _run_tx("c", False, start, 16, features, 0, 0, rounds, 3)
+    _assert_same(py, c)
+    assert not py["kills"] and len(py["forwarded"]) == 8
+    slow = fastqueue.COUNTS.get(f"tx_stop_{fastqueue.C.SLOW}", 0)
+    assert fastqueue.COUNTS.get("tx_chains", 0) + slow == 8  # the reference took `slow`
+    # short: one stop per round (external, then large buffers), then the worst case
+    assert slow == (2 if reserve == 1 else 0), fastqueue.COUNTS

@@ -491,13 +491,24 @@ class VirtioNet:
             and self.take_hook is None  # an armed crash point counts chains one by one
         )
         burst: fastqueue.Burst | None = None
+        # A batch that is one burst ending it is finished by that burst's call (the C
+        # publishes and decides the interrupt), unless an interrupt rule needs to see it.
+        finish_inline = fast and self._faults_idle(index, "calls")
+        notify: bool | None = None
         try:
             while consumed < TX_BUDGET:
                 if fast:
                     first = len(pkts)
                     burst = fastqueue.tx_burst(
-                        queue, self.pool, hlen, TX_BUDGET - consumed, pkts, self._unlocked()
+                        queue,
+                        self.pool,
+                        hlen,
+                        TX_BUDGET - consumed,
+                        pkts,
+                        self._unlocked(),
+                        finish=finish_inline and consumed == 0,
                     )
+                    notify = burst.notify
                     self._fresh(pkts[first:])
                     consumed += burst.count
                     stats.frames += burst.count
@@ -514,7 +525,10 @@ class VirtioNet:
                 consumed += step
                 if step and self.take_hook is not None:
                     self.take_hook(self, index, consumed)  # a crash point counts each chain
-            if fast and queue.defunct is None:
+            if notify is not None:
+                if notify:
+                    self.notify(index)
+            elif fast and queue.defunct is None:
                 self._finish(queue, index, consumed)
             else:
                 queue.flush_used()

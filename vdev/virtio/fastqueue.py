@@ -150,21 +150,32 @@ class Burst:
     count: int
     nbytes: int
     merged: int = 0
+    notify: bool | None = None  # tx_burst(finish=True): finished, and whether to signal
 
     @property
     def violation(self) -> Violation | None:
         return C.violations.get(self.code) if self.stop == C.VIOLATION else None
 
 
-def usable(queue: object) -> bool:
-    """Whether ``queue`` can run compiled bursts (the C backend, a live split or packed
-    queue)."""
+_queue_types: tuple[type, ...] = ()  # (SplitQueue, PackedQueue), bound at first use
+
+
+def _bind_queue_types() -> tuple[type, ...]:
+    """The queue classes bursts run on (imported late: they import this module)."""
+    global _queue_types
     from vdev.virtio.packed import PackedQueue
     from vdev.virtio.split import SplitQueue
 
+    _queue_types = (SplitQueue, PackedQueue)
+    return _queue_types
+
+
+def usable(queue: object) -> bool:
+    """Whether ``queue`` can run compiled bursts (the C backend, a live split or packed
+    queue)."""
     return (
         BACKEND == "c"
-        and type(queue) in (SplitQueue, PackedQueue)
+        and type(queue) in (_queue_types or _bind_queue_types())
         and queue.defunct is None  # type: ignore[attr-defined]
         and not queue._closed  # type: ignore[attr-defined]
         and len(queue._bufs) == 3  # type: ignore[attr-defined]
@@ -215,6 +226,8 @@ class _QueueCtx:
             c.popped = self.popped
         self.bufs_ref: list[Any] | None = None
         self.vp: Any = None
+        self.want_ext = RESERVE_MIN  # TX bursts' buffer reservations (tx_burst)
+        self.want_large = RESERVE_MIN
 
     def own_pool(self, pc: _PoolCtx) -> Any:
         """This queue's own ``struct vq_pool`` (a burst outside the pool lock must not share
@@ -381,9 +394,15 @@ def tx_burst(
     budget: int,
     pkts: list[int],
     unlocked: AbstractContextManager[object] | None = None,
+    finish: bool = False,
 ) -> Burst:
     """Consume up to ``budget`` chains of TX ``queue`` into packets of ``pool`` (appended to
     ``pkts``), as the NIC's TX loop would; see the module docstring for the stop rules.
+
+    ``finish``: when the burst ends the batch (stops EMPTY or BUDGET), also run
+    :func:`finish` for its chains in the same call, saving the state round trip; then
+    ``Burst.notify`` says whether to signal the guest (None: not finished, the caller
+    finishes).  Only for a batch's first burst, with no interrupt fault rule on the queue.
 
     ``unlocked`` (a NIC datapath thread, docs/DESIGN.md "Threads and the locking rule"):
     the C call runs inside it, i.e. without the lock that guards the pool, so other NICs'
@@ -398,8 +417,13 @@ def tx_burst(
     vp = pc.vp if unlocked is None else ctx.own_pool(pc)
     fp, fe, fl = pool._free_pkts, pool._free_ext, pool._free_large
     k_p = min(budget, len(fp))
-    k_e = min(budget * (pool.max_frags - 1), len(fe))
-    k_l = min(budget * pool.max_frags, len(fl)) if pool.config.num_large_bufs else 0
+    # The external and large buffers a burst may use, taken off the lists' tops (a copy
+    # per burst): as many as the last bursts needed, not the worst case.  A chain that
+    # needs more than were handed in stops the burst (SLOW, "pool"); the reference then
+    # takes that chain from the same free lists, as it would have anyway, and the next
+    # burst gets the worst case.  Only the cost changes, never the result.
+    k_e = min(budget * (pool.max_frags - 1), len(fe), ctx.want_ext)
+    k_l = min(budget * pool.max_frags, len(fl), ctx.want_large) if pool.config.num_large_bufs else 0
     tp, te, tl = _tops(fp, k_p), _tops(fe, k_e), _tops(fl, k_l)
     bp = nffi.from_buffer("uint32_t[]", tp)
     be = nffi.from_buffer("uint32_t[]", te)
@@ -424,11 +448,19 @@ def tx_burst(
         for buf in (bp, be, bl):
             nffi.release(buf)
         if unlocked is not None:  # the reserved tops the burst did not use go back
-            fp.extend(tp[: vp.n_pkts])
-            fe.extend(te[: vp.n_ext])
-            fl.extend(tl[: vp.n_large])
+            if vp.n_pkts:
+                fp.extend(tp[: vp.n_pkts])
+            if vp.n_ext:
+                fe.extend(te[: vp.n_ext])
+            if vp.n_large:
+                fl.extend(tl[: vp.n_large])
+    notify: bool | None = None
+    if finish and b.stop in (C.EMPTY, C.BUDGET):
+        notify = bool(_fast.lib.vq_finish(c, b.count))
     _store_state(ctx, c, queue)
     used_p, used_e, used_l = k_p - vp.n_pkts, k_e - vp.n_ext, k_l - vp.n_large
+    ctx.want_ext = _next_want(used_e, b)
+    ctx.want_large = _next_want(used_l, b)
     if unlocked is not None:
         used_e = used_l = 0  # already off the lists
     if used_p:
@@ -452,7 +484,20 @@ def tx_burst(
     _count("tx_bursts")
     _count("tx_chains", b.count)
     _count(f"tx_stop_{b.stop}")
-    return Burst(b.stop, b.violation or b.slow, b.count, b.nbytes)
+    return Burst(b.stop, b.violation or b.slow, b.count, b.nbytes, notify=notify)
+
+
+RESERVE_MIN = 64  # external / large buffers handed to a TX burst at least (when free)
+RESERVE_ALL = 1 << 30  # "the worst case": min() with the burst's bound and the free list
+
+
+def _next_want(used: int, b: Any) -> int:
+    """The next burst's reservation of one kind of buffer: the worst case after a burst
+    that may have stopped for lack of them, else twice what this one used (at least
+    :data:`RESERVE_MIN`), so steady traffic copies a few list entries, not hundreds."""
+    if b.stop == C.SLOW and C.slow.get(b.slow) == "pool":
+        return RESERVE_ALL
+    return max(RESERVE_MIN, 2 * used)
 
 
 def rx_burst(
