@@ -796,3 +796,46 @@ def test_tx_buffer_reservation_changes_cost_never_results(
     assert fastqueue.COUNTS.get("tx_chains", 0) + slow == 8  # the reference took `slow`
     # short: one stop per round (external, then large buffers), then the worst case
     assert slow == (2 if reserve == 1 else 0), fastqueue.COUNTS
+
+
+def test_region_map_follows_the_memory_table() -> None:
+    """The compiled bursts' cached ``struct vq_region[]`` is rebuilt whenever the table
+    changes (a region added, removed, or the memory closed), so a burst never reads
+    through an address of a mapping that is gone; the oracle is each mapping's own
+    address, read through a fresh buffer export."""
+    from vdev.virtio.memory import GuestMemory
+
+    assert fastqueue.load()
+    nffi = fastqueue._fast.ffi
+
+    def addr(r: Any) -> int:
+        buf = nffi.from_buffer("uint8_t[]", r.mm)
+        try:
+            return int(nffi.cast("uintptr_t", buf)) + r.mmap_offset - r._base
+        finally:
+            nffi.release(buf)
+
+    fds = [os.memfd_create(f"rm{i}") for i in range(2)]
+    for fd in fds:
+        os.ftruncate(fd, 1 << 16)
+    mem = GuestMemory()
+    rmap = fastqueue._RegionMap()
+    try:
+        a = mem.add_region(0, 1 << 16, 0x10000, 0, fds[0])
+        arr, n = rmap.get(mem)
+        assert n == 1 and int(nffi.cast("uintptr_t", arr[0].host)) == addr(a)
+        assert rmap.get(mem)[0] is arr  # unchanged table: the cached map
+        b = mem.add_region(1 << 16, 1 << 16, 0x40000, 0, fds[1])
+        arr, n = rmap.get(mem)
+        hosts = [int(nffi.cast("uintptr_t", arr[i].host)) for i in range(n)]
+        assert (n, hosts, arr[1].gpa) == (2, [addr(a), addr(b)], 1 << 16)
+        assert mem.remove_region(0, 1 << 16, 0x10000)
+        arr, n = rmap.get(mem)
+        assert n == 1 and arr[0].gpa == 1 << 16
+        assert int(nffi.cast("uintptr_t", arr[0].host)) == addr(b)
+        mem.close()
+        assert rmap.get(mem)[1] == 0
+    finally:
+        mem.close()
+        for fd in fds:
+            os.close(fd)
