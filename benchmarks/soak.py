@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_throughput import GUEST_MAC_STR, HOST_MAC_STR, TESTPMD, Child, _wait, testpmd
 
 from host.machine import Machine, Nic
-from host.soak_verdict import Sample, SoakCounts, SoakRun, Verdict, judge
+from host.soak_verdict import Sample, SoakCounts, SoakRun, Verdict, counts_from_stats, judge
 
 FRONTENDS = ("testpmd", "linux")
 RINGS = ("split", "packed")
@@ -87,6 +87,15 @@ class DeviceProc:
                 parsed: dict[str, Any] = json.loads(line[2:])
                 return parsed
         return {}
+
+    def points(self) -> list[tuple[float, int]]:
+        """(device time, progress) of every ``S`` sample."""
+        out = []
+        for line in self.lines():
+            if line.startswith("S "):
+                d = json.loads(line[2:])
+                out.append((float(d["t"]), int(d["progress"])))
+        return out
 
     def said(self, tag: str) -> str | None:
         return next((x for x in self.lines() if x.split(maxsplit=1)[0:1] == [tag]), None)
@@ -184,9 +193,7 @@ class LinuxFrontend(Frontend):
             "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; ip link set eth0 up", timeout=60
         )
         if self.direction == "tx":
-            cmd = (
-                f"vdev-pktgen --raw eth0 --dst-mac {HOST_MAC_STR} --count {self.frames} --size 64"
-            )
+            cmd = f"vdev-pktgen --raw eth0 --dst-mac {HOST_MAC_STR} --count {self.frames} --size 64"
 
             def run() -> None:
                 try:
@@ -219,11 +226,22 @@ class LinuxFrontend(Frontend):
 # -- one row -------------------------------------------------------------------------------
 
 
+def rate(points: list[tuple[float, int]], target: int) -> float:
+    """Frames per second between the first sample with progress and the first at the target
+    (or the last one): the device's own clock and counter, not the polling of this script."""
+    moving = [(t, n) for t, n in points if n > 0]
+    if len(moving) < 2:
+        return 0.0
+    end = next(((t, n) for t, n in moving if n >= target), moving[-1])
+    (t0, n0), (t1, n1) = moving[0], end
+    return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
 @dataclass
 class RowResult:
     row: str
     frames: int = 0
-    seconds: float = 0.0
+    pps: float = 0.0
     counts: SoakCounts | None = None
     fds_start: int = 0
     fds_end: int = 0
@@ -234,50 +252,6 @@ class RowResult:
     samples: list[Sample] = field(default_factory=list)
     verdict: str = ""
     note: str = ""
-
-    @property
-    def pps(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else 0.0
-
-
-def _queue(stats: dict[str, Any], name: str) -> dict[str, Any]:
-    q: dict[str, Any] = stats["nics"][0]["queues"].get(name, {})
-    return q
-
-
-def counts_from_stats(
-    stats: dict[str, Any], direction: str, frontend_received: int | None
-) -> SoakCounts:
-    """The verdict's counters from the device's STATS.
-
-    TX (sink): sent = frames taken off tx0; received = frames the host channel counted;
-    other drops = tx0's non-fault drops and the host port's refusals (a full host ring).
-    RX (source): sent = frames the host channel handed to the switch; received = frames
-    written into the guest's RX buffers (rx0); other drops = rx0's non-fault drops (the NIC
-    records every RX frame it refuses by name, inbox and backlog refusals included)."""
-    kills = sum(
-        sum(q.get("kills", {}).values()) for q in stats["nics"][0]["queues"].values()
-    )
-    stalls = int(stats.get("fault_counts", {}).get("stall", 0))
-    if direction == "tx":
-        q = _queue(stats, "tx0")
-        fault = int(q.get("drop_reasons", {}).get("fault", 0))
-        other = int(q.get("drops", 0)) - fault + int(stats["switch"]["host"]["drops"])
-        return SoakCounts(
-            int(q.get("frames", 0)), int(stats["host_received"]), fault, other, stalls, kills
-        )
-    q = _queue(stats, "rx0")
-    fault = int(q.get("drop_reasons", {}).get("fault", 0))
-    other = int(q.get("drops", 0)) - fault
-    return SoakCounts(
-        int(stats["host_sent"]),
-        int(q.get("frames", 0)),
-        fault,
-        other,
-        stalls,
-        kills,
-        frontend_received,
-    )
 
 
 def run_row(row: str, a: argparse.Namespace, workdir: Path, image: object | None) -> RowResult:
@@ -304,17 +278,13 @@ def run_row(row: str, a: argparse.Namespace, workdir: Path, image: object | None
         fe.start()
         t0 = time.monotonic()
         deadline = t0 + a.row_timeout
-        first_t: float | None = None
         while True:
             last = dev.last()
             now = time.monotonic()
-            if last.get("connected"):
-                if first_t is None and int(last.get("progress", 0)) > 0:
-                    first_t = now
+            # Sampled while traffic flows: the frontend's set-up (its fds) is complete.
+            if last.get("connected") and int(last.get("progress", 0)) > 0:
                 res.samples.append(
-                    Sample(
-                        now - t0, proc_fds(dev.pid), proc_rss_anon_kib(dev.pid), last["in_use"]
-                    )
+                    Sample(now - t0, proc_fds(dev.pid), proc_rss_anon_kib(dev.pid), last["in_use"])
                 )
             if fe.done(last):
                 break
@@ -323,7 +293,7 @@ def run_row(row: str, a: argparse.Namespace, workdir: Path, image: object | None
                 break
             time.sleep(a.interval)
         end_progress = int(dev.last().get("progress", 0))
-        res.seconds = time.monotonic() - (first_t if first_t is not None else t0)
+        res.pps = rate(dev.points(), a.frames)
         frontend_received = fe.stop()
         if isinstance(fe, LinuxFrontend) and fe.error is not None:
             res.note = (res.note + "; " if res.note else "") + f"pktgen: {fe.error!r}"[:200]
@@ -334,7 +304,9 @@ def run_row(row: str, a: argparse.Namespace, workdir: Path, image: object | None
         res.in_use_after, stats = dev.finish()
         res.counts = counts_from_stats(stats, direction, frontend_received)
         res.frames = res.counts.sent or end_progress
-        res.rss_max_kib = max([res.rss_start_kib, res.rss_end_kib, *[s.rss_anon_kib for s in res.samples]])
+        res.rss_max_kib = max(
+            [res.rss_start_kib, res.rss_end_kib, *[s.rss_anon_kib for s in res.samples]]
+        )
         verdict: Verdict = judge(
             SoakRun(
                 res.samples,

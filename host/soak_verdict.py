@@ -30,6 +30,7 @@ passed is decided here, from numbers alone, with every bound named:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 RSS_SLACK_KIB = 8 * 1024
 FD_SLACK = 0
@@ -92,9 +93,7 @@ def quartile_growth(values: list[int]) -> int:
     return max(values[-q:]) - max(values[:q])
 
 
-def judge(
-    run: SoakRun, *, rss_slack_kib: int = RSS_SLACK_KIB, fd_slack: int = FD_SLACK
-) -> Verdict:
+def judge(run: SoakRun, *, rss_slack_kib: int = RSS_SLACK_KIB, fd_slack: int = FD_SLACK) -> Verdict:
     """Every check of the module docstring; each failure says which bound and by how much."""
     v = Verdict()
     c = run.counts
@@ -132,6 +131,44 @@ def judge(
     return v
 
 
+def _queue(stats: dict[str, Any], name: str) -> dict[str, Any]:
+    q: dict[str, Any] = stats["nics"][0]["queues"].get(name, {})
+    return q
+
+
+def counts_from_stats(
+    stats: dict[str, Any], direction: str, frontend_received: int | None
+) -> SoakCounts:
+    """The verdict's counters from the device's STATS.
+
+    TX (sink): sent = frames taken off tx0; received = frames the host channel counted;
+    other drops = tx0's non-fault drops and the host port's refusals (a full host ring).
+    RX (source): sent = frames the host channel handed to the switch; received = frames
+    written into the guest's RX buffers (rx0); other drops = rx0's non-fault drops (the NIC
+    records every RX frame it refuses by name, inbox and backlog refusals included)."""
+    kills = sum(sum(q.get("kills", {}).values()) for q in stats["nics"][0]["queues"].values())
+    stalls = int(stats.get("fault_counts", {}).get("stall", 0))
+    if direction == "tx":
+        q = _queue(stats, "tx0")
+        fault = int(q.get("drop_reasons", {}).get("fault", 0))
+        other = int(q.get("drops", 0)) - fault + int(stats["switch"]["host"]["drops"])
+        return SoakCounts(
+            int(q.get("frames", 0)), int(stats["host_received"]), fault, other, stalls, kills
+        )
+    q = _queue(stats, "rx0")
+    fault = int(q.get("drop_reasons", {}).get("fault", 0))
+    other = int(q.get("drops", 0)) - fault
+    return SoakCounts(
+        int(stats["host_sent"]),
+        int(q.get("frames", 0)),
+        fault,
+        other,
+        stalls,
+        kills,
+        frontend_received,
+    )
+
+
 __all__ = [
     "FD_SLACK",
     "MIN_SAMPLES",
@@ -140,6 +177,7 @@ __all__ = [
     "SoakCounts",
     "SoakRun",
     "Verdict",
+    "counts_from_stats",
     "judge",
     "quartile_growth",
 ]
