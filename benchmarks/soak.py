@@ -45,7 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_throughput import GUEST_MAC_STR, HOST_MAC_STR, TESTPMD, Child, _wait, testpmd
 
 from host.machine import Machine, Nic
-from host.soak_verdict import Sample, SoakCounts, SoakRun, Verdict, counts_from_stats, judge
+from host.soak_verdict import (
+    Sample,
+    SoakCounts,
+    SoakRun,
+    Verdict,
+    counts_from_stats,
+    judge,
+    other_drop_reasons,
+)
 
 FRONTENDS = ("testpmd", "linux")
 RINGS = ("split", "packed")
@@ -250,6 +258,7 @@ class RowResult:
     rss_end_kib: int = 0
     in_use_after: int | None = None
     samples: list[Sample] = field(default_factory=list)
+    other_drops: dict[str, int] = field(default_factory=dict)
     verdict: str = ""
     note: str = ""
 
@@ -303,6 +312,7 @@ def run_row(row: str, a: argparse.Namespace, workdir: Path, image: object | None
         res.rss_end_kib = proc_rss_anon_kib(dev.pid)
         res.in_use_after, stats = dev.finish()
         res.counts = counts_from_stats(stats, direction, frontend_received)
+        res.other_drops = other_drop_reasons(stats, direction)
         res.frames = res.counts.sent or end_progress
         res.rss_max_kib = max(
             [res.rss_start_kib, res.rss_end_kib, *[s.rss_anon_kib for s in res.samples]]
@@ -349,7 +359,9 @@ def fmt_row(r: RowResult) -> str:
     frontend, ring, direction = r.row.split("-")
     c = r.counts
     mib = [f"{x / 1024:.1f}" for x in (r.rss_start_kib, r.rss_max_kib, r.rss_end_kib)]
-    verdict = r.verdict + (f" ({r.note})" if r.note else "")
+    notes = [r.note] if r.note else []
+    notes += [f"{k}: {n}" for k, n in r.other_drops.items()]
+    verdict = r.verdict + (f" ({'; '.join(notes)})" if notes else "")
     return (
         f"| {'testpmd virtio_user' if frontend == 'testpmd' else 'Linux guest'} | {ring} "
         f"| {DIRECTION_NAMES[direction]} | {r.frames:,} | {fmt_rate(r.pps)} "

@@ -169,6 +169,19 @@ def counts_from_stats(
     )
 
 
+def other_drop_reasons(stats: dict[str, Any], direction: str) -> dict[str, int]:
+    """Where :func:`counts_from_stats`'s ``other_drops`` came from, by name (for the report)."""
+    name = "tx0" if direction == "tx" else "rx0"
+    reasons = {
+        f"{name} {k}": int(n)
+        for k, n in _queue(stats, name).get("drop_reasons", {}).items()
+        if k != "fault" and n
+    }
+    if direction == "tx" and stats["switch"]["host"]["drops"]:
+        reasons["host ring full"] = int(stats["switch"]["host"]["drops"])
+    return reasons
+
+
 __all__ = [
     "FD_SLACK",
     "MIN_SAMPLES",
@@ -179,5 +192,6 @@ __all__ = [
     "Verdict",
     "counts_from_stats",
     "judge",
+    "other_drop_reasons",
     "quartile_growth",
 ]

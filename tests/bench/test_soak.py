@@ -25,6 +25,7 @@ from host.soak_verdict import (
     SoakRun,
     counts_from_stats,
     judge,
+    other_drop_reasons,
     quartile_growth,
 )
 
@@ -193,3 +194,8 @@ def test_a_small_real_soak_passes(tmp_path: Path) -> None:
     assert row["frames"] >= 20000 and row["counts"]["fault_drops"] > 0
     assert row["in_use_after"] == 0 and row["fds_start"] == row["fds_end"]
     assert len(row["samples"]) >= 4
+
+
+def test_other_drop_reasons_name_every_non_fault_drop() -> None:
+    assert other_drop_reasons(stats("tx"), "tx") == {"tx0 tx_bad_header": 10, "host ring full": 7}
+    assert other_drop_reasons(stats("rx"), "rx") == {"rx0 rx_backlog_full": 10}
