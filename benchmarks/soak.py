@@ -139,6 +139,10 @@ class Frontend:
         """Stop; the frames the frontend itself counted as received, where it can say."""
         raise NotImplementedError
 
+    def sent(self) -> int | None:
+        """After :meth:`stop`: the frames the frontend counted as sent, where that is exact."""
+        return None
+
     def close(self) -> None:
         """Last-resort cleanup (idempotent)."""
 
@@ -227,6 +231,10 @@ class LinuxFrontend(Frontend):
             self.thread.join(10)
         return count
 
+    def sent(self) -> int | None:
+        m = re.search(r"pktgen tx_packets=(\d+)", self.pktgen)
+        return int(m[1]) if m else None
+
     def close(self) -> None:
         self.m.shutdown()
 
@@ -311,7 +319,12 @@ def run_row(row: str, a: argparse.Namespace, workdir: Path, image: object | None
         res.fds_end = proc_fds(dev.pid)
         res.rss_end_kib = proc_rss_anon_kib(dev.pid)
         res.in_use_after, stats = dev.finish()
-        res.counts = counts_from_stats(stats, direction, frontend_received)
+        if direction == "rx" and frontend_received is None:
+            raise RuntimeError("the frontend did not report how many frames it received")
+        frontend_sent = fe.sent()
+        if isinstance(fe, LinuxFrontend) and direction == "tx" and frontend_sent is None:
+            raise RuntimeError(f"no pktgen count in its output: {fe.pktgen[-200:]!r}")
+        res.counts = counts_from_stats(stats, direction, frontend_received, frontend_sent)
         res.other_drops = other_drop_reasons(stats, direction)
         res.frames = res.counts.sent or end_progress
         res.rss_max_kib = max(

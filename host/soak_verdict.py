@@ -24,7 +24,9 @@ passed is decided here, from numbers alone, with every bound named:
 * **Frames**: ``sent == received + fault_drops + other_drops``, exactly, from device counters
   (``other_drops``: every named drop that was not the fault rule's, e.g. a full host ring);
   the fault rule dropped at least one frame and the stall happened, so the faults ran; and
-  where the frontend counted what it received, that equals the device's ``received``.
+  where the frontend counted what it received (RX) or sent (a Linux guest's pktgen, TX),
+  that equals the device's ``received`` or ``sent``.  (testpmd's own TX count is not
+  compared: frames still in its ring when it is stopped were never the device's.)
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class SoakCounts:
     stalls: int
     kills: int
     frontend_received: int | None = None
+    frontend_sent: int | None = None
 
 
 @dataclass
@@ -128,6 +131,8 @@ def judge(run: SoakRun, *, rss_slack_kib: int = RSS_SLACK_KIB, fd_slack: int = F
         v.failures.append(
             f"the frontend counted {c.frontend_received} received, the device {c.received}"
         )
+    if c.frontend_sent is not None and c.frontend_sent != c.sent:
+        v.failures.append(f"the frontend counted {c.frontend_sent} sent, the device {c.sent}")
     return v
 
 
@@ -137,7 +142,10 @@ def _queue(stats: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def counts_from_stats(
-    stats: dict[str, Any], direction: str, frontend_received: int | None
+    stats: dict[str, Any],
+    direction: str,
+    frontend_received: int | None,
+    frontend_sent: int | None = None,
 ) -> SoakCounts:
     """The verdict's counters from the device's STATS.
 
@@ -153,7 +161,13 @@ def counts_from_stats(
         fault = int(q.get("drop_reasons", {}).get("fault", 0))
         other = int(q.get("drops", 0)) - fault + int(stats["switch"]["host"]["drops"])
         return SoakCounts(
-            int(q.get("frames", 0)), int(stats["host_received"]), fault, other, stalls, kills
+            int(q.get("frames", 0)),
+            int(stats["host_received"]),
+            fault,
+            other,
+            stalls,
+            kills,
+            frontend_sent=frontend_sent,
         )
     q = _queue(stats, "rx0")
     fault = int(q.get("drop_reasons", {}).get("fault", 0))

@@ -136,6 +136,12 @@ def test_the_frontends_own_count_must_match_when_known() -> None:
     assert not v.ok and "frontend counted 984" in v.text()
 
 
+def test_the_frontends_sent_count_must_match_when_known() -> None:
+    assert judge(with_counts(frontend_sent=1000)).ok
+    v = judge(with_counts(frontend_sent=1001))
+    assert not v.ok and "frontend counted 1001 sent" in v.text()
+
+
 def stats(direction: str) -> dict[str, Any]:
     """A device STATS dict, trimmed to what the verdict reads."""
     return {
@@ -165,8 +171,9 @@ def stats(direction: str) -> dict[str, Any]:
 
 
 def test_counts_from_stats_tx_counts_host_ring_refusals_as_other_drops() -> None:
-    c = counts_from_stats(stats("tx"), "tx", None)
+    c = counts_from_stats(stats("tx"), "tx", None, 5000)
     assert (c.sent, c.received, c.fault_drops, c.other_drops) == (5000, 4933, 50, 17)
+    assert c.frontend_sent == 5000
     assert (c.stalls, c.kills) == (1, 0)
     assert judge(good(counts=c)).ok
 
