@@ -39,7 +39,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vdev.faults import FaultEngine
@@ -72,13 +72,15 @@ class SoakConfig:
 
 @dataclass
 class Progress:
-    """Counters the pump threads update; read by the sampler and the fault controller."""
+    """Counters the pump threads update; read by the sampler and the fault controller.
+
+    Each field has one writer thread and is a plain int/str/bool, so readers need no lock:
+    a sample a moment old is all they want."""
 
     received: int = 0  # sink: frames the host channel received
     sent: int = 0  # source: frames the host channel accepted
     phase: str = "before"
     ever_connected: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _emit(tag: str, payload: dict[str, Any] | None = None) -> None:
