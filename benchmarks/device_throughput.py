@@ -240,13 +240,16 @@ class Child:
 _prefix_counter = 0
 
 
-def testpmd(vdev: str, mode: str, size: int, *, main_lcore: int, peer: str | None) -> Child:
-    """testpmd with one port, bounded by ``timeout``, line-buffered periodic stats."""
+def testpmd(
+    vdev: str, mode: str, size: int, *, main_lcore: int, peer: str | None, limit: float = 60.0
+) -> Child:
+    """testpmd with one port, bounded by ``timeout`` (``limit`` s, then SIGINT; SIGKILL 5 s
+    later), line-buffered periodic stats (``--stats-period 1``; stdin is /dev/null)."""
     global _prefix_counter
     assert TESTPMD is not None
     _prefix_counter += 1
     prefix = f"vdevbench{os.getpid()}x{_prefix_counter}"
-    argv = ["timeout", "-s", "INT", "-k", "5", "60", "stdbuf", "-oL", TESTPMD]
+    argv = ["timeout", "-s", "INT", "-k", "5", f"{limit:g}", "stdbuf", "-oL", TESTPMD]
     argv += ["--no-huge", "-m", "512", "--no-pci", "--file-prefix", prefix]
     argv += ["-l", "0,1", "--main-lcore", str(main_lcore), "--vdev", vdev, "--"]
     argv += ["--total-num-mbufs", "16384", f"--forward-mode={mode}", f"--txpkts={size}"]

@@ -17,6 +17,7 @@ from faults_helpers import device_with_nic, push_tx, udp_frame
 from host import cli_ctl
 from vdev.faults import FaultEngine
 from vdev.faults.control import ControlServer, request
+from vdev.faults.events import EVENT_LOG_KEEP
 
 
 @pytest.fixture
@@ -147,11 +148,14 @@ def test_vdev_ctl_client(served: tuple[Any, str], capsys: pytest.CaptureFixture[
 def test_large_reply_is_buffered_not_blocking(served: tuple[Any, str]) -> None:
     dev, path = served
     engine = FaultEngine.for_device(dev)
+    pad = "x" * 400  # the log keeps EVENT_LOG_KEEP events: big ones make the reply big
     with dev.lock:
-        for i in range(20000):
-            engine.log.emit("drop", rule="bulk", nic="nic0", queue=1, n=i)
+        for i in range(EVENT_LOG_KEEP + 10):
+            engine.log.emit("drop", rule="bulk", nic="nic0", queue=1, n=i, pad=pad)
     reply = request(path, {"cmd": "events", "limit": 20000}, timeout=10)
-    assert len(reply["events"]) == 20000  # ~2 MB: sent in pieces as the client reads
+    # ~2 MB: sent in pieces as the client reads; the ring holds the newest events only.
+    assert len(reply["events"]) == EVENT_LOG_KEEP
+    assert reply["events"][0]["detail"]["n"] == 10
     assert request(path, {"cmd": "ping"})["ok"]
 
 

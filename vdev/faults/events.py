@@ -56,15 +56,24 @@ class FaultEvent:
         return " ".join(parts)
 
 
+# In-memory events kept (the newest; the JSON-lines file, when asked for, keeps every one).
+# An event costs about 380 bytes, so 4096 of them are about 1.6 MB.  The bound used to be
+# 100,000 (about 38 MB): a long run with a lossy rule then grew the process's heap by tens of
+# MB while the ring filled, which a soak cannot tell from a leak (benchmarks/soak.py, whose
+# RSS bound is 8 MiB).  Readers of the ring (the control socket's ``events``, test
+# assertions) look at recent events; counts by kind and by rule are never dropped.
+EVENT_LOG_KEEP = 4096
+
+
 class EventLog:
-    """Bounded in-memory log plus optional JSON-lines file."""
+    """Bounded in-memory log (a ring of ``keep`` events) plus optional JSON-lines file."""
 
     def __init__(
         self,
         path: str | None = None,
         *,
         clock: Callable[[], float],
-        keep: int = 100_000,
+        keep: int = EVENT_LOG_KEEP,
     ) -> None:
         self.path = path
         self.clock = clock
@@ -116,4 +125,4 @@ class EventLog:
             self._file = None
 
 
-__all__ = ["FROM_GUEST", "TO_GUEST", "EventLog", "FaultEvent"]
+__all__ = ["EVENT_LOG_KEEP", "FROM_GUEST", "TO_GUEST", "EventLog", "FaultEvent"]
