@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from vdev.faults import FaultEngine, SpecError, build_rule
-from vdev.net.device import Device
 from vdev.faults.traffic import HostPeer
+from vdev.net.device import Device
 
 frontend_mod = pytest.importorskip("vdev.testing.frontend")
 
