@@ -160,3 +160,31 @@ def test_cli_bad_input_and_empty_report(
     scenario.write_text('[scenario]\nname = "x"\n')
     assert main(["run", "--variant", "cov", "--scenario", str(scenario)]) == 2
     assert "--variant: only with --image bare" in capsys.readouterr().err
+
+
+def test_feature_faults_are_in_the_vocabulary_and_replay_as_scenarios() -> None:
+    """The generator draws every feature action; each is followed by a driver reset (the
+    negotiation it acts on), parses as a rule, and survives the scenario TOML round trip
+    (bit lists included)."""
+    from host.fuzz_program import FEATURE_ACTIONS, random_fault, traffic_for
+
+    r = random.Random(5)
+    seen: dict[str, Op] = {}
+    for n in range(2000):
+        op = random_fault(r, n)
+        if op.kind == "fault" and op.args["action"] in FEATURE_ACTIONS:
+            seen.setdefault(op.args["action"], op)
+    assert set(seen) == set(FEATURE_ACTIONS)
+    for action, op in seen.items():
+        assert "queue" not in op.args
+        rule = build_rule(op.args)
+        assert rule.kind == "features"
+        traffic = traffic_for(r, op)
+        assert traffic[0] == Op("guest", {"command": "reset"}), action
+        prog = [op, *traffic]
+        text = to_scenario(prog, name=action, signature="BUG: x N")
+        parse_scenario(text)
+        assert from_scenario(text) == prog
+        t = tweak(r, op)
+        assert t.args["action"] == action
+        build_rule(t.args)
