@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from host.fuzz_linux import GUEST_IP, GUEST_MAC, PROBE, REBIND, RESPONDER  # noqa: E402
+from host.fuzz_linux import GUEST_IP, GUEST_MAC, PROBE, REBIND, RESPONDER
 
 GUEST_CSUM, GUEST_UFO = 1, 10
 FEATURES = "cat /sys/class/net/eth0/device/features 2>/dev/null || echo nodev"
@@ -101,7 +101,7 @@ def run_case(case: str, timeout: float = 20.0) -> dict[str, Any]:
             out["console"] = [
                 ln.strip()
                 for ln in console.splitlines()
-                if "refuses features" in ln or "virtio_net" in ln and "probe" in ln
+                if "refuses features" in ln or ("virtio_net" in ln and "probe" in ln)
             ][-5:]
         finally:
             eng.clear()

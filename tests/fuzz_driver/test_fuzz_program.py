@@ -185,6 +185,8 @@ def test_feature_faults_are_in_the_vocabulary_and_replay_as_scenarios() -> None:
         text = to_scenario(prog, name=action, signature="BUG: x N")
         parse_scenario(text)
         assert from_scenario(text) == prog
-        t = tweak(r, op)
-        assert t.args["action"] == action
-        build_rule(t.args)
+        tweaked = [tweak(r, op) for _ in range(20)]
+        assert all(t.args["action"] == action for t in tweaked)
+        assert any(t != op for t in tweaked), f"tweak never changed {action}"
+        for t in tweaked:
+            build_rule(t.args)
