@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from host.fuzz_program import Op, Program
 from host.fuzz_target import _BUCKETS, ExecResult, _events_since, normalize
+from vdev.faults.scenario_play import SEND_SETTLE
 
 if TYPE_CHECKING:
     from host.machine import Machine
@@ -200,7 +201,9 @@ class LinuxTarget:
                 elif op.kind == "clear":
                     eng.clear()
                 elif op.kind == "send":
-                    self.peer.send_frames(self.mac, int(op.args["count"]), int(op.args["size"]))
+                    self.peer.send_frames(
+                        self.mac, int(op.args["count"]), int(op.args["size"]), settle=SEND_SETTLE
+                    )
                 else:
                     self._sh(str(op.args["command"]), res)
             eng.clear()

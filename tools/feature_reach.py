@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -49,6 +50,17 @@ def _guest_bits(text: str) -> list[int] | None:
     return None
 
 
+class _Errors(logging.Handler):
+    """The backend's own account of a refused request (``vhost-user: ... not offered``)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def run_case(case: str, timeout: float = 20.0) -> dict[str, Any]:
     from host.machine import Machine, Nic
     from images.linux import build_linux
@@ -57,6 +69,8 @@ def run_case(case: str, timeout: float = 20.0) -> dict[str, Any]:
 
     image = build_linux()
     out: dict[str, Any] = {"case": case}
+    errors = _Errors()
+    logging.getLogger().addHandler(errors)
     with tempfile.TemporaryDirectory(prefix="vdev-feat-") as tmp:
         sock = Path(tmp) / "nic0.sock"
         dev = Device()
@@ -103,7 +117,9 @@ def run_case(case: str, timeout: float = 20.0) -> dict[str, Any]:
                 for ln in console.splitlines()
                 if "refuses features" in ln or ("virtio_net" in ln and "probe" in ln)
             ][-5:]
+            out["backend_errors"] = [ln for ln in errors.lines if "vhost-user" in ln][:3]
         finally:
+            logging.getLogger().removeHandler(errors)
             eng.clear()
             machine.shutdown()
             eng.log.close()
