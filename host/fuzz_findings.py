@@ -115,11 +115,11 @@ def write_finding(
     replays the minimized program on a fresh guest capturing to ``pcap_path``."""
     d = root / slug(f.signature)
     d.mkdir(parents=True, exist_ok=True)
-    prog, epilogue = f.minimized, "reset"
+    prog, epilogue, prologue = f.minimized, "reset", None
     if target == "linux":
-        from host.fuzz_linux import REBIND, linux_program
+        from host.fuzz_linux import QUIET, REBIND, linux_program
 
-        prog, epilogue = linux_program(f.minimized), REBIND
+        prog, epilogue, prologue = linux_program(f.minimized), REBIND, QUIET
         replay = f"vdev run --scenario {d / 'scenario.toml'}"
         build = "the vdev Linux image (Debian's virtio_net)"
     else:
@@ -139,6 +139,7 @@ def write_finding(
         to_scenario(
             prog,
             epilogue=epilogue,
+            prologue=prologue,
             name=slug(f.signature),
             signature=f.signature,
             description=f"fuzz-driver finding: {f.signature}",

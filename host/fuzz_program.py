@@ -356,6 +356,7 @@ def to_scenario(
     description: str = "",
     comment: str = "",
     epilogue: str = "reset",
+    prologue: str | None = None,
 ) -> str:
     """The program as a scenario TOML: steps in order (``after = 0``), then the epilogue
     every fuzz execution ends with; a finding's signature becomes ``[liveness] expect =
@@ -369,6 +370,9 @@ def to_scenario(
         "timeout = 120.0",
         "",
     ]
+    if prologue is not None:
+        # What the target does once before its executions (Linux: a quiet guest).
+        lines += ["[[step]]", "after = 0", 'do = "guest"', f"command = {_toml_value(prologue)}", ""]
     for op in prog:
         lines.append("[[step]]")
         lines.append("after = 0")
@@ -406,8 +410,8 @@ def to_scenario(
     return "\n".join(lines) + "\n"
 
 
-def from_scenario(text: str, epilogue: str = "reset") -> Program:
-    """A program back from ``to_scenario``'s TOML (the epilogue steps dropped)."""
+def from_scenario(text: str, epilogue: str = "reset", prologue: str | None = None) -> Program:
+    """A program back from ``to_scenario``'s TOML (the prologue and epilogue dropped)."""
     import tomllib
 
     data = tomllib.loads(text)
@@ -428,6 +432,8 @@ def from_scenario(text: str, epilogue: str = "reset") -> Program:
     tail = [Op("clear"), Op("link", {"up": True}), Op("guest", {"command": epilogue})]
     if prog[-3:] == tail:
         prog = prog[:-3]
+    if prologue is not None and prog[:1] == [Op("guest", {"command": prologue})]:
+        prog = prog[1:]
     return prog
 
 
