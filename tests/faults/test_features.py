@@ -157,3 +157,23 @@ def test_feature_specs_are_checked() -> None:
         build_rule({"action": "feature_offer"})  # nothing to change
     rule = build_rule({"action": "refuse_features", "when": [32], "nth": 2})
     assert rule.kind == "features" and rule.describe()["params"] == {"when": [32]}
+
+
+def test_send_settles_before_returning(rig: tuple[Device, FaultEngine, str]) -> None:
+    """``send_frames(settle=...)`` returns only once the NIC wrote (or dropped) the frames:
+    a rule removed right after has seen them all.  Without the wait the channel only
+    queues them, and the rule's ``seen`` depends on the device thread's timing."""
+    dev, engine, path = rig
+    with frontend_mod.VirtioNetFrontend(path, ring_size=64):
+        rule = engine.nic(0).double_complete(queue="rx", nth=99)  # counts, never fires
+        peer = HostPeer(dev, name="settle-peer")
+        try:
+            for _ in range(5):
+                assert peer.send_frames(dev.nics[0].mac, 4, SIZE, settle=2.0) == 4
+                seen = rule.seen
+                rule.remove()
+                assert seen == 4, f"the rule saw {seen} of 4 frames before send returned"
+                rule = engine.nic(0).double_complete(queue="rx", nth=99)
+        finally:
+            peer.close()
+        assert rule.seen == 0
