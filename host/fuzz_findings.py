@@ -133,7 +133,7 @@ def write_finding(
         f"first line: {f.line}\n"
         f"driver: {build}\n"
         f"replay: {replay}\n"
-        "(exit status 0: the driver broke the same way; 5: it did not)"
+        "(exit status 0: the driver broke the same way; 1: it did not)"
     )
     (d / "scenario.toml").write_text(
         to_scenario(
