@@ -77,6 +77,21 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--report", action="store_true", help="print the findings table of --findings and exit"
     )
+    p.add_argument(
+        "--confirm",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs each shrink candidate must reproduce the signature in (default 1 for "
+        "bare, 2 for linux)",
+    )
+    p.add_argument(
+        "--from-findings",
+        metavar="DIR",
+        default=None,
+        help="no search: run the original program of every finding in DIR again, then "
+        "shrink, replay and write what reproduces to --findings (re-minimizes old findings)",
+    )
     p.set_defaults(func=run_fuzz)
 
 
@@ -93,6 +108,13 @@ def run_fuzz(args: argparse.Namespace) -> int:
     if args.replays < 1:
         print(f"vdev fuzz-driver: --replays {args.replays}: must be >= 1", file=sys.stderr)
         return 2
+    if args.confirm is not None and args.confirm < 1:
+        print(f"vdev fuzz-driver: --confirm {args.confirm}: must be >= 1", file=sys.stderr)
+        return 2
+    source = Path(args.from_findings) if args.from_findings else None
+    if source is not None and not list(source.glob("*/finding.json")):
+        print(f"vdev fuzz-driver: --from-findings {source}: no */finding.json", file=sys.stderr)
+        return 2
     budget_s = args.seconds if args.seconds is not None or args.execs else 60.0
     summary = fuzz(
         target_kind=args.target,
@@ -105,6 +127,8 @@ def run_fuzz(args: argparse.Namespace) -> int:
         root=root,
         stop_on_finding=args.stop_on_finding,
         pcap=not args.no_pcap,
+        confirm=args.confirm,
+        source=source,
         progress=lambda line: print(f"vdev fuzz-driver: {line}", file=sys.stderr, flush=True),
     )
     if summary is None:
@@ -134,6 +158,8 @@ def fuzz(
     stop_on_finding: bool = False,
     pcap: bool = True,
     progress: Any = None,
+    confirm: int | None = None,
+    source: Path | None = None,
 ) -> dict[str, Any] | None:
     """One campaign against the bare driver; the summary dict (None: no guest)."""
     from host.cli_sandbox import SandboxError
@@ -179,14 +205,23 @@ def fuzz(
         on_finding=on_finding,
         progress=progress,
         shrink_budget=40 if target_kind == "linux" else 120,
+        confirm=confirm if confirm is not None else (2 if target_kind == "linux" else 1),
     )
     t0 = time.monotonic()
     try:
-        camp.run(
-            budget_execs=execs,
-            budget_seconds=seconds_budget,
-            stop_when=(lambda c: bool(c.findings)) if stop_on_finding else None,
-        )
+        if source is not None:
+            from host.fuzz_findings import load_findings, ops_from_json
+
+            for info in load_findings(source):
+                got = camp.adopt(ops_from_json(info["program"]))
+                if progress is not None:
+                    progress(f"{info['signature']}: the original program gave {got}")
+        else:
+            camp.run(
+                budget_execs=execs,
+                budget_seconds=seconds_budget,
+                stop_when=(lambda c: bool(c.findings)) if stop_on_finding else None,
+            )
     except KeyboardInterrupt:
         if progress is not None:
             progress("interrupted: the summary covers the search so far")

@@ -107,6 +107,10 @@ class Campaign:
     seed: int = 1
     replays: int = 10
     shrink_budget: int = 120
+    # Runs a shrink candidate must give the signature in, each: 1 for the bare driver
+    # (deterministic), more for Linux, where one lucky run must not make a step look
+    # unneeded (the minimized program would then replay by chance).
+    confirm: int = 1
     energy: int = 16
     on_finding: Callable[[Finding], None] | None = None
     progress: Callable[[str], None] | None = None
@@ -217,8 +221,11 @@ class Campaign:
 
         def same(cand: list[Op]) -> bool:
             nonlocal runs
-            runs += 1
-            return self.target.run(cand).signature == sig
+            for _ in range(max(1, self.confirm)):
+                runs += 1
+                if self.target.run(cand).signature != sig:
+                    return False
+            return True
 
         minimized = shrink(prog, same, self.shrink_budget)
         # The replays go through the scenario TOML and the scenario player: what a user
@@ -238,6 +245,17 @@ class Campaign:
             )
         if self.on_finding is not None:
             self.on_finding(f)
+
+    def adopt(self, prog: Program) -> str | None:
+        """Run a program from elsewhere (an older finding's) and, when it gives a signature
+        this campaign has not got, shrink, replay and report it as a finding of its own:
+        ``vdev fuzz-driver --from-findings``.  Returns the signature it gave."""
+        res = self.target.run(prog)
+        self.execs += 1
+        self.exec_seconds += res.seconds
+        if res.signature is not None:
+            self._found(prog, res)
+        return res.signature
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -115,11 +115,11 @@ def write_finding(
     replays the minimized program on a fresh guest capturing to ``pcap_path``."""
     d = root / slug(f.signature)
     d.mkdir(parents=True, exist_ok=True)
-    prog, epilogue = f.minimized, "reset"
+    prog, epilogue, prologue = f.minimized, "reset", None
     if target == "linux":
-        from host.fuzz_linux import REBIND, linux_program
+        from host.fuzz_linux import QUIET, REBIND, linux_program
 
-        prog, epilogue = linux_program(f.minimized), REBIND
+        prog, epilogue, prologue = linux_program(f.minimized), REBIND, QUIET
         replay = f"vdev run --scenario {d / 'scenario.toml'}"
         build = "the vdev Linux image (Debian's virtio_net)"
     else:
@@ -133,12 +133,13 @@ def write_finding(
         f"first line: {f.line}\n"
         f"driver: {build}\n"
         f"replay: {replay}\n"
-        "(exit status 0: the driver broke the same way; 5: it did not)"
+        "(exit status 0: the driver broke the same way; 1: it did not)"
     )
     (d / "scenario.toml").write_text(
         to_scenario(
             prog,
             epilogue=epilogue,
+            prologue=prologue,
             name=slug(f.signature),
             signature=f.signature,
             description=f"fuzz-driver finding: {f.signature}",

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from host.fuzz_program import Op, Program
 from host.fuzz_target import _BUCKETS, ExecResult, _events_since, normalize
+from vdev.faults.scenario_play import SEND_SETTLE
 
 if TYPE_CHECKING:
     from host.machine import Machine
@@ -43,6 +44,13 @@ REBIND = (
     f"ip addr add {GUEST_IP} dev eth0 2>/dev/null; ip link set eth0 up; echo rebind=$d"
 )
 PROBE = f"ping -c 1 -W 2 {RESPONDER} >/dev/null 2>&1; echo alive=$?"
+# A quiet guest: no IPv6 (router solicitations, MLD, DAD after every rebind), so the only
+# frames on the rings are the ones the program makes.  Background traffic racing a rule
+# ("the first TX completion after install") made replays depend on timing.  ``default``
+# covers the eth0 that every rebind creates anew.
+QUIET = (
+    "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do echo 1 > $f; done 2>/dev/null; echo quiet"
+)
 LINUX_PATTERNS = re.compile(
     r"(?:^.*virtio_net \S+: (?:input|output)\.\d+:.*$)|(?:^.*(?:BUG: |Kernel panic|Oops|"
     r"general protection fault|WARNING: |virtqueue .*broken).*$)",
@@ -69,7 +77,7 @@ def linux_program(prog: Program) -> Program:
     return [
         Op("guest", {"command": linux_command(str(op.args["command"]))})
         if op.kind == "guest"
-        and not str(op.args["command"]).startswith(("ping", "cat", "d=", "ip"))
+        and not str(op.args["command"]).startswith(("ping", "cat", "d=", "ip", "for f"))
         else op
         for op in prog
     ]
@@ -135,6 +143,7 @@ class LinuxTarget:
             console_log=self.log,
         )
         self.machine.launch()
+        self.machine.run(QUIET, timeout=self.cmd_timeout)
         self.peer = HostPeer(self.device, name="fuzz-peer")
         self.boots += 1
         self.boot_seconds += time.monotonic() - t0
@@ -200,7 +209,9 @@ class LinuxTarget:
                 elif op.kind == "clear":
                     eng.clear()
                 elif op.kind == "send":
-                    self.peer.send_frames(self.mac, int(op.args["count"]), int(op.args["size"]))
+                    self.peer.send_frames(
+                        self.mac, int(op.args["count"]), int(op.args["size"]), settle=SEND_SETTLE
+                    )
                 else:
                     self._sh(str(op.args["command"]), res)
             eng.clear()
@@ -247,9 +258,41 @@ class LinuxTarget:
         return out
 
     def replay(self, prog: Program, signature: str) -> str | None:
-        """The Linux replay runs the program again on this guest (the scenario form of a
-        Linux finding is written for ``vdev run --scenario``)."""
-        return self.run(prog).signature
+        """Replay ``prog`` as its scenario TOML (what ``vdev run --scenario`` plays: the
+        quiet prologue, the program, the rebind epilogue, ``expect = "breaks"`` with the
+        signature's line) through the scenario player on this guest; the signature it
+        produced, if the verdict held.  The guest is rebooted when the rebind left it dead,
+        so every replay starts from a working driver."""
+        from host.fuzz_program import to_scenario
+        from host.scenario_guest import LinuxGuest
+        from vdev.faults.scenario_play import play
+
+        if self.machine is None:
+            self.start()
+        assert self.machine is not None and self.device is not None
+        text = to_scenario(
+            linux_program(prog),
+            name="replay",
+            signature=signature,
+            epilogue=REBIND,
+            prologue=QUIET,
+        )
+        log0 = self.machine.console.log_offset()
+        got: str | None = None
+        with tempfile.TemporaryDirectory(prefix="vdev-fuzz-linux-") as tmp:
+            path = Path(tmp) / "replay.toml"
+            path.write_text(text)
+            try:
+                guest = LinuxGuest(self.machine, ip=GUEST_IP.split("/")[0], mac=GUEST_MAC)
+                report = play(str(path), self.device, guest=guest)
+                m = LINUX_PATTERNS.search(self.machine.console.log_since(log0))
+                if report.ok and m is not None:
+                    got = normalize(re.sub(r"^\[[\s\d.]+\]\s*", "", m.group(0).strip()))
+            except Exception:  # the guest stopped answering mid-replay
+                got = None
+        if "alive=0" not in self._probe_after_finding():
+            self.reboot()
+        return got
 
 
-__all__ = ["LinuxTarget", "behaviour", "linux_command", "linux_program"]
+__all__ = ["QUIET", "REBIND", "LinuxTarget", "behaviour", "linux_command", "linux_program"]

@@ -155,11 +155,42 @@ def _data(r: random.Random) -> dict[str, Any]:
     return spec
 
 
+FEATURE_ACTIONS = ("feature_offer", "feature_withdraw", "feature_assume", "refuse_features")
+# Spec bit numbers (virtio 1.x "Feature Bits" and 5.1.3 "Feature bits" of the net device):
+# 0 CSUM, 1 GUEST_CSUM, 10 GUEST_UFO, 15 MRG_RXBUF, 29 EVENT_IDX, 32 VERSION_1; 41 and 50
+# are reserved for a net device.  Each set is one way a device lies about them.
+_OFFER_EXTRA = ((50,), (41,), (10,), (50, 41))
+_OFFER_CLEAR = ((1,), (15,), (29,), (32,))
+_BEHAVE = ((29,), (15,), (32, 15), (1,), (0,), (10,))
+_REFUSE_WHEN = ((), (29,), (15,), (32,))
+
+
+def _features(r: random.Random) -> dict[str, Any]:
+    """A feature-negotiation fault (vdev/faults/features.py).  It acts at the next
+    negotiation, so ``traffic_for`` puts a driver reset right after it; no queue key."""
+    kind = r.choice(FEATURE_ACTIONS)
+    spec: dict[str, Any] = {"action": kind}
+    if kind == "feature_offer":
+        if r.random() < 0.5:
+            spec["bits"] = list(r.choice(_OFFER_EXTRA))
+        else:
+            spec["clear"] = list(r.choice(_OFFER_CLEAR))
+    elif kind == "refuse_features":
+        when = r.choice(_REFUSE_WHEN)
+        if when:
+            spec["when"] = list(when)
+    else:
+        spec["bits"] = list(r.choice(_BEHAVE))
+    spec["limit"] = r.randint(1, 2)
+    return spec
+
+
 def random_fault(r: random.Random, n: int) -> Op:
     """One fault step; ``n`` numbers the rule id and seed (replays are deterministic)."""
     if r.random() < 0.1:
         return Op("link", {"up": r.random() < 0.3})
-    spec = _ring(r) if r.random() < 0.8 else _data(r)
+    x = r.random()
+    spec = _features(r) if x < 0.1 else _ring(r) if x < 0.8 else _data(r)
     spec["id"] = f"f{n}"
     spec["seed"] = r.randrange(1 << 16)
     return Op("fault", spec)
@@ -190,6 +221,10 @@ def traffic_for(r: random.Random, fault: Op) -> Program:
     sends)."""
     queue = str(fault.args.get("queue", "both"))
     out: Program = []
+    if fault.args.get("action") in FEATURE_ACTIONS:
+        # A feature fault bites at the next negotiation: the driver resets the device
+        # (SET_FEATURES again), then traffic both ways runs under what was negotiated.
+        out.append(Op("guest", {"command": "reset"}))
     if queue in ("rx", "both") or fault.kind == "link":
         n = r.choice((1, 2, 4, 16))
         out.append(Op("send", {"count": n, "size": r.choice((60, 300, 1514))}))
@@ -235,7 +270,13 @@ def tweak(r: random.Random, op: Op) -> Op:
     if op.kind != "fault":
         return op
     action = op.args.get("action")
-    draw = _data if action in ("drop", "corrupt", "truncate", "duplicate", "pad") else _ring
+    draw = (
+        _data
+        if action in ("drop", "corrupt", "truncate", "duplicate", "pad")
+        else _features
+        if action in FEATURE_ACTIONS
+        else _ring
+    )
     for _ in range(50):
         spec = draw(r)
         if spec.get("action") == action:
@@ -248,6 +289,8 @@ def tweak(r: random.Random, op: Op) -> Op:
             key = r.choice(keys)
             args = dict(op.args)
             args[key] = spec[key]
+            if action == "feature_offer" and key in ("bits", "clear"):
+                args.pop("clear" if key == "bits" else "bits", None)  # one change at a time
             if key in ("nth", "every"):  # one trigger key at a time
                 args.pop("every" if key == "nth" else "nth", None)
                 args["limit"] = spec.get("limit", args.get("limit", 1))
@@ -313,6 +356,7 @@ def to_scenario(
     description: str = "",
     comment: str = "",
     epilogue: str = "reset",
+    prologue: str | None = None,
 ) -> str:
     """The program as a scenario TOML: steps in order (``after = 0``), then the epilogue
     every fuzz execution ends with; a finding's signature becomes ``[liveness] expect =
@@ -326,6 +370,9 @@ def to_scenario(
         "timeout = 120.0",
         "",
     ]
+    if prologue is not None:
+        # What the target does once before its executions (Linux: a quiet guest).
+        lines += ["[[step]]", "after = 0", 'do = "guest"', f"command = {_toml_value(prologue)}", ""]
     for op in prog:
         lines.append("[[step]]")
         lines.append("after = 0")
@@ -363,8 +410,8 @@ def to_scenario(
     return "\n".join(lines) + "\n"
 
 
-def from_scenario(text: str, epilogue: str = "reset") -> Program:
-    """A program back from ``to_scenario``'s TOML (the epilogue steps dropped)."""
+def from_scenario(text: str, epilogue: str = "reset", prologue: str | None = None) -> Program:
+    """A program back from ``to_scenario``'s TOML (the prologue and epilogue dropped)."""
     import tomllib
 
     data = tomllib.loads(text)
@@ -385,12 +432,15 @@ def from_scenario(text: str, epilogue: str = "reset") -> Program:
     tail = [Op("clear"), Op("link", {"up": True}), Op("guest", {"command": epilogue})]
     if prog[-3:] == tail:
         prog = prog[:-3]
+    if prologue is not None and prog[:1] == [Op("guest", {"command": prologue})]:
+        prog = prog[1:]
     return prog
 
 
 __all__ = [
     "EPILOGUE",
     "FAULT_KINDS",
+    "FEATURE_ACTIONS",
     "OP_KINDS",
     "Op",
     "Program",

@@ -68,15 +68,48 @@ def test_bad_used_id_modes() -> None:
     assert (kind, bogus) == ("raw", want)
     assert not rb.queues[0]._inflight[bogus]  # not outstanding: the driver has it back
     assert rb.queues[0]._inflight[3]  # replaced: the real buffer is never returned
-    # Every draw of the mode stays outside the in-flight set, for many seeds.
+    # Every draw of the mode stays outside the in-flight set, for many seeds.  nth=3: head
+    # 0 is no candidate (no idle id yet, the precondition), heads 1, 2, 3 are.
     for seed in range(40):
         rb2 = make_ring_bench()
-        with rb2.nf.bad_used_id(queue="rx", mode="not_outstanding", nth=4, seed=seed):
+        with rb2.nf.bad_used_id(queue="rx", mode="not_outstanding", nth=3, seed=seed):
             rb2.complete(0, [0, 1, 2, 3], written=10)
         (raw,) = [c for c in rb2.queues[0].calls if c[0] == "raw"]
         m = random.Random(str(seed))
         m.randrange(size)
         assert raw[1] == [0, 1, 2][m.randrange(3)], seed
+
+
+def test_not_outstanding_waits_for_an_id_the_driver_cannot_hold() -> None:
+    """The precondition of mode=not_outstanding: an element counts as a candidate only when
+    some id is neither the head, nor in flight, nor in an avail slot (an id the driver
+    posted may still be outstanding for it).  Model: FakeQueue starts with every id in
+    flight, so for head 0 there is no such id; for head 1, id 0 (just completed) is the only
+    one; with 0 posted in the avail ring, the first usable id is 1, at head 2.  Without the
+    precondition, nth=1 fired on head 0 with an out-of-range id: another signature."""
+    rb = make_ring_bench()
+    with rb.nf.bad_used_id(queue="rx", mode="not_outstanding", nth=1, seed=3) as rule:
+        rb.complete(0, [0, 1, 2], written=10)
+    assert rb.queues[0].calls == [
+        ("push", 0, 10),
+        ("push", 1, 10),
+        ("raw", 0, 10),
+        ("push", 2, 10),
+        ("flush",),
+    ]
+    assert (rule.seen, rule.hits) == (2, 1)  # heads 1 and 2 were candidates, 0 was not
+    rb2 = make_ring_bench()
+    rb2.queues[0].avail_heads = lambda: {0}  # type: ignore[attr-defined]
+    with rb2.nf.bad_used_id(queue="rx", mode="not_outstanding", nth=1, seed=3) as rule2:
+        rb2.complete(0, [0, 1, 2], written=10)
+    raws = [c for c in rb2.queues[0].calls if c[0] == "raw"]
+    assert raws == [("raw", 1, 10)] and (rule2.seen, rule2.hits) == (1, 1)
+    rb3 = make_ring_bench()
+    rb3.queues[0].avail_heads = lambda: set(range(8))  # type: ignore[attr-defined]
+    with rb3.nf.bad_used_id(queue="rx", mode="not_outstanding", every=1, seed=3) as rule3:
+        rb3.complete(0, [0, 1, 2, 3], written=10)
+    assert not [c for c in rb3.queues[0].calls if c[0] == "raw"]
+    assert (rule3.seen, rule3.hits) == (0, 0)
 
 
 def test_double_complete_and_lying_lengths() -> None:

@@ -160,3 +160,87 @@ def test_cli_bad_input_and_empty_report(
     scenario.write_text('[scenario]\nname = "x"\n')
     assert main(["run", "--variant", "cov", "--scenario", str(scenario)]) == 2
     assert "--variant: only with --image bare" in capsys.readouterr().err
+
+
+def test_feature_faults_are_in_the_vocabulary_and_replay_as_scenarios() -> None:
+    """The generator draws every feature action; each is followed by a driver reset (the
+    negotiation it acts on), parses as a rule, and survives the scenario TOML round trip
+    (bit lists included)."""
+    from host.fuzz_program import FEATURE_ACTIONS, random_fault, traffic_for
+
+    r = random.Random(5)
+    seen: dict[str, Op] = {}
+    for n in range(2000):
+        op = random_fault(r, n)
+        if op.kind == "fault" and op.args["action"] in FEATURE_ACTIONS:
+            seen.setdefault(op.args["action"], op)
+    assert set(seen) == set(FEATURE_ACTIONS)
+    for action, op in seen.items():
+        assert "queue" not in op.args
+        rule = build_rule(op.args)
+        assert rule.kind == "features"
+        traffic = traffic_for(r, op)
+        assert traffic[0] == Op("guest", {"command": "reset"}), action
+        prog = [op, *traffic]
+        text = to_scenario(prog, name=action, signature="BUG: x N")
+        parse_scenario(text)
+        assert from_scenario(text) == prog
+        tweaked = [tweak(r, op) for _ in range(20)]
+        assert all(t.args["action"] == action for t in tweaked)
+        assert any(t != op for t in tweaked), f"tweak never changed {action}"
+        for t in tweaked:
+            build_rule(t.args)
+
+
+class _FlakyTarget:
+    """A target whose signature needs ops "a" and "b"; without "b" it still breaks, but
+    only on every other run (a timing-dependent reproduction)."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def run(self, prog: list[Op]) -> object:
+        from host.fuzz_target import ExecResult
+
+        self.runs += 1
+        cmds = {str(op.args.get("command")) for op in prog}
+        res = ExecResult()
+        if "a" in cmds and ("b" in cmds or self.runs % 2 == 0):
+            res.signature = res.line = "BUG: x"
+        return res
+
+    def replay(self, prog: list[Op], signature: str) -> str | None:
+        return getattr(self.run(prog), "signature", None)
+
+
+@pytest.mark.parametrize("confirm", [1, 3])
+def test_confirm_keeps_steps_a_lucky_run_would_drop(confirm: int) -> None:
+    """With one run per shrink candidate, a run where the flaky path broke makes "b" look
+    unneeded, and the minimized program replays only half the time; confirming each
+    candidate three times keeps "b" (the oracle is the target's own rule above)."""
+    from host.fuzz_campaign import Campaign
+
+    prog = [Op("guest", {"command": c}) for c in ("a", "x", "b", "y")]
+    found: list[object] = []
+    camp = Campaign(_FlakyTarget(), replays=4, confirm=confirm, on_finding=found.append)  # type: ignore[arg-type]
+    assert camp.adopt(prog) == "BUG: x"
+    (f,) = found
+    kept = [op.args["command"] for op in f.minimized]  # type: ignore[attr-defined]
+    if confirm == 1:
+        assert kept == ["a"]  # the lucky shrink: drops "b"
+    else:
+        assert kept == ["a", "b"]
+        assert f.replays_ok == 4  # type: ignore[attr-defined]
+
+
+def test_prologue_round_trips() -> None:
+    prog = [
+        Op("fault", {"action": "drop", "queue": "rx", "id": "f1"}),
+        Op("send", {"count": 1, "size": 60}),
+    ]
+    text = to_scenario(prog, name="p", signature="BUG: N", epilogue="E", prologue="Q")
+    parse_scenario(text)
+    assert text.index('command = "Q"') < text.index('do = "add"')
+    assert from_scenario(text, epilogue="E", prologue="Q") == prog

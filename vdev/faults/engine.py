@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from vdev.faults.actions import ActionContext
 from vdev.faults.crash import CrashPoint, crash_detail, kill_self
 from vdev.faults.events import EventLog
+from vdev.faults.features import FeatureFaultSet
 from vdev.faults.ring import RingFaultSet
 from vdev.faults.rules import Rule, SpecError, build_rule
 
@@ -360,6 +361,13 @@ class NicFaults:
             now=engine.now,
             call_later=engine.call_later,
         )
+        # Feature negotiation faults (features.py): asked by the NIC at GET/SET_FEATURES and
+        # SET_STATUS, from the same rule snapshot.
+        self.features = FeatureFaultSet(
+            lambda: [r for r in self._rules_snapshot if r.kind == "features"],
+            emit=engine.log.emit,
+            now=engine.now,
+        )
         self._link_fault: DeviceFault | None = None
         other = getattr(nic, "faults", None)
         if isinstance(other, NicFaults) and other.engine is not engine and other.attached:
@@ -368,6 +376,7 @@ class NicFaults:
         nic.tx_hooks.append(self._tx_hook)
         nic.rx_hooks.append(self._rx_hook)
         nic.ring_faults = self.ring
+        nic.feature_faults = self.features
         setattr(nic, "faults", self)  # noqa: B010  # no such attribute on VirtioNet
 
     def detach(self) -> None:
@@ -380,6 +389,8 @@ class NicFaults:
             nic.rx_hooks.remove(self._rx_hook)
         if nic.ring_faults is self.ring:
             nic.ring_faults = None
+        if nic.feature_faults is self.features:
+            nic.feature_faults = None
         self.attached = False
 
     # -- hooks ----------------------------------------------------------------------------
@@ -552,6 +563,24 @@ class NicFaults:
 
     def spurious_irq(self, **kw: Any) -> Rule:
         return self._spec("spurious_irq", kw)
+
+    # Feature negotiation (features.py) ---------------------------------------------------
+
+    def feature_offer(self, **kw: Any) -> Rule:
+        """GET_FEATURES offers ``bits`` more and ``clear`` less."""
+        return self._spec("feature_offer", kw)
+
+    def feature_withdraw(self, **kw: Any) -> Rule:
+        """At the next SET_FEATURES the device ignores acked ``bits``."""
+        return self._spec("feature_withdraw", kw)
+
+    def feature_assume(self, **kw: Any) -> Rule:
+        """At the next SET_FEATURES the device also uses ``bits`` the driver did not ack."""
+        return self._spec("feature_assume", kw)
+
+    def refuse_features(self, **kw: Any) -> Rule:
+        """A SET_FEATURES holding every bit of ``when``: FEATURES_OK is not kept."""
+        return self._spec("refuse_features", kw)
 
     def ignore_event_idx(self, **kw: Any) -> Rule:
         return self._spec("ignore_event_idx", kw)

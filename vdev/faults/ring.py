@@ -58,6 +58,11 @@ class RingAction:
     def applicable(self, nic: VirtioNet) -> bool:
         return True
 
+    def ready(self, u: UsedElem) -> bool:
+        """Whether this element is one the action can act on (checked before the rule's
+        match keys, so ``nth``/``every`` count only elements it could fire on)."""
+        return True
+
     def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
         return None
 
@@ -119,12 +124,35 @@ class BadUsedId(RingAction):
     replace: bool = False
     name = "bad_used_id"
 
+    @staticmethod
+    def idle(u: UsedElem) -> list[int]:
+        """Ids the driver cannot have outstanding: not the head, not in flight on the
+        device, and (split rings) in no slot of the avail ring.  The last part matters: an
+        id the device completed may not be harvested by the driver yet, but a driver can
+        only have made an id available through an avail slot, and a slot is overwritten
+        only after ``size`` newer ones, which the driver cannot post while it still holds
+        that id.  So these ids are "not a head" for the driver, whatever it harvested."""
+        size, head = int(u.queue.size), u.head
+        avail = getattr(u.queue, "avail_heads", None)
+        posted: set[int] = avail() if callable(avail) else set()
+        return [
+            i
+            for i in range(size)
+            if i != head and i not in posted and u.queue.inflight_writable(i) is None
+        ]
+
+    def ready(self, u: UsedElem) -> bool:
+        # The precondition of not_outstanding: a queue whose every id is posted (a Linux
+        # RX ring, always full) has none to use, so the rule waits for one that has,
+        # instead of falling back to an out-of-range id (another signature) by timing.
+        return self.mode != "not_outstanding" or bool(self.idle(u))
+
     def on_used(self, rs: RingFaultSet, rule: Rule, u: UsedElem) -> Used | None:
         size, head, written = int(u.queue.size), u.head, u.written
         rng = rule.state.rng
         bogus = size + rng.randrange(max(1, min(size, 0x10000 - size)))
         if self.mode == "not_outstanding":
-            idle = [i for i in range(size) if i != head and u.queue.inflight_writable(i) is None]
+            idle = self.idle(u)
             if idle:
                 bogus = idle[rng.randrange(len(idle))]
         rs.event(rule, u.nic, u.index, "bad_used_id", head=head, id=bogus, mode=self.mode)
@@ -483,9 +511,14 @@ class RingFaultSet:
         for rule in self._rules_for("used", index):
             action = rule.action
             assert isinstance(action, RingAction)
-            if not action.applicable(nic) or not rule.select(PacketInfo(None, self.now())):
+            elem = UsedElem(nic, index, queue, head, written)
+            if (
+                not action.applicable(nic)
+                or not action.ready(elem)
+                or not rule.select(PacketInfo(None, self.now()))
+            ):
                 continue
-            result = action.on_used(self, rule, UsedElem(nic, index, queue, head, written))
+            result = action.on_used(self, rule, elem)
             if result is not None:
                 return result
         return None

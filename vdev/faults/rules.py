@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from vdev.errors import VdevError
 from vdev.faults import actions as A
+from vdev.faults import features as F
 from vdev.faults import predicates as P
 from vdev.faults import ring as R
 
@@ -405,6 +406,11 @@ ACTIONS: dict[str, tuple[set[str], ActionFactory]] = {
         lambda s: R.SpuriousIrq(_req_int(s, "extra", 1), _num(s, "interval_ms")),
     ),
     "ignore_event_idx": (set(), lambda s: R.IgnoreEventIdx()),
+    # Feature negotiation (vdev/faults/features.py): the device inconsistent about its bits.
+    "feature_offer": ({"bits", "clear"}, lambda s: F.build("feature_offer", s, _int_list)),
+    "feature_withdraw": ({"bits"}, lambda s: F.build("feature_withdraw", s, _int_list)),
+    "feature_assume": ({"bits"}, lambda s: F.build("feature_assume", s, _int_list)),
+    "refuse_features": ({"when"}, lambda s: F.build("refuse_features", s, _int_list)),
 }
 
 
@@ -447,6 +453,10 @@ def build_rule(spec: Mapping[str, Any]) -> Rule:
         ):
             key = sorted(set(spec) & MATCH_KEYS)[0]
             raise SpecError(f"{key}: {name} is time-driven and takes no match keys", key)
+        if isinstance(action, F.FeatureAction) and "queue" in spec:
+            # A negotiation covers the whole device: a queue key would promise a scope
+            # the fault does not have.
+            raise SpecError(f"queue: {name} acts on the feature negotiation, not a queue", "queue")
     default_queue = "both"
     queue = parse_queue(spec.get("queue", default_queue))
     limit = _int(spec, "limit")

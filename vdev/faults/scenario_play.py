@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 
 GUEST_IP_DEFAULT = bytes([10, 0, 2, 15])
 SETTLE = 0.3  # seconds for the last frames of a stopped flow to reach the far end
+# A ``send`` step waits (at most this long) until the guest's NIC wrote or dropped the
+# frames, so the next step (a ``clear``) cannot beat them to the RX path: a replay where a
+# rule sees them or not by timing is not a replay (HostPeer.send_frames).
+SEND_SETTLE = 1.0
 
 
 class Interrupted(VdevError):
@@ -380,7 +384,9 @@ class _Player:
             return ok or not p.get("check", False), detail
         if step.do == "send":
             peer = self.host_peer()
-            sent = peer.send_frames(self.guest_mac(), int(p["count"]), int(p["size"]), 1.0)
+            sent = peer.send_frames(
+                self.guest_mac(), int(p["count"]), int(p["size"]), 1.0, settle=SEND_SETTLE
+            )
             # A device refusing frames (link down, a stalled RX queue) is part of what a
             # scenario plays, not a failed step: the detail says how many went out.
             return True, f"sent {sent} of {p['count']}"

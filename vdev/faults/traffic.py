@@ -384,9 +384,18 @@ class HostPeer:
             return eth(s.dst_mac, self.mac, 0x0800, ipv4(self.ip, s.dst_ip, 17, u))
         return eth(s.dst_mac, self.mac, ETH_TEST, tools_payload(seq, flow.size - 14))
 
-    def send_frames(self, dst_mac: bytes, count: int, size: int, timeout: float = 5.0) -> int:
+    def send_frames(
+        self, dst_mac: bytes, count: int, size: int, timeout: float = 5.0, settle: float = 0.0
+    ) -> int:
         """Send ``count`` test frames of ``size`` bytes to ``dst_mac`` now (a ``send`` step);
-        returns how many the channel took within ``timeout`` seconds."""
+        returns how many the channel took within ``timeout`` seconds.
+
+        ``settle`` > 0: then wait (at most that long) until the NIC with ``dst_mac`` has
+        settled the frames' fate, written into guest buffers or dropped.  The channel only
+        queues them: a step right after (a ``clear``) would otherwise race the device's RX
+        path, and whether a rule saw them would depend on timing (a replay's nondeterminism).
+        """
+        before = self.rx_settled(dst_mac)
         frames = [
             eth(dst_mac, self.mac, ETH_TEST, tools_payload(i, size - 14)) for i in range(count)
         ]
@@ -396,7 +405,21 @@ class HostPeer:
             sent += took
             if not took:
                 time.sleep(0.002)
+        if settle > 0 and before is not None:
+            end = time.monotonic() + settle
+            while time.monotonic() < end:
+                now = self.rx_settled(dst_mac)
+                if now is None or now >= before + sent:
+                    break
+                time.sleep(0.005)
         return sent
+
+    def rx_settled(self, dst_mac: bytes) -> int | None:
+        """RX frames the NIC with ``dst_mac`` wrote or dropped so far (None: no such NIC)."""
+        for nic in self.device.nics:
+            if nic.mac == dst_mac:
+                return sum(q.frames + q.drops for i, q in nic.stats.items() if i % 2 == 0)
+        return None
 
     # -- liveness probe ---------------------------------------------------------------
 

@@ -138,6 +138,22 @@ class RingFaults(Protocol):
         ...
 
 
+class FeatureFaults(Protocol):
+    """Feature-negotiation misbehaviour (``nic.feature_faults``, vdev/faults/features.py)."""
+
+    def offer(self, nic: VirtioNet, base: int) -> int:
+        """The offer a GET_FEATURES answers with, given the device's own ``base``."""
+        ...
+
+    def negotiate(self, nic: VirtioNet, acked: int) -> int:
+        """The features the device behaves by after the driver acked ``acked``."""
+        ...
+
+    def status(self, nic: VirtioNet, value: int) -> int:
+        """The device status kept after SET_STATUS ``value``."""
+        ...
+
+
 # The capture tap: (nic, frame, direction, notes) with direction FROM_GUEST or TO_GUEST
 # (pcapng epb_flags inbound / outbound) and the notes the frame's record carries.
 Tap = Callable[["VirtioNet", bytes, int, list[str]], None]
@@ -206,6 +222,12 @@ class VirtioNet:
         self.tap: Tap | None = None
         self._notes: dict[int, list[str]] = {}
         self.ring_faults: RingFaults | None = None
+        # Feature-negotiation faults (vdev/faults/features.py), installed by the engine.
+        self.feature_faults: FeatureFaults | None = None
+        # What the last GET_FEATURES offered and the last SET_FEATURES acked; ``negotiated``
+        # is what the device behaves by (the acked set unless a feature fault says else).
+        self.last_offer = self.offered
+        self.acked = 0
         # Set by the device: run a callable from its event loop soon (see process_tx).
         self.defer: Callable[[Callable[[], None]], None] | None = None
         # Lifecycle events (a ring resumed away from SET_VRING_BASE): kept here and handed to
@@ -232,6 +254,12 @@ class VirtioNet:
     def device_features(self) -> int:
         return self.offered
 
+    def features_offer(self) -> int:
+        """The GET_FEATURES answer: the offer, through the feature faults."""
+        ff = self.feature_faults
+        self.last_offer = self.offered if ff is None else ff.offer(self, self.offered)
+        return self.last_offer
+
     def protocol_features(self) -> int:
         return bit(ProtocolFeature.MTU)  # NET_SET_MTU
 
@@ -243,8 +271,18 @@ class VirtioNet:
     def queue_direction(self, index: int) -> SyncKind:
         return net_queue_direction(index)
 
-    def features_set(self, features: int) -> None:
-        self.negotiated = features
+    def features_set(self, features: int) -> int:
+        """SET_FEATURES: returns the set the device (and its rings) will behave by."""
+        self.acked = features
+        ff = self.feature_faults
+        self.negotiated = features if ff is None else ff.negotiate(self, features)
+        return self.negotiated
+
+    def status_set(self, status: int) -> int:
+        """SET_STATUS: the status the device keeps (a refused negotiation drops
+        FEATURES_OK, 3.1.1 "Driver Requirements: Device Initialization")."""
+        ff = self.feature_faults
+        return status if ff is None else ff.status(self, status)
 
     def queue_started(self, vring: Vring) -> None:
         if vring.index >= 2 * self.queue_pairs:
@@ -907,6 +945,15 @@ class VirtioNet:
         return {
             "name": self.name,
             "negotiated": hex(self.negotiated),
+            # Offered vs acked vs what the device behaves by: a feature fault shows as a
+            # difference here (withdrawn: acked, not used; assumed: used, not acked).
+            "features": {
+                "offered": hex(self.last_offer),
+                "acked": hex(self.acked),
+                "negotiated": hex(self.negotiated),
+                "withdrawn": hex(self.acked & ~self.negotiated),
+                "assumed": hex(self.negotiated & ~self.acked),
+            },
             "link_up": self.link_up,
             "backlog": len(self.backlog),
             "queues": queues,

@@ -122,7 +122,10 @@ class VhostDevice(Protocol):
         buffers only), ``SyncKind.TX`` (the device reads) or another kind for both."""
         ...
 
-    def features_set(self, features: int) -> None: ...
+    def features_set(self, features: int) -> int | None:
+        """SET_FEATURES acked ``features``; may return the set the device behaves by (its
+        rings get that one: a feature fault), None for ``features`` itself."""
+        ...
 
     def queue_started(self, vring: Vring) -> None:
         """The ring started ("Ring states": memory, num, addresses and a kick fd): watch
@@ -233,6 +236,8 @@ class VhostUserBackend:
             BACKEND_PROTOCOL_FEATURES | (extra & DEVICE_PROTOCOL_FEATURES)
         ) & ~without_protocol_features
         self.features = 0  # acked with SET_FEATURES (virtio bits + bit 30)
+        # What the device behaves by (features_set's answer): the rings are built with it.
+        self.device_view: int | None = None
         self.features_acked = False
         self.protocol_features = 0  # acked with SET_PROTOCOL_FEATURES
         self.owner = False
@@ -293,6 +298,14 @@ class VhostUserBackend:
     def negotiated_features(self) -> int:
         """Virtio feature bits acked by the front-end (without vhost-user's bit 30)."""
         return self.features & ~F_PROTOCOL_FEATURES
+
+    @property
+    def ring_features(self) -> int:
+        """The features the rings run by: the device's view of the negotiation (a feature
+        fault may differ from the acked set), with the acked ring layout always."""
+        if self.device_view is None:
+            return self.negotiated_features
+        return int((self.device_view & ~F_RING_PACKED) | (self.features & F_RING_PACKED))
 
     @property
     def packed(self) -> bool:
@@ -491,7 +504,7 @@ class VhostUserBackend:
                     v.desc_addr,
                     v.avail_addr,
                     v.used_addr,
-                    features=self.negotiated_features,
+                    features=self.ring_features,
                     last_avail_idx=v.base,
                     sync=self.device.queue_direction(v.index),
                 )
@@ -589,6 +602,13 @@ class VhostUserBackend:
     # -- features ---------------------------------------------------------------------
 
     def _get_features(self, msg: Message, _p: Empty) -> bytes:
+        # A device may change its offer from one GET_FEATURES to the next (a feature fault:
+        # features_offer); SET_FEATURES is checked against the latest one.
+        offer = getattr(self.device, "features_offer", None)
+        if callable(offer):
+            value = self._device_call("features_offer")
+            if isinstance(value, int):
+                self.offered_features = value | F_PROTOCOL_FEATURES
         return encode_u64(self.offered_features)
 
     def _set_features(self, msg: Message, value: int) -> None:
@@ -603,10 +623,11 @@ class VhostUserBackend:
             # in the enabled state.
             for v in self.vrings:
                 self._set_enabled(msg.request, v, True)
+        view = self._device_call("features_set", self.negotiated_features)
+        self.device_view = view if isinstance(view, int) else None
         for v in self.vrings:
             if v.queue is not None:
-                v.queue.features = self.negotiated_features
-        self._device_call("features_set", self.negotiated_features)
+                v.queue.features = self.ring_features
         self._update_all(msg.request)
         return None
 
@@ -881,7 +902,9 @@ class VhostUserBackend:
             raise ProtocolError(msg.request, "status", f"{value:#x} is not a u8")
         # QEMU 7.2 sends SET_STATUS 0 *before* GET_VRING_BASE on stop: status 0 must not
         # reset the rings, or the reported bases would be lost.
-        self.status = value
+        keep = getattr(self.device, "status_set", None)
+        kept = self._device_call("status_set", value) if callable(keep) else value
+        self.status = kept if isinstance(kept, int) else value
         return None
 
     def _get_status(self, msg: Message, _p: Empty) -> bytes:

@@ -370,6 +370,11 @@ class VhostUserFrontend:
         self.add_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
         return features
 
+    def get_status(self) -> int:
+        """GET_STATUS: what a driver re-reads after FEATURES_OK (3.1.1 "Driver
+        Requirements: Device Initialization", step 6) to learn whether it was refused."""
+        return self._u64_request(Request.GET_STATUS)
+
     def add_status(self, bits: int) -> None:
         """QEMU's vhost_user_add_status: GET_STATUS, then SET_STATUS if bits are missing."""
         if not self._negotiated(ProtocolFeature.STATUS):

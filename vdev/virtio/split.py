@@ -381,6 +381,11 @@ class SplitQueue(QueueLifecycle):
             return None
         return self._inflight[head] - 1
 
+    def avail_heads(self) -> set[int]:
+        """Every head in the avail ring's slots now (guest memory: the driver's latest
+        postings, stale ones included).  Fault injection only (``bad_used_id``)."""
+        return {int(self._avail16[2 + i]) for i in range(self.size)}
+
     def flush_used(self) -> None:
         """Publish the pushed elements by storing the used idx (2.7.8.2: after the elements)."""
         self._check()
