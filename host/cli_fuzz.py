@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from host.cli_args import output_dir, seconds
+from host.cli_args import input_dir, output_dir, seconds
 
 
 def register(subparsers: Any) -> None:
@@ -88,6 +88,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--from-findings",
         metavar="DIR",
+        type=input_dir,
         default=None,
         help="no search: run the original program of every finding in DIR again, then "
         "shrink, replay and write what reproduces to --findings (re-minimizes old findings)",
