@@ -16,7 +16,6 @@ import os
 import random
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytest
@@ -40,13 +39,13 @@ from virtio_helpers import (
 
 from vdev.abi import lib
 from vdev.faults.engine import FaultEngine, ManualClock
+from vdev.net.burstdiff import FakeVring, assert_same, make_nic, outcome
 from vdev.net.nic import VirtioNet, net_queue_direction
 from vdev.skywalk import Pbufpool
 from vdev.virtio import fastqueue
 from vdev.virtio.driver import DriverError, DriverQueue
 from vdev.virtio.packed import PackedQueue
 from vdev.virtio.packed_driver import PackedDriverQueue
-from vdev.virtio.split import SplitQueue
 
 pytestmark = pytest.mark.skipif(not fastqueue.load(), reason="no C compiler: no compiled path")
 
@@ -76,18 +75,6 @@ def _backend() -> Iterator[None]:
     fastqueue.STRICT = strict
 
 
-@dataclass
-class FakeVring:
-    """What VirtioNet reads of a backend Vring."""
-
-    index: int
-    queue: SplitQueue | None
-    enabled: bool
-    call_fd: int | None
-    num: int = 0
-    base: int = 0
-
-
 def _pool() -> Pbufpool:
     # Small buffers, 4 frags and 2 large buffers: multi-buflet, large and exhausted pools.
     return Pbufpool(
@@ -101,57 +88,6 @@ def _snapshot() -> bytes:
 
 def _restore(data: bytes) -> None:
     os.pwrite(FD, data, 0)
-
-
-# -- what is compared ---------------------------------------------------------------------
-
-POOL_ARRAYS = (
-    "b_buf", "b_large", "b_doff", "b_dlen", "b_next", "pkt_state", "pkt_owner", "pkt_len",
-    "pkt_nbufs", "pkt_pflags", "pkt_l2", "pkt_cstart", "pkt_cstuff", "pkt_vnet",
-)  # fmt: skip
-
-
-def _queue_state(queue: SplitQueue | PackedQueue) -> tuple[Any, ...]:
-    common = (
-        queue.used_idx,
-        list(queue._inflight),
-        None if queue.defunct is None else str(queue.defunct),
-    )
-    if isinstance(queue, PackedQueue):
-        return (
-            *common,
-            queue.vhost_base,
-            list(queue._pending),
-            queue._scan_end,
-            queue._scan_chains,
-            queue._signalled,
-            list(queue._ndesc),
-        )
-    return (
-        *common,
-        queue.last_avail_idx,
-        queue._pending_used,
-        queue._signalled_used,
-        queue._signalled_valid,
-    )
-
-
-def _outcome(
-    nic: VirtioNet, queue: Any, pool: Pbufpool, forwarded: list[Any], calls: int
-) -> dict[str, Any]:
-    return {
-        "memory": _snapshot(),
-        "kills": [(i, e.reason.name, str(e)) for i, e in nic.kill_log],
-        "nic": nic.stats_dict(),
-        "queue": asdict(queue.stats),
-        "queue_state": _queue_state(queue),
-        "forwarded": forwarded,
-        "pool_arrays": {name: bytes(getattr(pool, name)) for name in POOL_ARRAYS},
-        "free": (list(pool._free_pkts), list(pool._free_ext), list(pool._free_large)),
-        "pool_stats": pool.stats_dict(),
-        "backlog": list(nic.backlog),
-        "calls": calls,
-    }
 
 
 # -- ring contents ------------------------------------------------------------------------
@@ -388,17 +324,6 @@ def _instrument(
     return engine, captured
 
 
-def _nic(features: int, pool: Pbufpool, forwarded: list[Any]) -> VirtioNet:
-    def forward(_name: str, pkts: list[int]) -> None:
-        for p in pkts:
-            forwarded.append((p, pool.packet_bytes(p), pool.packet_vnet(p)))
-        pool.free_packets(pkts)
-
-    nic = VirtioNet("nic0", pool, forward)
-    nic.negotiated = features
-    return nic
-
-
 def _run_tx(
     backend: str,
     packed: bool,
@@ -418,7 +343,7 @@ def _run_tx(
     pool = _pool()
     held = pool.alloc_packets(hold)
     forwarded: list[Any] = []
-    nic = _nic(features, pool, forwarded)
+    nic = make_nic(features, pool, forwarded)
     engine, captured = _instrument(nic, rules, tap)
     queue: Any
     drv: Any
@@ -464,7 +389,7 @@ def _run_tx(
         if engine is not None:
             engine.clock.advance(5.0)  # release what delay rules hold  # type: ignore[attr-defined]
             nic.drain_rx()
-        out = _outcome(nic, queue, pool, forwarded, calls)
+        out = outcome(nic, queue, pool, forwarded, calls, _snapshot())
         out["log"] = engine.log.lines() if engine is not None else []
         out["captured"] = captured
         return out
@@ -496,7 +421,7 @@ def _run_rx(
     _restore(start)
     pool = _pool()
     forwarded: list[Any] = []
-    nic = _nic(features, pool, forwarded)
+    nic = make_nic(features, pool, forwarded)
     engine, captured = _instrument(nic, rules, tap)
     queue: Any
     drv: Any
@@ -540,7 +465,7 @@ def _run_rx(
         if engine is not None:
             engine.clock.advance(5.0)  # release what delay rules hold  # type: ignore[attr-defined]
             nic.drain_rx()
-        out = _outcome(nic, queue, pool, forwarded, calls)
+        out = outcome(nic, queue, pool, forwarded, calls, _snapshot())
         out["log"] = engine.log.lines() if engine is not None else []
         out["captured"] = captured
         return out
@@ -554,14 +479,6 @@ def _run_rx(
             queue.close()
         drv.close()
         pool.close()
-
-
-def _assert_same(py: dict[str, Any], c: dict[str, Any]) -> None:
-    for key in py:
-        if key == "memory":
-            assert py[key] == c[key], "guest memory differs"
-        else:
-            assert py[key] == c[key], key
 
 
 # The fixed cases come before the properties: ``pytest -x`` (tools/mutate.py) stops at the
@@ -613,7 +530,7 @@ def test_faults_and_capture_same_on_both_paths(packed: bool, rules: str) -> None
         fastqueue.COUNTS.clear()
         py = run("python", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
         c = run("c", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
-        _assert_same(py, c)
+        assert_same(py, c)
         assert py["log"], "the rules never fired: nothing compared"
         assert py["captured"]
         if rules != "used":
@@ -642,13 +559,13 @@ def test_hostile_heads_named_cases(kind: str, value: Any) -> None:
     tx = [([(60, [], False, (0, 0, 0), False)] * 3, mutation)]
     py = _run_tx("python", False, start, 8, features, 0, 0, tx, 1)
     c = _run_tx("c", False, start, 8, features, 0, 0, tx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     # a TX chain is used at once, so naming it again is legal there
     assert bool(py["kills"]) == (kind != "dup"), py["kills"]
     rx = [([([100], False)] * 3, [(150, None)], mutation)]
     py = _run_rx("python", False, start, 8, features, 0, rx, 1)
     c = _run_rx("c", False, start, 8, features, 0, rx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert py["kills"]
 
 
@@ -670,12 +587,12 @@ def test_hostile_packed_named_cases(mutations: list[Any], tx_kills: bool, rx_kil
     tx = [([(60, [], False, (0, 0, 0), False)] * 3, mutations)]
     py = _run_tx("python", True, start, 7, features, 0, 0, tx, 1)
     c = _run_tx("c", True, start, 7, features, 0, 0, tx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert bool(py["kills"]) == tx_kills, py["kills"]
     rx = [([([100], False)] * 3, [(150, None)], mutations)]
     py = _run_rx("python", True, start, 7, features, 0, rx, 1)
     c = _run_rx("c", True, start, 7, features, 0, rx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert bool(py["kills"]) == rx_kills, py["kills"]
 
 
@@ -689,7 +606,7 @@ def test_legal_rings_rearm_the_same(packed: bool, features: int) -> None:
     tx = [([(60 + i, [], False, (0, 0, 0), False) for i in range(4)], [])] * 2
     py = _run_tx("python", packed, start, size, features, 0, 0, tx, 1)
     c = _run_tx("c", packed, start, size, features, 0, 0, tx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert not py["kills"] and py["calls"]
 
 
@@ -721,7 +638,7 @@ def test_tx_burst_matches_reference(
         size, features = size - 1 or 1, features | F_V1  # any size; packed implies VERSION_1
     py = _run_tx("python", packed, start, size, features, base, hold, rounds, seed)
     c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed)
-    _assert_same(py, c)
+    assert_same(py, c)
 
 
 @SETTINGS
@@ -749,7 +666,7 @@ def test_rx_burst_matches_reference(
         size, features = size - 1 or 1, features | F_V1
     py = _run_rx("python", packed, start, size, features, base, rounds, seed)
     c = _run_rx("c", packed, start, size, features, base, rounds, seed)
-    _assert_same(py, c)
+    assert_same(py, c)
 
 
 def test_compiled_path_runs_in_these_tests() -> None:
