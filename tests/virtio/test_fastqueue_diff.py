@@ -141,6 +141,11 @@ mutation_st = st.one_of(
         st.integers(0, 15),
         st.tuples(st.integers(0, 40), st.integers(0, 40)),  # 0 entries: a zero-length table
     ),
+    # desc i points at a legal table of n entries at TABLE + off: any byte offset (the spec
+    # aligns the rings, not indirect tables; virtq.c once read them misaligned)
+    st.tuples(
+        st.just("table_at"), st.integers(0, 15), st.tuples(st.integers(1, 6), st.integers(0, 15))
+    ),
     # the chain at avail slot i loops: its head continues at itself (split; packed: NEXT)
     st.tuples(st.just("loop"), st.integers(0, 15), st.just(0)),
     # avail slot / packed descriptor i names the same buffer as i - 1 (still in flight)
@@ -189,7 +194,9 @@ def _packed_pair(
     return dev, drv, areas
 
 
-def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any]) -> None:
+def _mutate_packed(
+    areas: tuple[int, int, int], size: int, mutations: list[Any], rx: bool = False
+) -> None:
     """The hostile stores of :func:`_mutate` on a packed ring (2.8.13 descriptor layout:
     addr, len, id, flags; the driver event suppression area for the split ring's avail
     idx / used_event / flags)."""
@@ -217,6 +224,15 @@ def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any])
             MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_NEXT))
         elif kind == "dup":
             MEM.write(d + 12, MEM.read(ring + 16 * ((i - 1) % size) + 12, 2))
+        elif kind == "table_at":
+            n, off = value
+            fl = B.VRING_DESC_F_WRITE if rx else 0
+            for k in range(n):
+                entry = struct.pack("<QIHH", DATA_LOW + 64 * k, 30, k, fl)
+                MEM.write(TABLE + off + 16 * k, entry)
+            flags = struct.unpack_from("<H", MEM.read(d + 14, 2))[0] & 0x8080
+            MEM.write(d, struct.pack("<QI", TABLE + off, 16 * n))
+            MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_INDIRECT))
         elif kind == "chain_table":
             n, back = value
             for k in range(n):
@@ -229,6 +245,7 @@ def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any])
 
 def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
     lay = layout(queue_index, size)
+    rx = queue_index == 0  # a receiveq: the device writes, so a legal table is writable
     for kind, i, value in mutations:
         i %= size
         d = lay.desc + 16 * i
@@ -265,6 +282,15 @@ def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
         elif kind == "dup":
             prev = lay.avail + 4 + 2 * ((i - 1) % size)
             MEM.write(lay.avail + 4 + 2 * i, MEM.read(prev, 2))
+        elif kind == "table_at":
+            n, off = value
+            for k in range(n):
+                fl = (0 if k + 1 == n else B.VRING_DESC_F_NEXT) | (
+                    B.VRING_DESC_F_WRITE if rx else 0
+                )
+                entry = struct.pack("<QIHH", DATA_LOW + 64 * k, 30, fl, k + 1)
+                MEM.write(TABLE + off + 16 * k, entry)
+            MEM.write(d, struct.pack("<QIHH", TABLE + off, 16 * n, B.VRING_DESC_F_INDIRECT, 0))
         elif kind == "chain_table":
             n, back = value
             for k in range(n):
@@ -443,7 +469,7 @@ def _run_rx(
                 drv.add_chain([], segs, indirect=ind)
             drv.publish()
             if packed:
-                _mutate_packed(areas, size, mutations)
+                _mutate_packed(areas, size, mutations, rx=True)
             else:
                 _mutate(0, size, mutations)
             pkts = []
