@@ -482,7 +482,16 @@ class Channel:
             while s != tail and len(out) < max:
                 pkt = self.slot_get_packet(ring, s)
                 if pkt is not None:
-                    out.append(self.packet_read(pkt))
+                    try:
+                        out.append(self.packet_read(pkt))
+                    except ValueError:
+                        # The frames before the one refused are taken: their slots released
+                        # and their packets handed back (not synced), as the compiled loop
+                        # leaves them; before, they stayed detached but never freed.
+                        ring.head = s
+                        if taken:
+                            self.packet_free_batch(taken)
+                        raise
                     self.slot_detach_packet(ring, s, pkt)
                     taken.append(pkt)
                 s = ring.next(s)
