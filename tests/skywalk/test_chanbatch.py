@@ -206,7 +206,7 @@ def _corrupt_rx_second_buffer(pool: Pbufpool, a: Channel, b: Channel) -> Callabl
     assert a.send([b"p" * 30, b"q" * 40]) == 2
     _rx_packet(b)
     ring = b.rx_ring
-    w, w16 = ring.slot_words(ring.next(ring.head))
+    w, _ = ring.slot_words(ring.next(ring.head))
     pkt = ring.r32[w + SlotOff.MD_IDX_W32]
     pool.arena.md32[pkt * MD_W32 + BUF0_W32 + BufletOff.BUF_IDX_W32] = 1 << 30
     return lambda: b.recv(max=4)
