@@ -26,7 +26,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vdev.skywalk import Channel, LoopbackPort, Pbufpool, Port, SyncError, chanbatch
-from vdev.skywalk.arena import BUF0_W32, BUFLET_W32, MD_W16, MD_W32, BufletOff, MdOff, SlotOff
+from vdev.skywalk.arena import (
+    BUF0_W32,
+    BUFLET_W32,
+    MD_W16,
+    MD_W32,
+    BufletOff,
+    MdOff,
+    RingOff,
+    SlotOff,
+)
 from vdev.skywalk.remote import SyncServer, socketpair
 
 from .conftest import assert_no_leak
@@ -239,6 +248,26 @@ def _corrupt_tx_buffer_then_link(pool: Pbufpool, a: Channel, b: Channel) -> Call
     return lambda: a.send([b"z" * 10])
 
 
+def _corrupt_tx_head(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """The TX ring's head scribbled to n + 5: the compiled loop reads every ring index
+    modulo n (it must stay inside the slot array); the Python one used it as it was, so
+    its first frame went to a slot past the ring's end, over the RX ring's header, and the
+    rest sent as if nothing happened (the fuzzer's find).  Now both stage the frames at
+    slots 5 and 6 and the kernel, finding slot 0 empty, kills the channel."""
+    ring = a.tx_ring
+    ring.r32[ring.h + RingOff.HEAD_W32] = ring.n + 5
+    return lambda: (a.send([b"h" * 20, b"i" * 30, b"j" * 40]), [len(f) for f in b.recv(max=8)])
+
+
+def _corrupt_rx_head(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """The same on the RX ring's head, with two frames waiting."""
+    assert a.send([b"p" * 30, b"q" * 40]) == 2
+    _rx_packet(b)
+    ring = b.rx_ring
+    ring.r32[ring.h + RingOff.HEAD_W32] = ring.head + ring.n
+    return lambda: [len(f) for f in b.recv(max=8)]
+
+
 def _rx_packet(b: Channel) -> int:
     from vdev.skywalk import SyncKind
 
@@ -260,6 +289,9 @@ def _rx_packet(b: Channel) -> int:
         (_corrupt_rx_second_buffer, f"buffer {1 << 30} out of range"),
         (_corrupt_rx_buffer_then_link, f"packet 0: buflet {1 << 20} out of range"),
         (_corrupt_tx_buffer_then_link, f"buflet {1 << 20} out of range"),
+        # the frames go to slots n + 5 - n = 5 and 6, so the kernel finds slot 0 empty
+        (_corrupt_tx_head, "TX sync: UNALLOCATED_PKT: slot 0: packet none"),
+        (_corrupt_rx_head, "RX sync: BASIC_SANITY: head 8 >= num_slots 8"),
     ],
 )
 def test_hostile_arena_same_error_on_both_paths(
