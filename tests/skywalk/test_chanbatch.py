@@ -268,6 +268,17 @@ def _corrupt_rx_head(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], obj
     return lambda: [len(f) for f in b.recv(max=8)]
 
 
+def _corrupt_free_head(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """The FREE ring's head scribbled to 255, then a receive that takes nothing: neither
+    loop writes the FREE head back (the compiled one wrote it, modulo n, so its channel
+    survived the FREE sync the Python one was killed at: the fuzzer's find)."""
+    from vdev.skywalk import SyncKind
+
+    ring = b.free_ring
+    ring.r32[ring.h + RingOff.HEAD_W32] = 255
+    return lambda: (b.recv(max=4), b.sync(SyncKind.FREE))
+
+
 def _rx_packet(b: Channel) -> int:
     from vdev.skywalk import SyncKind
 
@@ -292,6 +303,7 @@ def _rx_packet(b: Channel) -> int:
         # the frames go to slots n + 5 - n = 5 and 6, so the kernel finds slot 0 empty
         (_corrupt_tx_head, "TX sync: UNALLOCATED_PKT: slot 0: packet none"),
         (_corrupt_rx_head, "RX sync: BASIC_SANITY: head 8 >= num_slots 8"),
+        (_corrupt_free_head, "FREE sync: BASIC_SANITY: head 255 >= num_slots 8"),
     ],
 )
 def test_hostile_arena_same_error_on_both_paths(

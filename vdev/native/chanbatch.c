@@ -299,7 +299,10 @@ uint32_t cb_recv(const struct cb_arena *a, const struct cb_ring *rx, const struc
         }
         s = next_slot(rx, s);
     }
-    __atomic_store_n(&fh->ring_head, fhead, __ATOMIC_RELEASE);
+    /* The FREE head is written only when packets were handed back, as packet_free_batch
+     * writes it: a scribbled head is otherwise left for the kernel to judge at its sync. */
+    if (count)
+        __atomic_store_n(&fh->ring_head, fhead, __ATOMIC_RELEASE);
     __atomic_store_n(&rh->ring_head, s, __ATOMIC_RELEASE);
     r->count = count;
     r->nbytes = nbytes;
