@@ -17,7 +17,7 @@ from pathlib import Path
 # rest of vdev runs uninstrumented, which is 2-3x faster per execution).
 COVERED = {
     "vhost": ("vdev.vhost", "vdev.virtio.memory", "vdev.net.nic"),
-    "virtqueue": ("vdev.virtio",),
+    "virtqueue": ("vdev.virtio", "vdev.net.nic"),
     "skywalk": ("vdev.skywalk",),
     "scenario": ("vdev.faults",),
     "control": ("vdev.faults",),

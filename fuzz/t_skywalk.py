@@ -1,8 +1,11 @@
-"""Skywalk channel syncs with hostile user memory, both validate.py backends, differentially.
+"""Skywalk channel syncs with hostile user memory, Python and compiled, differentially.
 
-Two identical worlds (a pool and a nexus port each), one per backend: the Python reference
-(``slotwork.py``) and the compiled fast path (``fastpath.c``, under the fuzz campaign the
-ASan/UBSan build).  Each input is a program run on a fresh channel in both worlds:
+Two identical worlds (a pool and a nexus port each), one per backend.  The Python world runs
+both halves of a channel in Python: the kernel side's reference (``slotwork.py``) and the
+user side's send/recv loops (``Channel.send_py``/``recv_py``).  The C world runs both
+compiled: the kernel side's fast path (``fastpath.c``) and the user side's channel bursts
+(``chanbatch.c``), under the fuzz campaign the UBSan build.  Each input is a program run on
+a fresh channel in both worlds:
 
 * legal client work: hold packets, send frames (alloc, write, attach, advance), free held
   packets, receive, syncs of every kind;
@@ -13,8 +16,9 @@ ASan/UBSan build).  Each input is a program run on a fresh channel in both world
 
 Properties: a sync only ever raises a named ``SyncError`` once (then ``DefunctError``);
 both backends give the same outcome for every step (the same reason and detail, the same
-frames), the pools' trusted state stays identical, and after the channel closes no packet
-is left in use.
+frames, the same client-library refusal of a scribbled ring with the same message, whether
+``channel.py`` or ``chanbatch.py`` raised it), the pools' trusted state stays identical, and
+after the channel closes no packet is left in use.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from vdev.skywalk import (
     Port,
     SyncError,
     SyncKind,
+    chanbatch,
     fastglue,
     validate,
 )
@@ -43,6 +48,9 @@ SLOTS = 8
 KINDS = list(SyncKind)
 EDGES = [0, 1, 2, 7, 8, 9, 0xFF, 0x100, 0x7FFF, 0xFFFF, 0x10000, 2048, 0x7FFFFFFF, 0xFFFFFFFF]
 TRUSTED = ("pkt_state", "pkt_owner", "pkt_len", "pkt_nbufs", "b_next", "b_dlen", "b_doff")
+# Where the client library (the client's own code, not the kernel side) refuses what the
+# client scribbled over: the Python loops, or the glue of the compiled ones.
+CLIENT_LIBRARY = ("skywalk/channel.py", "skywalk/chanbatch.py")
 
 
 class World:
@@ -53,7 +61,10 @@ class World:
         self.base = ffi.from_buffer(self.pool.arena.mm)  # kept: the arena lives as long
 
     def use(self) -> None:
+        """Select this world's kernel-side backend and its user-side send/recv loops."""
         assert validate.set_backend(self.backend) == self.backend, self.backend
+        compiled = chanbatch.set_enabled(self.backend == "c")
+        assert compiled == (self.backend == "c"), "chanbatch unavailable in the C world"
 
 
 _worlds: list[World] = []
@@ -170,7 +181,7 @@ def run(w: World, data: bytes) -> list[Any]:
                 # The client library (channel.py, the client's own code) refusing what the
                 # client scribbled over; the kernel side never raises this.
                 where = traceback.extract_tb(exc.__traceback__)[-1].filename
-                if not (poked and where.endswith("skywalk/channel.py")):
+                if not (poked and where.endswith(CLIENT_LIBRARY)):
                     raise
                 trace.append(("client refused", str(exc)))
     finally:
@@ -186,7 +197,11 @@ def run(w: World, data: bytes) -> list[Any]:
 def one_input(data: bytes) -> None:
     if not _worlds:
         setup()
-    traces = [run(w, data) for w in _worlds]
+    enabled = chanbatch.ENABLED
+    try:
+        traces = [run(w, data) for w in _worlds]
+    finally:
+        chanbatch.set_enabled(enabled)
     if len(traces) == 2:
         assert traces[0] == traces[1], f"python and c differ:\n{traces[0]}\n{traces[1]}"
         a, b = (w.pool for w in _worlds)

@@ -19,8 +19,12 @@ Properties: a queue only ever raises ``SyncError`` (then stays defunct: ``Defunc
 every chain lies inside guest memory and its lengths add up.
 
 ``BACKENDS`` maps a name to a queue constructor with the ``QueueFormat`` signature; the input
-picks one.  When the compiled virtqueue path lands, adding it is one entry there (a name and
-its constructor), and the same programs run through it.
+picks one.
+
+The compiled virtqueue bursts (the default datapath) are not a queue with this API: they run
+inside the NIC's TX loop and RX drain.  An input starting with :data:`BURST` (one byte) is a
+program for ``fuzz/vq_burst.py`` instead, which drives a NIC through the same kinds of
+hostile rings on the Python and the compiled backend and compares everything observable.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from vdev.virtio.memory import GuestMemory
 from vdev.virtio.packed_driver import PackedDriverQueue
 from vdev.virtio.queue import F_RING_PACKED, VirtQueue, queue_format
 
+from . import vq_burst
 from .common import Reader
 
 LOW_SIZE, HIGH_GPA, HIGH_SIZE = 0xA0000, 0xC0000, 0x340000
@@ -52,6 +57,7 @@ FEATURE_BITS = [
 ]
 SYNCS = [SyncKind.RX, SyncKind.TX, SyncKind.EVENT]
 EDGES = [0, 1, 2, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 63]
+BURST = 0xBB  # first byte of a vq_burst program
 AREAS = [(RING, 0x1000), (RING + 0x1000, 0x1000), (RING + 0x2000, 0x1000), (INDIRECT, 0x1000)]
 
 QueueMaker = Callable[..., VirtQueue]
@@ -62,7 +68,7 @@ def python_queue(features: int) -> QueueMaker:
     return queue_format(features)
 
 
-# name -> (features -> queue constructor).  The compiled virtqueue path goes here too.
+# name -> (features -> queue constructor); the compiled path is vq_burst's (see above).
 BACKENDS: dict[str, Callable[[int], QueueMaker]] = {"python": python_queue}
 
 _mem: GuestMemory | None = None
@@ -84,6 +90,7 @@ def setup() -> None:
         base = int(ffi.cast("uintptr_t", buf))
         ffi.release(buf)
         _ranges.append((base, base + len(r.mm)))
+    vq_burst.setup()
 
 
 def uva(gpa: int) -> int:
@@ -268,6 +275,9 @@ class Program:
 
 
 def one_input(data: bytes) -> None:
+    if data[:1] == bytes([BURST]):
+        vq_burst.one_input(data[1:])
+        return
     if _mem is None:
         setup()
     assert _mem is not None

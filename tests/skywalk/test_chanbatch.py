@@ -26,7 +26,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vdev.skywalk import Channel, LoopbackPort, Pbufpool, Port, SyncError, chanbatch
-from vdev.skywalk.arena import BUF0_W32, MD_W32, BufletOff, SlotOff
+from vdev.skywalk.arena import (
+    BUF0_W32,
+    BUFLET_W32,
+    MD_W16,
+    MD_W32,
+    BufletOff,
+    MdOff,
+    RingOff,
+    SlotOff,
+)
 from vdev.skywalk.remote import SyncServer, socketpair
 
 from .conftest import assert_no_leak
@@ -183,6 +192,93 @@ def _corrupt_rx_window_fits(pool: Pbufpool, a: Channel, b: Channel) -> Callable[
     return lambda: len(b.recv(max=4))
 
 
+def _corrupt_rx_looped_chain(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """A user copy whose buflet chain loops (buflet 3 -> 3) with bufs_cnt 100: the Python
+    loop reads 100 buflets (bufs_cnt bounds the walk), so the compiled one must too (it
+    refused chains of more than 64 buflets as a bad buflet index)."""
+    assert a.send([b"q" * 40]) == 1
+    pkt = _rx_packet(b)
+    arena = pool.arena
+    arena.md16[pkt * MD_W16 + MdOff.BUFS_CNT_W16] = 100
+    arena.md32[pkt * MD_W32 + BUF0_W32 + BufletOff.NEXT_W32] = 3
+    w = 3 * BUFLET_W32
+    arena.bl32[w + BufletOff.NEXT_W32] = 3
+    arena.bl32[w + BufletOff.BUF_IDX_W32] = 0
+    arena.bl32[w + BufletOff.DOFF_W32] = 1
+    arena.bl32[w + BufletOff.DLEN_W32] = 10
+    return lambda: [len(f) for f in b.recv(max=4)]
+
+
+def _corrupt_rx_second_buffer(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """Two frames received, the second one's buffer index bad: the first is taken and handed
+    back (FREE ring) on both paths before the refusal, the bad one stays on the RX ring."""
+    assert a.send([b"p" * 30, b"q" * 40]) == 2
+    _rx_packet(b)
+    ring = b.rx_ring
+    w, _ = ring.slot_words(ring.next(ring.head))
+    pkt = ring.r32[w + SlotOff.MD_IDX_W32]
+    pool.arena.md32[pkt * MD_W32 + BUF0_W32 + BufletOff.BUF_IDX_W32] = 1 << 30
+    return lambda: b.recv(max=4)
+
+
+def _corrupt_rx_buffer_then_link(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """A bad buffer in buflet 0 and a bad link after it: the Python loop walks the whole
+    chain (links) before it looks at any buffer, so the link is what both paths name."""
+    assert a.send([b"q" * 40]) == 1
+    pkt = _rx_packet(b)
+    arena = pool.arena
+    arena.md16[pkt * MD_W16 + MdOff.BUFS_CNT_W16] = 2
+    arena.md32[pkt * MD_W32 + BUF0_W32 + BufletOff.BUF_IDX_W32] = 1 << 30
+    arena.md32[pkt * MD_W32 + BUF0_W32 + BufletOff.NEXT_W32] = 1 << 20
+    return lambda: b.recv(max=4)
+
+
+def _corrupt_tx_buffer_then_link(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """The same on send: the ALLOC ring's head packet has a bad buffer and a bad link."""
+    from vdev.skywalk import SyncKind
+
+    a.sync(SyncKind.ALLOC)
+    ring = a.alloc_ring
+    w, _ = ring.slot_words(ring.head)
+    pkt = ring.r32[w + SlotOff.MD_IDX_W32]
+    arena = pool.arena
+    arena.md16[pkt * MD_W16 + MdOff.BUFS_CNT_W16] = 2
+    arena.md32[pkt * MD_W32 + BUF0_W32 + BufletOff.BUF_IDX_W32] = 1 << 30
+    arena.md32[pkt * MD_W32 + BUF0_W32 + BufletOff.NEXT_W32] = 1 << 20
+    return lambda: a.send([b"z" * 10])
+
+
+def _corrupt_tx_head(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """The TX ring's head scribbled to n + 5: the compiled loop reads every ring index
+    modulo n (it must stay inside the slot array); the Python one used it as it was, so
+    its first frame went to a slot past the ring's end, over the RX ring's header, and the
+    rest sent as if nothing happened (the fuzzer's find).  Now both stage the frames at
+    slots 5 and 6 and the kernel, finding slot 0 empty, kills the channel."""
+    ring = a.tx_ring
+    ring.r32[ring.h + RingOff.HEAD_W32] = ring.n + 5
+    return lambda: (a.send([b"h" * 20, b"i" * 30, b"j" * 40]), [len(f) for f in b.recv(max=8)])
+
+
+def _corrupt_rx_head(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """The same on the RX ring's head, with two frames waiting."""
+    assert a.send([b"p" * 30, b"q" * 40]) == 2
+    _rx_packet(b)
+    ring = b.rx_ring
+    ring.r32[ring.h + RingOff.HEAD_W32] = ring.head + ring.n
+    return lambda: [len(f) for f in b.recv(max=8)]
+
+
+def _corrupt_free_head(pool: Pbufpool, a: Channel, b: Channel) -> Callable[[], object]:
+    """The FREE ring's head scribbled to 255, then a receive that takes nothing: neither
+    loop writes the FREE head back (the compiled one wrote it, modulo n, so its channel
+    survived the FREE sync the Python one was killed at: the fuzzer's find)."""
+    from vdev.skywalk import SyncKind
+
+    ring = b.free_ring
+    ring.r32[ring.h + RingOff.HEAD_W32] = 255
+    return lambda: (b.recv(max=4), b.sync(SyncKind.FREE))
+
+
 def _rx_packet(b: Channel) -> int:
     from vdev.skywalk import SyncKind
 
@@ -200,6 +296,14 @@ def _rx_packet(b: Channel) -> int:
         (_corrupt_rx_buffer, f"buffer {1 << 30} out of range"),
         (_corrupt_rx_window, "data window beyond its buffer"),
         (_corrupt_rx_window_fits, None),
+        (_corrupt_rx_looped_chain, None),
+        (_corrupt_rx_second_buffer, f"buffer {1 << 30} out of range"),
+        (_corrupt_rx_buffer_then_link, f"packet 0: buflet {1 << 20} out of range"),
+        (_corrupt_tx_buffer_then_link, f"buflet {1 << 20} out of range"),
+        # the frames go to slots n + 5 - n = 5 and 6, so the kernel finds slot 0 empty
+        (_corrupt_tx_head, "TX sync: UNALLOCATED_PKT: slot 0: packet none"),
+        (_corrupt_rx_head, "RX sync: BASIC_SANITY: head 8 >= num_slots 8"),
+        (_corrupt_free_head, "FREE sync: BASIC_SANITY: head 255 >= num_slots 8"),
     ],
 )
 def test_hostile_arena_same_error_on_both_paths(
@@ -216,13 +320,20 @@ def test_hostile_arena_same_error_on_both_paths(
             with pytest.raises((ValueError, SyncError), match=expect) as info:
                 act()
             results.append(f"{type(info.value).__name__}: {info.value}")
+        # what the refusal left behind: the rings' indices on both ends, the kernel's view
+        ids = {a.info.channel_id: "a", b.info.channel_id: "b", -1: None}
+        owners = [ids.get(o, o) for o in pool.pkt_owner]
+        results.append((_indices(a), _indices(b), owners, list(pool.pkt_state)))
         for ch in (a, b):
             ch.close()
         port.close()
         pool.close()
-    assert results[0] == results[1]
-    if expect is None:
-        assert results == [1, 1]
+    assert results[0] == results[2]
+    assert results[1] == results[3], "the rings or the pool differ after the same refusal"
+    if corrupt is _corrupt_rx_window_fits:
+        assert results[0] == results[2] == 1
+    if corrupt is _corrupt_rx_looped_chain:
+        assert results[0] == [40 + 99 * 10]
 
 
 # ------------------------------------------------------------------ another process

@@ -16,7 +16,6 @@ import os
 import random
 import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytest
@@ -40,13 +39,13 @@ from virtio_helpers import (
 
 from vdev.abi import lib
 from vdev.faults.engine import FaultEngine, ManualClock
+from vdev.net.burstdiff import FakeVring, assert_same, make_nic, outcome
 from vdev.net.nic import VirtioNet, net_queue_direction
 from vdev.skywalk import Pbufpool
 from vdev.virtio import fastqueue
 from vdev.virtio.driver import DriverError, DriverQueue
 from vdev.virtio.packed import PackedQueue
 from vdev.virtio.packed_driver import PackedDriverQueue
-from vdev.virtio.split import SplitQueue
 
 pytestmark = pytest.mark.skipif(not fastqueue.load(), reason="no C compiler: no compiled path")
 
@@ -76,18 +75,6 @@ def _backend() -> Iterator[None]:
     fastqueue.STRICT = strict
 
 
-@dataclass
-class FakeVring:
-    """What VirtioNet reads of a backend Vring."""
-
-    index: int
-    queue: SplitQueue | None
-    enabled: bool
-    call_fd: int | None
-    num: int = 0
-    base: int = 0
-
-
 def _pool() -> Pbufpool:
     # Small buffers, 4 frags and 2 large buffers: multi-buflet, large and exhausted pools.
     return Pbufpool(
@@ -101,57 +88,6 @@ def _snapshot() -> bytes:
 
 def _restore(data: bytes) -> None:
     os.pwrite(FD, data, 0)
-
-
-# -- what is compared ---------------------------------------------------------------------
-
-POOL_ARRAYS = (
-    "b_buf", "b_large", "b_doff", "b_dlen", "b_next", "pkt_state", "pkt_owner", "pkt_len",
-    "pkt_nbufs", "pkt_pflags", "pkt_l2", "pkt_cstart", "pkt_cstuff", "pkt_vnet",
-)  # fmt: skip
-
-
-def _queue_state(queue: SplitQueue | PackedQueue) -> tuple[Any, ...]:
-    common = (
-        queue.used_idx,
-        list(queue._inflight),
-        None if queue.defunct is None else str(queue.defunct),
-    )
-    if isinstance(queue, PackedQueue):
-        return (
-            *common,
-            queue.vhost_base,
-            list(queue._pending),
-            queue._scan_end,
-            queue._scan_chains,
-            queue._signalled,
-            list(queue._ndesc),
-        )
-    return (
-        *common,
-        queue.last_avail_idx,
-        queue._pending_used,
-        queue._signalled_used,
-        queue._signalled_valid,
-    )
-
-
-def _outcome(
-    nic: VirtioNet, queue: Any, pool: Pbufpool, forwarded: list[Any], calls: int
-) -> dict[str, Any]:
-    return {
-        "memory": _snapshot(),
-        "kills": [(i, e.reason.name, str(e)) for i, e in nic.kill_log],
-        "nic": nic.stats_dict(),
-        "queue": asdict(queue.stats),
-        "queue_state": _queue_state(queue),
-        "forwarded": forwarded,
-        "pool_arrays": {name: bytes(getattr(pool, name)) for name in POOL_ARRAYS},
-        "free": (list(pool._free_pkts), list(pool._free_ext), list(pool._free_large)),
-        "pool_stats": pool.stats_dict(),
-        "backlog": list(nic.backlog),
-        "calls": calls,
-    }
 
 
 # -- ring contents ------------------------------------------------------------------------
@@ -205,6 +141,11 @@ mutation_st = st.one_of(
         st.integers(0, 15),
         st.tuples(st.integers(0, 40), st.integers(0, 40)),  # 0 entries: a zero-length table
     ),
+    # desc i points at a legal table of n entries at TABLE + off: any byte offset (the spec
+    # aligns the rings, not indirect tables; virtq.c once read them misaligned)
+    st.tuples(
+        st.just("table_at"), st.integers(0, 15), st.tuples(st.integers(1, 6), st.integers(0, 15))
+    ),
     # the chain at avail slot i loops: its head continues at itself (split; packed: NEXT)
     st.tuples(st.just("loop"), st.integers(0, 15), st.just(0)),
     # avail slot / packed descriptor i names the same buffer as i - 1 (still in flight)
@@ -253,7 +194,9 @@ def _packed_pair(
     return dev, drv, areas
 
 
-def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any]) -> None:
+def _mutate_packed(
+    areas: tuple[int, int, int], size: int, mutations: list[Any], rx: bool = False
+) -> None:
     """The hostile stores of :func:`_mutate` on a packed ring (2.8.13 descriptor layout:
     addr, len, id, flags; the driver event suppression area for the split ring's avail
     idx / used_event / flags)."""
@@ -281,6 +224,15 @@ def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any])
             MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_NEXT))
         elif kind == "dup":
             MEM.write(d + 12, MEM.read(ring + 16 * ((i - 1) % size) + 12, 2))
+        elif kind == "table_at":
+            n, off = value
+            fl = B.VRING_DESC_F_WRITE if rx else 0
+            for k in range(n):
+                entry = struct.pack("<QIHH", DATA_LOW + 64 * k, 30, k, fl)
+                MEM.write(TABLE + off + 16 * k, entry)
+            flags = struct.unpack_from("<H", MEM.read(d + 14, 2))[0] & 0x8080
+            MEM.write(d, struct.pack("<QI", TABLE + off, 16 * n))
+            MEM.write(d + 14, struct.pack("<H", flags | B.VRING_DESC_F_INDIRECT))
         elif kind == "chain_table":
             n, back = value
             for k in range(n):
@@ -293,6 +245,7 @@ def _mutate_packed(areas: tuple[int, int, int], size: int, mutations: list[Any])
 
 def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
     lay = layout(queue_index, size)
+    rx = queue_index == 0  # a receiveq: the device writes, so a legal table is writable
     for kind, i, value in mutations:
         i %= size
         d = lay.desc + 16 * i
@@ -329,6 +282,15 @@ def _mutate(queue_index: int, size: int, mutations: list[Any]) -> None:
         elif kind == "dup":
             prev = lay.avail + 4 + 2 * ((i - 1) % size)
             MEM.write(lay.avail + 4 + 2 * i, MEM.read(prev, 2))
+        elif kind == "table_at":
+            n, off = value
+            for k in range(n):
+                fl = (0 if k + 1 == n else B.VRING_DESC_F_NEXT) | (
+                    B.VRING_DESC_F_WRITE if rx else 0
+                )
+                entry = struct.pack("<QIHH", DATA_LOW + 64 * k, 30, fl, k + 1)
+                MEM.write(TABLE + off + 16 * k, entry)
+            MEM.write(d, struct.pack("<QIHH", TABLE + off, 16 * n, B.VRING_DESC_F_INDIRECT, 0))
         elif kind == "chain_table":
             n, back = value
             for k in range(n):
@@ -388,17 +350,6 @@ def _instrument(
     return engine, captured
 
 
-def _nic(features: int, pool: Pbufpool, forwarded: list[Any]) -> VirtioNet:
-    def forward(_name: str, pkts: list[int]) -> None:
-        for p in pkts:
-            forwarded.append((p, pool.packet_bytes(p), pool.packet_vnet(p)))
-        pool.free_packets(pkts)
-
-    nic = VirtioNet("nic0", pool, forward)
-    nic.negotiated = features
-    return nic
-
-
 def _run_tx(
     backend: str,
     packed: bool,
@@ -418,7 +369,7 @@ def _run_tx(
     pool = _pool()
     held = pool.alloc_packets(hold)
     forwarded: list[Any] = []
-    nic = _nic(features, pool, forwarded)
+    nic = make_nic(features, pool, forwarded)
     engine, captured = _instrument(nic, rules, tap)
     queue: Any
     drv: Any
@@ -464,7 +415,7 @@ def _run_tx(
         if engine is not None:
             engine.clock.advance(5.0)  # release what delay rules hold  # type: ignore[attr-defined]
             nic.drain_rx()
-        out = _outcome(nic, queue, pool, forwarded, calls)
+        out = outcome(nic, queue, pool, forwarded, calls, _snapshot())
         out["log"] = engine.log.lines() if engine is not None else []
         out["captured"] = captured
         return out
@@ -496,7 +447,7 @@ def _run_rx(
     _restore(start)
     pool = _pool()
     forwarded: list[Any] = []
-    nic = _nic(features, pool, forwarded)
+    nic = make_nic(features, pool, forwarded)
     engine, captured = _instrument(nic, rules, tap)
     queue: Any
     drv: Any
@@ -518,7 +469,7 @@ def _run_rx(
                 drv.add_chain([], segs, indirect=ind)
             drv.publish()
             if packed:
-                _mutate_packed(areas, size, mutations)
+                _mutate_packed(areas, size, mutations, rx=True)
             else:
                 _mutate(0, size, mutations)
             pkts = []
@@ -540,7 +491,7 @@ def _run_rx(
         if engine is not None:
             engine.clock.advance(5.0)  # release what delay rules hold  # type: ignore[attr-defined]
             nic.drain_rx()
-        out = _outcome(nic, queue, pool, forwarded, calls)
+        out = outcome(nic, queue, pool, forwarded, calls, _snapshot())
         out["log"] = engine.log.lines() if engine is not None else []
         out["captured"] = captured
         return out
@@ -554,14 +505,6 @@ def _run_rx(
             queue.close()
         drv.close()
         pool.close()
-
-
-def _assert_same(py: dict[str, Any], c: dict[str, Any]) -> None:
-    for key in py:
-        if key == "memory":
-            assert py[key] == c[key], "guest memory differs"
-        else:
-            assert py[key] == c[key], key
 
 
 # The fixed cases come before the properties: ``pytest -x`` (tools/mutate.py) stops at the
@@ -613,7 +556,7 @@ def test_faults_and_capture_same_on_both_paths(packed: bool, rules: str) -> None
         fastqueue.COUNTS.clear()
         py = run("python", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
         c = run("c", packed, *args, *extra, rounds, 3, rules=spec, tap=True)  # type: ignore[operator]
-        _assert_same(py, c)
+        assert_same(py, c)
         assert py["log"], "the rules never fired: nothing compared"
         assert py["captured"]
         if rules != "used":
@@ -642,13 +585,13 @@ def test_hostile_heads_named_cases(kind: str, value: Any) -> None:
     tx = [([(60, [], False, (0, 0, 0), False)] * 3, mutation)]
     py = _run_tx("python", False, start, 8, features, 0, 0, tx, 1)
     c = _run_tx("c", False, start, 8, features, 0, 0, tx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     # a TX chain is used at once, so naming it again is legal there
     assert bool(py["kills"]) == (kind != "dup"), py["kills"]
     rx = [([([100], False)] * 3, [(150, None)], mutation)]
     py = _run_rx("python", False, start, 8, features, 0, rx, 1)
     c = _run_rx("c", False, start, 8, features, 0, rx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert py["kills"]
 
 
@@ -670,12 +613,12 @@ def test_hostile_packed_named_cases(mutations: list[Any], tx_kills: bool, rx_kil
     tx = [([(60, [], False, (0, 0, 0), False)] * 3, mutations)]
     py = _run_tx("python", True, start, 7, features, 0, 0, tx, 1)
     c = _run_tx("c", True, start, 7, features, 0, 0, tx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert bool(py["kills"]) == tx_kills, py["kills"]
     rx = [([([100], False)] * 3, [(150, None)], mutations)]
     py = _run_rx("python", True, start, 7, features, 0, rx, 1)
     c = _run_rx("c", True, start, 7, features, 0, rx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert bool(py["kills"]) == rx_kills, py["kills"]
 
 
@@ -689,7 +632,7 @@ def test_legal_rings_rearm_the_same(packed: bool, features: int) -> None:
     tx = [([(60 + i, [], False, (0, 0, 0), False) for i in range(4)], [])] * 2
     py = _run_tx("python", packed, start, size, features, 0, 0, tx, 1)
     c = _run_tx("c", packed, start, size, features, 0, 0, tx, 1)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert not py["kills"] and py["calls"]
 
 
@@ -721,7 +664,7 @@ def test_tx_burst_matches_reference(
         size, features = size - 1 or 1, features | F_V1  # any size; packed implies VERSION_1
     py = _run_tx("python", packed, start, size, features, base, hold, rounds, seed)
     c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed)
-    _assert_same(py, c)
+    assert_same(py, c)
 
 
 @SETTINGS
@@ -749,7 +692,7 @@ def test_rx_burst_matches_reference(
         size, features = size - 1 or 1, features | F_V1
     py = _run_rx("python", packed, start, size, features, base, rounds, seed)
     c = _run_rx("c", packed, start, size, features, base, rounds, seed)
-    _assert_same(py, c)
+    assert_same(py, c)
 
 
 def test_compiled_path_runs_in_these_tests() -> None:

@@ -109,6 +109,21 @@ static int walk_next(const struct cb_arena *a, struct walk *w, struct cb_ret *r)
     return 1;
 }
 
+/* Channel._buflets builds the whole buflet list (checking every link) before packet_write or
+ * packet_read looks at any buffer, so a bad link is what is reported even when an earlier
+ * buflet's buffer is bad too: walk the links first.  0, or -1 with r saying which link. */
+static int check_links(const struct cb_arena *a, struct sk_packet *pk, struct cb_ret *r)
+{
+    struct walk w;
+    int st;
+    w.pk = pk;
+    w.cnt = RD(pk->bufs_cnt);
+    w.k = 0;
+    while ((st = walk_next(a, &w, r)) == 1)
+        ;
+    return st;
+}
+
 static struct sk_packet *packet_at(const struct cb_arena *a, uint32_t pkt)
 {
     return &((struct sk_md_obj *)(a->base + a->md_off + (uint64_t)pkt * sizeof(struct sk_md_obj)))->pkt;
@@ -158,6 +173,8 @@ uint32_t cb_send(const struct cb_arena *a, const struct cb_ring *tx, const struc
         }
         /* packet_write: fill the buflets in chain order, no headroom. */
         pk = packet_at(a, pkt);
+        if (check_links(a, pk, r))
+            break;
         w.pk = pk;
         w.cnt = RD(pk->bufs_cnt);
         w.k = 0;
@@ -222,9 +239,8 @@ uint32_t cb_recv(const struct cb_arena *a, const struct cb_ring *rx, const struc
             struct sk_packet *pk;
             struct sk_slot *fs;
             struct walk w;
-            uint32_t pkt = RD(sl->sd_md_idx), len = 0, nw = 0;
-            uint32_t doffs[64], dlens[64];
-            uint8_t *bufs[64];
+            uint32_t pkt = RD(sl->sd_md_idx);
+            uint64_t len = 0;
             int st;
             r->pkt = pkt;
             if (pkt >= a->num_packets) {
@@ -235,19 +251,19 @@ uint32_t cb_recv(const struct cb_arena *a, const struct cb_ring *rx, const struc
                 r->code = CB_FREE_FULL;
                 break;
             }
-            /* packet_read: the data windows of the user copy, each inside its buffer. */
+            /* packet_read: the data windows of the user copy, each inside its buffer, as
+             * many buflets as bufs_cnt says (a looped chain is read as the Python loop
+             * reads it).  Copied as they are checked: out beyond nbytes is scratch until
+             * the frame is counted, so a refusal half-way leaves nothing behind. */
             pk = packet_at(a, pkt);
+            if (check_links(a, pk, r))
+                break;
             w.pk = pk;
             w.cnt = RD(pk->bufs_cnt);
             w.k = 0;
             while ((st = walk_next(a, &w, r)) == 1) {
                 uint8_t *buf;
                 uint32_t size, doff, dlen;
-                if (nw == 64) {  /* longer than any pool's max_frags: a looped chain */
-                    bad(r, CB_BAD_BUFLET, nw);
-                    st = -1;
-                    break;
-                }
                 if (buffer_of(a, w.b, &buf, &size, r)) {
                     st = -1;
                     break;
@@ -259,27 +275,20 @@ uint32_t cb_recv(const struct cb_arena *a, const struct cb_ring *rx, const struc
                     st = -1;
                     break;
                 }
-                bufs[nw] = buf;
-                doffs[nw] = doff;
-                dlens[nw] = dlen;
-                nw++;
+                if (out != NULL) {
+                    if (nbytes + len + dlen > out_cap) {
+                        r->code = CB_OUT_FULL;
+                        st = -1;
+                        break;
+                    }
+                    memcpy(out + nbytes + len, buf + doff, dlen);
+                }
                 len += dlen;
             }
             if (st != 0)
                 break;
-            if (out != NULL) {
-                uint32_t k, pos = 0;
-                if (nbytes + len > out_cap) {
-                    r->code = CB_OUT_FULL;
-                    break;
-                }
-                for (k = 0; k < nw; k++) {
-                    memcpy(out + nbytes + pos, bufs[k] + doffs[k], dlens[k]);
-                    pos += dlens[k];
-                }
-            }
             if (lens != NULL)
-                lens[count] = len;
+                lens[count] = (uint32_t)len;
             nbytes += len;
             count++;
             sl->sd_flags = 0;  /* slot_detach_packet */
@@ -290,7 +299,10 @@ uint32_t cb_recv(const struct cb_arena *a, const struct cb_ring *rx, const struc
         }
         s = next_slot(rx, s);
     }
-    __atomic_store_n(&fh->ring_head, fhead, __ATOMIC_RELEASE);
+    /* The FREE head is written only when packets were handed back, as packet_free_batch
+     * writes it: a scribbled head is otherwise left for the kernel to judge at its sync. */
+    if (count)
+        __atomic_store_n(&fh->ring_head, fhead, __ATOMIC_RELEASE);
     __atomic_store_n(&rh->ring_head, s, __ATOMIC_RELEASE);
     r->count = count;
     r->nbytes = nbytes;

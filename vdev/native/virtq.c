@@ -44,11 +44,26 @@
 #define NET_HDR_LEN 12u
 
 /* ---------------------------------------------------------------- guest memory access */
-static inline uint16_t g_rd16(const uint16_t *p) { return *(const volatile uint16_t *)p; }
-static inline uint32_t g_rd32(const uint32_t *p) { return *(const volatile uint32_t *)p; }
-static inline uint64_t g_rd64(const uint64_t *p) { return *(const volatile uint64_t *)p; }
-static inline void g_wr16(uint16_t *p, uint16_t v) { *(volatile uint16_t *)p = v; }
-static inline void g_wr32(uint32_t *p, uint32_t v) { *(volatile uint32_t *)p = v; }
+/*
+ * Guest memory may be misaligned for any field here, so every load and store goes through
+ * a 1-byte-aligned type and every descriptor field is addressed by its byte offset, never
+ * through a struct pointer.  An indirect table may start at any guest address: the spec's
+ * alignment rules (2.7.2 / 2.8.2 "Virtqueue Alignment") cover the descriptor table or
+ * ring, the avail ring / driver area and the used ring / device area only, and the
+ * reference (chain.indirect_table) accepts any address.  Even the rings' own guest
+ * addresses, which the backend checks, map to host addresses misaligned by the region's
+ * mmap_offset, which vhost-user does not constrain.  A natural-alignment access there is
+ * undefined behaviour (UBSan: "misaligned address"); on x86-64 these compile to the same
+ * single mov, so each field is still read or written exactly once.
+ */
+typedef uint16_t __attribute__((aligned(1))) u16_ua;
+typedef uint32_t __attribute__((aligned(1))) u32_ua;
+typedef uint64_t __attribute__((aligned(1))) u64_ua;
+static inline uint16_t g_rd16(const void *p) { return *(const volatile u16_ua *)p; }
+static inline uint32_t g_rd32(const void *p) { return *(const volatile u32_ua *)p; }
+static inline uint64_t g_rd64(const void *p) { return *(const volatile u64_ua *)p; }
+static inline void g_wr16(void *p, uint16_t v) { *(volatile u16_ua *)p = v; }
+static inline void g_wr32(void *p, uint32_t v) { *(volatile u32_ua *)p = v; }
 static inline void g_copy_from(void *dst, const uint8_t *src, size_t n) { memcpy(dst, src, n); }
 static inline void g_copy_to(uint8_t *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 
@@ -60,13 +75,27 @@ struct desc_rd {
     uint16_t next;
 };
 
+/* Byte offsets of the fields of a split descriptor (2.7.5 struct virtq_desc), a packed one
+ * (2.8.13 struct pvirtq_desc, both 16 bytes) and a used element (2.7.8, 8 bytes). */
+#define DESC_SIZE 16u
+#define D_ADDR 0
+#define D_LEN 8
+#define D_FLAGS 12
+#define D_NEXT 14
+#define PD_ID 12
+#define PD_FLAGS 14
+#define USED_ELEM_SIZE 8u
+_Static_assert(sizeof(struct vring_desc) == DESC_SIZE, "2.7.5 descriptor layout");
+_Static_assert(sizeof(struct vring_packed_desc) == DESC_SIZE, "2.8.13 descriptor layout");
+_Static_assert(sizeof(struct vring_used_elem) == USED_ELEM_SIZE, "2.7.8 used element");
+
 static inline void g_rd_desc(const uint8_t *table, uint32_t i, struct desc_rd *d)
 {
-    const struct vring_desc *v = (const struct vring_desc *)table + i;
-    d->addr = g_rd64(&v->addr);
-    d->len = g_rd32(&v->len);
-    d->flags = g_rd16(&v->flags);
-    d->next = g_rd16(&v->next);
+    const uint8_t *v = table + (size_t)i * DESC_SIZE;
+    d->addr = g_rd64(v + D_ADDR);
+    d->len = g_rd32(v + D_LEN);
+    d->flags = g_rd16(v + D_FLAGS);
+    d->next = g_rd16(v + D_NEXT);
 }
 
 /* GuestMemory.gpa_view for length > 0: inside exactly one region, else NULL. */
@@ -142,14 +171,14 @@ static uint32_t indirect_table(struct vq_queue *q, const struct desc_rd *d, uint
         return VQV_INDIRECT_FEATURE;
     if (d->flags & VRING_DESC_F_NEXT)
         return VQV_INDIRECT_NEXT;
-    if (d->len == 0 || d->len % sizeof(struct vring_desc))
+    if (d->len == 0 || d->len % DESC_SIZE)
         return VQV_INDIRECT_LEN;
-    if (d->len / sizeof(struct vring_desc) > MAX_INDIRECT)
+    if (d->len / DESC_SIZE > MAX_INDIRECT)
         return VQV_INDIRECT_MAX;
     *t = gpa_ptr(q, d->addr, d->len);
     if (*t == NULL)
         return VQV_INDIRECT_MEM;
-    *n = d->len / sizeof(struct vring_desc);
+    *n = d->len / DESC_SIZE;
     return 0;
 }
 
@@ -218,9 +247,10 @@ static inline int p_is_avail(uint32_t flags, uint32_t wrap)
     return !!(flags & P_AVAIL) == !!wrap && !!(flags & P_USED) != !!wrap;
 }
 
-static inline struct vring_packed_desc *p_desc(const struct vq_queue *q, uint32_t i)
+/* Packed descriptor i of the ring, as bytes (see "guest memory access"). */
+static inline uint8_t *p_desc(const struct vq_queue *q, uint32_t i)
 {
-    return (struct vring_packed_desc *)q->desc + i;
+    return q->desc + (size_t)i * DESC_SIZE;
 }
 
 static inline int64_t ring_pos(uint32_t idx, uint32_t wrap, uint32_t size)
@@ -240,15 +270,15 @@ static uint32_t packed_walk(struct vq_queue *q, uint32_t first_flags, struct seg
 {
     uint32_t size = q->size, idx = q->last_avail, wrap = q->avail_wrap, count = 0, buf_id = 0, v;
     for (;;) {
-        struct vring_packed_desc *pd = p_desc(q, idx);
+        const uint8_t *pd = p_desc(q, idx);
         struct desc_rd d;
         /* 2.8.13: flags are written last by the driver; read them before the rest. */
-        uint32_t flags = count ? g_rd16(&pd->flags) : first_flags;
+        uint32_t flags = count ? g_rd16(pd + PD_FLAGS) : first_flags;
         if (count && !p_is_avail(flags, wrap))
             return VQV_NOT_AVAIL;
-        d.addr = g_rd64(&pd->addr);
-        d.len = g_rd32(&pd->len);
-        buf_id = g_rd16(&pd->id);
+        d.addr = g_rd64(pd + D_ADDR);
+        d.len = g_rd32(pd + D_LEN);
+        buf_id = g_rd16(pd + PD_ID);
         d.flags = (uint16_t)flags;
         count++;
         if (count > size)
@@ -266,7 +296,7 @@ static uint32_t packed_walk(struct vq_queue *q, uint32_t first_flags, struct seg
             for (i = 0; i < n; i++) {
                 struct desc_rd e;
                 g_rd_desc(t, i, &e);  /* packed table entries: addr, len, id, flags */
-                e.flags = g_rd16(&((const struct vring_packed_desc *)t + i)->flags);
+                e.flags = g_rd16(t + (size_t)i * DESC_SIZE + PD_FLAGS);
                 if (e.flags & VRING_DESC_F_INDIRECT)
                     return VQV_TABLE_NESTED;
                 /* NEXT is meaningless in a packed indirect table: its length delimits it */
@@ -315,7 +345,7 @@ static uint32_t packed_avail_count(struct vq_queue *q)
     idx = (uint32_t)(q->scan_end % size);
     wrap = q->scan_end < size ? 1 : 0;
     while (scanned + run < size) {
-        uint32_t flags = g_rd16(&p_desc(q, idx)->flags);
+        uint32_t flags = g_rd16(p_desc(q, idx) + PD_FLAGS);
         if (!p_is_avail(flags, wrap))
             break;
         run++;
@@ -364,7 +394,7 @@ static uint32_t pop_peek(struct vq_queue *q, uint32_t seg0, struct chain *c, uin
     c->head = UINT32_MAX;
     c->nread = 0;
     if (q->packed) {
-        uint32_t first = g_rd16(&p_desc(q, q->last_avail)->flags);
+        uint32_t first = g_rd16(p_desc(q, q->last_avail) + PD_FLAGS);
         if (!p_is_avail(first, q->avail_wrap))
             return 0;
         BARRIER();  /* 2.8.13: the rest of the descriptor after its flags */
@@ -481,10 +511,10 @@ static void push(struct vq_queue *q, uint32_t head, uint32_t written)
         q->pend_nd[q->npend] = q->ndesc[head];
         q->npend++;
     } else {
-        struct vring_used_elem *e = (struct vring_used_elem *)(q->used16 + 2);
-        e += (q->used_idx + q->pending_used) & (q->size - 1);
-        g_wr32(&e->id, head);
-        g_wr32(&e->len, written);
+        uint8_t *e = (uint8_t *)(q->used16 + 2);  /* 2.7.8: flags, idx, then the elements */
+        e += (size_t)((q->used_idx + q->pending_used) & (q->size - 1)) * USED_ELEM_SIZE;
+        g_wr32(e, head);      /* id */
+        g_wr32(e + 4, written);  /* len */
         q->pending_used++;
     }
     q->used++;
@@ -513,7 +543,7 @@ static uint32_t rearm(struct vq_queue *q, uint32_t *more)
             g_wr16(&q->used16[1], VRING_PACKED_EVENT_FLAG_ENABLE);
         }
         FULL_FENCE();  /* a store (event/used idx) then a load of the driver's side */
-        *more = p_is_avail(g_rd16(&p_desc(q, q->last_avail)->flags), q->avail_wrap);
+        *more = p_is_avail(g_rd16(p_desc(q, q->last_avail) + PD_FLAGS), q->avail_wrap);
         return 0;
     }
     if (q->event_idx)
@@ -536,16 +566,16 @@ static void packed_flush(struct vq_queue *q)
     if (!q->npend)
         return;
     for (i = 0; i < q->npend; i++) {
-        struct vring_packed_desc *d = p_desc(q, q->used_idx);
+        uint8_t *d = p_desc(q, q->used_idx);
         uint32_t flags = (q->used_wrap ? P_AVAIL | P_USED : 0) |
                          (q->pend_len[i] ? VRING_DESC_F_WRITE : 0);
-        g_wr16(&d->id, (uint16_t)q->pend_id[i]);
-        g_wr32(&d->len, q->pend_len[i]);
+        g_wr16(d + PD_ID, (uint16_t)q->pend_id[i]);
+        g_wr32(d + D_LEN, q->pend_len[i]);
         if (i == 0) {
             first_i = q->used_idx;
             first_flags = flags;
         } else {
-            g_wr16(&d->flags, (uint16_t)flags);
+            g_wr16(d + PD_FLAGS, (uint16_t)flags);
         }
         q->used_idx += q->pend_nd[i];
         if (q->used_idx >= q->size) {
@@ -554,7 +584,7 @@ static void packed_flush(struct vq_queue *q)
         }
     }
     BARRIER();
-    g_wr16(&p_desc(q, first_i)->flags, (uint16_t)first_flags);
+    g_wr16(p_desc(q, first_i) + PD_FLAGS, (uint16_t)first_flags);
     q->npend = 0;
     q->flushes++;
 }

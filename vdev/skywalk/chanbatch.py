@@ -152,6 +152,9 @@ def _send(ch: Channel, data: bytes, offs: array[int], lens: array[int]) -> int:
                 avail = ch.alloc_ring.available()
             k = min(k, avail)
             if k == 0:
+                # packet_alloc_batch writes the ALLOC head back even when it takes nothing
+                # (UserRing.head reads it modulo n): the kernel sees the same value.
+                ch.alloc_ring.head = ch.alloc_ring.head
                 break
             code = lib.cb_send(ctx.c, ctx.tx, ctx.alloc, cdata, coffs + sent, clens + sent, k, ret)
             done = int(ret.count)

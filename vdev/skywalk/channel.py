@@ -83,9 +83,13 @@ class UserRing:
         self.slots_w32: int = (slots_off - lay.ring_off) // 4
         self.off = off
 
+    # The ring indices are read modulo the slot count, as chanbatch.c reads them: whatever
+    # the client scribbled there, a slot index taken from them stays inside this ring's slot
+    # array (the kernel judges the raw values at the next sync).  Read as they were, a head
+    # of n + 5 made send_py write its first frame past the ring's end, over the next ring.
     @property
     def head(self) -> int:
-        return self.r32[self.h + RingOff.HEAD_W32]
+        return self.r32[self.h + RingOff.HEAD_W32] % self.n
 
     @head.setter
     def head(self, v: int) -> None:
@@ -93,11 +97,11 @@ class UserRing:
 
     @property
     def tail(self) -> int:
-        return self.r32[self.h + RingOff.TAIL_W32]
+        return self.r32[self.h + RingOff.TAIL_W32] % self.n
 
     @property
     def khead(self) -> int:
-        return self.r32[self.h + RingOff.KHEAD_W32]
+        return self.r32[self.h + RingOff.KHEAD_W32] % self.n
 
     @property
     def ready_slots(self) -> int:
@@ -482,7 +486,16 @@ class Channel:
             while s != tail and len(out) < max:
                 pkt = self.slot_get_packet(ring, s)
                 if pkt is not None:
-                    out.append(self.packet_read(pkt))
+                    try:
+                        out.append(self.packet_read(pkt))
+                    except ValueError:
+                        # The frames before the one refused are taken: their slots released
+                        # and their packets handed back (not synced), as the compiled loop
+                        # leaves them; before, they stayed detached but never freed.
+                        ring.head = s
+                        if taken:
+                            self.packet_free_batch(taken)
+                        raise
                     self.slot_detach_packet(ring, s, pkt)
                     taken.append(pkt)
                 s = ring.next(s)
