@@ -733,7 +733,7 @@ def test_tx_buffer_reservation_changes_cost_never_results(
     py = _run_tx("python", False, start, 16, features, 0, 0, rounds, 3)
     fastqueue.COUNTS.clear()
     c = _run_tx("c", False, start, 16, features, 0, 0, rounds, 3)
-    _assert_same(py, c)
+    assert_same(py, c)
     assert not py["kills"] and len(py["forwarded"]) == 8
     slow = fastqueue.COUNTS.get(f"tx_stop_{fastqueue.C.SLOW}", 0)
     assert fastqueue.COUNTS.get("tx_chains", 0) + slow == 8  # the reference took `slow`
