@@ -29,7 +29,6 @@ Leaks: after a run the pool must have no packet in use but the ones the program 
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 from collections.abc import Callable
@@ -76,8 +75,6 @@ _state: dict[str, Any] = {}
 
 
 def setup() -> None:
-    # Every kill is logged (ERROR); a million of them only slow the campaign down.
-    logging.getLogger("vdev").setLevel(logging.CRITICAL)
     fd = os.memfd_create("vdev-fuzz-burst", os.MFD_CLOEXEC)
     os.ftruncate(fd, FD_SIZE)
     mem = GuestMemory()
