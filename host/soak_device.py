@@ -172,11 +172,11 @@ class SoakDevice:
             self.progress.sent += ch.send(frames[: min(len(frames), left)])
 
     def _faults(self) -> None:
-        """Switch the scenario on and off by progress (10 ms resolution)."""
+        """Switch the scenario on and off by progress (2 ms resolution)."""
         cfg, p = self.cfg, self.progress
         queue = "tx" if cfg.role == "sink" else "rx"
         nf = self.engine.nic(0)
-        while not self.stop.wait(0.01):
+        while not self.stop.wait(0.002):
             done = self.done_progress()
             if p.phase == "before" and done >= cfg.fault_start and cfg.fault_end > cfg.fault_start:
                 self.rules = [nf.drop(p=cfg.drop_p, queue=queue, id="soak-drop")]
