@@ -50,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vdev.net.device import Device
 from vdev.net.nic import DEFAULT_FEATURES, RX_BACKLOG
-from vdev.skywalk import Pbufpool, chanbatch
+from vdev.skywalk import chanbatch
 from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
 from vdev.testing.frontend import VirtioNetFrontend
+from vdev.testing.pools import streaming_pool
 
 TESTPMD = shutil.which("dpdk-testpmd")
 GUEST_MAC_STR = ":".join(f"{b:02x}" for b in GUEST_MAC)
@@ -71,14 +72,7 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
     role "source": feed the NIC from a host channel, count frames written to the guest.
     On SIGTERM prints "STATS <json>" (device stats, and the profile if asked) and exits.
     """
-    pool = Pbufpool(
-        num_packets=16384,
-        buf_size=2048,
-        max_frags=4,
-        num_large_bufs=16,
-        large_buf_size=65536,
-        num_ring_slots=32768,
-    )
+    pool = streaming_pool()
     device = Device(pool=pool)
     nic = device.add_nic(sock, mac=GUEST_MAC_STR)
     stop = threading.Event()

@@ -46,9 +46,10 @@ from vdev.faults import FaultEngine
 from vdev.faults.rules import Rule
 from vdev.net.device import Device
 from vdev.net.nic import RX_BACKLOG, VirtioNet
-from vdev.skywalk import Pbufpool, chanbatch
+from vdev.skywalk import chanbatch
 from vdev.skywalk.channel import Channel
 from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
+from vdev.testing.pools import streaming_pool
 
 GUEST_MAC_STR = ":".join(f"{b:02x}" for b in GUEST_MAC)
 ROLES = ("sink", "source")
@@ -96,16 +97,7 @@ class SoakDevice:
         if cfg.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {cfg.role!r}")
         self.cfg = cfg
-        # Sized as device_throughput's worker: enough ring slots and packets that neither the
-        # host channel nor the pool is what limits a 64-byte stream.
-        pool = Pbufpool(
-            num_packets=16384,
-            buf_size=2048,
-            max_frags=4,
-            num_large_bufs=16,
-            large_buf_size=65536,
-            num_ring_slots=32768,
-        )
+        pool = streaming_pool()
         self.device = Device(pool=pool)
         self.nic: VirtioNet = self.device.add_nic(cfg.socket, mac=GUEST_MAC_STR)
         self.engine = FaultEngine.for_device(self.device, seed=cfg.seed)

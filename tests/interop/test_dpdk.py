@@ -33,6 +33,7 @@ from vdev.net.device import Device
 from vdev.net.nic import VirtioNet
 from vdev.skywalk import Pbufpool
 from vdev.testing.frames import HOST_MAC, numbered
+from vdev.testing.pools import streaming_pool
 from vdev.virtio.queue import F_RING_PACKED
 
 from .testpmd import TESTPMD, Testpmd
@@ -100,15 +101,7 @@ def sock(tmp_path: Path) -> str:
 
 @pytest.fixture
 def device(sock: str) -> Iterator[Device]:
-    # Room for a 4096-slot host channel (five rings) besides the default pool's needs.
-    pool = Pbufpool(
-        num_packets=16384,
-        buf_size=2048,
-        max_frags=4,
-        num_large_bufs=16,
-        large_buf_size=65536,
-        num_ring_slots=32768,
-    )
+    pool = streaming_pool()
     dev = Device(pool=pool)
     nic = dev.add_nic(sock, mac=VIRTIO_USER_MAC)
     nic.offered |= F_RING_PACKED  # offered whatever the default; packed_vq decides

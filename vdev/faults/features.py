@@ -95,9 +95,11 @@ class FeatureOffer(FeatureAction):
 
 
 @dataclass
-class FeatureWithdraw(FeatureAction):
+class _DeviceViewBits(FeatureAction):
+    """Bits the device's own view of the negotiation differs in (withdraw, assume): never
+    the ring layout, which the rings were built for."""
+
     bits: tuple[int, ...] = (lib.VIRTIO_RING_F_EVENT_IDX,)
-    name = "feature_withdraw"
 
     def __post_init__(self) -> None:
         check_bits(self.name, self.bits, layout_ok=False)
@@ -107,15 +109,13 @@ class FeatureWithdraw(FeatureAction):
 
 
 @dataclass
-class FeatureAssume(FeatureAction):
-    bits: tuple[int, ...] = (lib.VIRTIO_RING_F_EVENT_IDX,)
+class FeatureWithdraw(_DeviceViewBits):
+    name = "feature_withdraw"
+
+
+@dataclass
+class FeatureAssume(_DeviceViewBits):
     name = "feature_assume"
-
-    def __post_init__(self) -> None:
-        check_bits(self.name, self.bits, layout_ok=False)
-
-    def params(self) -> dict[str, Any]:
-        return {"bits": list(self.bits)}
 
 
 @dataclass

@@ -673,9 +673,7 @@ class VirtioNet:
         admits this many; the NIC's thread then decides exactly, as a direct delivery
         would, so how often that thread ran does not change which frames are dropped."""
         ring = sum(
-            self.vrings[i].num
-            for i in range(0, 2 * self.queue_pairs, 2)
-            if i in self.vrings and self._running(i)
+            self.vrings[i].num for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)
         )
         return max(0, RX_BACKLOG - len(self.backlog)) + ring
 
