@@ -667,15 +667,18 @@ class VirtioNet:
         return self.deliver_now(pkts)
 
     def rx_room(self) -> int:
-        """Frames one :meth:`deliver_now` can still take: the backlog's free room plus a
-        guest RX ring's worth (each running RX queue's size), since the drain between its
-        chunks moves frames into guest buffers first.  The hand-off to the NIC's thread
-        admits this many; the NIC's thread then decides exactly, as a direct delivery
-        would, so how often that thread ran does not change which frames are dropped."""
-        ring = sum(
+        """Frames the hand-off to the NIC's thread may admit now: the backlog's free room,
+        plus a guest RX ring's worth (each running RX queue's size) while the backlog is
+        empty, since a delivery drains into guest buffers between its chunks.  With frames
+        backlogged the guest ring is full, so only the backlog's room counts; an inbox
+        admitted past what a direct delivery takes would be decided late, after the guest
+        freed buffers.  The NIC's thread then decides exactly (:meth:`deliver_now`)."""
+        room = max(0, RX_BACKLOG - len(self.backlog))
+        if self.backlog:
+            return room
+        return room + sum(
             self.vrings[i].num for i in range(0, 2 * self.queue_pairs, 2) if self._running(i)
         )
-        return max(0, RX_BACKLOG - len(self.backlog)) + ring
 
     def record_refused(self, pkts: list[int], reason: str) -> None:
         """Frames refused on the way in (a full hand-off inbox): recorded as dropped."""
