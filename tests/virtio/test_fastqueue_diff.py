@@ -12,6 +12,7 @@ notifications sent.  The oracle is the reference itself, run on the same input.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import struct
@@ -362,6 +363,7 @@ def _run_tx(
     seed: int,
     rules: list[dict[str, Any]] | None = None,
     tap: bool = False,
+    unlocked: bool = False,
 ) -> dict[str, Any]:
     fastqueue.set_backend(backend)
     fastqueue.STRICT = True
@@ -370,6 +372,8 @@ def _run_tx(
     held = pool.alloc_packets(hold)
     forwarded: list[Any] = []
     nic = make_nic(features, pool, forwarded)
+    if unlocked:  # bursts as a datapath thread runs them: free-list tops reserved first
+        nic.burst_unlocked = contextlib.nullcontext
     engine, captured = _instrument(nic, rules, tap)
     queue: Any
     drv: Any
@@ -655,15 +659,25 @@ def test_legal_rings_rearm_the_same(packed: bool, features: int) -> None:
         max_size=3,
     ),
     seed=st.integers(0, 2**32),
+    unlocked=st.booleans(),
 )
 def test_tx_burst_matches_reference(
-    packed: bool, size: int, features: int, base: int, hold: int, rounds: list[Any], seed: int
+    packed: bool,
+    size: int,
+    features: int,
+    base: int,
+    hold: int,
+    rounds: list[Any],
+    seed: int,
+    unlocked: bool,
 ) -> None:
+    """Pool free lists popped in place (a burst under the pool's lock) or their tops reserved
+    first (``unlocked``: a datapath thread's burst): the same result as the reference."""
     start = _snapshot()
     if packed:
         size, features = size - 1 or 1, features | F_V1  # any size; packed implies VERSION_1
     py = _run_tx("python", packed, start, size, features, base, hold, rounds, seed)
-    c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed)
+    c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed, unlocked=unlocked)
     assert_same(py, c)
 
 
@@ -717,11 +731,13 @@ def test_compiled_path_runs_in_these_tests() -> None:
 def test_tx_buffer_reservation_changes_cost_never_results(
     monkeypatch: pytest.MonkeyPatch, reserve: int
 ) -> None:
-    """A TX burst gets only as many external and large buffers as recent bursts used
-    (``fastqueue.RESERVE_MIN`` at first).  Multi-buflet and large-buffer chains beyond that
-    stop the burst ("pool", SLOW): the reference takes that chain and the next burst gets
-    the worst case.  The used ring, pool and counters are the reference's either way; only
-    with the short reservation do the bursts stop for it."""
+    """A TX burst outside the pool's lock (a datapath thread's) reserves only as many
+    external and large buffers as recent bursts used (``fastqueue.RESERVE_MIN`` at first).
+    Multi-buflet and large-buffer chains beyond that stop the burst ("pool", SLOW): the
+    reference takes that chain and the next burst gets the worst case.  The used ring, pool
+    and counters are the reference's either way; only with the short reservation do the
+    bursts stop for it.  A burst under the lock pops the lists in place and never stops
+    for it."""
     monkeypatch.setattr(fastqueue, "RESERVE_MIN", reserve)
     start = _snapshot()
     # 400 B: 4 buflets of 128 B (3 external); 900 B: more than max_frags, a large buffer
@@ -732,13 +748,17 @@ def test_tx_buffer_reservation_changes_cost_never_results(
     features = F_V1 | F_EVENT
     py = _run_tx("python", False, start, 16, features, 0, 0, rounds, 3)
     fastqueue.COUNTS.clear()
-    c = _run_tx("c", False, start, 16, features, 0, 0, rounds, 3)
+    c = _run_tx("c", False, start, 16, features, 0, 0, rounds, 3, unlocked=True)
     assert_same(py, c)
     assert not py["kills"] and len(py["forwarded"]) == 8
     slow = fastqueue.COUNTS.get(f"tx_stop_{fastqueue.C.SLOW}", 0)
     assert fastqueue.COUNTS.get("tx_chains", 0) + slow == 8  # the reference took `slow`
     # short: one stop per round (external, then large buffers), then the worst case
     assert slow == (2 if reserve == 1 else 0), fastqueue.COUNTS
+    fastqueue.COUNTS.clear()
+    locked = _run_tx("c", False, start, 16, features, 0, 0, rounds, 3)
+    assert_same(py, locked)
+    assert fastqueue.COUNTS.get("tx_chains", 0) == 8, fastqueue.COUNTS
 
 
 def test_region_map_follows_the_memory_table() -> None:

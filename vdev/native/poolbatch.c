@@ -5,9 +5,11 @@
  * which _release repairs and counts as pool.py does.
  */
 #include <stddef.h>
+#include <string.h>
 
 #include "skywalk.h"
 #include "poolbatch.h"
+#include "virtq.h"
 #include "pool_md.h"
 
 void pb_init_packets(const struct fp_pool *p, const uint32_t *idxs, uint32_t n, uint32_t nbufs,
@@ -56,6 +58,43 @@ uint32_t pb_release(const struct fp_pool *p, const uint32_t *idxs, uint32_t n, u
     r->n_ext = ne;
     r->n_large = nl;
     r->redzone_faults = rz;
+    return r->code;
+}
+
+uint32_t pb_release_lists(const struct fp_pool *p, const uint32_t *idxs, uint32_t n,
+                          struct fl_stack *pk, struct fl_stack *ext, struct fl_stack *large,
+                          struct pb_ret *r)
+{
+    uint64_t ne = 0, nl = 0;
+    /* What the release will push, counted first: the lists must have room for it. */
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t idx = idxs[i], g = idx;
+        if (idx >= p->num_packets || p->pkt_state[idx] != PKT_ALLOCATED)
+            break;  /* pb_release stops here too */
+        for (uint32_t steps = 0;; steps++) {
+            uint32_t j;
+            if (steps > p->max_frags) {
+                r->code = PB_FALLBACK;  /* a chain longer than a packet can be */
+                return r->code;
+            }
+            nl += p->b_large[g] != 0;
+            j = p->b_next[g];
+            if (j == SK_NO_INDEX)
+                break;
+            ne++;
+            g = p->num_packets + j;
+        }
+    }
+    if (pk->n > pk->cap || ext->n > ext->cap || large->n > large->cap ||
+        n > pk->cap - pk->n || ne > ext->cap - ext->n || nl > large->cap - large->n) {
+        r->code = PB_FALLBACK;
+        return r->code;
+    }
+    pb_release(p, idxs, n, ext->v + ext->n, large->v + large->n, r);
+    ext->n += r->n_ext;
+    large->n += r->n_large;
+    memcpy(pk->v + pk->n, idxs, (size_t)r->count * 4);
+    pk->n += r->count;
     return r->code;
 }
 

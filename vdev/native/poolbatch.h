@@ -39,6 +39,14 @@ void pb_init_packets(const struct fp_pool *p, const uint32_t *idxs, uint32_t n, 
 uint32_t pb_release(const struct fp_pool *p, const uint32_t *idxs, uint32_t n, uint32_t *out_ext,
                     uint32_t *out_large, struct pb_ret *r);
 
+/* pb_release pushing straight onto the pool's free lists (vdev/skywalk/freelist.py): the
+ * freed external buflets, large buffers, then the released packets, in that order.
+ * PB_FALLBACK, with nothing changed, when a list could not hold them. */
+struct fl_stack;
+uint32_t pb_release_lists(const struct fp_pool *p, const uint32_t *idxs, uint32_t n,
+                          struct fl_stack *pk, struct fl_stack *ext, struct fl_stack *large,
+                          struct pb_ret *r);
+
 /* Pbufpool.check_kernel_held; mark is scratch of num_packets bytes, all zero (left zero). */
 uint32_t pb_check_kernel_held(const struct fp_pool *p, const uint32_t *idxs, uint32_t n,
                               uint8_t *mark, struct pb_ret *r);

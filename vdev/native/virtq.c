@@ -817,15 +817,97 @@ static int args_ok(const struct vq_queue *q)
 }
 
 /* ---------------------------------------------------------------- TX */
+static int lists_ok(const struct vq_pool *vp)
+{
+    for (int i = 0; i < 3; i++)
+        if (!vp->lists[i] || !vp->lists[i]->v || vp->lists[i]->n > vp->lists[i]->cap)
+            return 0;
+    return 1;
+}
+
+/* The burst's view of list i: its tops at *top, *n of them, the real length *len. */
+static void view_in_place(struct vq_pool *vp)
+{
+    uint32_t **tops[3] = {&vp->free_pkts, &vp->free_ext, &vp->free_large};
+    uint32_t *ns[3] = {&vp->n_pkts, &vp->n_ext, &vp->n_large};
+    uint32_t *lens[3] = {&vp->free_pkts_len, &vp->free_ext_len, &vp->free_large_len};
+    for (int i = 0; i < 3; i++) {
+        *tops[i] = vp->lists[i]->v;
+        *ns[i] = *lens[i] = vp->took[i] = vp->lists[i]->n;
+    }
+}
+
+uint32_t vq_pool_reserve(struct vq_pool *vp, uint32_t kp, uint32_t ke, uint32_t kl)
+{
+    uint32_t want[3] = {kp, ke, kl};
+    if (vp->reserved || !lists_ok(vp))
+        return 1;
+    view_in_place(vp);
+    uint32_t **tops[3] = {&vp->free_pkts, &vp->free_ext, &vp->free_large};
+    uint32_t *ns[3] = {&vp->n_pkts, &vp->n_ext, &vp->n_large};
+    for (int i = 0; i < 3; i++) {
+        struct fl_stack *l = vp->lists[i];
+        uint32_t k = want[i];
+        if (k > l->n)
+            k = l->n;
+        if (k > vp->own_cap[i])
+            k = vp->own_cap[i];
+        if (k && !vp->own[i])
+            return 1;
+        memcpy(vp->own[i], l->v + (l->n - k), (size_t)k * 4);
+        l->n -= k;
+        *tops[i] = vp->own[i];
+        *ns[i] = vp->took[i] = k;
+    }
+    vp->reserved = 1;
+    return 0;
+}
+
+uint32_t vq_pool_unreserve(struct vq_pool *vp)
+{
+    uint32_t *ns[3] = {&vp->n_pkts, &vp->n_ext, &vp->n_large};
+    if (!vp->reserved || !lists_ok(vp))
+        return 1;
+    for (int i = 0; i < 3; i++) {
+        struct fl_stack *l = vp->lists[i];
+        uint32_t k = *ns[i];
+        if (k > vp->took[i] || l->n + k > l->cap)
+            return 1;
+        memcpy(l->v + l->n, vp->own[i], (size_t)k * 4);
+        l->n += k;
+    }
+    vp->reserved = 0;
+    return 0;
+}
+
+static uint32_t tx_loop(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t budget,
+                        uint32_t *out, struct vq_burst *b);
+
+/* Without a reservation the burst pops the pool's lists in place (the caller holds the
+ * pool's lock) and their lengths are written back whatever stopped it. */
 uint32_t vq_tx(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t budget,
                      uint32_t *out, struct vq_burst *b)
 {
+    uint32_t stop;
     memset(b, 0, sizeof(*b));
     b->partial_pkt = UINT32_MAX;
-    if (!args_ok(q) || hlen > NET_HDR_LEN || hlen < 10) {
+    if (!args_ok(q) || hlen > NET_HDR_LEN || hlen < 10 || !lists_ok(vp)) {
         b->stop = VQ_STOP_BADARGS;
         return b->stop;
     }
+    if (vp->reserved)
+        return tx_loop(q, vp, hlen, budget, out, b);
+    view_in_place(vp);
+    stop = tx_loop(q, vp, hlen, budget, out, b);
+    vp->lists[0]->n = vp->n_pkts;
+    vp->lists[1]->n = vp->n_ext;
+    vp->lists[2]->n = vp->n_large;
+    return stop;
+}
+
+static uint32_t tx_loop(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t budget,
+                        uint32_t *out, struct vq_burst *b)
+{
     while (b->count < budget) {
         struct chain c;
         uint32_t v, full, nbufs, use_large, pending, pkt;

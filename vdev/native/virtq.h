@@ -123,19 +123,36 @@ struct vq_queue {
     uint32_t scratch_cap;
 };
 
+/* One of a pool's free lists (vdev/skywalk/freelist.py): a stack v[0..n), top last, of at
+ * most cap entries.  The Python pool code pushes and pops the same memory. */
+struct fl_stack {
+    uint32_t *v;
+    uint32_t n;
+    uint32_t cap;
+};
+
 /* The pool side of a burst: fastpath.h's trusted arrays plus the data buffers and the top
- * of each free list (the last entry is popped first, as Pbufpool's list.pop()). */
+ * of each free list (the last entry is popped first, as the pool's pop()). */
 struct vq_pool {
     const struct fp_pool *p;
     uint8_t *bufs;                /* arena + buf_off */
     uint8_t *large;               /* arena + large_buf_off */
     uint32_t num_large;           /* configured large buffers (0: none) */
-    uint32_t *free_pkts;          /* top of _free_pkts, len n_pkts; real length free_pkts_len */
+    /* What the burst may pop: the top n_pkts entries of free_pkts (free_pkts_len: the
+     * list's real length, for the reference's "pool exhausted" decisions); likewise for
+     * external buflets and large buffers.  vq_tx sets them to the whole lists (popped in
+     * place) unless vq_pool_reserve made them this struct's own copies of the tops. */
+    uint32_t *free_pkts;
     uint32_t n_pkts, free_pkts_len;
     uint32_t *free_ext;
     uint32_t n_ext, free_ext_len;
     uint32_t *free_large;
     uint32_t n_large, free_large_len;
+    struct fl_stack *lists[3];    /* the pool's lists: packets, external buflets, large */
+    uint32_t *own[3];             /* arrays for reserved tops (own_cap[i] entries each) */
+    uint32_t own_cap[3];
+    uint32_t took[3];             /* entries the burst was given of each list */
+    uint32_t reserved;            /* 1 from vq_pool_reserve to vq_pool_unreserve */
 };
 
 struct vq_burst {
@@ -158,6 +175,11 @@ uint32_t vq_tx(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, uint32_t b
 uint32_t vq_rx(struct vq_queue *q, const struct fp_pool *p, uint8_t *bufs, uint8_t *large,
                      uint32_t hlen, uint32_t flags, const uint32_t *pkts, uint32_t n,
                      struct vq_burst *b);
+/* For a burst that runs without the pool's lock (a datapath thread, GIL released): move
+ * up to k[i] tops of each list into own[i] (called with the lock held); unreserve pushes
+ * back what the burst left, in order (lock held again).  Returns 0, or 1 on bad arguments. */
+uint32_t vq_pool_reserve(struct vq_pool *vp, uint32_t kp, uint32_t ke, uint32_t kl);
+uint32_t vq_pool_unreserve(struct vq_pool *vp);
 /* flush_used then should_notify: returns 1 to signal the call eventfd. */
 uint32_t vq_finish(struct vq_queue *q, uint32_t consumed);
 /* FP-CDEF-END */

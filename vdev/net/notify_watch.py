@@ -72,7 +72,7 @@ class _Seen:
 def _used_pos(q: SplitQueue | PackedQueue) -> int:
     if isinstance(q, PackedQueue):
         return ring_pos(q.used_idx, q.used_wrap, q.size)
-    return q.used_idx
+    return int(q.used_idx)
 
 
 def _avail_mark(q: SplitQueue | PackedQueue) -> int:
@@ -84,7 +84,7 @@ def _avail_mark(q: SplitQueue | PackedQueue) -> int:
 def _pending(q: SplitQueue | PackedQueue) -> bool:
     if isinstance(q, PackedQueue):
         return q.has_avail()
-    return (int(q._avail16[1]) - q.last_avail_idx) & 0xFFFF != 0
+    return bool((int(q._avail16[1]) - q.last_avail_idx) & 0xFFFF)
 
 
 def _wants_interrupt(q: SplitQueue | PackedQueue, used: int, last: int) -> bool:

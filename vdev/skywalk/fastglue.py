@@ -137,6 +137,7 @@ class _FastPool:
         self.ring_bytes = lay.ring_region_size
         self.scratch: list[_Scratch] = []
         self.mark: Any = None  # check_kernel_held's scratch marks, one byte per packet
+        self.pb_ret: Any = _fast.ffi.new("struct pb_ret *")  # release's result (lock held)
 
     def take(self, cap: int) -> _Scratch:
         try:
@@ -387,20 +388,26 @@ def init_packets(pool: Pbufpool, idxs: list[int], nbufs: int, ext: list[int]) ->
     )
 
 
-def release(pool: Pbufpool, idxs: list[int]) -> tuple[int, list[int], list[int], int, int | None]:
-    """``Pbufpool._release``'s loop: (packets released, freed external buflets, freed large
-    buffers, redzone faults, the packet freed twice or None)."""
+def release(pool: Pbufpool, idxs: list[int]) -> tuple[int, int, int | None]:
+    """``Pbufpool._release``'s loop, pushing onto the pool's free lists as it does (the freed
+    external buflets, large buffers, then the packets): (packets released, redzone
+    faults, the packet freed twice or None)."""
     ctx = _ctx(pool)
     ffi, lib = _fast.ffi, _fast.lib
     n = len(idxs)
-    out_ext = ffi.new("uint32_t[]", n * max(pool.max_frags - 1, 1))
-    out_large = ffi.new("uint32_t[]", n * pool.max_frags)
-    ret = ffi.new("struct pb_ret *")
-    code = lib.pb_release(ctx.c, _idx_buf(idxs), n, out_ext, out_large, ret)
+    ret = ctx.pb_ret
+    buf = _idx_buf(idxs)
+    fp, fe, fl = pool._free_pkts, pool._free_ext, pool._free_large
+    code = lib.pb_release_lists(ctx.c, buf, n, fp.native(), fe.native(), fl.native(), ret)
+    if code == lib.PB_FALLBACK:  # a list without room for them: its extend() words it
+        out_ext = ffi.new("uint32_t[]", n * max(pool.max_frags - 1, 1))
+        out_large = ffi.new("uint32_t[]", n * pool.max_frags)
+        code = lib.pb_release(ctx.c, buf, n, out_ext, out_large, ret)
+        fe.extend(ffi.unpack(out_ext, ret.n_ext))
+        fl.extend(ffi.unpack(out_large, ret.n_large))
+        fp.extend(idxs[: ret.count])
     return (
         int(ret.count),
-        ffi.unpack(out_ext, ret.n_ext),
-        ffi.unpack(out_large, ret.n_large),
         int(ret.redzone_faults),
         int(ret.v[0]) if code == lib.PB_DOUBLE_FREE else None,
     )

@@ -31,6 +31,7 @@ from .arena import (
     PoolConfig,
 )
 from .errors import PoolError
+from .freelist import FreeList
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,11 @@ class Pbufpool:
         self.pkt_cstuff = array("H", bytes(2 * p))
         self.pkt_vnet = bytearray(MdOff.VNET_LEN * p)
         # Free lists (stacks: recently freed objects are reused first, cache-warm).
-        self._free_pkts = list(range(p - 1, -1, -1))
-        self._free_ext = list(range(e - 1, -1, -1))
-        self._free_large = list(range(cfg.num_large_bufs - 1, -1, -1))
+        # C arrays (freelist.py) the compiled bursts pop in place.
+        self._free_pkts = FreeList("packet", p, range(p - 1, -1, -1))
+        self._free_ext = FreeList("buflet", e, range(e - 1, -1, -1))
+        nl = cfg.num_large_bufs
+        self._free_large = FreeList("large buffer", nl, range(nl - 1, -1, -1))
         self.owners: dict[int, set[int]] = {}
         self._loose: set[int] = set()  # spare buflets handed out by alloc_buflets
         self.stats = PoolStats().bind(self)
@@ -291,10 +294,7 @@ class Pbufpool:
         """Free packets already known to be allocated (trusted callers only)."""
         fast = FAST
         if fast is not None and len(idxs) >= fast.C_MIN_POOL_BATCH:
-            done, ext, large, faults, twice = fast.release(self, idxs)
-            self._free_ext.extend(ext)
-            self._free_large.extend(large)
-            self._free_pkts.extend(idxs[:done])
+            _done, faults, twice = fast.release(self, idxs)
             self.stats.redzone_faults += faults
             if twice is not None:
                 if twice >= self.num_packets:
@@ -609,7 +609,8 @@ class Pbufpool:
         out: list[str] = []
         p, e, nl = self.num_packets, self.num_ext, self.config.num_large_bufs
 
-        def free_set(name: str, items: list[int], n: int) -> set[int]:
+        def free_set(name: str, free: FreeList, n: int) -> set[int]:
+            items = list(free)
             got = set(items)
             if len(got) != len(items):
                 out.append(f"{name} free list holds duplicates")

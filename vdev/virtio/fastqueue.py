@@ -35,6 +35,7 @@ from vdev.abi import ffi as abi_ffi
 from vdev.errors import KillReason, SyncError
 from vdev.skywalk import fastglue
 from vdev.skywalk.pool import Pbufpool
+from vdev.virtio import ringstate
 from vdev.virtio.memory import GuestMemory
 
 BACKEND = "python"
@@ -195,7 +196,7 @@ class _QueueCtx:
 
         nffi = _fast.ffi
         self.packed = type(queue) is PackedQueue
-        self.c = nffi.new("struct vq_queue *")
+        self.c = ringstate.compiled(queue)
         self.seg_cap = max(MIN_SEGS, 2 * queue.size)
         self.segs = nffi.new("struct vq_seg[]", self.seg_cap)
         self.scratch = nffi.new("uint8_t[]", SCRATCH_BYTES)
@@ -226,18 +227,35 @@ class _QueueCtx:
             c.popped = self.popped
         self.bufs_ref: list[Any] | None = None
         self.vp: Any = None
+        self.tops: list[Any] = []  # own_pool's arrays of reserved free-list tops
+        self.vp_pool: Any = None  # the _PoolCtx self.vp was made for
         self.region_map = _RegionMap()
         self.want_ext = RESERVE_MIN  # TX bursts' buffer reservations (tx_burst)
         self.want_large = RESERVE_MIN
 
-    def own_pool(self, pc: _PoolCtx) -> Any:
-        """This queue's own ``struct vq_pool`` (a burst outside the pool lock must not share
-        the pool's one with another thread's burst)."""
-        if self.vp is None:
-            vp = self.vp = _fast.ffi.new("struct vq_pool *")
+    def own_pool(self, pc: _PoolCtx, pool: Pbufpool) -> Any:
+        """This queue's own ``struct vq_pool`` for bursts outside the pool lock (it must not
+        share the pool's one with another thread's burst), with room for the free-list
+        tops a burst of up to ``len(self.out)`` chains may reserve."""
+        vp = self.vp
+        if vp is None or self.vp_pool is not pc:
+            nffi = _fast.ffi
+            vp = self.vp = nffi.new("struct vq_pool *")
             src = pc.vp
             vp.p, vp.bufs, vp.large, vp.num_large = src.p, src.bufs, src.large, src.num_large
-        return self.vp
+            vp.lists = pc.lists
+            most = len(self.out)
+            caps = (most, most * (pool.max_frags - 1), most * pool.max_frags)
+            self.tops = [
+                nffi.new("uint32_t[]", max(1, min(k, fl.cap)))
+                for k, fl in zip(
+                    caps, (pool._free_pkts, pool._free_ext, pool._free_large), strict=True
+                )
+            ]
+            vp.own = self.tops
+            vp.own_cap = [len(t) for t in self.tops]
+            self.vp_pool = pc
+        return vp
 
     def rings(self, queue: Any) -> None:
         """Point the struct at the queue's current ring views (after a remap, new ones)."""
@@ -252,18 +270,6 @@ class _QueueCtx:
         self.bufs_ref = queue._bufs
 
 
-_STAT_FIELDS = (
-    "chains",
-    "descriptors",
-    "bytes_read",
-    "bytes_written",
-    "used",
-    "flushes",
-    "notifications_sent",
-    "notifications_suppressed",
-)
-
-
 def _ctx(queue: Any) -> _QueueCtx:
     ctx = queue.fast_ctx
     if ctx is None:
@@ -272,65 +278,30 @@ def _ctx(queue: Any) -> _QueueCtx:
     return ctx  # type: ignore[no-any-return]
 
 
-def _load_state(ctx: _QueueCtx, queue: Any) -> Any:
+# The queue's indices, switches and counters live in its struct (queue._cs,
+# vdev/virtio/ringstate.py), which the Python queue uses too: a burst has nothing to copy in
+# or out but a packed queue's used elements pushed and not yet published, which the Python
+# queue keeps as a list (only a ring fault leaves any between batches).
+
+
+def _load_pending(ctx: _QueueCtx, queue: Any) -> None:
+    pending = queue._pending
+    if len(pending) > ctx.pend_cap:  # pragma: no cover - only ring faults push this many
+        raise AssertionError(f"virtqueue {queue.index}: {len(pending)} used elements pending")
+    ids, lens, nds = ctx.pend
+    for i, (bid, n, nd) in enumerate(pending):
+        ids[i], lens[i], nds[i] = bid, n, nd
+    ctx.c.npend = len(pending)
+    pending.clear()
+
+
+def _store_pending(ctx: _QueueCtx, queue: Any) -> None:
     c = ctx.c
-    c.indirect_ok = queue.indirect
-    c.event_idx = queue.event_idx
-    c.notify_on_empty = queue.notify_on_empty
-    c.allow_readable = queue.readable_allowed
-    c.allow_writable = queue.writable_expected
-    c.used_idx = queue.used_idx
-    if ctx.packed:
-        c.last_avail = queue._avail_idx
-        c.avail_wrap = queue.avail_wrap
-        c.used_wrap = queue.used_wrap
-        c.scan_end = -1 if queue._scan_end is None else queue._scan_end
-        c.scan_chains = queue._scan_chains
-        c.signalled_valid = queue._signalled is not None
-        c.signalled_used = queue._signalled or 0
-        pending = queue._pending
-        if len(pending) > ctx.pend_cap:  # pragma: no cover - only ring faults push this many
-            raise AssertionError(f"virtqueue {queue.index}: {len(pending)} used elements pending")
-        ids, lens, nds = ctx.pend
-        for i, (bid, n, nd) in enumerate(pending):
-            ids[i], lens[i], nds[i] = bid, n, nd
-        c.npend = len(pending)
-        pending.clear()
-    else:
-        c.last_avail = queue.last_avail_idx
-        c.seen_avail = queue._seen_avail_idx
-        c.pending_used = queue._pending_used
-        c.signalled_used = queue._signalled_used
-        c.signalled_valid = queue._signalled_valid
-    st = queue.stats
-    for name in _STAT_FIELDS:
-        setattr(c, name, getattr(st, name))
-    return c
-
-
-def _store_state(ctx: _QueueCtx, c: Any, queue: Any) -> None:
-    queue.used_idx = c.used_idx
-    if ctx.packed:
-        queue._avail_idx = c.last_avail
-        queue.avail_wrap = c.avail_wrap
-        queue.used_wrap = c.used_wrap
-        queue._scan_end = None if c.scan_end < 0 else c.scan_end
-        queue._scan_chains = c.scan_chains
-        queue._signalled = c.signalled_used if c.signalled_valid else None
-        n = c.npend
-        if n:
-            ids, lens, nds = (_fast.ffi.unpack(a, n) for a in ctx.pend)
-            queue._pending.extend(zip(ids, lens, nds, strict=True))
-            c.npend = 0
-    else:
-        queue.last_avail_idx = c.last_avail
-        queue._seen_avail_idx = c.seen_avail
-        queue._pending_used = c.pending_used
-        queue._signalled_used = c.signalled_used
-        queue._signalled_valid = bool(c.signalled_valid)
-    st = queue.stats
-    for name in _STAT_FIELDS:
-        setattr(st, name, getattr(c, name))
+    n = c.npend
+    if n:
+        ids, lens, nds = (_fast.ffi.unpack(a, n) for a in ctx.pend)
+        queue._pending.extend(zip(ids, lens, nds, strict=True))
+        c.npend = 0
 
 
 class _RegionMap:
@@ -389,6 +360,9 @@ class _PoolCtx:
         vp.bufs = arena + lay.buf_off
         vp.large = arena + lay.large_buf_off
         vp.num_large = pool.config.num_large_bufs
+        # A burst pops the pool's free lists (freelist.py) in place, or reserves their tops.
+        self.lists = [fl.native() for fl in (pool._free_pkts, pool._free_ext, pool._free_large)]
+        vp.lists = self.lists
         self.vp = vp
         self.fp = fctx.c
 
@@ -400,10 +374,6 @@ def _pool_ctx(pool: Pbufpool) -> _PoolCtx:
         ctx = _PoolCtx(pool)
         fctx.vq_pool = ctx  # type: ignore[attr-defined]
     return ctx
-
-
-def _tops(items: list[int], k: int) -> array[int]:
-    return array("I", items[len(items) - k :] if k else ())
 
 
 def tx_burst(
@@ -431,64 +401,46 @@ def tx_burst(
     nffi = _fast.ffi
     ctx = _ctx(queue)
     budget = min(budget, len(ctx.out))
-    c = _load_state(ctx, queue)
+    c = ctx.c
+    if ctx.packed and queue._pending:
+        _load_pending(ctx, queue)
     pc = _pool_ctx(pool)
-    vp = pc.vp if unlocked is None else ctx.own_pool(pc)
-    fp, fe, fl = pool._free_pkts, pool._free_ext, pool._free_large
-    k_p = min(budget, len(fp))
-    # The external and large buffers a burst may use, taken off the lists' tops (a copy
-    # per burst): as many as the last bursts needed, not the worst case.  A chain that
-    # needs more than were handed in stops the burst (SLOW, "pool"); the reference then
-    # takes that chain from the same free lists, as it would have anyway, and the next
-    # burst gets the worst case.  Only the cost changes, never the result.
-    k_e = min(budget * (pool.max_frags - 1), len(fe), ctx.want_ext)
-    k_l = min(budget * pool.max_frags, len(fl), ctx.want_large) if pool.config.num_large_bufs else 0
-    tp, te, tl = _tops(fp, k_p), _tops(fe, k_e), _tops(fl, k_l)
-    bp = nffi.from_buffer("uint32_t[]", tp)
-    be = nffi.from_buffer("uint32_t[]", te)
-    bl = nffi.from_buffer("uint32_t[]", tl)
-    vp.free_pkts, vp.n_pkts, vp.free_pkts_len = bp, k_p, len(fp)
-    vp.free_ext, vp.n_ext, vp.free_ext_len = be, k_e, len(fe)
-    vp.free_large, vp.n_large, vp.free_large_len = bl, k_l, len(fl)
-    if unlocked is not None:  # reserve the tops
-        del fp[len(fp) - k_p :], fe[len(fe) - k_e :], fl[len(fl) - k_l :]
     c.regions, c.nregions = ctx.region_map.get(queue.mem)
     b = ctx.burst
-    try:
-        if unlocked is None:
-            _fast.lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
-        else:
+    lib = _fast.lib
+    if unlocked is None:
+        # The pool's lists popped in place (the burst's budget bounds what it takes).
+        vp = pc.vp
+        lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
+    else:
+        # Reserve the tops this burst may use (no other thread can allocate them): as many
+        # external and large buffers as the last bursts needed, not the worst case.  A
+        # chain that needs more than were reserved stops the burst (SLOW, "pool"); the
+        # reference then takes that chain from the same lists, as it would have anyway,
+        # and the next burst reserves the worst case.  Only the cost changes.
+        vp = ctx.own_pool(pc, pool)
+        mf = pool.max_frags
+        want_e = min(budget * (mf - 1), ctx.want_ext)
+        if lib.vq_pool_reserve(vp, budget, want_e, min(budget * mf, ctx.want_large)):
+            raise AssertionError(f"virtqueue {queue.index}: free-list reservation refused")
+        try:
             with unlocked:
-                _fast.lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
-    finally:
-        for buf in (bp, be, bl):
-            nffi.release(buf)
-        if unlocked is not None:  # the reserved tops the burst did not use go back
-            if vp.n_pkts:
-                fp.extend(tp[: vp.n_pkts])
-            if vp.n_ext:
-                fe.extend(te[: vp.n_ext])
-            if vp.n_large:
-                fl.extend(tl[: vp.n_large])
+                lib.vq_tx(c, vp, hlen, budget, ctx.out, b)
+        finally:  # the reserved tops the burst did not use go back, in their order
+            if lib.vq_pool_unreserve(vp):  # pragma: no cover - trusted state broken
+                raise AssertionError(f"virtqueue {queue.index}: free lists overflowed")
+        ctx.want_ext = _next_want(vp.took[1] - vp.n_ext, b)
+        ctx.want_large = _next_want(vp.took[2] - vp.n_large, b)
     notify: bool | None = None
     if finish and b.stop in (C.EMPTY, C.BUDGET):
-        notify = bool(_fast.lib.vq_finish(c, b.count))
-    _store_state(ctx, c, queue)
-    used_p, used_e, used_l = k_p - vp.n_pkts, k_e - vp.n_ext, k_l - vp.n_large
-    ctx.want_ext = _next_want(used_e, b)
-    ctx.want_large = _next_want(used_l, b)
-    if unlocked is not None:
-        used_e = used_l = 0  # already off the lists
+        notify = bool(lib.vq_finish(c, b.count))
+    if c.npend:
+        _store_pending(ctx, queue)
+    used_p = vp.took[0] - vp.n_pkts
     if used_p:
-        if unlocked is None:
-            del fp[len(fp) - used_p :]
         st = pool.stats
         st.allocs += used_p
         st.high_water = max(st.high_water, st.in_use)
-    if used_e:
-        del fe[len(fe) - used_e :]
-    if used_l:
-        del fl[len(fl) - used_l :]
     if b.npkts:
         pkts.extend(nffi.unpack(ctx.out, b.npkts))
     if b.stop == C.GUEST_FAULT:  # pragma: no cover - needs the memguard SIGBUS guard
@@ -532,7 +484,9 @@ def rx_burst(
     constant layout)."""
     nffi = _fast.ffi
     ctx = _ctx(queue)
-    c = _load_state(ctx, queue)
+    c = ctx.c
+    if ctx.packed and queue._pending:
+        _load_pending(ctx, queue)
     pc = _pool_ctx(pool)
     vp = pc.vp
     n = len(pkts)
@@ -549,7 +503,8 @@ def rx_burst(
                 _fast.lib.vq_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
     finally:
         nffi.release(buf)
-    _store_state(ctx, c, queue)
+    if c.npend:
+        _store_pending(ctx, queue)
     if b.stop == C.GUEST_FAULT:  # pragma: no cover - needs the memguard SIGBUS guard
         _guest_fault(queue)
     if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
@@ -576,9 +531,11 @@ def _guest_fault(queue: Any) -> None:
 def finish(queue: Any, consumed: int) -> bool:
     """flush_used, then (when ``consumed``) should_notify: whether to signal the guest."""
     ctx = _ctx(queue)
-    c = _load_state(ctx, queue)
-    notify = bool(_fast.lib.vq_finish(c, consumed))
-    _store_state(ctx, c, queue)
+    if ctx.packed and queue._pending:
+        _load_pending(ctx, queue)
+    notify = bool(_fast.lib.vq_finish(ctx.c, consumed))
+    if ctx.c.npend:
+        _store_pending(ctx, queue)
     return notify
 
 

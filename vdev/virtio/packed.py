@@ -38,6 +38,7 @@ from vdev.virtio.chain import (
 from vdev.virtio.inflight import PackedInflight, RingResume, packed_stale_position
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
+from vdev.virtio.ringstate import CField
 
 log = logging.getLogger("vdev.virtio")
 
@@ -97,6 +98,35 @@ class PackedQueue(QueueLifecycle):
     """
 
     name = "packed"
+
+    # Ring positions in the state struct the compiled bursts share (vdev/virtio/ringstate.py).
+    used_idx = CField("used_idx")
+    _avail_idx = CField("last_avail")
+    avail_wrap = CField("avail_wrap")
+    used_wrap = CField("used_wrap")
+    _scan_chains = CField("scan_chains")
+
+    @property
+    def _scan_end(self) -> int | None:
+        """avail_count's cache: the ring position its scan reached (None: none cached)."""
+        end: int = self._cs.scan_end
+        return None if end < 0 else end
+
+    @_scan_end.setter
+    def _scan_end(self, value: int | None) -> None:
+        self._cs.scan_end = -1 if value is None else value
+
+    @property
+    def _signalled(self) -> int | None:
+        """The used position at the last notification decision (None: none made yet)."""
+        cs = self._cs
+        return int(cs.signalled_used) if cs.signalled_valid else None
+
+    @_signalled.setter
+    def _signalled(self, value: int | None) -> None:
+        cs = self._cs
+        cs.signalled_valid = value is not None
+        cs.signalled_used = value or 0
 
     # -- QueueFormat: what the backend checks before a queue exists ------------------------
 
@@ -164,9 +194,9 @@ class PackedQueue(QueueLifecycle):
         # avail_count() cache: chains known available from the current position up to
         # position _scan_end (a ring_pos() value); available descriptors stay available until
         # the device consumes them (2.8.1), so only the tail needs scanning again.
-        self._scan_end: int | None = None
+        self._scan_end = None
         self._scan_chains = 0
-        self._signalled: int | None = None
+        self._signalled = None
         self._map(mem)
         self.inflight: PackedInflight | None = None
         base = self.last_avail_idx

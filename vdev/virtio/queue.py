@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from vdev.abi import lib
 from vdev.errors import DefunctError, SyncError, SyncKind
 from vdev.virtio.memory import GuestMemory, MemoryFault
+from vdev.virtio.ringstate import CField, CFlag, new_state
 
 if TYPE_CHECKING:
     from vdev.virtio.chain import Chain
@@ -72,6 +73,33 @@ class VirtqueueStats:
     @property
     def bytes(self) -> int:
         return self.bytes_read + self.bytes_written
+
+
+# The counters the compiled bursts keep too: in the queue's struct (vdev/virtio/ringstate.py).
+_STRUCT_COUNTERS = (
+    "chains",
+    "descriptors",
+    "bytes_read",
+    "bytes_written",
+    "used",
+    "flushes",
+    "notifications_sent",
+    "notifications_suppressed",
+)
+
+
+class StructStats(VirtqueueStats):
+    """A queue's :class:`VirtqueueStats` whose ring counters are fields of the queue's state
+    struct, which the Python queue and the compiled bursts both count into (``kills`` stays
+    a plain attribute: only Python kills)."""
+
+    def __init__(self, cs: Any) -> None:
+        self._cs = cs
+        super().__init__()
+
+
+for _name in _STRUCT_COUNTERS:
+    setattr(StructStats, _name, CField(_name))
 
 
 class VirtQueue(Protocol):
@@ -210,6 +238,14 @@ class QueueLifecycle:
     stats: VirtqueueStats
     defunct: SyncError | None
     _closed: bool
+    _cs: Any  # struct vq_queue: the state both datapaths use (vdev/virtio/ringstate.py)
+
+    # The switches the compiled bursts read too, stored in the state struct.
+    event_idx = CFlag("event_idx")
+    indirect = CFlag("indirect_ok")
+    notify_on_empty = CFlag("notify_on_empty")
+    readable_allowed = CFlag("allow_readable")
+    writable_expected = CFlag("allow_writable")
 
     @classmethod
     def check_size(cls, size: int) -> None:
@@ -235,6 +271,8 @@ class QueueLifecycle:
             raise ValueError(f"virtqueue {index}: {exc}") from None
         if addr_space not in ("uva", "gpa"):
             raise ValueError(f"virtqueue {index}: addr_space {addr_space!r} is not uva or gpa")
+        self._cs = new_state()
+        self._cs.size = size
         self.mem = mem
         self.index = index
         self.size = size
@@ -246,7 +284,7 @@ class QueueLifecycle:
         self.readable_allowed = sync is not SyncKind.RX
         self.defunct = None
         self._closed = False
-        self.stats = VirtqueueStats()
+        self.stats = StructStats(self._cs)
         # Device-private (trusted) record of what the driver handed over: write_len + 1 of
         # each chain (split head / packed buffer id) in flight, 0 when it is not ours.
         self._inflight = array("Q", bytes(8 * size))
@@ -337,6 +375,7 @@ __all__ = [
     "QueueFormat",
     "QueueLifecycle",
     "RingArea",
+    "StructStats",
     "VirtQueue",
     "VirtqueueStats",
     "queue_format",

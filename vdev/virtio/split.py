@@ -32,6 +32,7 @@ from vdev.virtio.chain import DESC_SIZE, Chain, ChainViolation, walk_chain
 from vdev.virtio.inflight import RingResume, SplitInflight
 from vdev.virtio.memory import GuestMemory, release_views
 from vdev.virtio.queue import MAX_QUEUE_SIZE, QueueLifecycle, RingArea
+from vdev.virtio.ringstate import CField, CFlag
 
 log = logging.getLogger("vdev.virtio")
 
@@ -80,6 +81,14 @@ class SplitQueue(QueueLifecycle):
 
     name = "split"
 
+    # Ring indices in the state struct the compiled bursts share (vdev/virtio/ringstate.py).
+    used_idx = CField("used_idx")
+    last_avail_idx = CField("last_avail")
+    _seen_avail_idx = CField("seen_avail")  # avail idx as of the last validated read
+    _pending_used = CField("pending_used")  # pushed, not yet published
+    _signalled_used = CField("signalled_used")
+    _signalled_valid = CFlag("signalled_valid")
+
     # -- QueueFormat: what the backend checks before a queue exists ------------------------
 
     @classmethod
@@ -126,8 +135,8 @@ class SplitQueue(QueueLifecycle):
         self.avail_addr = avail_addr
         self.used_addr = used_addr
         self.last_avail_idx = last_avail_idx
-        self._seen_avail_idx = last_avail_idx  # avail idx as of the last validated read
-        self._pending_used = 0  # pushed, not yet published
+        self._seen_avail_idx = last_avail_idx
+        self._pending_used = 0
         self._signalled_used = 0
         self._signalled_valid = False
         # Head popped from each avail slot, so rewind() never re-reads guest memory.
@@ -135,7 +144,7 @@ class SplitQueue(QueueLifecycle):
         self._map(mem)
         # vhost-user resumes from the used idx in guest memory (libvhost-user does the same):
         # it is what the driver has already seen.
-        self.used_idx: int = int(self._used16[1])
+        self.used_idx = int(self._used16[1])
         self._signalled_used = self.used_idx
         self.inflight: SplitInflight | None = None
         self._resubmit: dict[int, int] = {}  # avail position -> head, from the inflight region
