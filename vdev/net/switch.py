@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from vdev.native import structs
 from vdev.skywalk import Pbufpool, fastglue
 
 log = logging.getLogger("vdev.switch")
@@ -225,7 +226,7 @@ class Switch:
             ret,
         )
         d = self.fdb._d
-        for i in ffi.unpack(c.learned, ret.n_learned):
+        for i in structs.u32_list(ffi, c.learned, ret.n_learned):
             d[pool.packet_head(pkts[i], 12)[6:12]] = src
         if code != lib.SW_OK:
             self._give_up("the FDB is full")
@@ -235,8 +236,11 @@ class Switch:
         src_stats.tx_frames += n
         src_stats.tx_bytes += int(ret.nbytes)
         if ret.n_special == 0:
-            order: list[int] = ffi.unpack(c.order, n)
-            groups: list[int] = ffi.unpack(c.groups, 2 * ret.n_groups)
+            groups = structs.u32_list(ffi, c.groups, 2 * ret.n_groups, "i")
+            if len(groups) == 2:  # one destination: the burst as it came, its byte count
+                self._deliver(self._names[groups[0]], pkts[:], None, int(ret.nbytes))
+                return
+            order = structs.u32_list(ffi, c.order, n)
             pos = 0
             for g in range(0, len(groups), 2):
                 count = groups[g + 1]
@@ -244,7 +248,7 @@ class Switch:
                 pos += count
                 self._deliver(self._names[groups[g]], batch, None)
             return
-        self._dispatch(src, pkts, ffi.unpack(c.dest, n))
+        self._dispatch(src, pkts, structs.u32_list(ffi, c.dest, n, "i"))
 
     def _dispatch(self, src: str, pkts: list[int], dests: list[int]) -> None:
         """The rest of :meth:`forward_py` for decisions already made (a burst with floods or
@@ -329,10 +333,15 @@ class Switch:
             stats.drops += len(pkts)
         self.pool.free_packets(pkts)
 
-    def _deliver(self, name: str, batch: list[int], lengths: list[int] | None) -> None:
+    def _deliver(
+        self, name: str, batch: list[int], lengths: list[int] | None, nbytes: int = -1
+    ) -> None:
+        """Hand ``batch`` to endpoint ``name`` and count what it took (``nbytes``: the
+        batch's byte total when known, so a batch taken whole is counted without a pass
+        over its packets)."""
         stats = self.stats[name]
         plen = self.pool.pkt_len
-        if lengths is None:
+        if lengths is None and nbytes < 0:
             lengths = [plen[p] for p in batch]
         try:
             taken = self.endpoints[name].deliver(batch)
@@ -340,7 +349,13 @@ class Switch:
             log.exception("endpoint %s failed to take %d frames", name, len(batch))
             taken = 0
         stats.rx_frames += taken
-        stats.rx_bytes += sum(lengths[:taken])
+        if lengths is None:
+            if taken == len(batch):
+                stats.rx_bytes += nbytes
+            else:
+                stats.rx_bytes += sum(plen[p] for p in batch[:taken])
+        else:
+            stats.rx_bytes += sum(lengths[:taken])
         if taken < len(batch):
             stats.drops += len(batch) - taken
             self.pool.free_packets(batch[taken:])

@@ -19,6 +19,7 @@ from collections.abc import MutableSequence
 from typing import Any, NoReturn, cast
 
 from vdev.native import build as fastbuild
+from vdev.native import structs
 
 from . import slotwork
 from .errors import PoolError, SyncKind
@@ -221,7 +222,7 @@ def _take(
     if code == C.BADARGS:
         ctx.scratch.append(sc)
         return None
-    pkts: list[int] = _fast.ffi.unpack(sc.out, ret.count)
+    pkts = structs.u32_list(_fast.ffi, sc.out, ret.count)
     if pkts:
         pool.owners.get(owner, set()).difference_update(pkts)
     return code, ret, sc, pkts
@@ -358,7 +359,7 @@ def rx_publish(
         return slotwork.rx_publish(ring, start, end, ksd, klen)
     owned = pool.owners.setdefault(owner, set())
     if ret.count:
-        owned.update(fast.ffi.unpack(sc.out, ret.count))
+        owned.update(structs.u32_list(fast.ffi, sc.out, ret.count))
     if code == C.OK:
         nbytes = int(ret.nbytes)
         ctx.scratch.append(sc)
@@ -403,8 +404,8 @@ def release(pool: Pbufpool, idxs: list[int]) -> tuple[int, int, int | None]:
         out_ext = ffi.new("uint32_t[]", n * max(pool.max_frags - 1, 1))
         out_large = ffi.new("uint32_t[]", n * pool.max_frags)
         code = lib.pb_release(ctx.c, buf, n, out_ext, out_large, ret)
-        fe.extend(ffi.unpack(out_ext, ret.n_ext))
-        fl.extend(ffi.unpack(out_large, ret.n_large))
+        fe.extend(structs.u32_list(ffi, out_ext, ret.n_ext))
+        fl.extend(structs.u32_list(ffi, out_large, ret.n_large))
         fp.extend(idxs[: ret.count])
     return (
         int(ret.count),

@@ -61,7 +61,7 @@ class FreeList:
         return int(self.c.n) != 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.ffi.unpack(self.v, self.c.n))
+        return iter(structs.u32_list(self.ffi, self.v, self.c.n))
 
     def __repr__(self) -> str:
         return f"FreeList({self.name!r}, {list(self)!r})"
@@ -104,7 +104,7 @@ class FreeList:
         n = c.n
         if n + k > self.cap:
             raise self._overflow(k)
-        self.v[n : n + k] = seq
+        self.ffi.memmove(self.v + n, structs.u32_array(seq), 4 * k)
         c.n = n + k
 
     def _bounds(self, s: slice) -> tuple[int, int]:
@@ -122,7 +122,7 @@ class FreeList:
     def __getitem__(self, i: int | slice) -> int | list[int]:
         if isinstance(i, slice):
             start, stop = self._bounds(i)
-            return self.ffi.unpack(self.v + start, stop - start)  # type: ignore[no-any-return]
+            return structs.u32_list(self.ffi, self.v + start, stop - start)
         n = int(self.c.n)
         assert isinstance(i, int)
         if i < 0:

@@ -33,6 +33,7 @@ from typing import Any
 
 from vdev.abi import ffi as abi_ffi
 from vdev.errors import KillReason, SyncError
+from vdev.native import structs
 from vdev.skywalk import fastglue
 from vdev.skywalk.pool import Pbufpool
 from vdev.virtio import ringstate
@@ -442,7 +443,7 @@ def tx_burst(
         st.allocs += used_p
         st.high_water = max(st.high_water, st.in_use)
     if b.npkts:
-        pkts.extend(nffi.unpack(ctx.out, b.npkts))
+        pkts.extend(structs.u32_list(nffi, ctx.out, b.npkts))
     if b.stop == C.GUEST_FAULT:  # pragma: no cover - needs the memguard SIGBUS guard
         if b.partial_pkt != 0xFFFF_FFFF:
             pool.free_taken([b.partial_pkt])
