@@ -76,8 +76,6 @@ def _restore(pool: Pbufpool, rings: list[KernelRing], snap: dict[str, Any]) -> N
     for name in _ARRAYS:
         arr = getattr(pool, name)
         memoryview(arr).cast("B")[:] = snap["arrays"][name]
-    pool.owners.clear()
-    pool.owners.update({k: set(v) for k, v in snap["owners"].items()})
     pool._free_pkts[:], pool._free_ext[:], pool._free_large[:] = (list(x) for x in snap["free"])
     pool.stats = type(pool.stats)(**snap["stats"]).bind(pool)
     for r, (ksd, klen, _, _) in zip(rings, snap["rings"], strict=True):

@@ -213,9 +213,9 @@ def _take(
     fn: Any, ring: Slots, ctx: _FastPool, start: int, end: int
 ) -> tuple[int, Any, _Scratch, list[int]] | None:
     """Run ``fp_tx_take`` / ``fp_free_take`` on slots ``[start, end)``: the code, the result,
-    its scratch (the caller returns it) and the packets taken, already out of the owner's
-    set; None if C refused the (trusted) arguments and the Python loop must run."""
-    pool, owner, _r32, _r16, slots_w32, n = ring
+    its scratch (the caller returns it) and the packets taken, already kernel-owned again;
+    None if C refused the (trusted) arguments and the Python loop must run."""
+    _pool, owner, _r32, _r16, slots_w32, n = ring
     sc = ctx.take(_span(n, start, end))
     ret = sc.ret
     code = fn(ctx.c, owner, ctx.ring_base, ctx.ring_bytes, slots_w32, n, start, end, sc.out, ret)
@@ -223,8 +223,6 @@ def _take(
         ctx.scratch.append(sc)
         return None
     pkts = structs.u32_list(_fast.ffi, sc.out, ret.count)
-    if pkts:
-        pool.owners.get(owner, set()).difference_update(pkts)
     return code, ret, sc, pkts
 
 
@@ -357,9 +355,6 @@ def rx_publish(
     if code == C.BADARGS:
         ctx.scratch.append(sc)
         return slotwork.rx_publish(ring, start, end, ksd, klen)
-    owned = pool.owners.setdefault(owner, set())
-    if ret.count:
-        owned.update(structs.u32_list(fast.ffi, sc.out, ret.count))
     if code == C.OK:
         nbytes = int(ret.nbytes)
         ctx.scratch.append(sc)

@@ -176,7 +176,6 @@ class Pbufpool:
         self._free_ext = FreeList("buflet", e, range(e - 1, -1, -1))
         nl = cfg.num_large_bufs
         self._free_large = FreeList("large buffer", nl, range(nl - 1, -1, -1))
-        self.owners: dict[int, set[int]] = {}
         self._loose: set[int] = set()  # spare buflets handed out by alloc_buflets
         self.stats = PoolStats().bind(self)
         self._closed = False
@@ -537,7 +536,6 @@ class Pbufpool:
         if self.pkt_owner[idx] != KERNEL:
             raise PoolError(f"packet {idx} already held by owner {self.pkt_owner[idx]}")
         self.pkt_owner[idx] = owner_id
-        self.owners.setdefault(owner_id, set()).add(idx)
 
     def owner_remove(self, owner_id: int, idx: int) -> bool:
         """Take packet ``idx`` back from ``owner_id``; False if that owner does not hold it.
@@ -549,7 +547,6 @@ class Pbufpool:
         if self.pkt_owner[idx] != owner_id:
             return False
         self.pkt_owner[idx] = KERNEL
-        self.owners[owner_id].discard(idx)
         return True
 
     def owner_holds(self, owner_id: int, idx: int) -> bool:
@@ -559,19 +556,37 @@ class Pbufpool:
             and self.pkt_owner[idx] == owner_id
         )
 
+    def _held_by(self, owner_id: int) -> list[int]:
+        """The allocated packets ``owner_id`` holds, in index order (a scan of the trusted
+        owner array: the per-packet owner is the one record, kept by the Python loops and
+        the compiled ones alike, so there is no second set to keep in step per packet)."""
+        owner, state = self.pkt_owner, self.pkt_state
+        return [
+            i for i in range(self.num_packets) if owner[i] == owner_id and state[i] == _ALLOCATED
+        ]
+
+    @property
+    def owners(self) -> dict[int, set[int]]:
+        """Client owner id -> the packets it holds (a snapshot, for audits and tests)."""
+        out: dict[int, set[int]] = {}
+        owner, state = self.pkt_owner, self.pkt_state
+        for i in range(self.num_packets):
+            if owner[i] != KERNEL and state[i] == _ALLOCATED:
+                out.setdefault(owner[i], set()).add(i)
+        return out
+
     def owner_purge(self, owner_id: int) -> int:
         """Free everything ``owner_id`` holds (the client went away); returns the count."""
-        held = self.owners.pop(owner_id, set())
-        if not held:
+        idxs = self._held_by(owner_id)
+        if not idxs:
             return 0
-        idxs = sorted(held)
         for idx in idxs:
             self.pkt_owner[idx] = KERNEL
         self._release(idxs)
         return len(idxs)
 
     def owner_count(self, owner_id: int) -> int:
-        return len(self.owners.get(owner_id, ()))
+        return len(self._held_by(owner_id))
 
     # ----------------------------------------------------------------- ring region
     def ring_alloc(self, nbytes: int) -> int:

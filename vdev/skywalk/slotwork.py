@@ -351,7 +351,6 @@ def tx_take(ring: Slots, start: int, end: int, sync: SyncKind) -> tuple[list[int
     pkt_state = pool.pkt_state
     pkt_len = pool.pkt_len
     num_packets = pool.num_packets
-    owned = pool.owners.get(owner, set())
     s = start
     while s != end:
         w = slots_w32 + 2 * s
@@ -362,7 +361,6 @@ def tx_take(ring: Slots, start: int, end: int, sync: SyncKind) -> tuple[list[int
             pool.free_taken(pkts)
             raise unallocated(sync, s, idx if valid else None, start, end)
         pkt_owner[idx] = KERNEL  # taken back from the user: freed with the rest on failure
-        owned.discard(idx)
         pkts.append(idx)
         uidx = md32[idx * MD_W32 + _MD_IDX_W32]
         fail = qum_mismatch(idx, uidx) if uidx != idx else internalize(pool, idx)
@@ -441,14 +439,12 @@ def rx_publish(
     s = start
     pkt_len = pool.pkt_len
     pkt_owner = pool.pkt_owner
-    owned = pool.owners.setdefault(owner, set())
     while s != end:
         idx = ksd[s]
         ksd[s] = NO_INDEX
         if pkt_owner[idx] != KERNEL:  # trusted code queued a client's packet: a bug
             raise PoolError(f"packet {idx} queued while held by owner {pkt_owner[idx]}")
         pkt_owner[idx] = owner
-        owned.add(idx)
         externalize(pool, idx)
         ln = pkt_len[idx]
         sdl = ln if ln <= SD_LEN_MAX else SD_LEN_MAX
