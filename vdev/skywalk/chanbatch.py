@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 from array import array
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, cast
 
@@ -180,15 +181,34 @@ def _send(ch: Channel, data: bytes, offs: array[int], lens: array[int]) -> int:
     return sent
 
 
-def send(ch: Channel, frames: list[bytes]) -> int:
-    """``Channel.send`` in bursts: same frames staged, same syncs, same errors."""
+@dataclass(frozen=True)
+class Prepared:
+    """Frames laid out once for :func:`send_prepared`: their bytes back to back, and each
+    one's offset and length (a sender that repeats a burst skips the join per call)."""
+
+    data: bytes
+    offs: array[int]
+    lens: array[int]
+
+
+def prepare(frames: list[bytes]) -> Prepared:
     data = b"".join(frames)
     lens = array("I", [len(f) for f in frames])
     offs = array("I", [0])
     offs.extend(accumulate(lens[:-1]))
     if not frames:
         offs = array("I")
-    return _send(ch, data, offs, lens)
+    return Prepared(data, offs, lens)
+
+
+def send(ch: Channel, frames: list[bytes]) -> int:
+    """``Channel.send`` in bursts: same frames staged, same syncs, same errors."""
+    return send_prepared(ch, prepare(frames))
+
+
+def send_prepared(ch: Channel, burst: Prepared) -> int:
+    """:func:`send` of frames laid out by :func:`prepare`."""
+    return _send(ch, burst.data, burst.offs, burst.lens)
 
 
 def send_repeat(ch: Channel, frame: bytes, count: int) -> int:
@@ -275,11 +295,14 @@ def recv_count(ch: Channel, max: int = 256, timeout: float = 0.0) -> tuple[int, 
 
 __all__ = [
     "ENABLED",
+    "Prepared",
     "available",
     "in_use",
+    "prepare",
     "recv",
     "recv_count",
     "send",
+    "send_prepared",
     "send_repeat",
     "set_enabled",
 ]
