@@ -28,7 +28,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from vdev.eventloop import SelectorLoop
@@ -162,23 +161,32 @@ class DatapathLock:
             self.shared.release()
             self.nic.lock.release()
 
-    @contextlib.contextmanager
-    def _released(self) -> Iterator[None]:
-        shared: Any = self.shared
-        state = shared._release_save()
-        try:
-            yield
-        finally:
-            shared._acquire_restore(state)
-
     def unlocked(self) -> contextlib.AbstractContextManager[object] | None:
         """The context a compiled burst runs in: without the shared lock when this is the
         datapath thread holding the plain path (then nothing above it on this thread holds
         the shared lock for its own reasons), else None (keep everything held)."""
         me = threading.get_ident()
         if self.mode == "plain" and self.owner == me and self.thread_ident == me:
-            return self._released()
+            return _SharedReleased(self.shared)
         return None
+
+
+class _SharedReleased:
+    """The shared lock let go (all its recursion levels) for the extent of a ``with``, and
+    taken back after: a class, not a generator context manager, since every compiled burst
+    of a datapath thread enters one."""
+
+    __slots__ = ("lock", "state")
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self.lock: Any = lock
+        self.state: Any = None
+
+    def __enter__(self) -> None:
+        self.state = self.lock._release_save()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock._acquire_restore(self.state)
 
 
 def needs_world(nic: VirtioNet) -> bool:

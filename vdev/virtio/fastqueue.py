@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections import defaultdict
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -48,11 +49,9 @@ MIN_SEGS = 1024
 
 _fast: Any = None  # the compiled module (vdev/native), shared with fastglue
 # Bursts run and items completed per direction, and why bursts stopped (tests, profiling).
-COUNTS: dict[str, int] = {}
-
-
-def _count(key: str, n: int = 1) -> None:
-    COUNTS[key] = COUNTS.get(key, 0) + n
+COUNTS: defaultdict[str, int] = defaultdict(int)
+_TX_STOP = {i: f"tx_stop_{i}" for i in range(8)}
+_RX_STOP = {i: f"rx_stop_{i}" for i in range(8)}
 
 
 @dataclass(frozen=True)
@@ -107,6 +106,7 @@ class _Codes:
         self.BADARGS: int = lib.VQ_STOP_BADARGS
         self.RX_MERGEABLE: int = lib.VQ_RX_MERGEABLE
         self.RX_GUEST_CSUM: int = lib.VQ_RX_GUEST_CSUM
+        self.POOL_SLOW: int = lib.VQS_POOL
         # VQV_<name> -> the reference's wording (a C code without one fails here, at load).
         self.violations: dict[int, Violation] = {
             int(getattr(lib, f"VQV_{name}")): v for name, v in VIOLATIONS_BY_NAME.items()
@@ -230,6 +230,8 @@ class _QueueCtx:
         self.vp: Any = None
         self.tops: list[Any] = []  # own_pool's arrays of reserved free-list tops
         self.vp_pool: Any = None  # the _PoolCtx self.vp was made for
+        self.pool: Any = None  # the pool of the last burst, and its _PoolCtx
+        self.pc: Any = None
         self.region_map = _RegionMap()
         self.want_ext = RESERVE_MIN  # TX bursts' buffer reservations (tx_burst)
         self.want_large = RESERVE_MIN
@@ -405,7 +407,11 @@ def tx_burst(
     c = ctx.c
     if ctx.packed and queue._pending:
         _load_pending(ctx, queue)
-    pc = _pool_ctx(pool)
+    if ctx.pool is pool:
+        pc = ctx.pc
+    else:
+        pc = ctx.pc = _pool_ctx(pool)
+        ctx.pool = pool
     c.regions, c.nregions = ctx.region_map.get(queue.mem)
     b = ctx.burst
     lib = _fast.lib
@@ -430,8 +436,12 @@ def tx_burst(
         finally:  # the reserved tops the burst did not use go back, in their order
             if lib.vq_pool_unreserve(vp):  # pragma: no cover - trusted state broken
                 raise AssertionError(f"virtqueue {queue.index}: free lists overflowed")
-        ctx.want_ext = _next_want(vp.took[1] - vp.n_ext, b)
-        ctx.want_large = _next_want(vp.took[2] - vp.n_large, b)
+        if b.stop == C.SLOW and b.slow == C.POOL_SLOW:  # maybe short of reserved buffers
+            ctx.want_ext = ctx.want_large = RESERVE_ALL
+        else:  # twice what this one used, at least RESERVE_MIN
+            took = vp.took
+            ctx.want_ext = max(RESERVE_MIN, 2 * (took[1] - vp.n_ext))
+            ctx.want_large = max(RESERVE_MIN, 2 * (took[2] - vp.n_large))
     notify: bool | None = None
     if finish and b.stop in (C.EMPTY, C.BUDGET):
         notify = bool(lib.vq_finish(c, b.count))
@@ -450,23 +460,18 @@ def tx_burst(
         _guest_fault(queue)
     if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
         raise AssertionError(f"virtqueue {queue.index}: compiled TX burst refused its arguments")
-    _count("tx_bursts")
-    _count("tx_chains", b.count)
-    _count(f"tx_stop_{b.stop}")
+    counts = COUNTS
+    counts["tx_bursts"] += 1
+    counts["tx_chains"] += b.count
+    counts[_TX_STOP[b.stop]] += 1
     return Burst(b.stop, b.violation or b.slow, b.count, b.nbytes, notify=notify)
 
 
-RESERVE_MIN = 64  # external / large buffers handed to a TX burst at least (when free)
+# An unlocked TX burst's next reservation of external / large buffers: the worst case
+# after a burst that may have stopped for lack of them, else twice what this one used, at
+# least RESERVE_MIN, so steady traffic reserves a few list entries, not hundreds.
+RESERVE_MIN = 64
 RESERVE_ALL = 1 << 30  # "the worst case": min() with the burst's bound and the free list
-
-
-def _next_want(used: int, b: Any) -> int:
-    """The next burst's reservation of one kind of buffer: the worst case after a burst
-    that may have stopped for lack of them, else twice what this one used (at least
-    :data:`RESERVE_MIN`), so steady traffic copies a few list entries, not hundreds."""
-    if b.stop == C.SLOW and C.slow.get(b.slow) == "pool":
-        return RESERVE_ALL
-    return max(RESERVE_MIN, 2 * used)
 
 
 def rx_burst(
@@ -510,9 +515,10 @@ def rx_burst(
         _guest_fault(queue)
     if b.stop == C.BADARGS:  # pragma: no cover - trusted state broken
         raise AssertionError(f"virtqueue {queue.index}: compiled RX burst refused its arguments")
-    _count("rx_bursts")
-    _count("rx_frames", b.count)
-    _count(f"rx_stop_{b.stop}")
+    counts = COUNTS
+    counts["rx_bursts"] += 1
+    counts["rx_frames"] += b.count
+    counts[_RX_STOP[b.stop]] += 1
     return Burst(b.stop, b.violation or b.slow, b.count, b.nbytes, b.merged)
 
 
