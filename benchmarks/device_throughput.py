@@ -54,6 +54,7 @@ from vdev.skywalk import chanbatch
 from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
 from vdev.testing.frontend import VirtioNetFrontend
 from vdev.testing.pools import streaming_pool
+from vdev.testing.sink import DropSink
 
 TESTPMD = shutil.which("dpdk-testpmd")
 NAP_MIN, NAP_MAX = 50e-6, 1e-3  # the RX source's poll interval while the backlog is full
@@ -70,6 +71,7 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
     """Serve one NIC and count; prints READY, then "S <monotonic> <count>" every 0.1 s.
 
     role "sink": count frames arriving on a host channel (guest TX direction).
+    role "drop": count frames an endpoint frees as the switch hands them over (guest TX).
     role "source": feed the NIC from a host channel, count frames written to the guest.
     On SIGTERM prints "STATS <json>" (device stats, and the profile if asked) and exits.
     """
@@ -80,8 +82,19 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     count = 0
 
-    ch = device.open_channel("host", ring_slots=4096 if role == "sink" else 512)
-    if role == "sink":
+    if role == "drop":
+        # The device alone: the switch unicasts to an endpoint that frees (testpmd rxonly's
+        # counterpart), counted there.
+        sink = DropSink(pool, "host")
+        with device.lock:
+            device.switch.attach(sink)
+            device.switch.fdb[HOST_MAC] = sink.name
+
+        def pump() -> None:
+            stop.wait()  # counted by the sink itself
+
+    elif role == "sink":
+        ch = device.open_channel("host", ring_slots=4096)
         # Teach the switch where HOST_MAC lives (floods once: nic0's RX ring is still down).
         ch.send([numbered(b"\xff" * 6, HOST_MAC, 0)])
 
@@ -96,6 +109,7 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
                     count += len(ch.recv(4096, timeout=0.05))
 
     else:
+        ch = device.open_channel("host", ring_slots=512)
         # As if the guest had sent a frame: the learning switch then unicasts to nic0
         # instead of flooding a copy of every frame to the responder too.
         device.switch.fdb[GUEST_MAC] = nic.name
@@ -130,8 +144,8 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
     def sampler() -> None:
         while not stop.is_set():
             # Far end (host channel, or frames written to the guest) and the virtqueue.
-            ring = nic.stats[1 if role == "sink" else 0].frames
-            n = count if role == "sink" else ring
+            ring = nic.stats[0 if role == "source" else 1].frames
+            n = ring if role == "source" else sink.frames if role == "drop" else count
             sys.stdout.write(f"S {time.monotonic():.6f} {n} {ring}\n")  # one write: one line
             sys.stdout.flush()
             stop.wait(0.1)
@@ -281,6 +295,7 @@ class Config:
     warmup: float
     workdir: Path
     profile: bool = False
+    far_end: str = "sink"  # guest TX: "sink" (a host channel) or "drop" (a freeing endpoint)
 
 
 @dataclass
@@ -342,7 +357,7 @@ def measure(cfg: Config, frontend: str, direction: str, size: int, backend: str)
         if backend == "vdev":
             be = Child(
                 [sys.executable, __file__, "--worker", sock, "--role"]
-                + ["sink" if direction == "tx" else "source", "--size", str(size)]
+                + [cfg.far_end if direction == "tx" else "source", "--size", str(size)]
                 + (["--profile-out", str(cfg.workdir / "tx.prof")] if cfg.profile else []),
                 "worker",
             )
@@ -470,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 s cells, 64-byte frames only")
     p.add_argument("--profile", action="store_true", help="also cProfile vdev's TX hot path")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument(
+        "--far-end",
+        choices=("channel", "drop"),
+        default="channel",
+        help="guest TX frames go to a host channel (counted by a reader thread) or to an "
+        "endpoint that frees them (the device alone, as testpmd rxonly)",
+    )
     p.add_argument("--worker", metavar="SOCK", help=argparse.SUPPRESS)
     p.add_argument("--role", default="sink", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
@@ -487,7 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         frontends = [f for f in frontends if f != "dpdk"]
         backends = [b for b in backends if b != "dpdk"]
     with tempfile.TemporaryDirectory(prefix="vdevbench") as tmp:
-        cfg = Config(args.duration, args.warmup, Path(tmp))
+        far_end = "drop" if args.far_end == "drop" else "sink"
+        cfg = Config(args.duration, args.warmup, Path(tmp), far_end=far_end)
         rows: list[dict[str, Any]] = []
         print(HEADER, flush=True)
         for frontend in frontends:
