@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vdev.net.device import Device
 from vdev.net.nic import DEFAULT_FEATURES, RX_BACKLOG
+from vdev.shutdown import stop_on_signals
 from vdev.skywalk import chanbatch
 from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
 from vdev.testing.frontend import VirtioNetFrontend
@@ -79,7 +80,7 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
     device = Device(pool=pool)
     nic = device.add_nic(sock, mac=GUEST_MAC_STR)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop, (signal.SIGTERM,))
     count = 0
 
     if role == "drop":

@@ -38,8 +38,9 @@ from vdev.testing.frontend import VirtioNetFrontend
 DEVICE = """
 import signal, sys, threading
 from vdev.net.device import Device
+from vdev.shutdown import stop_on_signals
 stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop_on_signals(stop, (signal.SIGTERM,))
 with Device() as d:
     d.add_nic(sys.argv[1])
     print("READY", flush=True)

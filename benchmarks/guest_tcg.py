@@ -4,7 +4,9 @@ The same QEMU command line (``host.machine.Machine.linux``: one virtio-net-pci N
 vhost-user socket, QEMU the client) runs against two backends:
 
 * vdev: a device process (``device_throughput.py --worker``): role "sink" counts what the
-  guest sends on a host channel; role "source" keeps the NIC's RX backlog half full;
+  guest sends on a host channel (``--far-end drop``: role "drop", an endpoint that frees
+  and counts, so the device's CPU is the device's alone); role "source" keeps the NIC's RX
+  backlog half full;
 * DPDK: ``dpdk-testpmd --vdev net_vhost0`` rxonly (guest TX) or txonly to the guest's MAC
   (guest RX).
 
@@ -61,7 +63,7 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
     sock = str(workdir / f"{backend}-{direction}.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
-    role = "sink" if direction == "tx" else "source"
+    role = ("drop" if a.far_end == "drop" else "sink") if direction == "tx" else "source"
     if backend == "vdev":
         script = str(Path(__file__).with_name("device_throughput.py"))
         argv = [sys.executable, script, "--worker", sock, "--role", role]
@@ -137,6 +139,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--count", type=int, default=100_000, help="frames vdev-pktgen sends")
+    ap.add_argument(
+        "--far-end",
+        choices=("channel", "drop"),
+        default="channel",
+        help="guest TX frames go to a host channel with a reader thread in the device "
+        "process, or to an endpoint that frees them (the device alone)",
+    )
     ap.add_argument("--window", type=float, default=3.0, help="guest RX window, seconds")
     ap.add_argument("--directions", default="tx,rx")
     ap.add_argument("--timeout", type=float, default=600.0, help="bound on one guest TX run, s")

@@ -45,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_throughput import Child, _counter_rate, _wait
 
 from vdev.net.device import Device
+from vdev.shutdown import stop_on_signals
 from vdev.skywalk import Pbufpool
+from vdev.testing.sink import DropSink
 from vdev.virtio import fastqueue
 
 TESTPMD = shutil.which("dpdk-testpmd")
@@ -55,21 +57,6 @@ BACKENDS_SEEN: set[str] = set()  # the workers' virtqueue backends (c or python)
 ROWS = {"1": (1, "per-nic"), "2": (2, "per-nic"), "2s": (2, "single")}
 
 
-class Sink:
-    """A switch endpoint that frees what it is given (runs under the shared lock)."""
-
-    name = "sink"
-
-    def __init__(self, pool: Pbufpool) -> None:
-        self.pool = pool
-        self.frames = 0
-
-    def deliver(self, pkts: list[int]) -> int:
-        self.frames += len(pkts)
-        self.pool.free_packets(pkts)
-        return len(pkts)
-
-
 def worker(socks: list[str], threads: str, poll: bool) -> int:
     """Serve the NICs; print READY, then "S <monotonic> <tx0 frames, all NICs>" every 0.1 s."""
     pool = Pbufpool(
@@ -77,11 +64,11 @@ def worker(socks: list[str], threads: str, poll: bool) -> int:
     )
     device = Device(pool=pool, threads=threads)
     nics = [device.add_nic(s, mac=f"52:54:00:00:01:{i:02x}") for i, s in enumerate(socks)]
-    sink = Sink(pool)
+    sink = DropSink(pool)
     device.switch.attach(sink)
     device.switch.fdb[bytes.fromhex(SINK_MAC.replace(":", ""))] = sink.name
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop, (signal.SIGTERM,))
 
     def sampler() -> None:
         while not stop.is_set():

@@ -41,6 +41,7 @@ from device_throughput import (
 
 from vdev.net.device import Device
 from vdev.net.responder import mac_bytes
+from vdev.shutdown import stop_on_signals
 from vdev.skywalk import Pbufpool
 
 MAC_A = "02:00:00:00:0a:01"
@@ -58,7 +59,7 @@ def worker(sock0: str, sock1: str) -> int:
     nic1 = device.add_nic(sock1, mac=MAC_B)
     device.switch.fdb[mac_bytes(MAC_B)] = nic1.name
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop, (signal.SIGTERM,))
 
     def sampler() -> None:
         while not stop.is_set():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import threading
 from typing import Any
 
 from host.cli_args import add_control_option, mtu, output_path, queue_pairs
+from vdev.shutdown import stop_on_signals
 
 
 def register(subparsers: Any) -> None:
@@ -111,12 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"vdev serve: {len(args.mac)} --mac for {len(args.socket)} --socket", file=sys.stderr)
         return 2
     stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_signals(stop)  # a second Ctrl-C must not hang the shutdown (vdev/shutdown.py)
     try:
         device = Device(
             pcap=args.pcap,

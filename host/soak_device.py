@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -46,6 +45,7 @@ from vdev.faults import FaultEngine
 from vdev.faults.rules import Rule
 from vdev.net.device import Device
 from vdev.net.nic import RX_BACKLOG, VirtioNet
+from vdev.shutdown import stop_on_signals
 from vdev.skywalk import chanbatch
 from vdev.skywalk.channel import Channel
 from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
@@ -207,8 +207,7 @@ class SoakDevice:
     # -- life cycle -------------------------------------------------------------------------
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        stop_on_signals(self.stop)
         pump = self._sink if self.cfg.role == "sink" else self._source
         threads = [threading.Thread(target=f, daemon=True) for f in (pump, self._faults)]
         threads.append(threading.Thread(target=self._sampler, daemon=True))
