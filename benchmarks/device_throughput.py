@@ -128,11 +128,9 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
                 vring = nic.vrings.get(0)
                 running = vring is not None and vring.enabled and vring.queue is not None
                 # Frames waiting for the guest: the NIC's backlog and, with a datapath
-                # thread, its hand-off inbox (not yet in the backlog).  Sending past that
-                # only gets frames refused as rx_backlog_full, at the sender's cost.
-                dp = device.datapaths.get(nic.name)
-                waiting = len(nic.backlog) + (len(dp.inbox) if dp is not None else 0)
-                if not running or waiting > RX_BACKLOG - len(frames):
+                # thread, its hand-off inbox.  Sending past that only gets frames refused
+                # as rx_backlog_full, at the sender's cost.
+                if not running or nic.rx_waiting() > RX_BACKLOG - len(frames):
                     time.sleep(nap)
                     nap = min(2 * nap, NAP_MAX)
                     continue

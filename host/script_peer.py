@@ -188,12 +188,14 @@ class ScriptPeer:
         return [], f"{status} host-send sent={sent} bytes={sent * size}"
 
     def _wait_backlog(self, deadline: float) -> None:
-        """Wait while any NIC's RX backlog is more than half full (the guest is behind)."""
+        """Wait while any NIC's RX backlog is more than half full (the guest is behind); with
+        per-NIC threads that counts the frames handed to a NIC's thread and not yet in its
+        backlog (``rx_waiting``)."""
         from vdev.net.nic import RX_BACKLOG
 
         while time.monotonic() < deadline:
             with self.device.lock:
-                depth = max((len(nic.backlog) for nic in self.device.nics), default=0)
+                depth = max((nic.rx_waiting() for nic in self.device.nics), default=0)
             if depth + 64 <= RX_BACKLOG // 2:
                 return
             time.sleep(0.001)

@@ -150,14 +150,13 @@ class SoakDevice:
         ch = self.ch
         assert ch is not None
         frames = [numbered(GUEST_MAC, HOST_MAC, i, self.cfg.size) for i in range(64)]
-        datapath = self.device.datapaths.get(self.nic.name)
         while not self.stop.is_set() and self.progress.sent < self.cfg.frames:
             vring = self.nic.vrings.get(0)
             running = vring is not None and vring.enabled and vring.queue is not None
             # Frames handed to the NIC's thread wait in its inbox before the backlog: both
-            # count, or a burst overruns the backlog and the soak measures refusals.
-            queued = len(self.nic.backlog) + (len(datapath.inbox) if datapath else 0)
-            if not running or queued >= RX_BACKLOG // 2:
+            # count (rx_waiting), or a burst overruns the backlog and the soak measures
+            # refusals.
+            if not running or self.nic.rx_waiting() >= RX_BACKLOG // 2:
                 time.sleep(0.0002)
                 continue
             left = self.cfg.frames - self.progress.sent

@@ -97,14 +97,15 @@ def send_all(
     The compiled host side (``chanbatch``) sends hundreds of thousands of frames a second,
     far faster than a driver under TCG takes them; the switch then drops what the NIC's RX
     backlog cannot hold (as a VALE port would), so exact-delivery tests must pace: with
-    ``nic``, wait while its backlog is half full; without, stay under ``rate`` frames/s.
+    ``nic``, wait while its backlog (and a datapath thread's inbox: ``rx_waiting``) is half
+    full; without, stay under ``rate`` frames/s.
     """
     sent = 0
     start = time.monotonic()
     end = start + limit
     while sent < len(frames):
         if nic is not None:
-            if len(nic.backlog) >= RX_BACKLOG // 2:
+            if nic.rx_waiting() >= RX_BACKLOG // 2:
                 if time.monotonic() > end:
                     raise TimeoutError(f"NIC backlog never drained ({sent}/{len(frames)} sent)")
                 time.sleep(0.0002)

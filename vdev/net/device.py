@@ -178,6 +178,7 @@ class Device:
         if self._serving:
             self.loop.unwatch(dp.loop.sel.fileno())
             dp.nic.handoff = dp.hand_off
+            dp.nic.handoff_waiting = dp.inbox_len
             dp.start(poll=self._poll)
         else:
             self.loop.watch(dp.loop.sel.fileno(), lambda: dp.poll(0.0))
@@ -307,6 +308,7 @@ class Device:
                 self._serving = False
                 for dp in self.datapaths.values():
                     dp.nic.handoff = None
+                    dp.nic.handoff_waiting = None
                     dp.take_inbox()  # what was handed off and not yet taken
                     self._attach_datapath(dp)
 

@@ -247,6 +247,8 @@ class VirtioNet:
         # (without the shared lock).  None: one thread serves everything.
         self.lock = threading.RLock()
         self.handoff: Callable[[list[int]], int] | None = None
+        # Frames handed off and not yet taken in by the NIC's thread (with ``handoff``).
+        self.handoff_waiting: Callable[[], int] | None = None
         self.burst_unlocked: Callable[[], AbstractContextManager[object] | None] | None = None
 
     # -- VhostDevice callback table ------------------------------------------------------
@@ -665,6 +667,14 @@ class VirtioNet:
         if self.handoff is not None:
             return self.handoff(pkts)
         return self.deliver_now(pkts)
+
+    def rx_waiting(self) -> int:
+        """Frames on their way to the guest's RX buffers: the backlog plus, with a datapath
+        thread, the frames handed to it that it has not taken in yet.  What a sender that
+        paces itself by the guest must watch (the backlog alone looks empty while the
+        hand-off inbox fills, and the frames past RX_BACKLOG are refused)."""
+        waiting = self.handoff_waiting
+        return len(self.backlog) + (waiting() if waiting is not None else 0)
 
     def rx_room(self) -> int:
         """Frames the hand-off to the NIC's thread may admit now: the backlog's free room,

@@ -250,6 +250,10 @@ class NicDatapath:
                 os.eventfd_write(self._efd, 1)
         return len(taken)
 
+    def inbox_len(self) -> int:
+        """Frames handed off and not yet taken in (read without the lock: a gauge)."""
+        return len(self.inbox)
+
     def _on_inbox(self) -> None:
         try:
             os.eventfd_read(self._efd)
