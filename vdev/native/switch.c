@@ -158,3 +158,33 @@ uint32_t sw_forward(const struct fp_pool *p, const struct sw_bufs *b, struct sw_
     r->nbytes = nbytes;
     return SW_OK;
 }
+
+/* Responder.answer's first test, for a burst: keep[] gets the positions of the packets it
+ * could answer (ARP to anyone, IPv4 to mac), in order; the others it would ignore.  A
+ * packet whose vnet header asks for checksum completion is always kept: the completion
+ * runs before answer() and could rewrite the very header bytes tested here. */
+uint32_t sw_answerable(const struct fp_pool *p, const struct sw_bufs *b, const uint32_t *pkts,
+                       uint32_t n, uint64_t mac, uint32_t *keep)
+{
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t idx = pkts[i];
+        uint8_t h[ETH_HLEN];
+        uint16_t etype;
+        if (idx >= p->num_packets) {
+            keep[k++] = i;  /* not ours to judge: Python words the error */
+            continue;
+        }
+        if ((p->pkt_pflags[idx] & SK_PKT_VNET_HDR) &&
+            (p->pkt_vnet[(size_t)idx * SW_VNET_STRIDE] & SW_VNET_F_NEEDS_CSUM)) {
+            keep[k++] = i;
+            continue;
+        }
+        if (head_of(p, b, idx, h) < ETH_HLEN)
+            continue;  /* a runt: ignored */
+        etype = (uint16_t)(h[12] << 8 | h[13]);
+        if (etype == SW_ETH_P_ARP || (etype == SW_ETH_P_IP && mac_at(h) == mac))
+            keep[k++] = i;
+    }
+    return k;
+}

@@ -51,6 +51,14 @@ uint32_t sw_forward(const struct fp_pool *p, const struct sw_bufs *b, struct sw_
                     int32_t src, const uint32_t *pkts, uint32_t n, int32_t *dest, uint32_t *lens,
                     uint32_t *learned, uint32_t *order, int32_t *groups, struct sw_ret *r);
 
+/* The responder's pre-filter (sw_answerable): ethertypes and the vnet NEEDS_CSUM flag. */
+#define SW_ETH_P_ARP 0x0806
+#define SW_ETH_P_IP 0x0800
+#define SW_VNET_F_NEEDS_CSUM 1
+#define SW_VNET_STRIDE 12      /* bytes of pkt_vnet per packet (arena.MdOff.VNET_LEN) */
+uint32_t sw_answerable(const struct fp_pool *p, const struct sw_bufs *b, const uint32_t *pkts,
+                       uint32_t n, uint64_t mac, uint32_t *keep);
+
 int32_t sw_fdb_get(const struct sw_fdb *fdb, uint64_t mac);      /* SW_FLOOD if absent */
 uint32_t sw_fdb_set(struct sw_fdb *fdb, uint64_t mac, int32_t v);  /* SW_OK / SW_FDB_FULL */
 void sw_fdb_clear(struct sw_fdb *fdb);
