@@ -101,7 +101,7 @@ class Responder:
             keep = self._answerable(pkts)
             if keep is not None and len(keep) < len(pkts):
                 kept = set(keep)
-                drop = [p for i, p in enumerate(pkts) if i not in kept]
+                drop = [p for i, p in enumerate(pkts) if i not in kept] if keep else pkts
                 self.pool.free_packets(drop)
                 self.stats.ignored += len(drop)
                 self._answer_all([pkts[i] for i in keep])

@@ -43,7 +43,8 @@ class EndpointStats:
     drops: int = 0  # frames the endpoint refused (backpressure, ring down)
 
 
-_SHORT = -2  # switch.h's SW_SHORT / SW_HAIRPIN (checked against the module at load)
+_FLOOD = -1  # switch.h's SW_FLOOD / SW_SHORT / SW_HAIRPIN (checked against the module)
+_SHORT = -2
 _HAIRPIN = -3
 
 # A tap sees every frame the switch forwards: (source name, frame bytes).
@@ -93,7 +94,7 @@ class _Compiled:
 
     def __init__(self) -> None:
         ffi, lib = fastglue._fast.ffi, fastglue._fast.lib
-        if (lib.SW_SHORT, lib.SW_HAIRPIN) != (_SHORT, _HAIRPIN):
+        if (lib.SW_FLOOD, lib.SW_SHORT, lib.SW_HAIRPIN) != (_FLOOD, _SHORT, _HAIRPIN):
             raise AssertionError("switch.h's drop codes differ from switch.py's")
         self.fdb = ffi.new("struct sw_fdb *")
         self.ret = ffi.new("struct sw_ret *")
@@ -248,7 +249,13 @@ class Switch:
                 pos += count
                 self._deliver(self._names[groups[g]], batch, None)
             return
-        self._dispatch(src, pkts, structs.u32_list(ffi, c.dest, n, "i"))
+        dests = structs.u32_list(ffi, c.dest, n, "i")
+        if ret.n_special == n and dests.count(_FLOOD) == n:
+            targets = [name for name in self.endpoints if name != src]
+            if len(targets) == 1:  # all flooded, one other port: it takes them as they came
+                self._deliver(targets[0], pkts[:], None, int(ret.nbytes))
+                return
+        self._dispatch(src, pkts, dests)
 
     def _dispatch(self, src: str, pkts: list[int], dests: list[int]) -> None:
         """The rest of :meth:`forward_py` for decisions already made (a burst with floods or
@@ -256,27 +263,30 @@ class Switch:
         pool = self.pool
         src_stats = self.stats[src]
         batches: dict[str, list[int]] = {}
+        names = self._names
+        targets = [n for n in self.endpoints if n != src]  # a flood's, once per burst
         for pkt, dst in zip(pkts, dests, strict=True):
             if dst >= 0:
-                batches.setdefault(self._names[dst], []).append(pkt)
+                batches.setdefault(names[dst], []).append(pkt)
                 continue
             if dst == _SHORT or dst == _HAIRPIN:
                 pool.free_packets([pkt])
                 src_stats.drops += 1
                 continue
-            self._flood(src, pkt, batches)
+            self._flood_to(targets, pkt, batches)
         for name, batch in batches.items():
             self._deliver(name, batch, None)
 
     def _flood(self, src: str, pkt: int, batches: dict[str, list[int]]) -> None:
-        pool = self.pool
-        targets = [n for n in self.endpoints if n != src]
+        self._flood_to([n for n in self.endpoints if n != src], pkt, batches)
+
+    def _flood_to(self, targets: list[str], pkt: int, batches: dict[str, list[int]]) -> None:
         if not targets:
-            pool.free_packets([pkt])
+            self.pool.free_packets([pkt])
             return
         # Flood: the first target takes the original, the others get copies.
         for name in targets[1:]:
-            copy = pool.packet_copy(pkt)
+            copy = self.pool.packet_copy(pkt)
             if copy is None:
                 self.stats[name].drops += 1
                 continue
