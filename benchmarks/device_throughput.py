@@ -6,8 +6,11 @@ frontend runs against two backends:
 
 * vdev: a device process (this script with ``--worker``) serving the NIC; "host" is a
   Skywalk host channel on its switch.  Guest TX is counted as frames received on the
-  channel; host -> guest RX as frames the NIC wrote into guest RX buffers (rx0 ``frames``),
-  fed by a host channel that keeps the NIC's RX backlog half full.
+  channel (by a reader thread in the device process), or with ``--far-end drop`` as frames
+  an endpoint on the switch frees as it takes them (``vdev.testing.sink.DropSink``: the
+  device alone, as testpmd rxonly is for net_vhost); host -> guest RX as frames the NIC
+  wrote into guest RX buffers (rx0 ``frames``), fed by a host channel that keeps the NIC's
+  RX backlog filled (``VirtioNet.rx_waiting``).
 * DPDK: ``dpdk-testpmd --vdev net_vhost0`` in rxonly (guest TX) or txonly (guest RX), counted
   by testpmd's own per-second Rx-pps / Tx-pps.
 
@@ -21,7 +24,7 @@ All vdev per-packet work is in ``vdev/net/nic.py`` (``process_tx`` / ``_internal
 runs one extra TX measurement with cProfile on the device loop and prints the top functions.
 
 Usage: python3 benchmarks/device_throughput.py [--duration 3] [--sizes 64,1500] [--quick]
-       [--frontends python,dpdk] [--directions tx,rx] [--profile]
+       [--frontends python,dpdk] [--directions tx,rx] [--far-end channel|drop] [--profile]
 """
 
 from __future__ import annotations
