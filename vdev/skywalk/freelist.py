@@ -3,16 +3,18 @@
 Pbufpool's free lists were Python lists.  A compiled TX burst may allocate up to a burst's
 worth of packets, buflets and large buffers, so every burst copied the lists' tops into C
 arrays and the unused ones back (list slices converted int by int: a tenth of a burst).
-A :class:`FreeList` keeps its entries in a ``uint32_t[]`` of fixed capacity instead, with
-the top at ``v[n - 1]``: a burst under the pool's lock pops straight from it and reports
-how many it took; one without the lock (a NIC's datapath thread) reserves the tops with
-one ``memmove`` and gives back what it did not use with another.
+A :class:`FreeList` keeps its entries in a ``struct fl_stack`` (a ``uint32_t[]`` of fixed
+capacity, the top at ``v[n - 1]``, and its length ``n``): a burst under the pool's lock
+pops straight from it and writes the length back; one without the lock (a NIC's datapath
+thread) has its tops reserved in C first (``vq_pool_reserve``) and what it did not use
+pushed back after (``vq_pool_unreserve``); a bulk release pushes onto it in C.
 
 The Python side keeps the list interface the pool code and its tests use (``pop``,
 ``append``, ``extend``, ``len``, slices of the top, iteration), in the same order a list
 would give.  The array comes from the compiled module's ffi when it is loaded (its
-functions take it), else from a plain ABI-mode FFI: no compiler is needed.  Callers hold
-the pool's lock, as they did for the lists.
+functions take it), else from an ABI-mode FFI (``vdev/native/structs.py``): no compiler is
+needed.  Callers hold the pool's lock, as they did for the lists; unlike a list's append,
+an append here is several bytecodes, so that rule is now what keeps it whole.
 """
 
 from __future__ import annotations
