@@ -142,7 +142,7 @@ def set_backend(name: str) -> str:
     return BACKEND
 
 
-@dataclass
+@dataclass(slots=True)
 class Burst:
     """What one burst did: why it stopped, the code for SLOW / VIOLATION, how many items
     it completed, their frame bytes, and (RX) how many frames were merged."""
@@ -312,29 +312,28 @@ class _RegionMap:
     cached on the queue's context (it was rebuilt, and a buffer export taken and released
     per region, on every burst: a sixth of a 128-frame burst's cost).
 
-    The cache is keyed by the identity of the region objects, which it keeps alive (so an
-    id cannot be reused while cached); ``GuestMemory`` adds a new object per region mapped,
-    drops the one unmapped and empties the list on close, so any change of the table
-    rebuilds.  It holds host addresses, not buffer exports: the device never unmaps a
-    region while a burst runs on that NIC (the mapping changes only under the NIC's lock,
-    which the burst holds; module docstring), and a truncated file is the memguard
-    guard's case."""
+    The cache is keyed by the memory object's identity and its ``version``, which every
+    change of the table (a region mapped or unmapped, close) bumps; it keeps the object
+    alive, so the id cannot be reused while cached.  It holds host addresses, not buffer
+    exports: the device never unmaps a region while a burst runs on that NIC (the mapping
+    changes only under the NIC's lock, which the burst holds; module docstring), and a
+    truncated file is the memguard guard's case."""
 
     def __init__(self) -> None:
-        self.key: tuple[int, ...] | None = None
+        self.key: tuple[int, int] | None = None
         self.keep: list[Any] = []
         self.arr: Any = None
         self.n = 0
 
     def get(self, mem: GuestMemory) -> tuple[Any, int]:
-        regions = mem.regions
-        key = tuple(map(id, regions))
+        key = (id(mem), mem.version)
         if key != self.key:
-            self._build(regions, key)
+            self._build(mem, key)
         return self.arr, self.n
 
-    def _build(self, regions: list[Any], key: tuple[int, ...]) -> None:
+    def _build(self, mem: GuestMemory, key: tuple[int, int]) -> None:
         nffi = _fast.ffi
+        regions = mem.regions
         arr = nffi.new("struct vq_region[]", max(1, len(regions)))
         for i, r in enumerate(regions):
             assert r.mm is not None
@@ -347,7 +346,7 @@ class _RegionMap:
             e.gpa = r.gpa
             e.size = r.size
             e.host = nffi.cast("uint8_t *", host + r.mmap_offset - r._base)
-        self.arr, self.n, self.key, self.keep = arr, len(regions), key, list(regions)
+        self.arr, self.n, self.key, self.keep = arr, len(regions), key, [mem, *regions]
 
 
 class _PoolCtx:
@@ -402,7 +401,9 @@ def tx_burst(
     off the lists first (no other thread can allocate them) and the unused ones put back in
     their order, so the lists end as without it."""
     nffi = _fast.ffi
-    ctx = _ctx(queue)
+    ctx = queue.fast_ctx
+    if ctx is None or ctx.bufs_ref is not queue._bufs:
+        ctx = _ctx(queue)
     budget = min(budget, len(ctx.out))
     c = ctx.c
     if ctx.packed and queue._pending:
@@ -451,9 +452,14 @@ def tx_burst(
     if used_p:
         st = pool.stats
         st.allocs += used_p
-        st.high_water = max(st.high_water, st.in_use)
-    if b.npkts:
-        pkts.extend(structs.u32_list(nffi, ctx.out, b.npkts))
+        in_use = pool.num_packets - pc.lists[0].n  # PoolStats.in_use, from the list itself
+        if in_use > st.high_water:
+            st.high_water = in_use
+    npkts = b.npkts
+    if npkts > 8:
+        pkts.extend(structs.u32_list(nffi, ctx.out, npkts))
+    elif npkts:
+        pkts.extend(nffi.unpack(ctx.out, npkts))  # cheaper than the copy for a few
     if b.stop == C.GUEST_FAULT:  # pragma: no cover - needs the memguard SIGBUS guard
         if b.partial_pkt != 0xFFFF_FFFF:
             pool.free_taken([b.partial_pkt])

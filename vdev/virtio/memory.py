@@ -66,6 +66,9 @@ class GuestMemory:
 
     def __init__(self, notify_fd: int = -1) -> None:
         self.regions: list[MemRegion] = []
+        # Bumped on every change of the table, so a cache of it (fastqueue's region map)
+        # can tell in one comparison that it is still current.
+        self.version = 0
         self.notify_fd = notify_fd
 
     # -- building -----------------------------------------------------------------------
@@ -122,6 +125,7 @@ class GuestMemory:
         region = MemRegion(gpa, size, uva, mmap_offset, mm, base, guard)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
+        self.version += 1
         return region
 
     def remove_region(self, gpa: int, size: int, uva: int) -> bool:
@@ -129,6 +133,7 @@ class GuestMemory:
         for r in self.regions:
             if (r.gpa, r.size, r.uva) == (gpa, size, uva):
                 self.regions.remove(r)
+                self.version += 1
                 _close_map(r)
                 return True
         return False
@@ -138,6 +143,7 @@ class GuestMemory:
         for r in self.regions:
             _close_map(r)
         self.regions.clear()
+        self.version += 1
 
     # -- translation --------------------------------------------------------------------
 
