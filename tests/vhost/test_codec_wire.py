@@ -12,7 +12,8 @@ Mutations killed (mutmut, ``vdev.vhost.codec``): ``encode_message`` and ``encode
 padding of ``encode_mem_table`` and ``encode_mem_reg`` made 1, and the request number or
 the detail dropped from the refusals of ``decode_config`` and ``decode_mem_table``, and
 ``pf_mask`` starting from 1 or keeping only the last bit (its callers ran it at import time
-or with one bit).
+or with one bit), ``check_fds``'s refusal naming another request or field or saying "1..1",
+and a one-fd request allowed two (no test attached a second fd to such a request).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import pytest
 
 from vdev.vhost.codec import (
     VERSION,
+    Empty,
     Log,
     MemRegionDesc,
     ProtocolError,
     ProtocolFeature,
     Request,
+    check_fds,
     decode_header,
     decode_request,
     encode_config,
@@ -110,3 +113,18 @@ def test_pf_mask_is_the_or_of_its_bits() -> None:
     assert pf_mask(ProtocolFeature.REPLY_ACK) == 1 << 3
     bits = [ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK, ProtocolFeature.STATUS]
     assert pf_mask(*bits) == sum(1 << int(b) for b in bits) == 0x10009
+
+
+def test_a_missing_fd_is_refused_naming_request_field_and_count() -> None:
+    with pytest.raises(ProtocolError) as info:
+        check_fds(Request.SET_VRING_KICK, 0, 0)  # bit 8 clear: "one fd"
+    assert (info.value.request, info.value.field) == (Request.SET_VRING_KICK, "fds")
+    assert str(info.value) == "VHOST_USER_SET_VRING_KICK: fds: missing fd: 0 attached, need 1"
+
+
+@pytest.mark.parametrize("request_", [Request.SET_LOG_FD, Request.SET_BACKEND_REQ_FD])
+def test_a_request_of_exactly_one_fd_refuses_a_second(request_: int) -> None:
+    check_fds(request_, Empty(), 1)
+    with pytest.raises(ProtocolError) as info:
+        check_fds(request_, Empty(), 2)
+    assert str(info.value).endswith("fds: extra fd: 2 attached, need 1")
