@@ -127,4 +127,5 @@ def test_a_request_of_exactly_one_fd_refuses_a_second(request_: int) -> None:
     check_fds(request_, Empty(), 1)
     with pytest.raises(ProtocolError) as info:
         check_fds(request_, Empty(), 2)
+    assert (info.value.request, info.value.field) == (request_, "fds")
     assert str(info.value).endswith("fds: extra fd: 2 attached, need 1")
