@@ -13,7 +13,8 @@ padding of ``encode_mem_table`` and ``encode_mem_reg`` made 1, and the request n
 the detail dropped from the refusals of ``decode_config`` and ``decode_mem_table``, and
 ``pf_mask`` starting from 1 or keeping only the last bit (its callers ran it at import time
 or with one bit), ``check_fds``'s refusal naming another request or field or saying "1..1",
-and a one-fd request allowed two (no test attached a second fd to such a request).
+a one-fd request allowed two (no test attached a second fd to such a request), and the
+words of ``decode_header``'s refusals (request, field, detail of each).
 """
 
 from __future__ import annotations
@@ -129,3 +130,53 @@ def test_a_request_of_exactly_one_fd_refuses_a_second(request_: int) -> None:
         check_fds(request_, Empty(), 2)
     assert (info.value.request, info.value.field) == (request_, "fds")
     assert str(info.value).endswith("fds: extra fd: 2 attached, need 1")
+
+
+@pytest.mark.parametrize(
+    ("data", "expect_reply", "request_", "field", "text"),
+    [
+        (bytes(11), False, "header", "size", "header: size: 11 bytes, need 12"),
+        (bytes(13), False, "header", "size", "header: size: 13 bytes, need 12"),
+        (
+            struct.pack("=III", 1, 0x2, 0),
+            False,
+            1,
+            "flags",
+            "VHOST_USER_GET_FEATURES: flags: version 2, need 1",
+        ),
+        (
+            struct.pack("=III", 2, 0x11, 0),
+            False,
+            2,
+            "flags",
+            "VHOST_USER_SET_FEATURES: flags: unknown flag bits 0x10",
+        ),
+        (
+            struct.pack("=III", 3, 0x5, 0),
+            False,
+            3,
+            "flags",
+            "VHOST_USER_SET_OWNER: flags: reply bit set on a request",
+        ),
+        (
+            struct.pack("=III", 1, 0x1, 8),
+            True,
+            1,
+            "flags",
+            "VHOST_USER_GET_FEATURES: flags: reply bit missing on a reply",
+        ),
+        (
+            struct.pack("=III", 99, 0x1, 4097),
+            False,
+            99,
+            "size",
+            "request 99: size: 4097 exceeds the 4096 limit",
+        ),
+    ],
+)
+def test_header_refusals_name_request_field_and_detail(
+    data: bytes, expect_reply: bool, request_: int | str, field: str, text: str
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_header(data, expect_reply=expect_reply)
+    assert (info.value.request, info.value.field, str(info.value)) == (request_, field, text)
