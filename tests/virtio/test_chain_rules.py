@@ -17,6 +17,8 @@ False), ``release`` leaving ``None`` instead of empty lists, and the 32-bit tota
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from vdev.abi import ffi
@@ -43,7 +45,7 @@ def gpa_view(addr: int, length: int) -> memoryview:
     return memoryview(MEM)[addr - BASE : addr - BASE + length]
 
 
-def table(entries: list[tuple[int, int, int, int]]) -> object:
+def table(entries: list[tuple[int, int, int, int]]) -> Any:
     """A descriptor table of (addr, len, flags, next) entries."""
     t = ffi.new("struct vring_desc[]", len(entries))
     for i, (addr, length, flags, nxt) in enumerate(entries):
@@ -51,7 +53,7 @@ def table(entries: list[tuple[int, int, int, int]]) -> object:
     return t
 
 
-def walk(t: object, size: int, head: int, *, indirect_ok: bool = True) -> Chain:
+def walk(t: Any, size: int, head: int, *, indirect_ok: bool = True) -> Chain:
     return walk_chain(
         t, size, head, gpa_view, indirect_ok=indirect_ok, allow_readable=True, allow_writable=True
     )

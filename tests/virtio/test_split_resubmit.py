@@ -1,0 +1,169 @@
+"""Split ring resume from the inflight region, rewind, and the lying-device pushes, checked
+on one SplitQueue across the 16-bit wrap.
+
+Oracles: vhost-user.rst "Inflight I/O tracking" ("When reconnecting"): the back-end
+resubmits the descriptors the region marks in flight, oldest (lowest counter) first, taking
+them from the region, not from the avail ring; the avail ring goes on after them
+(libvhost-user: ``last_avail_idx = used_idx + inuse``).  2.7.8: a used element is
+``(id, len)`` at ``used ring[used idx mod size]`` and the used idx counts the elements
+published.  The avail slots of the in-flight positions are scribbled over before the
+resume, so a resubmission read from the ring instead of the region shows.
+
+Mutations killed (mutmut, ``vdev.virtio.split``): ``attach_inflight`` keying the
+resubmissions wrong or dropping them, its warning's condition and text;
+``_drop_resubmitted`` forgetting positions not yet published (seen on a rewind that pops
+them again) or never forgetting them (seen a lap of 2^16 positions later); ``rewind``
+refusing a rewind of exactly the queue size, not telling the region, counting chains up;
+``push_raw`` and ``patch_last_used`` writing the wrong slot, id, count or length.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from virtio_helpers import DATA_HIGH, device_queue, make_pair
+
+from vdev.virtio.driver import DriverQueue
+from vdev.virtio.inflight import SplitInflight, queue_region_size
+from vdev.virtio.memory import GuestMemory
+from vdev.virtio.split import SplitQueue
+
+SIZE = 8
+START = 0xFFFE  # the first chain at avail position 0xFFFE: positions 0xFFFF, 0, 1 follow
+
+
+def post(drv: DriverQueue, n: int) -> list[int]:
+    heads = [drv.add_chain([(DATA_HIGH + 64 * i, 64)]) for i in range(n)]
+    drv.publish()
+    return heads
+
+
+def crashed(mem: GuestMemory) -> tuple[DriverQueue, bytearray, list[int], list[int]]:
+    """A first device takes 4 chains from 0xFFFE on, publishes the first, and "dies".
+    Returns the driver, the region's buffer, the heads posted, and the in-flight ones."""
+    dev, drv = make_pair(mem, 1, SIZE, start_idx=START)
+    buf = bytearray(queue_region_size(SIZE))
+    dev.attach_inflight(SplitInflight(memoryview(buf), SIZE))
+    heads = post(drv, 4)
+    popped = [dev.pop() for _ in range(4)]
+    assert [c.head for c in popped if c is not None] == heads
+    dev.push(heads[0], 0)
+    dev.flush_used()
+    return drv, buf, heads, heads[1:]
+
+
+def resumed(mem: GuestMemory, buf: bytearray) -> SplitQueue:
+    """The restarted device over the same ring and region (SET_VRING_BASE said 0)."""
+    dev = device_queue(mem, 1, SIZE, base=0)
+    dev.attach_inflight(SplitInflight(memoryview(buf), SIZE))
+    return dev
+
+
+def scribble(drv: DriverQueue, positions: list[int], head: int) -> None:
+    for p in positions:
+        drv._avail16[2 + (p & (SIZE - 1))] = head  # a driver that rewrote its avail slots
+
+
+def test_resubmissions_come_from_the_region_oldest_first_across_the_wrap(
+    mem: GuestMemory,
+) -> None:
+    drv, buf, heads, in_flight = crashed(mem)
+    scribble(drv, [0xFFFF, 0, 1], heads[0])  # heads[0] is used, not in flight
+    dev = resumed(mem, buf)
+    assert (dev.resume.used_idx, dev.resume.resumed_at, dev.resume.resubmitted) == (0xFFFF, 2, 3)
+    got = [dev.pop() for _ in range(3)]
+    assert [c.head for c in got if c is not None] == in_flight
+    assert dev.pop() is None  # the avail idx is 2: nothing after the resubmissions
+    new = post(drv, 1)
+    c = dev.pop()
+    assert c is not None and c.head == new[0] and dev.last_avail_idx == 3
+
+
+def test_a_rewind_after_a_partial_publish_pops_the_region_heads_again(mem: GuestMemory) -> None:
+    drv, buf, heads, in_flight = crashed(mem)
+    scribble(drv, [0xFFFF, 0, 1], heads[0])
+    dev = resumed(mem, buf)
+    first = [dev.pop() for _ in range(3)]
+    assert [c.head for c in first if c is not None] == in_flight
+    dev.push(in_flight[0], 0)
+    dev.flush_used()  # publishes position 0xFFFF only: 0 and 1 are still resubmissions
+    dev.rewind(0)
+    again = [dev.pop() for _ in range(2)]
+    assert [c.head for c in again if c is not None] == in_flight[1:]
+
+
+def test_published_resubmissions_are_forgotten_a_lap_later(mem: GuestMemory) -> None:
+    """After the resubmitted chains are published, positions 0xFFFF, 0, 1 of the next lap
+    (2^16 positions on) are the driver's new chains, not the old heads."""
+    drv, buf, _heads, _in_flight = crashed(mem)
+    dev = resumed(mem, buf)
+    for c in [dev.pop() for _ in range(3)]:
+        assert c is not None
+        dev.push(c.head, 0)
+    dev.flush_used()
+    drv.get_used()
+    pos = 2
+    while pos != 0xFFFF:  # round to the same positions, a few chains at a time
+        n = min(SIZE, (0xFFFF - pos) & 0xFFFF)
+        post(drv, n)
+        for _ in range(n):
+            c = dev.pop()
+            assert c is not None
+            dev.push(c.head, 0)
+        dev.flush_used()
+        drv.get_used()
+        pos = (pos + n) & 0xFFFF
+    scribble(drv, [0xFFFF, 0, 1], 7)
+    new = post(drv, 3)
+    got = [dev.pop() for _ in range(3)]
+    assert [c.head for c in got if c is not None] == new
+
+
+def test_the_resume_warning_says_when_the_region_decided(
+    mem: GuestMemory, caplog: pytest.LogCaptureFixture
+) -> None:
+    _drv, buf, _heads, _in_flight = crashed(mem)
+    with caplog.at_level(logging.WARNING, logger="vdev.virtio"):
+        resumed(mem, buf)
+    assert "inflight region: base 0, used idx 65535, 3 in flight resubmitted" in caplog.text
+
+
+@pytest.mark.parametrize(("base", "warned"), [(5, False), (0, True)])
+def test_a_region_with_nothing_in_flight_warns_only_if_the_base_was_wrong(
+    mem: GuestMemory, caplog: pytest.LogCaptureFixture, base: int, warned: bool
+) -> None:
+    make_pair(mem, 1, SIZE, start_idx=5)  # a ring at avail and used idx 5
+    buf = bytearray(queue_region_size(SIZE))
+    with caplog.at_level(logging.WARNING, logger="vdev.virtio"):
+        again = device_queue(mem, 1, SIZE, base=base)
+        caplog.clear()
+        again.attach_inflight(SplitInflight(memoryview(buf), SIZE))
+    assert ("inflight region" in caplog.text) is warned
+
+
+def test_a_rewind_of_the_whole_queue_is_allowed_and_told_to_the_region(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE)
+    buf = bytearray(queue_region_size(SIZE))
+    dev.attach_inflight(SplitInflight(memoryview(buf), SIZE))
+    heads = post(drv, SIZE)
+    assert [c.head for c in [dev.pop() for _ in range(SIZE)] if c is not None] == heads
+    assert dev.stats.chains == SIZE
+    dev.rewind(0)
+    assert dev.stats.chains == 0 and dev.in_flight == 0
+    # The region agrees: a device restarted now has nothing to resubmit.
+    assert SplitInflight(memoryview(buf), SIZE).recover(0) == []
+    assert [c.head for c in [dev.pop() for _ in range(SIZE)] if c is not None] == heads
+    assert dev.stats.chains == SIZE
+
+
+def test_raw_pushes_fill_consecutive_used_slots_with_the_values_given(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE, start_idx=START)
+    used = drv._used_elems  # the raw used ring, as a lying device leaves it
+    dev.push_raw(0x1_0000_0003, 0x1_0000_0040)  # truncated to the 32-bit fields
+    dev.push_raw(5, 17)
+    dev.patch_last_used(0x2_0000_0011)
+    dev.flush_used()
+    assert drv.read_used_idx() == 0
+    slots = [START & (SIZE - 1), (START + 1) & (SIZE - 1)]
+    assert [(int(used[s].id), int(used[s].len)) for s in slots] == [(3, 0x40), (5, 0x11)]
