@@ -14,7 +14,9 @@ resubmissions wrong or dropping them, its warning's condition and text;
 ``_drop_resubmitted`` forgetting positions not yet published (seen on a rewind that pops
 them again) or never forgetting them (seen a lap of 2^16 positions later); ``rewind``
 refusing a rewind of exactly the queue size, not telling the region, counting chains up;
-``push_raw`` and ``patch_last_used`` writing the wrong slot, id, count or length.
+``push_raw`` and ``patch_last_used`` writing the wrong slot, id, count or length;
+``avail_heads`` reading other words than the avail slots, ``enable_notifications``
+defaulting to disable, ``__repr__`` losing the live/defunct state.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-from virtio_helpers import DATA_HIGH, device_queue, make_pair
+from virtio_helpers import DATA_HIGH, NO_EVENT, device_queue, make_pair
 
+from vdev.errors import SyncError
 from vdev.virtio.driver import DriverQueue
 from vdev.virtio.inflight import SplitInflight, queue_region_size
 from vdev.virtio.memory import GuestMemory
-from vdev.virtio.split import SplitQueue
+from vdev.virtio.split import VRING_USED_F_NO_NOTIFY, SplitQueue
 
 SIZE = 8
 START = 0xFFFE  # the first chain at avail position 0xFFFE: positions 0xFFFF, 0, 1 follow
@@ -39,10 +42,12 @@ def post(drv: DriverQueue, n: int) -> list[int]:
     return heads
 
 
-def crashed(mem: GuestMemory) -> tuple[DriverQueue, bytearray, list[int], list[int]]:
-    """A first device takes 4 chains from 0xFFFE on, publishes the first, and "dies".
+def crashed(
+    mem: GuestMemory, start: int = START
+) -> tuple[DriverQueue, bytearray, list[int], list[int]]:
+    """A first device takes 4 chains from ``start`` on, publishes the first, and "dies".
     Returns the driver, the region's buffer, the heads posted, and the in-flight ones."""
-    dev, drv = make_pair(mem, 1, SIZE, start_idx=START)
+    dev, drv = make_pair(mem, 1, SIZE, start_idx=start)
     buf = bytearray(queue_region_size(SIZE))
     dev.attach_inflight(SplitInflight(memoryview(buf), SIZE))
     heads = post(drv, 4)
@@ -80,15 +85,19 @@ def test_resubmissions_come_from_the_region_oldest_first_across_the_wrap(
     assert c is not None and c.head == new[0] and dev.last_avail_idx == 3
 
 
-def test_a_rewind_after_a_partial_publish_pops_the_region_heads_again(mem: GuestMemory) -> None:
-    drv, buf, heads, in_flight = crashed(mem)
-    scribble(drv, [0xFFFF, 0, 1], heads[0])
+@pytest.mark.parametrize("start", [START, 4])
+def test_a_rewind_after_a_partial_publish_pops_the_region_heads_again(
+    mem: GuestMemory, start: int
+) -> None:
+    drv, buf, heads, in_flight = crashed(mem, start)
+    positions = [(start + i) & 0xFFFF for i in (1, 2, 3)]
+    scribble(drv, positions, heads[0])
     dev = resumed(mem, buf)
     first = [dev.pop() for _ in range(3)]
     assert [c.head for c in first if c is not None] == in_flight
     dev.push(in_flight[0], 0)
-    dev.flush_used()  # publishes position 0xFFFF only: 0 and 1 are still resubmissions
-    dev.rewind(0)
+    dev.flush_used()  # publishes the first position only: the others are still resubmissions
+    dev.rewind(positions[1])
     again = [dev.pop() for _ in range(2)]
     assert [c.head for c in again if c is not None] == in_flight[1:]
 
@@ -126,7 +135,9 @@ def test_the_resume_warning_says_when_the_region_decided(
     _drv, buf, _heads, _in_flight = crashed(mem)
     with caplog.at_level(logging.WARNING, logger="vdev.virtio"):
         resumed(mem, buf)
-    assert "inflight region: base 0, used idx 65535, 3 in flight resubmitted" in caplog.text
+    assert caplog.records[-1].getMessage() == (
+        "virtqueue 1: inflight region: base 0, used idx 65535, 3 in flight resubmitted"
+    )
 
 
 @pytest.mark.parametrize(("base", "warned"), [(5, False), (0, True)])
@@ -167,3 +178,28 @@ def test_raw_pushes_fill_consecutive_used_slots_with_the_values_given(mem: Guest
     assert drv.read_used_idx() == 0
     slots = [START & (SIZE - 1), (START + 1) & (SIZE - 1)]
     assert [(int(used[s].id), int(used[s].len)) for s in slots] == [(3, 0x40), (5, 0x11)]
+
+
+def test_avail_heads_are_the_heads_in_every_avail_slot(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE, start_idx=3)
+    heads = post(drv, SIZE)
+    assert sorted(heads) == list(range(SIZE))
+    scribble(drv, [3], heads[1])  # heads[0]'s slot now names heads[1] too
+    assert dev.avail_heads() == set(range(SIZE)) - {heads[0]}
+
+
+def test_enable_notifications_enables_by_default(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE, features=NO_EVENT)
+    dev.enable_notifications(False)
+    assert drv.read_used_flags() == VRING_USED_F_NO_NOTIFY
+    assert dev.enable_notifications() is False  # nothing posted
+    assert drv.read_used_flags() == 0
+
+
+def test_repr_says_live_or_the_kill_reason(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE)
+    assert repr(dev).endswith("last_avail_idx=0, used_idx=0, live)")
+    drv._avail16[1] = SIZE + 1  # more chains than the ring holds: HEAD_OOB
+    with pytest.raises(SyncError):
+        dev.pop()
+    assert repr(dev).endswith("used_idx=0, defunct=HEAD_OOB)")
