@@ -196,6 +196,17 @@ def test_enable_notifications_enables_by_default(mem: GuestMemory) -> None:
     assert drv.read_used_flags() == 0
 
 
+def test_with_event_idx_enabling_asks_for_a_kick_after_the_posted_chains(
+    mem: GuestMemory,
+) -> None:
+    """2.7.10: avail_event is where the driver kicks; the device sets it to the driver's
+    avail idx, so the next chain after those already posted brings a kick."""
+    dev, drv = make_pair(mem, 1, SIZE, start_idx=0x1234)
+    post(drv, 3)
+    assert dev.enable_notifications() is True  # three posted meanwhile
+    assert int(drv._used16[drv._avail_event_i]) == 0x1237
+
+
 def test_repr_says_live_or_the_kill_reason(mem: GuestMemory) -> None:
     dev, drv = make_pair(mem, 1, SIZE)
     assert repr(dev).endswith("last_avail_idx=0, used_idx=0, live)")
