@@ -16,7 +16,9 @@ them again) or never forgetting them (seen a lap of 2^16 positions later); ``rew
 refusing a rewind of exactly the queue size, not telling the region, counting chains up;
 ``push_raw`` and ``patch_last_used`` writing the wrong slot, id, count or length;
 ``avail_heads`` reading other words than the avail slots, ``enable_notifications``
-defaulting to disable, ``__repr__`` losing the live/defunct state.
+defaulting to disable or disabling answering True, ``__repr__`` losing the live/defunct
+state, ``push`` taking head == size or misstating the writable length, ``ring_state``'s
+keys and values.
 """
 
 from __future__ import annotations
@@ -214,3 +216,51 @@ def test_repr_says_live_or_the_kill_reason(mem: GuestMemory) -> None:
     with pytest.raises(SyncError):
         dev.pop()
     assert repr(dev).endswith("used_idx=0, defunct=HEAD_OOB)")
+
+
+def test_disabling_never_reports_posted_chains(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE)
+    post(drv, 2)
+    assert dev.enable_notifications(False) is False
+
+
+def test_push_refuses_a_head_of_queue_size_and_states_the_writable_length(
+    mem: GuestMemory,
+) -> None:
+    dev, drv = make_pair(mem, 0, SIZE)  # queue 0: RX, device-writable chains
+    head = drv.add_chain([], [(DATA_HIGH, 4)])
+    drv.publish()
+    assert dev.pop() is not None
+    with pytest.raises(ValueError, match=f"head {SIZE} is not in flight"):
+        dev.push(SIZE, 0)
+    with pytest.raises(ValueError) as info:
+        dev.push(head, 5)
+    assert str(info.value).endswith(f"head {head}: written 5 exceeds the chain's writable length 4")
+    dev.push(head, 4)
+
+
+def test_ring_state_reports_device_and_guest_indices(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE, start_idx=0x10)
+    post(drv, 3)
+    assert dev.pop() is not None
+    drv._avail16[drv._used_event_i] = 0x11
+    dev.enable_notifications()
+    assert dev.ring_state() == {
+        "format": "split",
+        "size": SIZE,
+        "last_avail_idx": 0x11,
+        "used_idx": 0x10,
+        "pending_used": 0,
+        "in_flight": 1,
+        "signalled_used": None,
+        "event_idx": True,
+        "guest": {
+            "avail_idx": 0x13,
+            "avail_flags": 0,
+            "used_idx": 0x10,
+            "used_flags": 0,
+            "used_event": 0x11,
+            "avail_event": 0x13,
+        },
+        "avail_pending": 2,
+    }
