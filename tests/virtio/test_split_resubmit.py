@@ -264,3 +264,12 @@ def test_ring_state_reports_device_and_guest_indices(mem: GuestMemory) -> None:
         },
         "avail_pending": 2,
     }
+    dev.push(dev._popped[0x10 % SIZE], 0)
+    dev.flush_used()
+    assert dev.should_notify() is True  # the first decision always notifies (2.7.10)
+    state = dev.ring_state()
+    assert (state["signalled_used"], state["used_idx"], state["in_flight"]) == (0x11, 0x11, 0)
+    drv._avail16[1] = 0x10 + 3 + SIZE + 1  # HEAD_OOB: the state no longer reads the guest
+    with pytest.raises(SyncError):
+        dev.avail_count()
+    assert "guest" not in dev.ring_state() and "avail_pending" not in dev.ring_state()
