@@ -18,7 +18,8 @@ refusing a rewind of exactly the queue size, not telling the region, counting ch
 ``avail_heads`` reading other words than the avail slots, ``enable_notifications``
 defaulting to disable or disabling answering True, ``__repr__`` losing the live/defunct
 state, ``push`` taking head == size or misstating the writable length, ``ring_state``'s
-keys and values.
+keys and values, ``close`` keeping a reference to the region, the in-flight-head
+refusal's words.
 """
 
 from __future__ import annotations
@@ -273,3 +274,24 @@ def test_ring_state_reports_device_and_guest_indices(mem: GuestMemory) -> None:
     with pytest.raises(SyncError):
         dev.avail_count()
     assert "guest" not in dev.ring_state() and "avail_pending" not in dev.ring_state()
+
+
+def test_close_drops_the_region(mem: GuestMemory) -> None:
+    dev, _drv = make_pair(mem, 1, SIZE)
+    dev.attach_inflight(SplitInflight(memoryview(bytearray(queue_region_size(SIZE))), SIZE))
+    assert dev.close() == 0
+    assert dev.inflight is None
+
+
+def test_an_avail_entry_naming_a_head_in_flight_is_refused_by_name(mem: GuestMemory) -> None:
+    dev, drv = make_pair(mem, 1, SIZE)
+    (head,) = post(drv, 1)
+    assert dev.pop() is not None
+    drv._avail16[2 + 1] = head  # slot 1 names the chain the device still holds
+    drv._avail16[1] = 2
+    with pytest.raises(SyncError) as info:
+        dev.pop()
+    assert info.value.detail == (
+        f"virtqueue 1: avail ring slot 1 (avail idx 1) names head {head}, "
+        "which is still in flight (not yet used)"
+    )
