@@ -19,7 +19,7 @@ refusing a rewind of exactly the queue size, not telling the region, counting ch
 defaulting to disable or disabling answering True, ``__repr__`` losing the live/defunct
 state, ``push`` taking head == size or misstating the writable length, ``ring_state``'s
 keys and values, ``close`` keeping a reference to the region, the in-flight-head
-refusal's words.
+refusal's words, a base of 2^16 accepted or refused without words.
 """
 
 from __future__ import annotations
@@ -295,3 +295,11 @@ def test_an_avail_entry_naming_a_head_in_flight_is_refused_by_name(mem: GuestMem
         f"virtqueue 1: avail ring slot 1 (avail idx 1) names head {head}, "
         "which is still in flight (not yet used)"
     )
+
+
+def test_the_base_is_a_u16(mem: GuestMemory) -> None:
+    make_pair(mem, 1, SIZE, start_idx=0xFFFF)
+    assert device_queue(mem, 1, SIZE, base=0xFFFF).last_avail_idx == 0xFFFF
+    with pytest.raises(ValueError) as info:
+        device_queue(mem, 1, SIZE, base=0x10000)
+    assert str(info.value) == "virtqueue 1: last_avail_idx 65536 is not a u16"
