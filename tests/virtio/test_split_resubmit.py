@@ -19,7 +19,8 @@ refusing a rewind of exactly the queue size, not telling the region, counting ch
 defaulting to disable or disabling answering True, ``__repr__`` losing the live/defunct
 state, ``push`` taking head == size or misstating the writable length, ``ring_state``'s
 keys and values, ``close`` keeping a reference to the region, the in-flight-head
-refusal's words, a base of 2^16 accepted or refused without words.
+refusal's words, a base of 2^16 accepted or refused without words, the resume record
+of a plain start, base 0 over a used idx of 1 not adopted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from virtio_helpers import DATA_HIGH, NO_EVENT, device_queue, make_pair
 
 from vdev.errors import SyncError
 from vdev.virtio.driver import DriverQueue
-from vdev.virtio.inflight import SplitInflight, queue_region_size
+from vdev.virtio.inflight import RingResume, SplitInflight, queue_region_size
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.split import VRING_USED_F_NO_NOTIFY, SplitQueue
 
@@ -303,3 +304,17 @@ def test_the_base_is_a_u16(mem: GuestMemory) -> None:
     with pytest.raises(ValueError) as info:
         device_queue(mem, 1, SIZE, base=0x10000)
     assert str(info.value) == "virtqueue 1: last_avail_idx 65536 is not a u16"
+
+
+def test_a_plain_start_resumes_at_the_base(mem: GuestMemory) -> None:
+    make_pair(mem, 1, SIZE, start_idx=5)
+    assert device_queue(mem, 1, SIZE, base=5).resume == RingResume(1, 5, 5, 5, 0, "base")
+
+
+def test_base_0_over_a_used_idx_of_1_resumes_at_1(mem: GuestMemory) -> None:
+    """SET_VRING_BASE 0 with the used ring already at 1: the used idx is the truth (the
+    reconnect rule in SplitQueue.__init__), whatever the used idx, 1 included."""
+    make_pair(mem, 1, SIZE, start_idx=1)
+    dev = device_queue(mem, 1, SIZE, base=0)
+    assert dev.last_avail_idx == 1
+    assert dev.resume == RingResume(1, 0, 1, 1, 0, "used_idx")
