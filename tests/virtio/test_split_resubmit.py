@@ -311,10 +311,16 @@ def test_a_plain_start_resumes_at_the_base(mem: GuestMemory) -> None:
     assert device_queue(mem, 1, SIZE, base=5).resume == RingResume(1, 5, 5, 5, 0, "base")
 
 
-def test_base_0_over_a_used_idx_of_1_resumes_at_1(mem: GuestMemory) -> None:
+def test_base_0_over_a_used_idx_of_1_resumes_at_1(
+    mem: GuestMemory, caplog: pytest.LogCaptureFixture
+) -> None:
     """SET_VRING_BASE 0 with the used ring already at 1: the used idx is the truth (the
     reconnect rule in SplitQueue.__init__), whatever the used idx, 1 included."""
     make_pair(mem, 1, SIZE, start_idx=1)
-    dev = device_queue(mem, 1, SIZE, base=0)
+    with caplog.at_level(logging.WARNING, logger="vdev.virtio"):
+        dev = device_queue(mem, 1, SIZE, base=0)
+    assert caplog.records[-1].getMessage() == (
+        "virtqueue 1: base 0 but used idx 1 in guest memory; resuming at 1"
+    )
     assert dev.last_avail_idx == 1
     assert dev.resume == RingResume(1, 0, 1, 1, 0, "used_idx")
