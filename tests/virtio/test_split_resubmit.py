@@ -20,7 +20,8 @@ defaulting to disable or disabling answering True, ``__repr__`` losing the live/
 state, ``push`` taking head == size or misstating the writable length, ``ring_state``'s
 keys and values, ``close`` keeping a reference to the region, the in-flight-head
 refusal's words, a base of 2^16 accepted or refused without words, the resume record
-of a plain start, base 0 over a used idx of 1 not adopted.
+of a plain start, base 0 over a used idx of 1 not adopted, NOTIFY_ON_EMPTY and
+ANY_LAYOUT read from other bits than theirs.
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-from virtio_helpers import DATA_HIGH, NO_EVENT, device_queue, make_pair
+from virtio_helpers import DATA_HIGH, FEATURES, NO_EVENT, device_queue, make_pair
 
 from vdev.errors import SyncError
 from vdev.virtio.driver import DriverQueue
 from vdev.virtio.inflight import RingResume, SplitInflight, queue_region_size
 from vdev.virtio.memory import GuestMemory
-from vdev.virtio.split import VRING_USED_F_NO_NOTIFY, SplitQueue
+from vdev.virtio.split import F_ANY_LAYOUT, F_NOTIFY_ON_EMPTY, VRING_USED_F_NO_NOTIFY, SplitQueue
 
 SIZE = 8
 START = 0xFFFE  # the first chain at avail position 0xFFFE: positions 0xFFFF, 0, 1 follow
@@ -324,3 +325,13 @@ def test_base_0_over_a_used_idx_of_1_resumes_at_1(
     )
     assert dev.last_avail_idx == 1
     assert dev.resume == RingResume(1, 0, 1, 1, 0, "used_idx")
+
+
+@pytest.mark.parametrize("extra", [0, F_NOTIFY_ON_EMPTY, F_ANY_LAYOUT])
+def test_legacy_feature_bits_are_read_from_their_own_bit(mem: GuestMemory, extra: int) -> None:
+    """6 "Reserved Feature Bits": NOTIFY_ON_EMPTY (24) and ANY_LAYOUT (27); a legacy
+    (no VERSION_1) driver has ANY_LAYOUT only if it negotiated it."""
+    legacy = FEATURES & ~(1 << 32)  # VIRTIO_F_VERSION_1
+    dev = device_queue(mem, 1, SIZE, features=legacy | extra)
+    assert dev.notify_on_empty is (extra == F_NOTIFY_ON_EMPTY)
+    assert dev.any_layout is (extra == F_ANY_LAYOUT)
