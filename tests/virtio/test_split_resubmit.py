@@ -21,7 +21,8 @@ state, ``push`` taking head == size or misstating the writable length, ``ring_st
 keys and values, ``close`` keeping a reference to the region, the in-flight-head
 refusal's words, a base of 2^16 accepted or refused without words, the resume record
 of a plain start, base 0 over a used idx of 1 not adopted, NOTIFY_ON_EMPTY and
-ANY_LAYOUT read from other bits than theirs.
+ANY_LAYOUT read from other bits than theirs, the ring areas' names in a misplaced
+ring's refusal.
 """
 
 from __future__ import annotations
@@ -29,9 +30,17 @@ from __future__ import annotations
 import logging
 
 import pytest
-from virtio_helpers import DATA_HIGH, FEATURES, NO_EVENT, device_queue, make_pair
+from virtio_helpers import (
+    DATA_HIGH,
+    FEATURES,
+    NO_EVENT,
+    device_queue,
+    gpa_to_uva,
+    layout,
+    make_pair,
+)
 
-from vdev.errors import SyncError
+from vdev.errors import SyncError, SyncKind
 from vdev.virtio.driver import DriverQueue
 from vdev.virtio.inflight import RingResume, SplitInflight, queue_region_size
 from vdev.virtio.memory import GuestMemory
@@ -335,3 +344,14 @@ def test_legacy_feature_bits_are_read_from_their_own_bit(mem: GuestMemory, extra
     dev = device_queue(mem, 1, SIZE, features=legacy | extra)
     assert dev.notify_on_empty is (extra == F_NOTIFY_ON_EMPTY)
     assert dev.any_layout is (extra == F_ANY_LAYOUT)
+
+
+@pytest.mark.parametrize("which", ["descriptor table", "avail ring", "used ring"])
+def test_a_misaligned_ring_area_is_refused_by_its_name(mem: GuestMemory, which: str) -> None:
+    """2.7.2 "Virtqueue Alignment": 16, 2 and 4 bytes; the refusal names the area."""
+    lay = layout(1, SIZE)
+    addrs = [gpa_to_uva(lay.desc), gpa_to_uva(lay.avail), gpa_to_uva(lay.used)]
+    i = ["descriptor table", "avail ring", "used ring"].index(which)
+    addrs[i] += 1
+    with pytest.raises(ValueError, match=f"^virtqueue 1: {which} at uva 0x[0-9a-f]+ is not "):
+        SplitQueue(mem, 1, SIZE, *addrs, features=FEATURES, sync=SyncKind.TX)
