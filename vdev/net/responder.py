@@ -15,13 +15,12 @@ its own before the switch (``VirtioNet._internalize_tx``).
 from __future__ import annotations
 
 import ipaddress
-import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any
 
 from vdev.native import structs
 from vdev.net.checksum import complete_checksum, ones_complement_sum
+from vdev.net.switch import COMPILED_DEFAULT
 from vdev.skywalk import Pbufpool, fastglue
 from vdev.skywalk.arena import MdOff
 
@@ -85,10 +84,8 @@ class Responder:
         self._ip = ipaddress.IPv4Address(self.ip).packed
         self.outbox: list[int] = []
         self._mac64 = int.from_bytes(self.mac, "big")
-        self._bufs: Any = None  # struct sw_bufs for the pre-filter, and the pool view it is of
-        self._bufs_ctx: Any = None
         if self.prefilter is None:
-            self.prefilter = os.environ.get("VDEV_FASTPATH", "1") != "0"
+            self.prefilter = COMPILED_DEFAULT
 
     def deliver(self, pkts: list[int]) -> int:
         """Answer what deserves an answer; replies collect in ``outbox`` for the device.
@@ -115,24 +112,14 @@ class Responder:
         if fast is None:
             return None
         ffi, lib = fast.ffi, fast.lib
+        want = (ETH_P_ARP, ETH_P_IP, VNET_F_NEEDS_CSUM, MdOff.VNET_LEN)
+        got = (lib.SW_ETH_P_ARP, lib.SW_ETH_P_IP, lib.SW_VNET_F_NEEDS_CSUM, lib.SW_VNET_STRIDE)
+        if got != want:  # pragma: no cover - the header and this module disagree
+            raise AssertionError(f"switch.h's responder constants {got} != {want}")
         ctx = fastglue._ctx(self.pool)
-        bufs = self._bufs
-        if bufs is None:
-            want = (ETH_P_ARP, ETH_P_IP, VNET_F_NEEDS_CSUM, MdOff.VNET_LEN)
-            got = (lib.SW_ETH_P_ARP, lib.SW_ETH_P_IP, lib.SW_VNET_F_NEEDS_CSUM, lib.SW_VNET_STRIDE)
-            if got != want:  # pragma: no cover - the header and this module disagree
-                raise AssertionError(f"switch.h's responder constants {got} != {want}")
-            lay = self.pool.arena.layout
-            bufs = self._bufs = ffi.new("struct sw_bufs *")
-            bufs.buf = ctx.keep[0] + lay.buf_off
-            bufs.large = ctx.keep[0] + lay.large_buf_off
-            self._bufs_ctx = ctx
-        elif self._bufs_ctx is not ctx:  # pragma: no cover - the pool's views were rebuilt
-            self._bufs = None
-            return self._answerable(pkts)
         n = len(pkts)
         keep = ffi.new("uint32_t[]", n)
-        k = lib.sw_answerable(ctx.c, bufs, fastglue._idx_buf(pkts), n, self._mac64, keep)
+        k = lib.sw_answerable(ctx.c, ctx.bufs, fastglue._idx_buf(pkts), n, self._mac64, keep)
         return structs.u32_list(ffi, keep, k)
 
     def _answer_all(self, pkts: list[int]) -> None:

@@ -98,7 +98,6 @@ class _Compiled:
             raise AssertionError("switch.h's drop codes differ from switch.py's")
         self.fdb = ffi.new("struct sw_fdb *")
         self.ret = ffi.new("struct sw_ret *")
-        self.bufs = ffi.new("struct sw_bufs *")
         self.cap = 0
         self._grow(256)
 
@@ -206,15 +205,11 @@ class Switch:
         if n > c.cap:
             c._grow(n)
         pctx = fastglue._ctx(pool)
-        if c.bufs.buf == ffi.NULL:
-            lay = pool.arena.layout
-            c.bufs.buf = pctx.keep[0] + lay.buf_off
-            c.bufs.large = pctx.keep[0] + lay.large_buf_off
         sid = self._ids[src]
         ret = c.ret
         code = lib.sw_forward(
             pctx.c,
-            c.bufs,
+            pctx.bufs,
             c.fdb,
             sid,
             fastglue._idx_buf(pkts),

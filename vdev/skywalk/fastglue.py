@@ -139,6 +139,14 @@ class _FastPool:
         self.scratch: list[_Scratch] = []
         self.mark: Any = None  # check_kernel_held's scratch marks, one byte per packet
         self.pb_ret: Any = _fast.ffi.new("struct pb_ret *")  # release's result (lock held)
+        # The data buffers as the switch's header reads and the responder's pre-filter take
+        # them, and the free lists (freelist.py) as the bursts and bulk release take them.
+        self.bufs: Any = ffi.new("struct sw_bufs *")
+        self.bufs.buf = arena + lay.buf_off
+        self.bufs.large = arena + lay.large_buf_off
+        self.lists: list[Any] = [
+            fl.native() for fl in (pool._free_pkts, pool._free_ext, pool._free_large)
+        ]
 
     def take(self, cap: int) -> _Scratch:
         try:
@@ -393,9 +401,10 @@ def release(pool: Pbufpool, idxs: list[int]) -> tuple[int, int, int | None]:
     n = len(idxs)
     ret = ctx.pb_ret
     buf = _idx_buf(idxs)
-    fp, fe, fl = pool._free_pkts, pool._free_ext, pool._free_large
-    code = lib.pb_release_lists(ctx.c, buf, n, fp.native(), fe.native(), fl.native(), ret)
+    lp, le, ll = ctx.lists
+    code = lib.pb_release_lists(ctx.c, buf, n, lp, le, ll, ret)
     if code == lib.PB_FALLBACK:  # a list without room for them: its extend() words it
+        fp, fe, fl = pool._free_pkts, pool._free_ext, pool._free_large
         out_ext = ffi.new("uint32_t[]", n * max(pool.max_frags - 1, 1))
         out_large = ffi.new("uint32_t[]", n * pool.max_frags)
         code = lib.pb_release(ctx.c, buf, n, out_ext, out_large, ret)

@@ -355,15 +355,13 @@ class _PoolCtx:
     def __init__(self, pool: Pbufpool) -> None:
         nffi = _fast.ffi
         fctx = fastglue._ctx(pool)
-        lay = pool.arena.layout
-        arena = fctx.c.md - lay.md_off
         vp = nffi.new("struct vq_pool *")
         vp.p = fctx.c
-        vp.bufs = arena + lay.buf_off
-        vp.large = arena + lay.large_buf_off
+        vp.bufs = fctx.bufs.buf
+        vp.large = fctx.bufs.large
         vp.num_large = pool.config.num_large_bufs
         # A burst pops the pool's free lists (freelist.py) in place, or reserves their tops.
-        self.lists = [fl.native() for fl in (pool._free_pkts, pool._free_ext, pool._free_large)]
+        self.lists = fctx.lists
         vp.lists = self.lists
         self.vp = vp
         self.fp = fctx.c
