@@ -129,6 +129,16 @@ def forwarded_by(device: Device, name: str) -> int:
     return device.switch.stats[name].tx_frames
 
 
+def send_and_forward(device: Device, fa: VirtioNetFrontend, frames: list[bytes]) -> None:
+    """nic0's guest sends ``frames``; wait until nic0 has forwarded them all (plus the one
+    frame ``learn`` sent), without any lock: callers may hold nic1's lock meanwhile."""
+    assert fa.send_all(frames, timeout=TIMEOUT) == len(frames)
+    deadline = time.monotonic() + TIMEOUT
+    while forwarded_by(device, "nic0") < len(frames) + 1:
+        assert time.monotonic() < deadline, "nic0 did not forward the frames"
+        time.sleep(0.005)
+
+
 def test_datapath_threads_run_per_nic(tmp_path: Path) -> None:
     """threads="per-nic" starts one thread per NIC; "single" none (both serve traffic)."""
     for mode, expect in (("per-nic", {"vdev-nic0", "vdev-nic1"}), ("single", set())):
@@ -334,11 +344,7 @@ def test_a_flood_fills_an_idle_guest_ring_plus_the_backlog_whatever_the_timing(
             frames = [numbered(MAC_B, MAC_A, i) for i in range(n)]
             held = nic1.lock if mode == "per-nic" else contextlib.nullcontext()
             with held:
-                assert fa.send_all(frames, timeout=TIMEOUT) == n
-                deadline = time.monotonic() + TIMEOUT
-                while forwarded_by(device, "nic0") < n + 1:
-                    assert time.monotonic() < deadline, "nic0 did not forward the flood"
-                    time.sleep(0.005)
+                send_and_forward(device, fa, frames)
             if mode == "per-nic":
                 deadline = time.monotonic() + TIMEOUT
                 while len(nic1.backlog) < nic_mod.RX_BACKLOG:
@@ -377,11 +383,7 @@ def test_rx_waiting_counts_frames_handed_to_the_nics_thread(tmp_path: Path, mode
             frames = [numbered(MAC_B, MAC_A, i) for i in range(sent)]
             held = nic1.lock if mode == "per-nic" else contextlib.nullcontext()
             with held:
-                assert fa.send_all(frames, timeout=TIMEOUT) == sent
-                deadline = time.monotonic() + TIMEOUT
-                while forwarded_by(device, "nic0") < sent + 1:
-                    assert time.monotonic() < deadline, "nic0 did not forward the frames"
-                    time.sleep(0.005)
+                send_and_forward(device, fa, frames)
                 if mode == "per-nic":  # nic1's thread is held off: all in its inbox
                     assert len(nic1.backlog) == 0 and nic1.rx_waiting() == sent
             deadline = time.monotonic() + TIMEOUT
