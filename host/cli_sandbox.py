@@ -128,6 +128,7 @@ class Sandbox:
         self._syms: Any = None
         self._cmd_lock = threading.Lock()
         self._held = False  # a background command (`CMD &`) holds the console
+        self.prompt_lines: list[str] = []  # printed at the prompt before the last echo
         self.watch: DeviceWatch | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -276,6 +277,9 @@ class Sandbox:
         con = self._machine().console
         con.send(line + "\r")
         con.expect(re.escape(line), 10.0, fail_patterns=())
+        # What the driver printed at the prompt before this echo: notices it printed while
+        # idle (``! link down ...`` when a config interrupt came before the command).
+        self.prompt_lines = [ln.strip("\r") for ln in con.before.split("\n") if ln.strip()]
 
     def wait_reply(self, timeout: float = 30.0) -> Reply:
         """Wait for the status line and the next prompt, and parse them."""
