@@ -71,7 +71,9 @@ FRONTEND_NAMES = {"python": "python VirtioNetFrontend", "dpdk": "dpdk virtio_use
 # -- the vdev device process -------------------------------------------------------------
 
 
-def worker(sock: str, role: str, size: int, profile: str | None) -> int:
+def worker(
+    sock: str, role: str, size: int, profile: str | None, kick_hold_us: float | None = None
+) -> int:
     """Serve one NIC and count; prints READY, then "S <monotonic> <count>" every 0.1 s.
 
     role "sink": count frames arriving on a host channel (guest TX direction).
@@ -80,7 +82,11 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
     On SIGTERM prints "STATS <json>" (device stats, and the profile if asked) and exits.
     """
     pool = streaming_pool()
-    device = Device(pool=pool)
+    device = (
+        Device(pool=pool)
+        if kick_hold_us is None
+        else Device(pool=pool, kick_hold=kick_hold_us * 1e-6)
+    )
     nic = device.add_nic(sock, mac=GUEST_MAC_STR)
     stop = threading.Event()
     stop_on_signals(stop, (signal.SIGTERM,))
@@ -172,7 +178,8 @@ def worker(sock: str, role: str, size: int, profile: str | None) -> int:
         t.join(2)
     stats = device.stats()
     sys.stdout.flush()
-    ch.close()
+    if role != "drop":  # the drop sink has no channel
+        ch.close()
     device.close()
     print("STATS " + json.dumps(stats), flush=True)
     return 0
@@ -252,6 +259,7 @@ class Child:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
+        self.reader.join(2)  # the last lines (STATS) read before output() is asked
         self.close()
 
     def close(self) -> None:
@@ -498,9 +506,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", default="sink", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
+    p.add_argument("--kick-hold-us", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.role, args.size, args.profile_out)
+        return worker(args.worker, args.role, args.size, args.profile_out, args.kick_hold_us)
     if args.quick:
         args.duration, args.warmup, args.sizes = 1.0, 0.5, "64"
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -12,7 +12,7 @@ The difference of the medians is what vdev adds to a round trip compared with DP
 vhost-user backend answering in C (issue 11's target: at most 20 us).  Both include the
 frontend's own cost (Python, kicks and calls through eventfds), which is the same on both.
 
-Usage: python3 benchmarks/echo_latency.py [--count 2000] [--poll]
+Usage: python3 benchmarks/echo_latency.py [--count 2000] [--poll] [--kick-hold-us US]
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ from vdev.net.device import Device
 from vdev.shutdown import stop_on_signals
 stop = threading.Event()
 stop_on_signals(stop, (signal.SIGTERM,))
-with Device() as d:
+with Device(kick_hold=float(sys.argv[3]) * 1e-6) as d:
     d.add_nic(sys.argv[1])
     print("READY", flush=True)
     d.serve_forever(stop, poll=sys.argv[2] == "poll")
 """
+
+
+KICK_HOLD_US = 100.0  # the device's default (vdev/net/kickhold.py)
 
 
 def rtts(sock: str, count: int) -> list[float]:
@@ -68,13 +71,13 @@ def rtts(sock: str, count: int) -> list[float]:
     return out
 
 
-def measure(backend: str, workdir: Path, count: int) -> list[float]:
+def measure(backend: str, workdir: Path, count: int, hold_us: float) -> list[float]:
     sock = str(workdir / f"{backend.replace(' ', '')}.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
     if backend.startswith("vdev"):
         mode = "poll" if backend == "vdev --poll" else "events"
-        child = Child([sys.executable, "-c", DEVICE, sock, mode], "worker")
+        child = Child([sys.executable, "-c", DEVICE, sock, mode, str(hold_us)], "worker")
         env_ok = child.samples.ready.is_set
     else:
         prefix = f"vdevecho{os.getpid()}"
@@ -108,13 +111,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--count", type=int, default=2000, help="round trips per backend")
     ap.add_argument("--poll", action="store_true", help="also vdev in busy-poll mode")
+    ap.add_argument(
+        "--kick-hold-us",
+        type=float,
+        default=KICK_HOLD_US,
+        help="vdev's TX kick mitigation window (vdev serve --kick-hold-us; default 100)",
+    )
     args = ap.parse_args()
     backends = ["vdev"] + (["vdev --poll"] if args.poll else []) + (["dpdk"] if TESTPMD else [])
-    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}; kick hold {args.kick_hold_us:g} us")
     res: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="vdevecho") as tmp:
         for b in backends:
-            res[b] = measure(b, Path(tmp), args.count)
+            res[b] = measure(b, Path(tmp), args.count, args.kick_hold_us)
     print("| backend | replies | median (us) | p99 (us) |")
     print("|---|---:|---:|---:|")
     for b, xs in res.items():

@@ -67,7 +67,8 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
     if backend == "vdev":
         script = str(Path(__file__).with_name("device_throughput.py"))
         argv = [sys.executable, script, "--worker", sock, "--role", role]
-        be = Child([*argv, "--size", str(a.size)], "worker")
+        hold = [] if a.kick_hold_us is None else ["--kick-hold-us", str(a.kick_hold_us)]
+        be = Child([*argv, "--size", str(a.size), *hold], "worker")
         _wait(be.samples.ready.is_set, 30, "vdev worker did not start")
     else:
         mode = "rxonly" if direction == "tx" else "txonly"
@@ -126,10 +127,17 @@ def _report_watch(output: str, direction: str) -> None:
     line = next((x for x in output.splitlines() if x.startswith("STATS ")), None)
     if line is None:
         return
-    watch = json.loads(line[6:])["nics"][0].get("notify_watch") or {}
+    nic = json.loads(line[6:])["nics"][0]
+    watch = nic.get("notify_watch") or {}
+    queues = nic.get("queues", {})
+    per_q = ", ".join(
+        f"{name} {q['frames']} frames {q.get('kicks', 0)} kicks {q['notifications']} irqs"
+        for name, q in sorted(queues.items())
+    )
     print(
         f"  vdev guest {direction}: late kicks {watch.get('late_kicks', {})}, "
-        f"late interrupts {watch.get('late_interrupts', {})}",
+        f"late interrupts {watch.get('late_interrupts', {})}; {per_q}; "
+        f"kick hold {nic.get('kick_hold')}",
         file=sys.stderr,
         flush=True,
     )
@@ -145,6 +153,13 @@ def main() -> int:
         default="channel",
         help="guest TX frames go to a host channel with a reader thread in the device "
         "process, or to an endpoint that frees them (the device alone)",
+    )
+    ap.add_argument(
+        "--kick-hold-us",
+        type=float,
+        default=None,
+        help="vdev's TX kick mitigation window (vdev/net/kickhold.py; 0: off; default: "
+        "the device's default)",
     )
     ap.add_argument("--window", type=float, default=3.0, help="guest RX window, seconds")
     ap.add_argument("--directions", default="tx,rx")

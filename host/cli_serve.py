@@ -98,8 +98,31 @@ def register(subparsers: Any) -> None:
         "whose barriers are missing): make them up and log them (recover, default), only "
         "log and count them (report), or do not look (off)",
     )
+    p.add_argument(
+        "--kick-hold-us",
+        metavar="US",
+        type=kick_hold_us,
+        default=None,
+        help="TX kick mitigation: a TX kick that comes less than US microseconds after the "
+        "queue's previous batch switches its kicks off and the device polls it every US "
+        "until it is quiet (default 100; 0: a kick per batch, as before; at most 10000)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.set_defaults(func=run)
+
+
+def kick_hold_us(text: str) -> float:
+    """``--kick-hold-us`` in seconds, or an argparse error naming the bad value."""
+    from vdev.net.kickhold import check_window
+
+    try:
+        us = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds") from None
+    try:
+        return check_window(us * 1e-6)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             responder_ip=args.responder_ip,
             threads=args.threads,
             notify_watch=args.notify_watch,
+            **({} if args.kick_hold_us is None else {"kick_hold": args.kick_hold_us}),
         )
     except OSError as exc:
         print(f"vdev serve: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
@@ -156,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
             f"vdev serve: {len(args.socket)} NIC(s) on {', '.join(args.socket)}"
             + (f"; control socket {args.control}" if args.control else "")
             + ("; busy-polling" if args.poll else "")
-            + f"; threads {device.threads}",
+            + f"; threads {device.threads}"
+            + f"; kick hold {device.kick_hold * 1e6:g} us",
             file=sys.stderr,
             flush=True,
         )

@@ -70,6 +70,7 @@ class SelectorLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self.closed = False
+        self._running: int | None = None  # the thread inside poll()'s callbacks
 
     # -- Watcher / EventLoop ---------------------------------------------------------------
 
@@ -85,10 +86,14 @@ class SelectorLoop:
         except (KeyError, ValueError):
             pass
 
-    def call_later(self, delay: float, fn: Callback) -> None:
+    def call_later(self, delay: float, fn: Callback, *, wake: bool = True) -> None:
+        """``wake=False`` skips the wake-up, for a caller inside this loop's callbacks on a
+        thread that polls this loop again itself (its next poll() sees the timer before it
+        waits); a loop polled from another loop's callback needs the wake-up."""
         with self._timers_lock:
             self._timers.append((time.monotonic() + delay, fn))
-        self.wake()
+        if wake or threading.get_ident() != self._running:
+            self.wake()
 
     # -- running ---------------------------------------------------------------------------
 
@@ -122,26 +127,33 @@ class SelectorLoop:
                 timeout = max(0.0, min(timeout, first - time.monotonic()))
         events = self.sel.select(timeout)
         with self._lock if self._lock is not None else nullcontext():
-            fd_map = self.sel.get_map()
-            for key, _mask in events:
-                # An earlier callback of this batch may have unwatched (and closed) the fd, or
-                # watched a new file under the same number: skip the stale event.
-                if fd_map.get(key.fd) is not key:
-                    continue
-                try:
-                    key.data()
-                except Exception:
-                    log.exception("event handler failed")
-            for fn in self._due():
-                try:
-                    fn()
-                except Exception:
-                    log.exception("timer failed")
-            if self._after is not None:
-                try:
-                    self._after()
-                except Exception:
-                    log.exception("after-poll hook failed")
+            outer, self._running = self._running, threading.get_ident()
+            try:
+                self._dispatch(events)
+            finally:
+                self._running = outer
+
+    def _dispatch(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
+        fd_map = self.sel.get_map()
+        for key, _mask in events:
+            # An earlier callback of this batch may have unwatched (and closed) the fd, or
+            # watched a new file under the same number: skip the stale event.
+            if fd_map.get(key.fd) is not key:
+                continue
+            try:
+                key.data()
+            except Exception:
+                log.exception("event handler failed")
+        for fn in self._due():
+            try:
+                fn()
+            except Exception:
+                log.exception("timer failed")
+        if self._after is not None:
+            try:
+                self._after()
+            except Exception:
+                log.exception("after-poll hook failed")
 
     def run(
         self, until: Callable[[], bool], *, poll: float = 0.1, timeout: float | None = None

@@ -255,7 +255,8 @@ def test_pcapng_capture_has_both_directions(
 def test_vdev_serve_cli_runs_and_cleans_up(tmp_path: Path) -> None:
     sock = tmp_path / "serve.sock"
     proc = subprocess.Popen(
-        ["python3", "-m", "host.cli", "serve", "--socket", str(sock), "--mac", "52:54:00:12:34:99"],
+        ["python3", "-m", "host.cli", "serve", "--socket", str(sock), "--mac", "52:54:00:12:34:99",
+         "--kick-hold-us", "250"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -274,6 +275,7 @@ def test_vdev_serve_cli_runs_and_cleans_up(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, err
     assert "rx0" in out and "tx0" in out and "icmp=4" in out
+    assert "kick hold 250 us" in err
     assert not sock.exists()
 
 
@@ -295,6 +297,14 @@ def test_vdev_serve_rejects_bad_arguments(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert nodir.returncode == 1 and f"--socket {tmp_path / 'no' / 'x.sock'}" in nodir.stderr
+    for hold, why in [("-5", "want 0 (off) to 10000 us"), ("20000", "want 0 (off) to 10000 us"),
+                      ("fast", "'fast' is not a number of microseconds")]:  # fmt: skip
+        r = subprocess.run(
+            ["python3", "-m", "host.cli", "serve", "--socket", sock, "--kick-hold-us", hold],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 2 and "--kick-hold-us" in r.stderr and why in r.stderr, r.stderr
+    assert not os.path.exists(sock)
 
 
 def test_repeated_add_mem_reg_is_idempotent(nic_path: str, device: Device) -> None:

@@ -63,6 +63,10 @@ class FakeDevice:
         self.started.pop(vring.index, None)
         self._log("queue_stopped", vring.index, vring.queue is not None)
 
+    def queue_disabling(self, vring: Vring) -> None:
+        assert vring.enabled  # called before the ring is marked disabled
+        self._log("queue_disabling", vring.index)
+
     def queue_kicked(self, vring: Vring) -> None:
         assert self.started.get(vring.index) is vring  # only started rings are kicked
         self.kicks.append(vring.index)

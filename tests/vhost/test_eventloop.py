@@ -77,3 +77,65 @@ def test_call_later_from_another_thread_wakes_a_waiting_poll() -> None:
         assert not t.is_alive() and ran.is_set()
     finally:
         loop.close()
+
+
+def _wake_pending(loop: SelectorLoop) -> bool:
+    import select
+
+    return bool(select.select([loop._wake_r], [], [], 0)[0])
+
+
+def test_call_later_without_wake_skips_the_wakeup_only_inside_its_own_callbacks() -> None:
+    """``wake=False`` (a held TX queue's poll, vdev/net/kickhold.py) is for a callback of
+    this loop on the thread polling it: that thread's next poll sees the timer anyway.
+    From outside the loop's callbacks the wake-up is still written, or a waiting poll
+    would sleep past the timer."""
+    loop = SelectorLoop()
+    r, w = _pipe()
+    seen: dict[str, bool] = {}
+    ran: list[str] = []
+
+    def inside() -> None:
+        os.read(r, 1)
+        loop._drain_wake()
+        loop.call_later(0.0, lambda: ran.append("quiet"), wake=False)
+        seen["wake=False inside"] = _wake_pending(loop)
+        loop.call_later(0.0, lambda: ran.append("loud"))
+        seen["wake=True inside"] = _wake_pending(loop)
+
+    try:
+        loop.call_later(0.0, lambda: ran.append("outside"), wake=False)
+        assert _wake_pending(loop)  # not inside the loop's callbacks: woken all the same
+        loop.poll(0.0)
+        assert ran == ["outside"]
+        loop._drain_wake()
+        loop.watch(r, inside)
+        os.write(w, b"x")
+        loop.poll(1.0)
+        assert seen == {"wake=False inside": False, "wake=True inside": True}
+        # Another thread, while this one is inside the callbacks: woken.
+        other: list[bool] = []
+
+        def from_thread() -> None:
+            loop.call_later(0.0, lambda: None, wake=False)
+            other.append(_wake_pending(loop))
+
+        def inside_again() -> None:
+            os.read(r, 1)
+            loop._drain_wake()
+            t = threading.Thread(target=from_thread)
+            t.start()
+            t.join(5)
+
+        loop.watch(r, inside_again)
+        os.write(w, b"x")
+        loop.poll(1.0)
+        assert other == [True]
+        for _ in range(3):
+            loop.poll(0.0)
+        assert sorted(ran) == ["loud", "outside", "quiet"]
+    finally:
+        loop.unwatch(r)
+        os.close(r)
+        os.close(w)
+        loop.close()

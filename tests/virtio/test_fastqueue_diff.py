@@ -328,6 +328,16 @@ def _reclaim(drv: DriverQueue | PackedDriverQueue) -> None:
         pass
 
 
+def _kick_wanted(drv: DriverQueue | PackedDriverQueue) -> bool:
+    """Whether the driver, posting one more chain now, must kick: its own reading of the
+    device's suppression state (2.7.10 / 2.8.10), independent of the device code."""
+    _reclaim(drv)
+    drv.kick_needed()  # the decision for what was posted before: not the one asked here
+    drv.add_chain([(DATA_LOW, 60)], [])
+    drv.publish()
+    return drv.kick_needed()
+
+
 def _ids_free(drv: DriverQueue | PackedDriverQueue) -> bool:
     return not isinstance(drv, PackedDriverQueue) or bool(drv._free_ids)
 
@@ -364,7 +374,13 @@ def _run_tx(
     rules: list[dict[str, Any]] | None = None,
     tap: bool = False,
     unlocked: bool = False,
+    hold_kick: bool = False,
+    probe_kick: bool = False,
 ) -> dict[str, Any]:
+    """``probe_kick``: after the outcome is taken, post one more chain and record whether
+    the driver would kick for it (``kick_wanted``).  ``hold_kick``: the queue held by the
+    kick mitigation (vdev/net/kickhold.py) for the whole run: kick switched off, and an
+    emptied ring left without re-arming."""
     fastqueue.set_backend(backend)
     fastqueue.STRICT = True
     _restore(start)
@@ -383,6 +399,9 @@ def _run_tx(
         queue, drv = make_pair(MEM, 1, size, features=features, start_idx=base)
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     nic.vrings[1] = FakeVring(1, queue, True, efd)  # type: ignore[assignment]
+    if hold_kick:
+        queue.enable_notifications(False)
+        queue.hold_kick = True
     rnd = random.Random(seed)
     hlen = nic.hdr_len
     try:
@@ -422,6 +441,8 @@ def _run_tx(
         out = outcome(nic, queue, pool, forwarded, calls, _snapshot())
         out["log"] = engine.log.lines() if engine is not None else []
         out["captured"] = captured
+        if probe_kick:
+            out["kick_wanted"] = _kick_wanted(drv)
         return out
     finally:
         os.close(efd)
@@ -640,6 +661,27 @@ def test_legal_rings_rearm_the_same(packed: bool, features: int) -> None:
     assert not py["kills"] and py["calls"]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("features", [F_V1, F_V1 | F_EVENT], ids=["flags", "event-idx"])
+@pytest.mark.parametrize("hold", [False, True], ids=["armed", "held"])
+def test_held_ring_is_left_without_a_kick_asked_for(
+    packed: bool, features: int, hold: bool
+) -> None:
+    """Kick mitigation (vdev/net/kickhold.py): a held TX queue drained to empty is not
+    re-armed, on either path, and the driver (its own reading of the used flags,
+    ``avail_event`` or the device event area) then posts without kicking; the same ring
+    not held asks for the kick again.  Chains are all taken and completed either way."""
+    start = _snapshot()
+    size = 7 if packed else 8
+    tx = [([(60 + i, [], False, (0, 0, 0), False) for i in range(4)], [])] * 2
+    args = ("python", packed, start, size, features, 0, 0, tx, 1)
+    py = _run_tx(*args, hold_kick=hold, probe_kick=True)
+    c = _run_tx("c", *args[1:], hold_kick=hold, probe_kick=True)
+    assert_same(py, c)
+    assert not py["kills"] and len(py["forwarded"]) == 8
+    assert py["kick_wanted"] is (not hold)
+
+
 # -- the properties -----------------------------------------------------------------------
 
 
@@ -660,6 +702,7 @@ def test_legal_rings_rearm_the_same(packed: bool, features: int) -> None:
     ),
     seed=st.integers(0, 2**32),
     unlocked=st.booleans(),
+    hold_kick=st.booleans(),
 )
 def test_tx_burst_matches_reference(
     packed: bool,
@@ -670,14 +713,17 @@ def test_tx_burst_matches_reference(
     rounds: list[Any],
     seed: int,
     unlocked: bool,
+    hold_kick: bool,
 ) -> None:
     """Pool free lists popped in place (a burst under the pool's lock) or their tops reserved
-    first (``unlocked``: a datapath thread's burst): the same result as the reference."""
+    first (``unlocked``: a datapath thread's burst), the kick held or not: the same result
+    as the reference."""
     start = _snapshot()
     if packed:
         size, features = size - 1 or 1, features | F_V1  # any size; packed implies VERSION_1
-    py = _run_tx("python", packed, start, size, features, base, hold, rounds, seed)
-    c = _run_tx("c", packed, start, size, features, base, hold, rounds, seed, unlocked=unlocked)
+    args = (packed, start, size, features, base, hold, rounds, seed)
+    py = _run_tx("python", *args, hold_kick=hold_kick)
+    c = _run_tx("c", *args, unlocked=unlocked, hold_kick=hold_kick)
     assert_same(py, c)
 
 

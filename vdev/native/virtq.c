@@ -921,6 +921,12 @@ static uint32_t tx_loop(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, u
             return b->stop;
         }
         if (c.head == UINT32_MAX) {
+            /* Kick mitigation: the device polls this ring again itself, so it asks for
+             * no kick (vdev/net/kickhold.py). */
+            if (q->hold_kick) {
+                b->stop = VQ_STOP_EMPTY;
+                return b->stop;
+            }
             /* 2.7.10 / 2.8.10: re-arm the kick; if buffers raced in, go on. */
             v = rearm(q, &pending);
             if (v) {

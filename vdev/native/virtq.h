@@ -99,6 +99,7 @@ struct vq_queue {
     uint32_t notify_on_empty;
     uint32_t allow_readable;
     uint32_t allow_writable;
+    uint32_t hold_kick;           /* 1: a drained TX ring is not re-armed (kick mitigation) */
     uint32_t last_avail;          /* split: last avail idx; packed: avail index */
     uint32_t seen_avail;          /* split only */
     uint32_t used_idx;            /* split: used idx; packed: used index */

@@ -37,6 +37,7 @@ from vdev.vhost.codec import ProtocolFeature
 from vdev.virtio import fastqueue
 
 if TYPE_CHECKING:
+    from vdev.net.kickhold import KickHold
     from vdev.net.notify_watch import NotifyWatch
     from vdev.vhost.backend import Vring
     from vdev.virtio.chain import Chain
@@ -87,6 +88,7 @@ class NicQueueStats:
     bytes: int = 0
     drops: int = 0
     notifications: int = 0
+    kicks: int = 0  # kick eventfd wake-ups from the driver
     merged: int = 0  # RX frames that spanned more than one buffer (MRG_RXBUF)
     kills: dict[str, int] = field(default_factory=dict)
     drop_reasons: dict[str, int] = field(default_factory=dict)
@@ -102,6 +104,7 @@ class NicQueueStats:
             "drops": self.drops,
             "drop_reasons": dict(self.drop_reasons),
             "notifications": self.notifications,
+            "kicks": self.kicks,
             "merged": self.merged,
             "kills": dict(self.kills),
         }
@@ -230,6 +233,8 @@ class VirtioNet:
         self.acked = 0
         # Set by the device: run a callable from its event loop soon (see process_tx).
         self.defer: Callable[[Callable[[], None]], None] | None = None
+        # TX kick mitigation (kickhold.py), set by the device; None: every kick drains.
+        self.kick_hold: KickHold | None = None
         # Lifecycle events (a ring resumed away from SET_VRING_BASE): kept here and handed to
         # ``event_sink`` (the device's fault log, when there is one).
         self.resumes: list[dict[str, object]] = []
@@ -321,7 +326,15 @@ class VirtioNet:
 
     def queue_kicked(self, vring: Vring) -> None:
         if self.vrings.get(vring.index) is vring:
+            self.stats[vring.index].kicks += 1
             self.kick(vring.index)
+
+    def queue_disabling(self, vring: Vring) -> None:
+        """A held TX queue is polled one last time while still enabled: what the driver
+        posted without a kick (it was told none was needed) is sent, not discarded as a
+        disabled ring's TX would be (vhost-user "Ring states")."""
+        if self.vrings.get(vring.index) is vring and self.kick_hold is not None:
+            self.kick_hold.disabling(vring.index)
 
     def queue_stopped(self, vring: Vring) -> None:
         if self.vrings.get(vring.index) is vring:
@@ -604,6 +617,8 @@ class VirtioNet:
         ring was empty but buffers raced in while re-arming, -1 when it is empty."""
         chain = queue.pop()
         if chain is None:
+            if queue.hold_kick:
+                return -1  # kick mitigation: the device polls this ring again itself
             # Re-arm the kick (2.7.10: with EVENT_IDX, avail_event must follow what
             # we consumed or the driver stops kicking); if buffers raced in, go on.
             return 0 if queue.enable_notifications(True) else -1
@@ -940,7 +955,10 @@ class VirtioNet:
     def kick(self, index: int) -> None:
         """Process queue ``index``: the guest kicked it, it started, or a fault resumes it."""
         if is_tx(index):
-            self.process_tx(index)
+            if self.kick_hold is not None:
+                self.kick_hold.kicked(index)  # may hold the queue (kickhold.py)
+            else:
+                self.process_tx(index)
         else:
             self.drain_rx()
 
@@ -970,6 +988,7 @@ class VirtioNet:
             "queues": queues,
             "resumes": list(self.resumes),
             "notify_watch": self.watch.stats() if self.watch is not None else None,
+            "kick_hold": self.kick_hold.stats() if self.kick_hold is not None else None,
         }
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vdev.eventloop import SelectorLoop
@@ -249,6 +250,11 @@ class NicDatapath:
                 self._signalled = True
                 os.eventfd_write(self._efd, 1)
         return len(taken)
+
+    def hold_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """A held TX queue's next poll (kickhold.py): a timer of this NIC's loop, with no
+        wake-up when set from the NIC's own thread (it polls the loop again itself)."""
+        self.loop.call_later(delay, fn, wake=threading.get_ident() != self.ident)
 
     def inbox_len(self) -> int:
         """Frames handed off and not yet taken in (read without the lock: a gauge)."""

@@ -144,6 +144,12 @@ class VhostDevice(Protocol):
         Stop touching the ring.  Disabling a ring does not stop it."""
         ...
 
+    def queue_disabling(self, vring: Vring) -> None:
+        """SET_VRING_ENABLE 0 for a started, enabled ring, before ``vring.enabled`` drops:
+        the last moment to finish, as an enabled ring, what the device put off (a held TX
+        queue's poll, vdev/net/kickhold.py: the chains the driver posted without a kick)."""
+        ...
+
     def queue_kicked(self, vring: Vring) -> None:
         """The driver notified a started ring (its kick eventfd fired; the backend already
         read it): process ``vring.queue``."""
@@ -544,6 +550,8 @@ class VhostUserBackend:
     def _set_enabled(self, request: int, v: Vring, enabled: bool) -> None:
         """Record SET_VRING_ENABLE; a started ring that becomes enabled is announced again."""
         was_enabled, was_notified = v.enabled, v.notified
+        if was_enabled and not enabled and was_notified:
+            self._device_call("queue_disabling", v)
         v.enabled = enabled
         self._update(request, v)
         if enabled and not was_enabled and was_notified:

@@ -110,6 +110,7 @@ class VirtQueue(Protocol):
     stats: VirtqueueStats
     defunct: SyncError | None  # the violation that killed the queue, if any
     resume: RingResume  # where the (re)started ring resumed, and why
+    hold_kick: bool  # TX kick mitigation: an emptied ring is left unarmed (kickhold.py)
 
     @property
     def features(self) -> int: ...
@@ -246,6 +247,9 @@ class QueueLifecycle:
     notify_on_empty = CFlag("notify_on_empty")
     readable_allowed = CFlag("allow_readable")
     writable_expected = CFlag("allow_writable")
+    # Kick mitigation (the NIC's TX policy, vdev/net/nic.py): while set, a TX ring found
+    # empty is left without a kick asked for, because the device polls it again itself.
+    hold_kick = CFlag("hold_kick")
 
     @classmethod
     def check_size(cls, size: int) -> None:
