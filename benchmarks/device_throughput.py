@@ -61,7 +61,7 @@ from vdev.testing.pools import streaming_pool
 from vdev.testing.sink import DropSink
 
 TESTPMD = shutil.which("dpdk-testpmd")
-NAP_MIN, NAP_MAX = 50e-6, 1e-3  # the RX source's poll interval while the backlog is full
+NAP_MAX = 0.01  # the RX source's longest wait for room (it is woken when there is room)
 GUEST_MAC_STR = ":".join(f"{b:02x}" for b in GUEST_MAC)
 HOST_MAC_STR = ":".join(f"{b:02x}" for b in HOST_MAC)
 DIRECTION_NAMES = {"tx": "guest-TX -> host", "rx": "host -> guest-RX"}
@@ -128,22 +128,22 @@ def worker(
         frames = [numbered(GUEST_MAC, HOST_MAC, i, size) for i in range(RX_BACKLOG // 2)]
         burst = chanbatch.prepare(frames) if chanbatch.in_use() else None
 
+        room = threading.Event()
+        # Woken by the NIC when a drain leaves room for a burst (VirtioNet.rx_low); the
+        # timeout only bounds a wait across a ring restart.
+        nic.rx_low = (RX_BACKLOG - len(frames), room.set)
+
         def pump() -> None:
-            # Polled, with a back-off while the guest is slow (a TCG guest takes ~100 kpps:
-            # a fixed 50 us poll would be the device process's biggest CPU cost), short
-            # again as soon as there was room.
-            nap = NAP_MIN
             while not stop.is_set():
+                room.clear()  # before the look: a drain after it sets it again
                 vring = nic.vrings.get(0)
                 running = vring is not None and vring.enabled and vring.queue is not None
                 # Frames waiting for the guest: the NIC's backlog and, with a datapath
                 # thread, its hand-off inbox.  Sending past that only gets frames refused
                 # as rx_backlog_full, at the sender's cost.
                 if not running or nic.rx_waiting() > RX_BACKLOG - len(frames):
-                    time.sleep(nap)
-                    nap = min(2 * nap, NAP_MAX)
+                    room.wait(NAP_MAX)
                     continue
-                nap = NAP_MIN
                 if burst is not None:
                     chanbatch.send_prepared(ch, burst)
                 else:
@@ -167,6 +167,8 @@ def worker(
     threads = [threading.Thread(target=f, daemon=True) for f in (pump, sampler)]
     for t in threads:
         t.start()
+    if role == "source":  # the benchmark's traffic source, not device work: told apart
+        print(f"SOURCE_TID {threads[0].native_id}", flush=True)
     prof = cProfile.Profile() if profile else None
     if prof is not None:
         prof.enable()
@@ -306,6 +308,7 @@ class Config:
     workdir: Path
     profile: bool = False
     far_end: str = "sink"  # guest TX: "sink" (a host channel) or "drop" (a freeing endpoint)
+    kick_hold_us: float | None = None  # vdev's TX kick mitigation window; None: its default
 
 
 @dataclass
@@ -368,7 +371,8 @@ def measure(cfg: Config, frontend: str, direction: str, size: int, backend: str)
             be = Child(
                 [sys.executable, __file__, "--worker", sock, "--role"]
                 + [cfg.far_end if direction == "tx" else "source", "--size", str(size)]
-                + (["--profile-out", str(cfg.workdir / "tx.prof")] if cfg.profile else []),
+                + (["--profile-out", str(cfg.workdir / "tx.prof")] if cfg.profile else [])
+                + ([] if cfg.kick_hold_us is None else ["--kick-hold-us", str(cfg.kick_hold_us)]),
                 "worker",
             )
             children.append(be)
@@ -481,6 +485,14 @@ def row_notes(res: dict[str, Result], direction: str) -> str:
         drops = v.stats["switch"]["host"]["drops"]
         if tx0 and drops:
             notes.append(f"host channel full: {100 * drops / tx0:.0f}% of tx0 dropped")
+        nic = v.stats["nics"][0]
+        hold = nic.get("kick_hold")
+        if hold:
+            kicks = nic["queues"]["tx0"].get("kicks", 0)
+            notes.append(
+                f"tx0 kicks {kicks}; kick hold {hold['window_us']:g} us: "
+                f"held {hold['held']}, polls {hold['polls']}, backoffs {hold['backoffs']}"
+            )
     return "; ".join(notes)
 
 
@@ -506,7 +518,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", default="sink", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     p.add_argument("--profile-out", help=argparse.SUPPRESS)
-    p.add_argument("--kick-hold-us", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--kick-hold-us",
+        type=float,
+        default=None,
+        metavar="US",
+        help="vdev's TX kick mitigation window (vdev serve --kick-hold-us; default: the "
+        "device's, 100; 0: off)",
+    )
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.role, args.size, args.profile_out, args.kick_hold_us)
@@ -521,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         backends = [b for b in backends if b != "dpdk"]
     with tempfile.TemporaryDirectory(prefix="vdevbench") as tmp:
         far_end = "drop" if args.far_end == "drop" else "sink"
-        cfg = Config(args.duration, args.warmup, Path(tmp), far_end=far_end)
+        cfg = Config(
+            args.duration, args.warmup, Path(tmp), far_end=far_end, kick_hold_us=args.kick_hold_us
+        )
         rows: list[dict[str, Any]] = []
         print(HEADER, flush=True)
         for frontend in frontends:

@@ -396,3 +396,35 @@ def test_rx_waiting_counts_frames_handed_to_the_nics_thread(tmp_path: Path, mode
             while got < sent and time.monotonic() < deadline:
                 got += len(fb.recv(256, timeout=0.05))
             assert got == sent and nic1.rx_waiting() == 0
+
+
+@pytest.mark.parametrize("mode", ["single", "per-nic"])
+def test_rx_low_wakes_a_paced_sender_once_a_drain_leaves_room(tmp_path: Path, mode: str) -> None:
+    """``VirtioNet.rx_low`` (the benchmarks' RX source sleeps on it instead of polling):
+    called after a drain into guest buffers leaves at most ``level`` frames waiting, and
+    never while more wait."""
+    k, level = 100, 40
+    with Device(threads=mode) as device:
+        pa, pb = two_nics(tmp_path, device)
+        with VirtioNetFrontend(pa) as fa, VirtioNetFrontend(pb) as fb:
+            learn(device, fa, fb)
+            nic1 = device.nics[1]
+            seen: list[int] = []  # rx_waiting at each call
+            nic1.rx_low = (level, lambda: seen.append(nic1.rx_waiting()))
+            sent = fb.ring_size + k  # a ring's worth goes into guest buffers, k wait
+            fb.post_rx = lambda index=0: 0  # type: ignore[method-assign]  # no refill yet
+            send_and_forward(device, fa, [numbered(MAC_B, MAC_A, i) for i in range(sent)])
+            deadline = time.monotonic() + TIMEOUT
+            while nic1.rx_waiting() != k:
+                assert time.monotonic() < deadline, f"rx_waiting {nic1.rx_waiting()}, want {k}"
+                time.sleep(0.005)
+            assert all(w <= level for w in seen), seen
+            before = len(seen)
+            del fb.post_rx  # the guest refills its ring: the backlog drains to 0
+            got = 0
+            deadline = time.monotonic() + TIMEOUT
+            while got < sent and time.monotonic() < deadline:
+                got += len(fb.recv(256, timeout=0.05))
+            assert got == sent
+            assert len(seen) > before and seen[-1] == 0, seen
+            assert all(w <= level for w in seen), seen

@@ -254,6 +254,10 @@ class VirtioNet:
         self.handoff: Callable[[list[int]], int] | None = None
         # Frames handed off and not yet taken in by the NIC's thread (with ``handoff``).
         self.handoff_waiting: Callable[[], int] | None = None
+        # A paced RX sender's wake-up (``(level, fn)``): ``fn`` runs on the datapath after a
+        # drain into guest buffers leaves at most ``level`` frames waiting (rx_waiting), so
+        # the sender sleeps until there is room instead of polling for it.
+        self.rx_low: tuple[int, Callable[[], None]] | None = None
         self.burst_unlocked: Callable[[], AbstractContextManager[object] | None] | None = None
 
     # -- VhostDevice callback table ------------------------------------------------------
@@ -814,6 +818,9 @@ class VirtioNet:
             else:
                 done.flush_used()
                 self._maybe_notify(done, index)
+        low = self.rx_low
+        if low is not None and touched and self.rx_waiting() <= low[0]:
+            low[1]()
 
     def _fast_rx_queue(self) -> int | None:
         """The RX queue a compiled burst may fill: the only one running, not stalled, with
