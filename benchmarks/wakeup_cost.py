@@ -1,9 +1,13 @@
-"""What one eventfd wake-up costs on this machine: the floor under every kick and interrupt.
+"""What a wake-up costs here: the floor under every kick, interrupt and GIL hand-off.
 
-Two processes ping-pong through two eventfds, each waiting in ``select`` as the device's
-loop and the Python frontend do: first both pinned to one CPU, then to two.  A kick and an
-interrupt are each one such wake-up, so an event-driven echo pays two.  On a VM, waking a
-halted vCPU goes through the hypervisor, which a bare-metal number would hide.
+1. Two processes ping-pong through two eventfds, each waiting in ``select`` as the device's
+   loop and the Python frontend do: both pinned to one CPU, then to two.  A kick and an
+   interrupt are each one such wake-up, so an event-driven echo pays two.  On a VM, waking a
+   halted vCPU goes through the hypervisor, which a bare-metal number would hide.
+2. Threads that share the GIL as the per-NIC datapath threads do: each iteration is a
+   GIL-free C call (``hashlib.sha256`` of 8 KiB: the compiled burst) and a little Python
+   (the glue around it).  One and two threads, on one and on two CPUs: what a second thread
+   adds when the GIL has to move between CPUs on every burst.
 
 Usage: python3 benchmarks/wakeup_cost.py [--count 20000]
 """
@@ -51,6 +55,34 @@ def ping_pong(count: int, cpus: tuple[int, int]) -> tuple[float, float, float]:
     return wall / count, write / count, cpu / count
 
 
+def gil_pair(count: int, nthreads: int, cpus: set[int]) -> tuple[float, float]:
+    """(iterations per second over all threads, CPU per iteration in seconds)."""
+    import hashlib
+    import threading
+
+    buf = bytes(8192)
+
+    def work() -> None:
+        for _ in range(count):
+            hashlib.sha256(buf)  # the GIL is released for buffers this size
+            x = 0
+            for i in range(60):
+                x += i
+
+    os.sched_setaffinity(0, cpus)
+    try:
+        ts = [threading.Thread(target=work) for _ in range(nthreads)]
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return count * nthreads / wall, cpu / (count * nthreads)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--count", type=int, default=20000, help="round trips per placement")
@@ -62,6 +94,14 @@ def main() -> int:
     for name, cpus in placements:
         rt, wr, cpu = ping_pong(a.count, cpus)
         print(f"| {name} | {rt * 1e6:.1f} | {wr * 1e6:.1f} | {cpu * 1e6:.1f} |", flush=True)
+    print()
+    print("| CPUs | threads | iterations/s (all threads) | CPU per iteration (us) |")
+    print("|---:|---:|---:|---:|")
+    sets: list[set[int]] = [{0}] + ([{0, 1}] if ncpu > 1 else [])
+    for cpuset in sets:
+        for nthreads in (1, 2):
+            rate, per = gil_pair(a.count, nthreads, cpuset)
+            print(f"| {len(cpuset)} | {nthreads} | {rate:,.0f} | {per * 1e6:.1f} |", flush=True)
     return 0
 
 
