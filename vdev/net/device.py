@@ -301,7 +301,7 @@ class Device:
         rule" says what each holds.
         """
         stop = stop or self._stop
-        if self.datapaths:
+        if isinstance(self.lock, WorldLock):  # per-nic, NICs added before or after this
             self._serve_threads(stop, poll)
             return
         if not poll:
