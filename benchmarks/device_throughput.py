@@ -491,7 +491,8 @@ def row_notes(res: dict[str, Result], direction: str) -> str:
             kicks = nic["queues"]["tx0"].get("kicks", 0)
             notes.append(
                 f"tx0 kicks {kicks}; kick hold {hold['window_us']:g} us: "
-                f"held {hold['held']}, polls {hold['polls']}, backoffs {hold['backoffs']}"
+                f"held {hold['held']}, polls {hold['polls']} "
+                f"({hold.get('polls_at_once', 0)} at once), backoffs {hold['backoffs']}"
             )
     return "; ".join(notes)
 

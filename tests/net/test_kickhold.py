@@ -42,6 +42,7 @@ class Rig:
     lock: AbstractContextManager[Any]
     path: str
     polls: list[Callable[[], None]]  # recorded, not yet run
+    delays: list[float]  # the delay each poll was asked for, in order
     clock: list[float]  # the hold's clock (s)
 
     def advance(self, seconds: float) -> None:
@@ -87,15 +88,16 @@ def _rig(tmp_path: Path, threads: str, packed: bool, event_idx: bool) -> Iterato
         hold = nic.kick_hold
         assert hold is not None and hold.active()  # the default: on while serving
         polls: list[Callable[[], None]] = []
+        delays: list[float] = []
         clock = [1000.0]
         with lock:  # before the queues start: their first drain is on this clock too
-            hold.later = lambda _delay, fn: polls.append(fn)
+            hold.later = lambda delay, fn: (delays.append(delay), polls.append(fn))
             hold.clock = lambda: clock[0]
         features = None if event_idx else ~F_EVENT_IDX
         fe = VirtioNetFrontend(path, packed=packed, features=features)
         try:
             assert bool(fe.features & F_EVENT_IDX) is event_idx
-            yield Rig(device, nic, hold, fe, lock, path, polls, clock)
+            yield Rig(device, nic, hold, fe, lock, path, polls, delays, clock)
         finally:
             fe.close()
 
@@ -163,7 +165,32 @@ def test_streaming_kick_holds_the_queue_and_the_poll_takes_what_came_without_one
     assert rig.kicks() == 3 and rig.hold.held == 2 and len(rig.polls) == 1
     assert rig.nic.stats[TX].frames == sent + 5
     stats = rig.nic.stats_dict()["kick_hold"]
-    assert stats == {"window_us": 100.0, "held": 2, "polls": 2, "backoffs": 0}
+    assert stats == {
+        "window_us": 100.0,
+        "held": 2,
+        "polls": 2,
+        "polls_at_once": 0,
+        "backoffs": 0,
+    }
+    assert rig.delays == [DEFAULT_WINDOW_S] * 3
+
+
+def test_a_poll_that_takes_a_whole_ring_polls_again_at_once(rig: Rig) -> None:
+    """A driver that fills the ring between two polls waits on the device (it was told not
+    to kick): the next poll is asked for with no delay.  One chain less than the ring:
+    the window's delay."""
+    fe = rig.fe
+    size = fe.ring_size
+    hold(rig)
+    assert fe.send([frame(i) for i in range(size - 1)]) == size - 1
+    rig.run_poll()
+    assert rig.completed(size - 1) == size - 1
+    assert rig.delays[-1] == DEFAULT_WINDOW_S and rig.hold.polls_at_once == 0
+    assert fe.send([frame(i) for i in range(size)]) == size  # the whole ring
+    rig.run_poll()
+    assert rig.completed(size) == size
+    assert rig.delays[-1] == 0.0 and rig.hold.polls_at_once == 1 and len(rig.polls) == 1
+    assert rig.kicks() == 1  # held throughout
 
 
 def test_kicks_slower_than_the_window_are_never_held(rig: Rig) -> None:
