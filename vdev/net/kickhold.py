@@ -18,7 +18,9 @@ kick asked for and no poll due.
 The poll runs on the loop serving the NIC, whose ``epoll`` wait has millisecond
 granularity: a poll comes about 1 ms after it is asked for whatever the window (RESULTS
 "Kick mitigation" has the polls per second).  A 256-entry ring at a TCG guest's 170 kpps
-lasts 1.5 ms, so the guest does not wait on it.
+lasts 1.5 ms, so the guest does not wait on it.  A driver that fills the ring faster (a
+DPDK PMD: 256 entries in about 50 us) shows as a drain that took a whole ring's worth, and
+the next poll is then asked for at once.
 
 A ping-pong (one frame, its reply, the next frame) whose round trip is shorter than the
 window looks like a stream at its kick; it shows at the poll, which finds the one request
