@@ -308,3 +308,18 @@ def test_avail_count_reads_at_most_one_lap_over_several_chains(mem: GuestMemory)
     drv.write_desc(3, DATA_HIGH, 8, 3, av | F_NEXT)
     drv.write_desc(0, DATA_HIGH, 8, 0, drv.avail_flags(0))
     assert dev.avail_count() == 3
+
+
+@pytest.mark.parametrize("head", [-1, 4, 5, 2**16])
+def test_push_of_an_id_outside_the_ring_is_refused_by_name(mem: GuestMemory, head: int) -> None:
+    """Buffer ids are 0..size-1 (2.8.6); every one of them is in flight here, so only the
+    range check can refuse (and -1 must not name the last one)."""
+    dev, drv = make_packed(mem, size=4)
+    for i in range(4):
+        drv.add_chain([(DATA_HIGH + 64 * i, 8)])
+    drv.publish()
+    assert sorted(c.head for c in iter(dev.pop, None)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError) as info:
+        dev.push(head, 0)
+    assert str(info.value) == f"virtqueue 9: buffer id {head} is not in flight"
+    assert dev.in_flight == 4 and dev.stats.used == 0
