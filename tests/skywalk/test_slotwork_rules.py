@@ -282,3 +282,22 @@ def test_publishing_a_client_held_packet_is_a_pool_error_naming_it() -> None:
         validate.rx_publish(handle.rx.slots, 0, 1, ksd, None)
     assert str(info.value) == f"packet {p} queued while held by owner {handle.owner}"
     port.close()
+
+
+def test_tx_refusal_of_a_bad_data_window_names_every_number() -> None:
+    """INTERNALIZE_FAILED's DOFF_DLEN words, inside the TX window's: packet, buflet, doff,
+    dlen and dlim, then the slot and the window (mutmut recorded these message mutants as
+    timeouts; a message cannot hang, so they are killed here by what they change)."""
+    pool, port, ch, _sent = _setup()
+    _advance_tx(ch, 2)
+    p, s = H.stage_tx(ch, b"w" * 60)
+    H.pkt(ch.arena, p).buf0.doff = 7
+    H.pkt(ch.arena, p).buf0.dlen = pool.buf_size - 6
+    ch.advance_slot(ch.tx_ring, s)
+    err = _refusal(ch, SyncKind.TX)
+    assert err.reason is KillReason.INTERNALIZE_FAILED
+    assert err.detail == (
+        f"slot 2: packet {p} buflet 0: doff 7 + dlen {pool.buf_size - 6} > dlim "
+        f"{pool.buf_size} (slots [2, 3))"
+    )
+    port.close()
