@@ -5,7 +5,11 @@ and the audit's words (what an operator reads when a pool closed dirty), and
 Mutations killed (mutmut, ``vdev.skywalk.pool``, 2026-12-03 sample ``pool:3``):
 ``LeakReport.__str__``'s owner list, audit separator and "(+N more)" suffix,
 ``check``'s message and its first-eight cut, ``close``'s warning line, ``alloc_buflets``
-resetting another index than the spare's and counting failures down.
+resetting another index than the spare's and counting failures down, ``audit``'s large
+buffer checks (``and`` for ``or``, ``not in``, ``0 <``, the holder's name), its out-of-range
+cut, "free and off", a chain naming buflet ``num_buflets``, ``owner_holds`` with ``or`` or
+``<=``, ``ring_release`` rounding with ``/`` or ``// 65`` or keying by None, ``ring_alloc``'s
+message.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ deadline): ``rewind`` counting chains or descriptors up or to n, ``push_raw``'s 
 descriptor count, ``patch_last_used``'s message, ``enable_notifications`` defaulting to
 disable and disabling answering True, ``rewind`` keeping the given-back tokens, the
 suppressed-notification count and answer, ``__repr__`` losing the live/defunct state.
+From the whole-module run of 2026-12-03: ``attach_inflight``'s resume record and warning,
+``rewind`` moving the inflight region's avail position, ``avail_count``'s cached scan and its
+one-lap bound (against a brute-force walk of the ring's flags), ``push``'s id range.
 """
 
 from __future__ import annotations
