@@ -205,3 +205,46 @@ def test_a_chain_naming_the_buflet_past_the_last_is_named() -> None:
         f"packet {p}: chain of 1 buflets, nbufs says 2",
         f"1 buflets neither free nor held (lost): [{j}]",
     ]
+
+
+def test_spares_and_chained_large_buffers_audit_clean() -> None:
+    """Spare buflets are held (by the spares), and a large buffer on an external buflet of
+    a packet's chain is held by that packet."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4,
+                    num_large_bufs=2, large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(400))  # two large buffers: inline and external buflet
+    assert p is not None and pool.b_large[p] and pool.b_large[pool.num_packets + pool.b_next[p]]
+    spares = pool.alloc_buflets(2)
+    assert len(spares) == 2
+    assert pool.audit() == []
+    pool.free_buflets(spares)
+    pool.free_packets([p])
+    assert pool.audit() == []
+
+
+def test_a_chain_through_a_spare_buflet_is_named() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4)
+    p = pool.packet_from_bytes(bytes(100))
+    assert p is not None
+    j0 = pool.b_next[p]
+    (j,) = pool.alloc_buflets(1)
+    pool.b_next[p] = j
+    assert pool.audit() == [
+        f"buflet {j}: in the chain of packet {p} and held by the spares",
+        f"packet {p}: chain of 1 buflets, nbufs says 2",
+        f"1 buflets neither free nor held (lost): [{j0}]",
+    ]
+
+
+def test_free_buflets_holding_large_buffers_are_named_first_eight() -> None:
+    pool = Pbufpool(num_packets=12, max_frags=2, num_buflets=4)
+    p = pool.num_packets
+    ext = list(pool._free_ext)
+    stale = list(range(9)) + [p + j for j in ext[:2]]  # free packets' and free buflets'
+    for g in stale:
+        pool.b_large[g] = 1
+    assert pool.audit() == [f"free buflets still hold large buffers: {sorted(stale)[:8]}"]
+    only_ext = Pbufpool(num_packets=12, max_frags=2, num_buflets=4)
+    g = only_ext.num_packets + next(iter(only_ext._free_ext))
+    only_ext.b_large[g] = 1
+    assert only_ext.audit() == [f"free buflets still hold large buffers: [{g}]"]
