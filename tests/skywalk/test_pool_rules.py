@@ -248,3 +248,32 @@ def test_free_buflets_holding_large_buffers_are_named_first_eight() -> None:
     g = only_ext.num_packets + next(iter(only_ext._free_ext))
     only_ext.b_large[g] = 1
     assert only_ext.audit() == [f"free buflets still hold large buffers: [{g}]"]
+
+
+def test_leaks_count_the_packets_of_each_owner() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    pkts = [pool.packet_from_bytes(b"x") for _ in range(4)]
+    assert None not in pkts
+    for p, owner in zip(pkts, (5, 7, 5, 5), strict=True):
+        pool.pkt_owner[p] = owner  # type: ignore[index]
+    rep = pool.leaks()
+    assert (rep.packets, rep.by_owner) == (sorted(pkts), {5: 3, 7: 1})  # type: ignore[type-var]
+
+
+def test_every_large_exhaustion_is_counted() -> None:
+    """A frame that needs large buffers (more than max_frags default ones) when none is left:
+    None, and one alloc failure each time."""
+    pool = Pbufpool(num_packets=8, buf_size=64, max_frags=2, num_large_bufs=1,
+                    large_buf_size=512)  # fmt: skip
+    assert pool.packet_from_bytes(bytes(300)) is not None
+    base = pool.stats.alloc_failures
+    for k in (1, 2, 3):
+        assert pool.packet_from_bytes(bytes(300)) is None
+        assert pool.stats.alloc_failures == base + k
+
+
+def test_a_vnet_header_of_another_length_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    with pytest.raises(PoolError) as info:
+        pool.packet_from_bytes(b"x", vnet=bytes(10))
+    assert str(info.value) == "vnet header must be 12 bytes, got 10"
