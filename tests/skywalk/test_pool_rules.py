@@ -277,3 +277,35 @@ def test_a_vnet_header_of_another_length_is_refused_by_name() -> None:
     with pytest.raises(PoolError) as info:
         pool.packet_from_bytes(b"x", vnet=bytes(10))
     assert str(info.value) == "vnet header must be 12 bytes, got 10"
+
+
+def test_alloc_failures_accumulate_over_shortfalls() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    assert len(pool.alloc_packets(5)) == 4
+    assert pool.stats.alloc_failures == 1
+    assert pool.alloc_packets(2) == []
+    assert pool.stats.alloc_failures == 3
+
+
+# -- the batch checks, under both backends (the compiled one words its verdicts in pool.py) --
+@pytest.mark.usefixtures("backend")
+def test_a_client_held_packet_in_a_kernel_batch_is_named_with_its_owner() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    pkts = [pool.packet_from_bytes(b"x") for _ in range(3)]
+    assert None not in pkts
+    pool.pkt_owner[pkts[1]] = 7  # type: ignore[index]
+    with pytest.raises(PoolError) as info:
+        pool.check_kernel_held(pkts)  # type: ignore[arg-type]
+    assert str(info.value) == f"packet {pkts[1]} is held by owner 7"
+
+
+@pytest.mark.usefixtures("backend")
+def test_releasing_an_index_past_the_pool_fails_alike_on_both_backends() -> None:
+    """A trusted-caller bug: the Python loop's bytearray IndexError, and the compiled path
+    raises the same words."""
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    with pytest.raises(IndexError) as info:
+        pool._release([p, p + 100])
+    assert str(info.value) == "bytearray index out of range"
