@@ -18,10 +18,12 @@ import logging
 
 import pytest
 
-from vdev.skywalk import Pbufpool
+from vdev.skywalk import Pbufpool, validate
 from vdev.skywalk.arena import NO_INDEX
 from vdev.skywalk.errors import PoolError
 from vdev.skywalk.pool import LeakReport
+
+from . import hostile as H
 
 
 def test_leak_report_words() -> None:
@@ -309,3 +311,29 @@ def test_releasing_an_index_past_the_pool_fails_alike_on_both_backends() -> None
     with pytest.raises(IndexError) as info:
         pool._release([p, p + 100])
     assert str(info.value) == "bytearray index out of range"
+
+
+def test_the_defaults_are_the_documented_ones() -> None:
+    """docs/skywalk.md: Pbufpool(num_packets=4096, buf_size=2048, max_frags=4,
+    num_buflets=None, num_large_bufs=0, large_buf_size=16384, num_ring_slots=8192)."""
+    pool = Pbufpool()
+    c = pool.config
+    got = (c.num_packets, c.buf_size, c.max_frags, c.num_buflets, c.num_large_bufs,
+           c.large_buf_size, c.num_ring_slots)  # fmt: skip
+    assert got == (4096, 2048, 4, None, 0, 16384, 8192)
+    assert pool.num_packets == 4096
+    pool.close()
+
+
+@pytest.mark.usefixtures("backend")
+def test_an_l2_len_above_32767_in_a_large_first_buffer_is_adopted() -> None:
+    """``l2_len`` is a 16-bit field (struct sk_packet); inside a 64 KiB large buffer any
+    value with headroom + l2_len below the buffer size passes the L2_LEN check."""
+    pool = Pbufpool(num_packets=4, buf_size=2048, max_frags=1, num_large_bufs=2,
+                    large_buf_size=65536)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(3000))  # one large buffer
+    assert p is not None and pool.b_large[p]
+    validate.externalize(pool, p)
+    H.pkt(pool.arena, p).l2_len = 40000
+    assert validate.internalize(pool, p) is None
+    assert pool.pkt_l2[p] == 40000
