@@ -24,7 +24,7 @@ from array import array
 
 import pytest
 
-from vdev.abi import lib
+from vdev.abi import ffi, lib
 from vdev.skywalk import Channel, KillReason, Pbufpool, Port, SyncError, SyncKind, validate
 from vdev.skywalk.arena import NO_INDEX
 from vdev.skywalk.errors import PoolError
@@ -117,7 +117,7 @@ def _free_slots(ch: Channel) -> list[tuple[int, int, int]]:
 def _after_free_slots(ch: Channel) -> bytes:
     """The 8 bytes just past the FREE ring's slot array (the next ring's header)."""
     r = ch.free_ring
-    off = r.off + H.ffi.sizeof("struct sk_ring") + 8 * r.n
+    off = r.off + ffi.sizeof("struct sk_ring") + 8 * r.n
     return bytes(ch.arena.mm[off : off + 8])
 
 
@@ -172,7 +172,7 @@ def test_free_ring_window_wrapping_past_the_end() -> None:
 # ---------------------------------------------------------------- externalize
 def _md_bytes(pool: Pbufpool, idx: int) -> bytes:
     a = pool.arena
-    size = H.ffi.sizeof("struct sk_md_obj")
+    size = ffi.sizeof("struct sk_md_obj")
     off = a.layout.md_off + idx * size
     return bytes(a.mm[off : off + size])
 
@@ -204,7 +204,7 @@ def test_externalize_writes_every_field_of_the_packets_own_copy(
     for field in ("buf_idx", "doff", "dlen", "dlim", "next_idx", "flags"):
         setattr(q.buf0, field, 0x3C3C)
     H.md(pool.arena, p).pre.redzone = 0
-    scribbled = bytes(H.ffi.buffer(H.ffi.addressof(q.vnet), 12))
+    scribbled = bytes(ffi.buffer(ffi.addressof(q.vnet), 12))
     others = {i: _md_bytes(pool, i) for i in range(8) if i != p}
     validate.externalize(pool, p)
     assert int(H.md(pool.arena, p).pre.redzone) == lib.SK_REDZONE_SEED ^ p
@@ -219,7 +219,7 @@ def test_externalize_writes_every_field_of_the_packets_own_copy(
         "bufs_cnt": 1, "bufs_max": 4, "headroom": 0, "l2_len": 14,
         "csum_start": 34, "csum_stuff": 50,
     }  # fmt: skip
-    assert bytes(H.ffi.buffer(H.ffi.addressof(q.vnet), 12)) == (vnet if with_vnet else scribbled)
+    assert bytes(ffi.buffer(ffi.addressof(q.vnet), 12)) == (vnet if with_vnet else scribbled)
     b = q.buf0
     assert (b.buf_idx, b.doff, b.dlen, b.dlim, b.next_idx, b.flags) == (
         pool.b_buf[p], 0, 100, pool.buf_size, NO_INDEX, 0,
