@@ -1,0 +1,339 @@
+"""Pbufpool's reports and spare buflets, against hand-built expectations: the leak report's
+and the audit's words (what an operator reads when a pool closed dirty), and
+``alloc_buflets`` handing out clean spares without touching any packet's chain.
+
+Mutations killed (mutmut, ``vdev.skywalk.pool``, 2026-12-03 sample ``pool:3``):
+``LeakReport.__str__``'s owner list, audit separator and "(+N more)" suffix,
+``check``'s message and its first-eight cut, ``close``'s warning line, ``alloc_buflets``
+resetting another index than the spare's and counting failures down, ``audit``'s large
+buffer checks (``and`` for ``or``, ``not in``, ``0 <``, the holder's name), its out-of-range
+cut, "free and off", a chain naming buflet ``num_buflets``, ``owner_holds`` with ``or`` or
+``<=``, ``ring_release`` rounding with ``/`` or ``// 65`` or keying by None, ``ring_alloc``'s
+message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from vdev.skywalk import Pbufpool, validate
+from vdev.skywalk.arena import NO_INDEX
+from vdev.skywalk.errors import PoolError
+from vdev.skywalk.pool import LeakReport
+
+from . import hostile as H
+
+
+def test_leak_report_words() -> None:
+    rep = LeakReport(
+        packets=[1, 2, 3],
+        by_owner={3: 2, -1: 1},
+        buflets=[5],
+        buflets_in_use=2,
+        large_in_use=1,
+        problems=[f"p{i}" for i in range(7)],
+    )
+    assert str(rep) == (
+        "3 packets leaked (owner -1: 1, owner 3: 2), 1 spare buflets, 2 external buflets "
+        "and 1 large buffers not on the free lists; audit: p0; p1; p2; p3; p4 (+2 more)"
+    )
+    rep.problems = rep.problems[:5]  # five shown, none left over
+    assert str(rep).endswith("; audit: p0; p1; p2; p3; p4")
+    rep.problems = rep.problems[:6]
+    assert str(rep).endswith("; audit: p0; p1; p2; p3; p4")
+    assert str(LeakReport()) == "no leaks"
+
+
+def _broken(pool: Pbufpool, n: int) -> list[str]:
+    """Mark the ``n`` packets on top of the free list allocated behind its back."""
+    top = list(pool._free_pkts)[-n:]
+    for idx in top:
+        pool.pkt_state[idx], pool.pkt_nbufs[idx] = 1, 1
+    return [f"packet {idx} is allocated and on the free list" for idx in sorted(top)]
+
+
+def test_check_names_the_first_eight_problems() -> None:
+    pool = Pbufpool(num_packets=16, max_frags=1)
+    problems = _broken(pool, 9)
+    assert pool.audit() == problems
+    with pytest.raises(PoolError) as info:
+        pool.check()
+    assert str(info.value) == "pool accounting broken: " + "; ".join(problems[:8])
+    for idx in range(16):
+        pool.pkt_state[idx], pool.pkt_nbufs[idx] = 0, 0
+    pool.close()
+
+
+def test_closing_a_leaking_pool_warns_with_the_report(caplog: pytest.LogCaptureFixture) -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    assert pool.packet_from_bytes(b"x" * 10) is not None
+    with caplog.at_level(logging.WARNING, logger="vdev.skywalk"):
+        rep = pool.close()
+    assert rep.leaked
+    assert [r.getMessage() for r in caplog.records] == [f"pbufpool closed with leaks: {rep}"]
+
+
+def test_spare_buflets_come_back_clean_and_leave_packets_alone() -> None:
+    pool = Pbufpool(num_packets=8, buf_size=64, max_frags=4, num_buflets=8)
+    p = pool.num_packets
+    data = bytes(range(200))
+    first = pool.packet_from_bytes(data)  # 4 buflets: the inline one and 3 external
+    assert first is not None
+    used = pool.packet_from_bytes(bytes(150))  # 3 buflets, then freed: dirty windows
+    assert used is not None
+    pool.free_packets([used])
+    failures = pool.stats.alloc_failures
+    spares = pool.alloc_buflets(8)
+    assert len(spares) == 5  # 8 external buflets, 3 still in ``first``'s chain
+    assert pool.stats.alloc_failures == failures + 3
+    for j in spares:
+        assert (pool.b_doff[p + j], pool.b_dlen[p + j], pool.b_next[p + j]) == (0, 0, NO_INDEX)
+    assert pool.packet_bytes(first) == data
+    assert pool.audit() == []
+    pool.free_buflets(spares)
+    pool.free_packets([first])
+    assert not pool.close().leaked
+
+
+# -- audit: each accounting fault named (the audit is what close() and the tests trust) ----
+def _large_pool() -> tuple[Pbufpool, list[int]]:
+    """4 packets, each on one of the 4 large buffers (buffer 0 among them)."""
+    pool = Pbufpool(num_packets=8, buf_size=64, max_frags=2, num_large_bufs=4,
+                    large_buf_size=1024)  # fmt: skip
+    pkts = [pool.packet_from_bytes(bytes([i]) * 500) for i in range(4)]
+    assert None not in pkts
+    held = sorted(pool.b_buf[p] for p in pkts)  # type: ignore[index]
+    assert held == [0, 1, 2, 3] and all(pool.b_large[p] for p in pkts)  # type: ignore[index]
+    return pool, pkts  # type: ignore[return-value]
+
+
+def test_a_sound_pool_with_every_large_buffer_held_audits_clean() -> None:
+    pool, pkts = _large_pool()
+    assert pool.audit() == []
+    pool.free_packets(pkts)
+    assert pool.audit() == []
+    pool.close()
+
+
+def test_a_large_buffer_held_twice_is_named_with_both_holders() -> None:
+    pool, pkts = _large_pool()
+    a, b = pkts[0], pkts[1]
+    lb = pool.b_buf[a]
+    pool.b_buf[b] = lb  # b now claims a's buffer; b's own buffer is lost
+    lost = sorted({0, 1, 2, 3} - {pool.b_buf[p] for p in pkts})
+    assert pool.audit() == [
+        f"large buffer {lb}: held by packet {b} and by packet {a}",
+        f"{len(lost)} large buffers neither free nor held (lost): {lost}",
+    ]
+
+
+def test_a_held_large_buffer_also_on_the_free_list_is_named() -> None:
+    pool, pkts = _large_pool()
+    a = pkts[2]
+    pool._free_large.append(pool.b_buf[a])
+    assert pool.audit() == [
+        f"large buffer {pool.b_buf[a]}: held by packet {a} and by the free list"
+    ]
+
+
+def test_a_large_buffer_index_out_of_range_is_named() -> None:
+    pool, pkts = _large_pool()
+    a = pkts[3]
+    old = pool.b_buf[a]
+    pool.b_buf[a] = 4  # one past the last large buffer
+    assert pool.audit() == [
+        f"large buffer 4: held by packet {a} and by range",
+        f"1 large buffers neither free nor held (lost): [{old}]",
+    ]
+
+
+def test_free_list_faults_are_named() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    off = [pool._free_pkts.pop() for _ in range(6)]  # free, but off the list
+    for bogus in range(100, 106):
+        pool._free_pkts.append(bogus)
+    assert pool.audit() == [
+        "packet free list holds out-of-range [100, 101, 102, 103, 104]",
+        *(f"packet {i} is free and off the free list" for i in sorted(off)),
+    ]
+
+
+def test_owner_holds_only_the_owners_allocated_packets() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    pool.pkt_owner[p] = 7
+    assert pool.owner_holds(7, p)
+    assert not pool.owner_holds(8, p)
+    free = next(i for i in range(4) if i != p)
+    pool.pkt_owner[free] = 7  # a stale owner on a free packet: not held
+    assert not pool.owner_holds(7, free)
+    for idx in (-1, 4, 1 << 32):  # outside the pool: no, never an IndexError
+        assert not pool.owner_holds(7, idx)
+
+
+# -- the ring region -----------------------------------------------------------------------
+@pytest.mark.parametrize("nbytes", [100, 4096, 4100])
+def test_a_released_ring_area_is_reused_for_the_same_size(nbytes: int) -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1, num_ring_slots=2048)
+    a = pool.ring_alloc(nbytes)
+    b = pool.ring_alloc(nbytes)
+    assert b - a == (nbytes + 63) // 64 * 64  # 64-byte granules
+    pool.ring_release(a, nbytes)
+    assert pool.ring_alloc(nbytes) == a
+    pool.close()
+
+
+def test_a_full_ring_region_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1, num_ring_slots=64)
+    size = pool.arena.layout.ring_region_size
+    with pytest.raises(PoolError) as info:
+        for _ in range(size // 64 + 1):
+            pool.ring_alloc(64)
+    assert str(info.value) == f"ring region full ({size} bytes); raise num_ring_slots"
+    pool.close()
+
+
+def test_a_chain_naming_the_buflet_past_the_last_is_named() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4)
+    p = pool.packet_from_bytes(bytes(100))  # the inline buflet and one external
+    assert p is not None
+    j = pool.b_next[p]
+    pool.b_next[p] = 4  # num_buflets: one past the last external buflet
+    assert pool.audit() == [
+        f"packet {p}: chain names buflet 4 out of range",
+        f"packet {p}: chain of 1 buflets, nbufs says 2",
+        f"1 buflets neither free nor held (lost): [{j}]",
+    ]
+
+
+def test_spares_and_chained_large_buffers_audit_clean() -> None:
+    """Spare buflets are held (by the spares), and a large buffer on an external buflet of
+    a packet's chain is held by that packet."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4,
+                    num_large_bufs=2, large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(400))  # two large buffers: inline and external buflet
+    assert p is not None and pool.b_large[p] and pool.b_large[pool.num_packets + pool.b_next[p]]
+    spares = pool.alloc_buflets(2)
+    assert len(spares) == 2
+    assert pool.audit() == []
+    pool.free_buflets(spares)
+    pool.free_packets([p])
+    assert pool.audit() == []
+
+
+def test_a_chain_through_a_spare_buflet_is_named() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4)
+    p = pool.packet_from_bytes(bytes(100))
+    assert p is not None
+    j0 = pool.b_next[p]
+    (j,) = pool.alloc_buflets(1)
+    pool.b_next[p] = j
+    assert pool.audit() == [
+        f"buflet {j}: in the chain of packet {p} and held by the spares",
+        f"packet {p}: chain of 1 buflets, nbufs says 2",
+        f"1 buflets neither free nor held (lost): [{j0}]",
+    ]
+
+
+def test_free_buflets_holding_large_buffers_are_named_first_eight() -> None:
+    pool = Pbufpool(num_packets=12, max_frags=2, num_buflets=4)
+    p = pool.num_packets
+    ext = list(pool._free_ext)
+    stale = list(range(9)) + [p + j for j in ext[:2]]  # free packets' and free buflets'
+    for g in stale:
+        pool.b_large[g] = 1
+    assert pool.audit() == [f"free buflets still hold large buffers: {sorted(stale)[:8]}"]
+    only_ext = Pbufpool(num_packets=12, max_frags=2, num_buflets=4)
+    g = only_ext.num_packets + next(iter(only_ext._free_ext))
+    only_ext.b_large[g] = 1
+    assert only_ext.audit() == [f"free buflets still hold large buffers: [{g}]"]
+
+
+def test_leaks_count_the_packets_of_each_owner() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    pkts = [pool.packet_from_bytes(b"x") for _ in range(4)]
+    assert None not in pkts
+    for p, owner in zip(pkts, (5, 7, 5, 5), strict=True):
+        pool.pkt_owner[p] = owner  # type: ignore[index]
+    rep = pool.leaks()
+    assert (rep.packets, rep.by_owner) == (sorted(pkts), {5: 3, 7: 1})  # type: ignore[type-var]
+
+
+def test_every_large_exhaustion_is_counted() -> None:
+    """A frame that needs large buffers (more than max_frags default ones) when none is left:
+    None, and one alloc failure each time."""
+    pool = Pbufpool(num_packets=8, buf_size=64, max_frags=2, num_large_bufs=1,
+                    large_buf_size=512)  # fmt: skip
+    assert pool.packet_from_bytes(bytes(300)) is not None
+    base = pool.stats.alloc_failures
+    for k in (1, 2, 3):
+        assert pool.packet_from_bytes(bytes(300)) is None
+        assert pool.stats.alloc_failures == base + k
+
+
+def test_a_vnet_header_of_another_length_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    with pytest.raises(PoolError) as info:
+        pool.packet_from_bytes(b"x", vnet=bytes(10))
+    assert str(info.value) == "vnet header must be 12 bytes, got 10"
+
+
+def test_alloc_failures_accumulate_over_shortfalls() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    assert len(pool.alloc_packets(5)) == 4
+    assert pool.stats.alloc_failures == 1
+    assert pool.alloc_packets(2) == []
+    assert pool.stats.alloc_failures == 3
+
+
+# -- the batch checks, under both backends (the compiled one words its verdicts in pool.py) --
+@pytest.mark.usefixtures("backend")
+def test_a_client_held_packet_in_a_kernel_batch_is_named_with_its_owner() -> None:
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    pkts = [pool.packet_from_bytes(b"x") for _ in range(3)]
+    assert None not in pkts
+    pool.pkt_owner[pkts[1]] = 7  # type: ignore[index]
+    with pytest.raises(PoolError) as info:
+        pool.check_kernel_held(pkts)  # type: ignore[arg-type]
+    assert str(info.value) == f"packet {pkts[1]} is held by owner 7"
+
+
+@pytest.mark.usefixtures("backend")
+def test_releasing_an_index_past_the_pool_fails_alike_on_both_backends() -> None:
+    """A trusted-caller bug: the Python loop's bytearray IndexError, and the compiled path
+    raises the same words."""
+    pool = Pbufpool(num_packets=8, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    with pytest.raises(IndexError) as info:
+        pool._release([p, p + 100])
+    assert str(info.value) == "bytearray index out of range"
+
+
+def test_the_defaults_are_the_documented_ones() -> None:
+    """docs/skywalk.md: Pbufpool(num_packets=4096, buf_size=2048, max_frags=4,
+    num_buflets=None, num_large_bufs=0, large_buf_size=16384, num_ring_slots=8192)."""
+    pool = Pbufpool()
+    c = pool.config
+    got = (c.num_packets, c.buf_size, c.max_frags, c.num_buflets, c.num_large_bufs,
+           c.large_buf_size, c.num_ring_slots)  # fmt: skip
+    assert got == (4096, 2048, 4, None, 0, 16384, 8192)
+    assert pool.num_packets == 4096
+    pool.close()
+
+
+@pytest.mark.usefixtures("backend")
+def test_an_l2_len_above_32767_in_a_large_first_buffer_is_adopted() -> None:
+    """``l2_len`` is a 16-bit field (struct sk_packet); inside a 64 KiB large buffer any
+    value with headroom + l2_len below the buffer size passes the L2_LEN check."""
+    pool = Pbufpool(num_packets=4, buf_size=2048, max_frags=1, num_large_bufs=2,
+                    large_buf_size=65536)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(3000))  # one large buffer
+    assert p is not None and pool.b_large[p]
+    validate.externalize(pool, p)
+    H.pkt(pool.arena, p).l2_len = 40000
+    assert validate.internalize(pool, p) is None
+    assert pool.pkt_l2[p] == 40000
