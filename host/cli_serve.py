@@ -104,8 +104,10 @@ def register(subparsers: Any) -> None:
         type=kick_hold_us,
         default=None,
         help="TX kick mitigation: a TX kick that comes less than US microseconds after the "
-        "queue's previous batch switches its kicks off and the device polls it every US "
-        "until it is quiet (default 100; 0: a kick per batch, as before; at most 10000)",
+        "queue's previous drain switches its kicks off, and the device polls the ring (about "
+        "every millisecond, at once while it takes whole rings) until a poll finds less than "
+        "2 frames; a ping-pong backs off (default 100; 0: off, a kick per batch; at most "
+        "10000)",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.set_defaults(func=run)
