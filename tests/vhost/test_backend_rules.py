@@ -47,6 +47,7 @@ PF_MQ, PF_LOG_SHMFD, PF_RARP, PF_REPLY_ACK, PF_MTU = 0, 1, 2, 3, 4
 PF_CONFIG, PF_INFLIGHT_SHMFD, PF_CONFIGURE_MEM_SLOTS, PF_STATUS = 9, 12, 15, 16
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_VERSION_1 = 1 << 32
+F_RING_PACKED = 1 << 34  # VIRTIO_F_RING_PACKED
 UVA = 0x7F0000000000
 MIB = 1 << 20
 
@@ -974,3 +975,75 @@ def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
 
 
 _unused = (Vring,)
+
+
+def test_a_packed_ring_gets_a_packed_inflight_region() -> None:
+    from vdev.virtio.inflight import PackedInflight
+
+    class Packed(FakeDevice):
+        FEATURES = FakeDevice.FEATURES | F_RING_PACKED
+
+    w = Wire(Packed())
+    try:
+        w.reply_ack(features=F_VERSION_1 | F_RING_PACKED, protocol=1 << PF_INFLIGHT_SHMFD)
+        fd = _inflight(w, 2, 128)
+        try:
+            size = os.fstat(fd).st_size
+            w.ok(Request.SET_INFLIGHT_FD, encode_inflight(Inflight(size, 0, 2, 128)), (fd,))
+        finally:
+            os.close(fd)
+        w.mem_table()
+        # 2.8: descriptor ring 16 * num bytes (16-aligned), two 4-byte event areas
+        desc, drv, dev = w.mem.alloc(16 * 128, 16), w.mem.alloc(4, 4), w.mem.alloc(4, 4)
+        w.ok(Request.SET_VRING_NUM, encode_state(0, 128))
+        w.ok(Request.SET_VRING_BASE, encode_state(0, 0x8000))  # index 0, wrap counter 1
+        addr = VringAddr(0, 0, w.mem.uva_of(desc), w.mem.uva_of(dev), w.mem.uva_of(drv), 0)
+        w.ok(Request.SET_VRING_ADDR, encode_addr(addr))
+        w.kick(0)
+        q = w.backend.vrings[0].queue
+        assert q is not None and isinstance(q.inflight, PackedInflight)
+    finally:
+        w.close()
+
+
+def test_an_inflight_fd_that_cannot_be_mapped_is_refused(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
+    e = os.eventfd(0, os.EFD_CLOEXEC)  # not mappable: mmap fails with ENODEV
+    try:
+        refused(
+            w,
+            lines,
+            Request.SET_INFLIGHT_FD,
+            encode_inflight(Inflight(0x2080, 0, 2, 128)),
+            "VHOST_USER_SET_INFLIGHT_FD: fd: cannot map: [Errno 19] No such device",
+            (e,),
+        )
+    finally:
+        os.close(e)
+    assert w.backend.inflight is None
+
+
+def test_an_inflight_buffer_the_host_cannot_allocate_disconnects(wire: Wire, lines: Lines) -> None:
+    import resource
+    import signal
+
+    w = wire
+    w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
+    w.fe.send_message(
+        Request.GET_INFLIGHT_FD, encode_inflight(Inflight(0, 0, 2, 128)), flags=VERSION
+    )
+    # The host refuses the buffer's size (RLIMIT_FSIZE: ftruncate fails with EFBIG).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        alive = w.backend.handle_readable()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert alive is False
+    assert lines.at(logging.ERROR) == [
+        "vhost-user: VHOST_USER_GET_INFLIGHT_FD: mmap_size: cannot allocate: [Errno 27] File too"
+        " large; disconnecting"
+    ]
