@@ -932,6 +932,50 @@ def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
             )
         finally:
             os.close(m)
+        # the last of NUM, ADDR, KICK and memory to arrive is the request named: ADDR here
+        u = UVA + 0x40000
+        w.ok(Request.SET_VRING_NUM, encode_state(1, 256))
+        w.kick(1)
+        refused(
+            w,
+            lines,
+            Request.SET_VRING_ADDR,
+            encode_addr(VringAddr(1, 0, u, u + 0x2000, u + 0x1000, 0)),
+            "VHOST_USER_SET_VRING_ADDR: inflight: vring 1: vring 1 has num 256, the buffer"
+            " queue_size 128",
+        )
+    finally:
+        w.close()
+
+
+def test_a_queue_that_fails_to_close_is_logged_and_the_ring_stops(lines: Lines) -> None:
+    from vdev.virtio.queue import queue_format
+
+    class Stubborn:
+        def __init__(self, q: Any) -> None:
+            object.__setattr__(self, "_q", q)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._q, name)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            setattr(self._q, name, value)
+
+        def close(self) -> None:
+            self._q.close()
+            raise RuntimeError("queue bug")
+
+    def factory(*a: Any, **kw: Any) -> Any:
+        return Stubborn(queue_format(0)(*a, **kw))
+
+    w = Wire(queue_factory=factory)
+    try:
+        w.reply_ack()
+        w.mem_table()
+        w.ring(0)
+        assert w.get(Request.GET_VRING_BASE, encode_state(0, 0)).payload == encode_state(0, 0)
+        assert "vhost-user: closing queue 0 failed" in lines.at(logging.ERROR)
+        assert not w.backend.vrings[0].started and w.backend.vrings[0].queue is None
     finally:
         w.close()
 
