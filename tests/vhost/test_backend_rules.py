@@ -1091,3 +1091,55 @@ def test_an_inflight_buffer_the_host_cannot_allocate_disconnects(wire: Wire, lin
         "vhost-user: VHOST_USER_GET_INFLIGHT_FD: mmap_size: cannot allocate: [Errno 27] File too"
         " large; disconnecting"
     ]
+
+
+def test_a_packed_base_past_a_later_num_is_refused_when_the_ring_starts(lines: Lines) -> None:
+    class Packed(FakeDevice):
+        FEATURES = FakeDevice.FEATURES | F_RING_PACKED
+
+    w = Wire(Packed())
+    try:
+        w.reply_ack(features=F_VERSION_1 | F_RING_PACKED)
+        w.mem_table()
+        w.ok(Request.SET_VRING_BASE, encode_state(0, 0x8000 | 200))  # before NUM: unchecked
+        desc, drv, dev = w.mem.alloc(16 * 128, 16), w.mem.alloc(4, 4), w.mem.alloc(4, 4)
+        w.ok(Request.SET_VRING_NUM, encode_state(0, 128))
+        addr = VringAddr(0, 0, w.mem.uva_of(desc), w.mem.uva_of(dev), w.mem.uva_of(drv), 0)
+        w.ok(Request.SET_VRING_ADDR, encode_addr(addr))
+        fd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            refused(
+                w,
+                lines,
+                Request.SET_VRING_KICK,
+                encode_u64(0),
+                "VHOST_USER_SET_VRING_KICK: ring: vring 0: virtqueue 0: last_avail_idx 200 >= 128",
+                (fd,),
+            )
+        finally:
+            os.close(fd)
+        assert not w.backend.vrings[0].started
+    finally:
+        w.close()
+
+
+def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
+    class Holder(FakeDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: list[Any] = []
+
+        def memory_changed(self, mem: Any) -> None:
+            self.held.append(mem)  # a device may keep the object it was given
+
+    w = Wire(Holder())
+    try:
+        w.reply_ack()
+        ours = memfds("vdev-guest-ram")
+        w.mem_table()
+        one = memfds("vdev-guest-ram") - ours
+        w.mem_table()
+        w.mem_table()
+        assert memfds("vdev-guest-ram") - ours == one  # the old tables' mappings are gone
+    finally:
+        w.close()
