@@ -1143,3 +1143,21 @@ def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
         assert memfds("vdev-guest-ram") - ours == one  # the old tables' mappings are gone
     finally:
         w.close()
+
+
+def test_get_features_takes_the_devices_latest_offer() -> None:
+    class Changing(FakeDevice):
+        offer = F_VERSION_1
+
+        def features_offer(self) -> int:
+            return self.offer
+
+    w = Wire(Changing())
+    try:
+        assert w.get(Request.GET_FEATURES).payload == encode_u64(F_VERSION_1 | F_PROTOCOL_FEATURES)
+        w.device.offer = F_VERSION_1 | (1 << 5)
+        assert w.get(Request.GET_FEATURES).payload == encode_u64(
+            F_VERSION_1 | (1 << 5) | F_PROTOCOL_FEATURES
+        )
+    finally:
+        w.close()
