@@ -1161,3 +1161,13 @@ def test_get_features_takes_the_devices_latest_offer() -> None:
         )
     finally:
         w.close()
+
+
+def test_a_device_callback_that_raises_is_logged_by_name(lines: Lines) -> None:
+    class Raising(FakeDevice):
+        def disconnected(self) -> None:
+            raise RuntimeError("device bug")
+
+    w = Wire(Raising())
+    w.close()
+    assert lines.at(logging.ERROR) == ["vhost-user: device disconnected failed"]
