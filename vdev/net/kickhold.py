@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vdev.net.threads import needs_world
+
 if TYPE_CHECKING:
     from vdev.net.nic import VirtioNet
     from vdev.virtio.queue import VirtQueue
@@ -109,21 +111,29 @@ class KickHold:
             return False
         return now - self._last_end.get(index, float("-inf")) < self.window
 
+    def _queue(self, index: int) -> VirtQueue | None:
+        vring = self.nic.vrings.get(index)
+        return vring.queue if vring is not None else None
+
+    def _current(self, index: int, queue: VirtQueue) -> bool:
+        """``queue`` is still ring ``index``'s, alive (not stopped, replaced or killed)."""
+        return self._queue(index) is queue and queue.defunct is None
+
     def kicked(self, index: int) -> None:
         """The guest kicked TX queue ``index`` (or it started): drain it, holding it when
         it streams (:meth:`_streaming`)."""
-        vring = self.nic.vrings.get(index)
-        queue = vring.queue if vring is not None else None
-        if queue is None or not self.active() or not self._may_hold(queue):
-            if queue is not None and queue.hold_kick:
-                self.release(index, queue)  # held when holding stopped: re-arm, drain
-            else:
-                self._drain(index)
-            return
-        if queue.hold_kick:  # held already (a kick that was on its way): take what is there
+        queue = self._queue(index)
+        if queue is None:
             self._drain(index)
             return
-        if not self._streaming(index):
+        holding = self.active() and self._may_hold(queue)
+        if queue.hold_kick:
+            if holding:  # a kick that was on its way: take what is there
+                self._drain(index)
+            else:  # held when holding stopped: re-arm, drain
+                self.release(index, queue)
+            return
+        if not holding or not self._streaming(index):
             self._drain(index)
             return
         queue.enable_notifications(False)
@@ -133,8 +143,6 @@ class KickHold:
         self._schedule(index, queue, self._drain(index))
 
     def _may_hold(self, queue: VirtQueue) -> bool:
-        from vdev.net.threads import needs_world
-
         return queue.defunct is None and not needs_world(self.nic)
 
     def _schedule(self, index: int, queue: VirtQueue, taken: int) -> None:
@@ -153,9 +161,7 @@ class KickHold:
     def _poll(self, index: int, queue: VirtQueue) -> None:
         if self._due.get(index) is queue:
             del self._due[index]
-        nic = self.nic
-        vring = nic.vrings.get(index)
-        if vring is None or vring.queue is not queue or queue.defunct is not None:
+        if not self._current(index, queue):
             return  # stopped or replaced: a new queue starts with its kick armed
         if not queue.hold_kick:
             return  # released meanwhile (the ring disabled, the loop stopped): armed
@@ -188,8 +194,7 @@ class KickHold:
     def disabling(self, index: int) -> None:
         """The ring is about to be disabled: if held, release it now (drain, re-arm) while
         it is still enabled; its pending poll then finds it released."""
-        vring = self.nic.vrings.get(index)
-        queue = vring.queue if vring is not None else None
+        queue = self._queue(index)
         if queue is not None and queue.hold_kick and queue.defunct is None:
             self.release(index, queue)
 
@@ -197,8 +202,7 @@ class KickHold:
         """Stop holding every queue (the loop that would poll them stops serving)."""
         due, self._due = self._due, {}
         for index, queue in due.items():
-            vring = self.nic.vrings.get(index)
-            if vring is not None and vring.queue is queue and queue.defunct is None:
+            if self._current(index, queue):
                 self.release(index, queue)
 
     def stats(self) -> dict[str, object]:
