@@ -52,6 +52,7 @@ from typing import Any, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vdev.net.device import Device
+from vdev.net.kickhold import DEFAULT_WINDOW_S
 from vdev.net.nic import DEFAULT_FEATURES, RX_BACKLOG
 from vdev.shutdown import stop_on_signals
 from vdev.skywalk import chanbatch
@@ -82,11 +83,8 @@ def worker(
     On SIGTERM prints "STATS <json>" (device stats, and the profile if asked) and exits.
     """
     pool = streaming_pool()
-    device = (
-        Device(pool=pool)
-        if kick_hold_us is None
-        else Device(pool=pool, kick_hold=kick_hold_us * 1e-6)
-    )
+    hold = DEFAULT_WINDOW_S if kick_hold_us is None else kick_hold_us * 1e-6
+    device = Device(pool=pool, kick_hold=hold)
     nic = device.add_nic(sock, mac=GUEST_MAC_STR)
     stop = threading.Event()
     stop_on_signals(stop, (signal.SIGTERM,))

@@ -10,6 +10,7 @@ import threading
 from typing import Any
 
 from host.cli_args import add_control_option, mtu, output_path, queue_pairs
+from vdev.net.kickhold import DEFAULT_WINDOW_S, check_window
 from vdev.shutdown import stop_on_signals
 
 
@@ -102,7 +103,7 @@ def register(subparsers: Any) -> None:
         "--kick-hold-us",
         metavar="US",
         type=kick_hold_us,
-        default=None,
+        default=DEFAULT_WINDOW_S,
         help="TX kick mitigation: a TX kick that comes less than US microseconds after the "
         "queue's previous drain switches its kicks off, and the device polls the ring (about "
         "every millisecond, at once while it takes whole rings) until a poll finds less than "
@@ -115,8 +116,6 @@ def register(subparsers: Any) -> None:
 
 def kick_hold_us(text: str) -> float:
     """``--kick-hold-us`` in seconds, or an argparse error naming the bad value."""
-    from vdev.net.kickhold import check_window
-
     try:
         us = float(text)
     except ValueError:
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             responder_ip=args.responder_ip,
             threads=args.threads,
             notify_watch=args.notify_watch,
-            **({} if args.kick_hold_us is None else {"kick_hold": args.kick_hold_us}),
+            kick_hold=args.kick_hold_us,
         )
     except OSError as exc:
         print(f"vdev serve: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
