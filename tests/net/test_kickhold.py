@@ -54,16 +54,17 @@ class Rig:
         with self.lock:
             fn()
 
-    def completed(self, want: int, timeout: float = 5.0) -> int:
-        """TX buffers the driver got back, waiting up to ``timeout`` for ``want`` of them;
-        then the lock serving the NIC is taken once, so the handler that completed them
-        has returned (it schedules its poll after the completions are visible)."""
+    def completed(self, want: int, timeout: float = 5.0, pair: int = 0) -> int:
+        """TX buffers the driver got back on queue pair ``pair``, waiting up to ``timeout``
+        for ``want`` of them; then the lock serving the NIC is taken once, so the handler
+        that completed them has returned (it schedules its poll after the completions are
+        visible)."""
         got = 0
         deadline = time.monotonic() + timeout
         while got < want and time.monotonic() < deadline:
-            got += self.fe.reap_tx()
+            got += self.fe.reap_tx(pair)
             if got < want:
-                self.fe.wait_call(self.fe.txq(), 0.01)
+                self.fe.wait_call(self.fe.txq(pair), 0.01)
         with self.lock:
             pass
         return got
@@ -83,11 +84,13 @@ def record(
     polls.append(fn)
 
 
-def _rig(tmp_path: Path, threads: str, packed: bool, event_idx: bool) -> Iterator[Rig]:
+def _rig(
+    tmp_path: Path, threads: str, packed: bool, event_idx: bool, queue_pairs: int = 1
+) -> Iterator[Rig]:
     path = str(tmp_path / "nic0.sock")
     # The lost-kick watch would take chains the test leaves for the poll (test_notify_watch).
     with Device(threads=threads, notify_watch="off") as device:
-        nic = device.add_nic(path)
+        nic = device.add_nic(path, queue_pairs=queue_pairs)
         device.start()
         lock: AbstractContextManager[Any] = (
             device.datapaths[nic.name].lock if threads == "per-nic" else device.lock
@@ -101,7 +104,7 @@ def _rig(tmp_path: Path, threads: str, packed: bool, event_idx: bool) -> Iterato
             hold.later = lambda delay, fn: record(delays, delay, polls, fn)
             hold.clock = lambda: clock[0]
         features = None if event_idx else ~F_EVENT_IDX
-        fe = VirtioNetFrontend(path, packed=packed, features=features)
+        fe = VirtioNetFrontend(path, packed=packed, features=features, queue_pairs=queue_pairs)
         try:
             assert bool(fe.features & F_EVENT_IDX) is event_idx
             yield Rig(device, nic, hold, fe, lock, path, polls, delays, clock)
@@ -393,46 +396,20 @@ def test_check_window_names_a_bad_window(window: float) -> None:
 def test_two_tx_queues_are_held_and_polled_each_on_its_own(tmp_path: Path) -> None:
     """Two queue pairs: each TX queue (virtqueues 1 and 3) is held by its own kicks and
     polled by its own poll; a poll of one leaves the other's chains alone."""
-    path = str(tmp_path / "nic0.sock")
-    with Device(notify_watch="off") as device:
-        nic = device.add_nic(path, queue_pairs=2)
-        device.start()
-        hold = nic.kick_hold
-        assert hold is not None
-        polls: list[tuple[float, Callable[[], None]]] = []
-        clock = [1000.0]
-        lock = device.datapaths[nic.name].lock
-        with lock:
-            hold.later = lambda delay, fn: polls.append((delay, fn))
-            hold.clock = lambda: clock[0]
-        with VirtioNetFrontend(path, queue_pairs=2) as fe:
-
-            def completed(pair: int, want: int) -> int:
-                got, deadline = 0, time.monotonic() + 5
-                while got < want and time.monotonic() < deadline:
-                    got += fe.reap_tx(pair)
-                    if got < want:
-                        fe.wait_call(fe.txq(pair), 0.01)
-                with lock:
-                    pass
-                return got
-
-            clock[0] += WITHIN
-            for pair in (0, 1):
-                assert fe.send([frame(pair)], pair) == 1
-                assert completed(pair, 1) == 1
-            assert hold.held == 2 and len(polls) == 2
-            assert (nic.stats[1].kicks, nic.stats[3].kicks) == (1, 1)
-            assert fe.send([frame(10), frame(11)], 0) == 2  # held: no kicks
-            assert fe.send([frame(20), frame(21), frame(22)], 1) == 3
-            assert (nic.stats[1].kicks, nic.stats[3].kicks) == (1, 1)
-            _delay, poll_q1 = polls.pop(0)
-            with lock:
-                poll_q1()
-            assert completed(0, 2) == 2 and fe.reap_tx(1) == 0  # queue 3 still waits
-            _delay, poll_q3 = polls.pop(0)
-            with lock:
-                poll_q3()
-            assert completed(1, 3) == 3
-            assert (nic.stats[1].frames, nic.stats[3].frames) == (3, 4)
-            assert len(polls) == 2  # each took a batch: each polls again
+    for rig in _rig(tmp_path, "per-nic", False, True, queue_pairs=2):
+        fe, nic = rig.fe, rig.nic
+        rig.advance(WITHIN)
+        for pair in (0, 1):
+            assert fe.send([frame(pair)], pair) == 1
+            assert rig.completed(1, pair=pair) == 1
+        assert rig.hold.held == 2 and len(rig.polls) == 2
+        assert (nic.stats[1].kicks, nic.stats[3].kicks) == (1, 1)
+        assert fe.send([frame(10), frame(11)], 0) == 2  # held: no kicks
+        assert fe.send([frame(20), frame(21), frame(22)], 1) == 3
+        assert (nic.stats[1].kicks, nic.stats[3].kicks) == (1, 1)
+        rig.run_poll()  # queue 1's
+        assert rig.completed(2, pair=0) == 2 and fe.reap_tx(1) == 0  # queue 3 still waits
+        rig.run_poll()  # queue 3's
+        assert rig.completed(3, pair=1) == 3
+        assert (nic.stats[1].frames, nic.stats[3].frames) == (3, 4)
+        assert len(rig.polls) == 2  # each took a batch: each polls again
