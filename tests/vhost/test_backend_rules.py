@@ -945,19 +945,24 @@ def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
         w.close()
 
 
+class QueueProxy:
+    """A real queue seen through a wrapper (reads and writes go to it), so that a test can
+    change one of its methods."""
+
+    def __init__(self, q: Any) -> None:
+        object.__setattr__(self, "_q", q)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._q, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._q, name, value)
+
+
 def test_a_queue_that_fails_to_close_is_logged_and_the_ring_stops(lines: Lines) -> None:
     from vdev.virtio.queue import queue_format
 
-    class Stubborn:
-        def __init__(self, q: Any) -> None:
-            object.__setattr__(self, "_q", q)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._q, name)
-
-        def __setattr__(self, name: str, value: Any) -> None:
-            setattr(self._q, name, value)
-
+    class Stubborn(QueueProxy):
         def close(self) -> None:
             self._q.close()
             raise RuntimeError("queue bug")
@@ -980,17 +985,11 @@ def test_a_queue_that_fails_to_close_is_logged_and_the_ring_stops(lines: Lines) 
 def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
     from vdev.virtio.queue import queue_format
 
-    class NoInflight:
-        def __init__(self, q: Any) -> None:
-            object.__setattr__(self, "_q", q)
-
+    class NoInflight(QueueProxy):
         def __getattr__(self, name: str) -> Any:
             if name == "attach_inflight":
                 raise AttributeError(name)
-            return getattr(self._q, name)
-
-        def __setattr__(self, name: str, value: Any) -> None:
-            setattr(self._q, name, value)
+            return super().__getattr__(name)
 
     def factory(*a: Any, **kw: Any) -> Any:
         return NoInflight(queue_format(0)(*a, **kw))
