@@ -22,7 +22,7 @@ import logging
 import random
 
 import pytest
-from test_virtio_packed import make_packed
+from test_virtio_packed import make_packed, round_trips
 from virtio_helpers import DATA_HIGH, FEATURES
 
 from vdev.abi import lib
@@ -193,14 +193,8 @@ def test_a_rewind_moves_the_regions_avail_position_back(mem: GuestMemory) -> Non
     buf = bytearray(queue_region_size(5))
     region = PackedInflight(memoryview(buf), 5)
     dev.attach_inflight(region)
-    for _ in range(4):  # two laps of a 5-entry ring: the token has wrap counter 0
-        drv.add_chain([(DATA_HIGH, 8), (DATA_HIGH + 8, 8)])
-        drv.publish()
-        c = dev.pop()
-        assert c is not None
-        dev.push(c.head, 0)
-        dev.flush_used()
-        assert drv.get_used()
+    # two laps of a 5-entry ring: the token has wrap counter 0
+    round_trips(dev, drv, 4, [(DATA_HIGH, 8), (DATA_HIGH + 8, 8)])
     token = dev.last_avail_idx
     assert token == 3  # entry 3, wrap counter 0
     drv.add_chain([(DATA_HIGH, 8)])
@@ -267,14 +261,7 @@ def test_avail_count_extends_a_scan_that_wrapped_past_the_position_cycle(
     from a start in the wrap-0 lap a scan that wrapped ends below it, and the next call
     must still go on from there."""
     dev, drv = make_packed(mem, size=5)
-    for _ in range(8):  # one lap and three entries: the device is at index 3, wrap 0
-        drv.add_chain([(DATA_HIGH, 8)])
-        drv.publish()
-        c = dev.pop()
-        assert c is not None
-        dev.push(c.head, 0)
-        dev.flush_used()
-        assert drv.get_used()
+    round_trips(dev, drv, 8, [(DATA_HIGH, 8)])  # one lap and three entries: index 3, wrap 0
     assert dev.last_avail_idx == 3
     drv.add_chain([(DATA_HIGH, 8), (DATA_HIGH + 8, 8), (DATA_HIGH + 16, 8)])  # 3, 4, 0
     drv.publish()

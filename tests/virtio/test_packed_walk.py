@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from test_virtio_packed import TABLE, make_packed
+from test_virtio_packed import TABLE, make_packed, round_trips
 from virtio_helpers import (
     DATA_HIGH,
     DATA_LOW,
@@ -130,14 +130,7 @@ def test_a_bad_indirect_table_entry_is_named(mem: GuestMemory) -> None:
 
 def test_a_refusal_names_the_position_and_lap_it_started_at(mem: GuestMemory) -> None:
     dev, drv = make_packed(mem, size=3)
-    for _ in range(4):  # one lap and one entry: the device is at index 1, wrap 0
-        drv.add_chain([(DATA_LOW, 8)])
-        drv.publish()
-        c = dev.pop()
-        assert c is not None
-        dev.push(c.head, 0)
-        dev.flush_used()
-        assert drv.get_used()
+    round_trips(dev, drv, 4, [(DATA_LOW, 8)])  # one lap and one entry: index 1, wrap 0
     drv.write_desc(1, LOW_SIZE, 8, 0, drv.avail_flags(0))
     assert _refusal(dev).startswith("virtqueue 9: avail desc 1 (wrap 0): desc 1: buffer ")
 

@@ -70,6 +70,21 @@ def make_packed(
     return dev, drv
 
 
+def round_trips(
+    dev: PackedQueue, drv: PackedDriverQueue, n: int, segs: list[tuple[int, int]]
+) -> None:
+    """``n`` chains of ``segs``, each posted, taken, completed and taken back in turn: both
+    sides move ``n * len(segs)`` entries on (to a position in a later lap, say)."""
+    for _ in range(n):
+        drv.add_chain(segs)
+        drv.publish()
+        c = dev.pop()
+        assert c is not None
+        dev.push(c.head, 0)
+        dev.flush_used()
+        assert drv.get_used()
+
+
 def test_packed_roundtrip_across_wraps(mem: GuestMemory) -> None:
     dev, drv = make_packed(mem, size=5)
     for rnd in range(30):
