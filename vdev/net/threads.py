@@ -253,8 +253,9 @@ class NicDatapath:
 
     def hold_later(self, delay: float, fn: Callable[[], None]) -> None:
         """A held TX queue's next poll (kickhold.py): a timer of this NIC's loop, with no
-        wake-up when set from the NIC's own thread (it polls the loop again itself)."""
-        self.loop.call_later(delay, fn, wake=threading.get_ident() != self.ident)
+        wake-up when set from inside the loop's own callbacks (``call_later(wake=False)``:
+        the NIC's thread polls the loop again itself)."""
+        self.loop.call_later(delay, fn, wake=False)
 
     def inbox_len(self) -> int:
         """Frames handed off and not yet taken in (read without the lock: a gauge)."""
