@@ -245,7 +245,7 @@ def test_needs_csum_from_a_host_channel_is_completed_by_the_responder(device: De
     assert device.responder.stats.bad_udp_checksum == 0
 
 
-# -- the compiled pre-filter (sw_answerable) against the Python parse alone ---------------
+# -- the compiled responder (sw_respond) against the Python parse alone -------------------
 
 _OTHER_MAC = bytes.fromhex("020000000000")  # testpmd txonly's default peer: unknown unicast
 
@@ -280,7 +280,7 @@ def _frame_st() -> Any:
 _vnet_st = st.one_of(
     st.none(),
     st.just(bytes(12)),
-    # NEEDS_CSUM, the checksum written inside the Ethernet header: the pre-filter must not
+    # NEEDS_CSUM, the checksum written inside the Ethernet header: the compiled path must not
     # judge such a frame by the header as it was before completion
     st.builds(lambda off: struct.pack("<BBHHHH", 1, 0, 0, 0, 0, off) + b"\0\0", st.integers(0, 12)),
 )
@@ -288,13 +288,13 @@ _vnet_st = st.one_of(
 
 @settings(max_examples=120, deadline=None)
 @given(burst=st.lists(st.tuples(_frame_st(), _vnet_st), min_size=0, max_size=40))
-def test_the_prefilter_changes_cost_never_answers_or_counts(burst: list[Any]) -> None:
-    """The same burst through a responder that sifts it in C first and one that parses
+def test_the_compiled_responder_changes_cost_never_answers_or_counts(burst: list[Any]) -> None:
+    """The same burst through a responder that answers it in C and one that parses
     every frame in Python: the same replies, in order, and the same counters."""
     outcomes = []
-    for prefilter in (True, False):
+    for compiled in (True, False):
         pool = Pbufpool(num_packets=128, buf_size=2048, max_frags=2)
-        resp = Responder(pool, prefilter=prefilter)
+        resp = Responder(pool, compiled=compiled)
         pkts = []
         for frame, vnet in burst:
             pkt = pool.packet_from_bytes(frame, vnet=vnet)
@@ -309,14 +309,14 @@ def test_the_prefilter_changes_cost_never_answers_or_counts(burst: list[Any]) ->
     assert outcomes[0] == outcomes[1]
 
 
-@pytest.mark.skipif(not fastglue.load(), reason="no C compiler: no compiled pre-filter")
-def test_the_prefilter_frees_unknown_unicast_without_parsing_it() -> None:
+@pytest.mark.skipif(not fastglue.load(), reason="no C compiler: no compiled responder")
+def test_the_compiled_responder_frees_unknown_unicast_without_parsing_it() -> None:
     """A flood of frames to another MAC (what testpmd txonly sends to vdev serve) is
-    ignored whole by the C sift: answer() is never called for it."""
+    ignored whole in C: answer() is never called for it."""
     from vdev.testing.frames import udp
 
     pool = Pbufpool(num_packets=64, buf_size=2048, max_frags=2)
-    resp = Responder(pool, prefilter=True)
+    resp = Responder(pool, compiled=True)
     calls: list[bytes] = []
     real = resp.answer
     resp.answer = lambda f: calls.append(f) or real(f)  # type: ignore[method-assign]
@@ -340,7 +340,7 @@ def test_a_frame_whose_checksum_completion_makes_it_ipv4_is_answered_either_way(
     """NEEDS_CSUM with csum_start 0 and csum_offset 12: the completion writes the ethertype.
     The frame is built so that the completed ethertype is IPv4 (an ICMP echo to the
     responder) while the one on the wire before completion is neither ARP nor IPv4: a
-    pre-filter that judged the header before completion would drop what Python answers."""
+    compiled path that judged the header before completion would drop what Python answers."""
     from vdev.testing.frames import icmp_echo
 
     good = icmp_echo(5)
@@ -351,12 +351,12 @@ def test_a_frame_whose_checksum_completion_makes_it_ipv4_is_answered_either_way(
     frame = good[:12] + v.to_bytes(2, "big") + good[14:]
     assert (~_ocsum(frame) & 0xFFFF) == 0x0800 and v not in (0x0800, 0x0806)
     vnet = struct.pack("<BBHHHH", 1, 0, 0, 0, 0, 12) + b"\0\0"
-    for prefilter in (True, False):
+    for compiled in (True, False):
         pool = Pbufpool(num_packets=64, buf_size=2048, max_frags=2)
-        resp = Responder(pool, prefilter=prefilter)
+        resp = Responder(pool, compiled=compiled)
         pkts = [pool.packet_from_bytes(frame, vnet=vnet) for _ in range(8)]
         resp.deliver([p for p in pkts if p is not None])
         replies = resp.take_outbox()
-        assert len(replies) == 8 and resp.stats.icmp_replies == 8, prefilter
+        assert len(replies) == 8 and resp.stats.icmp_replies == 8, compiled
         pool.free_packets(replies)
         pool.close()

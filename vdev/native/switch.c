@@ -9,6 +9,7 @@
 
 #include "skywalk.h"
 #include "switch.h"
+#include "pool_md.h"
 
 #define ETH_HLEN 14
 
@@ -159,32 +160,248 @@ uint32_t sw_forward(const struct fp_pool *p, const struct sw_bufs *b, struct sw_
     return SW_OK;
 }
 
-/* Responder.answer's first test, for a burst: keep[] gets the positions of the packets it
- * could answer (ARP to anyone, IPv4 to mac), in order; the others it would ignore.  A
- * packet whose vnet header asks for checksum completion is always kept: the completion
- * runs before answer() and could rewrite the very header bytes tested here. */
-uint32_t sw_answerable(const struct fp_pool *p, const struct sw_bufs *b, const uint32_t *pkts,
-                       uint32_t n, uint64_t mac, uint32_t *keep)
+
+/* ---- the responder ------------------------------------------------------------------------
+ *
+ * Responder.answer, check for check (responder.py is the reference and the differential
+ * tests hold the two together), written into the packet that carried the request.  The
+ * reference frees the request and allocates the reply, and the pool's LIFO free list hands
+ * it the same packet back; so an in-place reply leaves the pool exactly as the reference
+ * does, once this function has done the free's redzone repair and the allocation's
+ * metadata reset for it.  A reply is never longer than its request (options and Ethernet
+ * padding are dropped), so it fits the request's buffer, written from offset 0. */
+
+static inline uint16_t be16(const uint8_t *d)
 {
-    uint32_t k = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        uint32_t idx = pkts[i];
-        uint8_t h[ETH_HLEN];
-        uint16_t etype;
-        if (idx >= p->num_packets) {
-            keep[k++] = i;  /* not ours to judge: Python words the error */
-            continue;
-        }
-        if ((p->pkt_pflags[idx] & SK_PKT_VNET_HDR) &&
-            (p->pkt_vnet[(size_t)idx * SW_VNET_STRIDE] & SW_VNET_F_NEEDS_CSUM)) {
-            keep[k++] = i;
-            continue;
-        }
-        if (head_of(p, b, idx, h) < ETH_HLEN)
-            continue;  /* a runt: ignored */
-        etype = (uint16_t)(h[12] << 8 | h[13]);
-        if (etype == SW_ETH_P_ARP || (etype == SW_ETH_P_IP && mac_at(h) == mac))
-            keep[k++] = i;
+    return (uint16_t)(d[0] << 8 | d[1]);
+}
+
+static inline void put16(uint8_t *d, uint32_t v)
+{
+    d[0] = (uint8_t)(v >> 8);
+    d[1] = (uint8_t)v;
+}
+
+/* RFC 1071: 16-bit big-endian words (an odd byte padded with 0), not yet folded. */
+static uint64_t sum_words(uint64_t acc, const uint8_t *d, uint32_t len)
+{
+    uint32_t i;
+    for (i = 0; i + 1 < len; i += 2)
+        acc += (uint32_t)d[i] << 8 | d[i + 1];
+    if (len & 1)
+        acc += (uint32_t)d[len - 1] << 8;
+    return acc;
+}
+
+static uint32_t fold(uint64_t s)
+{
+    while (s >> 16)
+        s = (s & 0xFFFF) + (s >> 16);
+    return (uint32_t)s;
+}
+
+static int in_ports(const uint16_t *ports, uint32_t n, uint32_t port)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (ports[i] == port)
+            return 1;
+    return 0;
+}
+
+static void put_mac(uint8_t *d, uint64_t mac)
+{
+    for (int i = 0; i < 6; i++)
+        d[i] = (uint8_t)(mac >> (8 * (5 - i)));
+}
+
+static void put_ip(uint8_t *d, uint32_t ip)
+{
+    for (int i = 0; i < 4; i++)
+        d[i] = (uint8_t)(ip >> (8 * (3 - i)));
+}
+
+/* Responder._ip_frame around the L4 payload already at out + 34 (plen bytes). */
+static uint32_t ip_frame(uint8_t *out, const uint8_t *dst_mac, uint64_t mac, uint32_t ip,
+                         const uint8_t *dst_ip, uint8_t proto, uint32_t plen)
+{
+    uint8_t *h = out + ETH_HLEN;
+    memcpy(out, dst_mac, 6);
+    put_mac(out + 6, mac);
+    put16(out + 12, SW_ETH_P_IP);
+    h[0] = 0x45;
+    h[1] = 0;
+    put16(h + 2, 20 + plen);
+    put16(h + 4, 0);
+    put16(h + 6, 0x4000);  /* DF */
+    h[8] = 64;             /* TTL */
+    h[9] = proto;
+    put16(h + 10, 0);
+    put_ip(h + 12, ip);
+    memcpy(h + 16, dst_ip, 4);
+    put16(h + 10, ~fold(sum_words(0, h, 20)) & 0xFFFF);
+    return ETH_HLEN + 20 + plen;
+}
+
+/* One frame f[0..len) answered into out (the same buffer, out <= f): the reply's length, or
+ * 0 when there is none (the counter that says why is bumped). */
+static uint32_t answer(const uint8_t *f, uint32_t len, uint8_t *out, uint64_t mac, uint32_t ip,
+                       const uint16_t *ports, uint32_t n_sink, uint32_t n_echo,
+                       struct sw_resp *r)
+{
+    static const uint8_t arp_req[8] = {0, 1, 8, 0, 6, 4, 0, 1};
+    uint8_t myip[4], src[6], peer[4];
+    const uint8_t *iph, *l4;
+    uint32_t ihl, total, plen;
+    uint16_t etype;
+
+    if (len < ETH_HLEN) {
+        r->ignored++;
+        return 0;
     }
-    return k;
+    put_ip(myip, ip);
+    memcpy(src, f + 6, 6);
+    etype = be16(f + 12);
+    if (etype == SW_ETH_P_ARP) {
+        uint8_t sha[6], spa[4];
+        if (len < 42 || memcmp(f + 14, arp_req, 8) != 0 || memcmp(f + 38, myip, 4) != 0) {
+            r->ignored++;
+            return 0;
+        }
+        memcpy(sha, f + 22, 6);
+        memcpy(spa, f + 28, 4);
+        r->arp_replies++;
+        memcpy(out, src, 6);
+        put_mac(out + 6, mac);
+        put16(out + 12, SW_ETH_P_ARP);
+        memcpy(out + 14, arp_req, 7);
+        out[21] = 2;  /* reply */
+        put_mac(out + 22, mac);
+        memcpy(out + 28, myip, 4);
+        memcpy(out + 32, sha, 6);
+        memcpy(out + 38, spa, 4);
+        return 42;
+    }
+    if (etype != SW_ETH_P_IP || mac_at(f) != mac) {
+        r->ignored++;
+        return 0;
+    }
+    iph = f + ETH_HLEN;
+    if (len - ETH_HLEN < 20 || iph[0] >> 4 != 4) {
+        r->ignored++;
+        return 0;
+    }
+    ihl = (uint32_t)(iph[0] & 0xF) * 4;
+    total = be16(iph + 2);
+    if (ihl < 20 || total < ihl || total > len - ETH_HLEN || memcmp(iph + 16, myip, 4) != 0) {
+        r->ignored++;
+        return 0;
+    }
+    /* RFC 1122 3.2.1.2: a header whose checksum fails is discarded silently. */
+    if (fold(sum_words(0, iph, ihl)) != 0xFFFF) {
+        r->bad_ip_checksum++;
+        return 0;
+    }
+    memcpy(peer, iph + 12, 4);
+    l4 = iph + ihl;
+    plen = total - ihl;
+    if (iph[9] == 1 && plen >= 8) {  /* ICMP (RFC 792: the sum covers the whole message) */
+        uint8_t *icmp = out + ETH_HLEN + 20;
+        if (fold(sum_words(0, l4, plen)) != 0xFFFF) {
+            r->bad_icmp_checksum++;
+            return 0;
+        }
+        if (l4[0] != 8) {
+            r->ignored++;
+            return 0;
+        }
+        r->icmp_replies++;
+        memmove(icmp + 4, l4 + 4, plen - 4);
+        memset(icmp, 0, 4);  /* type 0 (echo reply), code 0, checksum 0 while summed */
+        put16(icmp + 2, ~fold(sum_words(0, icmp, plen)) & 0xFFFF);
+        return ip_frame(out, src, mac, ip, peer, 1, plen);
+    }
+    if (iph[9] == 17 && plen >= 8) {  /* UDP */
+        uint32_t sport = be16(l4), dport = be16(l4 + 2), ulen = be16(l4 + 4), seg, dlen;
+        seg = (ulen >= 8 && ulen <= plen) ? ulen : plen;
+        if (be16(l4 + 6) != 0) {  /* RFC 768: 0 is "no checksum" */
+            uint8_t pseudo[12];
+            memcpy(pseudo, peer, 4);
+            memcpy(pseudo + 4, myip, 4);
+            pseudo[8] = 0;
+            pseudo[9] = 17;
+            put16(pseudo + 10, seg);
+            if (fold(sum_words(sum_words(0, pseudo, 12), l4, seg)) != 0xFFFF) {
+                r->bad_udp_checksum++;
+                return 0;
+            }
+        }
+        dlen = seg - 8;
+        if (in_ports(ports, n_sink, dport)) {
+            r->udp_sink_packets++;
+            r->udp_sink_bytes += dlen;
+            return 0;
+        }
+        if (in_ports(ports + n_sink, n_echo, dport)) {
+            uint8_t *udp = out + ETH_HLEN + 20;
+            r->udp_replies++;
+            memmove(udp + 8, l4 + 8, dlen);
+            put16(udp, dport);
+            put16(udp + 2, sport);
+            put16(udp + 4, 8 + dlen);
+            put16(udp + 6, 0);
+            return ip_frame(out, src, mac, ip, peer, 17, 8 + dlen);
+        }
+    }
+    r->ignored++;
+    return 0;
+}
+
+uint32_t sw_respond(const struct fp_pool *p, const struct sw_bufs *b, const uint32_t *pkts,
+                    uint32_t n, uint64_t mac, uint32_t ip, const uint16_t *ports,
+                    uint32_t n_sink, uint32_t n_echo, uint8_t *verdict, struct sw_resp *r)
+{
+    uint32_t i;
+    memset(r, 0, sizeof(*r));
+    for (i = 0; i < n; i++) {
+        uint32_t idx = pkts[i], doff, dlen, rlen;
+        uint8_t *base;
+        struct sk_md_obj *o;
+        /* What the reference would fault on, chain, complete or spread over buffers is its
+         * own to do (and to word the error of). */
+        if (idx >= p->num_packets || p->pkt_state[idx] != PKT_ALLOCATED ||
+            p->pkt_owner[idx] != KERNEL_OWNER || p->b_next[idx] != SK_NO_INDEX ||
+            p->b_large[idx] || p->b_buf[idx] >= p->num_packets + p->num_ext)
+            break;
+        if ((p->pkt_pflags[idx] & SK_PKT_VNET_HDR) &&
+            (p->pkt_vnet[(size_t)idx * SW_VNET_STRIDE] & SW_VNET_F_NEEDS_CSUM))
+            break;
+        doff = p->b_doff[idx];
+        dlen = p->b_dlen[idx];
+        if (doff > p->buf_size || dlen > p->buf_size - doff)
+            break;
+        /* The data area is the arena's, writable; sw_bufs is const for the read-only users. */
+        base = (uint8_t *)(uintptr_t)b->buf + (uint64_t)p->b_buf[idx] * p->buf_size;
+        rlen = answer(base + doff, dlen, base, mac, ip, ports, n_sink, n_echo, r);
+        if (rlen == 0) {
+            verdict[i] = SW_R_DROP;
+            continue;
+        }
+        verdict[i] = SW_R_REPLY;
+        r->n_reply++;
+        /* Pbufpool._release's redzone repair, then _init_packet and packet_from_bytes. */
+        o = (struct sk_md_obj *)(p->md + (size_t)idx * sizeof(struct sk_md_obj));
+        if (o->pre.redzone != (SK_REDZONE_SEED ^ (uint64_t)idx)) {
+            r->redzone_faults++;
+            o->pre.redzone = SK_REDZONE_SEED ^ (uint64_t)idx;
+        }
+        p->pkt_len[idx] = rlen;  /* pkt_nbufs stays 1: one buflet, no chain (above) */
+        p->pkt_pflags[idx] = 0;
+        p->pkt_l2[idx] = 0;
+        p->pkt_cstart[idx] = 0;
+        p->pkt_cstuff[idx] = 0;
+        p->b_doff[idx] = 0;
+        p->b_dlen[idx] = rlen;
+    }
+    r->done = i;
+    return i;
 }

@@ -51,13 +51,38 @@ uint32_t sw_forward(const struct fp_pool *p, const struct sw_bufs *b, struct sw_
                     int32_t src, const uint32_t *pkts, uint32_t n, int32_t *dest, uint32_t *lens,
                     uint32_t *learned, uint32_t *order, int32_t *groups, struct sw_ret *r);
 
-/* The responder's pre-filter (sw_answerable): ethertypes and the vnet NEEDS_CSUM flag. */
+/* The responder (vdev/net/responder.py, the reference) for a burst: each packet it can
+ * judge from trusted pool state alone (allocated, kernel-held, one small buflet, no
+ * checksum left to complete) is answered in place or marked to be dropped, in order; the
+ * first packet it cannot judge stops the burst (done < n) and is Python's. */
 #define SW_ETH_P_ARP 0x0806
 #define SW_ETH_P_IP 0x0800
 #define SW_VNET_F_NEEDS_CSUM 1
 #define SW_VNET_STRIDE 12      /* bytes of pkt_vnet per packet (arena.MdOff.VNET_LEN) */
-uint32_t sw_answerable(const struct fp_pool *p, const struct sw_bufs *b, const uint32_t *pkts,
-                       uint32_t n, uint64_t mac, uint32_t *keep);
+#define SW_R_DROP 0            /* verdict[i]: free it (ignored, bad checksum or a sink) */
+#define SW_R_REPLY 1           /* verdict[i]: the packet now holds its reply */
+
+struct sw_resp {
+    uint32_t done;             /* packets judged: pkts[0..done) */
+    uint32_t n_reply;
+    uint32_t arp_replies;      /* the ResponderStats counters, for this call */
+    uint32_t icmp_replies;
+    uint32_t udp_replies;
+    uint32_t udp_sink_packets;
+    uint64_t udp_sink_bytes;
+    uint32_t ignored;
+    uint32_t bad_ip_checksum;
+    uint32_t bad_icmp_checksum;
+    uint32_t bad_udp_checksum;
+    uint32_t redzone_faults;   /* repaired in replied packets, as a free would */
+    uint32_t _pad;
+};
+
+/* ports[0..n_sink) are the UDP sink ports, ports[n_sink..n_sink + n_echo) the echo ports;
+ * mac and ip are the responder's, as big-endian numbers. */
+uint32_t sw_respond(const struct fp_pool *p, const struct sw_bufs *b, const uint32_t *pkts,
+                    uint32_t n, uint64_t mac, uint32_t ip, const uint16_t *ports,
+                    uint32_t n_sink, uint32_t n_echo, uint8_t *verdict, struct sw_resp *r);
 
 int32_t sw_fdb_get(const struct sw_fdb *fdb, uint64_t mac);      /* SW_FLOOD if absent */
 uint32_t sw_fdb_set(struct sw_fdb *fdb, uint64_t mac, int32_t v);  /* SW_OK / SW_FDB_FULL */

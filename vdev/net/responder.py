@@ -17,8 +17,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
-from vdev.native import structs
 from vdev.net.checksum import complete_checksum, ones_complement_sum
 from vdev.net.switch import COMPILED_DEFAULT
 from vdev.skywalk import Pbufpool, fastglue
@@ -29,7 +29,6 @@ ETH_P_IP = 0x0800
 IPPROTO_ICMP = 1
 IPPROTO_UDP = 17
 VNET_F_NEEDS_CSUM = 1  # virtio_net_hdr flags (5.1.6 "Device Operation")
-PREFILTER_MIN = 8  # bursts shorter than this go straight to the Python parse
 
 
 def inet_checksum(data: bytes) -> int:
@@ -65,6 +64,43 @@ class ResponderStats:
     bad_udp_checksum: int = 0  # only when the checksum is not 0 ("none", RFC 768)
 
 
+_COUNTERS = tuple(ResponderStats.__dataclass_fields__)
+REPLY = 1  # switch.h SW_R_REPLY
+
+
+class _CResponder:
+    """What sw_respond takes besides the burst: the responder's addresses and ports as C
+    values (rebuilt when one of them changes), the verdict array and the result."""
+
+    def __init__(
+        self, ffi: Any, lib: Any, key: tuple[int, bytes, tuple[int, ...], tuple[int, ...]]
+    ) -> None:
+        want = (ETH_P_ARP, ETH_P_IP, VNET_F_NEEDS_CSUM, MdOff.VNET_LEN, REPLY)
+        got = (
+            lib.SW_ETH_P_ARP,
+            lib.SW_ETH_P_IP,
+            lib.SW_VNET_F_NEEDS_CSUM,
+            lib.SW_VNET_STRIDE,
+            lib.SW_R_REPLY,
+        )
+        if got != want:  # pragma: no cover - the header and this module disagree
+            raise AssertionError(f"switch.h's responder constants {got} != {want}")
+        self.key = key
+        self.ffi = ffi
+        _mac, ip, sink, echo = key
+        self.ip = int.from_bytes(ip, "big")
+        self.ports = ffi.new("uint16_t[]", [*sink, *echo] or [0])
+        self.n_sink, self.n_echo = len(sink), len(echo)
+        self.ret = ffi.new("struct sw_resp *")
+        self.cap = 0
+        self.verdict: Any = None
+        self.grow(ffi, 64)
+
+    def grow(self, ffi: Any, n: int) -> None:
+        self.cap = max(n, 2 * self.cap)
+        self.verdict = ffi.new("uint8_t[]", self.cap)
+
+
 @dataclass
 class Responder:
     """Switch endpoint with one MAC and IPv4 address; ``send`` is wired by the device."""
@@ -77,50 +113,89 @@ class Responder:
     name: str = "responder"
     stats: ResponderStats = field(default_factory=ResponderStats)
 
-    # Whether a burst is first sifted in C (sw_answerable); None: when compiled paths are on.
-    prefilter: bool | None = None
+    # Whether bursts are answered in C (sw_respond); None: when compiled paths are on.
+    compiled: bool | None = None
 
     def __post_init__(self) -> None:
         self._ip = ipaddress.IPv4Address(self.ip).packed
         self.outbox: list[int] = []
         self._mac64 = int.from_bytes(self.mac, "big")
-        if self.prefilter is None:
-            self.prefilter = COMPILED_DEFAULT
+        if self.compiled is None:
+            self.compiled = COMPILED_DEFAULT
+        self._c: _CResponder | None = None
 
     def deliver(self, pkts: list[int]) -> int:
         """Answer what deserves an answer; replies collect in ``outbox`` for the device.
 
-        A burst is first sifted in C when the compiled module is loaded: what ``answer``
-        would ignore at once (not ARP, not IPv4 to this MAC, a runt) is freed in one call
-        and counted as ignored, so unknown unicast flooded to the responder (testpmd
-        txonly's default peer) costs a header read per frame, not a Python parse."""
-        if self.prefilter and len(pkts) >= PREFILTER_MIN:
-            keep = self._answerable(pkts)
-            if keep is not None and len(keep) < len(pkts):
-                kept = set(keep)
-                drop = [p for i, p in enumerate(pkts) if i not in kept] if keep else pkts
-                self.pool.free_packets(drop)
-                self.stats.ignored += len(drop)
-                self._answer_all([pkts[i] for i in keep])
-                return len(pkts)
-        self._answer_all(pkts)
+        With the compiled module loaded a burst is answered in C (``sw_respond``), each
+        reply written into the request's own packet; what the C cannot judge from trusted
+        pool state alone (a chained or large buffer, a checksum still to complete, a packet
+        not the kernel's) stops the burst at that packet, which the Python reference below
+        answers before the C resumes.  Both leave the same replies, counters and pool."""
+        if self.compiled and fastglue._fast is not None and not self.pool._closed:
+            self._answer_compiled(pkts)
+        else:
+            self._answer_all(pkts)
         return len(pkts)
 
-    def _answerable(self, pkts: list[int]) -> list[int] | None:
-        """Positions in ``pkts`` of the packets ``answer`` might answer (None: no C)."""
+    def _answer_compiled(self, pkts: list[int]) -> None:
         fast = fastglue._fast
-        if fast is None:
-            return None
         ffi, lib = fast.ffi, fast.lib
-        want = (ETH_P_ARP, ETH_P_IP, VNET_F_NEEDS_CSUM, MdOff.VNET_LEN)
-        got = (lib.SW_ETH_P_ARP, lib.SW_ETH_P_IP, lib.SW_VNET_F_NEEDS_CSUM, lib.SW_VNET_STRIDE)
-        if got != want:  # pragma: no cover - the header and this module disagree
-            raise AssertionError(f"switch.h's responder constants {got} != {want}")
-        ctx = fastglue._ctx(self.pool)
+        c = self._c
+        key = (self._mac64, self._ip, self.udp_sink_ports, self.udp_echo_ports)
+        if c is None or c.key != key:
+            c = self._c = _CResponder(ffi, lib, key)
         n = len(pkts)
-        keep = ffi.new("uint32_t[]", n)
-        k = lib.sw_answerable(ctx.c, ctx.bufs, fastglue._idx_buf(pkts), n, self._mac64, keep)
-        return structs.u32_list(ffi, keep, k)
+        if n > c.cap:
+            c.grow(ffi, n)
+        ctx = fastglue._ctx(self.pool)
+        idx = fastglue._idx_buf(pkts)
+        r = c.ret
+        start = 0
+        while start < n:
+            done = lib.sw_respond(
+                ctx.c,
+                ctx.bufs,
+                idx + start,
+                n - start,
+                self._mac64,
+                c.ip,
+                c.ports,
+                c.n_sink,
+                c.n_echo,
+                c.verdict,
+                r,
+            )
+            if done:
+                self._take_verdicts(pkts[start : start + done], c, r)
+            start += done
+            if start < n:  # the packet the C left: the reference's, then the C again
+                self._answer_all([pkts[start]])
+                start += 1
+
+    def _take_verdicts(self, judged: list[int], c: _CResponder, r: object) -> None:
+        """Book one sw_respond call: replies to the outbox, the rest freed, counters added
+        (the pool's too: each reply stands for the reference's free and allocation)."""
+        st = self.stats
+        n_reply = r.n_reply  # type: ignore[attr-defined]
+        if n_reply == len(judged):
+            self.outbox.extend(judged)
+        else:
+            verdict = bytes(c.ffi.buffer(c.verdict, len(judged)))
+            drop = [p for p, v in zip(judged, verdict, strict=True) if v != REPLY]
+            if n_reply:
+                self.outbox.extend(p for p, v in zip(judged, verdict, strict=True) if v == REPLY)
+            self.pool.free_packets(drop)
+        if n_reply:
+            pst = self.pool.stats
+            pst.frees += n_reply
+            pst.allocs += n_reply
+            pst.redzone_faults += r.redzone_faults  # type: ignore[attr-defined]
+            pst.high_water = max(pst.high_water, pst.in_use)
+        for name in _COUNTERS:
+            v = getattr(r, name)
+            if v:
+                setattr(st, name, getattr(st, name) + v)
 
     def _answer_all(self, pkts: list[int]) -> None:
         for pkt in pkts:
