@@ -255,7 +255,7 @@ static uint32_t answer(const uint8_t *f, uint32_t len, uint8_t *out, uint64_t ma
     uint16_t etype;
 
     if (len < ETH_HLEN) {
-        r->ignored++;
+        r->counts[SW_C_IGNORED]++;
         return 0;
     }
     put_ip(myip, ip);
@@ -264,12 +264,12 @@ static uint32_t answer(const uint8_t *f, uint32_t len, uint8_t *out, uint64_t ma
     if (etype == SW_ETH_P_ARP) {
         uint8_t sha[6], spa[4];
         if (len < 42 || memcmp(f + 14, arp_req, 8) != 0 || memcmp(f + 38, myip, 4) != 0) {
-            r->ignored++;
+            r->counts[SW_C_IGNORED]++;
             return 0;
         }
         memcpy(sha, f + 22, 6);
         memcpy(spa, f + 28, 4);
-        r->arp_replies++;
+        r->counts[SW_C_ARP]++;
         memcpy(out, src, 6);
         put_mac(out + 6, mac);
         put16(out + 12, SW_ETH_P_ARP);
@@ -282,23 +282,23 @@ static uint32_t answer(const uint8_t *f, uint32_t len, uint8_t *out, uint64_t ma
         return 42;
     }
     if (etype != SW_ETH_P_IP || mac_at(f) != mac) {
-        r->ignored++;
+        r->counts[SW_C_IGNORED]++;
         return 0;
     }
     iph = f + ETH_HLEN;
     if (len - ETH_HLEN < 20 || iph[0] >> 4 != 4) {
-        r->ignored++;
+        r->counts[SW_C_IGNORED]++;
         return 0;
     }
     ihl = (uint32_t)(iph[0] & 0xF) * 4;
     total = be16(iph + 2);
     if (ihl < 20 || total < ihl || total > len - ETH_HLEN || memcmp(iph + 16, myip, 4) != 0) {
-        r->ignored++;
+        r->counts[SW_C_IGNORED]++;
         return 0;
     }
     /* RFC 1122 3.2.1.2: a header whose checksum fails is discarded silently. */
     if (fold(sum_words(0, iph, ihl)) != 0xFFFF) {
-        r->bad_ip_checksum++;
+        r->counts[SW_C_BAD_IP]++;
         return 0;
     }
     memcpy(peer, iph + 12, 4);
@@ -307,14 +307,14 @@ static uint32_t answer(const uint8_t *f, uint32_t len, uint8_t *out, uint64_t ma
     if (iph[9] == 1 && plen >= 8) {  /* ICMP (RFC 792: the sum covers the whole message) */
         uint8_t *icmp = out + ETH_HLEN + 20;
         if (fold(sum_words(0, l4, plen)) != 0xFFFF) {
-            r->bad_icmp_checksum++;
+            r->counts[SW_C_BAD_ICMP]++;
             return 0;
         }
         if (l4[0] != 8) {
-            r->ignored++;
+            r->counts[SW_C_IGNORED]++;
             return 0;
         }
-        r->icmp_replies++;
+        r->counts[SW_C_ICMP]++;
         memmove(icmp + 4, l4 + 4, plen - 4);
         memset(icmp, 0, 4);  /* type 0 (echo reply), code 0, checksum 0 while summed */
         put16(icmp + 2, ~fold(sum_words(0, icmp, plen)) & 0xFFFF);
@@ -331,19 +331,19 @@ static uint32_t answer(const uint8_t *f, uint32_t len, uint8_t *out, uint64_t ma
             pseudo[9] = 17;
             put16(pseudo + 10, seg);
             if (fold(sum_words(sum_words(0, pseudo, 12), l4, seg)) != 0xFFFF) {
-                r->bad_udp_checksum++;
+                r->counts[SW_C_BAD_UDP]++;
                 return 0;
             }
         }
         dlen = seg - 8;
         if (in_ports(ports, n_sink, dport)) {
-            r->udp_sink_packets++;
-            r->udp_sink_bytes += dlen;
+            r->counts[SW_C_SINK]++;
+            r->counts[SW_C_SINK_BYTES] += dlen;
             return 0;
         }
         if (in_ports(ports + n_sink, n_echo, dport)) {
             uint8_t *udp = out + ETH_HLEN + 20;
-            r->udp_replies++;
+            r->counts[SW_C_UDP]++;
             memmove(udp + 8, l4 + 8, dlen);
             put16(udp, dport);
             put16(udp + 2, sport);
@@ -352,7 +352,7 @@ static uint32_t answer(const uint8_t *f, uint32_t len, uint8_t *out, uint64_t ma
             return ip_frame(out, src, mac, ip, peer, 17, 8 + dlen);
         }
     }
-    r->ignored++;
+    r->counts[SW_C_IGNORED]++;
     return 0;
 }
 

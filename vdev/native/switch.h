@@ -62,20 +62,24 @@ uint32_t sw_forward(const struct fp_pool *p, const struct sw_bufs *b, struct sw_
 #define SW_R_DROP 0            /* verdict[i]: free it (ignored, bad checksum or a sink) */
 #define SW_R_REPLY 1           /* verdict[i]: the packet now holds its reply */
 
+/* sw_resp.counts[]: the ResponderStats counters, in the dataclass's field order. */
+#define SW_C_ARP 0
+#define SW_C_ICMP 1
+#define SW_C_UDP 2
+#define SW_C_SINK 3
+#define SW_C_SINK_BYTES 4
+#define SW_C_IGNORED 5
+#define SW_C_BAD_IP 6
+#define SW_C_BAD_ICMP 7
+#define SW_C_BAD_UDP 8
+#define SW_NCOUNTS 9
+
 struct sw_resp {
     uint32_t done;             /* packets judged: pkts[0..done) */
     uint32_t n_reply;
-    uint32_t arp_replies;      /* the ResponderStats counters, for this call */
-    uint32_t icmp_replies;
-    uint32_t udp_replies;
-    uint32_t udp_sink_packets;
-    uint64_t udp_sink_bytes;
-    uint32_t ignored;
-    uint32_t bad_ip_checksum;
-    uint32_t bad_icmp_checksum;
-    uint32_t bad_udp_checksum;
     uint32_t redzone_faults;   /* repaired in replied packets, as a free would */
     uint32_t _pad;
+    uint64_t counts[9];        /* this call's ResponderStats increments (SW_C_*) */
 };
 
 /* ports[0..n_sink) are the UDP sink ports, ports[n_sink..n_sink + n_echo) the echo ports;

@@ -75,6 +75,10 @@ class _CResponder:
     def __init__(
         self, ffi: Any, lib: Any, key: tuple[int, bytes, tuple[int, ...], tuple[int, ...]]
     ) -> None:
+        order = [lib.SW_C_ARP, lib.SW_C_ICMP, lib.SW_C_UDP, lib.SW_C_SINK, lib.SW_C_SINK_BYTES]
+        order += [lib.SW_C_IGNORED, lib.SW_C_BAD_IP, lib.SW_C_BAD_ICMP, lib.SW_C_BAD_UDP]
+        if order != list(range(len(_COUNTERS))) or lib.SW_NCOUNTS != len(_COUNTERS):
+            raise AssertionError(f"switch.h's SW_C_* {order} are not ResponderStats' order")
         want = (ETH_P_ARP, ETH_P_IP, VNET_F_NEEDS_CSUM, MdOff.VNET_LEN, REPLY)
         got = (
             lib.SW_ETH_P_ARP,
@@ -192,8 +196,7 @@ class Responder:
             pst.allocs += n_reply
             pst.redzone_faults += r.redzone_faults  # type: ignore[attr-defined]
             pst.high_water = max(pst.high_water, pst.in_use)
-        for name in _COUNTERS:
-            v = getattr(r, name)
+        for name, v in zip(_COUNTERS, c.ffi.unpack(r.counts, len(_COUNTERS)), strict=True):  # type: ignore[attr-defined]
             if v:
                 setattr(st, name, getattr(st, name) + v)
 
