@@ -20,6 +20,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
+from vdev import timerfd
+
 log = logging.getLogger("vdev.loop")
 
 Callback = Callable[[], None]
@@ -71,6 +73,11 @@ class SelectorLoop:
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self.closed = False
         self._running: int | None = None  # the thread inside poll()'s callbacks
+        # Deadlines of the timers asked for with precise=True, and the timerfd that makes
+        # the wait end at the earliest of them (created on first use; None: unavailable).
+        self._precise: list[float] = []
+        self._tfd: timerfd.TimerFd | None = None
+        self._tfd_tried = False
 
     # -- Watcher / EventLoop ---------------------------------------------------------------
 
@@ -86,12 +93,22 @@ class SelectorLoop:
         except (KeyError, ValueError):
             pass
 
-    def call_later(self, delay: float, fn: Callback, *, wake: bool = True) -> None:
+    def call_later(
+        self, delay: float, fn: Callback, *, wake: bool = True, precise: bool = False
+    ) -> None:
         """``wake=False`` skips the wake-up, for a caller inside this loop's callbacks on a
         thread that polls this loop again itself (its next poll() sees the timer before it
-        waits); a loop polled from another loop's callback needs the wake-up."""
+        waits); a loop polled from another loop's callback needs the wake-up.
+
+        ``precise``: the wait ends at the deadline itself, not at the next whole
+        millisecond after it (``epoll``'s granularity), through a timerfd; for timers well
+        under a millisecond away that pace a datapath.  Where timerfds are unavailable it
+        is an ordinary timer."""
+        when = time.monotonic() + delay
         with self._timers_lock:
-            self._timers.append((time.monotonic() + delay, fn))
+            self._timers.append((when, fn))
+            if precise:
+                self._precise.append(when)
         if wake or threading.get_ident() != self._running:
             self.wake()
 
@@ -111,12 +128,29 @@ class SelectorLoop:
         except BlockingIOError:
             pass
 
+    def _arm(self, deadline: float) -> None:
+        """Make the next wait end at ``deadline`` (a precise timer's)."""
+        tfd = self._tfd
+        if tfd is None:
+            if self._tfd_tried:
+                return
+            self._tfd_tried = True
+            tfd = self._tfd = timerfd.create()
+            if tfd is None:
+                log.info("no timerfd: precise timers have millisecond granularity")
+                return
+            self.sel.register(tfd.fd, selectors.EVENT_READ, tfd.clear)
+        if tfd.armed_at != deadline:
+            tfd.arm(deadline)
+
     def _due(self) -> list[Callback]:
         now = time.monotonic()
         with self._timers_lock:
             due = [fn for t, fn in self._timers if t <= now]
             if due:
                 self._timers = [t for t in self._timers if t[0] > now]
+            if self._precise:
+                self._precise = [t for t in self._precise if t > now]
         return due
 
     def poll(self, timeout: float = 0.1) -> None:
@@ -125,6 +159,9 @@ class SelectorLoop:
             if self._timers:
                 first = min(t for t, _ in self._timers)
                 timeout = max(0.0, min(timeout, first - time.monotonic()))
+            precise = min(self._precise) if self._precise else None
+        if precise is not None and timeout > 0.0:
+            self._arm(precise)
         events = self.sel.select(timeout)
         with self._lock if self._lock is not None else nullcontext():
             outer, self._running = self._running, threading.get_ident()
@@ -170,6 +207,9 @@ class SelectorLoop:
             return
         self.closed = True
         self.sel.close()
+        if self._tfd is not None:
+            self._tfd.close()
+            self._tfd = None
         os.close(self._wake_r)
         os.close(self._wake_w)
 

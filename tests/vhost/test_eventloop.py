@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
+import pytest
+
+from vdev import timerfd
 from vdev.eventloop import SelectorLoop
 
 
@@ -138,4 +142,73 @@ def test_call_later_without_wake_skips_the_wakeup_only_inside_its_own_callbacks(
         loop.unwatch(r)
         os.close(r)
         os.close(w)
+        loop.close()
+
+
+# -- precise timers (a timerfd) -----------------------------------------------------------
+
+needs_timerfd = pytest.mark.skipif(timerfd.create() is None, reason="no timerfd on this system")
+
+
+@needs_timerfd
+def test_a_precise_timer_arms_the_timerfd_for_its_own_deadline() -> None:
+    """The kernel's timer holds the timer's deadline (read back with timerfd_gettime), and
+    an ordinary timer never creates one."""
+    loop = SelectorLoop()
+    try:
+        loop.call_later(30.0, lambda: None)
+        loop.poll(0.001)
+        assert loop._tfd is None  # ordinary timers: epoll's own timeout
+        loop.call_later(20.0, lambda: None, precise=True)
+        loop.call_later(10.0, lambda: None, precise=True)
+        loop.poll(0.001)
+        assert loop._tfd is not None
+        left = loop._tfd.remaining()
+        assert left is not None and 9.0 < left <= 10.0  # the earliest precise deadline
+    finally:
+        loop.close()
+
+
+@needs_timerfd
+def test_the_wait_ends_at_a_precise_deadline_by_the_timerfd() -> None:
+    """A deadline 50.5 ms away: epoll's own timeout is 51 ms (whole milliseconds, rounded
+    up), so the wait that returns with the timer run was ended by the timerfd's event."""
+    loop = SelectorLoop()
+    fired: list[int] = []
+    seen: list[list[int]] = []
+    real = loop.sel.select
+
+    def select(timeout: float | None = None) -> list:  # type: ignore[type-arg]
+        events = real(timeout)
+        seen.append([key.fd for key, _ in events])
+        return events
+
+    loop.sel.select = select  # type: ignore[method-assign]
+    try:
+        loop.call_later(0.0505, lambda: fired.append(1), precise=True)
+        deadline = time.monotonic() + 10
+        while not fired and time.monotonic() < deadline:
+            loop.poll(5.0)
+        assert fired == [1]
+        assert loop._tfd is not None and loop._tfd.fd in seen[-1]
+        assert loop._precise == []  # a fired deadline is not armed again
+        loop.poll(0.001)
+        assert loop._tfd.remaining() is None
+    finally:
+        loop.close()
+
+
+def test_without_a_timerfd_a_precise_timer_is_an_ordinary_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(timerfd, "create", lambda: None)
+    loop = SelectorLoop()
+    fired: list[int] = []
+    try:
+        loop.call_later(0.0002, lambda: fired.append(1), precise=True)
+        deadline = time.monotonic() + 10
+        while not fired and time.monotonic() < deadline:
+            loop.poll(0.5)
+        assert fired == [1] and loop._tfd is None
+    finally:
         loop.close()
