@@ -18,6 +18,7 @@ import logging
 
 import pytest
 
+from vdev.abi import ffi
 from vdev.skywalk import Pbufpool, validate
 from vdev.skywalk.arena import NO_INDEX
 from vdev.skywalk.errors import PoolError
@@ -41,8 +42,8 @@ def test_leak_report_words() -> None:
     )
     rep.problems = rep.problems[:5]  # five shown, none left over
     assert str(rep).endswith("; audit: p0; p1; p2; p3; p4")
-    rep.problems = rep.problems[:6]
-    assert str(rep).endswith("; audit: p0; p1; p2; p3; p4")
+    rep.problems = [f"p{i}" for i in range(6)]  # six: one left over
+    assert str(rep).endswith("; audit: p0; p1; p2; p3; p4 (+1 more)")
     assert str(LeakReport()) == "no leaks"
 
 
@@ -337,3 +338,93 @@ def test_an_l2_len_above_32767_in_a_large_first_buffer_is_adopted() -> None:
     H.pkt(pool.arena, p).l2_len = 40000
     assert validate.internalize(pool, p) is None
     assert pool.pkt_l2[p] == 40000
+
+
+# -- whole-module run of pool.py (2026-12-03, second session) --------------------------------
+def test_freeing_a_buflet_that_is_not_a_spare_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4)
+    (j,) = pool.alloc_buflets(1)
+    others = [k for k in range(4) if k != j]
+    with pytest.raises(PoolError) as info:
+        pool.free_buflets([j, others[0]])
+    assert str(info.value) == f"buflet {others[0]} is not a spare allocated buflet"
+    assert pool.stats.buflets_in_use == 1  # nothing freed: the check runs before any free
+    pool.free_buflets([j])
+    assert not pool.close().leaked
+
+
+def test_freeing_spares_leaves_every_packets_large_buffer_alone() -> None:
+    """Spare ``j`` is buflet ``num_packets + j``; the packets numbered below ``num_packets``
+    each hold a large buffer, and freeing every spare must not touch them."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    data = {pool.packet_from_bytes(bytes([i + 1]) * 200): bytes([i + 1]) * 200 for i in range(4)}
+    assert None not in data and sorted(data) == [0, 1, 2, 3]  # type: ignore[type-var]
+    spares = pool.alloc_buflets(4)
+    assert sorted(spares) == [0, 1, 2, 3]
+    pool.free_buflets(spares)
+    assert pool.stats.large_in_use == 4
+    for p, want in data.items():
+        assert pool.b_large[p] and pool.packet_bytes(p) == want  # type: ignore[index,arg-type]
+    assert pool.audit() == []
+    pool.free_packets(list(data))  # type: ignore[arg-type]
+    assert not pool.close().leaked
+
+
+def test_spare_shortfalls_add_to_the_failures_already_counted() -> None:
+    pool = Pbufpool(num_packets=2, buf_size=64, max_frags=2, num_buflets=2)
+    assert len(pool.alloc_packets(3)) == 2  # one packet short
+    assert pool.stats.alloc_failures == 1
+    assert pool.alloc_buflets(4) == [1, 0]  # two buflets short
+    assert pool.stats.alloc_failures == 3
+    assert pool.alloc_buflets(1) == []
+    assert pool.stats.alloc_failures == 4
+
+
+def test_inserting_a_packet_another_owner_holds_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    pool.owner_insert(5, p)
+    with pytest.raises(PoolError) as info:
+        pool.owner_insert(6, p)
+    assert str(info.value) == f"packet {p} already held by owner 5"
+    assert pool.owners == {5: {p}}
+
+
+def test_owner_remove_takes_any_integer_from_shared_memory() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    pool.owner_insert(5, p)
+    for idx in (-1, 4, 5, 1 << 32):  # outside the pool: False, never an IndexError
+        assert pool.owner_remove(5, idx) is False
+    assert pool.owner_remove(6, p) is False
+    assert pool.owner_remove(5, p) is True
+    assert pool.pkt_owner[p] == -1
+
+
+def test_purging_an_owner_that_holds_nothing_frees_nothing() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    pool.owner_insert(5, p)
+    assert pool.owner_purge(6) == 0
+    assert pool.owner_purge(5) == 1
+    assert pool.stats.in_use == 0
+    assert not pool.close().leaked
+
+
+def test_the_ring_region_can_be_filled_to_its_last_byte() -> None:
+    """The region the arena header (struct sk_arena_hdr, read through cffi) publishes:
+    ``ring_off`` .. ``ring_off + ring_region_size``, all of it allocatable, not one byte more."""
+    pool = Pbufpool(num_packets=8, max_frags=1, num_ring_slots=64)
+    hdr = ffi.cast("struct sk_arena_hdr *", H.base(pool.arena))
+    off, size = int(hdr.ring_off), int(hdr.ring_region_size)
+    del hdr
+    assert size % 64 == 0
+    assert pool.ring_alloc(size - 64) == off
+    assert pool.ring_alloc(64) == off + size - 64  # the last granule
+    with pytest.raises(PoolError):
+        pool.ring_alloc(1)
+    pool.close()
