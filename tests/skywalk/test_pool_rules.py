@@ -362,6 +362,7 @@ def test_freeing_spares_leaves_every_packets_large_buffer_alone() -> None:
     assert None not in data and sorted(data) == [0, 1, 2, 3]  # type: ignore[type-var]
     spares = pool.alloc_buflets(4)
     assert sorted(spares) == [0, 1, 2, 3]
+    assert pool.audit() == []  # nor does the audit of the spares claim them
     pool.free_buflets(spares)
     assert pool.stats.large_in_use == 4
     for p, want in data.items():
@@ -428,3 +429,76 @@ def test_the_ring_region_can_be_filled_to_its_last_byte() -> None:
     with pytest.raises(PoolError):
         pool.ring_alloc(1)
     pool.close()
+
+
+@pytest.mark.parametrize("which", ["packet", "buflet", "large buffer"])
+def test_each_free_list_names_its_duplicates_and_the_entry_one_past_the_last(which: str) -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    fl = {"packet": pool._free_pkts, "buflet": pool._free_ext, "large buffer": pool._free_large}
+    free = fl[which]
+    assert list(free) == [3, 2, 1, 0]
+    assert [free.pop(), free.pop()] == [0, 1]
+    free.append(4)  # the object count: one past the last index
+    free.append(2)  # a second time
+    lost = {
+        "packet": ["packet 0 is free and off the free list", "packet 1 is free and off the free list"],
+        "buflet": ["2 buflets neither free nor held (lost): [0, 1]"],
+        "large buffer": ["2 large buffers neither free nor held (lost): [0, 1]"],
+    }
+    assert pool.audit() == [
+        f"{which} free list holds duplicates",
+        f"{which} free list holds out-of-range [4]",
+        *lost[which],
+    ]
+
+
+def test_a_chained_buflets_large_buffer_on_the_free_list_is_named_with_its_packet() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(400))  # two large buffers: inline and external buflet
+    assert p is not None
+    g = pool.num_packets + pool.b_next[p]
+    assert pool.b_large[g]
+    lb = pool.b_buf[g]
+    pool._free_large.append(lb)
+    assert pool.audit() == [f"large buffer {lb}: held by packet {p} and by the free list"]
+
+
+def test_a_spare_buflet_also_on_the_free_list_is_named() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4)
+    (j,) = pool.alloc_buflets(1)
+    pool._free_ext.append(j)
+    assert pool.audit() == [f"buflet {j}: spare and on the free list"]
+
+
+def test_a_spare_buflet_claiming_a_packets_large_buffer_is_named() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(200))
+    assert p is not None and pool.b_large[p]
+    (j,) = pool.alloc_buflets(1)
+    g = pool.num_packets + j
+    pool.b_large[g], pool.b_buf[g] = 1, pool.b_buf[p]
+    assert pool.audit() == [
+        f"large buffer {pool.b_buf[p]}: held by spare buflet {j} and by packet {p}"
+    ]
+
+
+@pytest.mark.parametrize("which", ["buflets", "large buffers"])
+def test_lost_objects_are_named_first_eight(which: str) -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1, num_buflets=10, num_large_bufs=10,
+                    large_buf_size=4096)  # fmt: skip
+    free = pool._free_ext if which == "buflets" else pool._free_large
+    taken = [free.pop() for _ in range(10)]
+    assert sorted(taken) == list(range(10))
+    assert pool.audit() == [f"10 {which} neither free nor held (lost): [0, 1, 2, 3, 4, 5, 6, 7]"]
+
+
+def test_packet_head_of_a_chained_packet_is_the_first_n_bytes() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=4, num_buflets=8)
+    data = bytes(range(200))
+    p = pool.packet_from_bytes(data)  # 64 + 64 + 64 + 8
+    assert p is not None and pool.packet_nbufs(p) == 4
+    for n in (0, 1, 63, 64, 65, 100, 128, 129, 199, 200, 300):
+        assert pool.packet_head(p, n) == data[:n]
