@@ -502,3 +502,23 @@ def test_packet_head_of_a_chained_packet_is_the_first_n_bytes() -> None:
     assert p is not None and pool.packet_nbufs(p) == 4
     for n in (0, 1, 63, 64, 65, 100, 128, 129, 199, 200, 300):
         assert pool.packet_head(p, n) == data[:n]
+
+
+def test_a_frame_that_fits_one_default_buffer_takes_no_large_one() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_large_bufs=2,
+                    large_buf_size=256)  # fmt: skip
+    for n in (0, 1, 64):
+        p = pool.packet_from_bytes(bytes(n))
+        assert p is not None and not pool.b_large[p]
+        assert pool.stats.large_in_use == 0
+        pool.free_packets([p])
+    p = pool.packet_from_bytes(bytes(65))  # one byte more: a large buffer
+    assert p is not None and pool.b_large[p] and pool.stats.large_in_use == 1
+
+
+def test_a_frame_larger_than_the_pool_can_hold_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=3)
+    assert pool.packet_from_bytes(bytes(192)) is not None  # 3 x 64: fits
+    with pytest.raises(PoolError) as info:
+        pool.packet_from_bytes(bytes(193))
+    assert str(info.value) == "frame of 193 bytes exceeds max_packet_len 192"
