@@ -522,3 +522,23 @@ def test_a_frame_larger_than_the_pool_can_hold_is_refused_by_name() -> None:
     with pytest.raises(PoolError) as info:
         pool.packet_from_bytes(bytes(193))
     assert str(info.value) == "frame of 193 bytes exceeds max_packet_len 192"
+
+
+def test_packet_bytes_read_from_the_data_offset_the_client_set() -> None:
+    """A client moves buf0's data window 16 bytes into the buffer (doff = headroom = 16,
+    struct sk_packet through cffi); after internalize the packet's bytes are the ones at
+    that offset of the buffer buf0.buf_idx names (struct sk_arena_hdr's buf_off)."""
+    pool = Pbufpool(num_packets=4, buf_size=256, max_frags=1)
+    p = pool.packet_from_bytes(bytes(100))
+    assert p is not None
+    validate.externalize(pool, p)
+    q = H.pkt(pool.arena, p)
+    hdr = ffi.cast("struct sk_arena_hdr *", H.base(pool.arena))
+    at = int(hdr.buf_off) + int(q.buf0.buf_idx) * int(hdr.buf_size) + 16
+    del hdr
+    want = bytes(range(1, 61))
+    pool.arena.mem[at : at + 60] = want
+    q.buf0.doff, q.headroom, q.buf0.dlen, q.len = 16, 16, 60, 60
+    del q
+    assert validate.internalize(pool, p) is None
+    assert pool.packet_bytes(p) == want
