@@ -542,3 +542,14 @@ def test_packet_bytes_read_from_the_data_offset_the_client_set() -> None:
     del q
     assert validate.internalize(pool, p) is None
     assert pool.packet_bytes(p) == want
+
+
+@pytest.mark.usefixtures("backend")
+def test_an_index_one_past_the_last_packet_is_not_allocated() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    for idx in (-1, 4, 5):
+        for call in (pool.packet_len, pool.packet_nbufs, pool.packet_vnet, pool.packet_bytes,
+                     lambda i: pool.owner_insert(5, i), lambda i: pool.check_kernel_held([i])):  # fmt: skip
+            with pytest.raises(PoolError) as info:
+                call(idx)
+            assert str(info.value) == f"packet {idx} is not allocated"
