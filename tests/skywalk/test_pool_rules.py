@@ -547,7 +547,7 @@ def test_packet_bytes_read_from_the_data_offset_the_client_set() -> None:
 @pytest.mark.usefixtures("backend")
 def test_an_index_one_past_the_last_packet_is_not_allocated() -> None:
     """And -1: not a uint32, so the compiled batch check hands it to the Python loop, which
-    must refuse it (an accepted -1 would be freed into packet num_packets - 1)."""
+    must refuse it, not accept the batch."""
     pool = Pbufpool(num_packets=4, max_frags=1)
     for idx in (-1, 4, 5):
         for call in (pool.packet_len, pool.packet_nbufs, pool.packet_vnet, pool.packet_bytes,
