@@ -18,6 +18,7 @@ import logging
 
 import pytest
 
+from vdev.abi import ffi
 from vdev.skywalk import Pbufpool, validate
 from vdev.skywalk.arena import NO_INDEX
 from vdev.skywalk.errors import PoolError
@@ -41,8 +42,8 @@ def test_leak_report_words() -> None:
     )
     rep.problems = rep.problems[:5]  # five shown, none left over
     assert str(rep).endswith("; audit: p0; p1; p2; p3; p4")
-    rep.problems = rep.problems[:6]
-    assert str(rep).endswith("; audit: p0; p1; p2; p3; p4")
+    rep.problems = [f"p{i}" for i in range(6)]  # six: one left over
+    assert str(rep).endswith("; audit: p0; p1; p2; p3; p4 (+1 more)")
     assert str(LeakReport()) == "no leaks"
 
 
@@ -337,3 +338,220 @@ def test_an_l2_len_above_32767_in_a_large_first_buffer_is_adopted() -> None:
     H.pkt(pool.arena, p).l2_len = 40000
     assert validate.internalize(pool, p) is None
     assert pool.pkt_l2[p] == 40000
+
+
+# -- whole-module run of pool.py (2026-12-03, second session) --------------------------------
+def test_freeing_a_buflet_that_is_not_a_spare_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4)
+    (j,) = pool.alloc_buflets(1)
+    others = [k for k in range(4) if k != j]
+    with pytest.raises(PoolError) as info:
+        pool.free_buflets([j, others[0]])
+    assert str(info.value) == f"buflet {others[0]} is not a spare allocated buflet"
+    assert pool.stats.buflets_in_use == 1  # nothing freed: the check runs before any free
+    pool.free_buflets([j])
+    assert not pool.close().leaked
+
+
+def test_freeing_spares_leaves_every_packets_large_buffer_alone() -> None:
+    """Spare ``j`` is buflet ``num_packets + j``; the packets numbered below ``num_packets``
+    each hold a large buffer, and freeing every spare must not touch them."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    data = {pool.packet_from_bytes(bytes([i + 1]) * 200): bytes([i + 1]) * 200 for i in range(4)}
+    assert None not in data and sorted(data) == [0, 1, 2, 3]  # type: ignore[type-var]
+    spares = pool.alloc_buflets(4)
+    assert sorted(spares) == [0, 1, 2, 3]
+    assert pool.audit() == []  # nor does the audit of the spares claim them
+    pool.free_buflets(spares)
+    assert pool.stats.large_in_use == 4
+    for p, want in data.items():
+        assert pool.b_large[p] and pool.packet_bytes(p) == want  # type: ignore[index,arg-type]
+    assert pool.audit() == []
+    pool.free_packets(list(data))  # type: ignore[arg-type]
+    assert not pool.close().leaked
+
+
+def test_spare_shortfalls_add_to_the_failures_already_counted() -> None:
+    pool = Pbufpool(num_packets=2, buf_size=64, max_frags=2, num_buflets=2)
+    assert len(pool.alloc_packets(3)) == 2  # one packet short
+    assert pool.stats.alloc_failures == 1
+    assert pool.alloc_buflets(4) == [1, 0]  # two buflets short
+    assert pool.stats.alloc_failures == 3
+    assert pool.alloc_buflets(1) == []
+    assert pool.stats.alloc_failures == 4
+
+
+def test_inserting_a_packet_another_owner_holds_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    pool.owner_insert(5, p)
+    with pytest.raises(PoolError) as info:
+        pool.owner_insert(6, p)
+    assert str(info.value) == f"packet {p} already held by owner 5"
+    assert pool.owners == {5: {p}}
+
+
+def test_owner_remove_takes_any_integer_from_shared_memory() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    pool.owner_insert(5, p)
+    for idx in (-1, 4, 5, 1 << 32):  # outside the pool: False, never an IndexError
+        assert pool.owner_remove(5, idx) is False
+    assert pool.owner_remove(6, p) is False
+    assert pool.owner_remove(5, p) is True
+    assert pool.pkt_owner[p] == -1
+
+
+def test_purging_an_owner_that_holds_nothing_frees_nothing() -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    p = pool.packet_from_bytes(b"x")
+    assert p is not None
+    pool.owner_insert(5, p)
+    assert pool.owner_purge(6) == 0
+    assert pool.owner_purge(5) == 1
+    assert pool.stats.in_use == 0
+    assert not pool.close().leaked
+
+
+def test_the_ring_region_can_be_filled_to_its_last_byte() -> None:
+    """The region the arena header (struct sk_arena_hdr, read through cffi) publishes:
+    ``ring_off`` .. ``ring_off + ring_region_size``, all of it allocatable, not one byte more."""
+    pool = Pbufpool(num_packets=8, max_frags=1, num_ring_slots=64)
+    hdr = ffi.cast("struct sk_arena_hdr *", H.base(pool.arena))
+    off, size = int(hdr.ring_off), int(hdr.ring_region_size)
+    del hdr
+    assert size % 64 == 0
+    assert pool.ring_alloc(size - 64) == off
+    assert pool.ring_alloc(64) == off + size - 64  # the last granule
+    with pytest.raises(PoolError):
+        pool.ring_alloc(1)
+    pool.close()
+
+
+@pytest.mark.parametrize("which", ["packet", "buflet", "large buffer"])
+def test_each_free_list_names_its_duplicates_and_the_entry_one_past_the_last(which: str) -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    fl = {"packet": pool._free_pkts, "buflet": pool._free_ext, "large buffer": pool._free_large}
+    free = fl[which]
+    assert list(free) == [3, 2, 1, 0]
+    assert [free.pop(), free.pop()] == [0, 1]
+    free.append(4)  # the object count: one past the last index
+    free.append(2)  # a second time
+    lost = {
+        "packet": ["packet 0 is free and off the free list", "packet 1 is free and off the free list"],
+        "buflet": ["2 buflets neither free nor held (lost): [0, 1]"],
+        "large buffer": ["2 large buffers neither free nor held (lost): [0, 1]"],
+    }
+    assert pool.audit() == [
+        f"{which} free list holds duplicates",
+        f"{which} free list holds out-of-range [4]",
+        *lost[which],
+    ]
+
+
+def test_a_chained_buflets_large_buffer_on_the_free_list_is_named_with_its_packet() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(400))  # two large buffers: inline and external buflet
+    assert p is not None
+    g = pool.num_packets + pool.b_next[p]
+    assert pool.b_large[g]
+    lb = pool.b_buf[g]
+    pool._free_large.append(lb)
+    assert pool.audit() == [f"large buffer {lb}: held by packet {p} and by the free list"]
+
+
+def test_a_spare_buflet_also_on_the_free_list_is_named() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4)
+    (j,) = pool.alloc_buflets(1)
+    pool._free_ext.append(j)
+    assert pool.audit() == [f"buflet {j}: spare and on the free list"]
+
+
+def test_a_spare_buflet_claiming_a_packets_large_buffer_is_named() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_buflets=4, num_large_bufs=4,
+                    large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(200))
+    assert p is not None and pool.b_large[p]
+    (j,) = pool.alloc_buflets(1)
+    g = pool.num_packets + j
+    pool.b_large[g], pool.b_buf[g] = 1, pool.b_buf[p]
+    assert pool.audit() == [
+        f"large buffer {pool.b_buf[p]}: held by spare buflet {j} and by packet {p}"
+    ]
+
+
+@pytest.mark.parametrize("which", ["buflets", "large buffers"])
+def test_lost_objects_are_named_first_eight(which: str) -> None:
+    pool = Pbufpool(num_packets=4, max_frags=1, num_buflets=10, num_large_bufs=10,
+                    large_buf_size=4096)  # fmt: skip
+    free = pool._free_ext if which == "buflets" else pool._free_large
+    taken = [free.pop() for _ in range(10)]
+    assert sorted(taken) == list(range(10))
+    assert pool.audit() == [f"10 {which} neither free nor held (lost): [0, 1, 2, 3, 4, 5, 6, 7]"]
+
+
+def test_packet_head_of_a_chained_packet_is_the_first_n_bytes() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=4, num_buflets=8)
+    data = bytes(range(200))
+    p = pool.packet_from_bytes(data)  # 64 + 64 + 64 + 8
+    assert p is not None and pool.packet_nbufs(p) == 4
+    for n in (0, 1, 63, 64, 65, 100, 128, 129, 199, 200, 300):
+        assert pool.packet_head(p, n) == data[:n]
+
+
+def test_a_frame_that_fits_one_default_buffer_takes_no_large_one() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_large_bufs=2,
+                    large_buf_size=256)  # fmt: skip
+    for n in (0, 1, 64):
+        p = pool.packet_from_bytes(bytes(n))
+        assert p is not None and not pool.b_large[p]
+        assert pool.stats.large_in_use == 0
+        pool.free_packets([p])
+    p = pool.packet_from_bytes(bytes(65))  # one byte more: a large buffer
+    assert p is not None and pool.b_large[p] and pool.stats.large_in_use == 1
+
+
+def test_a_frame_larger_than_the_pool_can_hold_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=3)
+    assert pool.packet_from_bytes(bytes(192)) is not None  # 3 x 64: fits
+    with pytest.raises(PoolError) as info:
+        pool.packet_from_bytes(bytes(193))
+    assert str(info.value) == "frame of 193 bytes exceeds max_packet_len 192"
+
+
+def test_packet_bytes_read_from_the_data_offset_the_client_set() -> None:
+    """A client moves buf0's data window 16 bytes into the buffer (doff = headroom = 16,
+    struct sk_packet through cffi); after internalize the packet's bytes are the ones at
+    that offset of the buffer buf0.buf_idx names (struct sk_arena_hdr's buf_off)."""
+    pool = Pbufpool(num_packets=4, buf_size=256, max_frags=1)
+    p = pool.packet_from_bytes(bytes(100))
+    assert p is not None
+    validate.externalize(pool, p)
+    q = H.pkt(pool.arena, p)
+    hdr = ffi.cast("struct sk_arena_hdr *", H.base(pool.arena))
+    at = int(hdr.buf_off) + int(q.buf0.buf_idx) * int(hdr.buf_size) + 16
+    del hdr
+    want = bytes(range(1, 61))
+    pool.arena.mem[at : at + 60] = want
+    q.buf0.doff, q.headroom, q.buf0.dlen, q.len = 16, 16, 60, 60
+    del q
+    assert validate.internalize(pool, p) is None
+    assert pool.packet_bytes(p) == want
+
+
+@pytest.mark.usefixtures("backend")
+def test_an_index_one_past_the_last_packet_is_not_allocated() -> None:
+    """And -1: not a uint32, so the compiled batch check hands it to the Python loop, which
+    must refuse it, not accept the batch."""
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    for idx in (-1, 4, 5):
+        for call in (pool.packet_len, pool.packet_nbufs, pool.packet_vnet, pool.packet_bytes,
+                     lambda i: pool.owner_insert(5, i), lambda i: pool.check_kernel_held([i])):  # fmt: skip
+            with pytest.raises(PoolError) as info:
+                call(idx)
+            assert str(info.value) == f"packet {idx} is not allocated"
