@@ -442,7 +442,10 @@ def test_each_free_list_names_its_duplicates_and_the_entry_one_past_the_last(whi
     free.append(4)  # the object count: one past the last index
     free.append(2)  # a second time
     lost = {
-        "packet": ["packet 0 is free and off the free list", "packet 1 is free and off the free list"],
+        "packet": [
+            "packet 0 is free and off the free list",
+            "packet 1 is free and off the free list",
+        ],
         "buflet": ["2 buflets neither free nor held (lost): [0, 1]"],
         "large buffer": ["2 large buffers neither free nor held (lost): [0, 1]"],
     }
@@ -550,8 +553,9 @@ def test_an_index_one_past_the_last_packet_is_not_allocated() -> None:
     must refuse it, not accept the batch."""
     pool = Pbufpool(num_packets=4, max_frags=1)
     for idx in (-1, 4, 5):
-        for call in (pool.packet_len, pool.packet_nbufs, pool.packet_vnet, pool.packet_bytes,
-                     lambda i: pool.owner_insert(5, i), lambda i: pool.check_kernel_held([i])):  # fmt: skip
+        readers = [pool.packet_len, pool.packet_nbufs, pool.packet_vnet, pool.packet_bytes]
+        readers += [lambda i: pool.owner_insert(5, i), lambda i: pool.check_kernel_held([i])]
+        for call in readers:
             with pytest.raises(PoolError) as info:
                 call(idx)
             assert str(info.value) == f"packet {idx} is not allocated"
