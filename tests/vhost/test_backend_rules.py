@@ -201,11 +201,8 @@ def memfds(name: str) -> int:
 @pytest.fixture
 def wire() -> Iterator[Wire]:
     before = fd_count()
-    w = Wire()
-    try:
+    with Wire() as w:
         yield w
-    finally:
-        w.close()
     assert fd_count() == before
 
 
@@ -397,37 +394,30 @@ def test_requests_not_handled_are_refused_by_kind(wire: Wire, lines: Lines) -> N
     assert w.backend.features_acked is True
 
 
-def test_mtu_refusals_and_the_accepted_mtu() -> None:
-    w = Wire(FakeDevice(protocol=1 << PF_MTU))
-    h = Lines()
-    logging.getLogger("vdev.vhost").addHandler(h)
-    try:
+def test_mtu_refusals_and_the_accepted_mtu(lines: Lines) -> None:
+    with Wire(FakeDevice(protocol=1 << PF_MTU)) as w:
         w.reply_ack()
         refused(
             w,
-            h,
+            lines,
             Request.NET_SET_MTU,
             encode_u64(65536),
             "VHOST_USER_NET_SET_MTU: mtu: 65536 is not in 68..65535",
         )
         refused(
             w,
-            h,
+            lines,
             Request.NET_SET_MTU,
             encode_u64(9001),
             "VHOST_USER_NET_SET_MTU: mtu: mtu 9001 too large for this device",
         )
         w.ok(Request.NET_SET_MTU, encode_u64(1500))
         assert w.backend.mtu == 1500 and w.device.mtu == 1500
-    finally:
-        logging.getLogger("vdev.vhost").removeHandler(h)
-        w.close()
 
 
 def test_memory_refusals(lines: Lines) -> None:
     before = fd_count()
-    w = Wire(max_guest_memory=MIB, max_mem_slots=1)
-    try:
+    with Wire(max_guest_memory=MIB, max_mem_slots=1) as w:
         w.reply_ack()
         fd = os.dup(w.mem.fd)
         try:
@@ -488,8 +478,6 @@ def test_memory_refusals(lines: Lines) -> None:
             )
         finally:
             os.close(fd)
-    finally:
-        w.close()
     assert fd_count() == before
 
 
@@ -611,8 +599,7 @@ def test_a_ring_starts_only_with_num_addresses_kick_and_memory(wire: Wire, lines
 def test_kicks_are_watched_while_the_ring_runs() -> None:
     watcher = Watcher()
     before = fd_count()
-    w = Wire(watcher=watcher)
-    try:
+    with Wire(watcher=watcher) as w:
         w.reply_ack()
         w.mem_table()
         w.ring(0)
@@ -627,31 +614,28 @@ def test_kicks_are_watched_while_the_ring_runs() -> None:
         w.get(Request.GET_VRING_BASE, encode_state(0, 0))
         assert watcher.unwatched == [kick] and watcher.watched == {}
         assert ("queue_stopped", 0, True) in w.device.events
-    finally:
-        w.close()
     assert fd_count() == before
 
 
 def test_a_kick_fd_that_cannot_be_read_is_dropped(lines: Lines) -> None:
     watcher = Watcher()
-    w = Wire(watcher=watcher)
-    r, wr = os.pipe()
-    try:
-        w.reply_ack()
-        w.mem_table()
-        w.ring(0, kick=False)
-        # a pipe's write end as the "eventfd": reading it fails with EBADF
-        w.ok(Request.SET_VRING_KICK, encode_u64(0), (wr,))
-        fd = w.backend.vrings[0].kick_fd
-        watcher.watched[fd]()
-        assert lines.at(logging.WARNING)[-1] == (
-            f"vring 0: kick fd {fd}: [Errno 9] Bad file descriptor; no longer watched"
-        )
-        assert fd in watcher.unwatched and w.device.kicks == []
-    finally:
-        os.close(r)
-        os.close(wr)
-        w.close()
+    with Wire(watcher=watcher) as w:
+        r, wr = os.pipe()
+        try:
+            w.reply_ack()
+            w.mem_table()
+            w.ring(0, kick=False)
+            # a pipe's write end as the "eventfd": reading it fails with EBADF
+            w.ok(Request.SET_VRING_KICK, encode_u64(0), (wr,))
+            fd = w.backend.vrings[0].kick_fd
+            watcher.watched[fd]()
+            assert lines.at(logging.WARNING)[-1] == (
+                f"vring 0: kick fd {fd}: [Errno 9] Bad file descriptor; no longer watched"
+            )
+            assert fd in watcher.unwatched and w.device.kicks == []
+        finally:
+            os.close(r)
+            os.close(wr)
 
 
 def test_enable_and_disable_tell_the_device(wire: Wire) -> None:
@@ -681,8 +665,7 @@ def test_internal_error_disconnects_and_closes_the_fds(lines: Lines) -> None:
             raise RuntimeError("device bug")
 
     before = fd_count()
-    w = Wire(Broken())
-    try:
+    with Wire(Broken()) as w:
         w.reply_ack()
         w.mem_table()
         w.ring(0, kick=False)
@@ -696,8 +679,6 @@ def test_internal_error_disconnects_and_closes_the_fds(lines: Lines) -> None:
             lines.at(logging.ERROR)[-1]
             == "vhost-user: internal error on VHOST_USER_SET_VRING_KICK; disconnecting"
         )
-    finally:
-        w.close()
     assert fd_count() == before
 
 
@@ -762,12 +743,9 @@ def test_protocol_feature_offer_is_exact() -> None:
             (1 << PF_MTU, base | (1 << PF_MTU)),
             ((1 << PF_LOG_SHMFD) | (1 << PF_CONFIG), base | (1 << PF_CONFIG)),
         ):
-            w = Wire(FakeDevice(protocol=extra))
-            try:
+            with Wire(FakeDevice(protocol=extra)) as w:
                 assert w.get(Request.GET_PROTOCOL_FEATURES).payload == encode_u64(offer)
                 assert w.backend.protocol_features == 0
-            finally:
-                w.close()
         assert h.at(logging.WARNING) == [
             "device asked for unsupported protocol features 0x2; not offered"
         ]
@@ -776,11 +754,8 @@ def test_protocol_feature_offer_is_exact() -> None:
 
 
 def test_queue_count_is_1_to_256() -> None:
-    w = Wire(FakeDevice(queues=256))
-    try:
+    with Wire(FakeDevice(queues=256)) as w:
         assert w.get(Request.GET_QUEUE_NUM).payload == encode_u64(256)
-    finally:
-        w.close()
     with pytest.raises(ValueError, match=r"^device max_queues 257 is not in 1\.\.256$"):
         Wire(FakeDevice(queues=257))
 
@@ -790,15 +765,12 @@ def test_status_kept_by_the_device() -> None:
         def status_set(self, value: int) -> int:
             return 0x0F if value == 0 else value
 
-    w = Wire(Keeper())
-    try:
+    with Wire(Keeper()) as w:
         w.reply_ack()
         w.ok(Request.SET_STATUS, encode_u64(0))
         assert w.get(Request.GET_STATUS).payload == encode_u64(0x0F)
         w.ok(Request.SET_STATUS, encode_u64(0xFF))
         assert w.get(Request.GET_STATUS).payload == encode_u64(0xFF)
-    finally:
-        w.close()
 
 
 def test_rarp_is_logged_with_its_mac(wire: Wire, lines: Lines) -> None:
@@ -817,8 +789,7 @@ def test_get_config_answers_and_errors(lines: Lines) -> None:
                 return b"abc"
             return bytes(range(offset, offset + size))
 
-    w = Wire(Cfg(protocol=1 << PF_CONFIG))
-    try:
+    with Wire(Cfg(protocol=1 << PF_CONFIG)) as w:
         req = encode_config(4, 0, bytes(8))
         assert w.get(Request.GET_CONFIG, req).payload == b""
         assert lines.at(logging.ERROR) == [
@@ -831,8 +802,6 @@ def test_get_config_answers_and_errors(lines: Lines) -> None:
         assert lines.at(logging.ERROR)[-1] == "vhost-user: GET_CONFIG offset 100 size 8: boom"
         assert w.get(Request.GET_CONFIG, encode_config(200, 0, bytes(8))).payload == b""
         assert lines.at(logging.ERROR)[-1] == "vhost-user: device config is 3 bytes, asked 8"
-    finally:
-        w.close()
 
 
 # -- inflight ("Inflight I/O tracking") ----------------------------------------------------
@@ -851,8 +820,7 @@ def _inflight(w: Wire, queues: int, size: int) -> int:
 
 def test_inflight_buffer_is_attached_to_the_ring(lines: Lines) -> None:
     before = fd_count()
-    w = Wire()
-    try:
+    with Wire() as w:
         w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -890,8 +858,6 @@ def test_inflight_buffer_is_attached_to_the_ring(lines: Lines) -> None:
             assert q is not None and getattr(q, "inflight", None) is not None
         finally:
             os.close(fd)
-    finally:
-        w.close()
     assert fd_count() == before
 
 
@@ -909,8 +875,7 @@ def test_an_inflight_shape_the_device_cannot_have_disconnects(wire: Wire, lines:
 
 
 def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
-    w = Wire()
-    try:
+    with Wire() as w:
         w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -947,8 +912,6 @@ def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
             "VHOST_USER_SET_VRING_ADDR: inflight: vring 1: vring 1 has num 256, the buffer"
             " queue_size 128",
         )
-    finally:
-        w.close()
 
 
 class QueueProxy:
@@ -976,16 +939,13 @@ def test_a_queue_that_fails_to_close_is_logged_and_the_ring_stops(lines: Lines) 
     def factory(*a: Any, **kw: Any) -> Any:
         return Stubborn(queue_format(0)(*a, **kw))
 
-    w = Wire(queue_factory=factory)
-    try:
+    with Wire(queue_factory=factory) as w:
         w.reply_ack()
         w.mem_table()
         w.ring(0)
         assert w.get(Request.GET_VRING_BASE, encode_state(0, 0)).payload == encode_state(0, 0)
         assert "vhost-user: closing queue 0 failed" in lines.at(logging.ERROR)
         assert not w.backend.vrings[0].started and w.backend.vrings[0].queue is None
-    finally:
-        w.close()
 
 
 def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
@@ -1000,8 +960,7 @@ def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
     def factory(*a: Any, **kw: Any) -> Any:
         return NoInflight(queue_format(0)(*a, **kw))
 
-    w = Wire(queue_factory=factory)
-    try:
+    with Wire(queue_factory=factory) as w:
         w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -1016,8 +975,6 @@ def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
         w.ring(0, num=128)
         assert w.backend.vrings[0].started
         assert "vring 0: this queue does not track inflight I/O" in lines.at(logging.WARNING)
-    finally:
-        w.close()
 
 
 def test_a_packed_ring_gets_a_packed_inflight_region() -> None:
@@ -1026,8 +983,7 @@ def test_a_packed_ring_gets_a_packed_inflight_region() -> None:
     class Packed(FakeDevice):
         FEATURES = FakeDevice.FEATURES | F_RING_PACKED
 
-    w = Wire(Packed())
-    try:
+    with Wire(Packed()) as w:
         w.reply_ack(features=F_VERSION_1 | F_RING_PACKED, protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -1045,8 +1001,6 @@ def test_a_packed_ring_gets_a_packed_inflight_region() -> None:
         w.kick(0)
         q = w.backend.vrings[0].queue
         assert q is not None and isinstance(q.inflight, PackedInflight)
-    finally:
-        w.close()
 
 
 def test_an_inflight_fd_that_cannot_be_mapped_is_refused(wire: Wire, lines: Lines) -> None:
@@ -1096,8 +1050,7 @@ def test_a_packed_base_past_a_later_num_is_refused_when_the_ring_starts(lines: L
     class Packed(FakeDevice):
         FEATURES = FakeDevice.FEATURES | F_RING_PACKED
 
-    w = Wire(Packed())
-    try:
+    with Wire(Packed()) as w:
         w.reply_ack(features=F_VERSION_1 | F_RING_PACKED)
         w.mem_table()
         w.ok(Request.SET_VRING_BASE, encode_state(0, 0x8000 | 200))  # before NUM: unchecked
@@ -1118,8 +1071,6 @@ def test_a_packed_base_past_a_later_num_is_refused_when_the_ring_starts(lines: L
         finally:
             os.close(fd)
         assert not w.backend.vrings[0].started
-    finally:
-        w.close()
 
 
 def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
@@ -1131,8 +1082,7 @@ def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
         def memory_changed(self, mem: Any) -> None:
             self.held.append(mem)  # a device may keep the object it was given
 
-    w = Wire(Holder())
-    try:
+    with Wire(Holder()) as w:
         w.reply_ack()
         ours = memfds("vdev-guest-ram")
         w.mem_table()
@@ -1140,8 +1090,6 @@ def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
         w.mem_table()
         w.mem_table()
         assert memfds("vdev-guest-ram") - ours == one  # the old tables' mappings are gone
-    finally:
-        w.close()
 
 
 def test_get_features_takes_the_devices_latest_offer() -> None:
@@ -1151,15 +1099,12 @@ def test_get_features_takes_the_devices_latest_offer() -> None:
         def features_offer(self) -> int:
             return self.offer
 
-    w = Wire(Changing())
-    try:
+    with Wire(Changing()) as w:
         assert w.get(Request.GET_FEATURES).payload == encode_u64(F_VERSION_1 | F_PROTOCOL_FEATURES)
         w.device.offer = F_VERSION_1 | (1 << 5)
         assert w.get(Request.GET_FEATURES).payload == encode_u64(
             F_VERSION_1 | (1 << 5) | F_PROTOCOL_FEATURES
         )
-    finally:
-        w.close()
 
 
 def test_a_device_callback_that_raises_is_logged_by_name(lines: Lines) -> None:
@@ -1192,8 +1137,7 @@ def test_memory_truncated_under_a_running_ring_closes_with_the_fault(lines: Line
 
     watcher = Watcher()
     before = fd_count()
-    w = Wire(Reader(), watcher=watcher)
-    try:
+    with Wire(Reader(), watcher=watcher) as w:
         w.reply_ack()
         w.mem_table()
         _desc, avail, _used = w.ring(0)
@@ -1226,8 +1170,6 @@ def test_memory_truncated_under_a_running_ring_closes_with_the_fault(lines: Line
             w.fe.recv_message(expect_reply=True, block=False)
         assert w.backend.memory_fault() is err  # stays recorded; the closed fault fd unread
         assert w.backend.handle_readable() is False
-    finally:
-        w.close()
     assert fd_count() == before
 
 
