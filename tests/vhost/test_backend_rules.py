@@ -36,6 +36,7 @@ from vdev.vhost.codec import (
     encode_mem_table,
     encode_state,
     encode_u64,
+    request_name,
 )
 from vdev.vhost.connection import Connection, PeerClosed
 from vdev.vhost.frontend import FrontendMemory
@@ -1392,3 +1393,37 @@ def test_get_inflight_fd_logs_the_buffer_it_allocated(wire: Wire, lines: Lines) 
     size = os.fstat(fd).st_size  # the reply's mmap_size (checked by _inflight)
     os.close(fd)
     assert lines.at(logging.INFO) == [f"inflight buffer: 2 queues x 128 entries, {size} bytes"]
+
+
+def test_every_ring_request_refuses_a_ring_that_does_not_exist(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    gone = "index: vring 2 does not exist (2 queues)"
+    for request, payload in (
+        (Request.SET_VRING_NUM, encode_state(2, 256)),
+        (Request.SET_VRING_BASE, encode_state(2, 0)),
+        (Request.SET_VRING_ADDR, encode_addr(VringAddr(2, 0, UVA, UVA + 0x2000, UVA + 0x1000, 0))),
+        (Request.SET_VRING_ENABLE, encode_state(2, 1)),
+    ):
+        refused(w, lines, request, payload, f"{request_name(request)}: {gone}")
+    for request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+        e = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            refused(w, lines, request, encode_u64(2), f"{request_name(request)}: {gone}", (e,))
+        finally:
+            os.close(e)
+    assert all(v.num == 0 and v.kick_fd is None for v in w.backend.vrings)
+
+
+def test_get_vring_base_of_a_ring_that_does_not_exist_disconnects(wire: Wire, lines: Lines) -> None:
+    # GET_VRING_BASE has a reply of its own: a refusal closes ("REPLY_ACK")
+    w = wire
+    w.reply_ack()
+    assert not w.send(Request.GET_VRING_BASE, encode_state(2, 0), ack=True)
+    assert lines.at(logging.ERROR) == [
+        "vhost-user: VHOST_USER_GET_VRING_BASE: index: vring 2 does not exist (2 queues);"
+        " disconnecting"
+    ]
+    with pytest.raises(PeerClosed):
+        w.fe.recv_message(expect_reply=True, block=False)
