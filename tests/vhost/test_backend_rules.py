@@ -1427,3 +1427,46 @@ def test_get_vring_base_of_a_ring_that_does_not_exist_disconnects(wire: Wire, li
     ]
     with pytest.raises(PeerClosed):
         w.fe.recv_message(expect_reply=True, block=False)
+
+
+def test_a_ring_area_that_does_not_fit_in_a_region_is_refused_by_name(
+    wire: Wire, lines: Lines
+) -> None:
+    # 2.7: the used ring of num 256 is 6 + 8 * 256 = 0x806 bytes; the region ends at 2 MiB
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    w.ok(Request.SET_VRING_NUM, encode_state(0, 256))
+    u = UVA + 0x10000
+    used = UVA + 2 * MIB - 0x800
+    refused(
+        w,
+        lines,
+        Request.SET_VRING_ADDR,
+        encode_addr(VringAddr(0, 0, u, used, u + 0x1000, 0)),
+        f"VHOST_USER_SET_VRING_ADDR: used_addr: vring 0 (num 256): used ring does not fit:"
+        f" uva {used:#x}+0x806 runs past the end of its region ({UVA:#x}+0x200000)",
+    )
+    refused(
+        w,
+        lines,
+        Request.SET_VRING_ADDR,
+        encode_addr(VringAddr(0, 0, UVA - 0x10000, u + 0x2000, u + 0x1000, 0)),
+        f"VHOST_USER_SET_VRING_ADDR: desc_addr: vring 0 (num 256): descriptor table does not"
+        f" fit: uva {UVA - 0x10000:#x}+0x1000 is outside guest memory",
+    )
+    # addresses that fit num 256; a larger num would not: SET_VRING_NUM is refused
+    w.ok(
+        Request.SET_VRING_ADDR,
+        encode_addr(VringAddr(0, 0, u, UVA + 2 * MIB - 0x1000, u + 0x1000, 0)),
+    )
+    refused(
+        w,
+        lines,
+        Request.SET_VRING_NUM,
+        encode_state(0, 512),
+        f"VHOST_USER_SET_VRING_NUM: used_addr: vring 0 (num 512): used ring does not fit:"
+        f" uva {UVA + 2 * MIB - 0x1000:#x}+0x1006 runs past the end of its region"
+        f" ({UVA:#x}+0x200000)",
+    )
+    assert not w.backend.vrings[0].started
