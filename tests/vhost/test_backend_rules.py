@@ -1351,6 +1351,7 @@ def test_a_new_backend_request_fd_closes_the_old_one(lines: Lines) -> None:
             first.close()
             second.close()
         assert not w.backend.closed
+    assert w.backend.backend_req_fd is None  # closed with the connection (int | None)
     assert fd_count() == before
 
 
@@ -1470,3 +1471,19 @@ def test_a_ring_area_that_does_not_fit_in_a_region_is_refused_by_name(
         f" ({UVA:#x}+0x200000)",
     )
     assert not w.backend.vrings[0].started
+
+
+def test_a_stopped_ring_is_not_started(wire: Wire) -> None:
+    """GET_VRING_BASE stops the ring ("Ring states"); Vring.started, which the device reads,
+    is the bool False again, and stays so when the connection closes."""
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    w.ring(0)
+    v = w.backend.vrings[0]
+    assert v.started is True
+    assert w.get(Request.GET_VRING_BASE, encode_state(0, 0)).payload == encode_state(0, 0)
+    assert v.started is False and v.queue is None
+    w.backend.close()
+    assert [u.started for u in w.backend.vrings] == [False, False]
+    assert all(u.started is False for u in w.backend.vrings)
