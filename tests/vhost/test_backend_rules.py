@@ -1487,3 +1487,34 @@ def test_a_stopped_ring_is_not_started(wire: Wire) -> None:
     w.backend.close()
     assert [u.started for u in w.backend.vrings] == [False, False]
     assert all(u.started is False for u in w.backend.vrings)
+
+
+def test_a_device_without_status_set_keeps_the_status_as_sent(wire: Wire, lines: Lines) -> None:
+    w = wire  # FakeDevice has no status_set: the status is the front-end's
+    assert not hasattr(w.device, "status_set")
+    w.reply_ack()
+    del lines.lines[:]
+    w.ok(Request.SET_STATUS, encode_u64(0x0F))
+    assert w.get(Request.GET_STATUS).payload == encode_u64(0x0F)
+    w.ok(Request.SET_STATUS, encode_u64(0))
+    assert w.get(Request.GET_STATUS).payload == encode_u64(0)
+    assert lines.at(logging.ERROR) == []
+
+
+def test_close_lets_the_inflight_buffer_go() -> None:
+    before = fd_count()
+    with Wire() as w:
+        w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
+        fd = _inflight(w, 2, 128)
+        try:
+            w.ok(
+                Request.SET_INFLIGHT_FD,
+                encode_inflight(Inflight(os.fstat(fd).st_size, 0, 2, 128)),
+                (fd,),
+            )
+        finally:
+            os.close(fd)
+        assert w.backend.inflight is not None
+        w.backend.close()
+        assert w.backend.inflight is None  # InflightBuffer | None
+    assert fd_count() == before
