@@ -1518,3 +1518,41 @@ def test_close_lets_the_inflight_buffer_go() -> None:
         w.backend.close()
         assert w.backend.inflight is None  # InflightBuffer | None
     assert fd_count() == before
+
+
+def test_a_device_status_set_without_an_answer_keeps_the_status_as_sent(lines: Lines) -> None:
+    class Silent(FakeDevice):
+        def status_set(self, value: int) -> None:
+            if value == 0xFF:
+                raise RuntimeError("device bug")
+
+    with Wire(Silent()) as w:
+        w.reply_ack()
+        w.ok(Request.SET_STATUS, encode_u64(0x0F))
+        assert w.get(Request.GET_STATUS).payload == encode_u64(0x0F)
+        w.ok(Request.SET_STATUS, encode_u64(0xFF))
+        assert w.get(Request.GET_STATUS).payload == encode_u64(0xFF)
+        assert lines.at(logging.ERROR) == ["vhost-user: device status_set failed"]
+
+
+def test_a_new_table_that_drops_a_running_ring_is_refused_by_name(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    desc, _avail, _used = w.ring(0)  # the rings are at gpa 0x100000 and up
+    fd = os.dup(w.mem.fd)
+    try:
+        low = MemRegionDesc(0, 0x80000, UVA, 0)
+        refused(
+            w,
+            lines,
+            Request.SET_MEM_TABLE,
+            encode_mem_table([low]),
+            f"VHOST_USER_SET_MEM_TABLE: desc_addr: vring 0 (num 256): descriptor table does not"
+            f" fit: uva {desc:#x}+0x1000 is outside guest memory",
+            (fd,),
+        )
+    finally:
+        os.close(fd)
+    assert w.backend.vrings[0].started
+    assert [(r.gpa, r.size) for r in w.backend.mem.regions] == [(0, 2 * MIB)]
