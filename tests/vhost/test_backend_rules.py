@@ -1556,3 +1556,28 @@ def test_a_new_table_that_drops_a_running_ring_is_refused_by_name(wire: Wire, li
         os.close(fd)
     assert w.backend.vrings[0].started
     assert [(r.gpa, r.size) for r in w.backend.mem.regions] == [(0, 2 * MIB)]
+
+
+def test_a_memory_table_is_logged_region_by_region(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack()
+    fd = os.dup(w.mem.fd)
+    try:
+        low = MemRegionDesc(0, 0x80000, UVA, 0)
+        high = MemRegionDesc(0x100000, 0x80000, UVA + 0x100000, 0x100000)
+        # one fd per region ("Memory regions description"), counted before the handler runs
+        refused(
+            w,
+            lines,
+            Request.SET_MEM_TABLE,
+            encode_mem_table([low, high]),
+            "VHOST_USER_SET_MEM_TABLE: fds: missing fd: 1 attached, need 2",
+            (fd,),
+        )
+        del lines.lines[:]
+        w.ok(Request.SET_MEM_TABLE, encode_mem_table([low, high]), (fd, fd))
+    finally:
+        os.close(fd)
+    assert lines.at(logging.INFO) == [
+        "memory table: gpa 0x0+0x80000 uva 0x7f0000000000, gpa 0x100000+0x80000 uva 0x7f0000100000"
+    ]
