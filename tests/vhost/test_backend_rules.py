@@ -1617,3 +1617,30 @@ def test_a_refused_set_features_leaves_the_device_and_rings_consistent(lines: Li
         assert (told == [acked] and all(v.enabled for v in w.backend.vrings)) or (
             told == [] and acked != F_VERSION_1
         )
+
+
+def test_the_rings_run_by_the_features_the_device_behaves_by() -> None:
+    """features_set may answer the set the device behaves by (a feature fault): the rings get
+    that one, with the acked ring layout; an answer that is not a feature set is ignored."""
+    F_EVENT_IDX = 1 << 29  # VIRTIO_RING_F_EVENT_IDX
+
+    class Faulty(FakeDevice):
+        answer: Any = None
+
+        def features_set(self, features: int) -> Any:
+            super().features_set(features)
+            return self.answer
+
+    with Wire(Faulty()) as w:
+        w.device.answer = F_VERSION_1  # behaves as if EVENT_IDX were not acked
+        w.reply_ack(features=F_VERSION_1 | F_EVENT_IDX)
+        w.mem_table()
+        w.ring(0)
+        q = w.backend.vrings[0].queue
+        assert q is not None and q.features == F_VERSION_1 and not q.event_idx
+        w.device.answer = "not a feature set"  # a device bug: the acked set is used
+        assert w.send(
+            Request.SET_FEATURES, encode_u64(F_PROTOCOL_FEATURES | F_VERSION_1 | F_EVENT_IDX)
+        )
+        assert not w.backend.closed
+        assert q.features == F_VERSION_1 | F_EVENT_IDX and q.event_idx
