@@ -33,7 +33,7 @@ if [ "${1:-}" = --live ]; then
             python3 -m pytest -q -x -p no:cacheprovider -p no:xdist -p no:randomly "$@" >"$out" 2>&1); then
             echo "SURVIVED $name"
         else
-            echo "KILLED   $name  $(grep -m1 -E '^(FAILED|ERROR) ' "$out" | cut -c1-140)"
+            echo "KILLED   $name  $(grep -m1 -E '^(FAILED|ERROR) [^ ]' "$out" | cut -c1-140)"
         fi
     done
     exit 0
@@ -58,7 +58,7 @@ while read -r name; do
     if timeout 600 nice -n 15 python3 -m pytest -q -x -p no:cacheprovider "$@" >"$out" 2>&1; then
         echo "SURVIVED $name"
     else
-        echo "KILLED   $name  $(grep -m1 -E '^(FAILED|ERROR) ' "$out" | cut -c1-140)"
+        echo "KILLED   $name  $(grep -m1 -E '^(FAILED|ERROR) [^ ]' "$out" | cut -c1-140)"
     fi
     git checkout -q -- vdev
 done

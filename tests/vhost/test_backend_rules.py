@@ -10,6 +10,7 @@ counted in /proc/self/fd.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -36,6 +37,7 @@ from vdev.vhost.codec import (
     encode_mem_table,
     encode_state,
     encode_u64,
+    request_name,
 )
 from vdev.vhost.connection import Connection, PeerClosed
 from vdev.vhost.frontend import FrontendMemory
@@ -43,7 +45,7 @@ from vdev.vhost.frontend import FrontendMemory
 from .conftest import FakeDevice
 
 # Protocol feature bits, from the spec's "Protocol features" list.
-PF_MQ, PF_LOG_SHMFD, PF_RARP, PF_REPLY_ACK, PF_MTU = 0, 1, 2, 3, 4
+PF_MQ, PF_LOG_SHMFD, PF_RARP, PF_REPLY_ACK, PF_MTU, PF_BACKEND_REQ = 0, 1, 2, 3, 4, 5
 PF_CONFIG, PF_INFLIGHT_SHMFD, PF_CONFIGURE_MEM_SLOTS, PF_STATUS = 9, 12, 15, 16
 F_PROTOCOL_FEATURES = 1 << 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_VERSION_1 = 1 << 32
@@ -148,6 +150,12 @@ class Wire:
         self.fe.close()
         self.mem.close()
 
+    def __enter__(self) -> Wire:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class Lines(logging.Handler):
     """Every line of the vdev.vhost logger, formatted (a broken format fails the test)."""
@@ -177,8 +185,20 @@ def lines() -> Iterator[Lines]:
         logger.setLevel(old)
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> frozenset[tuple[str, str]]:
+    """This process's open fds, each with what it points at (a socket's or memfd's inode).
+
+    Garbage left by earlier tests in the same worker is collected first; a test then checks
+    that nothing it opened is still open (`open_fds() <= before`), which a leak fails even
+    when the leaked fd reuses the number of one that a late collection closed meanwhile."""
+    gc.collect()
+    fds: set[tuple[str, str]] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:
+            pass  # the listing's own directory fd, closed by now
+    return frozenset(fds)
 
 
 def memfds(name: str) -> int:
@@ -194,13 +214,10 @@ def memfds(name: str) -> int:
 
 @pytest.fixture
 def wire() -> Iterator[Wire]:
-    before = fd_count()
-    w = Wire()
-    try:
+    before = open_fds()
+    with Wire() as w:
         yield w
-    finally:
-        w.close()
-    assert fd_count() == before
+    assert open_fds() <= before
 
 
 def refused(
@@ -391,37 +408,30 @@ def test_requests_not_handled_are_refused_by_kind(wire: Wire, lines: Lines) -> N
     assert w.backend.features_acked is True
 
 
-def test_mtu_refusals_and_the_accepted_mtu() -> None:
-    w = Wire(FakeDevice(protocol=1 << PF_MTU))
-    h = Lines()
-    logging.getLogger("vdev.vhost").addHandler(h)
-    try:
+def test_mtu_refusals_and_the_accepted_mtu(lines: Lines) -> None:
+    with Wire(FakeDevice(protocol=1 << PF_MTU)) as w:
         w.reply_ack()
         refused(
             w,
-            h,
+            lines,
             Request.NET_SET_MTU,
             encode_u64(65536),
             "VHOST_USER_NET_SET_MTU: mtu: 65536 is not in 68..65535",
         )
         refused(
             w,
-            h,
+            lines,
             Request.NET_SET_MTU,
             encode_u64(9001),
             "VHOST_USER_NET_SET_MTU: mtu: mtu 9001 too large for this device",
         )
         w.ok(Request.NET_SET_MTU, encode_u64(1500))
         assert w.backend.mtu == 1500 and w.device.mtu == 1500
-    finally:
-        logging.getLogger("vdev.vhost").removeHandler(h)
-        w.close()
 
 
 def test_memory_refusals(lines: Lines) -> None:
-    before = fd_count()
-    w = Wire(max_guest_memory=MIB, max_mem_slots=1)
-    try:
+    before = open_fds()
+    with Wire(max_guest_memory=MIB, max_mem_slots=1) as w:
         w.reply_ack()
         fd = os.dup(w.mem.fd)
         try:
@@ -482,9 +492,7 @@ def test_memory_refusals(lines: Lines) -> None:
             )
         finally:
             os.close(fd)
-    finally:
-        w.close()
-    assert fd_count() == before
+    assert open_fds() <= before
 
 
 def test_regions_are_added_checked_and_removed(wire: Wire, lines: Lines) -> None:
@@ -604,9 +612,8 @@ def test_a_ring_starts_only_with_num_addresses_kick_and_memory(wire: Wire, lines
 
 def test_kicks_are_watched_while_the_ring_runs() -> None:
     watcher = Watcher()
-    before = fd_count()
-    w = Wire(watcher=watcher)
-    try:
+    before = open_fds()
+    with Wire(watcher=watcher) as w:
         w.reply_ack()
         w.mem_table()
         w.ring(0)
@@ -621,31 +628,28 @@ def test_kicks_are_watched_while_the_ring_runs() -> None:
         w.get(Request.GET_VRING_BASE, encode_state(0, 0))
         assert watcher.unwatched == [kick] and watcher.watched == {}
         assert ("queue_stopped", 0, True) in w.device.events
-    finally:
-        w.close()
-    assert fd_count() == before
+    assert open_fds() <= before
 
 
 def test_a_kick_fd_that_cannot_be_read_is_dropped(lines: Lines) -> None:
     watcher = Watcher()
-    w = Wire(watcher=watcher)
-    r, wr = os.pipe()
-    try:
-        w.reply_ack()
-        w.mem_table()
-        w.ring(0, kick=False)
-        # a pipe's write end as the "eventfd": reading it fails with EBADF
-        w.ok(Request.SET_VRING_KICK, encode_u64(0), (wr,))
-        fd = w.backend.vrings[0].kick_fd
-        watcher.watched[fd]()
-        assert lines.at(logging.WARNING)[-1] == (
-            f"vring 0: kick fd {fd}: [Errno 9] Bad file descriptor; no longer watched"
-        )
-        assert fd in watcher.unwatched and w.device.kicks == []
-    finally:
-        os.close(r)
-        os.close(wr)
-        w.close()
+    with Wire(watcher=watcher) as w:
+        r, wr = os.pipe()
+        try:
+            w.reply_ack()
+            w.mem_table()
+            w.ring(0, kick=False)
+            # a pipe's write end as the "eventfd": reading it fails with EBADF
+            w.ok(Request.SET_VRING_KICK, encode_u64(0), (wr,))
+            fd = w.backend.vrings[0].kick_fd
+            watcher.watched[fd]()
+            assert lines.at(logging.WARNING)[-1] == (
+                f"vring 0: kick fd {fd}: [Errno 9] Bad file descriptor; no longer watched"
+            )
+            assert fd in watcher.unwatched and w.device.kicks == []
+        finally:
+            os.close(r)
+            os.close(wr)
 
 
 def test_enable_and_disable_tell_the_device(wire: Wire) -> None:
@@ -674,9 +678,8 @@ def test_internal_error_disconnects_and_closes_the_fds(lines: Lines) -> None:
         def queue_direction(self, index: int) -> Any:
             raise RuntimeError("device bug")
 
-    before = fd_count()
-    w = Wire(Broken())
-    try:
+    before = open_fds()
+    with Wire(Broken()) as w:
         w.reply_ack()
         w.mem_table()
         w.ring(0, kick=False)
@@ -690,9 +693,7 @@ def test_internal_error_disconnects_and_closes_the_fds(lines: Lines) -> None:
             lines.at(logging.ERROR)[-1]
             == "vhost-user: internal error on VHOST_USER_SET_VRING_KICK; disconnecting"
         )
-    finally:
-        w.close()
-    assert fd_count() == before
+    assert open_fds() <= before
 
 
 def test_a_broken_frame_disconnects_with_its_reason(wire: Wire, lines: Lines) -> None:
@@ -721,7 +722,7 @@ def test_dispatch_debug_line_names_request_payload_and_fds(wire: Wire, lines: Li
 
 
 def test_close_releases_every_fd_and_the_memory() -> None:
-    before = fd_count()
+    before = open_fds()
     w = Wire()
     w.reply_ack()
     ours = memfds("vdev-guest-ram")  # the front-end's fd and its mapping's
@@ -739,7 +740,7 @@ def test_close_releases_every_fd_and_the_memory() -> None:
     assert memfds("vdev-guest-ram") == ours
     w.fe.close()
     w.mem.close()
-    assert fd_count() == before
+    assert open_fds() <= before
 
 
 # -- device-level requests --------------------------------------------------------------
@@ -756,12 +757,9 @@ def test_protocol_feature_offer_is_exact() -> None:
             (1 << PF_MTU, base | (1 << PF_MTU)),
             ((1 << PF_LOG_SHMFD) | (1 << PF_CONFIG), base | (1 << PF_CONFIG)),
         ):
-            w = Wire(FakeDevice(protocol=extra))
-            try:
+            with Wire(FakeDevice(protocol=extra)) as w:
                 assert w.get(Request.GET_PROTOCOL_FEATURES).payload == encode_u64(offer)
                 assert w.backend.protocol_features == 0
-            finally:
-                w.close()
         assert h.at(logging.WARNING) == [
             "device asked for unsupported protocol features 0x2; not offered"
         ]
@@ -770,11 +768,8 @@ def test_protocol_feature_offer_is_exact() -> None:
 
 
 def test_queue_count_is_1_to_256() -> None:
-    w = Wire(FakeDevice(queues=256))
-    try:
+    with Wire(FakeDevice(queues=256)) as w:
         assert w.get(Request.GET_QUEUE_NUM).payload == encode_u64(256)
-    finally:
-        w.close()
     with pytest.raises(ValueError, match=r"^device max_queues 257 is not in 1\.\.256$"):
         Wire(FakeDevice(queues=257))
 
@@ -784,15 +779,12 @@ def test_status_kept_by_the_device() -> None:
         def status_set(self, value: int) -> int:
             return 0x0F if value == 0 else value
 
-    w = Wire(Keeper())
-    try:
+    with Wire(Keeper()) as w:
         w.reply_ack()
         w.ok(Request.SET_STATUS, encode_u64(0))
         assert w.get(Request.GET_STATUS).payload == encode_u64(0x0F)
         w.ok(Request.SET_STATUS, encode_u64(0xFF))
         assert w.get(Request.GET_STATUS).payload == encode_u64(0xFF)
-    finally:
-        w.close()
 
 
 def test_rarp_is_logged_with_its_mac(wire: Wire, lines: Lines) -> None:
@@ -811,8 +803,7 @@ def test_get_config_answers_and_errors(lines: Lines) -> None:
                 return b"abc"
             return bytes(range(offset, offset + size))
 
-    w = Wire(Cfg(protocol=1 << PF_CONFIG))
-    try:
+    with Wire(Cfg(protocol=1 << PF_CONFIG)) as w:
         req = encode_config(4, 0, bytes(8))
         assert w.get(Request.GET_CONFIG, req).payload == b""
         assert lines.at(logging.ERROR) == [
@@ -825,8 +816,6 @@ def test_get_config_answers_and_errors(lines: Lines) -> None:
         assert lines.at(logging.ERROR)[-1] == "vhost-user: GET_CONFIG offset 100 size 8: boom"
         assert w.get(Request.GET_CONFIG, encode_config(200, 0, bytes(8))).payload == b""
         assert lines.at(logging.ERROR)[-1] == "vhost-user: device config is 3 bytes, asked 8"
-    finally:
-        w.close()
 
 
 # -- inflight ("Inflight I/O tracking") ----------------------------------------------------
@@ -844,9 +833,8 @@ def _inflight(w: Wire, queues: int, size: int) -> int:
 
 
 def test_inflight_buffer_is_attached_to_the_ring(lines: Lines) -> None:
-    before = fd_count()
-    w = Wire()
-    try:
+    before = open_fds()
+    with Wire() as w:
         w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -884,9 +872,7 @@ def test_inflight_buffer_is_attached_to_the_ring(lines: Lines) -> None:
             assert q is not None and getattr(q, "inflight", None) is not None
         finally:
             os.close(fd)
-    finally:
-        w.close()
-    assert fd_count() == before
+    assert open_fds() <= before
 
 
 def test_an_inflight_shape_the_device_cannot_have_disconnects(wire: Wire, lines: Lines) -> None:
@@ -903,8 +889,7 @@ def test_an_inflight_shape_the_device_cannot_have_disconnects(wire: Wire, lines:
 
 
 def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
-    w = Wire()
-    try:
+    with Wire() as w:
         w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -941,8 +926,6 @@ def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
             "VHOST_USER_SET_VRING_ADDR: inflight: vring 1: vring 1 has num 256, the buffer"
             " queue_size 128",
         )
-    finally:
-        w.close()
 
 
 class QueueProxy:
@@ -970,16 +953,13 @@ def test_a_queue_that_fails_to_close_is_logged_and_the_ring_stops(lines: Lines) 
     def factory(*a: Any, **kw: Any) -> Any:
         return Stubborn(queue_format(0)(*a, **kw))
 
-    w = Wire(queue_factory=factory)
-    try:
+    with Wire(queue_factory=factory) as w:
         w.reply_ack()
         w.mem_table()
         w.ring(0)
         assert w.get(Request.GET_VRING_BASE, encode_state(0, 0)).payload == encode_state(0, 0)
         assert "vhost-user: closing queue 0 failed" in lines.at(logging.ERROR)
         assert not w.backend.vrings[0].started and w.backend.vrings[0].queue is None
-    finally:
-        w.close()
 
 
 def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
@@ -994,8 +974,7 @@ def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
     def factory(*a: Any, **kw: Any) -> Any:
         return NoInflight(queue_format(0)(*a, **kw))
 
-    w = Wire(queue_factory=factory)
-    try:
+    with Wire(queue_factory=factory) as w:
         w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -1010,8 +989,6 @@ def test_a_queue_without_inflight_tracking_is_named(lines: Lines) -> None:
         w.ring(0, num=128)
         assert w.backend.vrings[0].started
         assert "vring 0: this queue does not track inflight I/O" in lines.at(logging.WARNING)
-    finally:
-        w.close()
 
 
 def test_a_packed_ring_gets_a_packed_inflight_region() -> None:
@@ -1020,8 +997,7 @@ def test_a_packed_ring_gets_a_packed_inflight_region() -> None:
     class Packed(FakeDevice):
         FEATURES = FakeDevice.FEATURES | F_RING_PACKED
 
-    w = Wire(Packed())
-    try:
+    with Wire(Packed()) as w:
         w.reply_ack(features=F_VERSION_1 | F_RING_PACKED, protocol=1 << PF_INFLIGHT_SHMFD)
         fd = _inflight(w, 2, 128)
         try:
@@ -1039,8 +1015,6 @@ def test_a_packed_ring_gets_a_packed_inflight_region() -> None:
         w.kick(0)
         q = w.backend.vrings[0].queue
         assert q is not None and isinstance(q.inflight, PackedInflight)
-    finally:
-        w.close()
 
 
 def test_an_inflight_fd_that_cannot_be_mapped_is_refused(wire: Wire, lines: Lines) -> None:
@@ -1090,8 +1064,7 @@ def test_a_packed_base_past_a_later_num_is_refused_when_the_ring_starts(lines: L
     class Packed(FakeDevice):
         FEATURES = FakeDevice.FEATURES | F_RING_PACKED
 
-    w = Wire(Packed())
-    try:
+    with Wire(Packed()) as w:
         w.reply_ack(features=F_VERSION_1 | F_RING_PACKED)
         w.mem_table()
         w.ok(Request.SET_VRING_BASE, encode_state(0, 0x8000 | 200))  # before NUM: unchecked
@@ -1112,8 +1085,6 @@ def test_a_packed_base_past_a_later_num_is_refused_when_the_ring_starts(lines: L
         finally:
             os.close(fd)
         assert not w.backend.vrings[0].started
-    finally:
-        w.close()
 
 
 def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
@@ -1125,8 +1096,7 @@ def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
         def memory_changed(self, mem: Any) -> None:
             self.held.append(mem)  # a device may keep the object it was given
 
-    w = Wire(Holder())
-    try:
+    with Wire(Holder()) as w:
         w.reply_ack()
         ours = memfds("vdev-guest-ram")
         w.mem_table()
@@ -1134,8 +1104,6 @@ def test_replaced_memory_is_unmapped_even_if_the_device_holds_it() -> None:
         w.mem_table()
         w.mem_table()
         assert memfds("vdev-guest-ram") - ours == one  # the old tables' mappings are gone
-    finally:
-        w.close()
 
 
 def test_get_features_takes_the_devices_latest_offer() -> None:
@@ -1145,15 +1113,12 @@ def test_get_features_takes_the_devices_latest_offer() -> None:
         def features_offer(self) -> int:
             return self.offer
 
-    w = Wire(Changing())
-    try:
+    with Wire(Changing()) as w:
         assert w.get(Request.GET_FEATURES).payload == encode_u64(F_VERSION_1 | F_PROTOCOL_FEATURES)
         w.device.offer = F_VERSION_1 | (1 << 5)
         assert w.get(Request.GET_FEATURES).payload == encode_u64(
             F_VERSION_1 | (1 << 5) | F_PROTOCOL_FEATURES
         )
-    finally:
-        w.close()
 
 
 def test_a_device_callback_that_raises_is_logged_by_name(lines: Lines) -> None:
@@ -1164,3 +1129,570 @@ def test_a_device_callback_that_raises_is_logged_by_name(lines: Lines) -> None:
     w = Wire(Raising())
     w.close()
     assert lines.at(logging.ERROR) == ["vhost-user: device disconnected failed"]
+
+
+# -- guest memory that goes away ("Memory regions description"; issue 12 item 4) ------------
+
+
+def test_memory_truncated_under_a_running_ring_closes_with_the_fault(lines: Lines) -> None:
+    """The front-end truncates its memfd after SET_MEM_TABLE; the device reads the avail ring
+    on a kick (SIGBUS, recovered by memguard onto zero pages); the next message is not read:
+    the connection closes with the fault's line and every fd goes."""
+    from vdev.errors import GuestMemoryFault
+    from vdev.virtio import memguard
+
+    if not memguard.available():
+        pytest.skip("compiled module unavailable (no C compiler?)")
+
+    class Reader(FakeDevice):
+        def queue_kicked(self, vring: Any) -> None:
+            super().queue_kicked(vring)
+            self.pending = vring.queue.avail_count()  # reads avail->idx from guest memory
+
+    watcher = Watcher()
+    before = open_fds()
+    with Wire(Reader(), watcher=watcher) as w:
+        w.reply_ack()
+        w.mem_table()
+        _desc, avail, _used = w.ring(0)
+        v = w.backend.vrings[0]
+        assert v.started and list(watcher.watched) == [v.kick_fd]
+        # From here on this process never touches its own (unguarded) mapping of the fd.
+        os.ftruncate(w.mem.fd, 0)
+        os.eventfd_write(v.kick_fd, 1)
+        watcher.watched[v.kick_fd]()
+        assert w.device.kicks == [0] and w.device.pending == 0  # zero pages after the fault
+        assert not w.backend.closed  # recorded at a defined point: the next message
+        del lines.lines[:]
+        w.fe.send_message(Request.GET_FEATURES, b"", flags=VERSION)
+        assert w.backend.handle_readable() is False
+        assert w.backend.closed
+        err = w.backend.fault
+        assert isinstance(err, GuestMemoryFault)
+        # avail->idx: the u16 at offset 2 of the avail ring (2.7.6); region gpa 0, offset 0
+        gpa = avail - UVA
+        offset = gpa + 2
+        assert (err.gpa, err.size, err.offset, err.faults) == (0, 2 * MIB, offset, 1)
+        assert lines.at(logging.ERROR) == [
+            f"vhost-user: guest memory region gpa 0x0+0x200000 faulted at offset {offset:#x}"
+            " (1 SIGBUS): the frontend truncated or shrank the region's fd after mapping it;"
+            " disconnecting"
+        ]
+        assert ("queue_stopped", 0, True) in w.device.events
+        assert w.device.names()[-1] == "disconnected"
+        with pytest.raises(PeerClosed):  # GET_FEATURES was never answered: the peer hung up
+            w.fe.recv_message(expect_reply=True, block=False)
+        assert w.backend.memory_fault() is err  # stays recorded; the closed fault fd unread
+        assert w.backend.handle_readable() is False
+    assert open_fds() <= before
+
+
+# -- the rest of the module (second mutation session) ---------------------------------------
+
+
+def test_a_ring_area_at_a_regions_first_byte_is_in_that_region(wire: Wire, lines: Lines) -> None:
+    """A region holds a ring when an area starts at uva <= addr < uva + size: its first byte
+    is in it, the byte after its end is not (the next region's first byte)."""
+    w = wire
+    w.reply_ack()
+    fd = os.dup(w.mem.fd)
+    try:
+        low = MemRegionDesc(0, 0x80000, UVA, 0)
+        high = MemRegionDesc(0x80000, 0x80000, UVA + 0x80000, 0x80000)
+        w.ok(Request.ADD_MEM_REG, encode_mem_reg(low), (fd,))
+        w.ok(Request.ADD_MEM_REG, encode_mem_reg(high), (fd,))
+        # every area in high, the descriptor table at high's first byte (= low's end)
+        h = UVA + 0x80000
+        w.ok(Request.SET_VRING_NUM, encode_state(0, 256))
+        w.ok(Request.SET_VRING_ADDR, encode_addr(VringAddr(0, 0, h, h + 0x2000, h + 0x1000, 0)))
+        w.kick(0)
+        assert w.backend.vrings[0].started
+        w.ok(Request.REM_MEM_REG, encode_mem_reg(low))  # low holds nothing of the ring
+        assert [(r.gpa, r.size) for r in w.backend.mem.regions] == [(0x80000, 0x80000)]
+        w.ok(Request.ADD_MEM_REG, encode_mem_reg(low), (fd,))
+        # again, the avail and used rings now in low: only the descriptor table is in high
+        w.get(Request.GET_VRING_BASE, encode_state(0, 0))
+        w.ok(
+            Request.SET_VRING_ADDR,
+            encode_addr(VringAddr(0, 0, h, UVA + 0x2000, UVA + 0x1000, 0)),
+        )
+        w.kick(0)
+        assert w.backend.vrings[0].started
+        refused(
+            w,
+            lines,
+            Request.REM_MEM_REG,
+            encode_mem_reg(high),
+            "VHOST_USER_REM_MEM_REG: region: gpa 0x80000 holds running vring 0",
+        )
+    finally:
+        os.close(fd)
+
+
+def test_reset_owner_disables_every_ring_and_keeps_the_connection(wire: Wire) -> None:
+    # RESET_OWNER: "back-ends either ignore this message, or use it to disable all rings"
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    w.ring(0)
+    w.ok(Request.SET_VRING_ENABLE, encode_state(0, 1))
+    w.ok(Request.SET_VRING_ENABLE, encode_state(1, 1))  # enabled, never started
+    del w.device.events[:]
+    w.ok(Request.RESET_OWNER)
+    assert [v.enabled for v in w.backend.vrings] == [False, False]
+    assert all(v.enabled is False for v in w.backend.vrings)  # Vring.enabled is a bool
+    assert w.device.events == [("queue_disabling", 0)]  # the started one only
+    assert w.backend.vrings[0].started and not w.backend.closed
+    # the connection goes on: ring 0 is enabled again and announced again
+    w.ok(Request.SET_VRING_ENABLE, encode_state(0, 1))
+    assert w.device.names()[-1] == "queue_started" and w.backend.vrings[0].running
+
+
+def _unstartable_ring(w: Wire, lines: Lines) -> int:
+    """Ring 0 of num 256 against an inflight buffer of queue_size 128: everything it needs
+    is there, memory last (ADD_MEM_REG, refused); returns the region's fd (the caller's)."""
+    w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
+    fd = _inflight(w, 2, 128)
+    try:
+        w.ok(
+            Request.SET_INFLIGHT_FD,
+            encode_inflight(Inflight(os.fstat(fd).st_size, 0, 2, 128)),
+            (fd,),
+        )
+    finally:
+        os.close(fd)
+    w.ring(0, num=256)
+    m = os.dup(w.mem.fd)
+    refused(
+        w,
+        lines,
+        Request.ADD_MEM_REG,
+        encode_mem_reg(w.region),
+        "VHOST_USER_ADD_MEM_REG: inflight: vring 0: vring 0 has num 256, the buffer queue_size 128",
+        (m,),
+    )
+    return m
+
+
+def test_every_request_that_retries_a_ring_start_names_itself(lines: Lines) -> None:
+    """The region stays mapped after that refusal; the same ADD_MEM_REG again (the no-op QEMU
+    7.2 sends) and RESET_OWNER try the start again, and are refused by their own name."""
+    with Wire() as w:
+        m = _unstartable_ring(w, lines)
+        try:
+            assert [(r.gpa, r.size) for r in w.backend.mem.regions] == [(0, 2 * MIB)]
+            refused(
+                w,
+                lines,
+                Request.ADD_MEM_REG,
+                encode_mem_reg(w.region),
+                "VHOST_USER_ADD_MEM_REG: inflight: vring 0: vring 0 has num 256, the buffer"
+                " queue_size 128",
+                (m,),
+            )
+        finally:
+            os.close(m)
+        refused(
+            w,
+            lines,
+            Request.RESET_OWNER,
+            b"",
+            "VHOST_USER_RESET_OWNER: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
+        assert not w.backend.vrings[0].started
+
+
+def test_reset_owner_disables_the_rings_after_one_that_cannot_start(lines: Lines) -> None:
+    """RESET_OWNER disables every ring ("use it to disable all rings"), ring 1 too although
+    ring 0's start attempt on the way fails; the failure is still the reply."""
+    with Wire() as w:
+        m = _unstartable_ring(w, lines)
+        os.close(m)
+        w.ok(Request.SET_VRING_ENABLE, encode_state(1, 1))
+        assert [v.enabled for v in w.backend.vrings] == [False, True]
+        refused(
+            w,
+            lines,
+            Request.RESET_OWNER,
+            b"",
+            "VHOST_USER_RESET_OWNER: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
+        assert [v.enabled for v in w.backend.vrings] == [False, False]
+
+
+def test_a_memory_table_starts_the_rings_after_one_that_cannot_start(lines: Lines) -> None:
+    """Ring 0 cannot start (num 256 against the inflight buffer's 128), ring 1 can: the
+    region that makes both startable starts ring 1 and the device hears of it; the reply
+    names ring 0's refusal."""
+    with Wire() as w:
+        w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
+        fd = _inflight(w, 2, 128)
+        try:
+            w.ok(
+                Request.SET_INFLIGHT_FD,
+                encode_inflight(Inflight(os.fstat(fd).st_size, 0, 2, 128)),
+                (fd,),
+            )
+        finally:
+            os.close(fd)
+        w.ring(0, num=256)
+        w.ring(1, num=128)
+        m = os.dup(w.mem.fd)
+        try:
+            refused(
+                w,
+                lines,
+                Request.ADD_MEM_REG,
+                encode_mem_reg(w.region),
+                "VHOST_USER_ADD_MEM_REG: inflight: vring 0: vring 0 has num 256, the buffer"
+                " queue_size 128",
+                (m,),
+            )
+        finally:
+            os.close(m)
+        assert [v.started for v in w.backend.vrings] == [False, True]
+        assert [e for e in w.device.events if e[0] == "queue_started"] == [("queue_started", 1)]
+
+
+def test_the_first_region_past_its_fd_end_is_refused_and_nothing_stays_mapped(
+    wire: Wire, lines: Lines
+) -> None:
+    w = wire
+    w.reply_ack()
+    ours = memfds("vdev-guest-ram")
+    fd = os.dup(w.mem.fd)
+    try:
+        past = MemRegionDesc(0, 0x100000, UVA, 0x180000)
+        refused(
+            w,
+            lines,
+            Request.ADD_MEM_REG,
+            encode_mem_reg(past),
+            "VHOST_USER_ADD_MEM_REG: region.size: mmap_offset 0x180000+0x100000 exceeds"
+            " fd size 0x200000",
+            (fd,),
+        )
+    finally:
+        os.close(fd)
+    assert w.backend.mem is None and memfds("vdev-guest-ram") == ours
+
+
+def test_a_new_backend_request_fd_closes_the_old_one(lines: Lines) -> None:
+    before = open_fds()
+    with Wire(FakeDevice(protocol=1 << PF_BACKEND_REQ)) as w:
+        w.reply_ack(protocol=1 << PF_BACKEND_REQ)
+        first, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        second, theirs2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            w.ok(Request.SET_SLAVE_REQ_FD, b"", (theirs.fileno(),))
+            theirs.close()
+            first.settimeout(0)
+            with pytest.raises(BlockingIOError):  # the backend holds the other end
+                first.recv(1)
+            w.ok(Request.SET_SLAVE_REQ_FD, b"", (theirs2.fileno(),))
+            theirs2.close()
+            assert first.recv(1) == b""  # the old channel closed: EOF
+            second.settimeout(0)
+            with pytest.raises(BlockingIOError):
+                second.recv(1)
+        finally:
+            first.close()
+            second.close()
+        assert not w.backend.closed
+    assert w.backend.backend_req_fd is None  # closed with the connection (int | None)
+    assert open_fds() <= before
+
+
+def test_a_stale_kick_callback_does_not_reach_the_device() -> None:
+    """A kick event the loop took for a watch that is gone (SET_VRING_KICK replaced the fd)
+    is not the ring's kick: the device does not hear it, even if the old number is an open
+    eventfd again by then."""
+    watcher = Watcher()
+    with Wire(watcher=watcher) as w:
+        w.reply_ack()
+        w.mem_table()
+        w.ring(0)
+        v = w.backend.vrings[0]
+        old = v.kick_fd
+        assert old is not None
+        stale = watcher.watched[old]
+        w.kick(0)  # a new kick fd: the old one unwatched and closed
+        assert v.kick_fd != old and old in watcher.unwatched
+        assert list(watcher.watched) == [v.kick_fd]
+        with pytest.raises(OSError):
+            os.fstat(old)
+        e = os.eventfd(1, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        os.dup2(e, old)  # the old number reused by another eventfd, with a count
+        os.close(e)
+        try:
+            stale()
+            assert w.device.kicks == []
+        finally:
+            os.close(old)
+        os.eventfd_write(v.kick_fd, 1)
+        watcher.watched[v.kick_fd]()
+        assert w.device.kicks == [0]
+
+
+def test_get_inflight_fd_logs_the_buffer_it_allocated(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
+    del lines.lines[:]
+    fd = _inflight(w, 2, 128)
+    size = os.fstat(fd).st_size  # the reply's mmap_size (checked by _inflight)
+    os.close(fd)
+    assert lines.at(logging.INFO) == [f"inflight buffer: 2 queues x 128 entries, {size} bytes"]
+
+
+def test_every_ring_request_refuses_a_ring_that_does_not_exist(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    gone = "index: vring 2 does not exist (2 queues)"
+    for request, payload in (
+        (Request.SET_VRING_NUM, encode_state(2, 256)),
+        (Request.SET_VRING_BASE, encode_state(2, 0)),
+        (Request.SET_VRING_ADDR, encode_addr(VringAddr(2, 0, UVA, UVA + 0x2000, UVA + 0x1000, 0))),
+        (Request.SET_VRING_ENABLE, encode_state(2, 1)),
+    ):
+        refused(w, lines, request, payload, f"{request_name(request)}: {gone}")
+    for request in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR):
+        e = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            refused(w, lines, request, encode_u64(2), f"{request_name(request)}: {gone}", (e,))
+        finally:
+            os.close(e)
+    assert all(v.num == 0 and v.kick_fd is None for v in w.backend.vrings)
+
+
+def test_get_vring_base_of_a_ring_that_does_not_exist_disconnects(wire: Wire, lines: Lines) -> None:
+    # GET_VRING_BASE has a reply of its own: a refusal closes ("REPLY_ACK")
+    w = wire
+    w.reply_ack()
+    assert not w.send(Request.GET_VRING_BASE, encode_state(2, 0), ack=True)
+    assert lines.at(logging.ERROR) == [
+        "vhost-user: VHOST_USER_GET_VRING_BASE: index: vring 2 does not exist (2 queues);"
+        " disconnecting"
+    ]
+    with pytest.raises(PeerClosed):
+        w.fe.recv_message(expect_reply=True, block=False)
+
+
+def test_a_ring_area_that_does_not_fit_in_a_region_is_refused_by_name(
+    wire: Wire, lines: Lines
+) -> None:
+    # 2.7: the used ring of num 256 is 6 + 8 * 256 = 0x806 bytes; the region ends at 2 MiB
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    w.ok(Request.SET_VRING_NUM, encode_state(0, 256))
+    u = UVA + 0x10000
+    used = UVA + 2 * MIB - 0x800
+    refused(
+        w,
+        lines,
+        Request.SET_VRING_ADDR,
+        encode_addr(VringAddr(0, 0, u, used, u + 0x1000, 0)),
+        f"VHOST_USER_SET_VRING_ADDR: used_addr: vring 0 (num 256): used ring does not fit:"
+        f" uva {used:#x}+0x806 runs past the end of its region ({UVA:#x}+0x200000)",
+    )
+    refused(
+        w,
+        lines,
+        Request.SET_VRING_ADDR,
+        encode_addr(VringAddr(0, 0, UVA - 0x10000, u + 0x2000, u + 0x1000, 0)),
+        f"VHOST_USER_SET_VRING_ADDR: desc_addr: vring 0 (num 256): descriptor table does not"
+        f" fit: uva {UVA - 0x10000:#x}+0x1000 is outside guest memory",
+    )
+    # addresses that fit num 256; a larger num would not: SET_VRING_NUM is refused
+    w.ok(
+        Request.SET_VRING_ADDR,
+        encode_addr(VringAddr(0, 0, u, UVA + 2 * MIB - 0x1000, u + 0x1000, 0)),
+    )
+    refused(
+        w,
+        lines,
+        Request.SET_VRING_NUM,
+        encode_state(0, 512),
+        f"VHOST_USER_SET_VRING_NUM: used_addr: vring 0 (num 512): used ring does not fit:"
+        f" uva {UVA + 2 * MIB - 0x1000:#x}+0x1006 runs past the end of its region"
+        f" ({UVA:#x}+0x200000)",
+    )
+    assert not w.backend.vrings[0].started
+
+
+def test_a_stopped_ring_is_not_started(wire: Wire) -> None:
+    """GET_VRING_BASE stops the ring ("Ring states"); Vring.started, which the device reads,
+    is the bool False again, and stays so when the connection closes."""
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    w.ring(0)
+    v = w.backend.vrings[0]
+    assert v.started is True
+    assert w.get(Request.GET_VRING_BASE, encode_state(0, 0)).payload == encode_state(0, 0)
+    assert v.started is False and v.queue is None
+    w.backend.close()
+    assert [u.started for u in w.backend.vrings] == [False, False]
+    assert all(u.started is False for u in w.backend.vrings)
+
+
+def test_a_device_without_status_set_keeps_the_status_as_sent(wire: Wire, lines: Lines) -> None:
+    w = wire  # FakeDevice has no status_set: the status is the front-end's
+    assert not hasattr(w.device, "status_set")
+    w.reply_ack()
+    del lines.lines[:]
+    w.ok(Request.SET_STATUS, encode_u64(0x0F))
+    assert w.get(Request.GET_STATUS).payload == encode_u64(0x0F)
+    w.ok(Request.SET_STATUS, encode_u64(0))
+    assert w.get(Request.GET_STATUS).payload == encode_u64(0)
+    assert lines.at(logging.ERROR) == []
+
+
+def test_close_lets_the_inflight_buffer_go() -> None:
+    before = open_fds()
+    with Wire() as w:
+        w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
+        fd = _inflight(w, 2, 128)
+        try:
+            w.ok(
+                Request.SET_INFLIGHT_FD,
+                encode_inflight(Inflight(os.fstat(fd).st_size, 0, 2, 128)),
+                (fd,),
+            )
+        finally:
+            os.close(fd)
+        assert w.backend.inflight is not None
+        w.backend.close()
+        assert w.backend.inflight is None  # InflightBuffer | None
+    assert open_fds() <= before
+
+
+def test_a_device_status_set_without_an_answer_keeps_the_status_as_sent(lines: Lines) -> None:
+    class Silent(FakeDevice):
+        def status_set(self, value: int) -> None:
+            if value == 0xFF:
+                raise RuntimeError("device bug")
+
+    with Wire(Silent()) as w:
+        w.reply_ack()
+        w.ok(Request.SET_STATUS, encode_u64(0x0F))
+        assert w.get(Request.GET_STATUS).payload == encode_u64(0x0F)
+        w.ok(Request.SET_STATUS, encode_u64(0xFF))
+        assert w.get(Request.GET_STATUS).payload == encode_u64(0xFF)
+        assert lines.at(logging.ERROR) == ["vhost-user: device status_set failed"]
+
+
+def test_a_new_table_that_drops_a_running_ring_is_refused_by_name(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    desc, _avail, _used = w.ring(0)  # the rings are at gpa 0x100000 and up
+    fd = os.dup(w.mem.fd)
+    try:
+        low = MemRegionDesc(0, 0x80000, UVA, 0)
+        refused(
+            w,
+            lines,
+            Request.SET_MEM_TABLE,
+            encode_mem_table([low]),
+            f"VHOST_USER_SET_MEM_TABLE: desc_addr: vring 0 (num 256): descriptor table does not"
+            f" fit: uva {desc:#x}+0x1000 is outside guest memory",
+            (fd,),
+        )
+    finally:
+        os.close(fd)
+    assert w.backend.vrings[0].started
+    assert [(r.gpa, r.size) for r in w.backend.mem.regions] == [(0, 2 * MIB)]
+
+
+def test_a_memory_table_is_logged_region_by_region(wire: Wire, lines: Lines) -> None:
+    w = wire
+    w.reply_ack()
+    fd = os.dup(w.mem.fd)
+    try:
+        low = MemRegionDesc(0, 0x80000, UVA, 0)
+        high = MemRegionDesc(0x100000, 0x80000, UVA + 0x100000, 0x100000)
+        # one fd per region ("Memory regions description"), counted before the handler runs
+        refused(
+            w,
+            lines,
+            Request.SET_MEM_TABLE,
+            encode_mem_table([low, high]),
+            "VHOST_USER_SET_MEM_TABLE: fds: missing fd: 1 attached, need 2",
+            (fd,),
+        )
+        del lines.lines[:]
+        w.ok(Request.SET_MEM_TABLE, encode_mem_table([low, high]), (fd, fd))
+    finally:
+        os.close(fd)
+    assert lines.at(logging.INFO) == [
+        "memory table: gpa 0x0+0x80000 uva 0x7f0000000000, gpa 0x100000+0x80000 uva 0x7f0000100000"
+    ]
+
+
+def test_set_features_that_enables_an_unstartable_ring_names_itself(lines: Lines) -> None:
+    # without VHOST_USER_F_PROTOCOL_FEATURES the rings are enabled ("Ring states"): ring 0
+    # tries its start again, and the refusal names SET_FEATURES
+    with Wire() as w:
+        os.close(_unstartable_ring(w, lines))
+        refused(
+            w,
+            lines,
+            Request.SET_FEATURES,
+            encode_u64(F_VERSION_1),
+            "VHOST_USER_SET_FEATURES: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
+        assert not w.backend.vrings[0].started
+
+
+def test_a_refused_set_features_leaves_the_device_and_rings_consistent(lines: Lines) -> None:
+    """SET_FEATURES without bit 30 enables every ring ("Ring states"). Ring 0 cannot start:
+    the reply names that, and the rest of the request still took effect: the device was
+    told the acked set, and both rings are enabled (not ring 0 alone, the device untold)."""
+    with Wire() as w:
+        os.close(_unstartable_ring(w, lines))
+        del w.device.events[:]
+        refused(
+            w,
+            lines,
+            Request.SET_FEATURES,
+            encode_u64(F_VERSION_1),
+            "VHOST_USER_SET_FEATURES: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
+        assert w.backend.negotiated_features == F_VERSION_1
+        assert [e for e in w.device.events if e[0] == "features_set"] == [
+            ("features_set", F_VERSION_1)
+        ]
+        assert [v.enabled for v in w.backend.vrings] == [True, True]
+
+
+def test_the_rings_run_by_the_features_the_device_behaves_by() -> None:
+    """features_set may answer the set the device behaves by (a feature fault): the rings get
+    that one, with the acked ring layout; an answer that is not a feature set is ignored."""
+    F_EVENT_IDX = 1 << 29  # VIRTIO_RING_F_EVENT_IDX
+
+    class Faulty(FakeDevice):
+        answer: Any = None
+
+        def features_set(self, features: int) -> Any:
+            super().features_set(features)
+            return self.answer
+
+    with Wire(Faulty()) as w:
+        w.device.answer = F_VERSION_1  # behaves as if EVENT_IDX were not acked
+        w.reply_ack(features=F_VERSION_1 | F_EVENT_IDX)
+        w.mem_table()
+        w.ring(0)
+        q = w.backend.vrings[0].queue
+        assert q is not None and q.features == F_VERSION_1 and not q.event_idx
+        w.device.answer = "not a feature set"  # a device bug: the acked set is used
+        assert w.send(
+            Request.SET_FEATURES, encode_u64(F_PROTOCOL_FEATURES | F_VERSION_1 | F_EVENT_IDX)
+        )
+        assert not w.backend.closed
+        assert q.features == F_VERSION_1 | F_EVENT_IDX and q.event_idx

@@ -603,9 +603,25 @@ class VhostUserBackend:
                 log.exception("vhost-user: closing queue %d failed", v.index)
         v.started = False
 
-    def _update_all(self, request: int) -> None:
+    def _each_ring(self, fn: Callable[[Vring], None]) -> None:
+        """Apply `fn` to every ring, even past one that fails, then raise the first failure.
+
+        A request that touches all rings (SET_FEATURES, RESET_OWNER, a memory table) must
+        leave each ring as the request says although one of them cannot start: stopping at
+        the first refusal would leave the rings after it in their old state, and the device
+        untold of a change that the reply's failure does not undo."""
+        first: ProtocolError | None = None
         for v in self.vrings:
-            self._update(request, v)
+            try:
+                fn(v)
+            except ProtocolError as exc:
+                if first is None:
+                    first = exc
+        if first is not None:
+            raise first
+
+    def _update_all(self, request: int) -> None:
+        self._each_ring(lambda v: self._update(request, v))
 
     # -- features ---------------------------------------------------------------------
 
@@ -626,16 +642,17 @@ class VhostUserBackend:
             )
         self.features = value
         self.features_acked = True
-        if not value & F_PROTOCOL_FEATURES:
-            # "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES the ring starts directly
-            # in the enabled state.
-            for v in self.vrings:
-                self._set_enabled(msg.request, v, True)
+        # The device hears the set before any ring starts by it; a ring that cannot start is
+        # refused after every other ring is enabled and updated (_each_ring).
         view = self._device_call("features_set", self.negotiated_features)
         self.device_view = view if isinstance(view, int) else None
         for v in self.vrings:
             if v.queue is not None:
                 v.queue.features = self.ring_features
+        if not value & F_PROTOCOL_FEATURES:
+            # "Ring states": without VHOST_USER_F_PROTOCOL_FEATURES the ring starts directly
+            # in the enabled state.
+            self._each_ring(lambda v: self._set_enabled(msg.request, v, True))
         self._update_all(msg.request)
         return None
 
@@ -659,8 +676,7 @@ class VhostUserBackend:
     def _reset_owner(self, msg: Message, _p: Empty) -> None:
         # Deprecated: "It is recommended that back-ends either ignore this message, or use it
         # to disable all rings."  We disable them and keep the connection state.
-        for v in self.vrings:
-            self._set_enabled(msg.request, v, False)
+        self._each_ring(lambda v: self._set_enabled(msg.request, v, False))
         return None
 
     # -- memory -----------------------------------------------------------------------
