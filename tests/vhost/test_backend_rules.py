@@ -890,30 +890,7 @@ def test_an_inflight_shape_the_device_cannot_have_disconnects(wire: Wire, lines:
 
 def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
     with Wire() as w:
-        w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
-        fd = _inflight(w, 2, 128)
-        try:
-            w.ok(
-                Request.SET_INFLIGHT_FD,
-                encode_inflight(Inflight(os.fstat(fd).st_size, 0, 2, 128)),
-                (fd,),
-            )
-        finally:
-            os.close(fd)
-        w.ring(0, num=256)  # no memory yet: not started
-        m = os.dup(w.mem.fd)
-        try:
-            refused(
-                w,
-                lines,
-                Request.ADD_MEM_REG,
-                encode_mem_reg(w.region),
-                "VHOST_USER_ADD_MEM_REG: inflight: vring 0: vring 0 has num 256, the buffer"
-                " queue_size 128",
-                (m,),
-            )
-        finally:
-            os.close(m)
+        os.close(_unstartable_ring(w, lines))
         # the last of NUM, ADDR, KICK and memory to arrive is the request named: ADDR here
         u = UVA + 0x40000
         w.ok(Request.SET_VRING_NUM, encode_state(1, 256))
@@ -1248,9 +1225,10 @@ def test_reset_owner_disables_every_ring_and_keeps_the_connection(wire: Wire) ->
     assert w.device.names()[-1] == "queue_started" and w.backend.vrings[0].running
 
 
-def _unstartable_ring(w: Wire, lines: Lines) -> int:
+def _unstartable_ring(w: Wire, lines: Lines, ring1_num: int | None = None) -> int:
     """Ring 0 of num 256 against an inflight buffer of queue_size 128: everything it needs
-    is there, memory last (ADD_MEM_REG, refused); returns the region's fd (the caller's)."""
+    is there, memory last (ADD_MEM_REG, refused); returns the region's fd (the caller's).
+    With ``ring1_num``, ring 1 is set up too (NUM, ADDR, KICK) before the memory."""
     w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
     fd = _inflight(w, 2, 128)
     try:
@@ -1262,6 +1240,8 @@ def _unstartable_ring(w: Wire, lines: Lines) -> int:
     finally:
         os.close(fd)
     w.ring(0, num=256)
+    if ring1_num is not None:
+        w.ring(1, num=ring1_num)
     m = os.dup(w.mem.fd)
     refused(
         w,
@@ -1327,31 +1307,7 @@ def test_a_memory_table_starts_the_rings_after_one_that_cannot_start(lines: Line
     region that makes both startable starts ring 1 and the device hears of it; the reply
     names ring 0's refusal."""
     with Wire() as w:
-        w.reply_ack(protocol=1 << PF_INFLIGHT_SHMFD)
-        fd = _inflight(w, 2, 128)
-        try:
-            w.ok(
-                Request.SET_INFLIGHT_FD,
-                encode_inflight(Inflight(os.fstat(fd).st_size, 0, 2, 128)),
-                (fd,),
-            )
-        finally:
-            os.close(fd)
-        w.ring(0, num=256)
-        w.ring(1, num=128)
-        m = os.dup(w.mem.fd)
-        try:
-            refused(
-                w,
-                lines,
-                Request.ADD_MEM_REG,
-                encode_mem_reg(w.region),
-                "VHOST_USER_ADD_MEM_REG: inflight: vring 0: vring 0 has num 256, the buffer"
-                " queue_size 128",
-                (m,),
-            )
-        finally:
-            os.close(m)
+        os.close(_unstartable_ring(w, lines, ring1_num=128))
         assert [v.started for v in w.backend.vrings] == [False, True]
         assert [e for e in w.device.events if e[0] == "queue_started"] == [("queue_started", 1)]
 
