@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vdev.net.device import Device
 from vdev.net.kickhold import DEFAULT_WINDOW_S
 from vdev.net.nic import DEFAULT_FEATURES, RX_BACKLOG
+from vdev.net.rxbatch import DEFAULT_BATCH
 from vdev.shutdown import stop_on_signals
 from vdev.skywalk import chanbatch
 from vdev.testing.frames import GUEST_MAC, HOST_MAC, numbered
@@ -73,7 +74,12 @@ FRONTEND_NAMES = {"python": "python VirtioNetFrontend", "dpdk": "dpdk virtio_use
 
 
 def worker(
-    sock: str, role: str, size: int, profile: str | None, kick_hold_us: float | None = None
+    sock: str,
+    role: str,
+    size: int,
+    profile: str | None,
+    kick_hold_us: float | None = None,
+    rx_kick_batch: int | None = None,
 ) -> int:
     """Serve one NIC and count; prints READY, then "S <monotonic> <count>" every 0.1 s.
 
@@ -84,7 +90,8 @@ def worker(
     """
     pool = streaming_pool()
     hold = DEFAULT_WINDOW_S if kick_hold_us is None else kick_hold_us * 1e-6
-    device = Device(pool=pool, kick_hold=hold)
+    batch = DEFAULT_BATCH if rx_kick_batch is None else rx_kick_batch
+    device = Device(pool=pool, kick_hold=hold, rx_kick_batch=batch)
     nic = device.add_nic(sock, mac=GUEST_MAC_STR)
     stop = threading.Event()
     stop_on_signals(stop, (signal.SIGTERM,))
@@ -525,9 +532,17 @@ def main(argv: list[str] | None = None) -> int:
         help="vdev's TX kick mitigation window (vdev serve --kick-hold-us; default: the "
         "device's, 100; 0: off)",
     )
+    p.add_argument("--rx-kick-batch", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.role, args.size, args.profile_out, args.kick_hold_us)
+        return worker(
+            args.worker,
+            args.role,
+            args.size,
+            args.profile_out,
+            args.kick_hold_us,
+            args.rx_kick_batch,
+        )
     if args.quick:
         args.duration, args.warmup, args.sizes = 1.0, 0.5, "64"
     sizes = [int(s) for s in args.sizes.split(",")]

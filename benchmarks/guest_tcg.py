@@ -75,6 +75,8 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
         script = str(Path(__file__).with_name("device_throughput.py"))
         argv = [sys.executable, script, "--worker", sock, "--role", role]
         hold = [] if a.kick_hold_us is None else ["--kick-hold-us", str(a.kick_hold_us)]
+        if a.rx_kick_batch is not None:
+            hold += ["--rx-kick-batch", str(a.rx_kick_batch)]
         be = Child([*argv, "--size", str(a.size), *hold], "worker")
         _wait(be.samples.ready.is_set, 30, "vdev worker did not start")
     else:
@@ -156,7 +158,7 @@ def _report_watch(output: str, direction: str) -> None:
     print(
         f"  vdev guest {direction}: late kicks {watch.get('late_kicks', {})}, "
         f"late interrupts {watch.get('late_interrupts', {})}; {per_q}; "
-        f"kick hold {nic.get('kick_hold')}",
+        f"kick hold {nic.get('kick_hold')}; RX kick batch {nic.get('rx_kick_batch')}",
         file=sys.stderr,
         flush=True,
     )
@@ -178,6 +180,13 @@ def main() -> int:
         type=float,
         default=None,
         help="vdev's TX kick mitigation window (vdev/net/kickhold.py; 0: off; default: "
+        "the device's default)",
+    )
+    ap.add_argument(
+        "--rx-kick-batch",
+        type=int,
+        default=None,
+        help="vdev's RX kick batch (vdev/net/rxbatch.py; 0: half the ring; 1: off; default: "
         "the device's default)",
     )
     ap.add_argument("--window", type=float, default=3.0, help="guest RX window, seconds")

@@ -11,6 +11,7 @@ from typing import Any
 
 from host.cli_args import add_control_option, mtu, output_path, queue_pairs
 from vdev.net.kickhold import DEFAULT_WINDOW_S, check_window
+from vdev.net.rxbatch import DEFAULT_BATCH, check_batch
 from vdev.shutdown import stop_on_signals
 
 
@@ -110,8 +111,30 @@ def register(subparsers: Any) -> None:
         "2 frames; a ping-pong backs off (default 100; 0: off, a kick per batch; at most "
         "10000)",
     )
+    p.add_argument(
+        "--rx-kick-batch",
+        metavar="N",
+        type=rx_kick_batch,
+        default=DEFAULT_BATCH,
+        help="RX kick batching: while frames wait for guest RX buffers, ask the driver "
+        "(EVENT_IDX) for its refill kick only after N more buffers, or after all the frames "
+        "waiting if fewer; a driver that posts fewer and waits gets them 2 ms later and the "
+        "queue backs off (default 0: half the RX ring; 1: off, a kick per refill)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     p.set_defaults(func=run)
+
+
+def rx_kick_batch(text: str) -> int:
+    """``--rx-kick-batch`` as an int, or an argparse error naming the bad value."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of buffers") from None
+    try:
+        return check_batch(n)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def kick_hold_us(text: str) -> float:
@@ -143,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             notify_watch=args.notify_watch,
             kick_hold=args.kick_hold_us,
+            rx_kick_batch=args.rx_kick_batch,
         )
     except OSError as exc:
         print(f"vdev serve: --pcap {args.pcap}: {exc.strerror or exc}", file=sys.stderr)
@@ -182,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
             + (f"; control socket {args.control}" if args.control else "")
             + ("; busy-polling" if args.poll else "")
             + f"; threads {device.threads}"
-            + f"; kick hold {device.kick_hold * 1e6:g} us",
+            + f"; kick hold {device.kick_hold * 1e6:g} us"
+            + f"; RX kick batch {device.rx_kick_batch or 'half the ring'}",
             file=sys.stderr,
             flush=True,
         )

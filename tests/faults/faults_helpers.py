@@ -134,7 +134,7 @@ class FakeQueue:
     def pop(self) -> None:
         return None
 
-    def enable_notifications(self, enable: bool = True) -> bool:
+    def enable_notifications(self, enable: bool = True, ahead: int = 1) -> bool:
         return False
 
     def avail_count(self) -> int:

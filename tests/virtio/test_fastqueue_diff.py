@@ -466,7 +466,10 @@ def _run_rx(
     seed: int,
     rules: list[dict[str, Any]] | None = None,
     tap: bool = False,
+    kick_ahead: int = 0,
 ) -> dict[str, Any]:
+    """``kick_ahead``: the RX kick batching of vdev/net/rxbatch.py for the whole run (the
+    refill kick asked for after min(kick_ahead, frames waiting) buffers)."""
     fastqueue.set_backend(backend)
     fastqueue.STRICT = True
     _restore(start)
@@ -480,6 +483,7 @@ def _run_rx(
         queue, drv, areas = _packed_pair(0, size, features)
     else:
         queue, drv = make_pair(MEM, 0, size, features=features, start_idx=base)
+    queue.kick_ahead = kick_ahead
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     nic.vrings[0] = FakeVring(0, queue, True, efd)  # type: ignore[assignment]
     rnd = random.Random(seed)
@@ -743,15 +747,25 @@ def test_tx_burst_matches_reference(
         max_size=3,
     ),
     seed=st.integers(0, 2**32),
+    kick_ahead=st.sampled_from([0, 0, 2, 3, 7, 64]),
 )
 def test_rx_burst_matches_reference(
-    packed: bool, size: int, features: int, base: int, rounds: list[Any], seed: int
+    packed: bool,
+    size: int,
+    features: int,
+    base: int,
+    rounds: list[Any],
+    seed: int,
+    kick_ahead: int,
 ) -> None:
+    """Also with RX kick batching (``kick_ahead``): both paths re-arm a ring out of room
+    with the same ``avail_event`` / packed ``off_wrap`` (the guest memory compared)."""
     start = _snapshot()
     if packed:
         size, features = size - 1 or 1, features | F_V1
-    py = _run_rx("python", packed, start, size, features, base, rounds, seed)
-    c = _run_rx("c", packed, start, size, features, base, rounds, seed)
+    args = (packed, start, size, features, base, rounds, seed)
+    py = _run_rx("python", *args, kick_ahead=kick_ahead)
+    c = _run_rx("c", *args, kick_ahead=kick_ahead)
     assert_same(py, c)
 
 

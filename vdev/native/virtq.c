@@ -526,9 +526,13 @@ static inline uint32_t push_room(const struct vq_queue *q)
     return q->packed ? q->pend_cap - q->npend : UINT32_MAX;
 }
 
-/* enable_notifications(True) (2.7.10 / 2.8.10): its return value in *more, or a VQV_*. */
-static uint32_t rearm(struct vq_queue *q, uint32_t *more)
+/* enable_notifications(True, ahead) (2.7.10 / 2.8.10): its return value in *more, or a
+ * VQV_*.  With EVENT_IDX, ahead > 1 asks for the kick only once ahead more buffers (split) or
+ * descriptors (packed) are available; without it, ahead has no meaning. */
+static uint32_t rearm(struct vq_queue *q, uint32_t ahead, uint32_t *more)
 {
+    if (ahead < 1)
+        ahead = 1;
     if (q->packed) {
         if (q->event_idx) {
             uint32_t size = q->size;
@@ -537,6 +541,7 @@ static uint32_t rearm(struct vq_queue *q, uint32_t *more)
             end = q->scan_end;
             if (end < 0)
                 end = ring_pos(q->last_avail, q->avail_wrap, size);
+            end = (end + ahead - 1) % (2 * (int64_t)size);
             g_wr16(&q->used16[0], (uint16_t)((end % size) | (uint32_t)(end < size ? 1 : 0) << 15));
             g_wr16(&q->used16[1], VRING_PACKED_EVENT_FLAG_DESC);
         } else {
@@ -547,7 +552,7 @@ static uint32_t rearm(struct vq_queue *q, uint32_t *more)
         return 0;
     }
     if (q->event_idx)
-        g_wr16(&q->used16[2 + 4 * q->size], g_rd16(&q->avail[1]));
+        g_wr16(&q->used16[2 + 4 * q->size], (uint16_t)(g_rd16(&q->avail[1]) + ahead - 1));
     else
         g_wr16(&q->used16[0], 0);
     FULL_FENCE();  /* a store (event/used idx) then a load of the driver's side */
@@ -928,7 +933,7 @@ static uint32_t tx_loop(struct vq_queue *q, struct vq_pool *vp, uint32_t hlen, u
                 return b->stop;
             }
             /* 2.7.10 / 2.8.10: re-arm the kick; if buffers raced in, go on. */
-            v = rearm(q, &pending);
+            v = rearm(q, 1, &pending);
             if (v) {
                 b->stop = VQ_STOP_VIOLATION;
                 b->violation = v;
@@ -1017,7 +1022,7 @@ uint32_t vq_rx(struct vq_queue *q, const struct fp_pool *p, uint8_t *bufs, uint8
         return b->stop;
     }
     while (b->count < n) {
-        uint32_t pkt = pkts[b->count], v, before, pending, nch = 0;
+        uint32_t pkt = pkts[b->count], v, before, pending, nch = 0, ahead;
         uint32_t seg0 = 0, g, full, i;
         struct vq_save start;
         uint64_t flen = 0, total, room = 0, off;
@@ -1113,7 +1118,15 @@ uint32_t vq_rx(struct vq_queue *q, const struct fp_pool *p, uint8_t *bufs, uint8
             /* no room: give the buffers back (as the reference's rewind), re-arm (2.7.10);
              * if buffers arrived meanwhile, go round again */
             rewind_frame(q, chains, nch, &start);
-            v = rearm(q, &pending);
+            /* RX kick batching (vdev/net/rxbatch.py): while frames wait, the refill kick
+             * is asked for after min(kick_ahead, frames waiting) buffers */
+            ahead = 1;
+            if (q->kick_ahead > 1 && q->rx_waiting > b->count) {
+                ahead = q->rx_waiting - b->count;
+                if (ahead > q->kick_ahead)
+                    ahead = q->kick_ahead;
+            }
+            v = rearm(q, ahead, &pending);
             if (v)
                 goto violation;
             v = avail_count(q, &pending);

@@ -100,6 +100,8 @@ struct vq_queue {
     uint32_t allow_readable;
     uint32_t allow_writable;
     uint32_t hold_kick;           /* 1: a drained TX ring is not re-armed (kick mitigation) */
+    uint32_t kick_ahead;          /* RX: ask for the refill kick after this many buffers */
+    uint32_t rx_waiting;          /* RX: frames waiting when the burst started (the caller's) */
     uint32_t last_avail;          /* split: last avail idx; packed: avail index */
     uint32_t seen_avail;          /* split only */
     uint32_t used_idx;            /* split: used idx; packed: used index */

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from vdev.errors import DefunctError
 from vdev.eventloop import SelectorLoop
 from vdev.limits import MAX_NICS, LimitError
-from vdev.net import kickhold
+from vdev.net import kickhold, rxbatch
 from vdev.net import notify_watch as notify_watch_mod
 from vdev.net.capture import PcapngWriter
 from vdev.net.nic import VirtioNet
@@ -79,13 +79,16 @@ class Device:
         threads: str | None = None,
         notify_watch: str = notify_watch_mod.DEFAULT_MODE,
         kick_hold: float = kickhold.DEFAULT_WINDOW_S,
+        rx_kick_batch: int = rxbatch.DEFAULT_BATCH,
     ) -> None:
         """``threads``: "per-nic" (a datapath thread per NIC) or "single" (one loop thread
         for everything); None: ``DEFAULT_THREADS``.  ``notify_watch``: what the
         lost-notification watch does (notify_watch.py: recover, report or off).
-        ``kick_hold``: the TX kick mitigation window in seconds (kickhold.py; 0: off)."""
+        ``kick_hold``: the TX kick mitigation window in seconds (kickhold.py; 0: off).
+        ``rx_kick_batch``: the RX refill kick batch (rxbatch.py; 0: half the ring, 1: off)."""
         self.threads = check_mode(threads if threads is not None else DEFAULT_THREADS)
         self.kick_hold = kickhold.check_window(kick_hold)
+        self.rx_kick_batch = rxbatch.check_batch(rx_kick_batch)
         if notify_watch not in notify_watch_mod.MODES:
             modes = ", ".join(notify_watch_mod.MODES)
             raise ValueError(f"notify_watch={notify_watch!r}: expected one of {modes}")
@@ -167,9 +170,11 @@ class Device:
                 self.datapaths[nic.name] = dp
                 # Held queues are polled by the NIC's thread only (_attach_datapath).
                 nic.kick_hold = kickhold.KickHold(nic, self.kick_hold, None)
+                nic.rx_batch = rxbatch.RxKickBatch(nic, self.rx_kick_batch, None)
             else:
                 nic.defer = lambda fn: self.call_later(0.0, fn)
                 nic.kick_hold = kickhold.KickHold(nic, self.kick_hold, self._hold_later)
+                nic.rx_batch = rxbatch.RxKickBatch(nic, self.rx_kick_batch, self._hold_later)
             server = VhostUserServer(
                 nic, path, self.loop, client=client, name=nic.name, kick_watcher=kick_watcher
             )
@@ -182,20 +187,21 @@ class Device:
     def _attach_datapath(self, dp: NicDatapath) -> None:
         """Serve a NIC's loop: on its own thread while the device serves, else from the
         control loop (its epoll fd is readable when one of its fds is)."""
-        hold = dp.nic.kick_hold
+        mitigations = _mitigations(dp.nic)
         if self._serving:
             self.loop.unwatch(dp.loop.sel.fileno())
             dp.nic.handoff = dp.hand_off
             dp.nic.handoff_waiting = dp.inbox_len
-            # A held queue's poll is a timer of the NIC's loop, which only its own thread
-            # runs on time (busy-poll mode services every queue anyway: no holding).
-            if hold is not None:
-                hold.later = None if self._poll else dp.hold_later
+            # A held queue's poll (a batching RX queue's check) is a timer of the NIC's
+            # loop, which only its own thread runs on time (busy-poll mode services every
+            # queue anyway: no holding, no batching).
+            for m in mitigations:
+                m.later = None if self._poll else dp.hold_later
             dp.start(poll=self._poll)
         else:
-            if hold is not None:
-                hold.later = None
-                hold.release_all()
+            for m in mitigations:
+                m.later = None
+                m.release_all()
             self.loop.watch(dp.loop.sel.fileno(), lambda: dp.poll(0.0))
 
     def _event(self, kind: str, **detail: object) -> None:
@@ -270,8 +276,9 @@ class Device:
             self.loop.call_later(notify_watch_mod.PERIOD_S, self._watch_tick)
 
     def _hold_later(self, delay: float, fn: Callable[[], None]) -> None:
-        """A held TX queue's next poll (kickhold.py) on the one loop; not in busy-poll
-        mode, which services every queue on every iteration anyway."""
+        """A held TX queue's next poll (kickhold.py) or a batching RX queue's check
+        (rxbatch.py) on the one loop; not in busy-poll mode, which services every queue on
+        every iteration anyway."""
         self.loop.call_later(delay, fn, wake=False)
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
@@ -308,7 +315,7 @@ class Device:
             while not stop.is_set():
                 self.poll(0.2)
             return
-        holds = [e.nic.kick_hold for e in self.sockets if e.nic.kick_hold is not None]
+        holds = [m for e in self.sockets for m in _mitigations(e.nic)]
         for hold in holds:  # every queue is serviced on every iteration: nothing to hold
             hold.later = None
         try:
@@ -428,6 +435,11 @@ class Device:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _mitigations(nic: VirtioNet) -> list[kickhold.KickHold | rxbatch.RxKickBatch]:
+    """The NIC's notification policies that run on timers of the loop serving it."""
+    return [m for m in (nic.kick_hold, nic.rx_batch) if m is not None]
 
 
 def default_pool() -> Pbufpool:

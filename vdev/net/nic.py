@@ -39,6 +39,7 @@ from vdev.virtio import fastqueue
 if TYPE_CHECKING:
     from vdev.net.kickhold import KickHold
     from vdev.net.notify_watch import NotifyWatch
+    from vdev.net.rxbatch import RxKickBatch
     from vdev.vhost.backend import Vring
     from vdev.virtio.chain import Chain
     from vdev.virtio.memory import GuestMemory
@@ -235,6 +236,8 @@ class VirtioNet:
         self.defer: Callable[[Callable[[], None]], None] | None = None
         # TX kick mitigation (kickhold.py), set by the device; None: every kick drains.
         self.kick_hold: KickHold | None = None
+        # RX kick batching (rxbatch.py), set by the device; None: a kick per refill.
+        self.rx_batch: RxKickBatch | None = None
         # Lifecycle events (a ring resumed away from SET_VRING_BASE): kept here and handed to
         # ``event_sink`` (the device's fault log, when there is one).
         self.resumes: list[dict[str, object]] = []
@@ -818,6 +821,8 @@ class VirtioNet:
             else:
                 done.flush_used()
                 self._maybe_notify(done, index)
+        if self.backlog and self.rx_batch is not None:
+            self.rx_batch.waiting()  # frames wait: batch the refill kicks (rxbatch.py)
         low = self.rx_low
         if low is not None and touched and self.rx_waiting() <= low[0]:
             low[1]()
@@ -847,6 +852,7 @@ class VirtioNet:
             self.has(lib.VIRTIO_NET_F_GUEST_CSUM),
             pkts,
             self._unlocked(),
+            len(self.backlog),
         )
         n = burst.count
         if n:
@@ -882,9 +888,13 @@ class VirtioNet:
             before = queue.avail_count()
             done = self._write_rx(queue, index, pkt, self.stats[index])
             if not done:
-                # No room: ask for a kick when the guest refills (2.7.10); if buffers
-                # arrived while re-arming, go round again.
-                queue.enable_notifications(True)
+                # No room: ask for a kick when the guest refills (2.7.10), with RX kick
+                # batching after min(kick_ahead, frames waiting) buffers (rxbatch.py); if
+                # buffers arrived while re-arming, go round again.
+                ahead = queue.kick_ahead
+                if ahead > 1:
+                    ahead = min(ahead, len(self.backlog))
+                queue.enable_notifications(True, ahead)
                 return queue.avail_count() > before
         except SyncError as err:
             self._kill(index, err)
@@ -996,6 +1006,7 @@ class VirtioNet:
             "resumes": list(self.resumes),
             "notify_watch": self.watch.stats() if self.watch is not None else None,
             "kick_hold": self.kick_hold.stats() if self.kick_hold is not None else None,
+            "rx_kick_batch": self.rx_batch.stats() if self.rx_batch is not None else None,
         }
 
 

@@ -486,9 +486,12 @@ def rx_burst(
     guest_csum: bool,
     pkts: list[int],
     unlocked: AbstractContextManager[object] | None = None,
+    waiting: int | None = None,
 ) -> Burst:
     """Write ``pkts`` into RX ``queue``'s buffers in order, as the NIC's RX drain would, until
     one needs the reference (SLOW/VIOLATION) or the guest posted too few buffers (NOROOM).
+    ``waiting``: the frames waiting in all (the NIC's backlog; default ``len(pkts)``), which
+    bound how many buffers the refill kick is asked for after (``queue.kick_ahead``).
     ``Burst.count`` packets were written (the caller frees them).  ``unlocked``: as for
     :func:`tx_burst` (the C only reads ``pkts``, which the caller owns, and the pool's
     constant layout)."""
@@ -503,6 +506,7 @@ def rx_burst(
     arr = array("I", pkts)
     flags = (C.RX_MERGEABLE if mergeable else 0) | (C.RX_GUEST_CSUM if guest_csum else 0)
     c.regions, c.nregions = ctx.region_map.get(queue.mem)
+    c.rx_waiting = n if waiting is None else waiting
     b = ctx.burst
     buf = nffi.from_buffer("uint32_t[]", arr)
     try:

@@ -570,7 +570,9 @@ class PackedQueue(QueueLifecycle):
             self.stats.notifications_suppressed += 1
         return notify
 
-    def enable_notifications(self, enable: bool = True) -> bool:
+    def enable_notifications(self, enable: bool = True, ahead: int = 1) -> bool:
+        """As the split ring's (2.8.10); ``ahead`` > 1 names the descriptor ``ahead`` - 1
+        positions past the first one not yet available (EVENT_IDX only)."""
         self._check()
         ev = self._device_ev
         if not enable:
@@ -587,6 +589,7 @@ class PackedQueue(QueueLifecycle):
             end = self._scan_end
             if end is None:
                 end = ring_pos(self._avail_idx, self.avail_wrap, size)
+            end = (end + max(1, ahead) - 1) % (2 * size)
             ev.off_wrap = (end % size) | (1 if end < size else 0) << 15
             ev.flags = RING_EVENT_FLAGS_DESC
         else:

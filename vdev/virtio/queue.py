@@ -111,6 +111,8 @@ class VirtQueue(Protocol):
     defunct: SyncError | None  # the violation that killed the queue, if any
     resume: RingResume  # where the (re)started ring resumed, and why
     hold_kick: bool  # TX kick mitigation: an emptied ring is left unarmed (kickhold.py)
+    kick_ahead: int  # RX kick batching: the refill kick after this many buffers (rxbatch.py)
+    event_idx: bool  # VIRTIO_F_EVENT_IDX negotiated (2.7.10 / 2.8.10)
 
     @property
     def features(self) -> int: ...
@@ -172,7 +174,7 @@ class VirtQueue(Protocol):
     # notifications
     def should_notify(self) -> bool: ...
 
-    def enable_notifications(self, enable: bool = True) -> bool: ...
+    def enable_notifications(self, enable: bool = True, ahead: int = 1) -> bool: ...
 
     # life cycle
     def remap(self, mem: GuestMemory) -> None: ...
@@ -250,6 +252,10 @@ class QueueLifecycle:
     # Kick mitigation (the NIC's TX policy, vdev/net/nic.py): while set, a TX ring found
     # empty is left without a kick asked for, because the device polls it again itself.
     hold_kick = CFlag("hold_kick")
+    # RX kick batching (vdev/net/rxbatch.py): while frames wait for buffers, an RX ring out of
+    # room asks for its refill kick only after min(kick_ahead, frames waiting) buffers
+    # (EVENT_IDX; 0 or 1: after the next one, as 2.7.10 describes).
+    kick_ahead = CField("kick_ahead")
 
     @classmethod
     def check_size(cls, size: int) -> None:

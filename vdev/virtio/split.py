@@ -446,24 +446,27 @@ class SplitQueue(QueueLifecycle):
             self.stats.notifications_suppressed += 1
         return notify
 
-    def enable_notifications(self, enable: bool = True) -> bool:
+    def enable_notifications(self, enable: bool = True, ahead: int = 1) -> bool:
         """Ask the driver to kick (or not) when it makes buffers available (2.7.7, 2.7.10).
 
         Without EVENT_IDX this sets/clears VRING_USED_F_NO_NOTIFY.  With EVENT_IDX, enabling
         writes ``avail_event`` = the driver's current avail idx: "kick me on the next buffer
         after the ones already posted".  (Not ``last_avail_idx``: after an RX rewind the
         driver is already past it, so vring_need_event would never fire and frames waiting
-        for more buffers would wait for an unrelated kick.)  Disabling does nothing, as the
-        driver only kicks when it crosses avail_event.  After enabling, returns whether
-        buffers arrived meanwhile so the caller can close the race window (re-check before
-        sleeping).
+        for more buffers would wait for an unrelated kick.)  ``ahead`` > 1 asks for the kick
+        only once that many more buffers are posted (avail_event = avail idx + ahead - 1:
+        the RX kick batching of vdev/net/rxbatch.py; without EVENT_IDX it has no meaning and
+        is ignored).  Disabling does nothing, as the driver only kicks when it crosses
+        avail_event.  After enabling, returns whether buffers arrived meanwhile so the
+        caller can close the race window (re-check before sleeping).
         """
         self._check()
         if self.event_idx:
             if enable:
                 # The value is only a hint to the driver; reading it from the (untrusted)
                 # avail ring cannot make the device misbehave.
-                self._used16[self._avail_event_i] = int(self._avail16[1])
+                event = int(self._avail16[1]) + max(1, ahead) - 1
+                self._used16[self._avail_event_i] = event & 0xFFFF
         else:
             self._used16[0] = 0 if enable else VRING_USED_F_NO_NOTIFY
         if enable:
