@@ -80,8 +80,10 @@ class RxKickBatch:
         self.nic = nic
         self.batch = check_batch(batch)
         self.later = later
-        # Per queue: the queue a check is due for, and its frames written when it was set.
-        self._due: dict[int, tuple[VirtQueue, int]] = {}
+        # Per queue: the queue a check is due for, its frames written when it was set, and
+        # whether it was already re-armed batched then (the first check of a batching
+        # period is set right after the unbatched stop that started it).
+        self._due: dict[int, tuple[VirtQueue, int, bool]] = {}
         self._calm_until: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self.fallback_s = FALLBACK_S
@@ -131,14 +133,15 @@ class RxKickBatch:
             if not self._may_batch(index, queue):
                 queue.kick_ahead = 0
                 continue
-            if queue.kick_ahead <= 1:
+            armed = queue.kick_ahead > 1
+            if not armed:
                 queue.kick_ahead = self.ahead(queue)
                 self.batched += 1
-            self._schedule(index, queue)
+            self._schedule(index, queue, armed)
 
-    def _schedule(self, index: int, queue: VirtQueue) -> None:
+    def _schedule(self, index: int, queue: VirtQueue, armed: bool) -> None:
         assert self.later is not None
-        self._due[index] = (queue, self.nic.stats[index].frames)
+        self._due[index] = (queue, self.nic.stats[index].frames, armed)
         self.later(self.fallback_s, lambda: self._check(index, queue))
 
     def _check(self, index: int, queue: VirtQueue) -> None:
@@ -156,8 +159,9 @@ class RxKickBatch:
             self._unbatch(queue)  # a fault rule came, or the loop stops the checks
             return
         if nic.stats[index].frames != due[1]:
-            self._backoff.pop(index, None)  # the batched kicks came: keep batching
-            self._schedule(index, queue)
+            if due[2]:  # a batched re-arm's kick came: this driver refills in batches
+                self._backoff.pop(index, None)
+            self._schedule(index, queue, True)
             return
         # Nothing written for a whole check while frames wait: the driver posted fewer
         # buffers than asked for and waits.  Back off, longer each time it happens again.
@@ -176,7 +180,7 @@ class RxKickBatch:
     def release_all(self) -> None:
         """Stop batching every queue (the loop that would run the checks stops serving)."""
         due, self._due = self._due, {}
-        for index, (queue, _) in due.items():
+        for index, (queue, _, _) in due.items():
             if self._queue(index) is queue and queue.defunct is None:
                 self._unbatch(queue)
 
