@@ -242,13 +242,30 @@ def test_a_check_that_saw_frames_written_keeps_batching(rig: Rig) -> None:
     assert rig.written(RING + 14) == RING + 14
 
 
+def test_a_busy_driver_is_not_a_stall(rig: Rig) -> None:
+    """No buffers posted (the driver busy with what it received), or more than at the
+    previous check (still refilling): the checks go on, and batching with them."""
+    fill_ring(rig, 14)
+    for _ in range(3):
+        rig.run_check()
+    assert rig.post(2) == [False] * 2
+    rig.run_check()
+    assert rig.post(2) == [False] * 2
+    rig.run_check()
+    assert rig.batch.fallbacks == 0 and len(rig.checks) == 1 and rig.batch.checks == 5
+    assert rig.post(4) == [False] * 3 + [True]  # the batch of 8 is complete: the kick
+    assert rig.written(RING + 8) == RING + 8
+
+
 def test_a_driver_that_posts_less_than_the_batch_gets_its_frames_at_the_check(rig: Rig) -> None:
     fill_ring(rig, 14)
     # 3 buffers, fewer than the batch of 8: no kick, and nothing written.
     assert rig.post(3) == [False] * 3
     time.sleep(0.05)
     assert rig.written(RING) == RING
-    rig.run_check()  # nothing written for a whole check while frames wait: fall back
+    rig.run_check()  # the first look at the 3 posted
+    assert rig.batch.fallbacks == 0 and len(rig.checks) == 1
+    rig.run_check()  # nothing written, and no more posted: fall back
     assert rig.batch.fallbacks == 1 and not rig.checks
     assert rig.written(RING + 3) == RING + 3  # the check's drain wrote the 3
     # Backing off: out of room again, re-armed for the very next buffer.
@@ -278,6 +295,7 @@ def _stall(rig: Rig, n: int) -> None:
     rig.receive()  # the driver takes what arrived (its buffers free for posting again)
     assert rig.post(1) == [False]
     before = rig.written(0)
+    rig.run_check()
     rig.run_check()
     assert rig.batch.fallbacks == n and rig.written(before + 1) == before + 1
 

@@ -21,11 +21,15 @@ decides which queues batch.
 
 Posting buffers is the driver's choice: one may post fewer than ``ahead`` and then wait for
 frames, which the device would be holding back for a kick that never comes.  A check
-``FALLBACK_S`` after a queue starts batching (and again while it batches) covers that: if
-nothing was written to the queue since the previous check while frames wait, the queue
-stops batching, re-arms for the very next buffer (a drain, as before) and backs off: no
-batching for ``BACKOFF_MIN_S``, doubling while it recurs, up to ``BACKOFF_MAX_S``.  So a
-driver that refills in small steps pays one fallback wait per back-off period.
+``FALLBACK_S`` after a queue starts batching (and again while it batches) covers that.  A
+stall is: nothing written to the queue since the previous check, frames waiting, and
+buffers posted but no more than at the previous check (the driver stopped posting short
+of the batch).  No buffers posted, or more than before, is a driver still busy with what
+it received, or still refilling: a TCG guest's NAPI round can take longer than a check.
+On a stall the queue stops batching, re-arms for the very next buffer (a drain, as before)
+and backs off: no batching for ``BACKOFF_MIN_S``, doubling while it recurs, up to
+``BACKOFF_MAX_S``.  So a driver that refills in small steps pays one fallback wait per
+back-off period.
 
 Only with EVENT_IDX negotiated (flag-only suppression has no threshold), only on the plain
 datapath (no fault rules, capture or crash points armed: ``threads.needs_world``, so fault
@@ -38,8 +42,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vdev.errors import DefunctError, SyncError
 from vdev.net.threads import needs_world
 
 if TYPE_CHECKING:
@@ -61,6 +67,18 @@ BACKOFF_MAX_S = 5.0
 Later = Callable[[float, Callable[[], None]], None]
 
 
+@dataclass
+class _Due:
+    """A queue's check: what it is for, and what the queue looked like when it was set."""
+
+    queue: VirtQueue
+    frames: int  # frames written to the queue
+    # Already re-armed batched then: the first check of a batching period is set right
+    # after the unbatched stop that started it, so what it sees says nothing of batches.
+    armed: bool
+    avail: int  # buffers posted and not taken, at the previous check (-1: none yet)
+
+
 def check_batch(batch: int) -> int:
     """``batch`` if usable, else ValueError naming it."""
     if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch <= MAX_BATCH:
@@ -80,10 +98,8 @@ class RxKickBatch:
         self.nic = nic
         self.batch = check_batch(batch)
         self.later = later
-        # Per queue: the queue a check is due for, its frames written when it was set, and
-        # whether it was already re-armed batched then (the first check of a batching
-        # period is set right after the unbatched stop that started it).
-        self._due: dict[int, tuple[VirtQueue, int, bool]] = {}
+        # Per queue: the check due (see _Due).
+        self._due: dict[int, _Due] = {}
         self._calm_until: dict[int, float] = {}
         self._backoff: dict[int, float] = {}
         self.fallback_s = FALLBACK_S
@@ -128,7 +144,7 @@ class RxKickBatch:
             if queue is None:
                 continue
             due = self._due.get(index)
-            if due is not None and due[0] is queue:
+            if due is not None and due.queue is queue:
                 continue  # batching, its check due (the check looks at everything again)
             if not self._may_batch(index, queue):
                 queue.kick_ahead = 0
@@ -139,14 +155,14 @@ class RxKickBatch:
                 self.batched += 1
             self._schedule(index, queue, armed)
 
-    def _schedule(self, index: int, queue: VirtQueue, armed: bool) -> None:
+    def _schedule(self, index: int, queue: VirtQueue, armed: bool, avail: int = -1) -> None:
         assert self.later is not None
-        self._due[index] = (queue, self.nic.stats[index].frames, armed)
+        self._due[index] = _Due(queue, self.nic.stats[index].frames, armed, avail)
         self.later(self.fallback_s, lambda: self._check(index, queue))
 
     def _check(self, index: int, queue: VirtQueue) -> None:
         due = self._due.get(index)
-        if due is None or due[0] is not queue:
+        if due is None or due.queue is not queue:
             return  # replaced by a newer queue's check
         del self._due[index]
         if self._queue(index) is not queue or queue.kick_ahead <= 1:
@@ -158,13 +174,24 @@ class RxKickBatch:
         if not self._may_batch(index, queue):
             self._unbatch(queue)  # a fault rule came, or the loop stops the checks
             return
-        if nic.stats[index].frames != due[1]:
-            if due[2]:  # a batched re-arm's kick came: this driver refills in batches
+        if nic.stats[index].frames != due.frames:
+            if due.armed:  # a batched re-arm's kick came: this driver refills in batches
                 self._backoff.pop(index, None)
             self._schedule(index, queue, True)
             return
-        # Nothing written for a whole check while frames wait: the driver posted fewer
-        # buffers than asked for and waits.  Back off, longer each time it happens again.
+        try:
+            avail = queue.avail_count()
+        except SyncError:
+            nic.drain_rx()  # the drain meets the same violation and kills the queue
+            return
+        except DefunctError:
+            return
+        if avail == 0 or avail != due.avail:
+            self._schedule(index, queue, due.armed, avail)  # busy, or still refilling
+            return
+        # Nothing written for a whole check while frames wait, and the driver posted no
+        # more buffers since the previous check: it posted fewer than asked for and waits.
+        # Back off, longer each time it happens again.
         self.fallbacks += 1
         backoff = self._backoff.get(index, self.backoff_min)
         self._calm_until[index] = self.clock() + backoff
@@ -180,9 +207,9 @@ class RxKickBatch:
     def release_all(self) -> None:
         """Stop batching every queue (the loop that would run the checks stops serving)."""
         due, self._due = self._due, {}
-        for index, (queue, _, _) in due.items():
-            if self._queue(index) is queue and queue.defunct is None:
-                self._unbatch(queue)
+        for index, entry in due.items():
+            if self._queue(index) is entry.queue and entry.queue.defunct is None:
+                self._unbatch(entry.queue)
 
     def stats(self) -> dict[str, object]:
         return {
