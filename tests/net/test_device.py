@@ -256,7 +256,7 @@ def test_vdev_serve_cli_runs_and_cleans_up(tmp_path: Path) -> None:
     sock = tmp_path / "serve.sock"
     proc = subprocess.Popen(
         ["python3", "-m", "host.cli", "serve", "--socket", str(sock), "--mac", "52:54:00:12:34:99",
-         "--kick-hold-us", "250"],
+         "--kick-hold-us", "250", "--rx-kick-batch", "32"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -275,7 +275,7 @@ def test_vdev_serve_cli_runs_and_cleans_up(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, err
     assert "rx0" in out and "tx0" in out and "icmp=4" in out
-    assert "kick hold 250 us" in err
+    assert "kick hold 250 us" in err and "RX kick batch 32" in err
     assert not sock.exists()
 
 
@@ -304,6 +304,14 @@ def test_vdev_serve_rejects_bad_arguments(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert r.returncode == 2 and "--kick-hold-us" in r.stderr and why in r.stderr, r.stderr
+    for batch, why in [("-1", "want 0 (half the RX ring), 1 (off) or up to 32768"),
+                       ("32769", "want 0 (half the RX ring), 1 (off) or up to 32768"),
+                       ("8.5", "'8.5' is not a number of buffers")]:  # fmt: skip
+        r = subprocess.run(
+            ["python3", "-m", "host.cli", "serve", "--socket", sock, "--rx-kick-batch", batch],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert r.returncode == 2 and "--rx-kick-batch" in r.stderr and why in r.stderr, r.stderr
     assert not os.path.exists(sock)
 
 
