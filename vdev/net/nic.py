@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from vdev.net.kickhold import KickHold
     from vdev.net.notify_watch import NotifyWatch
     from vdev.net.rxbatch import RxKickBatch
+    from vdev.net.rxgen import RxGenerator
     from vdev.vhost.backend import Vring
     from vdev.virtio.chain import Chain
     from vdev.virtio.memory import GuestMemory
@@ -53,6 +54,7 @@ MAX_FRAME = 65550  # a 64 KiB GSO frame plus its Ethernet header
 RX_BACKLOG = 512  # frames held per NIC while the guest refills its RX ring
 TX_BUDGET = 256  # chains per TX kick before letting other work run
 RX_BURST = 256  # backlog frames handed to one compiled RX burst
+GEN_ROUNDS = 16  # rounds of the RX generator's templates per drain (rxgen.py)
 
 
 def bit(n: int) -> int:
@@ -238,6 +240,9 @@ class VirtioNet:
         self.kick_hold: KickHold | None = None
         # RX kick batching (rxbatch.py), set by the device; None: a kick per refill.
         self.rx_batch: RxKickBatch | None = None
+        # Device-generated RX traffic (rxgen.py): start_rx_generator / stop_rx_generator.
+        self.rx_gen: RxGenerator | None = None
+        self._generating = False  # the generator's copies are being delivered
         # Lifecycle events (a ring resumed away from SET_VRING_BASE): kept here and handed to
         # ``event_sink`` (the device's fault log, when there is one).
         self.resumes: list[dict[str, object]] = []
@@ -785,13 +790,19 @@ class VirtioNet:
         return running[zlib.crc32(flow) % len(running)]
 
     def drain_rx(self) -> None:
-        """Move backlogged frames into guest RX buffers while there is room.
+        """Move backlogged frames into guest RX buffers while there is room, then, with the
+        backlog empty, device-generated frames (rxgen.py) if a generator runs.
 
         With one RX queue running and the compiled bursts usable, frames go through C in
         runs; a frame a burst cannot write plainly (a drop, a kill) is the next one for the
         Python reference below, then the bursts resume."""
-        if not self.backlog:
-            return
+        if self.backlog:
+            self._drain_backlog()
+        gen = self.rx_gen
+        if gen is not None and not self.backlog and not gen.done and not self._generating:
+            self._generate_rx(gen)
+
+    def _drain_backlog(self) -> None:
         touched: set[int] = set()
         while self.backlog:
             fast_index = self._fast_rx_queue()
@@ -826,6 +837,88 @@ class VirtioNet:
         low = self.rx_low
         if low is not None and touched and self.rx_waiting() <= low[0]:
             low[1]()
+
+    def start_rx_generator(self, frames: list[bytes], count: int | None = None) -> RxGenerator:
+        """Device-generated RX traffic (rxgen.py): ``frames`` repeated into the guest's RX
+        buffers as fast as its driver posts them, ``count`` frames in all (None: until
+        :meth:`stop_rx_generator`).  Replaces a generator already running.  Call with the
+        NIC's lock held (the device's ``lock`` from the control plane)."""
+        from vdev.net.rxgen import RxGenerator
+
+        self.stop_rx_generator()
+        self.rx_gen = RxGenerator(self.pool, frames, count)
+        if self.defer is not None:
+            self.defer(self.drain_rx)  # the guest may have buffers posted already
+        else:
+            self.drain_rx()
+        return self.rx_gen
+
+    def stop_rx_generator(self) -> None:
+        """Stop generating; its template packets go back to the pool."""
+        gen, self.rx_gen = self.rx_gen, None
+        if gen is not None:
+            gen.close()
+
+    def _generate_rx(self, gen: RxGenerator) -> None:
+        """Generated frames into the guest's buffers until they run out: one compiled RX
+        burst per round of the templates, which stay the generator's (nothing to free), or
+        fresh copies through the backlog where the burst does not run or stops at a frame
+        (rxgen.py).  At most GEN_ROUNDS rounds per call; the rest is deferred."""
+        index = self._fast_rx_queue()
+        if index is None or self.rx_hooks or self.tap is not None or self._notes:
+            self._generate_copies(gen)
+            return
+        queue = self.vrings[index].queue
+        assert queue is not None  # _fast_rx_queue: a running queue
+        stats = self.stats[index]
+        mergeable = self.has(lib.VIRTIO_NET_F_MRG_RXBUF)
+        csum = self.has(lib.VIRTIO_NET_F_GUEST_CSUM)
+        wrote, more = 0, False
+        for _ in range(GEN_ROUNDS):
+            pkts = gen.next_templates()
+            if not pkts:
+                break
+            burst = fastqueue.rx_burst(
+                queue, self.pool, self.hdr_len, mergeable, csum, pkts, self._unlocked()
+            )
+            n = burst.count
+            if n:
+                gen.wrote(n)
+                stats.frames += n
+                stats.bytes += burst.nbytes
+                stats.merged += burst.merged
+                wrote += n
+            if burst.stop == fastqueue.C.EMPTY:  # the whole round written: room for more?
+                more = True
+                continue
+            more = False
+            if burst.stop != fastqueue.C.NOROOM:  # SLOW or VIOLATION: the exact way
+                self._generate_copies(gen, 1)
+            break
+        if wrote and queue.defunct is None and self.vrings.get(index) is not None:
+            self._finish(queue, index, 1)
+        if more and not gen.done and self.defer is not None:
+            self.defer(self.drain_rx)  # out of rounds, not of room: go on soon
+
+    def _generate_copies(self, gen: RxGenerator, n: int = RX_BURST) -> None:
+        """Generated frames as fresh packets through the backlog, ``n`` at a time while the
+        guest takes them all (at most GEN_ROUNDS times; the rest is deferred): fault rules,
+        capture and the reference see them as any frame from the switch."""
+        for _ in range(GEN_ROUNDS):
+            pkts = gen.copies(n)
+            if not pkts:
+                return
+            self._generating = True
+            try:
+                taken = self.deliver_now(pkts)
+            finally:
+                self._generating = False
+            if taken < len(pkts):
+                self.pool.free_packets(pkts[taken:])  # refused: counted as dropped, by name
+            if self.backlog or taken < len(pkts) or n < RX_BURST:
+                return  # the guest is out of buffers (the refill kick resumes), or one frame
+        if not gen.done and self.defer is not None:
+            self.defer(self.drain_rx)
 
     def _fast_rx_queue(self) -> int | None:
         """The RX queue a compiled burst may fill: the only one running, not stalled, with
