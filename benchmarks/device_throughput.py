@@ -23,8 +23,13 @@ All vdev per-packet work is in ``vdev/net/nic.py`` (``process_tx`` / ``_internal
 ``drain_rx`` / ``_write_rx``), ``vdev/virtio/split.py`` and ``vdev/skywalk``; ``--profile``
 runs one extra TX measurement with cProfile on the device loop and prints the top functions.
 
+With ``--rx-source generator`` the guest RX frames come from the NIC's own generator
+(``vdev/net/rxgen.py``), the device-generated counterpart of testpmd txonly on net_vhost;
+``--poll`` makes vdev busy-poll as testpmd does.
+
 Usage: python3 benchmarks/device_throughput.py [--duration 3] [--sizes 64,1500] [--quick]
        [--frontends python,dpdk] [--directions tx,rx] [--far-end channel|drop] [--profile]
+       [--rx-source channel|generator] [--poll]
 """
 
 from __future__ import annotations
@@ -80,12 +85,15 @@ def worker(
     profile: str | None,
     kick_hold_us: float | None = None,
     rx_kick_batch: int | None = None,
+    poll: bool = False,
 ) -> int:
     """Serve one NIC and count; prints READY, then "S <monotonic> <count>" every 0.1 s.
 
     role "sink": count frames arriving on a host channel (guest TX direction).
     role "drop": count frames an endpoint frees as the switch hands them over (guest TX).
     role "source": feed the NIC from a host channel, count frames written to the guest.
+    role "gen": the NIC's own generator (vdev/net/rxgen.py), count frames written.
+    ``poll``: busy-poll (``vdev serve --poll``), as a DPDK PMD spins.
     On SIGTERM prints "STATS <json>" (device stats, and the profile if asked) and exits.
     """
     pool = streaming_pool()
@@ -123,6 +131,14 @@ def worker(
                 else:
                     count += len(ch.recv(4096, timeout=0.05))
 
+    elif role == "gen":
+        # Device-generated (testpmd txonly on net_vhost's counterpart): no host sender.
+        with device.lock:
+            nic.start_rx_generator([numbered(GUEST_MAC, HOST_MAC, i, size) for i in range(256)])
+
+        def pump() -> None:
+            stop.wait()
+
     else:
         ch = device.open_channel("host", ring_slots=512)
         # As if the guest had sent a frame: the learning switch then unicasts to nic0
@@ -157,8 +173,9 @@ def worker(
     def sampler() -> None:
         while not stop.is_set():
             # Far end (host channel, or frames written to the guest) and the virtqueue.
-            ring = nic.stats[0 if role == "source" else 1].frames
-            n = ring if role == "source" else sink.frames if role == "drop" else count
+            rx = role in ("source", "gen")
+            ring = nic.stats[0 if rx else 1].frames
+            n = ring if rx else sink.frames if role == "drop" else count
             sys.stdout.write(f"S {time.monotonic():.6f} {n} {ring}\n")  # one write: one line
             sys.stdout.flush()
             stop.wait(0.1)
@@ -177,7 +194,7 @@ def worker(
     prof = cProfile.Profile() if profile else None
     if prof is not None:
         prof.enable()
-    device.serve_forever(stop)
+    device.serve_forever(stop, poll=poll)
     if prof is not None:
         prof.disable()
         prof.dump_stats(profile)  # type: ignore[arg-type]
@@ -185,7 +202,9 @@ def worker(
         t.join(2)
     stats = device.stats()
     sys.stdout.flush()
-    if role != "drop":  # the drop sink has no channel
+    if role == "gen":
+        nic.stop_rx_generator()
+    elif role != "drop":  # the drop sink and the generator have no channel
         ch.close()
     device.close()
     print("STATS " + json.dumps(stats), flush=True)
@@ -306,6 +325,9 @@ def testpmd(
 # -- one measurement -----------------------------------------------------------------------
 
 
+_RX_ROLE = {"channel": "source", "generator": "gen"}  # --rx-source: the worker's role
+
+
 @dataclass
 class Config:
     duration: float
@@ -314,6 +336,8 @@ class Config:
     profile: bool = False
     far_end: str = "sink"  # guest TX: "sink" (a host channel) or "drop" (a freeing endpoint)
     kick_hold_us: float | None = None  # vdev's TX kick mitigation window; None: its default
+    rx_source: str = "channel"  # guest RX: "channel" (a host sender) or "generator" (rxgen.py)
+    poll: bool = False  # vdev busy-polls (vdev serve --poll)
 
 
 @dataclass
@@ -375,7 +399,9 @@ def measure(cfg: Config, frontend: str, direction: str, size: int, backend: str)
         if backend == "vdev":
             be = Child(
                 [sys.executable, __file__, "--worker", sock, "--role"]
-                + [cfg.far_end if direction == "tx" else "source", "--size", str(size)]
+                + [cfg.far_end if direction == "tx" else _RX_ROLE[cfg.rx_source]]
+                + ["--size", str(size)]
+                + (["--poll"] if cfg.poll else [])
                 + (["--profile-out", str(cfg.workdir / "tx.prof")] if cfg.profile else [])
                 + ([] if cfg.kick_hold_us is None else ["--kick-hold-us", str(cfg.kick_hold_us)]),
                 "worker",
@@ -533,6 +559,16 @@ def main(argv: list[str] | None = None) -> int:
         "device's, 100; 0: off)",
     )
     p.add_argument("--rx-kick-batch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--rx-source",
+        choices=tuple(_RX_ROLE),
+        default="channel",
+        help="guest RX frames come from a host channel sender (default) or from the NIC's "
+        "own generator (vdev/net/rxgen.py: device-generated, as testpmd txonly on net_vhost)",
+    )
+    p.add_argument(
+        "--poll", action="store_true", help="vdev busy-polls (vdev serve --poll), as DPDK spins"
+    )
     args = p.parse_args(argv)
     if args.worker:
         return worker(
@@ -542,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             args.profile_out,
             args.kick_hold_us,
             args.rx_kick_batch,
+            args.poll,
         )
     if args.quick:
         args.duration, args.warmup, args.sizes = 1.0, 0.5, "64"
@@ -555,7 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vdevbench") as tmp:
         far_end = "drop" if args.far_end == "drop" else "sink"
         cfg = Config(
-            args.duration, args.warmup, Path(tmp), far_end=far_end, kick_hold_us=args.kick_hold_us
+            args.duration,
+            args.warmup,
+            Path(tmp),
+            far_end=far_end,
+            kick_hold_us=args.kick_hold_us,
+            rx_source=args.rx_source,
+            poll=args.poll,
         )
         rows: list[dict[str, Any]] = []
         print(HEADER, flush=True)
