@@ -334,7 +334,11 @@ def test_a_flood_fills_an_idle_guest_ring_plus_the_backlog_whatever_the_timing(
     delivery refuses it then, and an inbox taken later could land in buffers the guest
     freed meanwhile."""
     n = 1200
-    with Device(threads=mode) as device:
+    # No lost-notification watch: its tick runs on the control loop under the world lock,
+    # which takes every NIC lock in order.  With nic1's lock held here it would take nic0's
+    # and wait for nic1's, stalling nic0's thread mid-flood until the test gives up (a
+    # loaded suite: 512 of 1200 frames sent in 30 s).
+    with Device(threads=mode, notify_watch="off") as device:
         pa, pb = two_nics(tmp_path, device)
         with VirtioNetFrontend(pa) as fa, VirtioNetFrontend(pb) as fb:
             learn(device, fa, fb)
@@ -373,7 +377,9 @@ def test_rx_waiting_counts_frames_handed_to_the_nics_thread(tmp_path: Path, mode
     and the benchmark sources did) reads 0 while the inbox fills, and they overran it: the
     sandbox's host->guest run lost 3,080 of 5,000 frames as rx_backlog_full."""
     k = 100
-    with Device(threads=mode) as device:
+    # No lost-notification watch (see the flood test above: its world lock would stall nic0
+    # while this test holds nic1's lock).
+    with Device(threads=mode, notify_watch="off") as device:
         pa, pb = two_nics(tmp_path, device)
         with VirtioNetFrontend(pa) as fa, VirtioNetFrontend(pb) as fb:
             learn(device, fa, fb)
