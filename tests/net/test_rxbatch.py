@@ -425,3 +425,24 @@ def test_the_batch_is_at_most_half_the_ring(batch: int, size: int, want: int) ->
     q: Any = Q()
     q.size = size
     assert RxKickBatch(None, batch, None).ahead(q) == want  # type: ignore[arg-type]
+
+
+def test_a_generated_stream_stalled_below_the_batch_falls_back(rig: Rig) -> None:
+    """Frames from the NIC's own generator (rxgen.py) wait as backlogged ones do: the
+    checks run while it has frames left, and a driver that posts short of the batch gets
+    them at the second check."""
+    with rig.lock:
+        rig.nic.start_rx_generator([numbered(HOST_MAC, GUEST_MAC, 0)])
+    try:
+        assert rig.written(RING) == RING
+        with rig.lock:
+            rig.nic.drain_rx()  # the second stop: re-armed batched
+        assert rig.batch.batched == 1 and len(rig.checks) == 1 and not rig.nic.backlog
+        assert len(rig.fe._rx_used(rig.fe.rxq())) == RING
+        assert rig.post(3) == [False] * 3
+        rig.run_check()
+        rig.run_check()
+        assert rig.batch.fallbacks == 1 and rig.written(RING + 3) == RING + 3
+    finally:
+        with rig.lock:
+            rig.nic.stop_rx_generator()

@@ -55,6 +55,7 @@ RX_BACKLOG = 512  # frames held per NIC while the guest refills its RX ring
 TX_BUDGET = 256  # chains per TX kick before letting other work run
 RX_BURST = 256  # backlog frames handed to one compiled RX burst
 GEN_ROUNDS = 16  # rounds of the RX generator's templates per drain (rxgen.py)
+GEN_ENDLESS = 1 << 30  # the frames an endless generator has waiting (rxbatch.py's bound)
 
 
 def bit(n: int) -> int:
@@ -853,6 +854,11 @@ class VirtioNet:
             self.drain_rx()
         return self.rx_gen
 
+    def rx_pending(self) -> bool:
+        """Frames wait for the guest's buffers: backlogged, or a generator not done."""
+        gen = self.rx_gen
+        return bool(self.backlog) or (gen is not None and not gen.done)
+
     def stop_rx_generator(self) -> None:
         """Stop generating; its template packets go back to the pool."""
         gen, self.rx_gen = self.rx_gen, None
@@ -878,8 +884,10 @@ class VirtioNet:
             pkts = gen.next_templates()
             if not pkts:
                 break
+            # Frames waiting, for the RX kick batch: all the generator has left to send.
+            left = gen.remaining if gen.remaining is not None else GEN_ENDLESS
             burst = fastqueue.rx_burst(
-                queue, self.pool, self.hdr_len, mergeable, csum, pkts, self._unlocked()
+                queue, self.pool, self.hdr_len, mergeable, csum, pkts, self._unlocked(), left
             )
             n = burst.count
             if n:
@@ -894,6 +902,8 @@ class VirtioNet:
             more = False
             if burst.stop != fastqueue.C.NOROOM:  # SLOW or VIOLATION: the exact way
                 self._generate_copies(gen, 1)
+            elif self.rx_batch is not None:
+                self.rx_batch.waiting()  # generated frames wait too: batch the refill kicks
             break
         if wrote and queue.defunct is None and self.vrings.get(index) is not None:
             self._finish(queue, index, 1)

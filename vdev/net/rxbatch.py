@@ -169,7 +169,7 @@ class RxKickBatch:
             return  # stopped, replaced or disabled (a new queue starts unbatched), or off
         self.checks += 1
         nic = self.nic
-        if not nic.backlog:
+        if not nic.rx_pending():
             return  # nothing waits: the next stop for lack of room starts a check again
         if not self._may_batch(index, queue):
             self._unbatch(queue)  # a fault rule came, or the loop stops the checks
