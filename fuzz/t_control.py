@@ -90,6 +90,8 @@ def one_input(data: bytes) -> None:
             dev.sel.get_map()  # the selector must still be consistent
             srv.engine.clear()
             srv.engine.log.events.clear()  # each input starts from an empty event log
+            for nic in dev.nics:  # a "generate" holds its templates until stopped
+                nic.stop_rx_generator()
     lines = bytes(replies).split(b"\n")
     assert lines[-1] == b"" or server_dropped, f"a reply cut short: {lines[-1][-200:]!r}"
     for line in lines[:-1]:

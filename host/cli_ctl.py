@@ -87,6 +87,20 @@ def _register_ctl(subparsers: Any) -> None:
     cr.add_argument("--after-frames", type=int_range(0), metavar="N")
     cr.add_argument("--in-flight", type=int_range(0), metavar="K")
     cr.add_argument("--mode", choices=["exit", "drop"])
+    gen = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="device-generated RX traffic: numbered frames into a guest's RX buffers",
+        description=(
+            "Make the NIC itself send to its guest: numbered frames of --size bytes, as fast "
+            "as the driver posts RX buffers, --count of them (default: until `vdev ctl "
+            "generate --stop`). Example: vdev ctl generate --nic 0 --size 64 --count 1000000"
+        ),
+    )
+    gen.add_argument("--nic", default="0")
+    gen.add_argument("--size", type=int, metavar="BYTES")
+    gen.add_argument("--count", type=int_range(0), metavar="N")
+    gen.add_argument("--stop", action="store_true", help="stop it; prints the frames sent")
     raw = sub.add_parser("raw", parents=[common], help="send a raw JSON request")
     raw.add_argument("request", metavar="JSON")
     p.set_defaults(func=run_ctl)
@@ -174,6 +188,14 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     if cmd == "crash":
         req = {"cmd": "crash", "nic": _nic(args.nic)}
         for key in ("after_frames", "in_flight", "mode"):
+            if getattr(args, key) is not None:
+                req[key] = getattr(args, key)
+        return req
+    if cmd == "generate":
+        req = {"cmd": "generate", "nic": _nic(args.nic)}
+        if args.stop:
+            return req | {"stop": True}
+        for key in ("size", "count"):
             if getattr(args, key) is not None:
                 req[key] = getattr(args, key)
         return req

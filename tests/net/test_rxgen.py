@@ -242,3 +242,59 @@ def test_a_generated_stream_batches_the_refill_kicks(tmp_path: Path, batch: int)
             assert nic.stats[0].frames == written
             with _lock(device, nic):  # type: ignore[attr-defined]
                 nic.stop_rx_generator()
+
+
+def test_the_control_socket_and_vdev_ctl_start_and_stop_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``vdev ctl generate`` (the control socket's "generate"): numbered frames from the
+    responder's MAC to the NIC's, of the size asked, as many as asked; refusals name the
+    field; ``--stop`` reports what was sent."""
+    import argparse
+    import json
+
+    from host import cli_ctl
+    from vdev.faults.control import ControlServer, request
+    from vdev.testing.frames import RESPONDER_MAC, seq_of
+
+    def ctl(*argv: str) -> tuple[int, dict[str, object]]:
+        parser = argparse.ArgumentParser(prog="vdev")
+        cli_ctl.register(parser.add_subparsers())
+        args = parser.parse_args(["ctl", "--socket", ctl_path, "--json", *argv])
+        rc = int(args.func(args))
+        out, err = capsys.readouterr()
+        return rc, json.loads(out or err)
+
+    path, ctl_path = str(tmp_path / "nic0.sock"), str(tmp_path / "ctl.sock")
+    with Device() as device:
+        nic = device.add_nic(path, mac="52:54:00:12:34:56")
+        srv = ControlServer(device, ctl_path)
+        device.start()
+        try:
+            with VirtioNetFrontend(path, ring_size=RING) as fe:
+                rc, reply = ctl("generate", "--size", "100", "--count", "40")
+                assert rc == 0 and reply["generating"] == {"nic": "nic0", "size": 100, "count": 40}
+                got = receive(fe, 40)
+                assert [len(f) for f in got] == [100] * 40
+                assert [seq_of(f) for f in got] == [i % 256 for i in range(40)]
+                assert {f[:12] for f in got} == {bytes.fromhex("525400123456") + RESPONDER_MAC}
+                assert fe.recv(5, timeout=0.3) == []
+                stats = request(ctl_path, {"cmd": "stats"})["device"]["nics"][0]
+                assert stats["rx_generator"] == {"sent": 40, "remaining": 0}
+                rc, reply = ctl("generate", "--stop")
+                assert rc == 0 and reply["sent"] == 40 and reply["stopped"] is True
+                assert nic.rx_gen is None
+                for req, why in [
+                    ({"size": 59}, "size: 59 bytes, want 60 to 9014"),
+                    ({"size": 9015}, "size: 9015 bytes, want 60 to 9014"),
+                    ({"count": -1}, "count: -1 must be >= 0"),
+                    ({"count": "x"}, "count: 'x' is not an integer"),
+                    ({"stop": 1}, "stop: 1 must be true or false"),
+                    ({"stop": True, "size": 64}, "stop: takes no size or count"),
+                    ({"nic": 3}, "nic: no NIC 3"),
+                ]:
+                    reply = request(ctl_path, {"cmd": "generate", **req})
+                    assert reply["ok"] is False and why in str(reply["error"]), reply
+                assert nic.rx_gen is None
+        finally:
+            srv.close()

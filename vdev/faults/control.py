@@ -35,6 +35,9 @@ from vdev import socketpath
 from vdev.errors import VdevError
 from vdev.faults.engine import FaultEngine, engine_stats
 from vdev.faults.rules import SpecError
+from vdev.net.rxgen import MAX_TEMPLATES
+from vdev.skywalk.errors import PoolError
+from vdev.testing.frames import numbered
 
 if TYPE_CHECKING:
     from vdev.net.device import Device
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdev.faults.control")
 
 MAX_REQUEST = 64 * 1024
+GEN_MIN_SIZE = 60  # "generate": an Ethernet frame without its FCS, at least
+GEN_MAX_SIZE = 9014  # and at most a 9000-byte MTU's
 MAX_OUTPUT = 16 * 1024 * 1024
 # What the selector raises for an fd it no longer knows, or once the device closed it.
 _GONE: tuple[type[Exception], ...] = (KeyError, ValueError, OSError, RuntimeError, AttributeError)
@@ -107,6 +112,7 @@ class ControlServer:
             "link": ({"nic", "up"}, self._link),
             "pool": ({"packets", "id"}, self._pool),
             "crash": ({"nic", "after_frames", "in_flight", "mode"}, self._crash),
+            "generate": ({"nic", "size", "count", "stop"}, self._generate),
         }
         with device.lock:
             device.sel.register(sock, selectors.EVENT_READ, self._accept)
@@ -331,6 +337,37 @@ class ControlServer:
         args |= {k: req[k] for k in keys}
         self.engine.crash_point(_get_nic(req), **args)
         return {"armed": args}
+
+    def _generate(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Device-generated RX traffic (vdev/net/rxgen.py): numbered frames of ``size``
+        bytes from the responder's MAC to the NIC's, ``count`` of them (absent: until
+        stopped), written into the guest's RX buffers as fast as its driver posts them;
+        ``stop``: stop it (the frames sent so far in the reply)."""
+        nic = self.engine._resolve(_get_nic(req))
+        stop = req.get("stop", False)
+        if not isinstance(stop, bool):
+            raise RequestError(f"stop: {stop!r} must be true or false")
+        if stop:
+            if set(req) & {"size", "count"}:
+                raise RequestError("stop: takes no size or count")
+            gen = nic.rx_gen
+            nic.stop_rx_generator()
+            return {"stopped": gen is not None, "sent": gen.sent if gen is not None else 0}
+        size = _get_int(req, "size", 64)
+        if not GEN_MIN_SIZE <= size <= GEN_MAX_SIZE:
+            raise RequestError(f"size: {size} bytes, want {GEN_MIN_SIZE} to {GEN_MAX_SIZE}")
+        count = req.get("count")
+        if count is not None:
+            count = _get_int(req, "count", 0)
+            if count < 0:
+                raise RequestError(f"count: {count} must be >= 0 (absent: until stopped)")
+        src = self.device.responder.mac
+        frames = [numbered(nic.mac, src, i, size) for i in range(MAX_TEMPLATES)]
+        try:
+            nic.start_rx_generator(frames, count)
+        except (ValueError, PoolError) as exc:
+            raise RequestError(f"size: {size} bytes: {exc}") from None
+        return {"generating": {"nic": nic.name, "size": size, "count": count}}
 
 
 def dump_rings(nic: Any) -> dict[str, Any]:

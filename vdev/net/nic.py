@@ -847,12 +847,9 @@ class VirtioNet:
         from vdev.net.rxgen import RxGenerator
 
         self.stop_rx_generator()
-        self.rx_gen = RxGenerator(self.pool, frames, count)
-        if self.defer is not None:
-            self.defer(self.drain_rx)  # the guest may have buffers posted already
-        else:
-            self.drain_rx()
-        return self.rx_gen
+        gen = self.rx_gen = RxGenerator(self.pool, frames, count)
+        self.drain_rx()  # the guest may have buffers posted already
+        return gen
 
     def rx_pending(self) -> bool:
         """Frames wait for the guest's buffers: backlogged, or a generator not done."""
@@ -1110,6 +1107,11 @@ class VirtioNet:
             "notify_watch": self.watch.stats() if self.watch is not None else None,
             "kick_hold": self.kick_hold.stats() if self.kick_hold is not None else None,
             "rx_kick_batch": self.rx_batch.stats() if self.rx_batch is not None else None,
+            "rx_generator": (
+                {"sent": self.rx_gen.sent, "remaining": self.rx_gen.remaining}
+                if self.rx_gen is not None
+                else None
+            ),
         }
 
 
