@@ -15,6 +15,7 @@ message.
 from __future__ import annotations
 
 import logging
+import mmap
 
 import pytest
 
@@ -309,9 +310,13 @@ def test_releasing_an_index_past_the_pool_fails_alike_on_both_backends() -> None
     pool = Pbufpool(num_packets=8, max_frags=1)
     p = pool.packet_from_bytes(b"x")
     assert p is not None
-    with pytest.raises(IndexError) as info:
-        pool._release([p, p + 100])
-    assert str(info.value) == "bytearray index out of range"
+    for past in (pool.num_packets, p + 100):  # one past the last packet, and far past
+        with pytest.raises(IndexError) as info:
+            pool._release([p, past])
+        assert str(info.value) == "bytearray index out of range"
+        assert pool.stats.in_use == 0  # the packet before the fault was freed
+        p = pool.packet_from_bytes(b"x")
+        assert p is not None
 
 
 def test_the_defaults_are_the_documented_ones() -> None:
@@ -559,3 +564,46 @@ def test_an_index_one_past_the_last_packet_is_not_allocated() -> None:
             with pytest.raises(PoolError) as info:
                 call(idx)
             assert str(info.value) == f"packet {idx} is not allocated"
+
+
+# -- whole-module run of pool.py, the survivors classified (2026-12-04) ----------------------
+def test_a_frame_that_fits_the_default_chain_is_taken_when_the_large_buffers_are_gone() -> None:
+    """With the large buffers exhausted, a frame of exactly ``max_frags`` default buffers
+    (100 bytes: 64 + 36) still fits the default chain: it is allocated there, not refused."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_large_bufs=1,
+                    large_buf_size=512)  # fmt: skip
+    big = pool.packet_from_bytes(bytes(300))  # 5 default buffers' worth: the large one
+    assert big is not None and pool.stats.large_in_use == 1
+    data = bytes(range(100))
+    p = pool.packet_from_bytes(data)
+    assert p is not None and not pool.b_large[p]
+    assert (pool.packet_nbufs(p), pool.packet_bytes(p)) == (2, data)
+    assert pool.stats.alloc_failures == 0
+    pool.free_packets([big, p])
+    assert not pool.close().leaked
+
+
+def test_a_buflet_count_outside_one_to_max_frags_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=3)
+    for nbufs in (0, 4):
+        with pytest.raises(PoolError) as info:
+            pool.alloc_packets(1, nbufs)
+        assert str(info.value) == f"nbufs {nbufs} not in 1..3"
+    assert pool.stats.in_use == 0
+
+
+def test_the_ring_region_is_sized_for_the_ring_slots_asked_for() -> None:
+    """arena.py's rule: room for ``num_ring_slots`` slots plus one ring header per 16 slots
+    and 8 more, rounded up to a page (sizes of struct sk_slot and struct sk_ring, through
+    cffi); the arena header publishes it."""
+    page = mmap.PAGESIZE
+    for slots in (64, 1024):
+        pool = Pbufpool(num_packets=8, max_frags=1, num_ring_slots=slots)
+        need = slots * ffi.sizeof("struct sk_slot") + (slots // 16 + 8) * ffi.sizeof(
+            "struct sk_ring"
+        )
+        hdr = ffi.cast("struct sk_arena_hdr *", H.base(pool.arena))
+        size = int(hdr.ring_region_size)
+        del hdr
+        assert size == -(-need // page) * page
+        pool.close()
