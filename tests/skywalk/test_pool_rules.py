@@ -19,7 +19,7 @@ import mmap
 
 import pytest
 
-from vdev.abi import ffi
+from vdev.abi import ffi, lib
 from vdev.skywalk import Pbufpool, validate
 from vdev.skywalk.arena import NO_INDEX
 from vdev.skywalk.errors import PoolError
@@ -607,3 +607,60 @@ def test_the_ring_region_is_sized_for_the_ring_slots_asked_for() -> None:
         del hdr
         assert size == -(-need // page) * page
         pool.close()
+
+
+@pytest.mark.usefixtures("backend")
+def test_checksum_offsets_above_32767_in_a_large_buffer_are_adopted() -> None:
+    """``csum_start`` and ``csum_stuff`` are 16-bit fields (struct sk_packet); in a 50000
+    byte frame (one 64 KiB large buffer) the CSUM check passes any start below the length
+    and any stuff offset with two bytes of room, and both come back on the next externalize."""
+    pool = Pbufpool(num_packets=4, buf_size=2048, max_frags=1, num_large_bufs=2,
+                    large_buf_size=65536)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(50000))
+    assert p is not None and pool.b_large[p]
+    validate.externalize(pool, p)
+    q = H.pkt(pool.arena, p)
+    q.pflags, q.csum_start, q.csum_stuff = lib.SK_PKT_CSUM_PARTIAL, 40000, 49998
+    assert validate.internalize(pool, p) is None
+    assert (pool.pkt_cstart[p], pool.pkt_cstuff[p]) == (40000, 49998)
+    q.csum_start = q.csum_stuff = 0
+    validate.externalize(pool, p)
+    assert (q.csum_start, q.csum_stuff) == (40000, 49998)
+    del q
+
+
+@pytest.mark.parametrize("num_packets", [1, 3, 5])
+def test_a_pool_of_an_odd_number_of_packets_holds_every_one(num_packets: int) -> None:
+    """Nothing asks for an even packet count: each of ``num_packets`` packets takes a
+    two-buflet frame (100 bytes: 64 + 36), holds its own bytes, and all of them come back."""
+    pool = Pbufpool(num_packets=num_packets, buf_size=64, max_frags=2)
+    frames = [bytes([i + 1]) * 100 for i in range(num_packets)]
+    pkts = [pool.packet_from_bytes(f) for f in frames]
+    assert None not in pkts and sorted(pkts) == list(range(num_packets))  # type: ignore[type-var]
+    assert pool.packet_from_bytes(b"x") is None
+    for p, f in zip(pkts, frames, strict=True):
+        assert (pool.packet_len(p), pool.packet_nbufs(p)) == (100, 2)  # type: ignore[arg-type]
+        assert pool.packet_bytes(p) == f  # type: ignore[arg-type]
+    assert pool.audit() == []
+    pool.free_packets(pkts)  # type: ignore[arg-type]
+    assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+def test_a_data_length_of_2_gib_in_a_large_buffer_is_adopted() -> None:
+    """``len`` and a buflet's ``dlen`` are 32-bit (struct sk_packet, struct sk_buflet), and
+    nothing bounds ``large_buf_size`` but that: in a 2 GiB + 8 large buffer (a sparse memfd;
+    only the pages written are backed) a client may claim 2^31 bytes, which LEN_SUM and the
+    window check accept, and the pool must hold that length as it came."""
+    pool = Pbufpool(num_packets=2, buf_size=2048, max_frags=1, num_large_bufs=1,
+                    large_buf_size=2**31 + 8)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(3000))
+    assert p is not None and pool.b_large[p]
+    validate.externalize(pool, p)
+    q = H.pkt(pool.arena, p)
+    q.buf0.dlen = q.len = 2**31
+    del q
+    assert validate.internalize(pool, p) is None
+    assert (pool.packet_len(p), pool.b_dlen[p]) == (2**31, 2**31)
+    pool.free_packets([p])
+    assert not pool.close().leaked
