@@ -664,3 +664,40 @@ def test_a_data_length_of_2_gib_in_a_large_buffer_is_adopted() -> None:
     assert (pool.packet_len(p), pool.b_dlen[p]) == (2**31, 2**31)
     pool.free_packets([p])
     assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("which", ["packet", "large buffer"])
+def test_a_free_list_with_no_room_left_is_named_by_the_free_that_overflows_it(which: str) -> None:
+    """The guard against an index freed twice past the state check (freelist.py): a list
+    filled to its capacity (objects + SLACK) refuses the next free, naming the list."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_large_bufs=2,
+                    large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(200))  # one large buffer
+    assert p is not None and pool.b_large[p]
+    fl = pool._free_pkts if which == "packet" else pool._free_large
+    fl.extend([0] * (fl.cap - len(fl)))  # no room left
+    with pytest.raises(PoolError) as info:
+        pool.free_packets([p])
+    assert str(info.value).startswith(f"{which} free list overflow: {fl.cap} + 1 entries ")
+
+
+def test_freeing_a_spare_that_holds_a_large_buffer_returns_the_buffer() -> None:
+    """No pool path puts a large buffer on a spare today, but the audit counts one as held
+    by the spare (a sound state), and ``free_buflets`` must then give the buffer back and
+    leave the buflet as a free one: not large, on its own default buffer."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4, num_large_bufs=2,
+                    large_buf_size=256)  # fmt: skip
+    (j,) = pool.alloc_buflets(1)
+    g = pool.num_packets + j
+    lb = pool._free_large.pop()
+    pool.b_large[g], pool.b_buf[g] = 1, lb
+    assert pool.audit() == [] and pool.stats.large_in_use == 1
+    pool.free_buflets([j])
+    assert (pool.b_large[g], pool.b_buf[g]) == (0, g)
+    assert sorted(pool._free_large) == [0, 1] and pool.stats.large_in_use == 0
+    assert pool.audit() == []
+    p = pool.packet_from_bytes(bytes(range(100)))  # the buflet serves a chain again
+    assert p is not None and pool.packet_bytes(p) == bytes(range(100))
+    pool.free_packets([p])
+    assert not pool.close().leaked
