@@ -701,3 +701,24 @@ def test_freeing_a_spare_that_holds_a_large_buffer_returns_the_buffer() -> None:
     assert p is not None and pool.packet_bytes(p) == bytes(range(100))
     pool.free_packets([p])
     assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("bad", [-1, -4, 1 << 32])
+def test_releasing_a_negative_or_non_uint32_index_touches_no_other_packet(bad: int) -> None:
+    """A trusted-caller bug, worded as an index past the pool is: IndexError, the packets
+    before it freed, and nothing else touched.  (Until 2026-12-04 the Python loop read -1 as
+    the last packet and marked it free, off the free list, with a redzone fault counted; the
+    compiled path refused the batch with OverflowError.)"""
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    pkts = pool.alloc_packets(4)
+    assert sorted(pkts) == [0, 1, 2, 3]
+    with pytest.raises(IndexError) as info:
+        pool._release([pkts[0], bad])
+    assert str(info.value) == "bytearray index out of range"
+    assert list(pool._free_pkts) == [pkts[0]]  # the one before the fault, and no other
+    assert [pool.pkt_state[i] for i in pkts[1:]] == [1, 1, 1]
+    assert pool.stats.redzone_faults == 0
+    assert pool.audit() == []
+    pool.free_packets(pkts[1:])
+    assert not pool.close().leaked
