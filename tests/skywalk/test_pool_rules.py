@@ -722,3 +722,23 @@ def test_releasing_a_negative_or_non_uint32_index_touches_no_other_packet(bad: i
     assert pool.audit() == []
     pool.free_packets(pkts[1:])
     assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+def test_redzone_faults_add_up_over_packets_and_frees() -> None:
+    """Three packets freed with their redzones overwritten, two in one batch and one after:
+    three faults counted (skywalk.h: the redzone is SK_REDZONE_SEED ^ object index)."""
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    pkts: list[int] = []
+    for i in range(3):
+        p = pool.packet_from_bytes(bytes([i]) * 60)
+        assert p is not None
+        pkts.append(p)
+        H.md(pool.arena, p).pre.redzone ^= 1
+    pool.free_packets(pkts[:2])
+    assert pool.stats.redzone_faults == 2
+    pool.free_packets(pkts[2:])
+    assert pool.stats.redzone_faults == 3
+    for p in pkts:
+        assert H.md(pool.arena, p).pre.redzone == lib.SK_REDZONE_SEED ^ p
+    assert not pool.close().leaked
