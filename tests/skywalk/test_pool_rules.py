@@ -10,6 +10,14 @@ buffer checks (``and`` for ``or``, ``not in``, ``0 <``, the holder's name), its 
 cut, "free and off", a chain naming buflet ``num_buflets``, ``owner_holds`` with ``or`` or
 ``<=``, ``ring_release`` rounding with ``/`` or ``// 65`` or keying by None, ``ring_alloc``'s
 message.
+
+The whole-module run's survivors (2026-12-04, numbered on cf2739b; benchmarks/RESULTS.md has
+the names) are killed by the tests from "the survivors classified" on: the 16- and 32-bit
+widths of the trusted arrays, arrays sized for an odd packet count, the ring region sized
+from ``num_ring_slots``, the free lists' names, a spare holding a large buffer, the default
+chain when the large buffers are gone, redzone faults adding up, and ``_release`` refusing
+an index outside the pool (a negative one used to free the last packet: a bug, fixed), with
+the release of index ``num_packets`` in ``test_releasing_an_index_past_the_pool_...``.
 """
 
 from __future__ import annotations
