@@ -10,15 +10,24 @@ buffer checks (``and`` for ``or``, ``not in``, ``0 <``, the holder's name), its 
 cut, "free and off", a chain naming buflet ``num_buflets``, ``owner_holds`` with ``or`` or
 ``<=``, ``ring_release`` rounding with ``/`` or ``// 65`` or keying by None, ``ring_alloc``'s
 message.
+
+The whole-module run's survivors (2026-12-04, numbered on cf2739b; benchmarks/RESULTS.md has
+the names) are killed by the tests from "the survivors classified" on: the 16- and 32-bit
+widths of the trusted arrays, arrays sized for an odd packet count, the ring region sized
+from ``num_ring_slots``, the free lists' names, a spare holding a large buffer, the default
+chain when the large buffers are gone, redzone faults adding up, and ``_release`` refusing
+an index outside the pool (a negative one used to free the last packet: a bug, fixed), with
+the release of index ``num_packets`` in ``test_releasing_an_index_past_the_pool_...``.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 
 import pytest
 
-from vdev.abi import ffi
+from vdev.abi import ffi, lib
 from vdev.skywalk import Pbufpool, validate
 from vdev.skywalk.arena import NO_INDEX
 from vdev.skywalk.errors import PoolError
@@ -309,9 +318,13 @@ def test_releasing_an_index_past_the_pool_fails_alike_on_both_backends() -> None
     pool = Pbufpool(num_packets=8, max_frags=1)
     p = pool.packet_from_bytes(b"x")
     assert p is not None
-    with pytest.raises(IndexError) as info:
-        pool._release([p, p + 100])
-    assert str(info.value) == "bytearray index out of range"
+    for past in (pool.num_packets, p + 100):  # one past the last packet, and far past
+        with pytest.raises(IndexError) as info:
+            pool._release([p, past])
+        assert str(info.value) == "bytearray index out of range"
+        assert pool.stats.in_use == 0  # the packet before the fault was freed
+        p = pool.packet_from_bytes(b"x")
+        assert p is not None
 
 
 def test_the_defaults_are_the_documented_ones() -> None:
@@ -559,3 +572,181 @@ def test_an_index_one_past_the_last_packet_is_not_allocated() -> None:
             with pytest.raises(PoolError) as info:
                 call(idx)
             assert str(info.value) == f"packet {idx} is not allocated"
+
+
+# -- whole-module run of pool.py, the survivors classified (2026-12-04) ----------------------
+def test_a_frame_that_fits_the_default_chain_is_taken_when_the_large_buffers_are_gone() -> None:
+    """With the large buffers exhausted, a frame of exactly ``max_frags`` default buffers
+    (100 bytes: 64 + 36) still fits the default chain: it is allocated there, not refused."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_large_bufs=1,
+                    large_buf_size=512)  # fmt: skip
+    big = pool.packet_from_bytes(bytes(300))  # 5 default buffers' worth: the large one
+    assert big is not None and pool.stats.large_in_use == 1
+    data = bytes(range(100))
+    p = pool.packet_from_bytes(data)
+    assert p is not None and not pool.b_large[p]
+    assert (pool.packet_nbufs(p), pool.packet_bytes(p)) == (2, data)
+    assert pool.stats.alloc_failures == 0
+    pool.free_packets([big, p])
+    assert not pool.close().leaked
+
+
+def test_a_buflet_count_outside_one_to_max_frags_is_refused_by_name() -> None:
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=3)
+    for nbufs in (0, 4):
+        with pytest.raises(PoolError) as info:
+            pool.alloc_packets(1, nbufs)
+        assert str(info.value) == f"nbufs {nbufs} not in 1..3"
+    assert pool.stats.in_use == 0
+
+
+def test_the_ring_region_is_sized_for_the_ring_slots_asked_for() -> None:
+    """arena.py's rule: room for ``num_ring_slots`` slots plus one ring header per 16 slots
+    and 8 more, rounded up to a page (sizes of struct sk_slot and struct sk_ring, through
+    cffi); the arena header publishes it."""
+    page = mmap.PAGESIZE
+    for slots in (64, 1024):
+        pool = Pbufpool(num_packets=8, max_frags=1, num_ring_slots=slots)
+        need = slots * ffi.sizeof("struct sk_slot") + (slots // 16 + 8) * ffi.sizeof(
+            "struct sk_ring"
+        )
+        hdr = ffi.cast("struct sk_arena_hdr *", H.base(pool.arena))
+        size = int(hdr.ring_region_size)
+        del hdr
+        assert size == -(-need // page) * page
+        pool.close()
+
+
+@pytest.mark.usefixtures("backend")
+def test_checksum_offsets_above_32767_in_a_large_buffer_are_adopted() -> None:
+    """``csum_start`` and ``csum_stuff`` are 16-bit fields (struct sk_packet); in a 50000
+    byte frame (one 64 KiB large buffer) the CSUM check passes any start below the length
+    and any stuff offset with two bytes of room, and both come back on the next externalize."""
+    pool = Pbufpool(num_packets=4, buf_size=2048, max_frags=1, num_large_bufs=2,
+                    large_buf_size=65536)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(50000))
+    assert p is not None and pool.b_large[p]
+    validate.externalize(pool, p)
+    q = H.pkt(pool.arena, p)
+    q.pflags, q.csum_start, q.csum_stuff = lib.SK_PKT_CSUM_PARTIAL, 40000, 49998
+    assert validate.internalize(pool, p) is None
+    assert (pool.pkt_cstart[p], pool.pkt_cstuff[p]) == (40000, 49998)
+    q.csum_start = q.csum_stuff = 0
+    validate.externalize(pool, p)
+    assert (q.csum_start, q.csum_stuff) == (40000, 49998)
+    del q
+
+
+@pytest.mark.parametrize("num_packets", [1, 3, 5])
+def test_a_pool_of_an_odd_number_of_packets_holds_every_one(num_packets: int) -> None:
+    """Nothing asks for an even packet count: each of ``num_packets`` packets takes a
+    two-buflet frame (100 bytes: 64 + 36), holds its own bytes, and all of them come back."""
+    pool = Pbufpool(num_packets=num_packets, buf_size=64, max_frags=2)
+    frames = [bytes([i + 1]) * 100 for i in range(num_packets)]
+    pkts = [pool.packet_from_bytes(f) for f in frames]
+    assert None not in pkts and sorted(pkts) == list(range(num_packets))  # type: ignore[type-var]
+    assert pool.packet_from_bytes(b"x") is None
+    for p, f in zip(pkts, frames, strict=True):
+        assert (pool.packet_len(p), pool.packet_nbufs(p)) == (100, 2)  # type: ignore[arg-type]
+        assert pool.packet_bytes(p) == f  # type: ignore[arg-type]
+    assert pool.audit() == []
+    pool.free_packets(pkts)  # type: ignore[arg-type]
+    assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+def test_a_data_length_of_2_gib_in_a_large_buffer_is_adopted() -> None:
+    """``len`` and a buflet's ``dlen`` are 32-bit (struct sk_packet, struct sk_buflet), and
+    nothing bounds ``large_buf_size`` but that: in a 2 GiB + 8 large buffer (a sparse memfd;
+    only the pages written are backed) a client may claim 2^31 bytes, which LEN_SUM and the
+    window check accept, and the pool must hold that length as it came."""
+    pool = Pbufpool(num_packets=2, buf_size=2048, max_frags=1, num_large_bufs=1,
+                    large_buf_size=2**31 + 8)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(3000))
+    assert p is not None and pool.b_large[p]
+    validate.externalize(pool, p)
+    q = H.pkt(pool.arena, p)
+    q.buf0.dlen = q.len = 2**31
+    del q
+    assert validate.internalize(pool, p) is None
+    assert (pool.packet_len(p), pool.b_dlen[p]) == (2**31, 2**31)
+    pool.free_packets([p])
+    assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("which", ["packet", "large buffer"])
+def test_a_free_list_with_no_room_left_is_named_by_the_free_that_overflows_it(which: str) -> None:
+    """The guard against an index freed twice past the state check (freelist.py): a list
+    filled to its capacity (objects + SLACK) refuses the next free, naming the list."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=1, num_large_bufs=2,
+                    large_buf_size=256)  # fmt: skip
+    p = pool.packet_from_bytes(bytes(200))  # one large buffer
+    assert p is not None and pool.b_large[p]
+    fl = pool._free_pkts if which == "packet" else pool._free_large
+    fl.extend([0] * (fl.cap - len(fl)))  # no room left
+    with pytest.raises(PoolError) as info:
+        pool.free_packets([p])
+    assert str(info.value).startswith(f"{which} free list overflow: {fl.cap} + 1 entries ")
+
+
+def test_freeing_a_spare_that_holds_a_large_buffer_returns_the_buffer() -> None:
+    """No pool path puts a large buffer on a spare today, but the audit counts one as held
+    by the spare (a sound state), and ``free_buflets`` must then give the buffer back and
+    leave the buflet as a free one: not large, on its own default buffer."""
+    pool = Pbufpool(num_packets=4, buf_size=64, max_frags=2, num_buflets=4, num_large_bufs=2,
+                    large_buf_size=256)  # fmt: skip
+    (j,) = pool.alloc_buflets(1)
+    g = pool.num_packets + j
+    lb = pool._free_large.pop()
+    pool.b_large[g], pool.b_buf[g] = 1, lb
+    assert pool.audit() == [] and pool.stats.large_in_use == 1
+    pool.free_buflets([j])
+    assert (pool.b_large[g], pool.b_buf[g]) == (0, g)
+    assert sorted(pool._free_large) == [0, 1] and pool.stats.large_in_use == 0
+    assert pool.audit() == []
+    p = pool.packet_from_bytes(bytes(range(100)))  # the buflet serves a chain again
+    assert p is not None and pool.packet_bytes(p) == bytes(range(100))
+    pool.free_packets([p])
+    assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("bad", [-1, -4, 1 << 32])
+def test_releasing_a_negative_or_non_uint32_index_touches_no_other_packet(bad: int) -> None:
+    """A trusted-caller bug, worded as an index past the pool is: IndexError, the packets
+    before it freed, and nothing else touched.  (Until 2026-12-04 the Python loop read -1 as
+    the last packet and marked it free, off the free list, with a redzone fault counted; the
+    compiled path refused the batch with OverflowError.)"""
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    pkts = pool.alloc_packets(4)
+    assert sorted(pkts) == [0, 1, 2, 3]
+    with pytest.raises(IndexError) as info:
+        pool._release([pkts[0], bad])
+    assert str(info.value) == "bytearray index out of range"
+    assert list(pool._free_pkts) == [pkts[0]]  # the one before the fault, and no other
+    assert [pool.pkt_state[i] for i in pkts[1:]] == [1, 1, 1]
+    assert pool.stats.redzone_faults == 0
+    assert pool.audit() == []
+    pool.free_packets(pkts[1:])
+    assert not pool.close().leaked
+
+
+@pytest.mark.usefixtures("backend")
+def test_redzone_faults_add_up_over_packets_and_frees() -> None:
+    """Three packets freed with their redzones overwritten, two in one batch and one after:
+    three faults counted (skywalk.h: the redzone is SK_REDZONE_SEED ^ object index)."""
+    pool = Pbufpool(num_packets=4, max_frags=1)
+    pkts: list[int] = []
+    for i in range(3):
+        p = pool.packet_from_bytes(bytes([i]) * 60)
+        assert p is not None
+        pkts.append(p)
+        H.md(pool.arena, p).pre.redzone ^= 1
+    pool.free_packets(pkts[:2])
+    assert pool.stats.redzone_faults == 2
+    pool.free_packets(pkts[2:])
+    assert pool.stats.redzone_faults == 3
+    for p in pkts:
+        assert H.md(pool.arena, p).pre.redzone == lib.SK_REDZONE_SEED ^ p
+    assert not pool.close().leaked

@@ -293,20 +293,26 @@ class Pbufpool:
         """Free packets already known to be allocated (trusted callers only)."""
         fast = FAST
         if fast is not None and len(idxs) >= fast.C_MIN_POOL_BATCH:
-            _done, faults, twice = fast.release(self, idxs)
-            self.stats.redzone_faults += faults
-            if twice is not None:
-                if twice >= self.num_packets:
-                    raise IndexError("bytearray index out of range")
-                raise PoolError(f"packet {twice} freed twice")
-            self.stats.frees += len(idxs)
-            return
+            try:
+                _done, faults, twice = fast.release(self, idxs)
+            except OverflowError:
+                pass  # not all uint32 (nothing freed yet): the loop below words it
+            else:
+                self.stats.redzone_faults += faults
+                if twice is not None:
+                    if twice >= self.num_packets:
+                        raise IndexError("bytearray index out of range")
+                    raise PoolError(f"packet {twice} freed twice")
+                self.stats.frees += len(idxs)
+                return
         p = self.num_packets
         md64 = self.arena.md64
         fe = self._free_ext
         fl = self._free_large
         st = self.stats
         for idx in idxs:
+            if idx < 0:  # would index from the end: another packet's state, not this one's
+                raise IndexError("bytearray index out of range")
             if self.pkt_state[idx] != _ALLOCATED:
                 raise PoolError(f"packet {idx} freed twice")
             self.pkt_state[idx] = _FREE
