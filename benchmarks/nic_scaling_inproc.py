@@ -9,7 +9,13 @@ NICs share one pool.  What is counted is frames per second of wall time, all NIC
 with the process pinned to ``--cpus``; the frontend's cost is out of the picture, so this is
 what the threads themselves scale to (GIL and lock included).
 
+``--direction rx`` measures the other way: each NIC's own RX generator (vdev/net/rxgen.py:
+64-byte template frames, the device-generated source) fills an RX ring whose driver only
+re-posts the buffers (one avail-idx write), through ``drain_rx`` under the same lock; with
+``--ring`` large enough, most of each drain is the compiled burst, outside the GIL.
+
 Usage: VDEV_FASTQUEUE=1 python3 benchmarks/nic_scaling_inproc.py [--seconds 2] [--repeat 3]
+       [--direction tx|rx] [--ring N]
 """
 
 from __future__ import annotations
@@ -38,10 +44,16 @@ from vdev.virtio import fastqueue
 N = 256
 
 
-def run(nics: int, seconds: float, profile: list[str] | None = None) -> tuple[float, list[float]]:
+def run(
+    nics: int,
+    seconds: float,
+    profile: list[str] | None = None,
+    direction: str = "tx",
+    n: int = N,
+) -> tuple[float, list[float]]:
     """(frames per wall second, all NICs; CPU seconds per thread)."""
     features = DEFAULT_FEATURES & ~(1 << lib.VIRTIO_F_RING_PACKED)
-    pool = Pbufpool(num_packets=8 * N * nics, buf_size=2048, max_frags=4)
+    pool = Pbufpool(num_packets=max(8 * N * nics, 512 * nics), buf_size=2048, max_frags=4)
     shared = threading.RLock()
     world = WorldLock(shared)
     counts = [0] * nics
@@ -60,9 +72,16 @@ def run(nics: int, seconds: float, profile: list[str] | None = None) -> tuple[fl
         world.add(nic.lock)
         dp = DatapathLock(nic, world, shared)
         nic.burst_unlocked = dp.unlocked
-        tx = Ring(mem, False, N, 1, features)
-        tx.fill(bytes(nic.hdr_len) + numbered(HOST_MAC, GUEST_MAC, i, 64))
-        nic.vrings = {1: _Vring(1, tx.queue)}  # type: ignore[dict-item]
+        if direction == "rx":
+            ring = Ring(mem, False, n, 0, features)
+            ring.fill(b"")
+            nic.vrings = {0: _Vring(0, ring.queue)}  # type: ignore[dict-item]
+            nic.start_rx_generator([numbered(GUEST_MAC, HOST_MAC, k, 64) for k in range(256)])
+        else:
+            ring = Ring(mem, False, N, 1, features)
+            ring.fill(bytes(nic.hdr_len) + numbered(HOST_MAC, GUEST_MAC, i, 64))
+            nic.vrings = {1: _Vring(1, ring.queue)}  # type: ignore[dict-item]
+        tx = ring
         mems.append((mem, fd))
         rigs.append((nic, dp, tx))
 
@@ -74,7 +93,12 @@ def run(nics: int, seconds: float, profile: list[str] | None = None) -> tuple[fl
         while not stop.is_set():
             with dp:
                 tx.post()
-                counts[i] += nic.process_tx(1)
+                if direction == "rx":
+                    before = nic.stats[0].frames
+                    nic.drain_rx()
+                    counts[i] += nic.stats[0].frames - before
+                else:
+                    counts[i] += nic.process_tx(1)
         cpu[i] = time.thread_time() - t0
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(nics)]
@@ -91,7 +115,8 @@ def run(nics: int, seconds: float, profile: list[str] | None = None) -> tuple[fl
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    for _nic, _dp, tx in rigs:
+    for nic, _dp, tx in rigs:
+        nic.stop_rx_generator()
         tx.queue.close()
     for mem, fd in mems:
         mem.close()
@@ -107,12 +132,15 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="py-spy the first 2-NIC 2-CPU run")
     fq = os.environ.get("VDEV_FASTQUEUE") == "1"
     p.add_argument("--backend", default="c" if fq else "python", help="c or python bursts")
+    p.add_argument("--direction", choices=("tx", "rx"), default="tx")
+    p.add_argument("--ring", type=int, default=N, help="RX ring size (--direction rx)")
     args = p.parse_args()
     fastqueue.set_backend(args.backend)
     load = os.getloadavg()
     print(
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, virtqueue bursts: {fastqueue.BACKEND}"
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, virtqueue bursts: {fastqueue.BACKEND}, "
+        f"direction {args.direction}" + (f", ring {args.ring}" if args.direction == "rx" else "")
     )
     print(
         "| NICs (threads) | CPUs | pps, all NICs (wall) | CPU s per thread "
@@ -125,7 +153,7 @@ def main() -> int:
         for nics, cpus in ((1, {1}), (2, {1}), (2, {0, 1})):
             os.sched_setaffinity(0, cpus)
             prof = [] if args.profile and len(cpus) == 2 and not notes else None
-            pps, cpu = run(nics, args.seconds, prof)
+            pps, cpu = run(nics, args.seconds, prof, args.direction, args.ring)
             if prof:
                 notes.append(f"py-spy of the {nics}-NIC run on CPUs 0,1, per thread:\n{prof[0]}")
             base = base or pps

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from vdev.net import nic as nic_mod
 from vdev.net.device import Device
 from vdev.net.nic import GEN_ROUNDS, VirtioNet
 from vdev.net.rxgen import MAX_TEMPLATES, RxGenerator
@@ -162,25 +163,40 @@ def test_the_largest_template_set_is_accepted(tmp_path: Path) -> None:
         gen.close()
 
 
-def test_one_template_fills_a_ring_larger_than_a_drains_rounds(tmp_path: Path) -> None:
-    """One template: a drain writes GEN_ROUNDS frames, fewer than the ring has room for;
+def test_one_template_fills_a_ring_larger_than_a_drains_bursts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bursts of 2 frames: a drain writes GEN_ROUNDS * 2, fewer than the ring has room for;
     the rest comes from the drain it defers, with no kick from the driver."""
+    monkeypatch.setattr(nic_mod, "GEN_BURST", 2)
+    room = 4 * GEN_ROUNDS * 2
     path = str(tmp_path / "nic0.sock")
     with Device() as device:
         nic = device.add_nic(path)
         device.start()
-        with VirtioNetFrontend(path, ring_size=4 * GEN_ROUNDS) as fe:
+        with VirtioNetFrontend(path, ring_size=room) as fe:
             _first_kick_taken(device, nic)
             kicks = nic.stats[0].kicks
             with _lock(device, nic):  # type: ignore[attr-defined]
-                nic.start_rx_generator(TEMPLATES[:1], count=3 * GEN_ROUNDS)
+                nic.start_rx_generator(TEMPLATES[:1], count=room - 2)
             deadline = time.monotonic() + 5
-            while nic.stats[0].frames < 3 * GEN_ROUNDS and time.monotonic() < deadline:
+            while nic.stats[0].frames < room - 2 and time.monotonic() < deadline:
                 time.sleep(0.005)
-            assert nic.stats[0].frames == 3 * GEN_ROUNDS and nic.stats[0].kicks == kicks
-            assert receive(fe, 3 * GEN_ROUNDS) == [TEMPLATES[0]] * (3 * GEN_ROUNDS)
+            assert nic.stats[0].frames == room - 2 and nic.stats[0].kicks == kicks
+            assert receive(fe, room - 2) == [TEMPLATES[0]] * (room - 2)
             with _lock(device, nic):  # type: ignore[attr-defined]
                 nic.stop_rx_generator()
+
+
+def test_a_long_burst_runs_the_templates_over_and_over_from_where_it_stopped() -> None:
+    with Device() as device:
+        gen = RxGenerator(device.pool, TEMPLATES, count=10)
+        pkts = gen.pkts
+        assert list(gen.next_templates(7)) == [pkts[i % 3] for i in range(7)]
+        gen.wrote(4)  # the burst stopped after 4: the next starts at template 4 % 3
+        assert list(gen.next_templates(7)) == [pkts[(4 + i) % 3] for i in range(6)]  # 6 left
+        assert list(gen.next_templates()) == [pkts[1], pkts[2], pkts[0]]  # one round
+        gen.close()
 
 
 def _wait_frames(nic: VirtioNet, n: int) -> None:

@@ -54,7 +54,8 @@ MAX_FRAME = 65550  # a 64 KiB GSO frame plus its Ethernet header
 RX_BACKLOG = 512  # frames held per NIC while the guest refills its RX ring
 TX_BUDGET = 256  # chains per TX kick before letting other work run
 RX_BURST = 256  # backlog frames handed to one compiled RX burst
-GEN_ROUNDS = 16  # rounds of the RX generator's templates per drain (rxgen.py)
+GEN_ROUNDS = 4  # compiled bursts of the RX generator per drain (rxgen.py)
+GEN_BURST = 4096  # frames per such burst (the templates over and over)
 GEN_ENDLESS = 1 << 30  # the frames an endless generator has waiting (rxbatch.py's bound)
 
 
@@ -863,10 +864,11 @@ class VirtioNet:
             gen.close()
 
     def _generate_rx(self, gen: RxGenerator) -> None:
-        """Generated frames into the guest's buffers until they run out: one compiled RX
-        burst per round of the templates, which stay the generator's (nothing to free), or
-        fresh copies through the backlog where the burst does not run or stops at a frame
-        (rxgen.py).  At most GEN_ROUNDS rounds per call; the rest is deferred."""
+        """Generated frames into the guest's buffers until they run out: compiled RX bursts
+        of GEN_BURST frames, the templates over and over, which stay the generator's
+        (nothing to free), or fresh copies through the backlog where the burst does not run
+        or stops at a frame (rxgen.py).  At most GEN_ROUNDS bursts per call; the rest is
+        deferred."""
         index = self._fast_rx_queue()
         if index is None or self.rx_hooks or self.tap is not None or self._notes:
             self._generate_copies(gen)
@@ -878,7 +880,7 @@ class VirtioNet:
         csum = self.has(lib.VIRTIO_NET_F_GUEST_CSUM)
         wrote, more = 0, False
         for _ in range(GEN_ROUNDS):
-            pkts = gen.next_templates()
+            pkts = gen.next_templates(GEN_BURST)
             if not pkts:
                 break
             # Frames waiting, for the RX kick batch: all the generator has left to send.

@@ -19,6 +19,7 @@ fault rules, capture and kills see generated frames as they see any other.
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,18 +46,23 @@ class RxGenerator:
                 self.close()
                 raise ValueError("RX generator: the pool has no packets for the templates")
             self.pkts.append(pkt)
+        self._cycle: array[int] = array("I")
         self.remaining = count
         self.sent = 0  # frames generated: written by a burst, or handed to the backlog
         self._next = 0  # the template the next frame is a copy of
 
-    def next_templates(self) -> list[int]:
-        """The template packets for the next compiled burst, in order from where the last
-        one stopped, at most what is left to send."""
-        n = len(self.pkts)
+    def next_templates(self, limit: int | None = None) -> array[int]:
+        """The template packets for the next compiled burst: ``limit`` frames (default: one
+        round of the templates), the templates in order from where the last burst stopped,
+        at most what is left to send.  One long burst rather than many short ones: each
+        burst is a GIL and lock hand-over, which on this VM costs more than 256 copies."""
+        n = len(self.pkts) if limit is None else limit
         if self.remaining is not None:
             n = min(n, self.remaining)
-        k = self._next
-        return (self.pkts[k:] + self.pkts[:k])[:n]
+        if len(self._cycle) < len(self.pkts) + n:  # the templates over and over, long enough
+            rounds = -(-(len(self.pkts) + n) // len(self.pkts))
+            self._cycle = array("I", self.pkts * rounds)
+        return self._cycle[self._next : self._next + n]
 
     def wrote(self, n: int) -> None:
         """``n`` frames of :meth:`next_templates` were written."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -484,7 +485,7 @@ def rx_burst(
     hlen: int,
     mergeable: bool,
     guest_csum: bool,
-    pkts: list[int],
+    pkts: Sequence[int],
     unlocked: AbstractContextManager[object] | None = None,
     waiting: int | None = None,
 ) -> Burst:
