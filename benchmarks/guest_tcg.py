@@ -70,7 +70,8 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
     sock = str(workdir / f"{backend}-{direction}.sock")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
-    role = ("drop" if a.far_end == "drop" else "sink") if direction == "tx" else "source"
+    rx_role = "gen" if a.rx_source == "generator" else "source"
+    role = ("drop" if a.far_end == "drop" else "sink") if direction == "tx" else rx_role
     if backend == "vdev":
         script = str(Path(__file__).with_name("device_throughput.py"))
         argv = [sys.executable, script, "--worker", sock, "--role", role]
@@ -188,6 +189,13 @@ def main() -> int:
         default=None,
         help="vdev's RX kick batch (vdev/net/rxbatch.py; 0: half the ring; 1: off; default: "
         "the device's default)",
+    )
+    ap.add_argument(
+        "--rx-source",
+        choices=("channel", "generator"),
+        default="channel",
+        help="guest RX frames from a host channel sender in the device process (default) or "
+        "from the NIC's own generator (vdev/net/rxgen.py), as testpmd txonly generates them",
     )
     ap.add_argument("--window", type=float, default=3.0, help="guest RX window, seconds")
     ap.add_argument("--directions", default="tx,rx")
