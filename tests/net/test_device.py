@@ -297,21 +297,20 @@ def test_vdev_serve_rejects_bad_arguments(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert nodir.returncode == 1 and f"--socket {tmp_path / 'no' / 'x.sock'}" in nodir.stderr
-    for hold, why in [("-5", "want 0 (off) to 10000 us"), ("20000", "want 0 (off) to 10000 us"),
-                      ("fast", "'fast' is not a number of microseconds")]:  # fmt: skip
+    batch_range = "want 0 (half the RX ring), 1 (off) or up to 32768"
+    for option, value, why in [
+        ("--kick-hold-us", "-5", "want 0 (off) to 10000 us"),
+        ("--kick-hold-us", "20000", "want 0 (off) to 10000 us"),
+        ("--kick-hold-us", "fast", "'fast' is not a number of microseconds"),
+        ("--rx-kick-batch", "-1", batch_range),
+        ("--rx-kick-batch", "32769", batch_range),
+        ("--rx-kick-batch", "8.5", "'8.5' is not a number of buffers"),
+    ]:
         r = subprocess.run(
-            ["python3", "-m", "host.cli", "serve", "--socket", sock, "--kick-hold-us", hold],
+            ["python3", "-m", "host.cli", "serve", "--socket", sock, option, value],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
-        assert r.returncode == 2 and "--kick-hold-us" in r.stderr and why in r.stderr, r.stderr
-    for batch, why in [("-1", "want 0 (half the RX ring), 1 (off) or up to 32768"),
-                       ("32769", "want 0 (half the RX ring), 1 (off) or up to 32768"),
-                       ("8.5", "'8.5' is not a number of buffers")]:  # fmt: skip
-        r = subprocess.run(
-            ["python3", "-m", "host.cli", "serve", "--socket", sock, "--rx-kick-batch", batch],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        assert r.returncode == 2 and "--rx-kick-batch" in r.stderr and why in r.stderr, r.stderr
+        assert r.returncode == 2 and option in r.stderr and why in r.stderr, r.stderr
     assert not os.path.exists(sock)
 
 
