@@ -10,6 +10,7 @@ so each test decides when a check runs and how much time passed.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -257,7 +258,10 @@ def test_a_busy_driver_is_not_a_stall(rig: Rig) -> None:
     assert rig.written(RING + 8) == RING + 8
 
 
-def test_a_driver_that_posts_less_than_the_batch_gets_its_frames_at_the_check(rig: Rig) -> None:
+def test_a_driver_that_posts_less_than_the_batch_gets_its_frames_at_the_check(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vdev.net")
     fill_ring(rig, 14)
     # 3 buffers, fewer than the batch of 8: no kick, and nothing written.
     assert rig.post(3) == [False] * 3
@@ -267,6 +271,10 @@ def test_a_driver_that_posts_less_than_the_batch_gets_its_frames_at_the_check(ri
     assert rig.batch.fallbacks == 0 and len(rig.checks) == 1
     rig.run_check()  # nothing written, and no more posted: fall back
     assert rig.batch.fallbacks == 1 and not rig.checks
+    assert (
+        "queue 0: RX kick batching: the driver posted 3 buffers, short of the up to 8 asked "
+        "for, and none since the last check: writing them now, no batching for 0.1 s"
+    ) in caplog.text
     assert rig.written(RING + 3) == RING + 3  # the check's drain wrote the 3
     # Backing off: out of room again, re-armed for the very next buffer.
     assert rig.nic.vrings[RX].queue.kick_ahead == 0  # type: ignore[union-attr]

@@ -40,6 +40,7 @@ iteration).  ``batch`` 1 turns it off (``vdev serve --rx-kick-batch 1``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from typing import TYPE_CHECKING
 
 from vdev.errors import DefunctError, SyncError
 from vdev.net.threads import needs_world
+
+log = logging.getLogger("vdev.net")
 
 if TYPE_CHECKING:
     from vdev.net.nic import VirtioNet
@@ -196,6 +199,16 @@ class RxKickBatch:
         backoff = self._backoff.get(index, self.backoff_min)
         self._calm_until[index] = self.clock() + backoff
         self._backoff[index] = min(2 * backoff, self.backoff_max)
+        log.info(
+            "%s: queue %d: RX kick batching: the driver posted %d buffers, short of the up "
+            "to %d asked for, and none since the last check: writing them now, no batching "
+            "for %g s",
+            nic.name,
+            index,
+            avail,
+            queue.kick_ahead,
+            backoff,
+        )
         self._unbatch(queue)
 
     def _unbatch(self, queue: VirtQueue) -> None:
