@@ -39,6 +39,7 @@ import contextlib
 import cProfile
 import io
 import json
+import logging
 import os
 import pstats
 import re
@@ -96,6 +97,9 @@ def worker(
     ``poll``: busy-poll (``vdev serve --poll``), as a DPDK PMD spins.
     On SIGTERM prints "STATS <json>" (device stats, and the profile if asked) and exits.
     """
+    # The device's warnings, and with VDEV_BENCH_LOG=info its info lines (the RX kick
+    # batching's fall-backs, say), on stderr: the parent shows them when a run goes wrong.
+    logging.basicConfig(level=os.environ.get("VDEV_BENCH_LOG", "WARNING").upper())
     pool = streaming_pool()
     hold = DEFAULT_WINDOW_S if kick_hold_us is None else kick_hold_us * 1e-6
     batch = DEFAULT_BATCH if rx_kick_batch is None else rx_kick_batch

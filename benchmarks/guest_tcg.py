@@ -146,6 +146,9 @@ def measure(image: object, workdir: Path, backend: str, direction: str, a: argpa
 def _report_watch(output: str, direction: str) -> None:
     """Lost kicks / interrupts the device's watch made up in the run (vdev/net/notify_watch.py):
     a number other than 0 means the guest's notification handshake raced."""
+    falls = [x for x in output.splitlines() if "RX kick batching:" in x]
+    for x in falls[:5]:  # with VDEV_BENCH_LOG=info: what each fall-back saw
+        print(f"  vdev guest {direction}: {x.split(' ', 2)[-1]}", file=sys.stderr, flush=True)
     line = next((x for x in output.splitlines() if x.startswith("STATS ")), None)
     if line is None:
         return
