@@ -69,6 +69,7 @@ FEATURE_BITS = (
 )
 EDGES = (0, 1, 2, 7, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 63)
 HOLDS = (0, 0, 10, 22, 24)
+KICK_AHEADS = (0, 0, 2, 3, 7, 64)  # Shape.kick_ahead, from the header byte's bits 3-7
 TX_Q, RX_Q = 1, 0
 
 _state: dict[str, Any] = {}
@@ -102,6 +103,9 @@ class Shape:
     start: int | None  # SET_VRING_BASE; None: a fresh packed ring (wrap counter 1)
     base: int  # guest address of the region holding ring, tables and buffers
     hold: int
+    # RX kick batching (vdev/net/rxbatch.py): the ring re-armed out of room asks for the
+    # refill kick after min(kick_ahead, frames waiting) buffers, on both backends.
+    kick_ahead: int = 0
 
     @classmethod
     def read(cls, r: Reader) -> Shape:
@@ -119,7 +123,8 @@ class Shape:
         if r.u8() >= 200:
             start = r.u16() if not packed else r.u32()
         base = B_GPA if head & 4 else 0
-        return cls(packed, tx, features, size, start, base, HOLDS[r.u8() % len(HOLDS)])
+        ahead = KICK_AHEADS[(head >> 3) % len(KICK_AHEADS)]
+        return cls(packed, tx, features, size, start, base, HOLDS[r.u8() % len(HOLDS)], ahead)
 
     def gpa(self, off: int) -> int:
         return self.base + off
@@ -166,6 +171,7 @@ class Run:
             )  # fmt: skip
         except ValueError:
             return False  # refused at start: the same refusal on both backends
+        self.queue.kick_ahead = s.kick_ahead
         vring = FakeVring(self.index, self.queue, True, self.efd)
         self.nic.vrings[self.index] = vring  # type: ignore[assignment]
         return True
