@@ -908,6 +908,29 @@ def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
             "VHOST_USER_SET_VRING_ADDR: inflight: vring 1: vring 1 has num 256, the buffer"
             " queue_size 128",
         )
+        # everything there, the start retried by NUM, then by KICK: each names itself
+        refused(
+            w,
+            lines,
+            Request.SET_VRING_NUM,
+            encode_state(1, 256),
+            "VHOST_USER_SET_VRING_NUM: inflight: vring 1: vring 1 has num 256, the buffer"
+            " queue_size 128",
+        )
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            refused(
+                w,
+                lines,
+                Request.SET_VRING_KICK,
+                encode_u64(1),
+                "VHOST_USER_SET_VRING_KICK: inflight: vring 1: vring 1 has num 256, the buffer"
+                " queue_size 128",
+                (kick,),
+            )
+        finally:
+            os.close(kick)
+        assert not w.backend.vrings[1].started
 
 
 class QueueProxy:
@@ -1283,6 +1306,23 @@ def test_every_request_that_retries_a_ring_start_names_itself(lines: Lines) -> N
             Request.RESET_OWNER,
             b"",
             "VHOST_USER_RESET_OWNER: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
+        refused(
+            w,
+            lines,
+            Request.SET_VRING_ENABLE,
+            encode_state(0, 1),
+            "VHOST_USER_SET_VRING_ENABLE: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
+        # SET_FEATURES with bit 30 enables nothing ("Ring states") but retries the start
+        refused(
+            w,
+            lines,
+            Request.SET_FEATURES,
+            encode_u64(F_PROTOCOL_FEATURES | F_VERSION_1),
+            "VHOST_USER_SET_FEATURES: inflight: vring 0: vring 0 has num 256, the buffer"
             " queue_size 128",
         )
         assert not w.backend.vrings[0].started
@@ -1771,3 +1811,52 @@ def test_a_table_that_does_not_hold_a_waiting_ring_is_refused_by_name(
         os.close(fd)
     assert not w.backend.vrings[0].started and "queue_started" not in w.device.names()
     assert [(r.gpa, r.size) for r in w.backend.mem.regions] == [(0, 2 * MIB)]
+
+
+def test_call_and_err_fds_go_to_their_own_slots(wire: Wire) -> None:
+    """SET_VRING_CALL gives the ring the eventfd the device signals the driver through;
+    SET_VRING_ERR the error eventfd: each message sets its own, and the fd the backend keeps
+    is the front-end's eventfd (a write on it is read on ours)."""
+    w = wire
+    w.reply_ack()
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        w.ok(Request.SET_VRING_CALL, encode_u64(0), (call,))
+        v = w.backend.vrings[0]
+        assert v.call_fd is not None and v.err_fd is None
+        os.eventfd_write(v.call_fd, 1)
+        assert os.eventfd_read(call) == 1
+        w.ok(Request.SET_VRING_ERR, encode_u64(0), (err,))
+        assert v.err_fd is not None
+        os.eventfd_write(v.err_fd, 2)
+        assert os.eventfd_read(err) == 2
+        os.eventfd_write(v.call_fd, 3)  # the call fd is still the call eventfd
+        assert os.eventfd_read(call) == 3
+    finally:
+        os.close(call)
+        os.close(err)
+
+
+def test_get_max_mem_slots_answers_the_slot_limit(lines: Lines) -> None:
+    """GET_MAX_MEM_SLOTS answers the number of regions ADD_MEM_REG takes: 32 by default
+    (libvhost-user's VHOST_USER_MAX_RAM_SLOTS), the backend's max_mem_slots otherwise."""
+    with Wire() as w:
+        assert w.get(Request.GET_MAX_MEM_SLOTS).payload == encode_u64(32)
+    with Wire(max_mem_slots=1) as w:
+        assert w.get(Request.GET_MAX_MEM_SLOTS).payload == encode_u64(1)
+        w.reply_ack()
+        fd = os.dup(w.mem.fd)
+        try:
+            w.ok(Request.ADD_MEM_REG, encode_mem_reg(MemRegionDesc(0, 0x80000, UVA, 0)), (fd,))
+            refused(
+                w,
+                lines,
+                Request.ADD_MEM_REG,
+                encode_mem_reg(MemRegionDesc(0x80000, 0x80000, UVA + 0x80000, 0x80000)),
+                "VHOST_USER_ADD_MEM_REG: region: memory regions limit: all 1 slots in use"
+                " (GET_MAX_MEM_SLOTS)",
+                (fd,),
+            )
+        finally:
+            os.close(fd)
