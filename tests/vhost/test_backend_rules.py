@@ -1860,3 +1860,17 @@ def test_get_max_mem_slots_answers_the_slot_limit(lines: Lines) -> None:
             )
         finally:
             os.close(fd)
+
+
+def test_the_ring_records_its_addresses_as_sent(wire: Wire) -> None:
+    """SET_VRING_ADDR's fields, as the device reads them on the Vring: the three areas, the
+    log address and the flags (0: no logging, the only flags accepted)."""
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    desc, avail, used = w.ring(0, kick=False)
+    v = w.backend.vrings[0]
+    assert (v.desc_addr, v.avail_addr, v.used_addr, v.log_addr) == (desc, avail, used, 0)
+    assert v.flags == 0 and isinstance(v.flags, int)
+    w.ok(Request.SET_VRING_ADDR, encode_addr(VringAddr(0, 0, desc, used, avail, 0x1234000)))
+    assert v.log_addr == 0x1234000 and v.flags == 0
