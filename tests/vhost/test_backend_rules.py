@@ -712,7 +712,8 @@ def test_a_reply_to_a_closed_peer_closes(wire: Wire, lines: Lines) -> None:
     w.fe.close()
     assert w.backend.handle_readable() is False
     info = [t for t in lines.at(logging.INFO) if t.startswith("vhost-user: reply to")]
-    assert info and info[0].startswith("vhost-user: reply to VHOST_USER_GET_FEATURES failed: ")
+    # the send's own error, the peer's end gone (EPIPE)
+    assert info == ["vhost-user: reply to VHOST_USER_GET_FEATURES failed: [Errno 32] Broken pipe"]
 
 
 def test_dispatch_debug_line_names_request_payload_and_fds(wire: Wire, lines: Lines) -> None:
@@ -772,6 +773,10 @@ def test_queue_count_is_1_to_256() -> None:
         assert w.get(Request.GET_QUEUE_NUM).payload == encode_u64(256)
     with pytest.raises(ValueError, match=r"^device max_queues 257 is not in 1\.\.256$"):
         Wire(FakeDevice(queues=257))
+    with Wire(FakeDevice(queues=1)) as w:  # one queue is a device too (the bound included)
+        assert w.get(Request.GET_QUEUE_NUM).payload == encode_u64(1)
+    with pytest.raises(ValueError, match=r"^device max_queues 0 is not in 1\.\.256$"):
+        Wire(FakeDevice(queues=0))
 
 
 def test_status_kept_by_the_device() -> None:
@@ -903,6 +908,29 @@ def test_memory_that_starts_a_ring_names_its_own_request(lines: Lines) -> None:
             "VHOST_USER_SET_VRING_ADDR: inflight: vring 1: vring 1 has num 256, the buffer"
             " queue_size 128",
         )
+        # everything there, the start retried by NUM, then by KICK: each names itself
+        refused(
+            w,
+            lines,
+            Request.SET_VRING_NUM,
+            encode_state(1, 256),
+            "VHOST_USER_SET_VRING_NUM: inflight: vring 1: vring 1 has num 256, the buffer"
+            " queue_size 128",
+        )
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            refused(
+                w,
+                lines,
+                Request.SET_VRING_KICK,
+                encode_u64(1),
+                "VHOST_USER_SET_VRING_KICK: inflight: vring 1: vring 1 has num 256, the buffer"
+                " queue_size 128",
+                (kick,),
+            )
+        finally:
+            os.close(kick)
+        assert not w.backend.vrings[1].started
 
 
 class QueueProxy:
@@ -1280,6 +1308,23 @@ def test_every_request_that_retries_a_ring_start_names_itself(lines: Lines) -> N
             "VHOST_USER_RESET_OWNER: inflight: vring 0: vring 0 has num 256, the buffer"
             " queue_size 128",
         )
+        refused(
+            w,
+            lines,
+            Request.SET_VRING_ENABLE,
+            encode_state(0, 1),
+            "VHOST_USER_SET_VRING_ENABLE: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
+        # SET_FEATURES with bit 30 enables nothing ("Ring states") but retries the start
+        refused(
+            w,
+            lines,
+            Request.SET_FEATURES,
+            encode_u64(F_PROTOCOL_FEATURES | F_VERSION_1),
+            "VHOST_USER_SET_FEATURES: inflight: vring 0: vring 0 has num 256, the buffer"
+            " queue_size 128",
+        )
         assert not w.backend.vrings[0].started
 
 
@@ -1652,3 +1697,188 @@ def test_the_rings_run_by_the_features_the_device_behaves_by() -> None:
         )
         assert not w.backend.closed
         assert q.features == F_VERSION_1 | F_EVENT_IDX and q.event_idx
+
+
+# -- the rest of the module (third mutation session, source of 92a45b1) ---------------------
+
+
+def test_a_front_end_that_hangs_up_is_a_disconnect(wire: Wire, lines: Lines) -> None:
+    """EOF before a message: the connection is gone (handle_readable False, every fd
+    closed, the device told), with the disconnect's info line; nothing is read again."""
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    del lines.lines[:]
+    w.fe.close()
+    assert w.backend.handle_readable() is False
+    assert w.backend.closed and w.backend.mem is None
+    assert lines.at(logging.INFO) == ["vhost-user front-end disconnected"]
+    assert lines.at(logging.ERROR) == []
+    assert w.device.names()[-1] == "disconnected"
+    assert w.backend.handle_readable() is False
+
+
+def test_a_socket_that_fails_under_the_backend_disconnects_with_the_error(
+    wire: Wire, lines: Lines
+) -> None:
+    """A receive that fails with an OSError other than a reset (here ENOTSOCK: a pipe put in
+    the socket's place) closes the connection; the error line names the error."""
+    w = wire
+    r, wr = os.pipe()
+    try:
+        os.dup2(r, w.backend.fileno())  # the backend's own socket is gone, a pipe in its place
+    finally:
+        os.close(r)
+    try:
+        os.write(wr, b"x")  # readable, so the receive really runs
+        del lines.lines[:]
+        assert w.backend.handle_readable() is False
+        assert w.backend.closed
+        assert lines.at(logging.ERROR) == [
+            "vhost-user: socket error [Errno 88] Socket operation on non-socket; disconnecting"
+        ]
+        assert w.device.names()[-1] == "disconnected"
+    finally:
+        os.close(wr)
+
+
+def test_a_wakeup_with_nothing_to_read_keeps_the_connection(wire: Wire, lines: Lines) -> None:
+    """A poll loop may call handle_readable with nothing waiting: it returns True at once
+    (no wait for a message), nothing is logged, and the next message is served."""
+    w = wire
+    w.reply_ack()
+    del lines.lines[:]
+    assert w.backend.handle_readable() is True
+    assert not w.backend.closed and lines.lines == []
+    assert w.ack(Request.SET_OWNER) == 0
+
+
+def test_a_new_connection_has_nothing_negotiated(wire: Wire) -> None:
+    """Before any request: no features acked (the rings would run by none), no owner, no
+    MTU, device status 0 (GET_STATUS answers it), the connection open; SET_OWNER records
+    the owner."""
+    b = wire.backend
+    assert (b.features, b.negotiated_features, b.ring_features, b.protocol_features) == (0, 0, 0, 0)
+    assert b.features_acked is False and b.owner is False and b.closed is False
+    assert b.mtu is None and b.status == 0
+    assert wire.get(Request.GET_STATUS).payload == encode_u64(0)
+    assert wire.send(Request.SET_OWNER)
+    assert b.owner is True and b.features_acked is False
+
+
+def test_a_closed_backend_reads_no_fault_fd() -> None:
+    """After close the fault eventfd's number may belong to someone else (here an eventfd
+    with a count on it): memory_fault, which the server may still call, leaves it alone."""
+    w = Wire()
+    number = w.backend.fault_fd
+    w.close()
+    other = os.eventfd(1, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    copied = False
+    try:
+        if other != number:
+            try:
+                os.fstat(number)
+            except OSError:
+                os.dup2(other, number)  # the number is free: ours now
+                copied = True
+            else:
+                pytest.skip(f"fd {number} was taken by another thread meanwhile")
+        assert w.backend.memory_fault() is None
+        assert w.backend.handle_readable() is False
+        assert os.eventfd_read(number) == 1  # still there: not consumed by the closed backend
+    finally:
+        if copied:
+            os.close(number)
+        os.close(other)
+
+
+def test_a_table_that_does_not_hold_a_waiting_ring_is_refused_by_name(
+    wire: Wire, lines: Lines
+) -> None:
+    """Ring 0 has num, addresses and a kick before any memory; the table that arrives last
+    ("Ring states") does not hold its descriptor table: SET_MEM_TABLE is the request refused,
+    by the ring's field, and the ring stays stopped (the table itself is taken)."""
+    w = wire
+    w.reply_ack()
+    far = UVA + 4 * MIB  # past the 2 MiB region
+    w.ok(Request.SET_VRING_NUM, encode_state(0, 256))
+    w.ok(Request.SET_VRING_ADDR, encode_addr(VringAddr(0, 0, far, far + 0x2000, far + 0x1000, 0)))
+    w.kick(0)
+    fd = os.dup(w.mem.fd)
+    try:
+        refused(
+            w,
+            lines,
+            Request.SET_MEM_TABLE,
+            encode_mem_table([w.region]),
+            f"VHOST_USER_SET_MEM_TABLE: desc_addr: vring 0 (num 256): descriptor table does not"
+            f" fit: uva {far:#x}+0x1000 is outside guest memory",
+            (fd,),
+        )
+    finally:
+        os.close(fd)
+    assert not w.backend.vrings[0].started and "queue_started" not in w.device.names()
+    assert [(r.gpa, r.size) for r in w.backend.mem.regions] == [(0, 2 * MIB)]
+
+
+def test_call_and_err_fds_go_to_their_own_slots(wire: Wire) -> None:
+    """SET_VRING_CALL gives the ring the eventfd the device signals the driver through;
+    SET_VRING_ERR the error eventfd: each message sets its own, and the fd the backend keeps
+    is the front-end's eventfd (a write on it is read on ours)."""
+    w = wire
+    w.reply_ack()
+    call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        w.ok(Request.SET_VRING_CALL, encode_u64(0), (call,))
+        v = w.backend.vrings[0]
+        assert v.call_fd is not None and v.err_fd is None
+        os.eventfd_write(v.call_fd, 1)
+        assert os.eventfd_read(call) == 1
+        w.ok(Request.SET_VRING_ERR, encode_u64(0), (err,))
+        assert v.err_fd is not None
+        os.eventfd_write(v.err_fd, 2)
+        assert os.eventfd_read(err) == 2
+        os.eventfd_write(v.call_fd, 3)  # the call fd is still the call eventfd
+        assert os.eventfd_read(call) == 3
+    finally:
+        os.close(call)
+        os.close(err)
+
+
+def test_get_max_mem_slots_answers_the_slot_limit(lines: Lines) -> None:
+    """GET_MAX_MEM_SLOTS answers the number of regions ADD_MEM_REG takes: 32 by default
+    (libvhost-user's VHOST_USER_MAX_RAM_SLOTS), the backend's max_mem_slots otherwise."""
+    with Wire() as w:
+        assert w.get(Request.GET_MAX_MEM_SLOTS).payload == encode_u64(32)
+    with Wire(max_mem_slots=1) as w:
+        assert w.get(Request.GET_MAX_MEM_SLOTS).payload == encode_u64(1)
+        w.reply_ack()
+        fd = os.dup(w.mem.fd)
+        try:
+            w.ok(Request.ADD_MEM_REG, encode_mem_reg(MemRegionDesc(0, 0x80000, UVA, 0)), (fd,))
+            refused(
+                w,
+                lines,
+                Request.ADD_MEM_REG,
+                encode_mem_reg(MemRegionDesc(0x80000, 0x80000, UVA + 0x80000, 0x80000)),
+                "VHOST_USER_ADD_MEM_REG: region: memory regions limit: all 1 slots in use"
+                " (GET_MAX_MEM_SLOTS)",
+                (fd,),
+            )
+        finally:
+            os.close(fd)
+
+
+def test_the_ring_records_its_addresses_as_sent(wire: Wire) -> None:
+    """SET_VRING_ADDR's fields, as the device reads them on the Vring: the three areas, the
+    log address and the flags (0: no logging, the only flags accepted)."""
+    w = wire
+    w.reply_ack()
+    w.mem_table()
+    desc, avail, used = w.ring(0, kick=False)
+    v = w.backend.vrings[0]
+    assert (v.desc_addr, v.avail_addr, v.used_addr, v.log_addr) == (desc, avail, used, 0)
+    assert v.flags == 0 and isinstance(v.flags, int)
+    w.ok(Request.SET_VRING_ADDR, encode_addr(VringAddr(0, 0, desc, used, avail, 0x1234000)))
+    assert v.log_addr == 0x1234000 and v.flags == 0
