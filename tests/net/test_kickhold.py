@@ -230,7 +230,7 @@ def test_a_ping_pong_backs_off_and_pays_one_poll_per_back_off(rig: Rig) -> None:
     one request that waited for it.  The queue then backs off (no hold) for the minimum
     back-off, twice that after the next failed hold, and holds again after each."""
     with rig.lock:
-        rig.hold.backoff_min = BACK
+        rig.hold.backoff.min_s = BACK
     sent = hold(rig)
     request(rig, 1, kicked=False)  # held: the next request waits for the poll
     rig.run_poll()  # one chain: released, backing off for BACK
@@ -254,7 +254,7 @@ def test_a_ping_pong_backs_off_and_pays_one_poll_per_back_off(rig: Rig) -> None:
 
 def test_a_hold_that_paid_off_resets_the_back_off(rig: Rig) -> None:
     with rig.lock:
-        rig.hold.backoff_min = BACK
+        rig.hold.backoff.min_s = BACK
     hold(rig)
     request(rig, 1, kicked=False)
     rig.run_poll()  # failed: back-off BACK, the next one would be 2 BACK

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vdev.net.backoff import Backoff
 from vdev.net.threads import needs_world
 
 if TYPE_CHECKING:
@@ -82,12 +83,8 @@ class KickHold:
         self.later = later
         self._last_end: dict[int, float] = {}  # per queue: when its last drain ended
         self._due: dict[int, VirtQueue] = {}  # queues with a poll scheduled
-        # Back-off per queue (see _poll): no hold before _calm_until; the next back-off.
         self._paid: dict[int, bool] = {}  # the current hold's polls took a batch
-        self._calm_until: dict[int, float] = {}
-        self._backoff: dict[int, float] = {}
-        self.backoff_min = BACKOFF_MIN_S
-        self.backoff_max = BACKOFF_MAX_S
+        self.backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)  # per queue (see _poll)
         self.clock: Callable[[], float] = time.monotonic  # tests drive their own
         self.held = 0  # times a queue was held (a gauge of how often it applies)
         self.polls = 0  # polls run on held queues
@@ -107,7 +104,7 @@ class KickHold:
         off (a request/response whose round trip is shorter than the window looks the
         same until its first poll: see :meth:`_poll`)."""
         now = self.clock()
-        if now < self._calm_until.get(index, float("-inf")):
+        if self.backoff.calm(index, now):
             return False
         return now - self._last_end.get(index, float("-inf")) < self.window
 
@@ -172,16 +169,14 @@ class KickHold:
         taken = self._drain(index)
         if taken >= MIN_BATCH:
             self._paid[index] = True
-            self._backoff.pop(index, None)
+            self.backoff.won(index)
             self._schedule(index, queue, taken)
             return
         # Quiet (less than a batch came while held): re-arm as any drain does.  A hold none
         # of whose polls took a batch was a ping-pong (each next request waited for this
         # poll): back off, longer each time it happens again.
         if not self._paid.get(index, True):
-            backoff = self._backoff.get(index, self.backoff_min)
-            self._calm_until[index] = self.clock() + backoff
-            self._backoff[index] = min(2 * backoff, self.backoff_max)
+            self.backoff.lost(index, self.clock())
             self.backoffs += 1
         self.release(index, queue)
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vdev.errors import DefunctError, SyncError
+from vdev.net.backoff import Backoff
 from vdev.net.threads import needs_world
 
 log = logging.getLogger("vdev.net")
@@ -103,11 +104,8 @@ class RxKickBatch:
         self.later = later
         # Per queue: the check due (see _Due).
         self._due: dict[int, _Due] = {}
-        self._calm_until: dict[int, float] = {}
-        self._backoff: dict[int, float] = {}
+        self.backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)  # per queue, after a stall
         self.fallback_s = FALLBACK_S
-        self.backoff_min = BACKOFF_MIN_S
-        self.backoff_max = BACKOFF_MAX_S
         self.clock: Callable[[], float] = time.monotonic  # tests drive their own
         self.batched = 0  # times a queue started batching
         self.checks = 0  # fallback checks run
@@ -134,7 +132,7 @@ class RxKickBatch:
             and queue.defunct is None
             and bool(queue.event_idx)
             and not needs_world(self.nic)
-            and self.clock() >= self._calm_until.get(index, float("-inf"))
+            and not self.backoff.calm(index, self.clock())
         )
 
     def waiting(self) -> None:
@@ -179,7 +177,7 @@ class RxKickBatch:
             return
         if nic.stats[index].frames != due.frames:
             if due.armed:  # a batched re-arm's kick came: this driver refills in batches
-                self._backoff.pop(index, None)
+                self.backoff.won(index)
             self._schedule(index, queue, True)
             return
         try:
@@ -196,9 +194,7 @@ class RxKickBatch:
         # more buffers since the previous check: it posted fewer than asked for and waits.
         # Back off, longer each time it happens again.
         self.fallbacks += 1
-        backoff = self._backoff.get(index, self.backoff_min)
-        self._calm_until[index] = self.clock() + backoff
-        self._backoff[index] = min(2 * backoff, self.backoff_max)
+        backoff = self.backoff.lost(index, self.clock())
         log.info(
             "%s: queue %d: RX kick batching: the driver posted %d buffers, short of the up "
             "to %d asked for, and none since the last check: writing them now, no batching "
