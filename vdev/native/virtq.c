@@ -531,8 +531,7 @@ static inline uint32_t push_room(const struct vq_queue *q)
  * descriptors (packed) are available; without it, ahead has no meaning. */
 static uint32_t rearm(struct vq_queue *q, uint32_t ahead, uint32_t *more)
 {
-    if (ahead < 1)
-        ahead = 1;
+    /* callers pass ahead >= 1 (vq_rx's is 1 unless batching) */
     if (q->packed) {
         if (q->event_idx) {
             uint32_t size = q->size;

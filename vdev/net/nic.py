@@ -102,6 +102,12 @@ class NicQueueStats:
         self.drops += n
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + n
 
+    def rx_burst(self, burst: fastqueue.Burst) -> None:
+        """The frames a compiled RX burst wrote into guest buffers."""
+        self.frames += burst.count
+        self.bytes += burst.nbytes
+        self.merged += burst.merged
+
     def as_dict(self) -> dict[str, object]:
         return {
             "frames": self.frames,
@@ -891,9 +897,7 @@ class VirtioNet:
             n = burst.count
             if n:
                 gen.wrote(n)
-                stats.frames += n
-                stats.bytes += burst.nbytes
-                stats.merged += burst.merged
+                stats.rx_burst(burst)
                 wrote += n
             if burst.stop == fastqueue.C.EMPTY:  # the whole round written: room for more?
                 more = True
@@ -965,9 +969,7 @@ class VirtioNet:
                 for pkt in done:  # each frame's one record, at its fate (written)
                     self.record(pkt, TO_GUEST)
             self.pool.free_taken(done)
-            stats.frames += n
-            stats.bytes += burst.nbytes
-            stats.merged += burst.merged
+            stats.rx_burst(burst)
             touched.add(index)
         if burst.stop == fastqueue.C.EMPTY and n == len(pkts) and self.backlog:
             # The burst only saw the first RX_BURST frames: go on with the rest.
