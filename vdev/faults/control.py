@@ -45,9 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdev.faults.control")
 
 MAX_REQUEST = 64 * 1024
+MAX_OUTPUT = 16 * 1024 * 1024
 GEN_MIN_SIZE = 60  # "generate": an Ethernet frame without its FCS, at least
 GEN_MAX_SIZE = 9014  # and at most a 9000-byte MTU's
-MAX_OUTPUT = 16 * 1024 * 1024
 # What the selector raises for an fd it no longer knows, or once the device closed it.
 _GONE: tuple[type[Exception], ...] = (KeyError, ValueError, OSError, RuntimeError, AttributeError)
 

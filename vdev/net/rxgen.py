@@ -7,9 +7,10 @@ driver developer's line-rate RX stream: a host channel sender has a thread, a TX
 switch and the NIC's hand-off between it and the guest, and is what limits such a stream
 (RESULTS "Device throughput").  The generator holds one pool packet per template frame for
 its lifetime; each drain of the NIC's RX path writes the templates, over and over, into
-whatever buffers the driver has posted (one compiled RX burst per round of the templates:
-``VirtioNet._generate_rx``), after any backlogged frames.  The packets are never freed by a
-burst, so a generated frame costs a copy into guest memory and nothing else.
+whatever buffers the driver has posted (compiled RX bursts of thousands of frames, the
+templates over and over: ``VirtioNet._generate_rx``), after any backlogged frames.  The
+packets are never freed by a burst, so a generated frame costs a copy into guest memory and
+nothing else.
 
 Where the compiled burst does not run (capture, fault rules, several RX queues, the
 reference backend), or stops at a frame it cannot write plainly, the generator hands the
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vdev.skywalk import Pbufpool
 
-MAX_TEMPLATES = 256  # one compiled RX burst's worth (nic.RX_BURST)
+MAX_TEMPLATES = 256  # template frames (packets held for the generator's lifetime)
 
 
 class RxGenerator:
