@@ -750,3 +750,43 @@ def test_redzone_faults_add_up_over_packets_and_frees() -> None:
     for p in pkts:
         assert H.md(pool.arena, p).pre.redzone == lib.SK_REDZONE_SEED ^ p
     assert not pool.close().leaked
+
+
+def _signed(ctype: object) -> bool:
+    """Whether a cffi primitive type is signed (``int32_t``, not ``uint32_t``)."""
+    return not str(getattr(ctype, "cname", "")).startswith(("uint", "unsigned", "char"))
+
+
+def test_every_trusted_array_has_the_width_and_sign_the_compiled_pool_reads() -> None:
+    """The reference and the compiled loops share the pool's trusted arrays (fastpath.h
+    ``struct fp_pool``): a Python array of another width or sign would read values the C
+    writes (a data offset of 2^31 and up, say) as something else, and the two paths would
+    disagree.  The oracle is the header's field types, as cffi parsed them."""
+    from vdev.skywalk import fastglue
+
+    if not fastglue.load():
+        pytest.skip("the compiled module is unavailable (no C compiler)")
+    ffi = fastglue._fast.ffi
+    pool = Pbufpool(num_packets=4, buf_size=256, max_frags=2)
+    try:
+        fields = dict(ffi.typeof("struct fp_pool").fields)
+        checked = 0
+        for name, field in fields.items():
+            if field.type.kind != "pointer" or name in ("md", "bl"):
+                continue  # md and bl point into the arena, not at a trusted array
+            item = field.type.item
+            arr = getattr(pool, name)
+            itemsize = getattr(arr, "itemsize", 1)  # a bytearray holds bytes
+            typecode = getattr(arr, "typecode", "B")
+            assert itemsize == ffi.sizeof(item), (name, typecode, item.cname)
+            assert typecode.islower() == _signed(item), (name, typecode, item.cname)
+            checked += 1
+        assert checked == 14  # every trusted array of the struct
+        # The case the widths exist for: a chained buflet's data offset past 2^31 - 1 is
+        # stored and read back as the unsigned 32-bit value the C reads.
+        g = pool.num_packets
+        pool.b_doff[g] = 2**31
+        assert pool.b_doff[g] == 2**31
+        pool.b_doff[g] = 0
+    finally:
+        pool.close()
