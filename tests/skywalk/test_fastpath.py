@@ -337,13 +337,20 @@ def test_every_internalize_check_formats_like_python() -> None:
 
 # ------------------------------------------------------------------ selection and build
 def test_backend_switch_is_visible() -> None:
+    """The switch is total: with "python" (VDEV_FASTPATH=0, for telling a C bug from a
+    reference one) no compiled loop runs, the pool's bulk alloc/free loops included."""
+    import vdev.skywalk.pool as pool_module
+
     assert validate.BACKEND == "c"
+    assert pool_module.FAST is fastglue
     try:
         assert validate.set_backend("python") == "python"
         assert validate.BACKEND == "python" and validate.tx_take is slotwork.tx_take
+        assert pool_module.FAST is None
     finally:
         validate.set_backend("c")
     assert validate.tx_take is fastglue.tx_take
+    assert pool_module.FAST is fastglue
     with pytest.raises(ValueError):
         validate.set_backend("rust")
 
