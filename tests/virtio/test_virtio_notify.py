@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from virtio_helpers import DATA_LOW, FEATURES, NO_EVENT, make_pair
 
 from vdev.abi import lib
@@ -104,6 +105,24 @@ def test_no_notify_flag(mem: GuestMemory) -> None:
     drv.add_chain([(DATA_LOW, 1)])
     drv.publish()
     assert drv.kick_needed()
+
+
+@pytest.mark.parametrize("features", [NO_EVENT, FEATURES], ids=["flags", "event_idx"])
+def test_the_default_enables_and_disabling_reports_no_pending_work(
+    mem: GuestMemory, features: int
+) -> None:
+    """``enable_notifications()`` with no argument asks for kicks (the queue interface's
+    default), and only enabling reports buffers that arrived meanwhile: a caller that
+    disables is about to poll the ring itself (2.7.7, 2.7.10)."""
+    dev, drv = make_pair(mem, 1, 8, features=features)
+    dev.enable_notifications(False)
+    drv.add_chain([(DATA_LOW, 1)])
+    drv.publish()
+    assert dev.enable_notifications(False) is False  # a buffer waits; disabling says nothing
+    assert dev.enable_notifications() is True  # the default enables, and sees it
+    drv.add_chain([(DATA_LOW, 1)])
+    drv.publish()
+    assert drv.kick_needed()  # the driver's own reading: kicks are wanted again
 
 
 def test_no_interrupt(mem: GuestMemory) -> None:
