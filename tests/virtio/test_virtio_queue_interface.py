@@ -181,3 +181,27 @@ def test_packed_stale_base_is_reported_with_both_positions(mem: GuestMemory, use
     assert right.resume.source == "base"
     for q in (again, right, dev):
         q.close()
+
+
+def test_a_split_ring_of_one_entry_carries_chains_round_and_round(mem: GuestMemory) -> None:
+    """2.7 "Split Virtqueues": the queue size is a power of 2, and 2^0 is one: a ring of one
+    descriptor takes a chain, completes it, and takes the next in the same slot, with the
+    16-bit indices running past the ring size at once (the oracle: the driver's used ring)."""
+    dev, drv = make_pair(mem, 0, 1, sync=SyncKind.RX)
+    for round_ in range(3):
+        head = drv.add_chain([], [(DATA_LOW, 64)])
+        drv.publish()
+        chain = dev.pop()
+        assert chain is not None and chain.head == head == 0
+        assert dev.pop() is None  # one entry: nothing more until it comes back
+        dev.push(head, 10 + round_)
+        dev.flush_used()
+        assert drv.get_used() == [(0, 10 + round_)]
+        assert drv.read_used_idx() == round_ + 1
+    # The one slot's popped head is kept for a rewind (the RX path's mergeable give-back).
+    drv.add_chain([], [(DATA_LOW, 64)])
+    drv.publish()
+    assert dev.pop() is not None and dev.last_avail_idx == 4
+    dev.rewind(3)
+    again = dev.pop()
+    assert again is not None and again.head == 0 and dev.last_avail_idx == 4
