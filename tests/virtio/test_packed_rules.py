@@ -13,7 +13,8 @@ disable and disabling answering True, ``rewind`` keeping the given-back tokens, 
 suppressed-notification count and answer, ``__repr__`` losing the live/defunct state.
 From the whole-module run of 2026-12-03: ``attach_inflight``'s resume record and warning,
 ``rewind`` moving the inflight region's avail position, ``avail_count``'s cached scan and its
-one-lap bound (against a brute-force walk of the ring's flags), ``push``'s id range.
+one-lap bound (against a brute-force walk of the ring's flags), ``push``'s id range. From
+the run of 2026-12-04: ``enable_notifications``' ``ahead`` position taken modulo 3*size.
 """
 
 from __future__ import annotations
