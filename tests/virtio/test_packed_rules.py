@@ -13,7 +13,8 @@ disable and disabling answering True, ``rewind`` keeping the given-back tokens, 
 suppressed-notification count and answer, ``__repr__`` losing the live/defunct state.
 From the whole-module run of 2026-12-03: ``attach_inflight``'s resume record and warning,
 ``rewind`` moving the inflight region's avail position, ``avail_count``'s cached scan and its
-one-lap bound (against a brute-force walk of the ring's flags), ``push``'s id range.
+one-lap bound (against a brute-force walk of the ring's flags), ``push``'s id range. From
+the run of 2026-12-04: ``enable_notifications``' ``ahead`` position taken modulo 3*size.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vdev.virtio.packed import (
     F_AVAIL,
     F_NEXT,
     F_USED,
+    RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     PackedQueue,
@@ -313,3 +315,34 @@ def test_push_of_an_id_outside_the_ring_is_refused_by_name(mem: GuestMemory, hea
         dev.push(head, 0)
     assert str(info.value) == f"virtqueue 9: buffer id {head} is not in flight"
     assert dev.in_flight == 4 and dev.stats.used == 0
+
+
+def _stepped(idx: int, wrap: int, size: int, steps: int) -> tuple[int, int]:
+    """(index, wrap counter) ``steps`` ring entries on: 2.8.1, the counter flips at the end."""
+    for _ in range(steps):
+        idx += 1
+        if idx == size:
+            idx, wrap = 0, wrap ^ 1
+    return idx, wrap
+
+
+@pytest.mark.parametrize("size", [1, 3, 4])
+def test_re_arming_ahead_names_the_entry_that_many_past_the_available_ones(
+    mem: GuestMemory, size: int
+) -> None:
+    """2.8.10 with EVENT_IDX: ``enable_notifications(ahead=a)`` asks for the kick at the
+    entry a - 1 past the first one not available, wrap counter included, from every device
+    position of two laps and with 0..size-1 chains already posted.  The oracle steps the
+    (index, wrap) pair one entry at a time (the 2*size cycle wraps to index 0, counter 1)."""
+    for laps in range(2 * size):
+        dev, drv = make_packed(mem, size=size)
+        round_trips(dev, drv, laps, [(DATA_HIGH, 8)])
+        pos = _stepped(0, 1, size, laps)
+        for posted in range(size):
+            for ahead in range(1, size + 1):
+                assert dev.enable_notifications(ahead=ahead) is (posted > 0)
+                idx, wrap = _stepped(*pos, size, posted + ahead - 1)
+                assert int(dev._device_ev.flags) == RING_EVENT_FLAGS_DESC
+                assert int(dev._device_ev.off_wrap) == idx | wrap << 15, (laps, posted, ahead)
+            drv.add_chain([(DATA_HIGH + 64 * posted, 8)])
+            drv.publish()
