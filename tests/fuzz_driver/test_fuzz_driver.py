@@ -38,11 +38,16 @@ def clean() -> Iterator[BareTarget]:
 
 
 # Budgets: executions until the first finding (see benchmarks/RESULTS.md, "fuzz-driver",
-# for the spread over seeds).  The search is seeded; guest timing still varies runs.
+# for the spread over seeds).  The search is seeded, yet one seed's runs spread widely: the
+# coverage feedback comes from a guest whose timing varies.  The off-by-one with
+# seed 1, 25 runs (RESULTS "The off-by-one's spread with one seed"): median 1179 execs, 5
+# over 3000, 1 not found in 5000; mean at least 1745.  12000 is past the measured tail (an
+# exponential of that mean leaves about 1 run in 1000 over it); a slow search costs time, not
+# a false failure.
 PLANTED = [
     ("plant-reset-leak", "BUG: pool leak after reset", 400),
     ("plant-no-used-id-check", "BUG: used id indexes past the queue's state", 2500),
-    ("plant-rx-off-by-one", "BUG: rx used len overruns its buffer", 5000),
+    ("plant-rx-off-by-one", "BUG: rx used len overruns its buffer", 12000),
 ]
 
 
