@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import vdev.skywalk.pool as pool_module
 from vdev.abi import ffi
 from vdev.native import build as fastbuild
 from vdev.skywalk import (
@@ -339,8 +340,6 @@ def test_every_internalize_check_formats_like_python() -> None:
 def test_backend_switch_is_visible() -> None:
     """The switch is total: with "python" (VDEV_FASTPATH=0, for telling a C bug from a
     reference one) no compiled loop runs, the pool's bulk alloc/free loops included."""
-    import vdev.skywalk.pool as pool_module
-
     assert validate.BACKEND == "c"
     assert pool_module.FAST is fastglue
     try:

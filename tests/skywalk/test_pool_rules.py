@@ -752,11 +752,6 @@ def test_redzone_faults_add_up_over_packets_and_frees() -> None:
     assert not pool.close().leaked
 
 
-def _signed(ctype: object) -> bool:
-    """Whether a cffi primitive type is signed (``int32_t``, not ``uint32_t``)."""
-    return not str(getattr(ctype, "cname", "")).startswith(("uint", "unsigned", "char"))
-
-
 def test_every_trusted_array_has_the_width_and_sign_the_compiled_pool_reads() -> None:
     """The reference and the compiled loops share the pool's trusted arrays (fastpath.h
     ``struct fp_pool``): a Python array of another width or sign would read values the C
@@ -779,7 +774,8 @@ def test_every_trusted_array_has_the_width_and_sign_the_compiled_pool_reads() ->
             itemsize = getattr(arr, "itemsize", 1)  # a bytearray holds bytes
             typecode = getattr(arr, "typecode", "B")
             assert itemsize == ffi.sizeof(item), (name, typecode, item.cname)
-            assert typecode.islower() == _signed(item), (name, typecode, item.cname)
+            signed = not item.cname.startswith("uint")  # int32_t, not uint32_t
+            assert typecode.islower() == signed, (name, typecode, item.cname)
             checked += 1
         assert checked == 14  # every trusted array of the struct
         # The case the widths exist for: a chained buflet's data offset past 2^31 - 1 is

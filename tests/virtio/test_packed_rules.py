@@ -209,6 +209,15 @@ def test_a_rewind_moves_the_regions_avail_position_back(mem: GuestMemory) -> Non
 
 
 # -- avail_count against a brute-force reading of the ring (2.8.1, 2.8.6) ---------------
+def _stepped(idx: int, wrap: int, size: int, steps: int) -> tuple[int, int]:
+    """(index, wrap counter) ``steps`` ring entries on: 2.8.1, the counter flips at the end."""
+    for _ in range(steps):
+        idx += 1
+        if idx == size:
+            idx, wrap = 0, wrap ^ 1
+    return idx, wrap
+
+
 def _chains_available(drv: PackedDriverQueue, token: int) -> int:
     """The oracle: walk the ring from the device's position (``token``, index | wrap << 15)
     for at most one lap, counting the chains whose every entry is available for its lap
@@ -221,9 +230,7 @@ def _chains_available(drv: PackedDriverQueue, token: int) -> int:
         if bool(flags & F_AVAIL) != bool(wrap) or bool(flags & F_USED) == bool(wrap):
             break
         run += 1
-        idx += 1
-        if idx == size:
-            idx, wrap = 0, wrap ^ 1
+        idx, wrap = _stepped(idx, wrap, size, 1)
         if not flags & F_NEXT:
             chains += 1
             run = 0
@@ -315,15 +322,6 @@ def test_push_of_an_id_outside_the_ring_is_refused_by_name(mem: GuestMemory, hea
         dev.push(head, 0)
     assert str(info.value) == f"virtqueue 9: buffer id {head} is not in flight"
     assert dev.in_flight == 4 and dev.stats.used == 0
-
-
-def _stepped(idx: int, wrap: int, size: int, steps: int) -> tuple[int, int]:
-    """(index, wrap counter) ``steps`` ring entries on: 2.8.1, the counter flips at the end."""
-    for _ in range(steps):
-        idx += 1
-        if idx == size:
-            idx, wrap = 0, wrap ^ 1
-    return idx, wrap
 
 
 @pytest.mark.parametrize("size", [1, 3, 4])
