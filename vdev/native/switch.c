@@ -84,6 +84,12 @@ static uint32_t head_of(const struct fp_pool *p, const struct sw_bufs *b, uint32
     }
 }
 
+uint32_t sw_packet_head(const struct fp_pool *p, const struct sw_bufs *b, uint32_t idx,
+                        uint8_t *out)
+{
+    return head_of(p, b, idx, out);
+}
+
 static inline uint64_t mac_at(const uint8_t *m)
 {
     uint64_t v = 0;

@@ -93,4 +93,8 @@ uint32_t sw_fdb_set(struct sw_fdb *fdb, uint64_t mac, int32_t v);  /* SW_OK / SW
 void sw_fdb_clear(struct sw_fdb *fdb);
 /* FP-CDEF-END */
 
+/* For other C files (vqecho.c): Pbufpool.packet_head(idx, 14) into out[14]; the bytes got. */
+uint32_t sw_packet_head(const struct fp_pool *p, const struct sw_bufs *b, uint32_t idx,
+                        uint8_t *out);
+
 #endif /* VDEV_NATIVE_SWITCH_H */

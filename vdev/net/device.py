@@ -26,6 +26,7 @@ from vdev.limits import MAX_NICS, LimitError
 from vdev.net import kickhold, rxbatch
 from vdev.net import notify_watch as notify_watch_mod
 from vdev.net.capture import PcapngWriter
+from vdev.net.echoturn import EchoTurn
 from vdev.net.nic import VirtioNet
 from vdev.net.responder import Responder, mac_bytes
 from vdev.net.switch import Switch
@@ -97,6 +98,8 @@ class Device:
         self.switch = Switch(self.pool)
         self.responder = Responder(self.pool, mac=mac_bytes(responder_mac), ip=responder_ip)
         self.switch.attach(self.responder)
+        # A NIC's TX to the responder and the replies' RX in one compiled call (echoturn.py).
+        self.echo_turn = EchoTurn(self)
         self.sockets: list[NicSocket] = []
         self.ports: dict[str, Port] = {}
         # The shared lock (switch, pool, responder, ports, capture) and the lock that
@@ -159,6 +162,7 @@ class Device:
 
                 nic.tap = tap
             nic.event_sink = self._event
+            nic.echo_turn = self.echo_turn
             nic.watch = notify_watch_mod.NotifyWatch(nic, self.notify_watch)
             kick_watcher = None
             if isinstance(self.lock, WorldLock):
@@ -241,7 +245,12 @@ class Device:
     def forward(self, src: str, pkts: list[int]) -> None:
         """Switch packets and let the responder answer what it was sent, until quiet."""
         self.switch.forward(src, pkts)
-        for _ in range(16):
+        self.answer_rounds(16)
+
+    def answer_rounds(self, rounds: int) -> None:
+        """Up to ``rounds`` times: switch what the responder answered (the rest of
+        :meth:`forward`; the echo turn, vdev/net/echoturn.py, resumes here too)."""
+        for _ in range(rounds):
             replies = self.responder.take_outbox()
             if not replies:
                 break

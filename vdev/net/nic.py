@@ -37,6 +37,7 @@ from vdev.vhost.codec import ProtocolFeature
 from vdev.virtio import fastqueue
 
 if TYPE_CHECKING:
+    from vdev.net.echoturn import EchoTurn
     from vdev.net.kickhold import KickHold
     from vdev.net.notify_watch import NotifyWatch
     from vdev.net.rxbatch import RxKickBatch
@@ -275,6 +276,9 @@ class VirtioNet:
         # the sender sleeps until there is room instead of polling for it.
         self.rx_low: tuple[int, Callable[[], None]] | None = None
         self.burst_unlocked: Callable[[], AbstractContextManager[object] | None] | None = None
+        # The echo turn (echoturn.py, set by the device): a TX burst to the responder and its
+        # replies' RX burst in one compiled call, when nothing needs the stage-by-stage path.
+        self.echo_turn: EchoTurn | None = None
 
     # -- VhostDevice callback table ------------------------------------------------------
 
@@ -463,11 +467,20 @@ class VirtioNet:
             return
         try:
             os.eventfd_write(vring.call_fd, 1)
-            self.stats[index].notifications += 1
-            if self.watch is not None:
-                self.watch.interrupted(index)
         except OSError as exc:
+            self.notified(index, exc)
+            return
+        self.notified(index)
+
+    def notified(self, index: int, exc: OSError | None = None) -> None:
+        """Book an interrupt written to queue ``index``'s call fd (by :meth:`notify`, or
+        from C by the echo turn): counted and told to the watch, or ``exc`` logged."""
+        if exc is not None:
             log.warning("%s: queue %d call fd: %s", self.name, index, exc)
+            return
+        self.stats[index].notifications += 1
+        if self.watch is not None:
+            self.watch.interrupted(index)
 
     # -- capture records --------------------------------------------------------------------
 
@@ -568,19 +581,29 @@ class VirtioNet:
         # publishes and decides the interrupt), unless an interrupt rule needs to see it.
         finish_inline = fast and self._faults_idle(index, "calls")
         notify: bool | None = None
+        # The echo turn: this batch's first burst, and what its packets go through after it,
+        # in one compiled call when nothing needs the stage-by-stage path (echoturn.py);
+        # ``resume`` then books and finishes what the call did instead of _forward.
+        turn = self.echo_turn if finish_inline else None
+        resume: Callable[[], None] | None = None
         try:
             while consumed < TX_BUDGET:
                 if fast:
                     first = len(pkts)
-                    burst = fastqueue.tx_burst(
-                        queue,
-                        self.pool,
-                        hlen,
-                        TX_BUDGET - consumed,
-                        pkts,
-                        self._unlocked(),
-                        finish=finish_inline and consumed == 0,
-                    )
+                    rx_index = turn.ready(self) if turn is not None and consumed == 0 else None
+                    if rx_index is not None:
+                        assert turn is not None
+                        burst, resume = turn.run(self, queue, index, rx_index, pkts)
+                    else:
+                        burst = fastqueue.tx_burst(
+                            queue,
+                            self.pool,
+                            hlen,
+                            TX_BUDGET - consumed,
+                            pkts,
+                            self._unlocked(),
+                            finish=finish_inline and consumed == 0,
+                        )
                     notify = burst.notify
                     self._fresh(pkts[first:])
                     consumed += burst.count
@@ -618,6 +641,9 @@ class VirtioNet:
             # chains it took are not completed, so their frames go nowhere, as with a dead
             # back-end; a resubmission (inflight) or the used idx brings them back.
             self.pool.free_packets(pkts)
+            return consumed
+        if resume is not None:
+            resume()  # the turn forwarded pkts already (no hooks, no capture: ready())
             return consumed
         pkts = self._run_hooks(self.tx_hooks, index, pkts)
         if pkts:
@@ -810,13 +836,22 @@ class VirtioNet:
         if gen is not None and not self.backlog and not gen.done and not self._generating:
             self._generate_rx(gen)
 
-    def _drain_backlog(self) -> None:
-        touched: set[int] = set()
-        while self.backlog:
+    def _drain_backlog(
+        self, first: fastqueue.Burst | None = None, touched: set[int] | None = None
+    ) -> None:
+        """``first``: the first compiled RX burst was made already (by the echo turn, with
+        its frames freed and counted, ``touched`` holding its queue); the loop goes on from
+        its outcome."""
+        if touched is None:
+            touched = set()
+        while self.backlog or first is not None:
             fast_index = self._fast_rx_queue()
             if fast_index is not None:
                 queue = self.vrings[fast_index].queue
-                burst = self._rx_burst(fast_index, queue, touched)
+                if first is not None:
+                    burst, first = first, None
+                else:
+                    burst = self._rx_burst(fast_index, queue, touched)
                 if burst.stop in (fastqueue.C.EMPTY, fastqueue.C.NOROOM):
                     break
                 if burst.stop == fastqueue.C.BUDGET:
@@ -827,7 +862,8 @@ class VirtioNet:
                 if err is False:
                     break
                 continue
-            if self._rx_one(touched) is False:
+            first = None
+            if not self.backlog or self._rx_one(touched) is False:
                 break
         for index in touched:
             done_vring = self.vrings.get(index)

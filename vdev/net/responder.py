@@ -142,20 +142,37 @@ class Responder:
             self._answer_all(pkts)
         return len(pkts)
 
-    def _answer_compiled(self, pkts: list[int]) -> None:
+    def compiled_state(self, n: int) -> _CResponder:
+        """sw_respond's arguments for a burst of up to ``n`` packets (rebuilt when an
+        address or port changed)."""
         fast = fastglue._fast
         ffi, lib = fast.ffi, fast.lib
         c = self._c
         key = (self._mac64, self._ip, self.udp_sink_ports, self.udp_echo_ports)
         if c is None or c.key != key:
             c = self._c = _CResponder(ffi, lib, key)
-        n = len(pkts)
         if n > c.cap:
             c.grow(ffi, n)
+        return c
+
+    def _answer_compiled(self, pkts: list[int], judged: int | None = None) -> None:
+        """``judged``: the first sw_respond call was made already (by the echo turn,
+        vdev/net/echoturn.py) and judged that many packets, its results in the state's
+        verdicts and ``ret``; the loop goes on from there."""
+        lib = fastglue._fast.lib
+        n = len(pkts)
+        c = self.compiled_state(n)
         ctx = fastglue._ctx(self.pool)
         idx = fastglue._idx_buf(pkts)
         r = c.ret
         start = 0
+        if judged is not None:
+            if judged:
+                self._take_verdicts(pkts[:judged], c, r)
+            start = judged
+            if start < n:
+                self._answer_all([pkts[start]])
+                start += 1
         while start < n:
             done = lib.sw_respond(
                 ctx.c,

@@ -199,7 +199,7 @@ class Switch:
             self.forward_py(src, pkts)
             return
         fast = fastglue._fast
-        ffi, lib = fast.ffi, fast.lib
+        lib = fast.lib
         pool = self.pool
         n = len(pkts)
         if n > c.cap:
@@ -221,9 +221,28 @@ class Switch:
             c.groups,
             ret,
         )
+        self.forwarded(src, pkts, code)
+
+    def forwarded(self, src: str, pkts: list[int], code: int, macs: bytes | None = None) -> None:
+        """The rest of :meth:`forward` once ``sw_forward`` decided ``pkts`` (its results in
+        the switch's scratch arrays): the FDB mirror, the counters, the deliveries.  The echo
+        turn (vdev/net/echoturn.py) calls it when a burst it switched in C was not all for
+        the responder; ``macs``: the learned source MACs, 6 bytes each, when the packets no
+        longer hold them."""
+        c = self._c
+        assert c is not None
+        fast = fastglue._fast
+        ffi, lib = fast.ffi, fast.lib
+        pool = self.pool
+        n = len(pkts)
+        ret = c.ret
         d = self.fdb._d
-        for i in structs.u32_list(ffi, c.learned, ret.n_learned):
-            d[pool.packet_head(pkts[i], 12)[6:12]] = src
+        if macs is None:
+            for i in structs.u32_list(ffi, c.learned, ret.n_learned):
+                d[pool.packet_head(pkts[i], 12)[6:12]] = src
+        else:
+            for j in range(0, len(macs), 6):
+                d[macs[j : j + 6]] = src
         if code != lib.SW_OK:
             self._give_up("the FDB is full")
             self.forward_py(src, pkts)

@@ -239,6 +239,16 @@ class NicDatapath:
         """Take frames for this NIC from any thread holding the shared lock: queued for the
         NIC's thread (woken), the prefix that fits; the rest the switch frees as refused."""
         nic = self.nic
+        if threading.get_ident() == self.ident and not self.inbox and not self.refused:
+            # From the NIC's own thread (its TX forwarded to itself, through the responder
+            # or a loop): delivered now, as with one thread for all; nothing is queued ahead.
+            # The switch above holds the shared lock for its own reasons (its scratch
+            # arrays, the batch it walks), so the RX bursts keep it (DatapathLock.unlocked).
+            unlocked, nic.burst_unlocked = nic.burst_unlocked, None
+            try:
+                return nic.deliver_now(pkts)
+            finally:
+                nic.burst_unlocked = unlocked
         room = max(0, nic.rx_room() - len(self.inbox))
         taken = pkts[:room]
         if len(taken) < len(pkts):
@@ -285,6 +295,11 @@ class NicDatapath:
     def _after(self) -> None:
         if self.poll_queues:
             nic = self.nic
+            turn = nic.echo_turn
+            if turn is not None and 1 in nic.vrings and turn.ready(nic) is not None:
+                # A PMD's wait: spin in C for the TX ring's next chain (bounded, the GIL and
+                # the shared lock let go), then serve it at once (echoturn.py).
+                turn.wait(nic, 1)
             for index in list(nic.vrings):
                 nic.kick(index)
         self.take_inbox()

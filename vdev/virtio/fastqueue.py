@@ -399,20 +399,8 @@ def tx_burst(
     threads run their bursts meanwhile.  The free-list tops the burst may use are then taken
     off the lists first (no other thread can allocate them) and the unused ones put back in
     their order, so the lists end as without it."""
-    nffi = _fast.ffi
-    ctx = queue.fast_ctx
-    if ctx is None or ctx.bufs_ref is not queue._bufs:
-        ctx = _ctx(queue)
-    budget = min(budget, len(ctx.out))
+    ctx, pc, budget = tx_setup(queue, pool, budget)
     c = ctx.c
-    if ctx.packed and queue._pending:
-        _load_pending(ctx, queue)
-    if ctx.pool is pool:
-        pc = ctx.pc
-    else:
-        pc = ctx.pc = _pool_ctx(pool)
-        ctx.pool = pool
-    c.regions, c.nregions = ctx.region_map.get(queue.mem)
     b = ctx.burst
     lib = _fast.lib
     if unlocked is None:
@@ -445,6 +433,43 @@ def tx_burst(
     notify: bool | None = None
     if finish and b.stop in (C.EMPTY, C.BUDGET):
         notify = bool(lib.vq_finish(c, b.count))
+    return tx_result(queue, pool, ctx, pc, vp, pkts, notify)
+
+
+def tx_setup(queue: Any, pool: Pbufpool, budget: int) -> tuple[_QueueCtx, _PoolCtx, int]:
+    """What a TX burst's C call takes, made ready: the queue's context (ring views, the
+    memory map, packed pending elements loaded), the pool's, and the budget it can hold.
+    :func:`tx_burst` and the echo turn (vdev/net/echoturn.py) share it."""
+    ctx = queue.fast_ctx
+    if ctx is None or ctx.bufs_ref is not queue._bufs:
+        ctx = _ctx(queue)
+    budget = min(budget, len(ctx.out))
+    if ctx.packed and queue._pending:
+        _load_pending(ctx, queue)
+    if ctx.pool is pool:
+        pc = ctx.pc
+    else:
+        pc = ctx.pc = _pool_ctx(pool)
+        ctx.pool = pool
+    ctx.c.regions, ctx.c.nregions = ctx.region_map.get(queue.mem)
+    return ctx, pc, budget
+
+
+def tx_result(
+    queue: Any,
+    pool: Pbufpool,
+    ctx: _QueueCtx,
+    pc: _PoolCtx,
+    vp: Any,
+    pkts: list[int],
+    notify: bool | None,
+) -> Burst:
+    """After a TX burst's C call (``vp``: the ``struct vq_pool`` it popped): the queue's
+    pending elements and the pool's counters brought up to date, its packets appended to
+    ``pkts``, a guest-memory fault raised, and the :class:`Burst` it amounts to."""
+    nffi = _fast.ffi
+    c = ctx.c
+    b = ctx.burst
     if c.npend:
         _store_pending(ctx, queue)
     used_p = vp.took[0] - vp.n_pkts
@@ -497,16 +522,11 @@ def rx_burst(
     :func:`tx_burst` (the C only reads ``pkts``, which the caller owns, and the pool's
     constant layout)."""
     nffi = _fast.ffi
-    ctx = _ctx(queue)
+    ctx, pc, flags = rx_setup(queue, pool, mergeable, guest_csum)
     c = ctx.c
-    if ctx.packed and queue._pending:
-        _load_pending(ctx, queue)
-    pc = _pool_ctx(pool)
     vp = pc.vp
     n = len(pkts)
     arr = array("I", pkts)
-    flags = (C.RX_MERGEABLE if mergeable else 0) | (C.RX_GUEST_CSUM if guest_csum else 0)
-    c.regions, c.nregions = ctx.region_map.get(queue.mem)
     c.rx_waiting = n if waiting is None else waiting
     b = ctx.burst
     buf = nffi.from_buffer("uint32_t[]", arr)
@@ -518,6 +538,26 @@ def rx_burst(
                 _fast.lib.vq_rx(c, pc.fp, vp.bufs, vp.large, hlen, flags, buf, n, b)
     finally:
         nffi.release(buf)
+    return rx_result(queue, ctx)
+
+
+def rx_setup(
+    queue: Any, pool: Pbufpool, mergeable: bool, guest_csum: bool
+) -> tuple[_QueueCtx, _PoolCtx, int]:
+    """What an RX burst's C call takes (the queue's context made ready, the pool's, the
+    vq_rx flags); shared with the echo turn."""
+    ctx = _ctx(queue)
+    if ctx.packed and queue._pending:
+        _load_pending(ctx, queue)
+    ctx.c.regions, ctx.c.nregions = ctx.region_map.get(queue.mem)
+    flags = (C.RX_MERGEABLE if mergeable else 0) | (C.RX_GUEST_CSUM if guest_csum else 0)
+    return ctx, _pool_ctx(pool), flags
+
+
+def rx_result(queue: Any, ctx: _QueueCtx) -> Burst:
+    """After an RX burst's C call: pending elements stored, a fault raised, the Burst."""
+    c = ctx.c
+    b = ctx.burst
     if c.npend:
         _store_pending(ctx, queue)
     if b.stop == C.GUEST_FAULT:  # pragma: no cover - needs the memguard SIGBUS guard
