@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from vdev.abi import lib
 from vdev.net.device import Device
+from vdev.net.echoturn import SKIP_BATCHES
 from vdev.net.nic import DEFAULT_FEATURES
 from vdev.skywalk import fastglue
 from vdev.testing.frames import (
@@ -95,6 +96,7 @@ def serve_batch(
     rx_buf_size: int = 2048,
     needs_csum: bool = False,
     tx_buf_size: int = 2048,
+    skipped_out: list[int] | None = None,
 ) -> tuple[dict[str, Any], Counter[str]]:
     """One batch of ``kinds`` through a fresh device: (record, the turns by end stage).
     ``prefill``: frames flooded to the NIC first, taking that many RX buffers."""
@@ -151,9 +153,19 @@ def serve_batch(
                 "free_pkts": list(pool._free_pkts),
                 "free_ext": list(pool._free_ext),
             }
+            skip = device.echo_turn._skip.get(nic.name, 0)
+            left = [device.echo_turn.ready(nic) for _ in range(skip + 1)]
+            turn_on = device.echo_turn.enabled
+            # After a turn whose traffic went elsewhere, SKIP_BATCHES batches go stage by
+            # stage, then turns resume (with the turn off, ready() says no throughout).
+            want = 0 if turn_on and not nic.backlog else None  # frames waiting: never a turn
+            assert left == [None] * skip + [want], (skip, left)
+            skipped = skip
         finally:
             fe.close()
             ch.close()
+        if skipped_out is not None:
+            skipped_out.append(skipped)
         return record, Counter(device.echo_turn.stages)
 
 
@@ -179,6 +191,16 @@ def batch_stage(stages: Counter[str]) -> str:
 def test_plain_echoes_go_all_the_way_and_leave_what_the_stages_leave(tmp_path: Path) -> None:
     stages = both(tmp_path, ["echo"] * 5 + ["udp_echo"] * 3 + ["long_echo"])
     assert batch_stage(stages) == "done"
+
+
+def test_traffic_not_for_the_responder_skips_the_next_batches_turns(tmp_path: Path) -> None:
+    skipped: list[int] = []
+    _record, stages = serve_batch(tmp_path, ["to_host"], turn=True, skipped_out=skipped)
+    assert stages["forward"] == 1
+    # No turn after the forward one (any "tx" turn is the ring's start, before the batch),
+    # and the skip still holds for what came after the batch (the kick's re-check at most).
+    assert stages["done"] == 0
+    assert SKIP_BATCHES - 2 <= skipped[0] <= SKIP_BATCHES
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,9 @@ ENABLED = os.environ.get("VDEV_ECHO_TURN", "1") != "0"
 # the loop's Python iteration (other fds, timers, the other queues) runs again.
 SPIN_NS = 200_000
 
+# TX batches served stage by stage after a turn's traffic went elsewhere than the responder.
+SKIP_BATCHES = 64
+
 # vqecho.h's VE_* stages by name: where a turn ended (the stage that needed the general path).
 STAGES = {1: "tx", 2: "forward", 3: "responder", 4: "forward_replies", 5: "rx", 6: "done"}
 
@@ -51,6 +54,10 @@ class EchoTurn:
         self.enabled = ENABLED
         # Turns made, by the stage each ended at (STAGES' names; "done": all the way).
         self.stages: Counter[str] = Counter()
+        # Batches left to serve the stage-by-stage way, per NIC, after a turn found its
+        # traffic was not for the responder: such traffic gains nothing from a turn, and
+        # would hold the shared lock through its TX burst (threads.py) for nothing.
+        self._skip: dict[str, int] = {}
         self._t: Any = None
         self._cap = 0
 
@@ -75,6 +82,10 @@ class EchoTurn:
         compiled switch and responder, and nothing on the NIC that needs the stage-by-stage
         path; else None."""
         if not self.enabled or fastglue._fast is None:
+            return None
+        skip = self._skip.get(nic.name)
+        if skip:
+            self._skip[nic.name] = skip - 1
             return None
         if (
             nic.tap is not None
@@ -165,6 +176,8 @@ class EchoTurn:
         t.rx_max, t.rxb, t.rx_fd = min(RX_BURST, RX_BACKLOG), rxctx.burst, _fd(nic, rx_index)
         stage = lib.ve_run(t)
         self.stages[STAGES[stage]] += 1
+        if stage == lib.VE_FWD:
+            self._skip[nic.name] = SKIP_BATCHES
         finished = txctx.burst.stop in (fastqueue.C.EMPTY, fastqueue.C.BUDGET)
         burst = fastqueue.tx_result(queue, pool, txctx, pc, vp, pkts, False if finished else None)
         if t.tx_notify:
@@ -266,4 +279,4 @@ def _err(errno: int) -> OSError | None:
     return OSError(errno, os.strerror(errno)) if errno else None
 
 
-__all__ = ["ENABLED", "SPIN_NS", "STAGES", "EchoTurn"]
+__all__ = ["ENABLED", "SKIP_BATCHES", "SPIN_NS", "STAGES", "EchoTurn"]
