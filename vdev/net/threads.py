@@ -296,12 +296,16 @@ class NicDatapath:
         if self.poll_queues:
             nic = self.nic
             turn = nic.echo_turn
+            served = None
             if turn is not None and 1 in nic.vrings and turn.ready(nic) is not None:
                 # A PMD's wait: spin in C for the TX ring's next chain (bounded, the GIL and
-                # the shared lock let go), then serve it at once (echoturn.py).
-                turn.wait(nic, 1)
+                # the shared lock let go), then serve that queue first (echoturn.py).
+                if turn.wait(nic, 1):
+                    nic.kick(1)
+                    served = 1
             for index in list(nic.vrings):
-                nic.kick(index)
+                if index != served:
+                    nic.kick(index)
         self.take_inbox()
 
     # -- running -------------------------------------------------------------------------
