@@ -244,6 +244,7 @@ class Device:
 
     def forward(self, src: str, pkts: list[int]) -> None:
         """Switch packets and let the responder answer what it was sent, until quiet."""
+        self.echo_turn.forwarded_by(src)
         self.switch.forward(src, pkts)
         self.answer_rounds(16)
 

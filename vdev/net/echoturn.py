@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from vdev.abi import lib as abi
 from vdev.native import structs
+from vdev.net.nic import RX_BACKLOG, RX_BURST, TX_BUDGET
+from vdev.net.threads import needs_world
 from vdev.skywalk import fastglue
 from vdev.virtio import fastqueue
 
@@ -79,21 +81,13 @@ class EchoTurn:
 
     def ready(self, nic: VirtioNet) -> int | None:
         """The RX queue the replies would go to, when a turn may run for ``nic`` now: the
-        compiled switch and responder, and nothing on the NIC that needs the stage-by-stage
-        path; else None."""
-        if not self.enabled or fastglue._fast is None:
-            return None
-        skip = self._skip.get(nic.name)
-        if skip:
-            self._skip[nic.name] = skip - 1
+        compiled switch and responder, nothing on the NIC that needs the stage-by-stage path
+        (nor the world lock: ``needs_world``), and no skip running; else None."""
+        if not self.enabled or fastglue._fast is None or self._skip.get(nic.name):
             return None
         if (
-            nic.tap is not None
+            needs_world(nic)
             or nic._notes
-            or nic.tx_hooks
-            or nic.rx_hooks
-            or nic.take_hook is not None
-            or nic.ring_faults is not None
             or nic.backlog
             or nic.rx_gen is not None
             or nic._generating
@@ -111,6 +105,14 @@ class EchoTurn:
             if dp is None or dp.inbox or dp.refused:
                 return None
         return nic._fast_rx_queue()
+
+    def forwarded_by(self, src: str) -> None:
+        """Endpoint ``src``'s batch went through the stage-by-stage path (Device.forward):
+        one less batch for its skip to hold back.  Only batches with packets count, so an
+        idle busy-poll loop, which tries a TX batch every iteration, does not end a skip."""
+        skip = self._skip.get(src)
+        if skip:
+            self._skip[src] = skip - 1
 
     def wait(self, nic: VirtioNet, index: int, spin_ns: int = SPIN_NS) -> bool:
         """Busy-poll mode: spin in C (the GIL and the shared lock let go) until TX queue
@@ -133,8 +135,6 @@ class EchoTurn:
         appended to ``pkts``; ``notify`` False when the C finished the queue and signalled
         it, already booked) and, when the turn went past the TX burst, what books the rest
         and resumes the general path (the caller's _forward is replaced by it)."""
-        from vdev.net.nic import RX_BACKLOG, RX_BURST, TX_BUDGET
-
         fast = fastglue._fast
         ffi, lib = fast.ffi, fast.lib
         dev = self.device
